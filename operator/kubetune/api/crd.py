@@ -1,0 +1,131 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the pydantic models.
+
+The output is a *structural* schema (what the API server requires): references inlined,
+``Optional`` as ``nullable``, no ``anyOf`` with typed branches, no ``title``, no
+``additionalProperties: false`` and no defaults (the operator and trainer apply those).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from kubetune.api import v1alpha1 as api
+
+# JSON-Schema keys pydantic emits that a structural CRD schema must not carry.
+_DROP = {"title", "default", "examples", "$defs", "discriminator", "uniqueItems"}
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_structural(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        ref = node.pop("$ref").rsplit("/", 1)[-1]
+        node = {**copy.deepcopy(defs[ref]), **node}
+    if "anyOf" in node:
+        branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
+        if len(branches) != 1:
+            raise ValueError(f"cannot make a structural schema from anyOf {branches}")
+        node = {**branches[0], **node, "nullable": True}
+        if "$ref" in node:
+            return _structural(node, defs)
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    for bound in ("exclusiveMinimum", "exclusiveMaximum"):
+        if isinstance(node.get(bound), int | float) and not isinstance(node[bound], bool):
+            node["minimum" if bound == "exclusiveMinimum" else "maximum"] = node[bound]
+            node[bound] = True
+    if node.get("additionalProperties") is False:
+        del node["additionalProperties"]
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key == "properties":
+            out[key] = {k: _structural(v, defs) for k, v in value.items()}
+        elif key in ("items", "additionalProperties"):
+            out[key] = _structural(value, defs)
+        else:
+            out[key] = value
+    return out
+
+
+def openapi_schema(model: type[api.BaseModel]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    return _structural(raw, raw.get("$defs", {}))
+
+
+def status_schema() -> dict[str, Any]:
+    schema = openapi_schema(api.FineTuneJobStatus)
+    conditions = schema["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    return schema
+
+
+def finetunejob_crd() -> dict[str, Any]:
+    spec_schema = openapi_schema(api.FineTuneJobSpec)
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "spec": {
+            "group": api.GROUP,
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.KIND.lower(),
+                "shortNames": api.SHORT_NAMES,
+                "categories": ["kubetune"],
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {
+                            "name": "Progress",
+                            "type": "number",
+                            "jsonPath": ".status.progress.percent",
+                        },
+                        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+                        {"name": "Stage", "type": "string", "jsonPath": ".spec.stage",
+                         "priority": 1},
+                        {"name": "Model", "type": "string", "jsonPath": ".spec.model.source",
+                         "priority": 1},
+                        {"name": "Age", "type": "date",
+                         "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "FineTuneJob fine-tunes a language model.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema,
+                                "status": status_schema(),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render_yaml() -> str:
+    header = "# Generated from operator/kubetune/api/v1alpha1.py by `make crds`. Do not edit.\n"
+    return header + yaml.safe_dump(finetunejob_crd(), sort_keys=False, width=100)

@@ -1,0 +1,474 @@
+"""FineTuneJob, kubetune.io/v1alpha1: the typed API and the single source of the CRD.
+
+Field names are snake_case here and camelCase on the wire. Cross-field rules live in
+``RULES``: each is a CEL rule for the API server *and* a Python check for ``kubetune validate``
+and the trainer, with one message for both.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SHORT_NAMES = ["ftj"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Where a model or data set comes from. A bare path is local (relative to the job file).
+SOURCE_PATTERN = r"^((hf|pvc|s3|gs|https?|file|embedded)://[^\s]+|[^:\s][^\s]*)$"
+SOURCE_HELP = (
+    "a local path, pvc://CLAIM/path, hf://ORG/NAME, s3://, gs://, https://, file:// or "
+    "embedded://NAME"
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule: CEL for the API server, ``check`` for everything that runs Python."""
+
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+    field_path: str | None = None
+
+
+def _rules(*rules: Rule) -> dict[str, Any]:
+    return {"x-kubernetes-validations": [_cel(r) for r in rules]}
+
+
+def _cel(rule: Rule) -> dict[str, str]:
+    out = {"rule": rule.cel, "message": rule.message}
+    if rule.field_path:
+        out["fieldPath"] = rule.field_path
+    return out
+
+
+def _enforce(obj: Any, rules: tuple[Rule, ...]) -> Any:
+    for rule in rules:
+        if not rule.check(obj):
+            raise ValueError(rule.message)
+    return obj
+
+
+# --------------------------------------------------------------------------- model & data
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the job's namespace. Only the reference is ever stored."""
+
+    name: Annotated[str, Field(min_length=1, description="Secret name.")]
+    key: Annotated[str, Field(min_length=1, description="Key inside the Secret.")] = "token"
+
+
+Source = Annotated[
+    str,
+    Field(
+        min_length=1,
+        pattern=SOURCE_PATTERN,
+        description=f"Where it comes from: {SOURCE_HELP}.",
+    ),
+]
+
+
+class ModelSpec(_Model):
+    source: Source
+    revision: Annotated[
+        str | None, Field(description="Branch, tag or commit for hf:// sources.")
+    ] = None
+    secret_ref: Annotated[
+        SecretKeyRef | None,
+        Field(description="Secret holding an access token (hf://, s3://, gs://, https://)."),
+    ] = None
+    trust_remote_code: Annotated[
+        bool, Field(description="Allow the model repository's own Python code to run.")
+    ] = False
+
+
+class DatasetFormat(str, enum.Enum):
+    alpaca = "alpaca"  # instruction/input/output(/system/history)
+    sharegpt = "sharegpt"  # conversations: [{from, value}] (+ tools), LLaMA-Factory tags
+    messages = "messages"  # OpenAI chat: messages: [{role, content}]
+    prompt_completion = "promptCompletion"  # prompt / completion strings
+    text = "text"  # plain text (pre-training)
+
+
+_DATASET_RULES = (
+    Rule(
+        cel="!has(self.entries) || (!has(self.format) && !has(self.columns) && !has(self.tags))",
+        message="entries picks data sets from a dataset_info.json registry, which already says "
+        "their format, columns and tags: drop format, columns and tags, or drop entries",
+        check=lambda d: not d.entries or (d.format is None and not d.columns and not d.tags),
+    ),
+)
+
+
+class DatasetSpec(_Model):
+    model_config = ConfigDict(json_schema_extra=_rules(*_DATASET_RULES))
+
+    source: Source
+    format: Annotated[
+        DatasetFormat | None,
+        Field(description="Row format; detected from the first row's keys when omitted."),
+    ] = None
+    entries: Annotated[
+        list[Annotated[str, Field(min_length=1)]] | None,
+        Field(
+            min_length=1,
+            description="Names to load from a LLaMA-Factory dataset_info.json (the source).",
+        ),
+    ] = None
+    columns: Annotated[
+        dict[str, str] | None,
+        Field(description="Column names, as in LLaMA-Factory's dataset_info.json `columns`."),
+    ] = None
+    tags: Annotated[
+        dict[str, str] | None,
+        Field(description="ShareGPT role/content tags, as in dataset_info.json `tags`."),
+    ] = None
+    ranking: Annotated[
+        bool, Field(description="Preference pairs (chosen/rejected), for rm/dpo/orpo.")
+    ] = False
+    max_samples: Annotated[
+        int | None, Field(ge=1, description="Use at most this many rows from this source.")
+    ] = None
+    placeholders: Annotated[
+        dict[str, str] | None,
+        Field(description="Replace {{key}} with the value in every text, e.g. name, author."),
+    ] = None
+    revision: Annotated[str | None, Field(description="Revision for hf:// data sets.")] = None
+    secret_ref: Annotated[SecretKeyRef | None, Field(description="Access token Secret.")] = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _DATASET_RULES)
+
+
+# --------------------------------------------------------------------------- method
+
+
+class Stage(str, enum.Enum):
+    pt = "pt"
+    sft = "sft"
+    rm = "rm"
+    dpo = "dpo"
+    kto = "kto"
+    orpo = "orpo"
+    grpo = "grpo"
+
+
+IMPLEMENTED_STAGES = {Stage.pt.value, Stage.sft.value}
+
+
+class MethodType(str, enum.Enum):
+    full = "full"
+    freeze = "freeze"
+    lora = "lora"
+    qlora = "qlora"
+
+
+class LoraSpec(_Model):
+    rank: Annotated[int, Field(ge=1, le=1024, description="LoRA rank r.")] = 16
+    alpha: Annotated[int, Field(ge=1, description="LoRA alpha (scale = alpha / rank).")] = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: Annotated[
+        list[str],
+        Field(
+            min_length=1,
+            description='Module names to adapt, e.g. [q_proj, v_proj]; ["all-linear"] for all.',
+        ),
+    ] = ["all-linear"]
+
+
+class FreezeSpec(_Model):
+    trainable_layers: Annotated[
+        int,
+        Field(description="Train the last N decoder layers (a negative N: the first |N|)."),
+    ] = 2
+    trainable_modules: Annotated[
+        list[str],
+        Field(description='Module name parts to train inside those layers, or ["all"].'),
+    ] = ["all"]
+    extra_modules: Annotated[
+        list[str], Field(description="Other modules to train too, e.g. [embed_tokens].")
+    ] = []
+
+
+_METHOD_RULES = (
+    Rule(
+        cel="self.type in ['lora', 'qlora'] || !has(self.lora)",
+        message="method.lora is only used when method.type is lora or qlora",
+        check=lambda m: m.type in ("lora", "qlora") or m.lora is None,
+    ),
+    Rule(
+        cel="self.type == 'freeze' || !has(self.freeze)",
+        message="method.freeze is only used when method.type is freeze",
+        check=lambda m: m.type == "freeze" or m.freeze is None,
+    ),
+)
+
+
+class MethodSpec(_Model):
+    model_config = ConfigDict(json_schema_extra=_rules(*_METHOD_RULES))
+
+    type: Annotated[MethodType, Field(description="full, freeze, lora or qlora.")] = (
+        MethodType.lora
+    )
+    lora: LoraSpec | None = None
+    freeze: FreezeSpec | None = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _METHOD_RULES)
+
+    def lora_or_default(self) -> LoraSpec:
+        return self.lora or LoraSpec()
+
+    def freeze_or_default(self) -> FreezeSpec:
+        return self.freeze or FreezeSpec()
+
+
+# --------------------------------------------------------------------------- training
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"  # bf16 where the GPU supports it, fp32 on CPU
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class LrScheduler(str, enum.Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+
+
+_TRAINING_RULES = (
+    Rule(
+        cel="!has(self.evalSteps) || (has(self.evalSplit) && self.evalSplit > 0.0)",
+        message="training.evalSteps needs training.evalSplit > 0 (there is nothing to evaluate)",
+        check=lambda t: t.eval_steps is None or t.eval_split > 0,
+    ),
+)
+
+
+class TrainingSpec(_Model):
+    model_config = ConfigDict(json_schema_extra=_rules(*_TRAINING_RULES))
+
+    epochs: Annotated[float, Field(gt=0, description="Passes over the data.")] = 3.0
+    max_steps: Annotated[
+        int | None, Field(ge=1, description="Stop after this many optimizer steps.")
+    ] = None
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 1.0e-4
+    lr_scheduler: LrScheduler = LrScheduler.cosine
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    batch_size_per_device: Annotated[int, Field(ge=1, le=4096)] = 4
+    gradient_accumulation: Annotated[int, Field(ge=1, le=4096)] = 1
+    cutoff_len: Annotated[
+        int, Field(ge=8, description="Tokens per sample (and per packed row); longer is cut.")
+    ] = 2048
+    packing: Annotated[
+        bool, Field(description="Pack samples into full rows; attention never crosses samples.")
+    ] = False
+    train_on_prompt: Annotated[
+        bool, Field(description="Also compute loss on system/user/tool turns.")
+    ] = False
+    mask_history: Annotated[
+        bool, Field(description="Compute loss on the last assistant turn only.")
+    ] = False
+    max_invalid_fraction: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1,
+            description="Fail when more than this fraction of rows does not fit its format.",
+        ),
+    ] = 0.01
+    eval_split: Annotated[
+        float, Field(ge=0, lt=1, description="Fraction of rows held out for evaluation.")
+    ] = 0.0
+    eval_steps: Annotated[int | None, Field(ge=1)] = None
+    save_steps: Annotated[int, Field(ge=1, description="Checkpoint every N steps.")] = 100
+    save_total_limit: Annotated[
+        int | None, Field(ge=1, description="Keep at most N checkpoints.")
+    ] = 3
+    log_steps: Annotated[int, Field(ge=1)] = 10
+    seed: int = 42
+    precision: Precision = Precision.auto
+    gradient_checkpointing: bool = False
+    preprocessing_workers: Annotated[
+        int | None, Field(ge=1, description="Processes for data preparation (default: CPUs).")
+    ] = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _TRAINING_RULES)
+
+
+# --------------------------------------------------------------------------- where it runs
+
+
+_RESOURCE_RULES = (
+    Rule(
+        cel="self.nodes == 1 || self.gpusPerNode > 0",
+        message="resources.nodes > 1 needs resources.gpusPerNode > 0",
+        check=lambda r: r.nodes == 1 or r.gpus_per_node > 0,
+    ),
+)
+
+
+class ResourcesSpec(_Model):
+    model_config = ConfigDict(json_schema_extra=_rules(*_RESOURCE_RULES))
+
+    nodes: Annotated[int, Field(ge=1, le=1024)] = 1
+    gpus_per_node: Annotated[int, Field(ge=0, le=64)] = 1
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _RESOURCE_RULES)
+
+
+class OutputSpec(_Model):
+    uri: Annotated[
+        str,
+        Field(
+            min_length=1,
+            pattern=r"^((pvc|s3|gs|file)://[^\s]+|[^:\s][^\s]*)$",
+            description="Where checkpoints, adapter and merged model go: a local path, "
+            "pvc://CLAIM/path, s3:// or gs://.",
+        ),
+    ]
+    merge: Annotated[
+        bool, Field(description="Also save base + adapter merged into one model (LoRA).")
+    ] = False
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+_SPEC_RULES = (
+    Rule(
+        cel="!self.output.merge || !has(self.method) || !has(self.method.type) "
+        "|| self.method.type in ['lora', 'qlora']",
+        message="output.merge needs method.type lora or qlora (full and freeze already "
+        "save a whole model)",
+        check=lambda s: not s.output.merge or s.method.type in ("lora", "qlora"),
+    ),
+)
+
+
+class FineTuneJobSpec(_Model):
+    model_config = ConfigDict(json_schema_extra=_rules(*_SPEC_RULES))
+
+    model: ModelSpec
+    datasets: Annotated[list[DatasetSpec], Field(min_length=1, max_length=64)]
+    stage: Annotated[
+        Stage, Field(description="pt, sft (implemented); rm, dpo, kto, orpo, grpo (planned).")
+    ] = Stage.sft
+    method: MethodSpec = MethodSpec()
+    template: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description='"auto" (the tokenizer\'s chat template) or a named one: chatml, '
+            "llama3, alpaca.",
+        ),
+    ] = "auto"
+    training: TrainingSpec = TrainingSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    output: OutputSpec
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _SPEC_RULES)
+
+
+# --------------------------------------------------------------------------- status
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    observed_generation: int | None = None
+    last_transition_time: str | None = None
+
+
+class Progress(_Model):
+    step: int | None = None
+    total_steps: int | None = None
+    percent: float | None = None
+    eta_seconds: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    epoch: float | None = None
+    updated_at: str | None = None
+
+
+class Checkpoint(_Model):
+    step: int
+    loss: float | None = None
+    uri: str
+
+
+class Outputs(_Model):
+    adapter: str | None = None
+    merged_model: str | None = None
+    metrics: dict[str, float] | None = None
+
+
+class FineTuneJobStatus(_Model):
+    phase: (
+        Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"] | None
+    ) = None
+    observed_generation: int | None = None
+    conditions: list[Condition] = []
+    progress: Progress | None = None
+    checkpoints: list[Checkpoint] = []
+    outputs: Outputs | None = None
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, Field(min_length=1, max_length=63)]
+    namespace: str | None = None
+
+
+class FineTuneJob(_Model):
+    api_version: Literal["kubetune.io/v1alpha1"]
+    kind: Literal["FineTuneJob"]
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+
+ALL_RULES = {
+    "spec": _SPEC_RULES,
+    "spec.datasets[]": _DATASET_RULES,
+    "spec.method": _METHOD_RULES,
+    "spec.training": _TRAINING_RULES,
+    "spec.resources": _RESOURCE_RULES,
+}

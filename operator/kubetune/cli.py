@@ -1,0 +1,117 @@
+"""The ``kubetune`` command. Heavy imports (torch, transformers) happen inside commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from kubetune.errors import KubetuneError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Fine-tune LLMs from a FineTuneJob YAML, locally or on Kubernetes.")
+err = Console(stderr=True)
+
+JobFile = Annotated[Path, typer.Argument(help="A FineTuneJob YAML file.")]
+PvcRoot = Annotated[
+    Path | None,
+    typer.Option(help="Local directory standing in for pvc:// claims: pvc://CLAIM/x is "
+                 "PVC_ROOT/CLAIM/x. Default: ./pvc next to the job file."),
+]
+
+
+def _fail(e: KubetuneError) -> None:
+    err.print(f"[bold red]error[/]: {e}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(e.exit_code)
+
+
+def _context(job_file: Path, pvc_root: Path | None):
+    from kubetune_trainer.config import RunContext
+
+    base = job_file.resolve().parent
+    return RunContext(base_dir=base, pvc_root=(pvc_root or base / "pvc").resolve())
+
+
+def _offline_defaults() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command()
+def run(job_file: JobFile, pvc_root: PvcRoot = None) -> None:
+    """Run a FineTuneJob here, without a cluster (resumes from its last checkpoint)."""
+    from kubetune.jobfile import load_job
+
+    _offline_defaults()
+    try:
+        job = load_job(job_file)
+        from kubetune_trainer.train import run as train
+
+        result = train(job, _context(job_file, pvc_root), log=lambda m: err.print(m,
+                                                                                  highlight=False))
+    except KubetuneError as e:
+        _fail(e)
+        return
+    err.print(f"[bold green]done[/] in {result['seconds']}s, step {result['global_step']}, "
+              f"train loss {result['metrics'].get('train_loss', float('nan')):.4f}")
+    for key in ("adapter", "merged_model", "model", "loss_plot", "progress"):
+        if result.get(key):
+            err.print(f"  {key:<13} {result[key]}", highlight=False)
+    if result["checkpoints"]:
+        err.print(f"  {'checkpoints':<13} {', '.join(result['checkpoints'])}", highlight=False)
+
+
+@app.command()
+def validate(job_file: JobFile, pvc_root: PvcRoot = None,
+             data: Annotated[bool, typer.Option(help="Also read and check the data.")] = True
+             ) -> None:
+    """Check a FineTuneJob file: schema and rules, then (by default) its data, without training."""
+    from kubetune.jobfile import load_job
+
+    _offline_defaults()
+    try:
+        job = load_job(job_file)
+        err.print(f"{job_file}: schema and rules OK")
+        if data:
+            from kubetune_trainer.validate import preflight_all
+
+            for line in preflight_all(job, _context(job_file, pvc_root)):
+                err.print(line, highlight=False)
+    except KubetuneError as e:
+        _fail(e)
+
+
+@app.command()
+def ask(
+    model: Annotated[str, typer.Argument(help="A model directory or embedded://NAME.")],
+    question: Annotated[str, typer.Argument(help="What to ask.")],
+    max_new_tokens: int = 60,
+) -> None:
+    """Ask a model one question (greedy decoding) and print its answer."""
+    from kubetune_trainer.chat import answer
+
+    _offline_defaults()
+    try:
+        print(answer(model, question, max_new_tokens=max_new_tokens))
+    except KubetuneError as e:
+        _fail(e)
+
+
+@app.command()
+def crds(out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None
+         ) -> None:
+    """Print the FineTuneJob CRD generated from the API models."""
+    from kubetune.api.crd import render_yaml
+
+    text = render_yaml()
+    if out:
+        out.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,21 @@
+"""Where a run finds things on this machine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("KUBETUNE_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return Path(root) / "kubetune" if root else Path.home() / ".cache" / "kubetune"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Set by the local runner, or by the pod's arguments in a cluster."""
+
+    base_dir: Path = field(default_factory=Path.cwd)  # relative paths resolve against it
+    pvc_root: Path = Path("/mnt/pvc")  # pvc://CLAIM/path -> pvc_root/CLAIM/path
+    cache_dir: Path = field(default_factory=default_cache_dir)

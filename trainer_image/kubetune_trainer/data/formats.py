@@ -1,0 +1,300 @@
+"""Row formats → one normalized example shape.
+
+Every converter takes a raw row and returns a plain dict (cheap to pickle between processes):
+
+- chat:    {"messages": [{"role", "content"}...], "tools": str | None}
+- ranking: chat + {"chosen": str, "rejected": str}  (messages end with the user turn)
+- kto:     chat + {"label": bool}
+- text:    {"text": str}
+
+A row that does not fit raises ``BadRow`` with a reason a person can act on. Column and tag
+names follow LLaMA-Factory's ``dataset_info.json`` so its registries load unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class BadRow(ValueError):
+    """This row does not fit its declared format."""
+
+
+# LLaMA-Factory's defaults when an entry gives no `columns` / `tags`.
+DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output",
+               "history": "history", "system": "system"},
+    "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
+    "messages": {"messages": "messages", "tools": "tools"},
+    "promptCompletion": {"prompt": "prompt", "completion": "completion", "system": "system"},
+    "text": {"prompt": "text"},
+}
+REQUIRED_COLUMN = {"alpaca": "prompt", "sharegpt": "messages", "messages": "messages",
+                   "promptCompletion": "prompt", "text": "prompt"}
+KNOWN_COLUMNS = {"prompt", "query", "response", "history", "messages", "system", "tools",
+                 "chosen", "rejected", "kto_tag", "completion", "text"}
+DEFAULT_TAGS = {
+    "role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+    "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system",
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to read one data set's rows: its format, column names and ShareGPT tags."""
+
+    format: str
+    columns: dict[str, str]
+    tags: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TAGS))
+    ranking: bool = False
+
+    @classmethod
+    def build(cls, fmt: str, columns: dict[str, str] | None, tags: dict[str, str] | None,
+              ranking: bool) -> Layout:
+        unknown = set(columns or {}) - KNOWN_COLUMNS
+        if unknown:
+            raise ValueError(f"unknown column role(s) {sorted(unknown)}; known: "
+                             f"{sorted(KNOWN_COLUMNS)}")
+        unknown_tags = set(tags or {}) - set(DEFAULT_TAGS)
+        if unknown_tags:
+            raise ValueError(f"unknown tag(s) {sorted(unknown_tags)}; known: "
+                             f"{sorted(DEFAULT_TAGS)}")
+        if columns is None:
+            cols = dict(DEFAULT_COLUMNS[fmt])
+        else:  # as in LLaMA-Factory: given columns replace the defaults, but for the main one
+            req = REQUIRED_COLUMN[fmt]
+            cols = {req: DEFAULT_COLUMNS[fmt][req], **columns}
+        if ranking:
+            cols.setdefault("chosen", "chosen")
+            cols.setdefault("rejected", "rejected")
+        return cls(fmt, cols, {**DEFAULT_TAGS, **(tags or {})}, ranking)
+
+
+def detect_format(row: dict[str, Any]) -> str | None:
+    """Guess the format from a row's keys (used when the spec gives none)."""
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "promptCompletion"
+    if "text" in row:
+        return "text"
+    return None
+
+
+def _text(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        # OpenAI content parts: keep the text ones.
+        return "".join(p.get("text", "") for p in value if p.get("type", "text") == "text")
+    raise BadRow(f"{what} must be a string, got {type(value).__name__}")
+
+
+def _col(row: dict[str, Any], layout: Layout, role: str) -> Any:
+    name = layout.columns.get(role)
+    return row.get(name) if name else None
+
+
+def _tool_call_text(call: Any) -> str:
+    if isinstance(call, str):
+        return f"<tool_call>\n{call}\n</tool_call>"
+    fn = call.get("function", call) if isinstance(call, dict) else call
+    return "<tool_call>\n" + json.dumps(fn, ensure_ascii=False) + "\n</tool_call>"
+
+
+def _extras(row: dict[str, Any], layout: Layout, out: dict[str, Any]) -> dict[str, Any]:
+    tools = _col(row, layout, "tools")
+    if tools:
+        if not isinstance(tools, str):
+            tools = json.dumps(tools, ensure_ascii=False)
+        try:
+            json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise BadRow(f"tools is not valid JSON: {err.msg}") from None
+    out["tools"] = tools or None
+    if "kto_tag" in layout.columns:
+        tag = _col(row, layout, "kto_tag")
+        if not isinstance(tag, bool):
+            raise BadRow(f"kto_tag must be true or false, got {tag!r}")
+        out["label"] = tag
+    if layout.ranking:
+        for key in ("chosen", "rejected"):
+            value = _col(row, layout, key)
+            if isinstance(value, dict):  # ShareGPT: {"from": "gpt", "value": ...}
+                value = value.get(layout.tags["content_tag"], value.get("content"))
+            value = _text(value, key)
+            if not value.strip():
+                raise BadRow(f"{key} is empty")
+            out[key] = value
+    return out
+
+
+def from_alpaca(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    messages: list[dict[str, str]] = []
+    system = _text(_col(row, layout, "system"), "system")
+    if system:
+        messages.append({"role": "system", "content": system})
+    history = _col(row, layout, "history") or []
+    if not isinstance(history, list):
+        raise BadRow("history must be a list of [instruction, response] pairs")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2):
+            raise BadRow(f"history[{i}] must be an [instruction, response] pair")
+        messages += [{"role": "user", "content": _text(pair[0], f"history[{i}][0]")},
+                     {"role": "assistant", "content": _text(pair[1], f"history[{i}][1]")}]
+    prompt = _text(_col(row, layout, "prompt"), "instruction")
+    query = _text(_col(row, layout, "query"), "input")
+    content = "\n".join(p for p in (prompt, query) if p)
+    if not content.strip():
+        raise BadRow(f"{layout.columns['prompt']!r} is empty or missing")
+    messages.append({"role": "user", "content": content})
+    if not layout.ranking:
+        response = _text(_col(row, layout, "response"), "output")
+        if response:
+            messages.append({"role": "assistant", "content": response})
+    return _extras(row, layout, {"messages": messages})
+
+
+def from_sharegpt(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    tags = layout.tags
+    raw = _col(row, layout, "messages")
+    if not isinstance(raw, list) or not raw:
+        raise BadRow(f"{layout.columns['messages']!r} must be a non-empty list of turns")
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant",
+             tags["observation_tag"]: "tool", tags["function_tag"]: "function_call",
+             tags["system_tag"]: "system"}
+    messages: list[dict[str, str]] = []
+    system = _text(_col(row, layout, "system"), "system")
+    turns = list(raw)
+    first = turns[0] if isinstance(turns[0], dict) else {}
+    if first.get(tags["role_tag"]) == tags["system_tag"]:
+        system = _text(first.get(tags["content_tag"]), "system turn")
+        turns = turns[1:]
+    if system:
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadRow(f"turn {i} is not an object")
+        tag = turn.get(tags["role_tag"])
+        role = roles.get(tag)
+        # Turns alternate: user/observation, then assistant/function_call.
+        expected = ("user", "tool") if i % 2 == 0 else ("assistant", "function_call")
+        if role not in expected:
+            want = [k for k, v in roles.items() if v in expected]
+            raise BadRow(f"turn {i} has role {tag!r}; expected one of {want}")
+        content = _text(turn.get(tags["content_tag"]), f"turn {i} content")
+        if role == "function_call":
+            messages.append({"role": "assistant", "content": _tool_call_text(content)})
+        else:
+            messages.append({"role": role, "content": content})
+    return _extras(row, layout, {"messages": messages})
+
+
+_OPENAI_ROLES = {"system", "user", "assistant", "tool"}
+
+
+def from_messages(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    raw = _col(row, layout, "messages")
+    if not isinstance(raw, list) or not raw:
+        raise BadRow(f"{layout.columns['messages']!r} must be a non-empty list of messages")
+    tags = layout.tags
+    role_key = tags["role_tag"] if tags["role_tag"] != "from" else "role"
+    content_key = tags["content_tag"] if tags["content_tag"] != "value" else "content"
+    messages = []
+    for i, msg in enumerate(raw):
+        if not isinstance(msg, dict):
+            raise BadRow(f"message {i} is not an object")
+        role = msg.get(role_key)
+        if role not in _OPENAI_ROLES:
+            raise BadRow(f"message {i} has role {role!r}; expected one of "
+                         f"{sorted(_OPENAI_ROLES)}")
+        content = _text(msg.get(content_key), f"message {i} content")
+        calls = msg.get("tool_calls") or []
+        content += "".join(("\n" if content else "") + _tool_call_text(c) for c in calls)
+        messages.append({"role": role, "content": content})
+    return _extras(row, layout, {"messages": messages})
+
+
+def from_prompt_completion(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    prompt, completion = _col(row, layout, "prompt"), _col(row, layout, "completion")
+    messages: list[dict[str, str]] = []
+    system = _text(_col(row, layout, "system"), "system")
+    if system:
+        messages.append({"role": "system", "content": system})
+    if isinstance(prompt, list):  # conversational prompt, as TRL allows
+        messages += from_messages({"messages": prompt}, Layout.build("messages", None, None,
+                                                                     False))["messages"]
+    else:
+        text = _text(prompt, "prompt")
+        if not text.strip():
+            raise BadRow("prompt is empty or missing")
+        messages.append({"role": "user", "content": text})
+    if isinstance(completion, list):
+        completion = "".join(_text(m.get("content"), "completion") for m in completion)
+    if not layout.ranking:
+        messages.append({"role": "assistant", "content": _text(completion, "completion")})
+    return _extras(row, layout, {"messages": messages})
+
+
+def from_text(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    text = _text(_col(row, layout, "prompt"), layout.columns["prompt"])
+    if not text.strip():
+        raise BadRow(f"{layout.columns['prompt']!r} is empty or missing")
+    return {"text": text}
+
+
+CONVERTERS: dict[str, Callable[[dict[str, Any], Layout], dict[str, Any]]] = {
+    "alpaca": from_alpaca,
+    "sharegpt": from_sharegpt,
+    "messages": from_messages,
+    "promptCompletion": from_prompt_completion,
+    "text": from_text,
+}
+
+
+def check_for_stage(example: dict[str, Any], stage: str) -> dict[str, Any]:
+    """What each stage needs of an example; returns it in that stage's shape."""
+    if stage == "pt":
+        if "text" in example:
+            return example
+        msgs = example["messages"]
+        if len(msgs) == 1:
+            return {"text": msgs[0]["content"]}
+        return example  # rendered with the chat template and trained on whole
+    if "text" in example:
+        raise BadRow(f"stage {stage} needs conversations, this row is plain text")
+    msgs = example["messages"]
+    if stage in ("rm", "dpo", "orpo"):
+        if "chosen" not in example:
+            raise BadRow(f"stage {stage} needs chosen/rejected responses (ranking: true)")
+        if msgs[-1]["role"] != "user":
+            raise BadRow("a preference prompt must end with a user turn")
+        return example
+    if msgs[-1]["role"] != "assistant":
+        raise BadRow("the conversation does not end with an assistant turn")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+        raise BadRow("no assistant turn has content")
+    if stage == "kto" and "label" not in example:
+        raise BadRow("stage kto needs a kto_tag column")
+    return example
+
+
+def fill_placeholders(value: Any, placeholders: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        for key, sub in placeholders.items():
+            value = value.replace("{{" + key + "}}", sub)
+        return value
+    if isinstance(value, list):
+        return [fill_placeholders(v, placeholders) for v in value]
+    if isinstance(value, dict):
+        return {k: fill_placeholders(v, placeholders) for k, v in value.items()}
+    return value

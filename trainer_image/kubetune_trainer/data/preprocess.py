@@ -1,0 +1,249 @@
+"""Normalized examples → token ids and labels: chat template, loss mask, cut-off, packing.
+
+The loss mask comes from rendering each conversation with the chat template and finding the
+character span of every assistant turn (render the prefix up to the turn, then up to its end),
+so it works with any prefix-stable template, with no special markers in it. Tokens whose first
+character falls inside an assistant span are trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from kubetune.errors import DataError, KubetuneError
+
+IGNORE = -100
+CHUNK = 512
+NAMED_TEMPLATES = ("chatml", "llama3", "alpaca")
+
+
+def resolve_template(tokenizer: Any, name: str) -> str:
+    """The Jinja chat template to use: the tokenizer's own ("auto") or a named one."""
+    if name == "auto":
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise KubetuneError(
+                "the model's tokenizer has no chat template; name one: "
+                + ", ".join(NAMED_TEMPLATES), field="spec.template")
+        return template if isinstance(template, str) else template.get("default")
+    if name not in NAMED_TEMPLATES:
+        raise KubetuneError(f"unknown template {name!r}; use auto or one of "
+                            + ", ".join(NAMED_TEMPLATES), field="spec.template")
+    return (resources.files("kubetune_trainer") / "templates" / f"{name}.jinja").read_text()
+
+
+@dataclass
+class Renderer:
+    tokenizer: Any
+    template: str
+
+    def __post_init__(self) -> None:
+        self.takes_tools = "tools" in self.template
+
+    def _render(self, messages: list[dict[str, str]], tools: list | None, gen: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tools=tools, chat_template=self.template, tokenize=False,
+            add_generation_prompt=gen)
+
+    def _with_tools(self, example: dict[str, Any]) -> tuple[list[dict[str, str]], list | None]:
+        messages, tools = example["messages"], example.get("tools")
+        if not tools:
+            return messages, None
+        tools_list = json.loads(tools)
+        if self.takes_tools:
+            return messages, tools_list
+        # The template ignores `tools`: say them in the system turn so the model sees them.
+        note = "You can call these tools:\n<tools>\n" + tools + "\n</tools>"
+        if messages and messages[0]["role"] == "system":
+            first = {"role": "system", "content": messages[0]["content"] + "\n\n" + note}
+            return [first, *messages[1:]], None
+        return [{"role": "system", "content": note}, *messages], None
+
+    def render(self, example: dict[str, Any]) -> tuple[str, list[tuple[int, int]]]:
+        """The whole conversation as text, and the character spans of assistant turns."""
+        messages, tools = self._with_tools(example)
+        spans = []
+        for i, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            before = self._render(messages[:i], tools, True) if i else ""
+            upto = self._render(messages[: i + 1], tools, False)
+            if not upto.startswith(before):
+                raise KubetuneError(
+                    "the chat template does not render a conversation as a prefix of its "
+                    "continuation, so answers cannot be located; use a named template "
+                    f"({', '.join(NAMED_TEMPLATES)})", field="spec.template")
+            spans.append((len(before), len(upto)))
+        text = self._render(messages, tools, False)
+        if spans and not text.startswith(self._render(messages[: i + 1], tools, False)):
+            raise KubetuneError("the chat template is not prefix-stable", field="spec.template")
+        return text, spans
+
+
+@dataclass(frozen=True)
+class Options:
+    stage: str
+    cutoff_len: int
+    train_on_prompt: bool = False
+    mask_history: bool = False
+
+
+@dataclass
+class Stats:
+    examples: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+
+    def add(self, other: Stats) -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[list[int]] = field(default_factory=list)
+    labels: list[list[int]] = field(default_factory=list)
+    stats: Stats = field(default_factory=Stats)
+
+    def extend(self, other: Tokenized) -> None:
+        self.input_ids += other.input_ids
+        self.labels += other.labels
+        self.stats.add(other.stats)
+
+
+def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: str | None,
+                    opts: Options) -> Tokenized:
+    out = Tokenized()
+    out.stats.examples = len(examples)
+    texts: list[str] = []
+    spans: list[list[tuple[int, int]] | None] = []  # None: train on every token
+    renderer = Renderer(tokenizer, template) if template else None
+    for ex in examples:
+        if "text" in ex:
+            texts.append(ex["text"])
+            spans.append(None)
+            continue
+        assert renderer is not None
+        text, sp = renderer.render(ex)
+        texts.append(text)
+        trained = opts.train_on_prompt or opts.stage == "pt"
+        spans.append(None if trained else sp[-1:] if opts.mask_history else sp)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    eos = tokenizer.eos_token_id
+    for ex, ids, offsets, sp in zip(examples, enc["input_ids"], enc["offset_mapping"], spans,
+                                    strict=True):
+        if "text" in ex:  # plain text: eos at the end, long texts cut into cutoffLen blocks
+            ids = [*ids, eos] if eos is not None else list(ids)
+            for start in range(0, len(ids), opts.cutoff_len):
+                block = ids[start: start + opts.cutoff_len]
+                if len(block) > 1:
+                    out.input_ids.append(block)
+                    out.labels.append(list(block))
+                    out.stats.sequences += 1
+                    out.stats.tokens += len(block)
+                    out.stats.trained_tokens += len(block)
+            continue
+        if sp is None:
+            labels = list(ids)
+        else:
+            starts = np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
+            bounds = np.asarray(sp, dtype=np.int64).ravel()
+            inside = (np.searchsorted(bounds, starts, side="right") % 2).astype(bool)
+            labels = np.where(inside, np.asarray(ids), IGNORE).tolist()
+        if len(ids) > opts.cutoff_len:
+            out.stats.truncated += 1
+            ids, labels = ids[: opts.cutoff_len], labels[: opts.cutoff_len]
+        trained = sum(1 for x in labels if x != IGNORE)
+        if trained == 0:
+            out.stats.dropped_too_long += 1
+            continue
+        out.input_ids.append(list(ids))
+        out.labels.append(labels)
+        out.stats.sequences += 1
+        out.stats.tokens += len(ids)
+        out.stats.trained_tokens += trained
+    return out
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer: Any, template: str | None, opts: Options) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(tokenizer=tokenizer, template=template, opts=opts)
+
+
+def _work(chunk: list[dict[str, Any]]) -> Tokenized:
+    return _tokenize_chunk(chunk, _WORKER["tokenizer"], _WORKER["template"], _WORKER["opts"])
+
+
+def tokenize(examples: list[dict[str, Any]], tokenizer: Any, template: str | None,
+             opts: Options, *, workers: int = 1) -> Tokenized:
+    """Tokenize and mask every example; ``workers`` > 1 spreads chunks over processes."""
+    chunks = [examples[i: i + CHUNK] for i in range(0, len(examples), CHUNK)]
+    result = Tokenized()
+    if workers <= 1 or len(chunks) <= 1:
+        for chunk in chunks:
+            result.extend(_tokenize_chunk(chunk, tokenizer, template, opts))
+    else:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(workers, _init_worker, (tokenizer, template, opts)) as pool:
+            for part in pool.imap(_work, chunks):
+                result.extend(part)
+    if not result.input_ids:
+        raise DataError(
+            f"no example keeps a trained token within training.cutoffLen={opts.cutoff_len}; "
+            "raise cutoffLen")
+    return result
+
+
+def pack(input_ids: list[list[int]], labels: list[list[int]], max_len: int
+         ) -> dict[str, list[list[int]]]:
+    """Best-fit-decreasing packing into rows of at most ``max_len`` tokens.
+
+    Each sample's positions restart at 0: with no attention mask, transformers builds a
+    block-diagonal causal mask from the position ids, so attention never crosses samples.
+    The first token of every sample is not a target (it would be predicted from the previous
+    sample).
+    """
+    order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]), reverse=True)
+    bins: list[list[int]] = []
+    free: list[int] = []
+    open_bins: list[int] = []  # bounded, so packing stays linear in the number of samples
+    for i in order:
+        n = len(input_ids[i])
+        best = min((b for b in open_bins if free[b] >= n), key=free.__getitem__, default=-1)
+        if best < 0:
+            best = len(bins)
+            bins.append([])
+            free.append(max_len)
+            open_bins.append(best)
+        bins[best].append(i)
+        free[best] -= n
+        if len(open_bins) > 64:  # retire the fullest row
+            open_bins.remove(min(open_bins, key=free.__getitem__))
+    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for members in bins:
+        ids, labs, pos = [], [], []
+        for i in members:
+            ids += input_ids[i]
+            labs += [IGNORE, *labels[i][1:]]
+            pos += range(len(input_ids[i]))
+        rows["input_ids"].append(ids)
+        rows["labels"].append(labs)
+        rows["position_ids"].append(pos)
+    return rows
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 1)))
