@@ -23,7 +23,7 @@ SHORT_NAMES = ["ftj"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
 # Where a model or data set comes from. A bare path is local (relative to the job file).
-SOURCE_PATTERN = r"^((hf|pvc|s3|gs|https?|file|embedded)://[^\s]+|[^:\s][^\s]*)$"
+SOURCE_PATTERN = r"^((hf|pvc|s3|gs|https?|file|embedded)://[^\s]+|[^:\s]+)$"
 SOURCE_HELP = (
     "a local path, pvc://CLAIM/path, hf://ORG/NAME, s3://, gs://, https://, file:// or "
     "embedded://NAME"
@@ -354,9 +354,9 @@ class OutputSpec(_Model):
         str,
         Field(
             min_length=1,
-            pattern=r"^((pvc|s3|gs|file)://[^\s]+|[^:\s][^\s]*)$",
-            description="Where checkpoints, adapter and merged model go: a local path, "
-            "pvc://CLAIM/path, s3:// or gs://.",
+            pattern=r"^((pvc|file)://[^\s]+|[^:\s]+)$",
+            description="Where checkpoints, adapter and merged model go: a local path or "
+            "pvc://CLAIM/path (object stores are planned).",
         ),
     ]
     merge: Annotated[

@@ -199,6 +199,8 @@ def load_examples(
                     from None
             if not isinstance(rows, list):
                 raise DataError(f"{path}: expected a list of rows", field=f"{part.field}.source")
+            if not rows:
+                raise DataError(f"{part.name}: {path} has no rows", field=f"{part.field}.source")
             if part.max_samples:
                 rows = rows[: part.max_samples]
             layout = _layout_for(part, rows, (spec.columns, spec.tags, spec.ranking))

