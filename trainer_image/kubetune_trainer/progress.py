@@ -62,7 +62,7 @@ class ProgressLog(TrainerCallback):
             record["learning_rate"] = float(logs.get("learning_rate", 0.0))
         if "eval_loss" in logs:
             record["eval_loss"] = round(float(logs["eval_loss"]), 6)
-        if "train_runtime" in logs:
+        if "train_loss" in logs:  # the summary transformers logs at the end
             record["event"] = "finished"
             record["train_loss"] = logs.get("train_loss")
         self._write(record)

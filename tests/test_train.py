@@ -1,0 +1,190 @@
+"""Real training steps on the tiny model: SFT/PT with lora, full and freeze; resume; merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import LF_DATA, tiny_spec, write_job
+
+from kubetune.errors import KubetuneError
+from kubetune.jobfile import load_job
+from kubetune_trainer.config import RunContext
+from kubetune_trainer.progress import COMPLETE_MARKER, read_progress
+from kubetune_trainer.train import run
+
+IDENTITY = {"source": str(LF_DATA / "identity.json"),
+            "placeholders": {"name": "Kubey", "author": "Ops"}}
+
+
+def _run(tmp_path: Path, spec: dict, name="job"):
+    job = load_job(write_job(tmp_path / f"{name}.yaml", spec, name=name))
+    return run(job, RunContext(base_dir=tmp_path), log=lambda *_: None)
+
+
+def _steps(out: Path) -> list[dict]:
+    """The per-step progress records (not the checkpoint/resume events)."""
+    return [r for r in read_progress(out / "progress.jsonl") if "loss" in r and "event" not in r]
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in _steps(out)]
+
+
+@pytest.fixture
+def needs_lf(lf_data):
+    return lf_data
+
+
+@pytest.mark.usefixtures("needs_lf")
+def test_lora_sft_lowers_the_loss_and_writes_everything(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result = _run(tmp_path, tiny_spec(tiny_model, [IDENTITY], out,
+                                      training={"maxSteps": 30, "saveSteps": 10,
+                                                "learningRate": 2e-2}))
+    losses = _losses(out)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses  # nats
+    assert result["global_step"] == 30
+    assert Path(result["adapter"], "adapter_config.json").exists()
+    assert "merged_model" not in result  # merge not asked for
+    assert json.loads((out / "result.json").read_text())["adapter"] == result["adapter"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpts = sorted(out.glob("checkpoints/checkpoint-*/" + COMPLETE_MARKER))
+    assert [p.parent.name for p in ckpts] == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    record = _steps(out)[-1]
+    assert record["step"] == 30 and record["total_steps"] == 30 and record["percent"] == 100.0
+    for key in ("eta_seconds", "learning_rate", "tokens_per_second", "epoch"):
+        assert record[key] is not None, key
+
+
+@pytest.mark.usefixtures("needs_lf")
+def test_merged_model_generates_like_base_plus_adapter(tiny_model, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    spec = tiny_spec(tiny_model, [IDENTITY], out, training={"maxSteps": 8})
+    spec["output"]["merge"] = True
+    result = _run(tmp_path, spec)
+    tok = AutoTokenizer.from_pretrained(result["merged_model"])
+    merged = AutoModelForCausalLM.from_pretrained(result["merged_model"]).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with_adapter = PeftModel.from_pretrained(base, result["adapter"]).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": "Who are you?"}],
+                                  add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    with torch.no_grad():
+        a = merged(**ids).logits
+        b = with_adapter(**ids).logits
+        assert torch.allclose(a, b, atol=1e-4)
+        gen_a = merged.generate(**ids, max_new_tokens=12, do_sample=False)
+        gen_b = with_adapter.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert gen_a.tolist() == gen_b.tolist()
+    # And training changed something: the merged model is not the base model.
+    pristine = AutoModelForCausalLM.from_pretrained(tiny_model).eval()  # peft patched `base`
+    with torch.no_grad():
+        assert not torch.allclose(a, pristine(**ids).logits, atol=1e-4)
+
+
+@pytest.mark.usefixtures("needs_lf")
+def test_freeze_trains_only_the_last_layer(tiny_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    spec = tiny_spec(tiny_model, [IDENTITY], out, training={"maxSteps": 4},
+                     method={"type": "freeze", "freeze": {"trainableLayers": 1}})
+    result = _run(tmp_path, spec)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(result["model"]).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(k.startswith("model.layers.1.") for k in changed), changed
+
+
+@pytest.mark.usefixtures("needs_lf")
+def test_full_fine_tune_saves_a_whole_model(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result = _run(tmp_path, tiny_spec(tiny_model, [IDENTITY], out, training={"maxSteps": 3},
+                                      method={"type": "full"}))
+    assert Path(result["model"], "model.safetensors").exists()
+    assert Path(result["model"], "tokenizer.json").exists()
+
+
+def test_pretraining_on_plain_text_with_packing(tiny_model, tmp_path, lf_data):
+    out = tmp_path / "out"
+    spec = tiny_spec(tiny_model, [{"source": str(lf_data / "dataset_info.json"),
+                                   "entries": ["wiki_demo"]}], out, stage="pt",
+                     training={"maxSteps": 20, "packing": True, "cutoffLen": 64})
+    result = _run(tmp_path, spec)
+    losses = _losses(out)
+    assert result["data"]["sequences"] > 100  # long articles became many blocks
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+
+
+def test_unimplemented_stage_is_refused_before_anything_loads(tiny_model, tmp_path):
+    spec = tiny_spec(tiny_model, [{"source": "nothing.json"}], tmp_path / "out", stage="dpo")
+    with pytest.raises(KubetuneError, match="spec.stage: stage 'dpo' is accepted by the API"):
+        _run(tmp_path, spec)
+
+
+def test_missing_model_is_a_clear_error(tmp_path, lf_data):
+    spec = tiny_spec(tmp_path / "no-model", [IDENTITY], tmp_path / "out")
+    with pytest.raises(KubetuneError, match="spec.model.source: no model at"):
+        _run(tmp_path, spec)
+
+
+def test_eval_split_reports_eval_loss(tiny_model, tmp_path, lf_data):
+    out = tmp_path / "out"
+    result = _run(tmp_path, tiny_spec(tiny_model, [IDENTITY], out, training={
+        "maxSteps": 4, "evalSplit": 0.2, "evalSteps": 2}))
+    assert "eval_loss" in result["metrics"]
+    assert any("eval_loss" in r for r in read_progress(out / "progress.jsonl"))
+
+
+def test_killed_run_resumes_from_the_last_complete_checkpoint(tiny_model, tmp_path, lf_data):
+    """SIGKILL mid-run, restart: same steps, same learning rate and losses as a clean run."""
+    training = {"maxSteps": 160, "saveSteps": 20, "batchSizePerDevice": 2, "cutoffLen": 64,
+                "logSteps": 1, "learningRate": 2e-3}
+    ref_out, out = tmp_path / "ref", tmp_path / "out"
+    _run(tmp_path, tiny_spec(tiny_model, [IDENTITY], ref_out, training=training), name="ref")
+    reference = {r["step"]: r for r in _steps(ref_out)}
+
+    job = write_job(tmp_path / "job.yaml", tiny_spec(tiny_model, [IDENTITY], out,
+                                                     training=training))
+    cmd = [sys.executable, "-m", "kubetune_trainer.train", str(job)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "checkpoint-40" / COMPLETE_MARKER).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(p.parent.name.split("-")[1])
+                  for p in out.glob("checkpoints/checkpoint-*/" + COMPLETE_MARKER))
+    assert done and done[-1] < 160, "the run finished before it was killed"
+    # What a crash during a save leaves: a newer checkpoint directory without its marker.
+    (out / "checkpoints" / "checkpoint-9999").mkdir()
+
+    subprocess.run(cmd, check=True, capture_output=True)
+    result = json.loads((out / "result.json").read_text())
+    resumed_at = done[-1]
+    assert result["resumed_from"].endswith(f"checkpoint-{resumed_at}")
+    assert result["global_step"] == 160
+    records = read_progress(out / "progress.jsonl")
+    resumed = [r for r in records if r.get("event") == "resumed"]
+    assert [r["step"] for r in resumed] == [resumed_at]
+    steps = [r["step"] for r in _steps(out)]
+    assert steps == sorted(set(steps)) and steps[-1] == 160  # no step logged twice
+    after = {r["step"]: r for r in _steps(out) if r["step"] > resumed_at}
+    for step in list(after)[:5]:
+        assert after[step]["learning_rate"] == pytest.approx(reference[step]["learning_rate"])
+        assert after[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-3)
