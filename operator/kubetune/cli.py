@@ -14,7 +14,7 @@ from kubetune.errors import KubetuneError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Fine-tune LLMs from a FineTuneJob YAML, locally or on Kubernetes.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # never break paths or messages
 
 JobFile = Annotated[Path, typer.Argument(help="A FineTuneJob YAML file.")]
 PvcRoot = Annotated[

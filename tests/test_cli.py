@@ -1,0 +1,70 @@
+"""The kubetune command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import LF_DATA, tiny_spec, write_job
+from typer.testing import CliRunner
+
+from kubetune.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_validate_a_good_job_checks_the_data_too(tiny_model, tmp_path, lf_data):
+    job = write_job(tmp_path / "j.yaml", tiny_spec(
+        tiny_model, [{"source": str(LF_DATA / "dataset_info.json"),
+                      "entries": ["alpaca_en_demo", "glaive_toolcall_en_demo"]}],
+        tmp_path / "out"))
+    res = runner.invoke(app, ["validate", str(job)])
+    assert res.exit_code == 0, res.output
+    assert "schema and rules OK" in res.output
+    assert "1299 of 1299 rows usable" in res.output
+    assert "template renders" in res.output
+    assert not (tmp_path / "out").exists()  # validate writes nothing
+
+
+def test_validate_names_the_bad_field(tmp_path):
+    job = write_job(tmp_path / "j.yaml", {"model": {"source": "m"}, "datasets": [
+        {"source": "d.json", "fromat": "alpaca"}], "output": {"uri": "o"}})
+    res = runner.invoke(app, ["validate", str(job)])
+    assert res.exit_code == 2
+    assert "spec.datasets.0.fromat: unknown field 'fromat'" in res.output
+
+
+def test_validate_reports_bad_data(tmp_path, tiny_model):
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "only a question"}]))
+    job = write_job(tmp_path / "j.yaml", tiny_spec(tiny_model, [{"source": "d.json"}],
+                                                   tmp_path / "out"))
+    res = runner.invoke(app, ["validate", str(job)])
+    assert res.exit_code == 2
+    assert "does not end with an assistant turn" in res.output
+
+
+def test_run_prints_where_everything_went(tiny_model, tmp_path, lf_data):
+    job = write_job(tmp_path / "j.yaml", tiny_spec(
+        tiny_model, [{"source": str(LF_DATA / "identity.json")}], "out",
+        training={"maxSteps": 2, "saveSteps": 2}))
+    res = runner.invoke(app, ["run", str(job)])
+    assert res.exit_code == 0, res.output
+    assert "done in" in res.output and "adapter" in res.output
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+
+
+def test_crds_prints_the_committed_crd():
+    res = runner.invoke(app, ["crds"])
+    assert res.exit_code == 0
+    assert res.output == (REPO / "crds" / "kubetune.io_finetunejobs.yaml").read_text()
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from kubetune.cli import app; "
+            "CliRunner().invoke(app, ['--help']); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False"
