@@ -219,20 +219,21 @@ def pack(input_ids: list[list[int]], labels: list[list[int]], max_len: int
     """
     order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]), reverse=True)
     bins: list[list[int]] = []
-    free: list[int] = []
-    open_bins: list[int] = []  # bounded, so packing stays linear in the number of samples
+    by_free: list[list[int]] = [[] for _ in range(max_len + 1)]  # free space -> bin ids
+    has = np.zeros(max_len + 1, dtype=bool)  # by_free[f] is not empty
     for i in order:
         n = len(input_ids[i])
-        best = min((b for b in open_bins if free[b] >= n), key=free.__getitem__, default=-1)
-        if best < 0:
-            best = len(bins)
+        f = n + int(np.argmax(has[n:]))  # the tightest bin that still fits
+        if has[f]:
+            b = by_free[f].pop()
+            has[f] = bool(by_free[f])
+        else:
+            b, f = len(bins), max_len
             bins.append([])
-            free.append(max_len)
-            open_bins.append(best)
-        bins[best].append(i)
-        free[best] -= n
-        if len(open_bins) > 64:  # retire the fullest row
-            open_bins.remove(min(open_bins, key=free.__getitem__))
+        bins[b].append(i)
+        if f - n:
+            by_free[f - n].append(b)
+            has[f - n] = True
     rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
     for members in bins:
         ids, labs, pos = [], [], []
