@@ -132,15 +132,25 @@ def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any,
     st = tok.stats
     log(f"data: {st.sequences} sequences, {st.tokens} tokens ({st.trained_tokens} trained); "
         f"{st.truncated} cut at cutoffLen, {st.dropped_too_long} dropped (no answer left)")
-    rows = {"input_ids": tok.input_ids, "labels": tok.labels}
-    ds = datasets.Dataset.from_dict(rows)
+    import numpy as np
+
+    order = np.random.default_rng(t.seed).permutation(len(tok.input_ids))
+    n_eval = int(round(len(order) * t.eval_split)) if t.eval_split > 0 else 0
+    if t.eval_split > 0 and not 0 < n_eval < len(order):
+        raise KubetuneError(f"evalSplit {t.eval_split} of {len(order)} sequences leaves no "
+                            "train or no eval rows", field="spec.training.evalSplit")
     eval_ds = None
-    if t.eval_split > 0:
-        split = ds.train_test_split(test_size=t.eval_split, seed=t.seed)
-        ds, eval_ds = split["train"], split["test"]
+    if n_eval:
+        eval_ds = datasets.Dataset.from_dict(
+            {"input_ids": [tok.input_ids[i] for i in order[:n_eval]],
+             "labels": [tok.labels[i] for i in order[:n_eval]]})
+    train_ids = [tok.input_ids[i] for i in order[n_eval:]]
+    train_labels = [tok.labels[i] for i in order[n_eval:]]
     if t.packing:
-        ds = datasets.Dataset.from_dict(pack(ds["input_ids"], ds["labels"], t.cutoff_len))
+        ds = datasets.Dataset.from_dict(pack(train_ids, train_labels, t.cutoff_len))
         log(f"data: packed into {len(ds)} rows of at most {t.cutoff_len} tokens")
+    else:
+        ds = datasets.Dataset.from_dict({"input_ids": train_ids, "labels": train_labels})
     stats = {**asdict(st), "bad_rows": report.bad, "rows": report.total}
     return ds, eval_ds, stats
 

@@ -112,8 +112,10 @@ class Stats:
 
 @dataclass
 class Tokenized:
-    input_ids: list[list[int]] = field(default_factory=list)
-    labels: list[list[int]] = field(default_factory=list)
+    """One int32 array per sequence: a tenth of the memory of Python int lists."""
+
+    input_ids: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
 
     def extend(self, other: Tokenized) -> None:
@@ -144,31 +146,32 @@ def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: st
     for ex, ids, offsets, sp in zip(examples, enc["input_ids"], enc["offset_mapping"], spans,
                                     strict=True):
         if "text" in ex:  # plain text: eos at the end, long texts cut into cutoffLen blocks
-            ids = [*ids, eos] if eos is not None else list(ids)
-            for start in range(0, len(ids), opts.cutoff_len):
-                block = ids[start: start + opts.cutoff_len]
+            arr = np.asarray([*ids, eos] if eos is not None else ids, dtype=np.int32)
+            for start in range(0, len(arr), opts.cutoff_len):
+                block = arr[start: start + opts.cutoff_len]
                 if len(block) > 1:
                     out.input_ids.append(block)
-                    out.labels.append(list(block))
+                    out.labels.append(block)
                     out.stats.sequences += 1
                     out.stats.tokens += len(block)
                     out.stats.trained_tokens += len(block)
             continue
+        ids = np.asarray(ids, dtype=np.int32)
         if sp is None:
-            labels = list(ids)
+            labels = ids
         else:
             starts = np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
             bounds = np.asarray(sp, dtype=np.int64).ravel()
             inside = (np.searchsorted(bounds, starts, side="right") % 2).astype(bool)
-            labels = np.where(inside, np.asarray(ids), IGNORE).tolist()
+            labels = np.where(inside, ids, IGNORE).astype(np.int32)
         if len(ids) > opts.cutoff_len:
             out.stats.truncated += 1
             ids, labels = ids[: opts.cutoff_len], labels[: opts.cutoff_len]
-        trained = sum(1 for x in labels if x != IGNORE)
+        trained = int(np.count_nonzero(labels != IGNORE))
         if trained == 0:
             out.stats.dropped_too_long += 1
             continue
-        out.input_ids.append(list(ids))
+        out.input_ids.append(ids)
         out.labels.append(labels)
         out.stats.sequences += 1
         out.stats.tokens += len(ids)
@@ -208,8 +211,7 @@ def tokenize(examples: list[dict[str, Any]], tokenizer: Any, template: str | Non
     return result
 
 
-def pack(input_ids: list[list[int]], labels: list[list[int]], max_len: int
-         ) -> dict[str, list[list[int]]]:
+def pack(input_ids: list, labels: list, max_len: int) -> dict[str, list[np.ndarray]]:
     """Best-fit-decreasing packing into rows of at most ``max_len`` tokens.
 
     Each sample's positions restart at 0: with no attention mask, transformers builds a
@@ -234,14 +236,13 @@ def pack(input_ids: list[list[int]], labels: list[list[int]], max_len: int
         if f - n:
             by_free[f - n].append(b)
             has[f - n] = True
-    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+    rows: dict[str, list[np.ndarray]] = {"input_ids": [], "labels": [], "position_ids": []}
     for members in bins:
-        ids, labs, pos = [], [], []
-        for i in members:
-            ids += input_ids[i]
-            labs += [IGNORE, *labels[i][1:]]
-            pos += range(len(input_ids[i]))
-        rows["input_ids"].append(ids)
+        rows["input_ids"].append(np.concatenate([np.asarray(input_ids[i], np.int32)
+                                                 for i in members]))
+        labs = np.concatenate([np.asarray(labels[i], np.int32) for i in members])
+        pos = np.concatenate([np.arange(len(input_ids[i]), dtype=np.int32) for i in members])
+        labs[pos == 0] = IGNORE
         rows["labels"].append(labs)
         rows["position_ids"].append(pos)
     return rows
