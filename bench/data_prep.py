@@ -54,12 +54,11 @@ def tokenizer_dir() -> Path:
 
 
 def side_kubetune(data: Path, cutoff: int, workers: int) -> dict:
-    from transformers import AutoTokenizer
-
     from kubetune.api.v1alpha1 import DatasetSpec
     from kubetune_trainer.config import RunContext
     from kubetune_trainer.data.loading import load_examples
     from kubetune_trainer.data.preprocess import Options, pack, resolve_template, tokenize
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
     t0 = time.perf_counter()

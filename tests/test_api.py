@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from kubetune.api import v1alpha1 as api
 from kubetune.api.crd import finetunejob_crd, render_yaml
 from kubetune.errors import KubetuneError

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 from conftest import LF_DATA, tiny_spec, write_job
-from typer.testing import CliRunner
-
 from kubetune.cli import app
+from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -6,7 +6,6 @@ import json
 
 import pytest
 from conftest import LF_DATA, tiny_spec, write_job
-
 from kubetune.api.v1alpha1 import DatasetSpec
 from kubetune.jobfile import load_job
 from kubetune_trainer.config import RunContext

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from kubetune.api.v1alpha1 import DatasetSpec
 from kubetune.errors import DataError
 from kubetune_trainer.config import RunContext

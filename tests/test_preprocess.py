@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kubetune.errors import KubetuneError
 from kubetune_trainer.data.preprocess import (
     IGNORE,

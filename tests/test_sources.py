@@ -9,7 +9,6 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from kubetune.api.v1alpha1 import DatasetSpec
 from kubetune.errors import SourceError
 from kubetune_trainer.config import RunContext

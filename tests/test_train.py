@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from conftest import LF_DATA, tiny_spec, write_job
-
 from kubetune.errors import KubetuneError
 from kubetune.jobfile import load_job
 from kubetune_trainer.config import RunContext

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kubetune.errors import KubetuneError
+
 from kubetune_trainer.config import RunContext
 from kubetune_trainer.sources import resolve
 

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from kubetune.errors import SourceError
+
 from kubetune_trainer.config import RunContext
 
 FSSPEC_SCHEMES = ("s3", "gs", "http", "https")

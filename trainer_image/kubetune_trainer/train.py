@@ -17,6 +17,7 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import IMPLEMENTED_STAGES, FineTuneJob, FineTuneJobSpec
 from kubetune.errors import KubetuneError
+
 from kubetune_trainer.config import RunContext
 from kubetune_trainer.sources import resolve, split_uri
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from kubetune.api.v1alpha1 import FineTuneJob
+
 from kubetune_trainer.config import RunContext
 
 
 def preflight_all(job: FineTuneJob, ctx: RunContext) -> Iterator[str]:
     from kubetune.errors import KubetuneError
+
     from kubetune_trainer.data.loading import load_examples
     from kubetune_trainer.data.preprocess import Options, resolve_template, tokenize
     from kubetune_trainer.sources import resolve

@@ -102,7 +102,7 @@ class ModelSpec(_Model):
     ] = False
 
 
-class DatasetFormat(str, enum.Enum):
+class DatasetFormat(enum.StrEnum):
     alpaca = "alpaca"  # instruction/input/output(/system/history)
     sharegpt = "sharegpt"  # conversations: [{from, value}] (+ tools), LLaMA-Factory tags
     messages = "messages"  # OpenAI chat: messages: [{role, content}]
@@ -164,7 +164,7 @@ class DatasetSpec(_Model):
 # --------------------------------------------------------------------------- method
 
 
-class Stage(str, enum.Enum):
+class Stage(enum.StrEnum):
     pt = "pt"
     sft = "sft"
     rm = "rm"
@@ -177,7 +177,7 @@ class Stage(str, enum.Enum):
 IMPLEMENTED_STAGES = {Stage.pt.value, Stage.sft.value}
 
 
-class MethodType(str, enum.Enum):
+class MethodType(enum.StrEnum):
     full = "full"
     freeze = "freeze"
     lora = "lora"
@@ -213,12 +213,12 @@ class FreezeSpec(_Model):
 
 _METHOD_RULES = (
     Rule(
-        cel="self.type in ['lora', 'qlora'] || !has(self.lora)",
+        cel="!has(self.type) || self.type in ['lora', 'qlora'] || !has(self.lora)",
         message="method.lora is only used when method.type is lora or qlora",
         check=lambda m: m.type in ("lora", "qlora") or m.lora is None,
     ),
     Rule(
-        cel="self.type == 'freeze' || !has(self.freeze)",
+        cel="(has(self.type) && self.type == 'freeze') || !has(self.freeze)",
         message="method.freeze is only used when method.type is freeze",
         check=lambda m: m.type == "freeze" or m.freeze is None,
     ),
@@ -248,14 +248,14 @@ class MethodSpec(_Model):
 # --------------------------------------------------------------------------- training
 
 
-class Precision(str, enum.Enum):
+class Precision(enum.StrEnum):
     auto = "auto"  # bf16 where the GPU supports it, fp32 on CPU
     bf16 = "bf16"
     fp16 = "fp16"
     fp32 = "fp32"
 
 
-class LrScheduler(str, enum.Enum):
+class LrScheduler(enum.StrEnum):
     cosine = "cosine"
     linear = "linear"
     constant = "constant"
@@ -331,7 +331,8 @@ class TrainingSpec(_Model):
 
 _RESOURCE_RULES = (
     Rule(
-        cel="self.nodes == 1 || self.gpusPerNode > 0",
+        cel="!has(self.nodes) || self.nodes == 1 || !has(self.gpusPerNode) "
+        "|| self.gpusPerNode > 0",
         message="resources.nodes > 1 needs resources.gpusPerNode > 0",
         check=lambda r: r.nodes == 1 or r.gpus_per_node > 0,
     ),
@@ -369,8 +370,8 @@ class OutputSpec(_Model):
 
 _SPEC_RULES = (
     Rule(
-        cel="!self.output.merge || !has(self.method) || !has(self.method.type) "
-        "|| self.method.type in ['lora', 'qlora']",
+        cel="!has(self.output.merge) || !self.output.merge || !has(self.method) "
+        "|| !has(self.method.type) || self.method.type in ['lora', 'qlora']",
         message="output.merge needs method.type lora or qlora (full and freeze already "
         "save a whole model)",
         check=lambda s: not s.output.merge or s.method.type in ("lora", "qlora"),

@@ -10,6 +10,7 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import DatasetSpec
 from kubetune.errors import DataError
+
 from kubetune_trainer.config import RunContext
 from kubetune_trainer.data.formats import (
     CONVERTERS,
@@ -224,7 +225,7 @@ def load_examples(
                 examples.append(example)
                 report.kept += 1
         report.per_source[part.name] = (report.kept - kept_before, report.total - total_before)
-    for name, (kept, total) in report.per_source.items():
+    for name, (_, total) in report.per_source.items():
         if total == 0:
             raise DataError(f"{name} has no rows")
     if not examples:
