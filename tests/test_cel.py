@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import cel  # common-expression-language: Rust CEL bindings, in the dev extra
 import pytest
-from pydantic import ValidationError
-
 from kubetune.api import v1alpha1 as api
+from pydantic import ValidationError
 
 MODELS = {
     "spec": api.FineTuneJobSpec,
