@@ -79,3 +79,10 @@ def test_cel_and_python_agree(path):
             assert got == _python_verdict(path, obj, rule), f"{rule.cel} on {obj}"
             verdicts.add(got)
     assert verdicts == {True, False}, "the cases never exercise both outcomes"
+
+
+def test_transition_rules_refuse_changes_and_allow_the_same_value():
+    rule = "self == oldSelf"
+    assert cel.evaluate(rule, {"self": "hf://a/b", "oldSelf": "hf://a/b"}) is True
+    assert cel.evaluate(rule, {"self": "hf://a/c", "oldSelf": "hf://a/b"}) is False
+    assert cel.evaluate(rule, {"self": 2, "oldSelf": 1}) is False

@@ -42,6 +42,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             node[bound] = True
     if node.get("additionalProperties") is False:
         del node["additionalProperties"]
+    if node.get("type") == "object" and node.get("additionalProperties") in (True, {}):
+        # A free-form map (tolerations, affinity): keep what the user wrote.
+        del node["additionalProperties"]
+        node["x-kubernetes-preserve-unknown-fields"] = True
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROP:

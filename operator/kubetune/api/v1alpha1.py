@@ -24,6 +24,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 # Where a model or data set comes from. A bare path is local (relative to the job file).
 SOURCE_PATTERN = r"^((hf|pvc|s3|gs|https?|file|embedded)://[^\s]+|[^:\s]+)$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
 SOURCE_HELP = (
     "a local path, pvc://CLAIM/path, hf://ORG/NAME, s3://, gs://, https://, file:// or "
     "embedded://NAME"
@@ -61,6 +62,14 @@ def _cel(rule: Rule) -> dict[str, str]:
     return out
 
 
+def immutable(path: str) -> dict[str, Any]:
+    """A CEL transition rule: the API server refuses to change this field after creation."""
+    return {"x-kubernetes-validations": [{
+        "rule": "self == oldSelf",
+        "message": f"{path} cannot change after the job is created; create a new FineTuneJob",
+    }]}
+
+
 def _enforce(obj: Any, rules: tuple[Rule, ...]) -> Any:
     for rule in rules:
         if not rule.check(obj):
@@ -82,6 +91,7 @@ Source = Annotated[
     str,
     Field(
         min_length=1,
+        max_length=2048,
         pattern=SOURCE_PATTERN,
         description=f"Where it comes from: {SOURCE_HELP}.",
     ),
@@ -89,7 +99,7 @@ Source = Annotated[
 
 
 class ModelSpec(_Model):
-    source: Source
+    source: Annotated[Source, Field(json_schema_extra=immutable("spec.model.source"))]
     revision: Annotated[
         str | None, Field(description="Branch, tag or commit for hf:// sources.")
     ] = None
@@ -228,9 +238,11 @@ _METHOD_RULES = (
 class MethodSpec(_Model):
     model_config = ConfigDict(json_schema_extra=_rules(*_METHOD_RULES))
 
-    type: Annotated[MethodType, Field(description="full, freeze, lora or qlora.")] = (
-        MethodType.lora
-    )
+    type: Annotated[
+        MethodType,
+        Field(description="full, freeze, lora or qlora.",
+              json_schema_extra=immutable("spec.method.type")),
+    ] = MethodType.lora
     lora: LoraSpec | None = None
     freeze: FreezeSpec | None = None
 
@@ -342,8 +354,23 @@ _RESOURCE_RULES = (
 class ResourcesSpec(_Model):
     model_config = ConfigDict(json_schema_extra=_rules(*_RESOURCE_RULES))
 
-    nodes: Annotated[int, Field(ge=1, le=1024)] = 1
-    gpus_per_node: Annotated[int, Field(ge=0, le=64)] = 1
+    nodes: Annotated[
+        int, Field(ge=1, le=1024, description="Machines (PyTorchJob replicas).",
+                   json_schema_extra=immutable("spec.resources.nodes"))
+    ] = 1
+    gpus_per_node: Annotated[
+        int, Field(ge=0, le=64, description="GPUs per machine; one training process each.",
+                   json_schema_extra=immutable("spec.resources.gpusPerNode"))
+    ] = 1
+    cpu: Annotated[
+        str | None, Field(pattern=QUANTITY, description="CPU request and limit per node.")
+    ] = None
+    memory: Annotated[
+        str | None, Field(pattern=QUANTITY, description="Memory request and limit per node.")
+    ] = None
+    shared_memory: Annotated[
+        str, Field(pattern=QUANTITY, description="Size of /dev/shm (data loader workers, NCCL).")
+    ] = "8Gi"
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Any:
@@ -355,7 +382,9 @@ class OutputSpec(_Model):
         str,
         Field(
             min_length=1,
+            max_length=2048,
             pattern=r"^((pvc|file)://[^\s]+|[^:\s]+)$",
+            json_schema_extra=immutable("spec.output.uri"),
             description="Where checkpoints, adapter and merged model go: a local path or "
             "pvc://CLAIM/path (object stores are planned).",
         ),
@@ -363,6 +392,45 @@ class OutputSpec(_Model):
     merge: Annotated[
         bool, Field(description="Also save base + adapter merged into one model (LoRA).")
     ] = False
+
+
+class SchedulingSpec(_Model):
+    """Where the training pods may run; copied onto every replica of the PyTorchJob."""
+
+    node_selector: dict[str, str] | None = None
+    tolerations: Annotated[
+        list[dict[str, Any]] | None, Field(description="Pod tolerations, as in a Pod spec.")
+    ] = None
+    affinity: Annotated[
+        dict[str, Any] | None, Field(description="Pod affinity, as in a Pod spec.")
+    ] = None
+    priority_class_name: str | None = None
+
+
+class RunPolicySpec(_Model):
+    active_deadline_seconds: Annotated[
+        int | None, Field(ge=1, description="Fail the run after this long.")
+    ] = None
+    backoff_limit: Annotated[
+        int, Field(ge=0, le=100, description="Pod restarts before the run fails; each restart "
+                   "resumes from the last checkpoint.")
+    ] = 3
+    ttl_seconds_after_finished: Annotated[
+        int | None, Field(ge=0, description="Delete the PyTorchJob this long after it ends "
+                          "(the FineTuneJob and its outputs stay).")
+    ] = None
+
+
+class TrainerSpec(_Model):
+    image: Annotated[
+        str | None, Field(min_length=1, description="Trainer image; default: the operator's.")
+    ] = None
+    service_account_name: Annotated[
+        str | None, Field(description="Service account of the training pods.")
+    ] = None
+    env: Annotated[
+        dict[str, str] | None, Field(description="Extra environment variables (no secrets).")
+    ] = None
 
 
 # --------------------------------------------------------------------------- the spec
@@ -385,7 +453,9 @@ class FineTuneJobSpec(_Model):
     model: ModelSpec
     datasets: Annotated[list[DatasetSpec], Field(min_length=1, max_length=64)]
     stage: Annotated[
-        Stage, Field(description="pt, sft (implemented); rm, dpo, kto, orpo, grpo (planned).")
+        Stage,
+        Field(description="pt, sft (implemented); rm, dpo, kto, orpo, grpo (planned).",
+              json_schema_extra=immutable("spec.stage")),
     ] = Stage.sft
     method: MethodSpec = MethodSpec()
     template: Annotated[
@@ -399,6 +469,13 @@ class FineTuneJobSpec(_Model):
     training: TrainingSpec = TrainingSpec()
     resources: ResourcesSpec = ResourcesSpec()
     output: OutputSpec
+    scheduling: SchedulingSpec | None = None
+    run_policy: RunPolicySpec = RunPolicySpec()
+    trainer: TrainerSpec | None = None
+    suspend: Annotated[
+        bool, Field(description="Stop the pods; set back to false to resume from the last "
+                    "checkpoint.")
+    ] = False
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Any:
