@@ -1,0 +1,251 @@
+"""Pure builders: a FineTuneJob in, Kubernetes objects out. No I/O, no kopf.
+
+Every builder is keyword-only and deterministic (same job → same object), so the reconciler can
+create-if-missing safely and `kubetune render` shows exactly what the operator would create.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
+
+MANAGED_BY = "kubetune"
+JOB_LABEL = "kubetune.io/job"
+SPEC_HASH = "kubetune.io/spec-hash"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_KEY = "job.yaml"
+PVC_ROOT = "/mnt/pvc"
+TOKEN_DIR = "/var/run/secrets/kubetune"
+PROGRESS_AUDIENCE = "kubetune"
+PYTORCHJOB_PORT = 23456
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """What the operator adds that is not in the job: set by Helm values / flags."""
+
+    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    progress_url: str | None = None  # https://…/v1 ; None: pods report nothing
+    progress_ca_configmap: str | None = None  # ConfigMap with ca.crt, in the job's namespace
+
+
+def child_name(job: FineTuneJob) -> str:
+    return job.metadata.name
+
+
+def config_name(job: FineTuneJob) -> str:
+    return f"{job.metadata.name}-config"
+
+
+def spec_hash(job: FineTuneJob) -> str:
+    raw = json.dumps(job.spec.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def owner_reference(*, name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _labels(job: FineTuneJob) -> dict[str, str]:
+    return {"app.kubernetes.io/managed-by": MANAGED_BY, "app.kubernetes.io/name": "kubetune",
+            JOB_LABEL: job.metadata.name}
+
+
+def _metadata(job: FineTuneJob, name: str, uid: str | None, extra_labels=None
+              ) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": {**_labels(job), **(extra_labels or {})},
+                            "annotations": {SPEC_HASH: spec_hash(job)}}
+    if job.metadata.namespace:
+        meta["namespace"] = job.metadata.namespace
+    if uid:
+        meta["ownerReferences"] = [owner_reference(name=job.metadata.name, uid=uid)]
+    return meta
+
+
+def trainer_config(job: FineTuneJob) -> str:
+    """The job as the trainer reads it: only the API's fields, secrets only by reference."""
+    doc = {"apiVersion": API_VERSION, "kind": KIND,
+           "metadata": {"name": job.metadata.name},
+           "spec": job.spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def config_map(*, job: FineTuneJob, uid: str | None = None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _metadata(job, config_name(job), uid),
+            "data": {CONFIG_KEY: trainer_config(job)}}
+
+
+def pvc_claims(job: FineTuneJob) -> dict[str, bool]:
+    """Claims the pods mount under /mnt/pvc/CLAIM, and whether each is written to."""
+    claims: dict[str, bool] = {}
+    sources = [job.spec.model.source, *(d.source for d in job.spec.datasets)]
+    for uri in sources:
+        if uri.startswith("pvc://"):
+            claims.setdefault(uri[6:].split("/", 1)[0], False)
+    if job.spec.output.uri.startswith("pvc://"):
+        claims[job.spec.output.uri[6:].split("/", 1)[0]] = True
+    return claims
+
+
+def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
+    spec = job.spec
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        {"name": "KUBETUNE_JOB", "value": job.metadata.name},
+    ]
+    if spec.model.secret_ref:
+        ref = spec.model.secret_ref
+        env.append({"name": "HF_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    for i, ds in enumerate(spec.datasets):
+        if ds.secret_ref:
+            env.append({"name": f"KUBETUNE_DATASET_{i}_TOKEN", "valueFrom": {
+                "secretKeyRef": {"name": ds.secret_ref.name, "key": ds.secret_ref.key}}})
+    if config.progress_url:
+        # Kubeflow KEP-2779: transformers' KubeflowCallback posts progress here by itself.
+        namespace = job.metadata.namespace or "default"
+        env += [
+            {"name": "KUBEFLOW_TRAINER_SERVER_URL",
+             "value": f"{config.progress_url.rstrip('/')}/namespaces/{namespace}"
+                      f"/finetunejobs/{job.metadata.name}/status"},
+            {"name": "KUBEFLOW_TRAINER_SERVER_TOKEN", "value": f"{TOKEN_DIR}/token"},
+        ]
+        if config.progress_ca_configmap:
+            env.append({"name": "KUBEFLOW_TRAINER_SERVER_CA_CERT",
+                        "value": f"{TOKEN_DIR}/ca.crt"})
+    for key, value in sorted((spec.trainer.env or {}).items() if spec.trainer else []):
+        env.append({"name": key, "value": value})
+    return env
+
+
+def _resources(job: FineTuneJob) -> dict[str, Any]:
+    r = job.spec.resources
+    amounts: dict[str, Any] = {}
+    if r.gpus_per_node:
+        amounts["nvidia.com/gpu"] = str(r.gpus_per_node)
+    if r.cpu:
+        amounts["cpu"] = r.cpu
+    if r.memory:
+        amounts["memory"] = r.memory
+    return {"limits": dict(amounts), "requests": dict(amounts)} if amounts else {}
+
+
+def _volumes(job: FineTuneJob, config: OperatorConfig
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_name(job)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory",
+                                      "sizeLimit": job.spec.resources.shared_memory}},
+        {"name": "scratch", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "scratch", "mountPath": "/tmp"},
+    ]
+    for i, (claim, writable) in enumerate(sorted(pvc_claims(job).items())):
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {
+            "claimName": claim, "readOnly": not writable}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}",
+                       "readOnly": not writable})
+    if config.progress_url:
+        sources: list[dict[str, Any]] = [{"serviceAccountToken": {
+            "audience": PROGRESS_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]
+        if config.progress_ca_configmap:
+            sources.append({"configMap": {"name": config.progress_ca_configmap,
+                                          "items": [{"key": "ca.crt", "path": "ca.crt"}]}})
+        volumes.append({"name": "kubetune-token", "projected": {"sources": sources}})
+        mounts.append({"name": "kubetune-token", "mountPath": TOKEN_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str) -> dict[str, Any]:
+    spec = job.spec
+    volumes, mounts = _volumes(job, config)
+    image = (spec.trainer.image if spec.trainer and spec.trainer.image
+             else config.trainer_image)
+    container: dict[str, Any] = {
+        "name": "pytorch",  # PyTorchJob requires this name
+        "image": image,
+        "command": ["kubetune-train"],
+        "args": [f"{CONFIG_DIR}/{CONFIG_KEY}", "--pvc-root", PVC_ROOT],
+        "env": _env(job, config),
+        "ports": [{"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT,
+                   "protocol": "TCP"}],
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+    resources = _resources(job)
+    if resources:
+        container["resources"] = resources
+    pod: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    sched = spec.scheduling
+    if sched:
+        if sched.node_selector:
+            pod["nodeSelector"] = dict(sched.node_selector)
+        if sched.tolerations:
+            pod["tolerations"] = list(sched.tolerations)
+        if sched.affinity:
+            pod["affinity"] = dict(sched.affinity)
+        if sched.priority_class_name:
+            pod["priorityClassName"] = sched.priority_class_name
+    if spec.trainer and spec.trainer.service_account_name:
+        pod["serviceAccountName"] = spec.trainer.service_account_name
+    return {"metadata": {"labels": {**_labels(job), "kubetune.io/role": role}}, "spec": pod}
+
+
+def pytorchjob(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = None,
+               labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """The PyTorchJob (kubeflow.org/v1). ``labels``: the FineTuneJob's own labels, of which the
+    Kueue ones are passed through so Kueue queues and admits the PyTorchJob."""
+    spec = job.spec
+    r = spec.resources
+    passed = {k: v for k, v in (labels or {}).items()
+              if k in (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)}
+    replicas: dict[str, Any] = {"Master": {
+        "replicas": 1, "restartPolicy": "OnFailure",
+        "template": pod_template(job=job, config=config, role="master")}}
+    if r.nodes > 1:
+        replicas["Worker"] = {"replicas": r.nodes - 1, "restartPolicy": "OnFailure",
+                              "template": pod_template(job=job, config=config, role="worker")}
+    run_policy: dict[str, Any] = {
+        "cleanPodPolicy": "None",  # keep finished pods' status (exit codes, messages)
+        "backoffLimit": spec.run_policy.backoff_limit,
+        "suspend": spec.suspend,
+    }
+    if spec.run_policy.active_deadline_seconds:
+        run_policy["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    if spec.run_policy.ttl_seconds_after_finished is not None:
+        run_policy["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _metadata(job, child_name(job), uid, passed),
+        "spec": {
+            # One process per GPU; a CPU-only job runs one process per node.
+            "nprocPerNode": str(r.gpus_per_node or 1),
+            "runPolicy": run_policy,
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def children(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = None,
+             labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Everything the operator creates for a job, in creation order."""
+    return [config_map(job=job, uid=uid),
+            pytorchjob(job=job, config=config, uid=uid, labels=labels)]

@@ -1,0 +1,178 @@
+"""Builders: golden objects, validated against the real PyTorchJob CRD schema."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from conftest import CONFORMANCE
+
+from kubetune.jobfile import load_job, parse_job
+from kubetune_operator import builders
+from kubetune_operator.builders import OperatorConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PYTORCHJOB_CRD = CONFORMANCE / "kubeflow" / "kubeflow.org_pytorchjobs.yaml"
+CONFIG = OperatorConfig(trainer_image="registry.example/kubetune/trainer:1",
+                        progress_url="https://kubetune.kubetune-system.svc:8443/v1",
+                        progress_ca_configmap="kubetune-ca")
+
+
+def _strict(schema):
+    """The CRD's structural schema as JSON Schema that refuses unknown fields (the API server
+    would silently prune them: a rendered field it does not know is a bug of ours)."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if not isinstance(node, dict):
+            return
+        if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node.setdefault("additionalProperties", False)
+        for key in ("properties",):
+            for child in node.get(key, {}).values():
+                walk(child)
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                walk(node[key])
+        if node.get("x-kubernetes-int-or-string"):
+            node.pop("type", None)
+            node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+
+    walk(schema)
+    return schema
+
+
+@pytest.fixture(scope="module")
+def pytorchjob_schema():
+    if not PYTORCHJOB_CRD.exists():
+        pytest.skip(f"{PYTORCHJOB_CRD} not found")
+    crd = yaml.safe_load(PYTORCHJOB_CRD.read_text())
+    return _strict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
+def _job(**spec):
+    base = {"model": {"source": "hf://Qwen/Qwen2.5-1.5B-Instruct",
+                      "secretRef": {"name": "hf-token"}},
+            "datasets": [{"source": "pvc://data/identity.json", "format": "alpaca"},
+                         {"source": "pvc://data/dataset_info.json", "entries": ["alpaca_en_demo"]}],
+            "output": {"uri": "pvc://outputs/assistant-identity", "merge": True}}
+    base.update(spec)
+    return parse_job({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+                      "metadata": {"name": "assistant-identity", "namespace": "team-a"},
+                      "spec": base})
+
+
+def _container(obj, role="Master"):
+    return obj["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize(("nodes", "gpus"), [(1, 1), (1, 8), (4, 8), (1, 0)])
+def test_pytorchjob_topology_is_valid_against_the_real_crd(nodes, gpus, pytorchjob_schema):
+    job = _job(resources={"nodes": nodes, "gpusPerNode": gpus})
+    obj = builders.pytorchjob(job=job, config=CONFIG, uid="u-1")
+    jsonschema.validate(obj, pytorchjob_schema)
+    specs = obj["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1
+    assert ("Worker" in specs) == (nodes > 1)
+    if nodes > 1:
+        assert specs["Worker"]["replicas"] == nodes - 1
+    assert obj["spec"]["nprocPerNode"] == str(gpus or 1)
+    limits = _container(obj).get("resources", {}).get("limits", {})
+    assert limits.get("nvidia.com/gpu") == (str(gpus) if gpus else None)
+
+
+def test_pytorchjob_golden(pytorchjob_schema):
+    job = _job(scheduling={"nodeSelector": {"gpu": "h100"},
+                           "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                            "effect": "NoSchedule"}],
+                           "priorityClassName": "training"},
+               runPolicy={"backoffLimit": 2, "activeDeadlineSeconds": 36000,
+                          "ttlSecondsAfterFinished": 600},
+               resources={"gpusPerNode": 2, "memory": "64Gi", "cpu": "8"})
+    obj = builders.pytorchjob(job=job, config=CONFIG, uid="u-1",
+                              labels={"kueue.x-k8s.io/queue-name": "team-a", "other": "x"})
+    jsonschema.validate(obj, pytorchjob_schema)
+    meta = obj["metadata"]
+    assert meta["name"] == "assistant-identity" and meta["namespace"] == "team-a"
+    assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert "other" not in meta["labels"]
+    assert meta["ownerReferences"] == [{
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+        "name": "assistant-identity", "uid": "u-1", "controller": True,
+        "blockOwnerDeletion": True}]
+    assert obj["spec"]["runPolicy"] == {"cleanPodPolicy": "None", "backoffLimit": 2,
+                                        "suspend": False, "activeDeadlineSeconds": 36000,
+                                        "ttlSecondsAfterFinished": 600}
+    pod = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"gpu": "h100"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["priorityClassName"] == "training"
+    c = pod["containers"][0]
+    assert c["name"] == "pytorch" and c["image"] == "registry.example/kubetune/trainer:1"
+    assert c["args"] == ["/etc/kubetune/job.yaml", "--pvc-root", "/mnt/pvc"]
+    assert c["ports"] == [{"name": "pytorchjob-port", "containerPort": 23456,
+                           "protocol": "TCP"}]
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": "2", "cpu": "8", "memory": "64Gi"}
+    env = {e["name"]: e for e in c["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token",
+                                                             "key": "token"}}
+    assert env["KUBEFLOW_TRAINER_SERVER_URL"]["value"] == (
+        "https://kubetune.kubetune-system.svc:8443/v1/namespaces/team-a/finetunejobs/"
+        "assistant-identity/status")
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/mnt/pvc/data"]["readOnly"] is True
+    assert mounts["/mnt/pvc/outputs"]["readOnly"] is False
+    assert mounts["/dev/shm"]["name"] == "dshm"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    token = volumes["kubetune-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "kubetune"
+
+
+def test_secrets_only_by_reference():
+    job = _job()
+    cm = builders.config_map(job=job, uid="u")
+    text = yaml.safe_dump(cm) + yaml.safe_dump(builders.pytorchjob(job=job, config=CONFIG))
+    assert "secretKeyRef" in text and "hf-token" in text
+    assert "value: hf_" not in text  # no literal token anywhere
+
+
+def test_config_map_carries_the_job_the_trainer_parses_back():
+    job = _job()
+    cm = builders.config_map(job=job, uid="u")
+    data = yaml.safe_load(cm["data"]["job.yaml"])
+    again = parse_job(data)
+    assert again.spec == job.spec
+    assert again.metadata.name == "assistant-identity"
+
+
+def test_rendering_is_deterministic_and_hash_tracks_the_spec():
+    a = builders.children(job=_job(), config=CONFIG, uid="u")
+    b = builders.children(job=_job(), config=CONFIG, uid="u")
+    assert a == b
+    changed = builders.pytorchjob(job=_job(stage="pt"), config=CONFIG, uid="u")
+    assert changed["metadata"]["annotations"][builders.SPEC_HASH] != \
+        a[1]["metadata"]["annotations"][builders.SPEC_HASH]
+
+
+def test_suspend_renders_a_suspended_pytorchjob():
+    obj = builders.pytorchjob(job=_job(suspend=True), config=CONFIG)
+    assert obj["spec"]["runPolicy"]["suspend"] is True
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_render_valid_children(path, pytorchjob_schema):
+    job = load_job(path)
+    for obj in builders.children(job=job, config=CONFIG, uid="u"):
+        if obj["kind"] == "PyTorchJob":
+            jsonschema.validate(obj, pytorchjob_schema)
+
+
+def test_the_strict_schema_catches_a_field_the_crd_does_not_know(pytorchjob_schema):
+    obj = builders.pytorchjob(job=_job(), config=CONFIG)
+    obj["spec"]["pytorchReplicaSpecs"]["Master"]["replica"] = 1  # typo of `replicas`
+    with pytest.raises(jsonschema.ValidationError, match="'replica' was unexpected"):
+        jsonschema.validate(obj, pytorchjob_schema)
