@@ -518,6 +518,16 @@ class Outputs(_Model):
     metrics: dict[str, float] | None = None
 
 
+class Failure(_Model):
+    """Why a run failed, kept after its pods are gone."""
+
+    reason: str
+    message: str | None = None
+    exit_code: int | None = None
+    pod: str | None = None
+    log_tail: Annotated[str | None, Field(description="Last lines of the failing log.")] = None
+
+
 class FineTuneJobStatus(_Model):
     phase: (
         Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"] | None
@@ -527,6 +537,7 @@ class FineTuneJobStatus(_Model):
     progress: Progress | None = None
     checkpoints: list[Checkpoint] = []
     outputs: Outputs | None = None
+    failure: Failure | None = None
 
 
 class ObjectMeta(BaseModel):

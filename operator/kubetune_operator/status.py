@@ -1,0 +1,238 @@
+"""Status reducers: what is observed in, the FineTuneJob's status out. Pure functions.
+
+Conditions follow kstatus (Flux, Argo CD, kubectl wait): ``Ready`` is True once the run is
+admitted and running (a ten-hour run is healthy, not "in progress"), ``Stalled`` is True on a
+terminal failure or an invalid spec, ``Reconciling`` while children are being created or the
+job waits, and ``Succeeded``/``Failed``/``Suspended``/``Queued`` say the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+TERMINAL = ("Succeeded", "Failed")
+PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
+MAX_CHECKPOINTS = 10
+LOG_TAIL_CHARS = 2000
+
+
+@dataclass
+class Observed:
+    """Everything the reducer needs, gathered by the reconciler."""
+
+    generation: int | None
+    spec_suspend: bool = False
+    queue_name: str | None = None  # Kueue queue label on the job
+    invalid: str | None = None  # a spec error the schema could not catch (names the field)
+    child: dict[str, Any] | None = None  # the PyTorchJob as read back
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    progress: dict[str, Any] | None = None  # the latest progress report from the trainer
+
+
+def _cond(child: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    for c in (child or {}).get("status", {}).get("conditions", []) or []:
+        if c.get("type") == type_ and c.get("status") == "True":
+            return c
+    return None
+
+
+# ----------------------------------------------------------------------- failure diagnosis
+
+_PATTERNS = [
+    (re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED"),
+     "CUDAOutOfMemory", "the GPU ran out of memory: lower batchSizePerDevice or cutoffLen, "
+     "or use gradientCheckpointing, lora/qlora or more GPUs"),
+    (re.compile(r"NCCL.*(timeout|Timeout|timed out)|Watchdog caught collective operation "
+                r"timeout"),
+     "NCCLTimeout", "a collective operation between GPUs timed out (a rank died, hung, or the "
+     "network between nodes failed)"),
+]
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    reason: str
+    message: str
+    exit_code: int | None = None
+    pod: str | None = None
+    log_tail: str | None = None
+
+
+def diagnose_pods(pods: list[dict[str, Any]]) -> tuple[Diagnosis | None, Diagnosis | None]:
+    """(why it failed, why it waits) from pod status alone: no pods/log rights needed."""
+    failure: Diagnosis | None = None
+    waiting: Diagnosis | None = None
+    for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("name", "")):
+        name = pod.get("metadata", {}).get("name")
+        status = pod.get("status", {}) or {}
+        for cond in status.get("conditions", []) or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
+                    and cond.get("reason") == "Unschedulable":
+                waiting = waiting or Diagnosis(
+                    "Unschedulable", f"pod {name} cannot be scheduled: "
+                    f"{cond.get('message', '')}".strip(), pod=name)
+        for cs in status.get("containerStatuses", []) or []:
+            if cs.get("name") != "pytorch":
+                continue
+            state = cs.get("state", {}) or {}
+            last = cs.get("lastState", {}) or {}
+            w = state.get("waiting") or {}
+            if w.get("reason") in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
+                waiting = waiting or Diagnosis(
+                    "ImagePull", f"pod {name} cannot pull its image: {w.get('message', '')}"
+                    .strip(), pod=name)
+            term = state.get("terminated") or last.get("terminated")
+            if term and term.get("exitCode", 0) != 0 and failure is None:
+                failure = _diagnose_termination(name, term)
+    return failure, waiting
+
+
+def _diagnose_termination(pod: str | None, term: dict[str, Any]) -> Diagnosis:
+    code = term.get("exitCode")
+    message = (term.get("message") or "").strip()
+    tail = message[-LOG_TAIL_CHARS:] if message else None
+    if term.get("reason") == "OOMKilled":
+        return Diagnosis("OOMKilled", f"pod {pod} ran out of memory (OOMKilled): raise "
+                         "resources.memory or lower batchSizePerDevice", code, pod, tail)
+    try:  # the trainer's own structured reason (/dev/termination-log)
+        data = json.loads(message)
+        if isinstance(data, dict) and "reason" in data:
+            where = f"{data['field']}: " if data.get("field") else ""
+            return Diagnosis(data["reason"], f"{where}{data.get('message', '')}", code, pod,
+                             None)
+    except (json.JSONDecodeError, TypeError):
+        pass
+    for pattern, reason, explanation in _PATTERNS:
+        if pattern.search(message):
+            return Diagnosis(reason, explanation, code, pod, tail)
+    return Diagnosis("TrainerError", f"pod {pod} exited with code {code}", code, pod, tail)
+
+
+# ----------------------------------------------------------------------- the reducer
+
+
+def _condition(type_: str, status: bool, reason: str, message: str,
+               generation: int | None) -> dict[str, Any]:
+    return {"type": type_, "status": "True" if status else "False", "reason": reason,
+            "message": message, "observedGeneration": generation}
+
+
+def reduce_status(obs: Observed, old: dict[str, Any] | None, now: str) -> dict[str, Any]:
+    """The whole new status. ``old`` keeps transition times, checkpoints and outputs."""
+    old = old or {}
+    gen = obs.generation
+    if obs.child is None and obs.invalid is None and old.get("phase") in TERMINAL:
+        # Finished, and the PyTorchJob is gone (ttlSecondsAfterFinished): the record stays.
+        return {**old, "observedGeneration": gen}
+    phase, reason, message = _phase(obs)
+    failure, waiting = diagnose_pods(obs.pods)
+
+    conds: list[dict[str, Any]] = []
+    ready = phase in ("Running", "Succeeded")
+    conds.append(_condition("Ready", ready, reason, message, gen))
+    stalled = phase == "Failed" or obs.invalid is not None
+    conds.append(_condition("Stalled", stalled, reason if stalled else "Progressing",
+                            message if stalled else "", gen))
+    reconciling = phase in ("Pending", "Queued")
+    conds.append(_condition("Reconciling", reconciling, reason if reconciling else "Done",
+                            message if reconciling else "", gen))
+    conds.append(_condition("Queued", phase == "Queued", reason if phase == "Queued"
+                            else "NotQueued", message if phase == "Queued" else "", gen))
+    conds.append(_condition("Suspended", phase == "Suspended", reason if phase == "Suspended"
+                            else "NotSuspended", message if phase == "Suspended" else "", gen))
+    if phase in ("Succeeded", "Failed"):
+        conds.append(_condition("Succeeded", phase == "Succeeded", reason, message, gen))
+        conds.append(_condition("Failed", phase == "Failed", reason, message, gen))
+
+    if phase == "Failed" and failure and reason in ("Failed", "BackoffLimitExceeded"):
+        for c in conds:
+            if c["type"] in ("Ready", "Stalled", "Failed", "Succeeded"):
+                c["reason"], c["message"] = failure.reason, failure.message
+    if phase == "Pending" and waiting:
+        for c in conds:
+            if c["type"] in ("Ready", "Reconciling"):
+                c["reason"], c["message"] = waiting.reason, waiting.message
+
+    status: dict[str, Any] = {
+        "phase": phase,
+        "observedGeneration": gen,
+        "conditions": _keep_transition_times(conds, old.get("conditions") or [], now),
+    }
+    progress = _progress(obs.progress, old.get("progress"), phase)
+    if progress:
+        status["progress"] = progress
+    status["checkpoints"] = _checkpoints(obs.progress, old.get("checkpoints") or [])
+    outputs = dict(old.get("outputs") or {})
+    if obs.progress and obs.progress.get("outputs"):
+        outputs.update(obs.progress["outputs"])
+    if outputs:
+        status["outputs"] = outputs
+    if phase == "Failed" and failure:
+        status["failure"] = {k: v for k, v in {
+            "reason": failure.reason, "message": failure.message, "exitCode": failure.exit_code,
+            "pod": failure.pod, "logTail": failure.log_tail}.items() if v is not None}
+    elif phase == "Failed" and old.get("failure"):
+        status["failure"] = old["failure"]  # the pods are gone; keep what they told us
+    return status
+
+
+def _phase(obs: Observed) -> tuple[str, str, str]:
+    if obs.invalid:
+        return "Failed", "InvalidSpec", obs.invalid
+    child = obs.child
+    if child is None:
+        return "Pending", "Creating", "creating the PyTorchJob"
+    if c := _cond(child, "Succeeded"):
+        return "Succeeded", "Succeeded", c.get("message") or "training finished"
+    if c := _cond(child, "Failed"):
+        return "Failed", c.get("reason") or "Failed", c.get("message") or "training failed"
+    suspended = _cond(child, "Suspended") or child.get("spec", {}).get("runPolicy", {}).get(
+        "suspend")
+    if suspended:
+        if obs.spec_suspend:
+            return "Suspended", "Suspended", "suspended by spec.suspend; set it to false to " \
+                "resume from the last checkpoint"
+        if obs.queue_name:
+            return "Queued", "WaitingForAdmission", (
+                f"waiting for Kueue to admit it from queue {obs.queue_name!r}")
+        return "Queued", "Suspended", "the PyTorchJob is suspended by another controller"
+    if _cond(child, "Restarting"):
+        return "Running", "Restarting", "a pod failed and is restarting; training resumes " \
+            "from the last checkpoint"
+    if _cond(child, "Running"):
+        return "Running", "Running", "training"
+    return "Pending", "Starting", "waiting for the training pods to start"
+
+
+def _keep_transition_times(new: list[dict[str, Any]], old: list[dict[str, Any]], now: str
+                           ) -> list[dict[str, Any]]:
+    before = {c.get("type"): c for c in old}
+    for c in new:
+        prev = before.get(c["type"])
+        same = prev is not None and prev.get("status") == c["status"]
+        c["lastTransitionTime"] = prev.get("lastTransitionTime", now) if same else now
+    return new
+
+
+def _progress(report: dict[str, Any] | None, old: dict[str, Any] | None, phase: str
+              ) -> dict[str, Any] | None:
+    if not report:
+        return old
+    p = {k: report[k] for k in ("step", "totalSteps", "percent", "etaSeconds", "loss",
+                                "learningRate", "tokensPerSecond", "epoch", "updatedAt")
+         if report.get(k) is not None}
+    if phase == "Succeeded":
+        p["percent"], p["etaSeconds"] = 100.0, 0
+    return p or old
+
+
+def _checkpoints(report: dict[str, Any] | None, old: list[dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    """A bounded list, newest last, one entry per step."""
+    by_step = {c["step"]: c for c in old}
+    for c in (report or {}).get("checkpoints", []) or []:
+        by_step[c["step"]] = c
+    return [by_step[s] for s in sorted(by_step)][-MAX_CHECKPOINTS:]

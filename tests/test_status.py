@@ -1,0 +1,149 @@
+"""Status reducers, table-driven over PyTorchJob condition sequences and pod states."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubetune.api.v1alpha1 import FineTuneJobStatus
+from kubetune_operator.status import Observed, diagnose_pods, reduce_status
+
+T0, T1 = "2026-11-23T10:00:00Z", "2026-11-23T10:05:00Z"
+
+
+def pytorchjob(*conds, suspend=False):
+    return {"spec": {"runPolicy": {"suspend": suspend}},
+            "status": {"conditions": [{"type": t, "status": "True", "reason": r,
+                                       "message": f"{t} message"} for t, r in conds]}}
+
+
+def cond(status, type_):
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def truth(status):
+    return {c["type"] for c in status["conditions"] if c["status"] == "True"}
+
+
+CASES = [
+    # (name, observed, phase, true conditions, reason of Ready)
+    ("no child yet", Observed(3), "Pending", {"Reconciling"}, "Creating"),
+    ("created", Observed(3, child=pytorchjob(("Created", "PyTorchJobCreated"))),
+     "Pending", {"Reconciling"}, "Starting"),
+    ("kueue holds it", Observed(3, queue_name="team-a",
+                                child=pytorchjob(("Created", "c"), ("Suspended", "s"),
+                                                 suspend=True)),
+     "Queued", {"Reconciling", "Queued"}, "WaitingForAdmission"),
+    ("running", Observed(3, child=pytorchjob(("Created", "c"), ("Running", "r"))),
+     "Running", {"Ready"}, "Running"),
+    ("restarting", Observed(3, child=pytorchjob(("Created", "c"), ("Restarting", "r"))),
+     "Running", {"Ready"}, "Restarting"),
+    ("succeeded", Observed(3, child=pytorchjob(("Created", "c"), ("Succeeded", "s"))),
+     "Succeeded", {"Ready", "Succeeded"}, "Succeeded"),
+    ("failed", Observed(3, child=pytorchjob(("Created", "c"), ("Failed", "BackoffLimitExceeded"))),
+     "Failed", {"Stalled", "Failed"}, "BackoffLimitExceeded"),
+    ("suspended by the user", Observed(3, spec_suspend=True, child=pytorchjob(
+        ("Created", "c"), ("Suspended", "s"), suspend=True)),
+     "Suspended", {"Suspended"}, "Suspended"),
+    ("invalid spec", Observed(3, invalid="spec.model.source: no such model"),
+     "Failed", {"Stalled", "Failed"}, "InvalidSpec"),
+]
+
+
+def test_a_finished_job_whose_child_was_cleaned_up_keeps_its_record():
+    done = reduce_status(Observed(2, child=pytorchjob(("Succeeded", "s"))), None, T0)
+    later = reduce_status(Observed(2, child=None), done, T1)
+    assert later == done
+    assert reduce_status(Observed(2, child=None), None, T1)["phase"] == "Pending"
+
+
+@pytest.mark.parametrize(("observed", "phase", "true", "reason"),
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_phase_and_conditions(observed, phase, true, reason):
+    status = reduce_status(observed, None, T0)
+    assert status["phase"] == phase
+    assert truth(status) == true
+    assert cond(status, "Ready")["reason"] == reason
+    assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+    assert status["observedGeneration"] == 3
+    FineTuneJobStatus.model_validate(status)  # fits the CRD's status schema
+
+
+def test_a_whole_run_keeps_transition_times_until_a_condition_flips():
+    seq = [pytorchjob(("Created", "c")),
+           pytorchjob(("Created", "c"), ("Running", "r")),
+           pytorchjob(("Created", "c"), ("Running", "r")),
+           pytorchjob(("Created", "c"), ("Succeeded", "s"))]
+    status = None
+    times = []
+    for i, child in enumerate(seq):
+        status = reduce_status(Observed(1, child=child), status, f"t{i}")
+        times.append(cond(status, "Ready")["lastTransitionTime"])
+    assert times == ["t0", "t1", "t1", "t1"]  # Ready: False → True (t1) → True → True
+    assert cond(status, "Succeeded")["lastTransitionTime"] == "t3"
+
+
+def _pod(name, **container):
+    return {"metadata": {"name": name},
+            "status": {"containerStatuses": [{"name": "pytorch", **container}]}}
+
+
+@pytest.mark.parametrize(("pod", "reason"), [
+    (_pod("j-master-0", state={"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
+     "OOMKilled"),
+    (_pod("j-master-0", state={"terminated": {"exitCode": 1, "reason": "Error", "message":
+                                              "Traceback...\ntorch.OutOfMemoryError: CUDA out "
+                                              "of memory. Tried to allocate 2.00 GiB"}}),
+     "CUDAOutOfMemory"),
+    (_pod("j-worker-1", lastState={"terminated": {"exitCode": 1, "message":
+                                                  "[Rank 3] Watchdog caught collective "
+                                                  "operation timeout: WorkNCCL(...)"}}),
+     "NCCLTimeout"),
+    (_pod("j-master-0", state={"terminated": {"exitCode": 2, "message": json.dumps(
+        {"reason": "DataError", "field": "spec.datasets[0].source",
+         "message": "file not found: /mnt/pvc/data/x.json"})}}), "DataError"),
+    (_pod("j-master-0", state={"terminated": {"exitCode": 1, "message": "boom"}}),
+     "TrainerError"),
+])
+def test_failures_are_classified_from_pod_status(pod, reason):
+    failure, _ = diagnose_pods([pod])
+    assert failure is not None and failure.reason == reason
+
+
+@pytest.mark.parametrize(("pod", "reason"), [
+    (_pod("j-master-0", state={"waiting": {"reason": "ImagePullBackOff",
+                                           "message": "Back-off pulling image"}}), "ImagePull"),
+    ({"metadata": {"name": "j-master-0"}, "status": {"conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]}},
+     "Unschedulable"),
+])
+def test_waiting_reasons_show_while_pending(pod, reason):
+    obs = Observed(1, child=pytorchjob(("Created", "c")), pods=[pod])
+    status = reduce_status(obs, None, T0)
+    assert status["phase"] == "Pending"
+    assert cond(status, "Ready")["reason"] == reason
+    assert cond(status, "Reconciling")["reason"] == reason
+
+
+def test_failure_keeps_exit_code_and_log_tail_after_pods_are_gone():
+    pod = _pod("j-master-0", state={"terminated": {"exitCode": 1, "message":
+                                                   "line\nCUDA out of memory"}})
+    failed = pytorchjob(("Created", "c"), ("Failed", "Failed"))
+    status = reduce_status(Observed(1, child=failed, pods=[pod]), None, T0)
+    assert status["failure"]["exitCode"] == 1
+    assert status["failure"]["logTail"].endswith("CUDA out of memory")
+    assert cond(status, "Stalled")["reason"] == "CUDAOutOfMemory"
+    later = reduce_status(Observed(1, child=failed, pods=[]), status, T1)
+    assert later["failure"] == status["failure"]
+
+
+def test_progress_and_checkpoints_are_bounded_and_ordered():
+    report = {"step": 40, "totalSteps": 100, "percent": 40.0, "loss": 1.25,
+              "checkpoints": [{"step": s, "uri": f"pvc://o/checkpoint-{s}"}
+                              for s in range(10, 160, 10)]}
+    obs = Observed(1, child=pytorchjob(("Running", "r")), progress=report)
+    status = reduce_status(obs, None, T0)
+    assert status["progress"]["percent"] == 40.0
+    assert [c["step"] for c in status["checkpoints"]] == list(range(60, 160, 10))
