@@ -9,7 +9,6 @@ import jsonschema
 import pytest
 import yaml
 from conftest import CONFORMANCE
-
 from kubetune.jobfile import load_job, parse_job
 from kubetune_operator import builders
 from kubetune_operator.builders import OperatorConfig

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from kubetune.api.v1alpha1 import FineTuneJobStatus
 from kubetune_operator.status import Observed, diagnose_pods, reduce_status
 

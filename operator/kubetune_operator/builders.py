@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-
 from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
 
 MANAGED_BY = "kubetune"
