@@ -103,7 +103,8 @@ def test_pytorchjob_golden(pytorchjob_schema):
         "name": "assistant-identity", "uid": "u-1", "controller": True,
         "blockOwnerDeletion": True}]
     assert obj["spec"]["runPolicy"] == {"cleanPodPolicy": "None", "backoffLimit": 2,
-                                        "suspend": False, "activeDeadlineSeconds": 36000,
+                                        "suspend": True,  # queued: Kueue unsuspends it
+                                        "activeDeadlineSeconds": 36000,
                                         "ttlSecondsAfterFinished": 600}
     pod = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert pod["nodeSelector"] == {"gpu": "h100"}

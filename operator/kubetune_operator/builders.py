@@ -19,6 +19,7 @@ JOB_LABEL = "kubetune.io/job"
 SPEC_HASH = "kubetune.io/spec-hash"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+SUSPEND_APPLIED = "kubetune.io/suspend-applied"  # the spec.suspend last carried to the child
 
 CONFIG_DIR = "/etc/kubetune"
 CONFIG_KEY = "job.yaml"
@@ -224,16 +225,19 @@ def pytorchjob(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = No
     run_policy: dict[str, Any] = {
         "cleanPodPolicy": "None",  # keep finished pods' status (exit codes, messages)
         "backoffLimit": spec.run_policy.backoff_limit,
-        "suspend": spec.suspend,
+        # Kueue admits a queued job by unsuspending it: create it suspended.
+        "suspend": spec.suspend or KUEUE_QUEUE_LABEL in passed,
     }
     if spec.run_policy.active_deadline_seconds:
         run_policy["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
     if spec.run_policy.ttl_seconds_after_finished is not None:
         run_policy["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
+    meta = _metadata(job, child_name(job), uid, passed)
+    meta["annotations"][SUSPEND_APPLIED] = str(spec.suspend).lower()
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": _metadata(job, child_name(job), uid, passed),
+        "metadata": meta,
         "spec": {
             # One process per GPU; a CPU-only job runs one process per node.
             "nprocPerNode": str(r.gpus_per_node or 1),

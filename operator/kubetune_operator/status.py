@@ -161,10 +161,10 @@ def reduce_status(obs: Observed, old: dict[str, Any] | None, now: str) -> dict[s
         "observedGeneration": gen,
         "conditions": _keep_transition_times(conds, old.get("conditions") or [], now),
     }
-    progress = _progress(obs.progress, old.get("progress"), phase)
+    progress = progress_fields(obs.progress, old.get("progress"), phase)
     if progress:
         status["progress"] = progress
-    status["checkpoints"] = _checkpoints(obs.progress, old.get("checkpoints") or [])
+    status["checkpoints"] = merge_checkpoints(obs.progress, old.get("checkpoints") or [])
     outputs = dict(old.get("outputs") or {})
     if obs.progress and obs.progress.get("outputs"):
         outputs.update(obs.progress["outputs"])
@@ -217,8 +217,8 @@ def _keep_transition_times(new: list[dict[str, Any]], old: list[dict[str, Any]],
     return new
 
 
-def _progress(report: dict[str, Any] | None, old: dict[str, Any] | None, phase: str
-              ) -> dict[str, Any] | None:
+def progress_fields(report: dict[str, Any] | None, old: dict[str, Any] | None = None,
+                    phase: str | None = None) -> dict[str, Any] | None:
     if not report:
         return old
     p = {k: report[k] for k in ("step", "totalSteps", "percent", "etaSeconds", "loss",
@@ -229,8 +229,8 @@ def _progress(report: dict[str, Any] | None, old: dict[str, Any] | None, phase: 
     return p or old
 
 
-def _checkpoints(report: dict[str, Any] | None, old: list[dict[str, Any]]
-                 ) -> list[dict[str, Any]]:
+def merge_checkpoints(report: dict[str, Any] | None, old: list[dict[str, Any]]
+                      ) -> list[dict[str, Any]]:
     """A bounded list, newest last, one entry per step."""
     by_step = {c["step"]: c for c in old}
     for c in (report or {}).get("checkpoints", []) or []:

@@ -319,13 +319,15 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
 
     from kubetune_trainer.progress import (
         CheckpointMarker,
+        OperatorReport,
         ProgressLog,
         latest_complete_checkpoint,
         plot_loss,
+        post_to_operator,
     )
 
     model = load_model(model_path, spec)
-    callbacks = [CheckpointMarker()]
+    callbacks = [CheckpointMarker(), OperatorReport(spec.output.uri)]
     if main:
         callbacks.append(ProgressLog(out.progress, echo=not sys.stderr.isatty()))
     trainer = SFTTrainer(
@@ -364,7 +366,11 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
         result["metrics"].update({k: float(v) for k, v in trainer.evaluate().items()
                                   if isinstance(v, int | float)})
     if main:
-        result.update(save_outputs(trainer, tokenizer, spec, out))
+        written = save_outputs(trainer, tokenizer, spec, out)
+        result.update(written)
+        post_to_operator({"outputs": {
+            {"merged_model": "mergedModel"}.get(k, k): spec.output.uri.rstrip("/") + "/"
+            + Path(v).name for k, v in written.items()}})
         png = plot_loss(out.progress, out.root / "loss.png")
         result["loss_plot"] = str(png) if png else None
         result["seconds"] = round(time.time() - started, 1)

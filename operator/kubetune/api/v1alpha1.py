@@ -515,6 +515,7 @@ class Checkpoint(_Model):
 class Outputs(_Model):
     adapter: str | None = None
     merged_model: str | None = None
+    model: Annotated[str | None, Field(description="The whole model (full, freeze).")] = None
     metrics: dict[str, float] | None = None
 
 

@@ -1,0 +1,172 @@
+"""kopf handlers: every decorator of the operator, each a thin shim into ``reconcile``.
+
+Run with ``kopf run -m kubetune_operator.handlers`` (or ``kubetune-operator``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from kubetune_operator import reconcile as rc
+from kubetune_operator.builders import JOB_LABEL, OperatorConfig
+from kubetune_operator.reporting import Flusher, ProgressStore, TokenChecker, make_app
+from kubetune_operator.status import merge_checkpoints, progress_fields
+
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+RECHECK_SECONDS = float(os.environ.get("KUBETUNE_RECHECK_SECONDS", "60"))
+log = logging.getLogger("kubetune.operator")
+
+
+def operator_config() -> OperatorConfig:
+    env = os.environ
+    return OperatorConfig(
+        trainer_image=env.get("KUBETUNE_TRAINER_IMAGE", OperatorConfig.trainer_image),
+        progress_url=env.get("KUBETUNE_PROGRESS_URL") or None,
+        progress_ca_configmap=env.get("KUBETUNE_PROGRESS_CA_CONFIGMAP") or None,
+    )
+
+
+def api_client() -> Any:
+    """In a pod: its service account; elsewhere: the current kubeconfig context."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Our own names for kopf's bookkeeping (annotations, not status: the status is typed).
+    settings.persistence.finalizer = "kubetune.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix="kubetune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kubetune.io", key="last-handled-configuration")
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = int(os.environ.get("KUBETUNE_WORKERS", "16"))
+    if "kube" not in memo:  # tests may hand in their own client
+        memo.kube = rc.Kube(api_client())
+    memo.setdefault("config", operator_config())
+    memo.setdefault("store", ProgressStore())
+
+
+@kopf.on.startup()
+async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
+    """The HTTPS endpoint pods report progress to, and the flusher that writes statuses."""
+    port = int(os.environ.get("KUBETUNE_PROGRESS_PORT", memo.get("progress_port", 0) or 0))
+    if not port:
+        memo.progress_runner = None
+        return
+    loop = asyncio.get_running_loop()
+    kube: rc.Kube = memo.kube
+
+    async def review(token: str, audience: str) -> dict[str, Any]:
+        return await loop.run_in_executor(None, kube.token_review, token, audience)
+
+    async def patch(ns: str, name: str, snap: dict[str, Any]) -> None:
+        status: dict[str, Any] = {}
+        if prog := progress_fields(snap):
+            status["progress"] = prog
+        if snap.get("checkpoints"):
+            status["checkpoints"] = merge_checkpoints(snap, [])
+        if snap.get("outputs"):
+            status["outputs"] = snap["outputs"]
+        if status:
+            await loop.run_in_executor(None, kube.patch_status, ns, name, status)
+
+    store: ProgressStore = memo.store
+    app = make_app(store, TokenChecker(review))
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    ssl_ctx = None
+    cert, key = os.environ.get("KUBETUNE_PROGRESS_TLS_CERT"), os.environ.get(
+        "KUBETUNE_PROGRESS_TLS_KEY")
+    if cert and key:
+        import ssl
+
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(cert, key)
+    site = web.TCPSite(runner, host=os.environ.get("KUBETUNE_PROGRESS_HOST", "0.0.0.0"),
+                       port=port, ssl_context=ssl_ctx)
+    await site.start()
+    interval = float(os.environ.get("KUBETUNE_PROGRESS_FLUSH_SECONDS", "2"))
+    memo.flusher_task = asyncio.create_task(Flusher(store, patch, interval=interval).run())
+    memo.progress_runner = runner
+    log.info("progress endpoint on port %s (%s)", port, "https" if ssl_ctx else "http")
+
+
+@kopf.on.cleanup()
+async def stop_progress_server(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("flusher_task"):
+        memo.flusher_task.cancel()
+    if memo.get("progress_runner"):
+        await memo.progress_runner.cleanup()
+
+
+def _converge(body: kopf.Body, memo: kopf.Memo) -> rc.Outcome:
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    outcome = rc.reconcile(_plain(body), memo.kube, memo.config, memo.store.get(ns, name))
+    for what in outcome.created:
+        kopf.info(body, reason="Created", message=f"created {what}")
+    if outcome.phase_changed:
+        phase = outcome.status["phase"]
+        ready = next(c for c in outcome.status["conditions"] if c["type"] == "Ready")
+        post = kopf.warn if phase == "Failed" else kopf.info
+        post(body, reason=phase if phase != "Failed" else ready["reason"],
+             message=ready["message"] or phase)
+    return outcome
+
+
+def _plain(body: Any) -> dict[str, Any]:
+    import copy
+
+    return copy.deepcopy(dict(body))
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def converge(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    outcome = _converge(body, memo)
+    if outcome.status != (body.get("status") or {}):
+        patch["status"] = outcome.status
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RECHECK_SECONDS, initial_delay=5.0)
+def recheck(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """A slow safety net: pod-level waits (image pulls, scheduling) change no PyTorchJob."""
+    outcome = _converge(body, memo)
+    if outcome.status != (body.get("status") or {}):
+        patch["status"] = outcome.status
+
+
+@kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={JOB_LABEL: kopf.PRESENT})
+def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
+    """A PyTorchJob changed (the training operator, Kueue): bring its FineTuneJob's status."""
+    if type is None:  # the initial listing; resume handlers cover it
+        return
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["labels"][JOB_LABEL]
+    parent = memo.kube.get_finetunejob(ns, name)
+    if parent is None:
+        return
+    outcome = _converge(kopf.Body(parent), memo)
+    if outcome.status != (parent.get("status") or {}):
+        memo.kube.patch_status(ns, name, outcome.status)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def forget(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    """Children go by owner references; outputs on volumes stay. Drop in-memory progress."""
+    memo.store.forget(meta["namespace"], meta["name"])

@@ -1,0 +1,229 @@
+"""Level-triggered reconcile: observe → act → compute status. All Kubernetes I/O lives here.
+
+``Kube`` wraps the (sync) kubernetes client; kopf runs the sync handlers in threads. The
+reconcile never makes a second child: names are deterministic and creation is
+create-or-adopt (409 → read back), so a crash or restart at any point converges.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.api.v1alpha1 import IMPLEMENTED_STAGES, FineTuneJob
+from kubetune.jobfile import format_validation_error
+from pydantic import ValidationError
+
+from kubetune_operator import builders
+from kubetune_operator.builders import (
+    JOB_LABEL,
+    KUEUE_QUEUE_LABEL,
+    SUSPEND_APPLIED,
+    OperatorConfig,
+)
+from kubetune_operator.status import TERMINAL, Observed, reduce_status
+
+log = logging.getLogger("kubetune.reconcile")
+
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Kube:
+    """The only place that talks to the API server."""
+
+    def __init__(self, api_client: Any) -> None:
+        from kubernetes import client
+
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.auth = client.AuthenticationV1Api(api_client)
+        self._exc = client.exceptions.ApiException
+
+    def _missing(self, err: Exception) -> bool:
+        return isinstance(err, self._exc) and err.status == 404
+
+    def get(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        try:
+            if obj["kind"] == "ConfigMap":
+                return self.core.read_namespaced_config_map(name, ns).to_dict()
+            group, version = obj["apiVersion"].split("/")
+            return self.custom.get_namespaced_custom_object(
+                group, version, ns, _plural(obj["kind"]), name)
+        except self._exc as err:
+            if self._missing(err):
+                return None
+            raise
+
+    def create(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create, or return what is already there (never a second one)."""
+        ns = obj["metadata"]["namespace"]
+        try:
+            if obj["kind"] == "ConfigMap":
+                return self.core.create_namespaced_config_map(ns, obj).to_dict(), True
+            group, version = obj["apiVersion"].split("/")
+            return self.custom.create_namespaced_custom_object(
+                group, version, ns, _plural(obj["kind"]), obj), True
+        except self._exc as err:
+            if err.status == 409:
+                existing = self.get(obj)
+                if existing is not None:
+                    return existing, False
+            raise
+
+    def patch_pytorchjob(self, ns: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.patch_namespaced_custom_object(
+            "kubeflow.org", "v1", ns, "pytorchjobs", name, patch)
+
+    def pods(self, ns: str, job: str) -> list[dict[str, Any]]:
+        items = self.core.list_namespaced_pod(ns, label_selector=f"{JOB_LABEL}={job}").items
+        pods = [p.to_dict() for p in items]
+        # Filter here too: selectors are the API server's job, but cheap to double-check.
+        return [_camel_pod(p) for p in pods
+                if (p.get("metadata", {}).get("labels") or {}).get(JOB_LABEL) == job]
+
+    def patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            "kubetune.io", "v1alpha1", ns, "finetunejobs", name, {"status": status})
+
+    def get_finetunejob(self, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(
+                "kubetune.io", "v1alpha1", ns, "finetunejobs", name)
+        except self._exc as err:
+            if self._missing(err):
+                return None
+            raise
+
+    def token_review(self, token: str, audience: str) -> dict[str, Any]:
+        from kubernetes import client
+
+        review = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token,
+                                                                     audiences=[audience]))
+        return self.auth.create_token_review(review).to_dict()
+
+
+def _plural(kind: str) -> str:
+    return {"PyTorchJob": "pytorchjobs", "FineTuneJob": "finetunejobs"}[kind]
+
+
+def _camel_pod(pod: dict[str, Any]) -> dict[str, Any]:
+    """The client's to_dict() uses snake_case; the reducer reads the API's camelCase."""
+    def conv(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {_camel(k): conv(v) for k, v in node.items() if v is not None}
+        if isinstance(node, list):
+            return [conv(v) for v in node]
+        return node
+    return conv(pod)
+
+
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def validate(body: dict[str, Any]) -> tuple[FineTuneJob | None, str | None]:
+    """Parse with the API models and add what only matters in a cluster.
+
+    Returns (job, None) or (None, message naming the field).
+    """
+    doc = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+           "metadata": {"name": body["metadata"]["name"],
+                        "namespace": body["metadata"].get("namespace")},
+           "spec": body.get("spec") or {}}
+    try:
+        job = FineTuneJob.model_validate(doc)
+    except ValidationError as err:
+        return None, format_validation_error(err)
+    spec = job.spec
+    if spec.stage not in IMPLEMENTED_STAGES:
+        return None, (f"spec.stage: {spec.stage!r} is not implemented by this version yet; "
+                      f"implemented: {', '.join(sorted(IMPLEMENTED_STAGES))}")
+    cluster_sources = ("pvc://", "hf://", "https://", "http://", "s3://", "gs://",
+                       "embedded://")
+    fields = [("spec.model.source", spec.model.source)] + [
+        (f"spec.datasets[{i}].source", d.source) for i, d in enumerate(spec.datasets)]
+    for field, uri in fields:
+        if not uri.startswith(cluster_sources):
+            return None, (f"{field}: {uri!r} is a local path, which has no meaning in a "
+                          "cluster; use pvc://CLAIM/path, hf://, https://, s3:// or gs://")
+    if not spec.output.uri.startswith("pvc://"):
+        return None, (f"spec.output.uri: {spec.output.uri!r}: in a cluster outputs go to a "
+                      "volume claim, pvc://CLAIM/path")
+    return job, None
+
+
+# ------------------------------------------------------------------------ reconcile
+
+
+@dataclass
+class Outcome:
+    status: dict[str, Any]
+    created: list[str]
+    phase_changed: bool
+
+
+def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
+              progress: dict[str, Any] | None = None) -> Outcome:
+    """Converge one FineTuneJob; returns the status it should have (patch only if changed)."""
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    old = body.get("status") or {}
+    labels = meta.get("labels") or {}
+    job, invalid = validate(body)
+    created: list[str] = []
+    child = None
+    pods: list[dict[str, Any]] = []
+    if job is not None:
+        objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels)
+        finished = old.get("phase") in TERMINAL
+        for obj in objs:
+            obj["metadata"]["namespace"] = ns
+            current = kube.get(obj)
+            if current is None and not finished:  # a finished job's cleaned-up child stays gone
+                current, made = kube.create(obj)
+                if made:
+                    created.append(f"{obj['kind']}/{name}")
+            if obj["kind"] == "PyTorchJob":
+                child = current
+        if child is not None:
+            child = _apply_suspend(kube, ns, name, child, job.spec.suspend)
+            pods = kube.pods(ns, name)
+    observed = Observed(
+        generation=meta.get("generation"),
+        spec_suspend=bool((body.get("spec") or {}).get("suspend")),
+        queue_name=labels.get(KUEUE_QUEUE_LABEL),
+        invalid=invalid,
+        child=child,
+        pods=pods,
+        progress=progress,
+    )
+    status = reduce_status(observed, old, now())
+    return Outcome(status, created, status.get("phase") != old.get("phase"))
+
+
+def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: bool
+                   ) -> dict[str, Any]:
+    """Carry a *user's* change of spec.suspend to the PyTorchJob.
+
+    Kueue suspends and unsuspends the PyTorchJob itself, so we compare with what we last
+    applied (an annotation on the child, set at creation), never with the child's own
+    suspend field: we never undo Kueue.
+    """
+    annotations = child.get("metadata", {}).get("annotations") or {}
+    wanted = str(want).lower()
+    if annotations.get(SUSPEND_APPLIED) == wanted:
+        return child
+    patch = {"metadata": {"annotations": {SUSPEND_APPLIED: wanted}},
+             "spec": {"runPolicy": {"suspend": want}}}
+    log.info("%s/%s: spec.suspend=%s applied to the PyTorchJob", ns, name, wanted)
+    return kube.patch_pytorchjob(ns, name, patch)
