@@ -67,3 +67,22 @@ def test_help_does_not_import_torch():
             "CliRunner().invoke(app, ['--help']); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False"
+
+
+def test_render_prints_the_children_the_operator_would_create():
+    import yaml
+
+    res = runner.invoke(app, ["render", str(REPO / "examples" / "assistant-identity.yaml"),
+                              "-n", "ml", "--image", "reg/trainer:1"])
+    assert res.exit_code == 0, res.output
+    docs = list(yaml.safe_load_all(res.output))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob"]
+    assert all(d["metadata"]["namespace"] == "ml" for d in docs)
+    master = docs[1]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert master["containers"][0]["image"] == "reg/trainer:1"
+
+
+def test_render_refuses_what_the_operator_would_refuse():
+    res = runner.invoke(app, ["render", str(REPO / "examples" / "identity.yaml")])
+    assert res.exit_code == 2
+    assert "spec.datasets[0].source: 'data/identity.json' is a local path" in res.output

@@ -101,6 +101,54 @@ def ask(
 
 
 @app.command()
+def render(
+    job_file: JobFile,
+    image: Annotated[str | None, typer.Option(help="Trainer image (default: the operator's).")
+                     ] = None,
+    progress_url: Annotated[str | None, typer.Option(help="The operator's progress endpoint.")
+                            ] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+) -> None:
+    """Print the exact objects the operator would create for a job (for review, GitOps diffs)."""
+    import yaml
+    from kubetune_operator.builders import OperatorConfig, children
+    from kubetune_operator.reconcile import validate as cluster_validate
+
+    from kubetune.jobfile import load_job
+
+    try:
+        job = load_job(job_file)
+        if namespace:
+            job.metadata.namespace = namespace
+        _, problem = cluster_validate(job.model_dump(mode="json", by_alias=True))
+        if problem:  # the operator would create nothing and say this in a condition
+            raise KubetuneError(problem)
+    except KubetuneError as e:
+        _fail(e)
+        return
+    config = OperatorConfig(**{k: v for k, v in {"trainer_image": image,
+                                                 "progress_url": progress_url}.items() if v})
+    objs = children(job=job, config=config, uid=None, labels=job.metadata.labels)
+    sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False))
+
+
+@app.command()
+def status(
+    name: Annotated[str, typer.Argument(help="FineTuneJob name.")],
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+) -> None:
+    """Show a FineTuneJob's phase, conditions, progress and checkpoints from the cluster."""
+    from kubetune.status_view import fetch, show
+
+    try:
+        body = fetch(name, namespace)
+    except KubetuneError as e:
+        _fail(e)
+        return
+    show(body, Console())
+
+
+@app.command()
 def crds(out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None
          ) -> None:
     """Print the FineTuneJob CRD generated from the API models."""

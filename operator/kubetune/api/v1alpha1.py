@@ -545,6 +545,7 @@ class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: Annotated[str, Field(min_length=1, max_length=63)]
     namespace: str | None = None
+    labels: dict[str, str] | None = None
 
 
 class FineTuneJob(_Model):

@@ -1,0 +1,65 @@
+"""`kubetune status`: read a FineTuneJob from the cluster and show it to a person."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from kubetune.errors import KubetuneError
+
+
+def fetch(name: str, namespace: str | None) -> dict[str, Any]:
+    from kubernetes import client, config
+
+    try:
+        config.load_kube_config()
+        _, ctx = config.list_kube_config_contexts()
+        ns = namespace or ctx.get("context", {}).get("namespace") or "default"
+    except config.ConfigException:
+        config.load_incluster_config()
+        ns = namespace or "default"
+    api = client.CustomObjectsApi()
+    try:
+        return api.get_namespaced_custom_object("kubetune.io", "v1alpha1", ns,
+                                                "finetunejobs", name)
+    except client.exceptions.ApiException as err:
+        if err.status == 404:
+            raise KubetuneError(f"no FineTuneJob {name!r} in namespace {ns!r}") from None
+        raise KubetuneError(f"the API server said {err.status}: {err.reason}") from None
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def show(body: dict[str, Any], console: Console) -> None:
+    meta, status = body["metadata"], body.get("status") or {}
+    gen, seen = meta.get("generation"), status.get("observedGeneration")
+    stale = " (status not yet updated for the latest spec)" if gen and seen != gen else ""
+    console.print(f"[bold]{meta['namespace']}/{meta['name']}[/]  phase: "
+                  f"[bold]{status.get('phase', 'Unknown')}[/]{stale}")
+    p = status.get("progress") or {}
+    if p:
+        console.print(
+            f"step {p.get('step', '?')}/{p.get('totalSteps', '?')} ({p.get('percent', '?')}%)  "
+            f"loss {p.get('loss', '?')}  lr {p.get('learningRate', '?')}  "
+            f"tokens/s {p.get('tokensPerSecond', '?')}  eta {_eta(p.get('etaSeconds'))}")
+    table = Table("condition", "status", "reason", "message", box=None)
+    for c in status.get("conditions") or []:
+        table.add_row(c["type"], c["status"], c.get("reason") or "", c.get("message") or "")
+    console.print(table)
+    if status.get("failure"):
+        f = status["failure"]
+        console.print(f"[red]failure[/]: {f.get('reason')} (exit {f.get('exitCode')}, pod "
+                      f"{f.get('pod')}): {f.get('message', '')}")
+        if f.get("logTail"):
+            console.print(f["logTail"], markup=False, highlight=False)
+    for cp in status.get("checkpoints") or []:
+        console.print(f"checkpoint step {cp['step']}  loss {cp.get('loss')}  {cp['uri']}")
+    for key, value in (status.get("outputs") or {}).items():
+        console.print(f"{key}: {value}")
