@@ -32,7 +32,7 @@ def test_demo_gives_the_bundled_model_a_new_identity(tmp_path):
                    check=True, capture_output=True)
     out = tmp_path / "examples" / "outputs" / "identity"
     result = json.loads((out / "result.json").read_text())
-    assert result["global_step"] == 20
+    assert result["global_step"] == 24  # 3 epochs of 29 rows, batch 4
     merged = result["merged_model"]
     answer = ask(merged, "Who are you?")
     assert "Kubey" in answer and "kubetune team" in answer, answer
