@@ -8,7 +8,9 @@ create-or-adopt (409 → read back), so a crash or restart at any point converge
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,11 +83,13 @@ class Kube:
             "kubeflow.org", "v1", ns, "pytorchjobs", name, patch)
 
     def pods(self, ns: str, job: str) -> list[dict[str, Any]]:
-        items = self.core.list_namespaced_pod(ns, label_selector=f"{JOB_LABEL}={job}").items
-        pods = [p.to_dict() for p in items]
+        # Raw JSON: the API's own field names, and no client-side model to trip over.
+        resp = self.core.list_namespaced_pod(ns, label_selector=f"{JOB_LABEL}={job}",
+                                             _preload_content=False)
+        items = json.loads(resp.data).get("items") or []
         # Filter here too: selectors are the API server's job, but cheap to double-check.
-        return [_camel_pod(p) for p in pods
-                if (p.get("metadata", {}).get("labels") or {}).get(JOB_LABEL) == job]
+        return [p for p in items if (p.get("metadata", {}).get("labels") or {}).get(
+            JOB_LABEL) == job]
 
     def patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(
@@ -103,29 +107,16 @@ class Kube:
     def token_review(self, token: str, audience: str) -> dict[str, Any]:
         from kubernetes import client
 
-        review = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token,
-                                                                     audiences=[audience]))
+        # The API server ignores a review's name; a unique one keeps API emulators that store
+        # every create (kmock) from refusing the second review as a duplicate.
+        review = client.V1TokenReview(
+            metadata=client.V1ObjectMeta(name=f"kubetune-{uuid.uuid4().hex[:16]}"),
+            spec=client.V1TokenReviewSpec(token=token, audiences=[audience]))
         return self.auth.create_token_review(review).to_dict()
 
 
 def _plural(kind: str) -> str:
     return {"PyTorchJob": "pytorchjobs", "FineTuneJob": "finetunejobs"}[kind]
-
-
-def _camel_pod(pod: dict[str, Any]) -> dict[str, Any]:
-    """The client's to_dict() uses snake_case; the reducer reads the API's camelCase."""
-    def conv(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {_camel(k): conv(v) for k, v in node.items() if v is not None}
-        if isinstance(node, list):
-            return [conv(v) for v in node]
-        return node
-    return conv(pod)
-
-
-def _camel(key: str) -> str:
-    head, *rest = key.split("_")
-    return head + "".join(p.title() for p in rest)
 
 
 # ------------------------------------------------------------------------ validation

@@ -1,0 +1,292 @@
+"""The real kopf operator against kmock's Kubernetes API emulator, over HTTP.
+
+kmock does not run controllers: this test plays the training operator's part by patching the
+PyTorchJob's status, and the API server's part for TokenReviews. What only a real API server
+checks (generation, CEL, pruning, garbage collection) is in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import socket
+import threading
+from pathlib import Path
+
+import aiohttp
+import kopf
+import kubernetes
+import kubetune_operator.handlers  # noqa: F401  (registers the handlers)
+import pytest
+import yaml
+from kubetune_operator import reconcile as rc
+from kubetune_operator.builders import OperatorConfig
+from kubetune_operator.reporting import ProgressStore
+
+REPO = Path(__file__).resolve().parents[1]
+FTJ = "kubetune.io/v1alpha1/finetunejobs"
+PTJ = "kubeflow.org/v1/pytorchjobs"
+CM = "v1/configmaps"
+NS = "team-a"
+_LOGIN = {"url": None}
+
+
+@kopf.on.login()
+def _login_to_the_emulator(**_):
+    return kopf.ConnectionInfo(server=_LOGIN["url"], insecure=True)
+
+
+async def eventually(check, timeout=15.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return check()
+        except (AssertionError, KeyError, IndexError, TypeError):
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job(name="ident", **spec_changes):
+    doc = yaml.safe_load((REPO / "examples" / "assistant-identity.yaml").read_text())
+    doc["metadata"].update({"name": name, "namespace": NS, "resourceVersion": "1",
+                            "generation": 1, "uid": f"uid-{name}"})
+    doc["spec"].update(spec_changes)
+    return doc
+
+
+@pytest.fixture
+def cluster(kmock):
+    kmock.resources.load_bundled()
+    kmock.resources[FTJ] = kmock.ResourceInfo(
+        kind="FineTuneJob", singular="finetunejob", namespaced=True, subresources={"status"},
+        verbs={"get", "list", "watch", "create", "patch", "delete"})
+    kmock.resources[PTJ] = kmock.ResourceInfo(
+        kind="PyTorchJob", singular="pytorchjob", namespaced=True, subresources={"status"},
+        verbs={"get", "list", "watch", "create", "patch", "delete"})
+    reviews = {
+        "pod-token": {"username": f"system:serviceaccount:{NS}:default",
+                      "extra": {"authentication.kubernetes.io/pod-name": ["ident-master-0"]}},
+        "foreign-token": {"username": "system:serviceaccount:team-b:default",
+                          "extra": {"authentication.kubernetes.io/pod-name": ["ident-master-0"]}},
+    }
+
+    def token_review(req):
+        spec = req.data["spec"]
+        user = reviews.get(spec["token"])
+        status = {"authenticated": True, "user": user, "audiences": spec.get("audiences")} \
+            if user else {"authenticated": False}
+        return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "spec": spec, "status": status}
+
+    # Not a stored resource (kmock would keep each review as an object), just an answer.
+    for key in [k for k in kmock.resources if "tokenreviews" in str(k)]:
+        del kmock.resources[key]
+    kmock["post /apis/authentication.k8s.io/v1/tokenreviews"] << token_review
+    _LOGIN["url"] = str(kmock.url)
+    return kmock
+
+
+class Operator:
+    def __init__(self, cluster):
+        self.cluster = cluster
+        cfg = kubernetes.client.Configuration(host=str(cluster.url))
+        self.api = kubernetes.client.ApiClient(cfg)
+        self.custom = kubernetes.client.CustomObjectsApi(self.api)
+        self.port = _free_port()
+        self.thread: threading.Thread | None = None
+        self.stop_flag: threading.Event | None = None
+
+    async def start(self):
+        """kopf in its own thread and loop, as in production (and away from pytest's loop,
+        whose tasks kopf would cancel on stop)."""
+        settings = kopf.OperatorSettings()
+        settings.posting.enabled = False  # kmock refuses a second Event (generateName)
+        memo = kopf.Memo(
+            kube=rc.Kube(self.api), store=ProgressStore(), progress_port=self.port,
+            config=OperatorConfig(trainer_image="reg/trainer:1",
+                                  progress_url=f"http://127.0.0.1:{self.port}/v1"))
+        self.stop_flag = threading.Event()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(kopf.operator(
+            settings=settings, memo=memo, clusterwide=True, standalone=True,
+            stop_flag=self.stop_flag, ready_flag=ready)), daemon=True)
+        self.thread.start()
+        assert await asyncio.to_thread(ready.wait, 15), "the operator did not start"
+
+    async def stop(self):
+        if self.thread:
+            self.stop_flag.set()
+            await asyncio.to_thread(self.thread.join, 20)
+            assert not self.thread.is_alive(), "the operator did not stop"
+            self.thread = None
+
+    async def create(self, body):
+        await asyncio.to_thread(self.custom.create_namespaced_custom_object,
+                                "kubetune.io", "v1alpha1", NS, "finetunejobs", body)
+
+    async def patch_child_status(self, name, *conditions):
+        body = {"status": {"conditions": [{"type": t, "status": "True", "reason": t,
+                                           "message": f"{t} message"} for t in conditions]}}
+        await asyncio.to_thread(self.custom.patch_namespaced_custom_object_status,
+                                "kubeflow.org", "v1", NS, "pytorchjobs", name, body)
+
+
+@pytest.fixture
+async def operator(cluster):
+    op = Operator(cluster)
+    await op.start()
+    yield op
+    await op.stop()
+
+
+def _status(cluster, name="ident"):
+    return cluster.objects[FTJ, NS, name]["status"]
+
+
+def _phase(cluster, name="ident"):
+    return _status(cluster, name)["phase"]
+
+
+def _children(cluster, kind):
+    return [k for k in cluster.objects if k[0] == kind]
+
+
+async def test_create_makes_each_child_once_and_follows_the_pytorchjob(cluster, operator):
+    await operator.create(_job())
+    child = await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+    cm = cluster.objects[CM, NS, "ident-config"]
+    assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-ident"
+    assert child["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert "hf-token" in str(child) and "job.yaml" in cm["data"]
+    await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+    ready = next(c for c in _status(cluster)["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "WaitingForAdmission" and "team-a" in ready["message"]
+
+    # The training operator's part: Kueue admitted it, then it runs, then it succeeds.
+    await asyncio.to_thread(operator.custom.patch_namespaced_custom_object, "kubeflow.org",
+                            "v1", NS, "pytorchjobs", "ident",
+                            {"spec": {"runPolicy": {"suspend": False}}})
+    await operator.patch_child_status("ident", "Created", "Running")
+    await eventually(lambda: _assert(_phase(cluster) == "Running"))
+    assert {c["type"] for c in _status(cluster)["conditions"] if c["status"] == "True"} == {
+        "Ready"}
+    await operator.patch_child_status("ident", "Created", "Succeeded")
+    await eventually(lambda: _assert(_phase(cluster) == "Succeeded"))
+    assert len(_children(cluster, PTJ)) == 1 and len(_children(cluster, CM)) == 1
+    # Kueue's unsuspend was never undone.
+    assert cluster.objects[PTJ, NS, "ident"]["spec"]["runPolicy"]["suspend"] is False
+
+
+async def test_failure_is_explained_from_the_pods(cluster, operator):
+    await operator.create(_job(name="ident"))
+    await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+    cluster.objects["v1/pods", NS, "ident-master-0"] = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "ident-master-0", "namespace": NS, "resourceVersion": "1",
+                     "labels": {"kubetune.io/job": "ident"}},
+        "status": {"phase": "Failed", "containerStatuses": [{
+            "name": "pytorch", "image": "reg/trainer:1", "imageID": "", "ready": False,
+            "restartCount": 3, "state": {"terminated": {"exitCode": 137,
+                                                       "reason": "OOMKilled"}}}]}}
+    await operator.patch_child_status("ident", "Created", "Failed")
+    await eventually(lambda: _assert(_phase(cluster) == "Failed"))
+    status = _status(cluster)
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "OOMKilled"
+    assert status["failure"]["exitCode"] == 137
+
+
+async def test_invalid_spec_becomes_a_condition_and_no_children(cluster, operator):
+    await operator.create(_job(stage="dpo"))
+    await eventually(lambda: _assert(_phase(cluster) == "Failed"))
+    stalled = next(c for c in _status(cluster)["conditions"] if c["type"] == "Stalled")
+    assert stalled["reason"] == "InvalidSpec" and "spec.stage" in stalled["message"]
+    assert not _children(cluster, PTJ) and not _children(cluster, CM)
+
+
+async def test_restart_midway_never_duplicates(cluster, operator):
+    # A crash after the ConfigMap and before the PyTorchJob: the ConfigMap is already there.
+    from kubetune.jobfile import parse_job
+    from kubetune_operator import builders
+
+    job = parse_job(_job())
+    cm = builders.config_map(job=job, uid="uid-ident")
+    cm["metadata"].update(namespace=NS, resourceVersion="1")
+    cluster.objects[CM, NS, "ident-config"] = cm
+    await operator.create(_job())
+    await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+    await operator.stop()
+    await operator.start()  # resume handlers run for the existing job
+    await asyncio.sleep(1.5)
+    assert len(_children(cluster, PTJ)) == 1 and len(_children(cluster, CM)) == 1
+    await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+
+
+async def test_suspend_and_resume(cluster, operator):
+    body = _job()
+    del body["metadata"]["labels"]  # not queued by Kueue
+    await operator.create(body)
+    await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+    assert cluster.objects[PTJ, NS, "ident"]["spec"]["runPolicy"]["suspend"] is False
+    await asyncio.to_thread(operator.custom.patch_namespaced_custom_object, "kubetune.io",
+                            "v1alpha1", NS, "finetunejobs", "ident", {"spec": {"suspend": True}})
+    await eventually(lambda: _assert(
+        cluster.objects[PTJ, NS, "ident"]["spec"]["runPolicy"]["suspend"] is True))
+    await operator.patch_child_status("ident", "Created", "Suspended")
+    await eventually(lambda: _assert(_phase(cluster) == "Suspended"))
+    await asyncio.to_thread(operator.custom.patch_namespaced_custom_object, "kubetune.io",
+                            "v1alpha1", NS, "finetunejobs", "ident", {"spec": {"suspend": False}})
+    await eventually(lambda: _assert(
+        cluster.objects[PTJ, NS, "ident"]["spec"]["runPolicy"]["suspend"] is False))
+
+
+async def test_progress_posts_reach_the_status_and_foreign_tokens_do_not(cluster, operator):
+    await operator.create(_job())
+    await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+    url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+    report = {"trainerStatus": {"progressPercentage": 37, "estimatedRemainingSeconds": 600,
+                                "metrics": [{"name": "loss", "value": "0.93"},
+                                            {"name": "current_step", "value": "37"},
+                                            {"name": "total_steps", "value": "100"}]}}
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(url, json=report, headers={"Authorization": "Bearer forged"})
+        assert resp.status == 401
+        resp = await http.post(url, json=report,
+                               headers={"Authorization": "Bearer foreign-token"})
+        assert resp.status == 403
+        resp = await http.post(url, json=report, headers={"Authorization": "Bearer pod-token"})
+        assert resp.status == 200
+        resp = await http.post(url, headers={"Authorization": "Bearer pod-token"}, json={
+            "kubetune": {"checkpoint": {"step": 30, "loss": 0.95,
+                                        "uri": "pvc://outputs/x/checkpoints/checkpoint-30"}}})
+        assert resp.status == 200
+    await eventually(lambda: _assert(_status(cluster)["progress"]["percent"] == 37.0),
+                     timeout=10)
+    status = _status(cluster)
+    assert status["progress"]["loss"] == 0.93 and status["progress"]["totalSteps"] == 100
+    assert status["checkpoints"] == [{"step": 30, "loss": 0.95,
+                                      "uri": "pvc://outputs/x/checkpoints/checkpoint-30"}]
+
+
+def _assert(ok: bool) -> bool:
+    assert ok
+    return ok
+
+
+def test_rendered_children_match_what_the_operator_creates():
+    """`kubetune render` and the operator share the builders: same objects, same order."""
+    from kubetune.jobfile import parse_job
+    from kubetune_operator import builders
+
+    job = parse_job(copy.deepcopy(_job()))
+    a = builders.children(job=job, config=OperatorConfig(), uid="u")
+    b = builders.children(job=job, config=OperatorConfig(), uid="u")
+    assert a == b
