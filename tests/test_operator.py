@@ -276,6 +276,24 @@ async def test_progress_posts_reach_the_status_and_foreign_tokens_do_not(cluster
                                       "uri": "pvc://outputs/x/checkpoints/checkpoint-30"}]
 
 
+async def test_a_finished_jobs_child_deleted_by_ttl_is_not_recreated(cluster, operator):
+    await operator.create(_job())
+    await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+    await operator.patch_child_status("ident", "Created", "Succeeded")
+    await eventually(lambda: _assert(_phase(cluster) == "Succeeded"))
+    done = copy.deepcopy(_status(cluster))
+    # The training operator's TTL clean-up deletes the PyTorchJob; a restart re-lists the job.
+    await asyncio.to_thread(operator.custom.delete_namespaced_custom_object, "kubeflow.org",
+                            "v1", NS, "pytorchjobs", "ident")
+    await operator.stop()
+    await operator.start()
+    await asyncio.sleep(1.5)
+    live = [k for k in _children(cluster, PTJ) if not cluster.objects[k].deleted]
+    assert live == []
+    assert _status(cluster)["phase"] == "Succeeded"
+    assert _status(cluster)["conditions"] == done["conditions"]
+
+
 def _assert(ok: bool) -> bool:
     assert ok
     return ok

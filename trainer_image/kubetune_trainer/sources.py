@@ -26,8 +26,13 @@ def resolve(
     field: str,
     kind: str = "model",
     revision: str | None = None,
+    token_env: str = "HF_TOKEN",
 ) -> Path:
-    """Return a local path for ``uri``; downloads (hf, s3, gs, https) land in the cache."""
+    """Return a local path for ``uri``; downloads (hf, s3, gs, https) land in the cache.
+
+    ``token_env`` names the variable holding this source's token (the operator sets one per
+    secretRef: HF_TOKEN for the model, KUBETUNE_DATASET_<i>_TOKEN for data set i).
+    """
     scheme, rest = split_uri(uri)
     if scheme == "":
         path = Path(rest).expanduser()
@@ -44,14 +49,16 @@ def resolve(
 
         return materialize(rest, ctx.cache_dir, field=field)
     if scheme == "hf":
-        return _hf_download(rest, ctx, field=field, kind=kind, revision=revision)
+        return _hf_download(rest, ctx, field=field, kind=kind, revision=revision,
+                            token=os.environ.get(token_env) or os.environ.get("HF_TOKEN"))
     if scheme in FSSPEC_SCHEMES:
         return _fsspec_download(uri, ctx, field=field)
     raise SourceError(f"unsupported scheme {scheme}://", field=field)
 
 
 def _hf_download(
-    rest: str, ctx: RunContext, *, field: str, kind: str, revision: str | None
+    rest: str, ctx: RunContext, *, field: str, kind: str, revision: str | None,
+    token: str | None,
 ) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -63,7 +70,7 @@ def _hf_download(
             repo_id,
             repo_type="dataset" if kind == "dataset" else "model",
             revision=revision,
-            token=os.environ.get("HF_TOKEN") or None,
+            token=token or None,
             cache_dir=ctx.cache_dir / "hf",
         )
     except LocalEntryNotFoundError:

@@ -151,7 +151,7 @@ def plan(specs: list[DatasetSpec], ctx: RunContext) -> list[Part]:
     for i, spec in enumerate(specs):
         field = f"spec.datasets[{i}]"
         path = resolve(spec.source, ctx, field=f"{field}.source", kind="dataset",
-                       revision=spec.revision)
+                       revision=spec.revision, token_env=f"KUBETUNE_DATASET_{i}_TOKEN")
         if spec.entries:
             if path.is_dir():
                 path = path / "dataset_info.json"
