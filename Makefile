@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast e2e crds lint bench clean
+.PHONY: install demo test test-fast e2e crds lint bench bench-operator clean
 
 install: $(STAMP)
 
@@ -49,6 +49,9 @@ lint: install
 
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python bench/data_prep.py
+
+bench-operator: install
+	$(BIN)/python bench/operator_scale.py
 
 clean:
 	rm -rf $(VENV) examples/outputs

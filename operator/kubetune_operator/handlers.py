@@ -143,7 +143,7 @@ def converge(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> N
         patch["status"] = outcome.status
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECHECK_SECONDS, initial_delay=5.0)
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RECHECK_SECONDS, initial_delay=RECHECK_SECONDS)
 def recheck(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """A slow safety net: pod-level waits (image pulls, scheduling) change no PyTorchJob."""
     outcome = _converge(body, memo)
@@ -154,8 +154,8 @@ def recheck(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> No
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={JOB_LABEL: kopf.PRESENT})
 def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     """A PyTorchJob changed (the training operator, Kueue): bring its FineTuneJob's status."""
-    if type is None:  # the initial listing; resume handlers cover it
-        return
+    if type != "MODIFIED" or not body.get("status"):
+        return  # the listing (resume covers it), our own creation, or nothing to report yet
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["labels"][JOB_LABEL]
     parent = memo.kube.get_finetunejob(ns, name)

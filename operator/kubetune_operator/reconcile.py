@@ -67,10 +67,12 @@ class Kube:
         ns = obj["metadata"]["namespace"]
         try:
             if obj["kind"] == "ConfigMap":
-                return self.core.create_namespaced_config_map(ns, obj).to_dict(), True
+                self.core.create_namespaced_config_map(ns, obj)
+                return obj, True
             group, version = obj["apiVersion"].split("/")
-            return self.custom.create_namespaced_custom_object(
-                group, version, ns, _plural(obj["kind"]), obj), True
+            made = self.custom.create_namespaced_custom_object(
+                group, version, ns, _plural(obj["kind"]), obj)
+            return made or obj, True  # (an emulator answering 200 instead of 201 gives None)
         except self._exc as err:
             if err.status == 409:
                 existing = self.get(obj)
@@ -177,9 +179,10 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     if job is not None:
         objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels)
         finished = old.get("phase") in TERMINAL
+        fresh = not old  # never reconciled: create first (one call) instead of get first
         for obj in objs:
             obj["metadata"]["namespace"] = ns
-            current = kube.get(obj)
+            current = None if fresh else kube.get(obj)
             if current is None and not finished:  # a finished job's cleaned-up child stays gone
                 current, made = kube.create(obj)
                 if made:
@@ -188,7 +191,8 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
                 child = current
         if child is not None:
             child = _apply_suspend(kube, ns, name, child, job.spec.suspend)
-            pods = kube.pods(ns, name)
+            if child.get("status"):  # no status yet: the training operator made no pods yet
+                pods = kube.pods(ns, name)
     observed = Observed(
         generation=meta.get("generation"),
         spec_suspend=bool((body.get("spec") or {}).get("suspend")),
