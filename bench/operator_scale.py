@@ -94,11 +94,12 @@ async def run_one(which: str, n: int, progress_samples: int) -> dict:
             del emulator.resources[key]
 
         def review(req):
+            user = {"username": f"system:serviceaccount:{NS}:default",
+                    "extra": {"authentication.kubernetes.io/pod-name":
+                              [req.data["spec"]["token"]]}}
             return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-                    "spec": req.data["spec"], "status": {"authenticated": True, "audiences": ["kubetune"], "user": {
-                        "username": f"system:serviceaccount:{NS}:default",
-                        "extra": {"authentication.kubernetes.io/pod-name":
-                                  [req.data["spec"]["token"]]}}}}
+                    "spec": req.data["spec"],
+                    "status": {"authenticated": True, "audiences": ["kubetune"], "user": user}}
 
         emulator["post /apis/authentication.k8s.io/v1/tokenreviews"] << review
         url = str(server.url).rstrip("/")
