@@ -294,6 +294,34 @@ async def test_a_finished_jobs_child_deleted_by_ttl_is_not_recreated(cluster, op
     assert _status(cluster)["conditions"] == done["conditions"]
 
 
+async def test_kubetune_status_shows_phase_progress_and_checkpoints(cluster, operator,
+                                                                  tmp_path, monkeypatch):
+    from kubetune.cli import app
+    from typer.testing import CliRunner
+
+    await operator.create(_job())
+    await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+    await asyncio.to_thread(operator.custom.patch_namespaced_custom_object_status, "kubetune.io",
+                            "v1alpha1", NS, "finetunejobs", "ident", {"status": {
+                                "progress": {"step": 5, "totalSteps": 10, "percent": 50.0,
+                                             "loss": 1.5, "etaSeconds": 65},
+                                "checkpoints": [{"step": 5, "uri": "pvc://o/checkpoint-5"}]}})
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "k",
+        "clusters": [{"name": "k", "cluster": {"server": str(cluster.url)}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "k", "context": {"cluster": "k", "user": "u", "namespace": NS}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    res = await asyncio.to_thread(CliRunner().invoke, app, ["status", "ident"])
+    assert res.exit_code == 0, res.output
+    assert "phase: Queued" in res.output and "step 5/10 (50.0%)" in res.output
+    assert "eta 1m05s" in res.output and "pvc://o/checkpoint-5" in res.output
+    assert "WaitingForAdmission" in res.output
+    res = await asyncio.to_thread(CliRunner().invoke, app, ["status", "nope"])
+    assert res.exit_code == 2 and "no FineTuneJob 'nope' in namespace 'team-a'" in res.output
+
+
 def _assert(ok: bool) -> bool:
     assert ok
     return ok

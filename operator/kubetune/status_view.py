@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from rich.console import Console
@@ -13,9 +14,10 @@ from kubetune.errors import KubetuneError
 def fetch(name: str, namespace: str | None) -> dict[str, Any]:
     from kubernetes import client, config
 
+    kubeconfig = os.environ.get("KUBECONFIG") or None  # read now, not at import
     try:
-        config.load_kube_config()
-        _, ctx = config.list_kube_config_contexts()
+        config.load_kube_config(config_file=kubeconfig)
+        _, ctx = config.list_kube_config_contexts(config_file=kubeconfig)
         ns = namespace or ctx.get("context", {}).get("namespace") or "default"
     except config.ConfigException:
         config.load_incluster_config()
