@@ -301,11 +301,15 @@ async def test_kubetune_status_shows_phase_progress_and_checkpoints(cluster, ope
 
     await operator.create(_job())
     await eventually(lambda: _assert(_phase(cluster) == "Queued"))
-    await asyncio.to_thread(operator.custom.patch_namespaced_custom_object_status, "kubetune.io",
-                            "v1alpha1", NS, "finetunejobs", "ident", {"status": {
-                                "progress": {"step": 5, "totalSteps": 10, "percent": 50.0,
-                                             "loss": 1.5, "etaSeconds": 65},
-                                "checkpoints": [{"step": 5, "uri": "pvc://o/checkpoint-5"}]}})
+    url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer pod-token"}) as http:
+        for body in ({"trainerStatus": {"progressPercentage": 50, "estimatedRemainingSeconds": 65,
+                                        "metrics": [{"name": "loss", "value": "1.5"},
+                                                    {"name": "current_step", "value": "5"},
+                                                    {"name": "total_steps", "value": "10"}]}},
+                     {"kubetune": {"checkpoint": {"step": 5, "uri": "pvc://o/checkpoint-5"}}}):
+            assert (await http.post(url, json=body)).status == 200
+    await eventually(lambda: _assert(len(_status(cluster).get("checkpoints") or []) == 1))
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "k",
