@@ -179,7 +179,7 @@ def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str) -> dict
     container: dict[str, Any] = {
         "name": "pytorch",  # PyTorchJob requires this name
         "image": image,
-        "command": ["kubetune-train"],
+        "command": ["kubetune-launch"],  # accelerate, topology from the PET_* variables
         "args": [f"{CONFIG_DIR}/{CONFIG_KEY}", "--pvc-root", PVC_ROOT],
         "env": _env(job, config),
         "ports": [{"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT,

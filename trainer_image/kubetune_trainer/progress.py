@@ -90,7 +90,7 @@ class CheckpointMarker(TrainerCallback):
     """
 
     def on_save(self, args, state, control, **_: Any) -> None:
-        if not state.is_world_process_zero:
+        if not rank_zero():
             return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.is_dir():
@@ -98,6 +98,15 @@ class CheckpointMarker(TrainerCallback):
             tmp = ckpt / (COMPLETE_MARKER + ".tmp")
             tmp.write_text(json.dumps(marker))
             tmp.rename(ckpt / COMPLETE_MARKER)
+
+
+def rank_zero() -> bool:
+    """The global rank-0 process (torchrun and accelerate set RANK; a lone process has none).
+
+    Not ``state.is_world_process_zero``: under torchrun on CPU it was True on every rank."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _last_loss(state: Any) -> float | None:
@@ -158,7 +167,7 @@ class OperatorReport(TrainerCallback):
         self.output_uri = output_uri.rstrip("/")
 
     def on_save(self, args, state, control, **_: Any) -> None:
-        if state.is_world_process_zero:
+        if rank_zero():
             post_to_operator({"checkpoint": {
                 "step": state.global_step, "loss": _last_loss(state),
                 "uri": f"{self.output_uri}/checkpoints/checkpoint-{state.global_step}"}})

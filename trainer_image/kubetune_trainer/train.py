@@ -289,6 +289,8 @@ def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool) -> Any:
         dataset_kwargs={"skip_prepare_dataset": True},
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+        # Use the process group made in run() (gloo on CPU) instead of making a new one.
+        accelerator_config={"use_configured_state": True},
         **_precision(spec),
     )
 
@@ -300,7 +302,7 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     spec = job.spec
     preflight(spec)
     out = Layout(output_root(spec, ctx))
-    state = PartialState()
+    state = _distributed_state(PartialState)
     main = state.is_main_process
     if main:
         out.root.mkdir(parents=True, exist_ok=True)
@@ -356,6 +358,7 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
         "base_model": spec.model.source,
         "resumed_from": str(resume) if resume else None,
         "global_step": trainer.state.global_step,
+        "world_size": state.num_processes,
         "metrics": {k: float(v) for k, v in train_result.metrics.items()
                     if isinstance(v, int | float)},
         "data": data_stats,
@@ -427,6 +430,17 @@ def _replace_dir(target: Path, write) -> None:
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _distributed_state(partial_state: Any) -> Any:
+    """The process group, made before the trainer's arguments so they use it.
+
+    Under torchrun on CPU, accelerate only forms the group when asked for gloo explicitly.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not _has_cuda():
+        return partial_state(backend="gloo")
+    return partial_state()
 
 
 def _quiet(*_: Any, **__: Any) -> None:

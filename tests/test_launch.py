@@ -1,0 +1,91 @@
+"""The trainer image's entrypoint: topology from a PyTorchJob's environment, and a real
+2-process run on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import LF_DATA, tiny_spec, write_job
+from kubetune_trainer.launch import DEEPSPEED_DIR, command, topology
+
+
+def _env(nnodes, rank, nproc):
+    # What the training operator injects (PyTorchJob v1).
+    return {"PET_NNODES": str(nnodes), "PET_NODE_RANK": str(rank), "RANK": str(rank),
+            "PET_NPROC_PER_NODE": str(nproc), "MASTER_ADDR": "job-master-0",
+            "MASTER_PORT": "23456"}
+
+
+def _flag(cmd, name):
+    return cmd[cmd.index(name) + 1]
+
+
+def test_one_node_one_gpu_runs_the_trainer_directly():
+    topo = topology(_env(1, 0, 1), gpus=1)
+    assert command(topo, ["job.yaml"], python="py") == [
+        "py", "-m", "kubetune_trainer.train", "job.yaml"]
+
+
+def test_one_node_eight_gpus():
+    cmd = command(topology(_env(1, 0, 8), gpus=8), ["job.yaml"], python="py")
+    assert cmd[:3] == ["py", "-m", "torch.distributed.run"]
+    assert _flag(cmd, "--nproc_per_node") == "8" and _flag(cmd, "--nnodes") == "1"
+    assert _flag(cmd, "--master_addr") == "job-master-0"
+    assert cmd[cmd.index("kubetune_trainer.train") + 1:] == ["job.yaml"]
+
+
+def test_four_nodes_of_eight_gpus_without_deepspeed():
+    cmd = command(topology(_env(4, 2, 8), gpus=8), ["job.yaml"], python="py")
+    assert (_flag(cmd, "--nnodes"), _flag(cmd, "--node_rank"),
+            _flag(cmd, "--nproc_per_node")) == ("4", "2", "8")
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_four_nodes_of_eight_gpus_with_deepspeed(rank):
+    cmd = command(topology(_env(4, rank, 8), gpus=8), ["job.yaml", "--pvc-root", "/mnt/pvc"],
+                  deepspeed="zero3", python="py")
+    assert _flag(cmd, "--num_processes") == "32"  # accelerate counts every machine's
+    assert _flag(cmd, "--num_machines") == "4" and _flag(cmd, "--machine_rank") == str(rank)
+    assert _flag(cmd, "--main_process_ip") == "job-master-0"
+    assert _flag(cmd, "--main_process_port") == "23456"
+    assert _flag(cmd, "--deepspeed_config_file") == str(DEEPSPEED_DIR / "zero3.json")
+    assert "--same_network" in cmd
+    assert cmd[-3:] == ["job.yaml", "--pvc-root", "/mnt/pvc"]
+
+
+def test_auto_processes_follow_the_gpus_and_elastic_node_counts_are_read():
+    env = {**_env(1, 0, 1), "PET_NPROC_PER_NODE": "auto", "PET_NNODES": "2:2"}
+    topo = topology(env, gpus=4)
+    assert (topo.nnodes, topo.nproc_per_node, topo.world_size) == (2, 4, 8)
+    assert topology({}, gpus=0).world_size == 1  # a CPU-only pod, or `docker run`
+
+
+def test_deepspeed_configs_are_data_files():
+    names = sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))
+    assert names == ["zero2", "zero2_offload", "zero3"]
+    for path in DEEPSPEED_DIR.glob("*.json"):
+        assert "zero_optimization" in json.loads(path.read_text())
+    with pytest.raises(SystemExit, match="no such config"):
+        command(topology(_env(1, 0, 2), gpus=2), [], deepspeed="zero9")
+
+
+@pytest.mark.usefixtures("lf_data")
+def test_two_processes_on_cpu_really_train(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", tiny_spec(
+        tiny_model, [{"source": str(LF_DATA / "identity.json")}], out,
+        training={"maxSteps": 4, "saveSteps": 2, "batchSizePerDevice": 2}))
+    launcher = str(Path(sys.executable).parent / "kubetune-launch")
+    env = {**os.environ, **_env(1, 0, 2), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([launcher, str(job)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.distributed.run" in proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and result["global_step"] == 4
