@@ -176,3 +176,17 @@ def test_the_strict_schema_catches_a_field_the_crd_does_not_know(pytorchjob_sche
     obj["spec"]["pytorchReplicaSpecs"]["Master"]["replica"] = 1  # typo of `replicas`
     with pytest.raises(jsonschema.ValidationError, match="'replica' was unexpected"):
         jsonschema.validate(obj, pytorchjob_schema)
+
+
+def test_operator_defaults_for_priority_class_and_kueue_queue():
+    config = OperatorConfig(default_priority_class="batch-low", default_queue="shared")
+    obj = builders.pytorchjob(job=_job(), config=config)
+    assert obj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "shared"
+    assert obj["spec"]["runPolicy"]["suspend"] is True  # Kueue admits it
+    pod = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["priorityClassName"] == "batch-low"
+    own = builders.pytorchjob(job=_job(scheduling={"priorityClassName": "urgent"}),
+                              config=config, labels={"kueue.x-k8s.io/queue-name": "mine"})
+    assert own["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "mine"
+    assert own["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+        "priorityClassName"] == "urgent"

@@ -36,6 +36,8 @@ class OperatorConfig:
     trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
     progress_url: str | None = None  # https://…/v1 ; None: pods report nothing
     progress_ca_configmap: str | None = None  # ConfigMap with ca.crt, in the job's namespace
+    default_priority_class: str | None = None  # for jobs that name none
+    default_queue: str | None = None  # Kueue queue for jobs without the queue label
 
 
 def child_name(job: FineTuneJob) -> str:
@@ -203,6 +205,8 @@ def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str) -> dict
             pod["affinity"] = dict(sched.affinity)
         if sched.priority_class_name:
             pod["priorityClassName"] = sched.priority_class_name
+    if "priorityClassName" not in pod and config.default_priority_class:
+        pod["priorityClassName"] = config.default_priority_class
     if spec.trainer and spec.trainer.service_account_name:
         pod["serviceAccountName"] = spec.trainer.service_account_name
     return {"metadata": {"labels": {**_labels(job), "kubetune.io/role": role}}, "spec": pod}
@@ -216,6 +220,8 @@ def pytorchjob(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = No
     r = spec.resources
     passed = {k: v for k, v in (labels or {}).items()
               if k in (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)}
+    if config.default_queue and KUEUE_QUEUE_LABEL not in passed:
+        passed[KUEUE_QUEUE_LABEL] = config.default_queue
     replicas: dict[str, Any] = {"Master": {
         "replicas": 1, "restartPolicy": "OnFailure",
         "template": pod_template(job=job, config=config, role="master")}}

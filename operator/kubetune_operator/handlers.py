@@ -28,6 +28,8 @@ def operator_config() -> OperatorConfig:
         trainer_image=env.get("KUBETUNE_TRAINER_IMAGE", OperatorConfig.trainer_image),
         progress_url=env.get("KUBETUNE_PROGRESS_URL") or None,
         progress_ca_configmap=env.get("KUBETUNE_PROGRESS_CA_CONFIGMAP") or None,
+        default_priority_class=env.get("KUBETUNE_DEFAULT_PRIORITY_CLASS") or None,
+        default_queue=env.get("KUBETUNE_DEFAULT_QUEUE") or None,
     )
 
 

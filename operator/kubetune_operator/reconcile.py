@@ -196,7 +196,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     observed = Observed(
         generation=meta.get("generation"),
         spec_suspend=bool((body.get("spec") or {}).get("suspend")),
-        queue_name=labels.get(KUEUE_QUEUE_LABEL),
+        queue_name=labels.get(KUEUE_QUEUE_LABEL) or config.default_queue,
         invalid=invalid,
         child=child,
         pods=pods,

@@ -1,0 +1,28 @@
+{{- define "kubetune.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kubetune.labels" -}}
+app.kubernetes.io/name: kubetune
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | quote }}
+{{- end -}}
+
+{{- define "kubetune.selector" -}}
+app.kubernetes.io/name: kubetune
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+{{- end -}}
+
+{{- define "kubetune.serviceAccountName" -}}
+{{- default (include "kubetune.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "kubetune.peeringName" -}}
+{{- include "kubetune.fullname" . -}}
+{{- end -}}
