@@ -43,6 +43,7 @@ e2e: install
 
 crds: install
 	$(BIN)/kubetune crds --out crds/kubetune.io_finetunejobs.yaml
+	cp crds/*.yaml charts/kubetune/files/crds/
 
 lint: install
 	$(BIN)/ruff check operator trainer_image tests bench

