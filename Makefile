@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast e2e crds lint bench bench-operator clean
+.PHONY: install demo test test-fast e2e crds chart lint bench bench-operator clean
 
 install: $(STAMP)
 
@@ -43,10 +43,16 @@ e2e: install
 
 crds: install
 	$(BIN)/kubetune crds --out crds/kubetune.io_finetunejobs.yaml
+	$(MAKE) chart
+
+# The chart's copy of the CRDs and its values table, both generated (tests fail on drift).
+chart: install
 	cp crds/*.yaml charts/kubetune/files/crds/
+	$(BIN)/python charts/gen_docs.py
 
 lint: install
-	$(BIN)/ruff check operator trainer_image tests bench
+	$(BIN)/ruff check operator trainer_image tests bench charts
+	$(BIN)/hadolint --config .hadolint.yaml trainer_image/Dockerfile operator/Dockerfile
 
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python bench/data_prep.py

@@ -166,3 +166,25 @@ def test_notes_tell_the_next_steps(helm_bin):
     assert out.returncode == 0, out.stderr
     assert "kubectl get ftj -w" in out.stdout
     assert "WARNING: progress.tlsSecretName is empty" in out.stdout
+
+
+def test_chart_readme_documents_every_value():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_docs", REPO / "charts" / "gen_docs.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    values_text = (CHART / "values.yaml").read_text()
+    readme = (CHART / "README.md").read_text()
+    assert gen.render(readme, values_text) == readme, "the values table drifted: make chart"
+    documented = {key for key, _, _ in gen.rows(values_text)}
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict) and value and path not in documented:
+                yield from leaves(value, path + ".")
+            else:
+                yield path
+
+    assert set(leaves(yaml.safe_load(values_text))) == documented
