@@ -25,6 +25,9 @@ VALUE_SETS = {
                          "--set", "defaults.queueName=shared",
                          "--set", "defaults.priorityClassName=batch"],
     "no-progress": ["--set", "progress.enabled=false"],
+    "servicemonitor": ["--set", "metrics.serviceMonitor.enabled=true",
+                       "--set", "metrics.serviceMonitor.labels.release=prom"],
+    "no-metrics": ["--set", "metrics.enabled=false", "--set", "progress.enabled=false"],
 }
 
 
@@ -59,6 +62,11 @@ def test_every_rendered_object_is_valid(helm_bin, name):
     for doc in docs:
         if doc["apiVersion"].startswith("kopf.dev/"):
             assert set(doc) <= {"apiVersion", "kind", "metadata"}
+            continue
+        if doc["kind"] == "ServiceMonitor":  # prometheus-operator's kind: check its shape
+            assert doc["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics",
+                                                 "interval": "30s"}]
+            assert doc["metadata"]["labels"]["release"] == "prom"
             continue
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -188,3 +196,13 @@ def test_chart_readme_documents_every_value():
                 yield path
 
     assert set(leaves(yaml.safe_load(values_text))) == documented
+
+
+def test_metrics_service_and_monitor_follow_the_values(helm_bin):
+    default = render(helm_bin)
+    svc = next(d for d in default if d["kind"] == "Service")
+    assert {p["name"] for p in svc["spec"]["ports"]} == {"progress", "metrics"}
+    assert not [d for d in default if d["kind"] == "ServiceMonitor"]
+    assert [d for d in render(helm_bin, *VALUE_SETS["servicemonitor"])
+            if d["kind"] == "ServiceMonitor"]
+    assert not [d for d in render(helm_bin, *VALUE_SETS["no-metrics"]) if d["kind"] == "Service"]

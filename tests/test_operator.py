@@ -326,6 +326,26 @@ async def test_kubetune_status_shows_phase_progress_and_checkpoints(cluster, ope
     assert res.exit_code == 2 and "no FineTuneJob 'nope' in namespace 'team-a'" in res.output
 
 
+async def test_metrics_count_reconciles_jobs_and_reports(cluster, operator):
+    from kubetune_operator import metrics
+    from prometheus_client import generate_latest
+
+    port = _free_port()
+    metrics.serve(port)  # what KUBETUNE_METRICS_PORT starts in the pod
+    await operator.create(_job())
+    await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+    url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+    async with aiohttp.ClientSession() as http:
+        await http.post(url, json={}, headers={"Authorization": "Bearer forged"})
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = await resp.text()
+    assert resp.status == 200
+    assert 'kubetune_jobs{phase="Queued"}' in text
+    assert 'kubetune_children_created_total{kind="PyTorchJob"}' in text
+    assert 'kubetune_progress_reports_total{code="401"}' in text
+    assert generate_latest(metrics.REGISTRY).decode().count("kubetune_reconciles_total") >= 1
+
+
 def _assert(ok: bool) -> bool:
     assert ok
     return ok

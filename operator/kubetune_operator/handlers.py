@@ -12,6 +12,7 @@ from typing import Any
 
 import kopf
 
+from kubetune_operator import metrics
 from kubetune_operator import reconcile as rc
 from kubetune_operator.builders import JOB_LABEL, OperatorConfig
 from kubetune_operator.reporting import Flusher, ProgressStore, TokenChecker, make_app
@@ -58,6 +59,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         memo.kube = rc.Kube(api_client())
     memo.setdefault("config", operator_config())
     memo.setdefault("store", ProgressStore())
+    if os.environ.get("KUBETUNE_METRICS_PORT") and not memo.get("metrics_started"):
+        metrics.serve(int(os.environ["KUBETUNE_METRICS_PORT"]))
+        memo.metrics_started = True
 
 
 @kopf.on.startup()
@@ -82,7 +86,12 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
         if snap.get("outputs"):
             status["outputs"] = snap["outputs"]
         if status:
-            await loop.run_in_executor(None, kube.patch_status, ns, name, status)
+            try:
+                await loop.run_in_executor(None, kube.patch_status, ns, name, status)
+            except Exception:
+                metrics.STATUS_PATCHES.labels("error").inc()
+                raise
+            metrics.STATUS_PATCHES.labels("ok").inc()
 
     store: ProgressStore = memo.store
     app = make_app(store, TokenChecker(review))
@@ -118,8 +127,17 @@ async def stop_progress_server(memo: kopf.Memo, **_: Any) -> None:
 def _converge(body: kopf.Body, memo: kopf.Memo) -> rc.Outcome:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
-    outcome = rc.reconcile(_plain(body), memo.kube, memo.config, memo.store.get(ns, name))
+    with metrics.RECONCILE_SECONDS.time():
+        try:
+            outcome = rc.reconcile(_plain(body), memo.kube, memo.config,
+                                   memo.store.get(ns, name))
+        except Exception:
+            metrics.RECONCILES.labels("error").inc()
+            raise
+    metrics.RECONCILES.labels("ok").inc()
+    metrics.observe_phase(ns, name, outcome.status.get("phase"))
     for what in outcome.created:
+        metrics.CHILDREN_CREATED.labels(what.split("/")[0]).inc()
         kopf.info(body, reason="Created", message=f"created {what}")
     if outcome.phase_changed:
         phase = outcome.status["phase"]
@@ -172,3 +190,4 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) 
 def forget(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     """Children go by owner references; outputs on volumes stay. Drop in-memory progress."""
     memo.store.forget(meta["namespace"], meta["name"])
+    metrics.observe_phase(meta["namespace"], meta["name"], None)

@@ -170,6 +170,13 @@ def allowed(identity: dict[str, Any], namespace: str, name: str) -> bool:
 def make_app(store: ProgressStore, checker: TokenChecker,
              on_report: Callable[[str, str], None] | None = None) -> web.Application:
     async def post(request: web.Request) -> web.Response:
+        response = await _post(request)
+        from kubetune_operator.metrics import PROGRESS_REPORTS
+
+        PROGRESS_REPORTS.labels(str(response.status)).inc()
+        return response
+
+    async def _post(request: web.Request) -> web.Response:
         ns, name = request.match_info["namespace"], request.match_info["name"]
         auth = request.headers.get("Authorization", "")
         if not auth.startswith("Bearer "):
