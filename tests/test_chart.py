@@ -124,6 +124,8 @@ def test_rbac_cluster_wide_is_exactly_what_the_operator_calls(helm_bin):
     assert _rules(role) == {**NAMESPACED,
                             ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch",
                                                                  "patch"},
+                            ("apiextensions.k8s.io", "customresourcedefinitions"): {
+                                "list", "watch"},
                             ("authentication.k8s.io", "tokenreviews"): {"create"}}
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
 
@@ -136,7 +138,9 @@ def test_rbac_per_namespace_when_watching_namespaces(helm_bin):
         assert _rules(role) == {**NAMESPACED, ("kopf.dev", "kopfpeerings"): {
             "get", "list", "watch", "patch"}}
     cluster = next(d for d in docs if d["kind"] == "ClusterRole")
-    assert _rules(cluster) == {("authentication.k8s.io", "tokenreviews"): {"create"}}
+    assert _rules(cluster) == {
+        ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+        ("authentication.k8s.io", "tokenreviews"): {"create"}}
     args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
         "containers"][0]["args"]
     assert "--namespace=team-a" in args and "--all-namespaces" not in args

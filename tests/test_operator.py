@@ -29,6 +29,7 @@ PTJ = "kubeflow.org/v1/pytorchjobs"
 CM = "v1/configmaps"
 NS = "team-a"
 _LOGIN = {"url": None}
+OPERATOR_AGENT = "kubetune-operator-under-test"
 
 
 @kopf.on.login()
@@ -98,7 +99,9 @@ class Operator:
     def __init__(self, cluster):
         self.cluster = cluster
         cfg = kubernetes.client.Configuration(host=str(cluster.url))
-        self.api = kubernetes.client.ApiClient(cfg)
+        self.api = kubernetes.client.ApiClient(cfg)  # the test's own calls
+        self.operator_api = kubernetes.client.ApiClient(cfg)
+        self.operator_api.user_agent = OPERATOR_AGENT
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         self.port = _free_port()
         self.thread: threading.Thread | None = None
@@ -110,7 +113,7 @@ class Operator:
         settings = kopf.OperatorSettings()
         settings.posting.enabled = False  # kmock refuses a second Event (generateName)
         memo = kopf.Memo(
-            kube=rc.Kube(self.api), store=ProgressStore(), progress_port=self.port,
+            kube=rc.Kube(self.operator_api), store=ProgressStore(), progress_port=self.port,
             config=OperatorConfig(trainer_image="reg/trainer:1",
                                   progress_url=f"http://127.0.0.1:{self.port}/v1"))
         self.stop_flag = threading.Event()
@@ -344,6 +347,44 @@ async def test_metrics_count_reconciles_jobs_and_reports(cluster, operator):
     assert 'kubetune_children_created_total{kind="PyTorchJob"}' in text
     assert 'kubetune_progress_reports_total{code="401"}' in text
     assert generate_latest(metrics.REGISTRY).decode().count("kubetune_reconciles_total") >= 1
+
+
+async def test_the_chart_rbac_allows_every_call_the_operator_makes(cluster, operator):
+    """Every request the operator (kopf and our client) sent in a full run is allowed by the
+    chart's ClusterRole; nothing it grants goes unexplained."""
+    import kmock
+    from test_chart import NAMESPACED, _rules, render
+    from tools import helm
+
+    await test_create_makes_each_child_once_and_follows_the_pytorchjob(cluster, operator)
+    url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(url, json={"trainerStatus": {"progressPercentage": 5}},
+                               headers={"Authorization": "Bearer pod-token"})
+        assert resp.status == 200
+    await eventually(lambda: _assert(_status(cluster).get("progress", {}).get("percent") == 5))
+    verbs = {kmock.action.FETCH: "get", kmock.action.LIST: "list", kmock.action.WATCH: "watch",
+             kmock.action.CREATE: "create", kmock.action.DELETE: "delete"}
+    calls: set[tuple[str, str, str]] = set()
+    for req in list(cluster):
+        agent = req.headers.get("User-Agent", "")
+        if not (agent.startswith("kopf/") or agent == OPERATOR_AGENT) or req.resource is None:
+            continue
+        if req.resource.plural in (None, "namespaces"):
+            continue  # discovery, and kopf's namespace observer (not in our RBAC: -A)
+        verb = verbs.get(req.action) or {"PATCH": "patch", "PUT": "update"}[req.method.value]
+        plural = req.resource.plural + (f"/{req.subresource}" if req.subresource else "")
+        group = "" if req.resource.group in ("", "v1", None) else req.resource.group
+        calls.add((group, plural, verb))
+    role = next(d for d in render(str(helm())) if d["kind"] == "ClusterRole")
+    allowed = _rules(role)
+    denied = {c for c in calls if c[2] not in allowed.get((c[0], c[1]), set())}
+    assert not denied, f"the chart's RBAC would refuse {sorted(denied)}"
+    used = {(g, r) for g, r, _ in calls}
+    # Events are off under kmock (it refuses a second nameless object), so unused here.
+    assert set(NAMESPACED) - used <= {("", "events")}, "a granted resource the run never used"
+    assert ("kubeflow.org", "pytorchjobs", "create") in calls
+    assert ("authentication.k8s.io", "tokenreviews", "create") in calls
 
 
 def _assert(ok: bool) -> bool:
