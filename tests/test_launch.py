@@ -89,3 +89,25 @@ def test_two_processes_on_cpu_really_train(tiny_model, tmp_path):
     assert "torch.distributed.run" in proc.stderr
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["global_step"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("lf_data")
+def test_deepspeed_zero2_with_two_processes_on_cpu(tiny_model, tmp_path):
+    """The DeepSpeed path for real: accelerate + ZeRO-2 from the bundled config, gloo on CPU
+    (the first run compiles one DeepSpeed op, about a minute; cached after)."""
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", tiny_spec(
+        tiny_model, [{"source": str(LF_DATA / "identity.json")}], out,
+        training={"maxSteps": 4, "saveSteps": 2, "batchSizePerDevice": 2}))
+    launcher = str(Path(sys.executable).parent / "kubetune-launch")
+    cache = Path.home() / ".cache" / "kubetune" / "torch_extensions"
+    env = {**os.environ, **_env(1, 0, 2), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29534",
+           "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(cache)}
+    proc = subprocess.run([launcher, "--deepspeed", "zero2", str(job)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--use_deepspeed" in proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and result["global_step"] == 4
+    assert Path(result["adapter"], "adapter_config.json").exists()
