@@ -215,6 +215,21 @@ async def test_invalid_spec_becomes_a_condition_and_no_children(cluster, operato
     assert not _children(cluster, PTJ) and not _children(cluster, CM)
 
 
+async def test_a_fixed_invalid_spec_gets_its_children(cluster, operator):
+    body = _job()
+    body["spec"]["datasets"] = [{"source": "data/identity.json"}]  # local: no meaning here
+    await operator.create(body)
+    await eventually(lambda: _assert(_phase(cluster) == "Failed"))
+    assert not _children(cluster, PTJ)
+    await asyncio.to_thread(operator.custom.patch_namespaced_custom_object, "kubetune.io",
+                            "v1alpha1", NS, "finetunejobs", "ident",
+                            {"metadata": {"generation": 2},
+                             "spec": {"datasets": [{"source": "pvc://data/identity.json"}]}})
+    await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+    await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+    assert _status(cluster)["observedGeneration"] == 2
+
+
 async def test_restart_midway_never_duplicates(cluster, operator):
     # A crash after the ConfigMap and before the PyTorchJob: the ConfigMap is already there.
     from kubetune.jobfile import parse_job

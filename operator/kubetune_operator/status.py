@@ -124,7 +124,9 @@ def reduce_status(obs: Observed, old: dict[str, Any] | None, now: str) -> dict[s
     """The whole new status. ``old`` keeps transition times, checkpoints and outputs."""
     old = old or {}
     gen = obs.generation
-    if obs.child is None and obs.invalid is None and old.get("phase") in TERMINAL:
+    was_invalid = any(c.get("reason") == "InvalidSpec" for c in old.get("conditions") or [])
+    if obs.child is None and obs.invalid is None and old.get("phase") in TERMINAL \
+            and not was_invalid:
         # Finished, and the PyTorchJob is gone (ttlSecondsAfterFinished): the record stays.
         return {**old, "observedGeneration": gen}
     phase, reason, message = _phase(obs)
