@@ -25,7 +25,7 @@ from kubetune_operator.builders import (
     SUSPEND_APPLIED,
     OperatorConfig,
 )
-from kubetune_operator.status import TERMINAL, Observed, reduce_status
+from kubetune_operator.status import TERMINAL, Observed, reduce_status, was_invalid
 
 log = logging.getLogger("kubetune.reconcile")
 
@@ -180,7 +180,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels)
         # A finished run's cleaned-up child stays gone; a spec that was invalid and is now
         # fixed never had children, so it gets them.
-        finished = old.get("phase") in TERMINAL and not _was_invalid(old)
+        finished = old.get("phase") in TERMINAL and not was_invalid(old)
         fresh = not old  # never reconciled: create first (one call) instead of get first
         for obj in objs:
             obj["metadata"]["namespace"] = ns
@@ -206,11 +206,6 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     )
     status = reduce_status(observed, old, now())
     return Outcome(status, created, status.get("phase") != old.get("phase"))
-
-
-def _was_invalid(status: dict[str, Any]) -> bool:
-    return any(c.get("type") == "Stalled" and c.get("reason") == "InvalidSpec"
-               for c in status.get("conditions") or [])
 
 
 def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: bool

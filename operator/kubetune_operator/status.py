@@ -114,6 +114,12 @@ def _diagnose_termination(pod: str | None, term: dict[str, Any]) -> Diagnosis:
 # ----------------------------------------------------------------------- the reducer
 
 
+def was_invalid(status: dict[str, Any]) -> bool:
+    """The job stalled on its spec (and so never had children)."""
+    return any(c.get("type") == "Stalled" and c.get("reason") == "InvalidSpec"
+               for c in status.get("conditions") or [])
+
+
 def _condition(type_: str, status: bool, reason: str, message: str,
                generation: int | None) -> dict[str, Any]:
     return {"type": type_, "status": "True" if status else "False", "reason": reason,
@@ -124,9 +130,8 @@ def reduce_status(obs: Observed, old: dict[str, Any] | None, now: str) -> dict[s
     """The whole new status. ``old`` keeps transition times, checkpoints and outputs."""
     old = old or {}
     gen = obs.generation
-    was_invalid = any(c.get("reason") == "InvalidSpec" for c in old.get("conditions") or [])
     if obs.child is None and obs.invalid is None and old.get("phase") in TERMINAL \
-            and not was_invalid:
+            and not was_invalid(old):
         # Finished, and the PyTorchJob is gone (ttlSecondsAfterFinished): the record stays.
         return {**old, "observedGeneration": gen}
     phase, reason, message = _phase(obs)
