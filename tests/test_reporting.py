@@ -20,6 +20,9 @@ REVIEWS = {
     "other-job": {"status": {"authenticated": True, "audiences": ["kubetune"], "user": {
         "username": "system:serviceaccount:team-a:default",
         "extra": {"authentication.kubernetes.io/pod-name": ["someone-else-master-0"]}}}},
+    "api-audience": {"status": {"authenticated": True, "audiences": [], "user": {
+        "username": "system:serviceaccount:team-a:default",
+        "extra": {"authentication.kubernetes.io/pod-name": ["ident-master-0"]}}}},
     "other-namespace": {"status": {"authenticated": True, "audiences": ["kubetune"], "user": {
         "username": "system:serviceaccount:team-b:default",
         "extra": {"authentication.kubernetes.io/pod-name": ["ident-master-0"]}}}},
@@ -57,7 +60,8 @@ async def test_a_pod_of_the_job_reports_progress(client):
 
 
 @pytest.mark.parametrize(("token", "code"), [
-    (None, 401), ("forged", 401), ("other-job", 403), ("other-namespace", 403)])
+    (None, 401), ("forged", 401), ("api-audience", 401), ("other-job", 403),
+    ("other-namespace", 403)])
 async def test_forged_or_foreign_tokens_are_refused(client, token, code):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     resp = await client.post(URL, json=KEP_BODY, headers=headers)
@@ -70,6 +74,8 @@ async def test_checkpoints_and_outputs_from_the_trainer(client):
     for step in (10, 20, 20):
         await client.post(URL, headers=auth, json={"kubetune": {"checkpoint": {
             "step": step, "loss": 1.0, "uri": f"pvc://o/checkpoints/checkpoint-{step}"}}})
+    await client.post(URL, headers=auth, json={"kubetune": {"checkpoint": {  # dropped
+        "step": 30, "loss": "not a number", "uri": "pvc://o/checkpoints/checkpoint-30"}}})
     await client.post(URL, headers=auth, json={"kubetune": {"outputs": {
         "adapter": "pvc://o/adapter", "mergedModel": "pvc://o/merged", "evil": "x"}}})
     snap = client.store.get("team-a", "ident")

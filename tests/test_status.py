@@ -129,7 +129,7 @@ def test_waiting_reasons_show_while_pending(pod, reason):
 def test_failure_keeps_exit_code_and_log_tail_after_pods_are_gone():
     pod = _pod("j-master-0", state={"terminated": {"exitCode": 1, "message":
                                                    "line\nCUDA out of memory"}})
-    failed = pytorchjob(("Created", "c"), ("Failed", "Failed"))
+    failed = pytorchjob(("Created", "c"), ("Failed", "PyTorchJobFailed"))  # the real reason
     status = reduce_status(Observed(1, child=failed, pods=[pod]), None, T0)
     assert status["failure"]["exitCode"] == 1
     assert status["failure"]["logTail"].endswith("CUDA out of memory")

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from kubetune.errors import KubetuneError
 
@@ -25,7 +26,7 @@ PvcRoot = Annotated[
 
 
 def _fail(e: KubetuneError) -> None:
-    err.print(f"[bold red]error[/]: {e}", highlight=False, markup=True, soft_wrap=True)
+    err.print(f"[bold red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(e.exit_code)
 
 

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kubetune.errors import KubetuneError
@@ -53,12 +54,14 @@ def show(body: dict[str, Any], console: Console) -> None:
             f"tokens/s {p.get('tokensPerSecond', '?')}  eta {_eta(p.get('etaSeconds'))}")
     table = Table("condition", "status", "reason", "message", box=None)
     for c in status.get("conditions") or []:
-        table.add_row(c["type"], c["status"], c.get("reason") or "", c.get("message") or "")
+        table.add_row(c["type"], c["status"], escape(c.get("reason") or ""),
+                      escape(c.get("message") or ""))
     console.print(table)
     if status.get("failure"):
         f = status["failure"]
-        console.print(f"[red]failure[/]: {f.get('reason')} (exit {f.get('exitCode')}, pod "
-                      f"{f.get('pod')}): {f.get('message', '')}")
+        console.print(f"[red]failure[/]: {escape(str(f.get('reason')))} (exit "
+                      f"{f.get('exitCode')}, pod {f.get('pod')}): "
+                      f"{escape(f.get('message', ''))}")
         if f.get("logTail"):
             console.print(f["logTail"], markup=False, highlight=False)
     for cp in status.get("checkpoints") or []:

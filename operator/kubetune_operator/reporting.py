@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from kubetune_operator.builders import PROGRESS_AUDIENCE
+from kubetune_operator.status import MAX_CHECKPOINTS
 
 log = logging.getLogger("kubetune.reporting")
 
@@ -71,22 +72,47 @@ class ProgressStore:
             job.report.update(_from_trainer_status(ts, job))
         ext = payload.get("kubetune")
         if isinstance(ext, dict):
-            cp = ext.get("checkpoint")
-            if isinstance(cp, dict) and isinstance(cp.get("step"), int) and cp.get("uri"):
+            cp = _checkpoint(ext.get("checkpoint"))
+            if cp is not None:
                 job.checkpoints = [c for c in job.checkpoints if c["step"] != cp["step"]]
-                job.checkpoints.append({k: cp[k] for k in ("step", "loss", "uri") if k in cp})
-                job.checkpoints = job.checkpoints[-10:]
+                job.checkpoints.append(cp)
+                job.checkpoints = sorted(job.checkpoints, key=lambda c: c["step"])[
+                    -MAX_CHECKPOINTS:]
             outs = ext.get("outputs")
             if isinstance(outs, dict):
                 job.outputs.update({k: str(v) for k, v in outs.items()
                                     if k in ("adapter", "mergedModel", "model")})
         job.dirty = True
 
+    def remember_checkpoints(self, namespace: str, name: str,
+                             checkpoints: list[dict[str, Any]]) -> None:
+        """After a restart: start from what the status already lists, so a flush that writes
+        the (replaced-as-a-whole) list keeps them."""
+        job = self.jobs.get((namespace, name))
+        if job is not None and not job.checkpoints and checkpoints:
+            job.checkpoints = list(checkpoints)[-MAX_CHECKPOINTS:]
+
     def take_dirty(self) -> list[tuple[str, str]]:
         keys = [k for k, j in self.jobs.items() if j.dirty]
         for k in keys:
             self.jobs[k].dirty = False
         return keys
+
+
+def _checkpoint(value: Any) -> dict[str, Any] | None:
+    """A checkpoint report in the status's own shape, or None (a bad one is dropped, not
+    allowed to make every later status patch fail)."""
+    from kubetune.api.v1alpha1 import Checkpoint
+    from pydantic import ValidationError
+
+    if not isinstance(value, dict):
+        return None
+    try:
+        cp = Checkpoint.model_validate({k: value[k] for k in ("step", "loss", "uri")
+                                        if k in value})
+    except ValidationError:
+        return None
+    return cp.model_dump(by_alias=True, exclude_none=True)
 
 
 def _num(value: Any) -> float | None:
@@ -145,8 +171,9 @@ class TokenChecker:
             log.warning("TokenReview failed", exc_info=True)
             return None
         status = result.get("status") or {}
+        # An empty audience list means the API server's own audience: not ours.
         if not status.get("authenticated") or PROGRESS_AUDIENCE not in (
-                status.get("audiences") or [PROGRESS_AUDIENCE]):
+                status.get("audiences") or []):
             ident: dict[str, Any] = {}
         else:
             ident = status.get("user") or {}
@@ -226,13 +253,21 @@ class Flusher:
             try:
                 await self.patch(ns, name, snap)
                 done += 1
-            except Exception:
+            except Exception as err:
+                if getattr(err, "status", None) == 404:  # the job is gone
+                    self.store.forget(ns, name)
+                    continue
                 log.warning("progress patch for %s/%s failed", ns, name, exc_info=True)
-                self.store.jobs[(ns, name)].dirty = True  # try again next round
+                job = self.store.jobs.get((ns, name))
+                if job is not None:
+                    job.dirty = True  # try again next round
             await asyncio.sleep(1.0 / self.rate)
         return done
 
     async def run(self) -> None:
         while True:
-            await self.run_once()
+            try:
+                await self.run_once()
+            except Exception:  # never let one bad round stop progress for every job
+                log.exception("progress flush failed")
             await asyncio.sleep(self.interval)

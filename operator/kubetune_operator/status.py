@@ -15,7 +15,7 @@ from typing import Any
 
 TERMINAL = ("Succeeded", "Failed")
 PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
-MAX_CHECKPOINTS = 10
+MAX_CHECKPOINTS = 10  # in status; older ones are usually rotated away by saveTotalLimit
 LOG_TAIL_CHARS = 2000
 
 
@@ -154,7 +154,7 @@ def reduce_status(obs: Observed, old: dict[str, Any] | None, now: str) -> dict[s
         conds.append(_condition("Succeeded", phase == "Succeeded", reason, message, gen))
         conds.append(_condition("Failed", phase == "Failed", reason, message, gen))
 
-    if phase == "Failed" and failure and reason in ("Failed", "BackoffLimitExceeded"):
+    if phase == "Failed" and failure and obs.invalid is None:  # e.g. PyTorchJobFailed
         for c in conds:
             if c["type"] in ("Ready", "Stalled", "Failed", "Succeeded"):
                 c["reason"], c["message"] = failure.reason, failure.message
