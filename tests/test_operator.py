@@ -230,6 +230,21 @@ async def test_a_fixed_invalid_spec_gets_its_children(cluster, operator):
     assert _status(cluster)["observedGeneration"] == 2
 
 
+async def test_a_child_of_another_owner_is_never_adopted(cluster, operator):
+    from kubetune.jobfile import parse_job
+    from kubetune_operator import builders
+
+    stale = builders.pytorchjob(job=parse_job(_job()), config=OperatorConfig(), uid="old-uid")
+    stale["metadata"].update(namespace=NS, resourceVersion="1")
+    cluster.objects[PTJ, NS, "ident"] = stale  # a deleted job's child, not yet collected
+    await operator.create(_job())
+    await eventually(lambda: _assert(_phase(cluster) == "Pending"))
+    ready = next(c for c in _status(cluster)["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "Conflict" and "belongs to another object" in ready["message"]
+    assert cluster.objects[PTJ, NS, "ident"]["metadata"]["ownerReferences"][0]["uid"] == \
+        "old-uid"
+
+
 async def test_restart_midway_never_duplicates(cluster, operator):
     # A crash after the ConfigMap and before the PyTorchJob: the ConfigMap is already there.
     from kubetune.jobfile import parse_job

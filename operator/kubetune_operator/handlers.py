@@ -16,7 +16,7 @@ from kubetune_operator import metrics
 from kubetune_operator import reconcile as rc
 from kubetune_operator.builders import JOB_LABEL, OperatorConfig
 from kubetune_operator.reporting import Flusher, ProgressStore, TokenChecker, make_app
-from kubetune_operator.status import merge_checkpoints, progress_fields
+from kubetune_operator.status import TERMINAL, merge_checkpoints, progress_fields
 
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 RECHECK_SECONDS = float(os.environ.get("KUBETUNE_RECHECK_SECONDS", "60"))
@@ -59,6 +59,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         memo.kube = rc.Kube(api_client())
     memo.setdefault("config", operator_config())
     memo.setdefault("store", ProgressStore())
+    memo.setdefault("active", set())
     if os.environ.get("KUBETUNE_METRICS_PORT") and not memo.get("metrics_started"):
         metrics.serve(int(os.environ["KUBETUNE_METRICS_PORT"]))
         memo.metrics_started = True
@@ -118,6 +119,8 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def stop_progress_server(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("recheck_task"):
+        memo.recheck_task.cancel()
     if memo.get("flusher_task"):
         memo.flusher_task.cancel()
     if memo.get("progress_runner"):
@@ -127,6 +130,8 @@ async def stop_progress_server(memo: kopf.Memo, **_: Any) -> None:
 def _converge(body: kopf.Body, memo: kopf.Memo) -> rc.Outcome:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
+    memo.store.remember_checkpoints(ns, name, (body.get("status") or {}).get("checkpoints")
+                                    or [])
     with metrics.RECONCILE_SECONDS.time():
         try:
             outcome = rc.reconcile(_plain(body), memo.kube, memo.config,
@@ -135,7 +140,13 @@ def _converge(body: kopf.Body, memo: kopf.Memo) -> rc.Outcome:
             metrics.RECONCILES.labels("error").inc()
             raise
     metrics.RECONCILES.labels("ok").inc()
-    metrics.observe_phase(ns, name, outcome.status.get("phase"))
+    phase = outcome.status.get("phase")
+    metrics.observe_phase(ns, name, phase)
+    # Jobs still in flight get the slow re-check (pod-level waits change no PyTorchJob).
+    if phase in TERMINAL:
+        memo.active.discard((ns, name))
+    else:
+        memo.active.add((ns, name))
     for what in outcome.created:
         metrics.CHILDREN_CREATED.labels(what.split("/")[0]).inc()
         kopf.info(body, reason="Created", message=f"created {what}")
@@ -163,12 +174,32 @@ def converge(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> N
         patch["status"] = outcome.status
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECHECK_SECONDS, initial_delay=RECHECK_SECONDS)
-def recheck(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    """A slow safety net: pod-level waits (image pulls, scheduling) change no PyTorchJob."""
-    outcome = _converge(body, memo)
-    if outcome.status != (body.get("status") or {}):
-        patch["status"] = outcome.status
+def _converge_by_name(memo: kopf.Memo, ns: str, name: str) -> None:
+    """Read the job fresh and converge it (for events on children, and the re-check)."""
+    parent = memo.kube.get_finetunejob(ns, name)
+    if parent is None:
+        memo.active.discard((ns, name))
+        return
+    outcome = _converge(kopf.Body(parent), memo)
+    if outcome.status != (parent.get("status") or {}):
+        memo.kube.patch_status(ns, name, outcome.status)
+
+
+@kopf.on.startup()
+async def start_rechecks(memo: kopf.Memo, **_: Any) -> None:
+    """One task re-checks jobs in flight every RECHECK_SECONDS. (A per-object kopf timer
+    would put a finalizer on every job: no job could be deleted while the operator is down.)"""
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(RECHECK_SECONDS)
+            for ns, name in sorted(memo.active):
+                try:
+                    await asyncio.to_thread(_converge_by_name, memo, ns, name)
+                except Exception:
+                    log.warning("re-check of %s/%s failed", ns, name, exc_info=True)
+                await asyncio.sleep(0.02)  # spread the load
+
+    memo.recheck_task = asyncio.create_task(loop())
 
 
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={JOB_LABEL: kopf.PRESENT})
@@ -177,17 +208,12 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) 
     if type != "MODIFIED" or not body.get("status"):
         return  # the listing (resume covers it), our own creation, or nothing to report yet
     meta = body["metadata"]
-    ns, name = meta["namespace"], meta["labels"][JOB_LABEL]
-    parent = memo.kube.get_finetunejob(ns, name)
-    if parent is None:
-        return
-    outcome = _converge(kopf.Body(parent), memo)
-    if outcome.status != (parent.get("status") or {}):
-        memo.kube.patch_status(ns, name, outcome.status)
+    _converge_by_name(memo, meta["namespace"], meta["labels"][JOB_LABEL])
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 def forget(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     """Children go by owner references; outputs on volumes stay. Drop in-memory progress."""
     memo.store.forget(meta["namespace"], meta["name"])
+    memo.active.discard((meta["namespace"], meta["name"]))
     metrics.observe_phase(meta["namespace"], meta["name"], None)

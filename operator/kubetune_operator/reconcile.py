@@ -52,8 +52,9 @@ class Kube:
     def get(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
-            if obj["kind"] == "ConfigMap":
-                return self.core.read_namespaced_config_map(name, ns).to_dict()
+            if obj["kind"] == "ConfigMap":  # raw JSON: the API's field names
+                resp = self.core.read_namespaced_config_map(name, ns, _preload_content=False)
+                return json.loads(resp.data)
             group, version = obj["apiVersion"].split("/")
             return self.custom.get_namespaced_custom_object(
                 group, version, ns, _plural(obj["kind"]), name)
@@ -174,6 +175,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     labels = meta.get("labels") or {}
     job, invalid = validate(body)
     created: list[str] = []
+    blocked: str | None = None
     child = None
     pods: list[dict[str, Any]] = []
     if job is not None:
@@ -189,6 +191,13 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
                 current, made = kube.create(obj)
                 if made:
                     created.append(f"{obj['kind']}/{name}")
+            if current is not None and not _owned_by(current, meta.get("uid")):
+                # Same name, someone else's (e.g. a deleted job's child awaiting garbage
+                # collection): never adopt it; the re-check retries once it is gone.
+                blocked = (f"a {obj['kind']} named {obj['metadata']['name']!r} already exists "
+                           "and belongs to another object; waiting for it to go")
+                child = None
+                break
             if obj["kind"] == "PyTorchJob":
                 child = current
         if child is not None:
@@ -200,12 +209,18 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         spec_suspend=bool((body.get("spec") or {}).get("suspend")),
         queue_name=labels.get(KUEUE_QUEUE_LABEL) or config.default_queue,
         invalid=invalid,
+        blocked=blocked,
         child=child,
         pods=pods,
         progress=progress,
     )
     status = reduce_status(observed, old, now())
     return Outcome(status, created, status.get("phase") != old.get("phase"))
+
+
+def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return uid is None or any(r.get("uid") == uid for r in refs)
 
 
 def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: bool

@@ -27,6 +27,7 @@ class Observed:
     spec_suspend: bool = False
     queue_name: str | None = None  # Kueue queue label on the job
     invalid: str | None = None  # a spec error the schema could not catch (names the field)
+    blocked: str | None = None  # something else holds the children's names
     child: dict[str, Any] | None = None  # the PyTorchJob as read back
     pods: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None  # the latest progress report from the trainer
@@ -189,6 +190,8 @@ def reduce_status(obs: Observed, old: dict[str, Any] | None, now: str) -> dict[s
 def _phase(obs: Observed) -> tuple[str, str, str]:
     if obs.invalid:
         return "Failed", "InvalidSpec", obs.invalid
+    if obs.blocked:
+        return "Pending", "Conflict", obs.blocked
     child = obs.child
     if child is None:
         return "Pending", "Creating", "creating the PyTorchJob"
