@@ -210,3 +210,20 @@ def test_metrics_service_and_monitor_follow_the_values(helm_bin):
     assert [d for d in render(helm_bin, *VALUE_SETS["servicemonitor"])
             if d["kind"] == "ServiceMonitor"]
     assert not [d for d in render(helm_bin, *VALUE_SETS["no-metrics"]) if d["kind"] == "Service"]
+
+
+def test_peering_crds_install_before_the_peering_objects(helm_bin):
+    # Objects of a kind whose CRD is a template in the same release fail `helm install`
+    # ("resource mapping not found"): kopf's CRDs are in crds/, which Helm applies first.
+    docs = render(helm_bin)
+    assert {d["kind"] for d in docs} >= {"ClusterKopfPeering"}
+    assert not [d for d in docs if d["kind"] == "CustomResourceDefinition"
+                and d["spec"]["group"] == "kopf.dev"]
+    with_crds = render(helm_bin, "--include-crds")
+    import kubernetes_validate
+
+    peering = [d for d in with_crds if d["kind"] == "CustomResourceDefinition"
+               and d["spec"]["group"] == "kopf.dev"]
+    assert len(peering) == 2
+    for crd in peering:
+        kubernetes_validate.validate(crd, K8S_VERSION, strict=True)
