@@ -145,3 +145,20 @@ def test_identity_fields_are_immutable_but_suspend_is_not():
                          "spec.resources.gpusPerNode", "spec.resources.nodes", "spec.stage"]
     assert "x-kubernetes-validations" not in schema["properties"]["spec"]["properties"][
         "suspend"]
+
+
+@pytest.mark.parametrize("name", ["Upper", "9lives", "a" * 51, "trailing-"])
+def test_job_names_that_would_break_the_pytorchjob_are_refused(name):
+    doc = _job()
+    doc["metadata"]["name"] = name
+    with pytest.raises(KubetuneError, match="metadata.name must be at most 50"):
+        parse_job(doc)
+
+
+def test_name_rule_in_cel_agrees():
+    import cel
+
+    rule = api.ALL_RULES["metadata"][0]
+    for name, ok in [("ident", True), ("a" * 50, True), ("a" * 51, False), ("Bad", False),
+                     ("x-", False)]:
+        assert cel.evaluate(rule.cel, {"self": {"metadata": {"name": name}}}) is ok, name

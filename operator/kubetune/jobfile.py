@@ -21,8 +21,10 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
             msg = f"unknown field {e['loc'][-1]!r}"
         elif e["type"] == "enum":
             msg = f"{e['input']!r} is not allowed; expected {e['ctx']['expected']}"
-        elif e["type"] == "string_pattern_mismatch":
+        elif e["type"] == "string_pattern_mismatch" and loc.endswith(("source", "uri")):
             msg = f"{e['input']!r} is not a source kubetune knows"
+        elif e["type"] == "string_pattern_mismatch":
+            msg = f"{e['input']!r} does not match {e['ctx']['pattern']}"
         lines.append(f"{loc}: {msg}" if loc else msg)
     return "\n".join(lines)
 

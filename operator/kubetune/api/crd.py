@@ -115,6 +115,9 @@ def finetunejob_crd() -> dict[str, Any]:
                             "type": "object",
                             "description": "FineTuneJob fine-tunes a language model.",
                             "required": ["spec"],
+                            "x-kubernetes-validations": [
+                                {"rule": r.cel, "message": r.message}
+                                for r in api.ALL_RULES["metadata"]],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},

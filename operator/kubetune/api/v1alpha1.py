@@ -8,6 +8,7 @@ and the trainer, with one message for both.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -541,11 +542,27 @@ class FineTuneJobStatus(_Model):
     failure: Failure | None = None
 
 
+NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+_NAME_RULES = (
+    Rule(
+        cel="!has(self.metadata.name) || (size(self.metadata.name) <= 50 && "
+        f"self.metadata.name.matches('{NAME_PATTERN}'))",
+        message="metadata.name must be at most 50 lower-case letters, digits and '-', "
+        "starting with a letter (the PyTorchJob's pods and Services are named after it)",
+        check=lambda m: len(m.name) <= 50 and re.fullmatch(NAME_PATTERN, m.name) is not None,
+    ),
+)
+
+
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: Annotated[str, Field(min_length=1, max_length=63)]
+    name: Annotated[str, Field(min_length=1)]
     namespace: str | None = None
     labels: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _NAME_RULES)
 
 
 class FineTuneJob(_Model):
@@ -557,6 +574,7 @@ class FineTuneJob(_Model):
 
 
 ALL_RULES = {
+    "metadata": _NAME_RULES,
     "spec": _SPEC_RULES,
     "spec.datasets[]": _DATASET_RULES,
     "spec.method": _METHOD_RULES,
