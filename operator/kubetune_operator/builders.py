@@ -104,6 +104,7 @@ def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
     spec = job.spec
     env: list[dict[str, Any]] = [
         {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "KUBETUNE_CACHE", "value": "/tmp/kubetune"},  # on the scratch volume
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
         {"name": "KUBETUNE_JOB", "value": job.metadata.name},
     ]

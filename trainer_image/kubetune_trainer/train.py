@@ -307,8 +307,9 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     if main:
         out.root.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    model_path = resolve(spec.model.source, ctx, field="spec.model.source",
-                         revision=spec.model.revision)
+    with state.local_main_process_first():  # one download/conversion per node, not per rank
+        model_path = resolve(spec.model.source, ctx, field="spec.model.source",
+                             revision=spec.model.revision)
     if not (model_path / "config.json").exists():
         raise KubetuneError(f"no model at {model_path} (config.json missing)",
                             field="spec.model.source")
@@ -368,6 +369,11 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     if eval_ds is not None:
         result["metrics"].update({k: float(v) for k, v in trainer.evaluate().items()
                                   if isinstance(v, int | float)})
+    whole_model = spec.method.type not in ("lora", "qlora")
+    if whole_model:  # every rank takes part (ZeRO-3/FSDP gather the weights); rank 0 writes
+        staging = out.model.with_name(out.model.name + ".partial")
+        trainer.save_model(str(staging))
+        trainer.accelerator.wait_for_everyone()
     if main:
         written = save_outputs(trainer, tokenizer, spec, out)
         result.update(written)
@@ -398,9 +404,10 @@ def save_outputs(trainer: Any, tokenizer: Any, spec: FineTuneJobSpec, out: Layou
             _replace_dir(out.merged, lambda p: (merged.save_pretrained(p),
                                                 tokenizer.save_pretrained(p)))
             written["merged_model"] = str(out.merged)
-    else:
-        _replace_dir(out.model, lambda p: (trainer.save_model(str(p)),
-                                           tokenizer.save_pretrained(p)))
+    else:  # run() had every rank save the weights into model.partial
+        staging = out.model.with_name(out.model.name + ".partial")
+        tokenizer.save_pretrained(staging)
+        _swap_in(staging, out.model)
         written["model"] = str(out.model)
     return written
 
@@ -425,10 +432,15 @@ def _replace_dir(target: Path, write) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
+    _swap_in(tmp, target)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
     old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
-    tmp.rename(target)
+    staging.rename(target)
     shutil.rmtree(old, ignore_errors=True)
 
 
