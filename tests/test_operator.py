@@ -245,6 +245,17 @@ async def test_a_child_of_another_owner_is_never_adopted(cluster, operator):
         "old-uid"
 
 
+async def test_a_spec_change_in_flight_is_reported_not_silently_ignored(cluster, operator):
+    await operator.create(_job())
+    await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+    await asyncio.to_thread(operator.custom.patch_namespaced_custom_object, "kubetune.io",
+                            "v1alpha1", NS, "finetunejobs", "ident",
+                            {"spec": {"training": {"learningRate": 0.5}}})
+    await eventually(lambda: _assert(any(
+        c["type"] == "SpecChangeIgnored" and c["status"] == "True"
+        for c in _status(cluster)["conditions"])))
+
+
 async def test_restart_midway_never_duplicates(cluster, operator):
     # A crash after the ConfigMap and before the PyTorchJob: the ConfigMap is already there.
     from kubetune.jobfile import parse_job

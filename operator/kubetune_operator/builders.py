@@ -49,7 +49,9 @@ def config_name(job: FineTuneJob) -> str:
 
 
 def spec_hash(job: FineTuneJob) -> str:
-    raw = json.dumps(job.spec.model_dump(mode="json", by_alias=True), sort_keys=True)
+    """What the children were rendered from (suspend aside: it is applied in place)."""
+    spec = job.spec.model_dump(mode="json", by_alias=True, exclude={"suspend"})
+    raw = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

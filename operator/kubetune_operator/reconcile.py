@@ -22,6 +22,7 @@ from kubetune_operator import builders
 from kubetune_operator.builders import (
     JOB_LABEL,
     KUEUE_QUEUE_LABEL,
+    SPEC_HASH,
     SUSPEND_APPLIED,
     OperatorConfig,
 )
@@ -176,6 +177,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     job, invalid = validate(body)
     created: list[str] = []
     blocked: str | None = None
+    drift: str | None = None
     child = None
     pods: list[dict[str, Any]] = []
     if job is not None:
@@ -201,6 +203,10 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
             if obj["kind"] == "PyTorchJob":
                 child = current
         if child is not None:
+            rendered = (child.get("metadata", {}).get("annotations") or {}).get(SPEC_HASH)
+            if rendered and rendered != builders.spec_hash(job):
+                drift = ("the spec changed after the PyTorchJob was made; only suspend applies "
+                         "to a job in flight: create a new FineTuneJob for other changes")
             child = _apply_suspend(kube, ns, name, child, job.spec.suspend)
             if child.get("status"):  # no status yet: the training operator made no pods yet
                 pods = kube.pods(ns, name)
@@ -210,6 +216,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         queue_name=labels.get(KUEUE_QUEUE_LABEL) or config.default_queue,
         invalid=invalid,
         blocked=blocked,
+        drift=drift,
         child=child,
         pods=pods,
         progress=progress,

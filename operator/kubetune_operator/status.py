@@ -28,6 +28,7 @@ class Observed:
     queue_name: str | None = None  # Kueue queue label on the job
     invalid: str | None = None  # a spec error the schema could not catch (names the field)
     blocked: str | None = None  # something else holds the children's names
+    drift: str | None = None  # the spec changed after the children were made
     child: dict[str, Any] | None = None  # the PyTorchJob as read back
     pods: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None  # the latest progress report from the trainer
@@ -151,6 +152,8 @@ def reduce_status(obs: Observed, old: dict[str, Any] | None, now: str) -> dict[s
                             else "NotQueued", message if phase == "Queued" else "", gen))
     conds.append(_condition("Suspended", phase == "Suspended", reason if phase == "Suspended"
                             else "NotSuspended", message if phase == "Suspended" else "", gen))
+    if obs.drift:
+        conds.append(_condition("SpecChangeIgnored", True, "ChangedAfterStart", obs.drift, gen))
     if phase in ("Succeeded", "Failed"):
         conds.append(_condition("Succeeded", phase == "Succeeded", reason, message, gen))
         conds.append(_condition("Failed", phase == "Failed", reason, message, gen))
