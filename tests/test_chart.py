@@ -111,6 +111,9 @@ def _rules(doc: dict) -> dict[tuple[str, str], set[str]]:
 NAMESPACED = {
     ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch"},
     ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
+    # not a call: admission (OwnerReferencesPermissionEnforcement) checks it for
+    # blockOwnerDeletion on the children's owner references
+    ("kubetune.io", "finetunejobs/finalizers"): {"update"},
     ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch"},
     ("", "configmaps"): {"get", "create"},
     ("", "pods"): {"get", "list"},
