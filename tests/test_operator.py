@@ -74,7 +74,8 @@ def cluster(kmock):
         verbs={"get", "list", "watch", "create", "patch", "delete"})
     reviews = {
         "pod-token": {"username": f"system:serviceaccount:{NS}:default",
-                      "extra": {"authentication.kubernetes.io/pod-name": ["ident-master-0"]}},
+                      "extra": {"authentication.kubernetes.io/pod-name": ["ident-master-0"],
+                                "authentication.kubernetes.io/pod-uid": ["pod-uid-0"]}},
         "foreign-token": {"username": "system:serviceaccount:team-b:default",
                           "extra": {"authentication.kubernetes.io/pod-name": ["ident-master-0"]}},
     }
@@ -148,6 +149,17 @@ async def operator(cluster):
     await op.start()
     yield op
     await op.stop()
+
+
+def _seed_master_pod(cluster):
+    """The pod the training operator would have made: the one the pod-token belongs to."""
+    cluster.objects["v1/pods", NS, "ident-master-0"] = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "ident-master-0", "namespace": NS, "resourceVersion": "1",
+                     "uid": "pod-uid-0", "labels": {"kubetune.io/job": "ident"},
+                     "ownerReferences": [{"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+                                          "name": "ident", "uid": "ptj-uid",
+                                          "controller": True}]}}
 
 
 def _status(cluster, name="ident"):
@@ -295,6 +307,7 @@ async def test_suspend_and_resume(cluster, operator):
 async def test_progress_posts_reach_the_status_and_foreign_tokens_do_not(cluster, operator):
     await operator.create(_job())
     await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+    _seed_master_pod(cluster)
     url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
     report = {"trainerStatus": {"progressPercentage": 37, "estimatedRemainingSeconds": 600,
                                 "metrics": [{"name": "loss", "value": "0.93"},
@@ -345,6 +358,7 @@ async def test_kubetune_status_shows_phase_progress_and_checkpoints(cluster, ope
 
     await operator.create(_job())
     await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+    _seed_master_pod(cluster)
     url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
     async with aiohttp.ClientSession(headers={"Authorization": "Bearer pod-token"}) as http:
         for body in ({"trainerStatus": {"progressPercentage": 50, "estimatedRemainingSeconds": 65,
@@ -398,6 +412,7 @@ async def test_the_chart_rbac_allows_every_call_the_operator_makes(cluster, oper
     from tools import helm
 
     await test_create_makes_each_child_once_and_follows_the_pytorchjob(cluster, operator)
+    _seed_master_pod(cluster)
     url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
     async with aiohttp.ClientSession() as http:
         resp = await http.post(url, json={"trainerStatus": {"progressPercentage": 5}},

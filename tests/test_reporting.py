@@ -16,7 +16,12 @@ from kubetune_operator.reporting import (
 REVIEWS = {
     "good": {"status": {"authenticated": True, "audiences": ["kubetune"], "user": {
         "username": "system:serviceaccount:team-a:default",
-        "extra": {"authentication.kubernetes.io/pod-name": ["ident-master-0"]}}}},
+        "extra": {"authentication.kubernetes.io/pod-name": ["ident-master-0"],
+                  "authentication.kubernetes.io/pod-uid": ["pod-uid-1"]}}}},
+    "impostor": {"status": {"authenticated": True, "audiences": ["kubetune"], "user": {
+        "username": "system:serviceaccount:team-a:default",
+        "extra": {"authentication.kubernetes.io/pod-name": ["ident-master-0"],
+                  "authentication.kubernetes.io/pod-uid": ["someone-elses-pod"]}}}},
     "other-job": {"status": {"authenticated": True, "audiences": ["kubetune"], "user": {
         "username": "system:serviceaccount:team-a:default",
         "extra": {"authentication.kubernetes.io/pod-name": ["someone-else-master-0"]}}}},
@@ -41,10 +46,20 @@ async def _review(token: str, audience: str) -> dict:
     return REVIEWS.get(token, {"status": {"authenticated": False}})
 
 
+# The pods the API server knows: the job's real master pod, owned by its PyTorchJob.
+PODS = {("team-a", "ident-master-0"): {"metadata": {
+    "name": "ident-master-0", "uid": "pod-uid-1",
+    "ownerReferences": [{"kind": "PyTorchJob", "name": "ident", "uid": "ptj-1"}]}}}
+
+
+async def _pod(namespace: str, name: str):
+    return PODS.get((namespace, name))
+
+
 @pytest.fixture
 async def client():
     store = ProgressStore()
-    app = make_app(store, TokenChecker(_review))
+    app = make_app(store, TokenChecker(_review), pod_lookup=_pod)
     async with TestClient(TestServer(app)) as c:
         c.store = store
         yield c
@@ -61,7 +76,7 @@ async def test_a_pod_of_the_job_reports_progress(client):
 
 @pytest.mark.parametrize(("token", "code"), [
     (None, 401), ("forged", 401), ("api-audience", 401), ("other-job", 403),
-    ("other-namespace", 403)])
+    ("other-namespace", 403), ("impostor", 403)])
 async def test_forged_or_foreign_tokens_are_refused(client, token, code):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     resp = await client.post(URL, json=KEP_BODY, headers=headers)

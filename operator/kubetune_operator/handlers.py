@@ -95,7 +95,10 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
             metrics.STATUS_PATCHES.labels("ok").inc()
 
     store: ProgressStore = memo.store
-    app = make_app(store, TokenChecker(review))
+    async def pod_lookup(ns: str, pod: str) -> dict[str, Any] | None:
+        return await loop.run_in_executor(None, kube.pod, ns, pod)
+
+    app = make_app(store, TokenChecker(review), pod_lookup=pod_lookup)
     from aiohttp import web
 
     runner = web.AppRunner(app)

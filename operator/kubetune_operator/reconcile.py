@@ -95,6 +95,15 @@ class Kube:
         return [p for p in items if (p.get("metadata", {}).get("labels") or {}).get(
             JOB_LABEL) == job]
 
+    def pod(self, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            resp = self.core.read_namespaced_pod(name, ns, _preload_content=False)
+        except self._exc as err:
+            if self._missing(err):
+                return None
+            raise
+        return json.loads(resp.data)
+
     def patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(
             "kubetune.io", "v1alpha1", ns, "finetunejobs", name, {"status": status})

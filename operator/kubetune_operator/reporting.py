@@ -194,8 +194,28 @@ def allowed(identity: dict[str, Any], namespace: str, name: str) -> bool:
     return any(pattern.match(p) for p in pods)
 
 
+_POD_UID = "authentication.kubernetes.io/pod-uid"
+PodLookup = Callable[[str, str], Awaitable[dict[str, Any] | None]]
+
+
+async def pod_belongs(identity: dict[str, Any], namespace: str, name: str,
+                      lookup: PodLookup) -> bool:
+    """The token's pod is the live pod of this job's PyTorchJob (same uid): a pod someone
+    else made with the right name does not pass."""
+    extra = identity.get("extra") or {}
+    pods, uids = extra.get(_POD_NAME) or [], extra.get(_POD_UID) or []
+    if not pods or not uids:
+        return False
+    pod = await lookup(namespace, pods[0])
+    meta = (pod or {}).get("metadata") or {}
+    owners = meta.get("ownerReferences") or []
+    return meta.get("uid") == uids[0] and any(
+        o.get("kind") == "PyTorchJob" and o.get("name") == name for o in owners)
+
+
 def make_app(store: ProgressStore, checker: TokenChecker,
-             on_report: Callable[[str, str], None] | None = None) -> web.Application:
+             on_report: Callable[[str, str], None] | None = None,
+             pod_lookup: PodLookup | None = None) -> web.Application:
     async def post(request: web.Request) -> web.Response:
         response = await _post(request)
         from kubetune_operator.metrics import PROGRESS_REPORTS
@@ -211,7 +231,8 @@ def make_app(store: ProgressStore, checker: TokenChecker,
         ident = await checker.identity(auth[7:].strip())
         if ident is None:
             return web.json_response({"error": "token not accepted"}, status=401)
-        if not allowed(ident, ns, name):
+        if not allowed(ident, ns, name) or (
+                pod_lookup is not None and not await pod_belongs(ident, ns, name, pod_lookup)):
             log.warning("refused a report for %s/%s from %s", ns, name, ident.get("username"))
             return web.json_response({"error": "not a pod of this job"}, status=403)
         if (request.content_length or 0) > MAX_BODY:
