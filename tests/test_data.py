@@ -153,3 +153,15 @@ def test_pvc_sources_resolve_under_the_pvc_root(tmp_path):
     examples, _ = load_examples([ds], "sft", RunContext(pvc_root=tmp_path / "claims"),
                                 max_invalid_fraction=0)
     assert len(examples) == 1
+
+
+def test_max_samples_counts_across_the_files_of_a_directory(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.json").write_text(json.dumps(
+            [{"instruction": f"q{i}{j}", "output": "a"} for j in range(4)]))
+    ds = DatasetSpec(source="parts", maxSamples=6)
+    examples, report = load_examples([ds], "sft", RunContext(base_dir=tmp_path),
+                                     max_invalid_fraction=0)
+    assert len(examples) == 6 and report.total == 6

@@ -192,7 +192,10 @@ def load_examples(
         index = int(part.field.split("[")[1].split("]")[0])
         spec = specs[index]
         kept_before, total_before = report.kept, report.total
+        remaining = part.max_samples  # across all files of this source
         for path in part.paths:
+            if remaining is not None and remaining <= 0:
+                break
             try:
                 rows = _read_file(path)
             except (OSError, ValueError) as err:
@@ -202,8 +205,9 @@ def load_examples(
                 raise DataError(f"{path}: expected a list of rows", field=f"{part.field}.source")
             if not rows:
                 raise DataError(f"{part.name}: {path} has no rows", field=f"{part.field}.source")
-            if part.max_samples:
-                rows = rows[: part.max_samples]
+            if remaining is not None:
+                rows = rows[:remaining]
+                remaining -= len(rows)
             layout = _layout_for(part, rows, (spec.columns, spec.tags, spec.ranking))
             convert = CONVERTERS[layout.format]
             missing = _missing_column(rows, layout)
