@@ -146,3 +146,10 @@ def test_progress_and_checkpoints_are_bounded_and_ordered():
     status = reduce_status(obs, None, T0)
     assert status["progress"]["percent"] == 40.0
     assert [c["step"] for c in status["checkpoints"]] == list(range(60, 160, 10))
+
+
+def test_checkpoints_listed_are_no_more_than_the_trainer_keeps():
+    report = {"checkpoints": [{"step": s, "uri": f"pvc://o/checkpoint-{s}"}
+                              for s in range(10, 60, 10)]}
+    obs = Observed(1, child=pytorchjob(("Running", "r")), progress=report, keep_checkpoints=3)
+    assert [c["step"] for c in reduce_status(obs, None, T0)["checkpoints"]] == [30, 40, 50]

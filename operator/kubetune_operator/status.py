@@ -32,6 +32,7 @@ class Observed:
     child: dict[str, Any] | None = None  # the PyTorchJob as read back
     pods: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None  # the latest progress report from the trainer
+    keep_checkpoints: int | None = None  # training.saveTotalLimit: older ones are deleted
 
 
 def _cond(child: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
@@ -175,7 +176,8 @@ def reduce_status(obs: Observed, old: dict[str, Any] | None, now: str) -> dict[s
     progress = progress_fields(obs.progress, old.get("progress"), phase)
     if progress:
         status["progress"] = progress
-    status["checkpoints"] = merge_checkpoints(obs.progress, old.get("checkpoints") or [])
+    status["checkpoints"] = merge_checkpoints(obs.progress, old.get("checkpoints") or [],
+                                              keep=obs.keep_checkpoints)
     outputs = dict(old.get("outputs") or {})
     if obs.progress and obs.progress.get("outputs"):
         outputs.update(obs.progress["outputs"])
@@ -242,10 +244,10 @@ def progress_fields(report: dict[str, Any] | None, old: dict[str, Any] | None = 
     return p or old
 
 
-def merge_checkpoints(report: dict[str, Any] | None, old: list[dict[str, Any]]
-                      ) -> list[dict[str, Any]]:
-    """A bounded list, newest last, one entry per step."""
+def merge_checkpoints(report: dict[str, Any] | None, old: list[dict[str, Any]],
+                      keep: int | None = None) -> list[dict[str, Any]]:
+    """A bounded list, newest last, one entry per step; no more than the trainer keeps."""
     by_step = {c["step"]: c for c in old}
     for c in (report or {}).get("checkpoints", []) or []:
         by_step[c["step"]] = c
-    return [by_step[s] for s in sorted(by_step)][-MAX_CHECKPOINTS:]
+    return [by_step[s] for s in sorted(by_step)][-min(MAX_CHECKPOINTS, keep or MAX_CHECKPOINTS):]

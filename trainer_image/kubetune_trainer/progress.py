@@ -90,6 +90,9 @@ class CheckpointMarker(TrainerCallback):
     """
 
     def on_save(self, args, state, control, **_: Any) -> None:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()  # every rank's part (RNG state, shards) is written
         if not rank_zero():
             return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
