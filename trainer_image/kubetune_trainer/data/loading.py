@@ -32,6 +32,7 @@ class Part:
 
     name: str  # what the report calls it
     field: str  # spec path, for messages
+    spec: DatasetSpec  # the data set entry it comes from
     paths: list[Path]
     layout: Layout | None  # None: detect from the first row
     max_samples: int | None = None
@@ -140,7 +141,8 @@ def _registry_parts(spec: DatasetSpec, path: Path, field: str, ctx: RunContext) 
         except ValueError as err:
             raise DataError(f"{entry!r}: {err}", field=efield) from None
         max_samples = spec.max_samples or info.get("num_samples")
-        parts.append(Part(entry, efield, _files(path.parent / info["file_name"], entry, efield),
+        parts.append(Part(entry, efield, spec, _files(path.parent / info["file_name"], entry,
+                                                      efield),
                           layout, max_samples, spec.placeholders))
     return parts
 
@@ -163,7 +165,7 @@ def plan(specs: list[DatasetSpec], ctx: RunContext) -> list[Part]:
                 layout = Layout.build(spec.format, spec.columns, spec.tags, spec.ranking)
             except ValueError as err:
                 raise DataError(str(err), field=field) from None
-        parts.append(Part(spec.source, field, _files(path, spec.source, f"{field}.source"),
+        parts.append(Part(spec.source, field, spec, _files(path, spec.source, f"{field}.source"),
                           layout, spec.max_samples, spec.placeholders))
     return parts
 
@@ -189,8 +191,7 @@ def load_examples(
     report = Report()
     examples: list[dict[str, Any]] = []
     for part in plan(specs, ctx):
-        index = int(part.field.split("[")[1].split("]")[0])
-        spec = specs[index]
+        spec = part.spec
         kept_before, total_before = report.kept, report.total
         remaining = part.max_samples  # across all files of this source
         for path in part.paths:
