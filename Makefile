@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast e2e crds chart lint bench bench-operator clean
+.PHONY: install demo test test-fast e2e e2e-local kube crds chart lint bench bench-operator clean
 
 install: $(STAMP)
 
@@ -40,6 +40,14 @@ test-fast: install
 
 e2e: install
 	$(BIN)/pytest -m e2e -q
+
+# The e2e suite on a throwaway control plane (etcd + kube-apiserver + controller-manager).
+e2e-local: install kube
+	$(BIN)/python tests/e2e/local_cluster.py -- $(BIN)/pytest -m e2e -q
+
+# kube-apiserver + kube-controller-manager built from Debian's kubernetes source (apt, root).
+kube:
+	bash tests/e2e/build_kube.sh
 
 crds: install
 	$(BIN)/kubetune crds --out crds/kubetune.io_finetunejobs.yaml

@@ -1,4 +1,5 @@
-"""End to end on a real cluster (`make e2e`, or `pytest -m e2e`): whatever KUBECONFIG points at.
+"""End to end on a real cluster (`make e2e`, or `pytest -m e2e`): whatever KUBECONFIG points at
+(`make e2e-local` starts a throwaway control plane: tests/e2e/local_cluster.py).
 
 Installs our CRD and the real PyTorchJob CRD, runs the operator (kopf's KopfRunner), applies
 the cluster example into a fresh namespace and plays the training operator's part by patching
@@ -10,8 +11,12 @@ collection. Skipped when no cluster answers.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import socket
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -53,6 +58,16 @@ def kube():
 
 
 @pytest.fixture(scope="module")
+def server_minor(kube):
+    return int("".join(ch for ch in kube.VersionApi().get_code().minor if ch.isdigit()))
+
+
+def _needs(server_minor, minor, what):
+    if server_minor < minor:
+        pytest.skip(f"{what} needs Kubernetes >= 1.{minor}; this API server is 1.{server_minor}")
+
+
+@pytest.fixture(scope="module")
 def crds(kube):
     ext = kube.ApiextensionsV1Api()
     for path in CRDS:
@@ -80,16 +95,41 @@ def namespace(kube, crds):
     core.delete_namespace(name)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def operator(namespace):
+def progress_port():
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def operator(namespace, progress_port):
     from kopf.testing import KopfRunner
 
+    env = {"KUBETUNE_PROGRESS_PORT": str(progress_port), "KUBETUNE_PROGRESS_HOST": "127.0.0.1",
+           "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{progress_port}/v1",
+           "KUBETUNE_PROGRESS_FLUSH_SECONDS": "0.5"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     args = ["run", "--standalone", "--namespace", namespace, "-m",
             "kubetune_operator.handlers"]
-    with KopfRunner(args, timeout=60) as runner:
-        time.sleep(3)
-        yield runner
+    try:
+        with KopfRunner(args, timeout=60) as runner:
+            time.sleep(3)
+            yield runner
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     assert runner.exception is None, runner.output
+    if os.environ.get("KUBETUNE_E2E_LOG"):
+        Path(os.environ["KUBETUNE_E2E_LOG"]).write_text(runner.output)
 
 
 def _job(namespace, name, **spec):
@@ -110,20 +150,39 @@ def _get(kube, namespace, name, plural="finetunejobs", group="kubetune.io",
                                                                 plural, name)
 
 
-def test_cel_rules_and_strict_fields_are_enforced_by_the_api_server(kube, namespace):
+def test_cel_rules_are_enforced_by_the_api_server(kube, namespace, server_minor):
+    _needs(server_minor, 25, "CEL validation rules (x-kubernetes-validations)")
     bad = _job(namespace, "bad-merge", method={"type": "full"})
     with pytest.raises(kube.exceptions.ApiException) as err:
         _create(kube, namespace, bad)
     assert err.value.status == 422
     assert "output.merge needs method.type lora or qlora" in err.value.body
-    typo = _job(namespace, "typo")
-    typo["spec"]["trainng"] = {}
+
+
+def test_schema_types_and_enums_are_enforced_by_the_api_server(kube, namespace):
+    bad = _job(namespace, "bad-stage", stage="sftt")
     with pytest.raises(kube.exceptions.ApiException) as err:
-        _create(kube, namespace, typo, field_validation="Strict")
-    assert err.value.status == 422 and "trainng" in err.value.body
+        _create(kube, namespace, bad)
+    assert err.value.status == 422 and "spec.stage" in err.value.body
+    bad = _job(namespace, "bad-nodes", resources={"nodes": 0, "gpusPerNode": 1})
+    with pytest.raises(kube.exceptions.ApiException) as err:
+        _create(kube, namespace, bad)
+    assert err.value.status == 422 and "spec.resources.nodes" in err.value.body
 
 
-def test_a_job_runs_through_its_phases(kube, namespace, operator):
+def test_unknown_fields_are_refused_or_pruned(kube, namespace, server_minor):
+    typo = _job(namespace, "typo")
+    typo["spec"]["trainng"] = {"epochs": 9}
+    if server_minor >= 25:  # server-side field validation
+        with pytest.raises(kube.exceptions.ApiException) as err:
+            _create(kube, namespace, typo, field_validation="Strict")
+        assert err.value.status == 422 and "trainng" in err.value.body
+    stored = _create(kube, namespace, typo)
+    assert "trainng" not in stored["spec"]  # a structural schema prunes it
+    assert stored["spec"]["training"]["epochs"] == 3
+
+
+def test_a_job_runs_through_its_phases(kube, namespace, operator, server_minor):
     custom = kube.CustomObjectsApi()
     _create(kube, namespace, _job(namespace, "ident"))
     child = _wait(lambda: _get(kube, namespace, "ident", "pytorchjobs", "kubeflow.org", "v1"))
@@ -151,11 +210,12 @@ def test_a_job_runs_through_its_phases(kube, namespace, operator):
     assert ready["status"] == "True"
 
     # Identity fields are immutable (CEL transition rule); suspend is not.
-    with pytest.raises(kube.exceptions.ApiException) as err:
-        custom.patch_namespaced_custom_object("kubetune.io", "v1alpha1", namespace,
-                                              "finetunejobs", "ident",
-                                              {"spec": {"model": {"source": "hf://a/b"}}})
-    assert "spec.model.source cannot change" in err.value.body
+    if server_minor >= 25:
+        with pytest.raises(kube.exceptions.ApiException) as err:
+            custom.patch_namespaced_custom_object("kubetune.io", "v1alpha1", namespace,
+                                                  "finetunejobs", "ident",
+                                                  {"spec": {"model": {"source": "hf://a/b"}}})
+        assert "spec.model.source cannot change" in err.value.body
     custom.patch_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs",
                                           "ident", {"spec": {"suspend": True}})
     _wait(lambda: _get(kube, namespace, "ident", "pytorchjobs", "kubeflow.org", "v1")
@@ -209,3 +269,57 @@ def test_an_invalid_spec_that_passes_the_schema_stalls_with_the_field(kube, name
         (c for c in (_get(kube, namespace, "local-path").get("status") or {}).get(
             "conditions", []) if c["type"] == "Stalled" and c["status"] == "True"), None))
     assert "spec.datasets[0].source" in stalled["message"]
+
+
+def _post(url, token, body):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_progress_from_the_jobs_pod_reaches_the_status_through_a_real_token_review(
+        kube, namespace, operator, progress_port):
+    """KEP-2779 on a real API server: a pod-bound projected token (audience kubetune) is
+    accepted from the PyTorchJob's pod, refused from a look-alike pod and for another audience."""
+    core = kube.CoreV1Api()
+    _create(kube, namespace, _job(namespace, "prog"))
+    child = _wait(lambda: _get(kube, namespace, "prog", "pytorchjobs", "kubeflow.org", "v1"))
+    _wait(lambda: core.read_namespaced_service_account("default", namespace))  # pod admission
+
+    def pod(name, owned):
+        meta = {"name": name}
+        if owned:  # what the training operator does
+            meta["ownerReferences"] = [{"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+                                        "name": "prog", "uid": child["metadata"]["uid"],
+                                        "controller": True}]
+        return core.create_namespaced_pod(namespace, {
+            "metadata": meta, "spec": {"automountServiceAccountToken": False,
+                                       "containers": [{"name": "pytorch", "image": "trainer"}]}})
+
+    def token(for_pod, audience="kubetune"):
+        request = {"spec": {"audiences": [audience], "expirationSeconds": 600,
+                            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
+                                               "name": for_pod.metadata.name,
+                                               "uid": for_pod.metadata.uid}}}
+        return core.create_namespaced_service_account_token(
+            "default", namespace, request).status.token
+
+    master, lookalike = pod("prog-master-0", True), pod("prog-master-1", False)
+    url = f"http://127.0.0.1:{progress_port}/v1/namespaces/{namespace}/finetunejobs/prog/status"
+    report = {"trainerStatus": {"progressPercentage": 42, "estimatedRemainingSeconds": 90,
+                                "metrics": [{"name": "loss", "value": "1.25"},
+                                            {"name": "current_step", "value": "42"},
+                                            {"name": "total_steps", "value": "100"}]}}
+    assert _post(url, "not-a-token", report) == 401
+    assert _post(url, token(master, "another-service"), report) == 401  # not meant for us
+    assert _post(url, token(lookalike), report) == 403  # right name pattern, not the job's pod
+    assert _post(url, token(master), report) == 200
+    progress = _wait(lambda: (_get(kube, namespace, "prog").get("status") or {}).get(
+        "progress", {}).get("percent") == 42.0 and _get(kube, namespace, "prog")["status"][
+        "progress"], timeout=30)
+    assert progress["loss"] == 1.25 and progress["step"] == 42
