@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import kmock
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+CONFORMANCE = Path(os.environ.get("KUBETUNE_CONFORMANCE", REPO.parent / "shared" / "conformance"))
 FTJ = "kubetune.io/v1alpha1/finetunejobs"
 PTJ = "kubeflow.org/v1/pytorchjobs"
 NS = "bench"
@@ -43,10 +45,11 @@ def _kubeconfig(url: str, path: Path) -> Path:
     return path
 
 
-def _job(i: int) -> dict:
+def _job(i: int, emulated: bool) -> dict:
     doc = yaml.safe_load((REPO / "examples" / "assistant-identity.yaml").read_text())
-    doc["metadata"] = {"name": f"job-{i:05d}", "namespace": NS, "resourceVersion": "1",
-                       "generation": 1, "uid": f"uid-{i}"}
+    doc["metadata"] = {"name": f"job-{i:05d}", "namespace": NS}
+    if emulated:  # kmock sets none of these itself
+        doc["metadata"].update(resourceVersion="1", generation=1, uid=f"uid-{i}")
     return doc
 
 
@@ -82,16 +85,23 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-async def run_one(which: str, n: int, progress_samples: int) -> dict:
-    emulator = kmock.KubernetesEmulator()
-    async with emulator, kmock.Server(emulator) as server:
-        emulator.resources.load_bundled()
+class Emulator:
+    """kmock in this process; progress tokens are accepted by a TokenReview handler."""
+
+    name = "kmock emulator"
+
+    async def __aenter__(self):
+        self.emulator = kmock.KubernetesEmulator()
+        self._server = kmock.Server(self.emulator)
+        await self.emulator.__aenter__()
+        server = await self._server.__aenter__()
+        self.emulator.resources.load_bundled()
         for res, kind in ((FTJ, "FineTuneJob"), (PTJ, "PyTorchJob")):
-            emulator.resources[res] = kmock.ResourceInfo(
+            self.emulator.resources[res] = kmock.ResourceInfo(
                 kind=kind, singular=kind.lower(), namespaced=True, subresources={"status"},
                 verbs={"get", "list", "watch", "create", "patch", "delete"})
-        for key in [k for k in emulator.resources if "tokenreviews" in str(k)]:
-            del emulator.resources[key]
+        for key in [k for k in self.emulator.resources if "tokenreviews" in str(k)]:
+            del self.emulator.resources[key]
 
         def review(req):
             user = {"username": f"system:serviceaccount:{NS}:default",
@@ -101,14 +111,133 @@ async def run_one(which: str, n: int, progress_samples: int) -> dict:
                     "spec": req.data["spec"],
                     "status": {"authenticated": True, "audiences": ["kubetune"], "user": user}}
 
-        emulator["post /apis/authentication.k8s.io/v1/tokenreviews"] << review
-        url = str(server.url).rstrip("/")
+        self.emulator["post /apis/authentication.k8s.io/v1/tokenreviews"] << review
+        self.url = str(server.url).rstrip("/")
+        self.headers: dict[str, str] = {}
+        self.ssl = None
+        self._tmp = tempfile.TemporaryDirectory()
+        self.kubeconfig = _kubeconfig(self.url, Path(self._tmp.name) / "kc")
+        return self
+
+    async def __aexit__(self, *exc):
+        await self._server.__aexit__(*exc)
+        await self.emulator.__aexit__(*exc)
+        self._tmp.cleanup()
+
+    def created(self) -> set[str]:
+        return {key[2] for key in list(self.emulator.objects) if key[0] == PTJ}
+
+    async def status(self, http, name: str) -> dict:
+        return self.emulator.objects[FTJ, NS, name].get("status") or {}
+
+    async def progress_token(self, http, name: str) -> str:
+        return f"{name}-master-0"
+
+
+class ControlPlane:
+    """A fresh etcd + kube-apiserver + controller-manager (tests/e2e/local_cluster.py) per run:
+    real TokenReviews from pod-bound tokens, real watch streams."""
+
+    name = "local kube-apiserver (etcd, controller-manager; tests/e2e/local_cluster.py)"
+
+    async def __aenter__(self):
+        sys.path.insert(0, str(REPO / "tests" / "e2e"))
+        from local_cluster import cluster
+
+        self._cm = cluster()
+        self.kubeconfig = await asyncio.to_thread(self._cm.__enter__)
+        conf = yaml.safe_load(self.kubeconfig.read_text())
+        self.url = conf["clusters"][0]["cluster"]["server"]
+        self.headers = {"Authorization": f"Bearer {conf['users'][0]['user']['token']}"}
+        self.ssl = False  # a throwaway local API server with a self-signed certificate
+        self._created: set[str] = set()
+        async with aiohttp.ClientSession(headers=self.headers) as http:
+            for path in (REPO / "crds" / "kubetune.io_finetunejobs.yaml",
+                         CONFORMANCE / "kubeflow" / "kubeflow.org_pytorchjobs.yaml"):
+                await self._ok(http.post(f"{self.url}/apis/apiextensions.k8s.io/v1/"
+                                         "customresourcedefinitions",
+                                         json=yaml.safe_load(path.read_text()), ssl=False))
+            await self._ok(http.post(f"{self.url}/api/v1/namespaces",
+                                     json={"metadata": {"name": NS}}, ssl=False))
+            for _ in range(240):  # CRDs established, the namespace's default ServiceAccount
+                async with http.get(f"{self.url}/apis/kubeflow.org/v1/namespaces/{NS}/"
+                                    "pytorchjobs", ssl=False) as a, \
+                        http.get(f"{self.url}/apis/kubetune.io/v1alpha1/namespaces/{NS}/"
+                                 "finetunejobs", ssl=False) as b, \
+                        http.get(f"{self.url}/api/v1/namespaces/{NS}/serviceaccounts/default",
+                                 ssl=False) as c:
+                    if a.status == b.status == c.status == 200:
+                        break
+                await asyncio.sleep(0.5)
+        self._session = aiohttp.ClientSession(headers=self.headers)
+        self._watch = asyncio.create_task(self._watch_children())
+        return self
+
+    @staticmethod
+    async def _ok(request) -> None:
+        async with request as resp:
+            if resp.status >= 300:
+                raise RuntimeError(f"{resp.status}: {await resp.text()}")
+
+    async def _watch_children(self) -> None:
+        url = (f"{self.url}/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs"
+               "?watch=1&allowWatchBookmarks=false")
+        while True:
+            try:
+                async with self._session.get(url, ssl=False, timeout=aiohttp.ClientTimeout(
+                        total=None, sock_read=None)) as resp:
+                    async for line in resp.content:
+                        event = json.loads(line)
+                        if event.get("type") == "ADDED":
+                            self._created.add(event["object"]["metadata"]["name"])
+            except (aiohttp.ClientError, ValueError):
+                await asyncio.sleep(0.2)
+
+    async def __aexit__(self, *exc):
+        self._watch.cancel()
+        await self._session.close()
+        await asyncio.to_thread(self._cm.__exit__, None, None, None)
+
+    def created(self) -> set[str]:
+        return set(self._created)
+
+    async def status(self, http, name: str) -> dict:
+        async with http.get(f"{self.url}/apis/kubetune.io/v1alpha1/namespaces/{NS}/"
+                            f"finetunejobs/{name}", ssl=False) as resp:
+            return (await resp.json()).get("status") or {}
+
+    async def progress_token(self, http, name: str) -> str:
+        """A pod owned by the job's PyTorchJob, and a token bound to it (as the kubelet
+        mounts it): the operator's TokenReview and ownership check pass for real."""
+        async with http.get(f"{self.url}/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs/"
+                            f"{name}", ssl=False) as resp:
+            child = await resp.json()
+        pod = {"metadata": {"name": f"{name}-master-0", "ownerReferences": [{
+            "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": name,
+            "uid": child["metadata"]["uid"], "controller": True}]},
+            "spec": {"automountServiceAccountToken": False,
+                     "containers": [{"name": "pytorch", "image": "trainer"}]}}
+        async with http.post(f"{self.url}/api/v1/namespaces/{NS}/pods", json=pod,
+                             ssl=False) as resp:
+            pod = await resp.json()
+        request = {"spec": {"audiences": ["kubetune"], "expirationSeconds": 3600,
+                            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
+                                               "name": pod["metadata"]["name"],
+                                               "uid": pod["metadata"]["uid"]}}}
+        async with http.post(f"{self.url}/api/v1/namespaces/{NS}/serviceaccounts/default/"
+                             "token", json=request, ssl=False) as resp:
+            return (await resp.json())["status"]["token"]
+
+
+async def run_one(which: str, n: int, progress_samples: int, backend_cls) -> dict:
+    async with backend_cls() as backend:
         port = 18000 + (os.getpid() % 1000)
         with tempfile.TemporaryDirectory() as tmp:
-            env = {**os.environ, "KUBECONFIG": str(_kubeconfig(url, Path(tmp) / "kc")),
+            env = {**os.environ, "KUBECONFIG": str(backend.kubeconfig),
                    "KUBETUNE_PROGRESS_PORT": str(port), "KUBETUNE_PROGRESS_HOST": "127.0.0.1",
                    "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{port}/v1",
-                   "KUBETUNE_PROGRESS_FLUSH_SECONDS": "1", "KUBETUNE_RECHECK_SECONDS": "600"}
+                   "KUBETUNE_PROGRESS_FLUSH_SECONDS": "1", "KUBETUNE_RECHECK_SECONDS": "600",
+                   "PYTHONWARNINGS": "ignore"}
             module = "kubetune_operator.handlers" if which == "kubetune" else "bench_peer"
             live = port + 1
             cmd = [sys.executable, "-m", "kopf", "run", "--standalone", "-A", "--quiet",
@@ -118,38 +247,41 @@ async def run_one(which: str, n: int, progress_samples: int) -> dict:
                                     stdout=subprocess.DEVNULL, stderr=log)
             try:
                 applied: dict[str, float] = {}
-                async with aiohttp.ClientSession() as http:
+                async with aiohttp.ClientSession(headers=backend.headers) as http:
                     await _wait_live(http, f"http://127.0.0.1:{live}/healthz")
-                    path = f"{url}/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs"
+                    path = f"{backend.url}/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs"
                     for i in range(n):
-                        body = _job(i)
+                        body = _job(i, backend_cls is Emulator)
                         applied[body["metadata"]["name"]] = time.monotonic()
-                        await http.post(path, json=body)
+                        async with http.post(path, json=body, ssl=backend.ssl) as resp:
+                            if resp.status >= 300:
+                                raise RuntimeError(f"apply: {resp.status} {await resp.text()}")
                     created: dict[str, float] = {}
                     deadline = time.monotonic() + 60 + n * 0.2
                     while len(created) < n and time.monotonic() < deadline:
                         now = time.monotonic()
-                        for key in list(emulator.objects):
-                            if key[0] == PTJ and key[2] not in created:
-                                created[key[2]] = now
+                        for name in backend.created() - created.keys():
+                            created[name] = now
                         await asyncio.sleep(0.01)
-                    latencies = [created[k] - applied[k] for k in created]
+                    latencies = [created[k] - applied[k] for k in created if k in applied]
                     lags: list[float] = []
                     if which == "kubetune":
                         for i in range(min(progress_samples, n)):
                             name = f"job-{i:05d}"
+                            token = await backend.progress_token(http, name)
                             step = 1000 + i
                             t0 = time.monotonic()
-                            await http.post(
-                                f"http://127.0.0.1:{port}/v1/namespaces/{NS}/finetunejobs/"
-                                f"{name}/status",
-                                headers={"Authorization": f"Bearer {name}-master-0"},
-                                json={"trainerStatus": {"metrics": [
-                                    {"name": "current_step", "value": str(step)}]}})
+                            async with http.post(
+                                    f"http://127.0.0.1:{port}/v1/namespaces/{NS}/finetunejobs/"
+                                    f"{name}/status",
+                                    headers={"Authorization": f"Bearer {token}"},
+                                    json={"trainerStatus": {"metrics": [
+                                        {"name": "current_step", "value": str(step)}]}}) as r:
+                                if r.status != 200:
+                                    raise RuntimeError(f"progress report refused: {r.status}")
                             while time.monotonic() - t0 < 30:
-                                obj = emulator.objects[FTJ, NS, name]
-                                if (obj.get("status") or {}).get("progress", {}).get(
-                                        "step") == step:
+                                status = await backend.status(http, name)
+                                if status.get("progress", {}).get("step") == step:
                                     lags.append(time.monotonic() - t0)
                                     break
                                 await asyncio.sleep(0.01)
@@ -175,14 +307,18 @@ def main() -> None:
     p.add_argument("--jobs", type=int, nargs="+", default=[20, 100],
                    help="job counts (kmock slows down super-linearly: 1000 takes very long)")
     p.add_argument("--progress-samples", type=int, default=20)
+    p.add_argument("--cluster", action="store_true",
+                   help="a fresh local control plane per run instead of kmock (needs "
+                        "tests/e2e/build_kube.sh's binaries)")
     args = p.parse_args()
-    print("operator benchmark on the kmock emulator (2 cores shared with it)")
+    backend = ControlPlane if args.cluster else Emulator
+    print(f"operator benchmark on {backend.name}; {os.cpu_count()} cores shared with it")
     print(f"{'operator':9} {'jobs':>5} {'created':>8} {'p50 s':>7} {'p99 s':>7} "
           f"{'lag p50 s':>10} {'lag max s':>10} {'RSS MiB':>8}")
     for n in args.jobs:
         rows = {}
         for which in ("kubetune", "peer"):
-            r = asyncio.run(run_one(which, n, args.progress_samples))
+            r = asyncio.run(run_one(which, n, args.progress_samples, backend))
             rows[which] = r
             print(f"{which:9} {n:5d} {r['created']:8d} {r['p50']:7.2f} {r['p99']:7.2f} "
                   f"{r['lag_p50']:10.2f} {r['lag_max']:10.2f} {r['rss']:8.0f}", flush=True)

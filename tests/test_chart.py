@@ -118,6 +118,7 @@ NAMESPACED = {
     ("", "configmaps"): {"get", "create"},
     ("", "pods"): {"get", "list"},
     ("", "events"): {"create"},
+    ("kueue.x-k8s.io", "workloads"): {"list", "patch"},
 }
 
 
@@ -141,9 +142,8 @@ def test_rbac_per_namespace_when_watching_namespaces(helm_bin):
         assert _rules(role) == {**NAMESPACED, ("kopf.dev", "kopfpeerings"): {
             "get", "list", "watch", "patch"}}
     cluster = next(d for d in docs if d["kind"] == "ClusterRole")
-    assert _rules(cluster) == {
-        ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
-        ("authentication.k8s.io", "tokenreviews"): {"create"}}
+    # No cluster-wide reads: kopf's namespace and CRD scanning is off for exact namespaces.
+    assert _rules(cluster) == {("authentication.k8s.io", "tokenreviews"): {"create"}}
     args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
         "containers"][0]["args"]
     assert "--namespace=team-a" in args and "--all-namespaces" not in args

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 FTJ = "kubetune.io/v1alpha1/finetunejobs"
 PTJ = "kubeflow.org/v1/pytorchjobs"
 CM = "v1/configmaps"
+WL = "kueue.x-k8s.io/v1beta1/workloads"
 NS = "team-a"
 _LOGIN = {"url": None}
 OPERATOR_AGENT = "kubetune-operator-under-test"
@@ -71,6 +72,9 @@ def cluster(kmock):
         verbs={"get", "list", "watch", "create", "patch", "delete"})
     kmock.resources[PTJ] = kmock.ResourceInfo(
         kind="PyTorchJob", singular="pytorchjob", namespaced=True, subresources={"status"},
+        verbs={"get", "list", "watch", "create", "patch", "delete"})
+    kmock.resources[WL] = kmock.ResourceInfo(
+        kind="Workload", singular="workload", namespaced=True, subresources={"status"},
         verbs={"get", "list", "watch", "create", "patch", "delete"})
     reviews = {
         "pod-token": {"username": f"system:serviceaccount:{NS}:default",
@@ -304,6 +308,56 @@ async def test_suspend_and_resume(cluster, operator):
         cluster.objects[PTJ, NS, "ident"]["spec"]["runPolicy"]["suspend"] is False))
 
 
+async def test_kueue_says_why_a_job_waits_and_suspend_deactivates_its_workload(
+        cluster, operator):
+    """Kueue's part played here: a Workload owned by the PyTorchJob, short of quota."""
+    await operator.create(_job(name="queued"))
+    await eventually(lambda: cluster.objects[PTJ, NS, "queued"])
+    await asyncio.to_thread(  # the uid an API server would have set (kmock sets none)
+        operator.custom.patch_namespaced_custom_object, "kubeflow.org", "v1", NS, "pytorchjobs",
+        "queued", {"metadata": {"uid": "ptj-uid-queued"}})
+    cluster.objects[WL, NS, "pytorchjob-queued-1a2b3"] = {
+        "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+        "metadata": {"name": "pytorchjob-queued-1a2b3", "namespace": NS, "resourceVersion": "1",
+                     "labels": {"kueue.x-k8s.io/job-uid": "ptj-uid-queued"},
+                     "ownerReferences": [{"apiVersion": "kubeflow.org/v1",
+                                          "kind": "PyTorchJob", "name": "queued",
+                                          "uid": "ptj-uid-queued", "controller": True}]},
+        "spec": {"active": True, "queueName": "team-a"},
+        "status": {"conditions": [{
+            "type": "QuotaReserved", "status": "False", "reason": "Pending",
+            "message": "couldn't assign flavors to pod set master: insufficient unused quota "
+                       "for nvidia.com/gpu in flavor default-flavor, 1 more needed"}]}}
+    await operator.patch_child_status("queued", "Created")  # the training operator saw it
+
+    def queued_message():
+        ready = next(c for c in _status(cluster, "queued")["conditions"] if c["type"] == "Ready")
+        assert ready["reason"] == "WaitingForAdmission"
+        return ready["message"]
+
+    message = await eventually(lambda: _assert_in("insufficient unused quota", queued_message()))
+    assert "queue 'team-a'" in message
+
+    # spec.suspend on a Kueue-managed job deactivates its Workload; the PyTorchJob's own
+    # suspend stays Kueue's.
+    await asyncio.to_thread(operator.custom.patch_namespaced_custom_object, "kubetune.io",
+                            "v1alpha1", NS, "finetunejobs", "queued", {"spec": {"suspend": True}})
+    await eventually(lambda: _assert(
+        cluster.objects[WL, NS, "pytorchjob-queued-1a2b3"]["spec"]["active"] is False))
+    await eventually(lambda: _assert(_phase(cluster, "queued") == "Suspended"))
+    assert cluster.objects[PTJ, NS, "queued"]["spec"]["runPolicy"]["suspend"] is True
+    await asyncio.to_thread(operator.custom.patch_namespaced_custom_object, "kubetune.io",
+                            "v1alpha1", NS, "finetunejobs", "queued", {"spec": {"suspend": False}})
+    await eventually(lambda: _assert(
+        cluster.objects[WL, NS, "pytorchjob-queued-1a2b3"]["spec"]["active"] is True))
+    await eventually(lambda: _assert(_phase(cluster, "queued") == "Queued"))
+
+
+def _assert_in(needle: str, text: str) -> str:
+    assert needle in text, text
+    return text
+
+
 async def test_progress_posts_reach_the_status_and_foreign_tokens_do_not(cluster, operator):
     await operator.create(_job())
     await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
@@ -412,6 +466,8 @@ async def test_the_chart_rbac_allows_every_call_the_operator_makes(cluster, oper
     from tools import helm
 
     await test_create_makes_each_child_once_and_follows_the_pytorchjob(cluster, operator)
+    await test_kueue_says_why_a_job_waits_and_suspend_deactivates_its_workload(cluster,
+                                                                                 operator)
     _seed_master_pod(cluster)
     url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
     async with aiohttp.ClientSession() as http:

@@ -153,3 +153,27 @@ def test_checkpoints_listed_are_no_more_than_the_trainer_keeps():
                               for s in range(10, 60, 10)]}
     obs = Observed(1, child=pytorchjob(("Running", "r")), progress=report, keep_checkpoints=3)
     assert [c["step"] for c in reduce_status(obs, None, T0)["checkpoints"]] == [30, 40, 50]
+
+
+def _workload(active=True, **conds):
+    return {"spec": {"active": active}, "status": {"conditions": [
+        {"type": t, "status": s, "reason": "r", "message": m} for t, (s, m) in conds.items()]}}
+
+
+@pytest.mark.parametrize(("workload", "says"), [
+    (None, None),
+    (_workload(QuotaReserved=("False", "insufficient unused quota for nvidia.com/gpu")),
+     "insufficient unused quota for nvidia.com/gpu"),
+    (_workload(QuotaReserved=("True", "reserved"), Admitted=("False", "admission check x")),
+     "admission check x"),
+    (_workload(QuotaReserved=("True", "r"), Evicted=("True", "Preempted by a higher priority")),
+     "evicted by Kueue: Preempted by a higher priority"),
+    (_workload(active=False), "deactivated (spec.active: false)"),
+    (_workload(QuotaReserved=("True", "r"), Admitted=("True", "a")), None),
+], ids=["no workload yet", "no quota", "admission check", "evicted", "deactivated", "admitted"])
+def test_a_queued_job_says_why_in_kueues_words(workload, says):
+    obs = Observed(2, queue_name="team-a", workload=workload,
+                   child=pytorchjob(("Created", "c"), suspend=True))
+    message = cond(reduce_status(obs, {}, T0), "Queued")["message"]
+    assert message.startswith("waiting for Kueue to admit it from queue 'team-a'")
+    assert (says in message) if says else message.endswith("'team-a'")

@@ -19,6 +19,8 @@ JOB_LABEL = "kubetune.io/job"
 SPEC_HASH = "kubetune.io/spec-hash"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"  # Workloads
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"  # Kueue's label on a job's Workload
 SUSPEND_APPLIED = "kubetune.io/suspend-applied"  # the spec.suspend last carried to the child
 
 CONFIG_DIR = "/etc/kubetune"
@@ -242,7 +244,10 @@ def pytorchjob(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = No
     if spec.run_policy.ttl_seconds_after_finished is not None:
         run_policy["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
     meta = _metadata(job, child_name(job), uid, passed)
-    meta["annotations"][SUSPEND_APPLIED] = str(spec.suspend).lower()
+    # What spec.suspend we last carried out. A Kueue-managed job is suspended through its
+    # Workload (spec.active), which Kueue creates active: nothing is applied yet.
+    meta["annotations"][SUSPEND_APPLIED] = str(
+        spec.suspend and KUEUE_QUEUE_LABEL not in passed).lower()
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",

@@ -21,7 +21,10 @@ from pydantic import ValidationError
 from kubetune_operator import builders
 from kubetune_operator.builders import (
     JOB_LABEL,
+    KUEUE_GROUP,
+    KUEUE_JOB_UID_LABEL,
     KUEUE_QUEUE_LABEL,
+    KUEUE_VERSION,
     SPEC_HASH,
     SUSPEND_APPLIED,
     OperatorConfig,
@@ -85,6 +88,27 @@ class Kube:
     def patch_pytorchjob(self, ns: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         return self.custom.patch_namespaced_custom_object(
             "kubeflow.org", "v1", ns, "pytorchjobs", name, patch)
+
+    def workload(self, ns: str, owner_uid: str) -> dict[str, Any] | None:
+        """The Kueue Workload of a PyTorchJob (Kueue labels it with the job's uid); None
+        without Kueue, or before Kueue made it."""
+        try:
+            resp = self.custom.list_namespaced_custom_object(
+                KUEUE_GROUP, KUEUE_VERSION, ns, "workloads",
+                label_selector=f"{KUEUE_JOB_UID_LABEL}={owner_uid}")
+        except self._exc as err:
+            if err.status in (403, 404):  # Kueue not installed (or not ours to read)
+                return None
+            raise
+        for item in resp.get("items") or []:
+            refs = (item.get("metadata") or {}).get("ownerReferences") or []
+            if any(r.get("uid") == owner_uid for r in refs):
+                return item
+        return None
+
+    def patch_workload(self, ns: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.patch_namespaced_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, ns, "workloads", name, patch)
 
     def pods(self, ns: str, job: str) -> list[dict[str, Any]]:
         # Raw JSON: the API's own field names, and no client-side model to trip over.
@@ -188,6 +212,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     blocked: str | None = None
     drift: str | None = None
     child = None
+    workload: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = []
     if job is not None:
         objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels)
@@ -216,7 +241,10 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
             if rendered and rendered != builders.spec_hash(job):
                 drift = ("the spec changed after the PyTorchJob was made; only suspend applies "
                          "to a job in flight: create a new FineTuneJob for other changes")
-            child = _apply_suspend(kube, ns, name, child, job.spec.suspend)
+            queued = KUEUE_QUEUE_LABEL in (child.get("metadata", {}).get("labels") or {})
+            child, workload = _apply_suspend(kube, ns, name, child, job.spec.suspend, queued)
+            if queued and workload is None and _suspended(child):
+                workload = kube.workload(ns, child["metadata"].get("uid", ""))  # why it waits
             if child.get("status"):  # no status yet: the training operator made no pods yet
                 pods = kube.pods(ns, name)
     observed = Observed(
@@ -228,6 +256,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         drift=drift,
         keep_checkpoints=job.spec.training.save_total_limit if job else None,
         child=child,
+        workload=workload,
         pods=pods,
         progress=progress,
     )
@@ -240,19 +269,36 @@ def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
     return uid is None or any(r.get("uid") == uid for r in refs)
 
 
-def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: bool
-                   ) -> dict[str, Any]:
-    """Carry a *user's* change of spec.suspend to the PyTorchJob.
+def _suspended(child: dict[str, Any]) -> bool:
+    return bool(child.get("spec", {}).get("runPolicy", {}).get("suspend"))
 
-    Kueue suspends and unsuspends the PyTorchJob itself, so we compare with what we last
-    applied (an annotation on the child, set at creation), never with the child's own
-    suspend field: we never undo Kueue.
+
+def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: bool,
+                   queued: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Carry a *user's* change of spec.suspend to the PyTorchJob; returns it and, for a
+    Kueue-managed job, its Workload when it was read.
+
+    We compare with what we last applied (an annotation on the child), never with the child's
+    own suspend field, which Kueue sets: we never undo Kueue. A Kueue-managed job is suspended
+    the way Kueue expects, by deactivating its Workload (``spec.active: false``): Kueue then
+    evicts and suspends the PyTorchJob, and requeues it when reactivated. Suspending the
+    PyTorchJob directly would be undone by Kueue while the Workload stays admitted.
     """
     annotations = child.get("metadata", {}).get("annotations") or {}
     wanted = str(want).lower()
     if annotations.get(SUSPEND_APPLIED) == wanted:
-        return child
-    patch = {"metadata": {"annotations": {SUSPEND_APPLIED: wanted}},
-             "spec": {"runPolicy": {"suspend": want}}}
-    log.info("%s/%s: spec.suspend=%s applied to the PyTorchJob", ns, name, wanted)
-    return kube.patch_pytorchjob(ns, name, patch)
+        return child, None
+    note = {"metadata": {"annotations": {SUSPEND_APPLIED: wanted}}}
+    if not queued:
+        log.info("%s/%s: spec.suspend=%s applied to the PyTorchJob", ns, name, wanted)
+        return kube.patch_pytorchjob(ns, name, {
+            **note, "spec": {"runPolicy": {"suspend": want}}}), None
+    workload = kube.workload(ns, child["metadata"].get("uid", ""))
+    if workload is None:  # Kueue has not made it yet: the next re-check tries again
+        return child, None
+    if (workload.get("spec") or {}).get("active", True) == want:
+        workload = kube.patch_workload(ns, workload["metadata"]["name"],
+                                       {"spec": {"active": not want}})
+        log.info("%s/%s: spec.suspend=%s applied to Kueue Workload %s (spec.active)", ns, name,
+                 wanted, workload["metadata"]["name"])
+    return kube.patch_pytorchjob(ns, name, note), workload

@@ -30,6 +30,7 @@ class Observed:
     blocked: str | None = None  # something else holds the children's names
     drift: str | None = None  # the spec changed after the children were made
     child: dict[str, Any] | None = None  # the PyTorchJob as read back
+    workload: dict[str, Any] | None = None  # its Kueue Workload, read while it waits
     pods: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None  # the latest progress report from the trainer
     keep_checkpoints: int | None = None  # training.saveTotalLimit: older ones are deleted
@@ -211,8 +212,10 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
             return "Suspended", "Suspended", "suspended by spec.suspend; set it to false to " \
                 "resume from the last checkpoint"
         if obs.queue_name:
+            why = kueue_reason(obs.workload)
             return "Queued", "WaitingForAdmission", (
-                f"waiting for Kueue to admit it from queue {obs.queue_name!r}")
+                f"waiting for Kueue to admit it from queue {obs.queue_name!r}"
+                + (f": {why}" if why else ""))
         return "Queued", "Suspended", "the PyTorchJob is suspended by another controller"
     if _cond(child, "Restarting"):
         return "Running", "Restarting", "a pod failed and is restarting; training resumes " \
@@ -220,6 +223,23 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
     if _cond(child, "Running"):
         return "Running", "Running", "training"
     return "Pending", "Starting", "waiting for the training pods to start"
+
+
+def kueue_reason(workload: dict[str, Any] | None) -> str | None:
+    """Why Kueue has not admitted (or has evicted) a Workload, in Kueue's own words."""
+    if not workload:
+        return None
+    if (workload.get("spec") or {}).get("active") is False:
+        return "its Kueue Workload is deactivated (spec.active: false)"
+    conds = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []}
+    evicted = conds.get("Evicted") or {}
+    if evicted.get("status") == "True":
+        return f"evicted by Kueue: {evicted.get('message') or evicted.get('reason')}"
+    for type_ in ("QuotaReserved", "Admitted"):
+        c = conds.get(type_) or {}
+        if c.get("status") == "False" and (c.get("message") or c.get("reason")):
+            return c.get("message") or c.get("reason")
+    return None
 
 
 def _keep_transition_times(new: list[dict[str, Any]], old: list[dict[str, Any]], now: str
