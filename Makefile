@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast e2e e2e-local kube crds chart lint bench bench-operator clean
+.PHONY: install demo test test-fast e2e e2e-local kube crds chart lint bench bench-operator bench-operator-cluster clean
 
 install: $(STAMP)
 
@@ -67,6 +67,10 @@ bench: install
 
 bench-operator: install
 	$(BIN)/python bench/operator_scale.py
+
+# The same on a fresh local control plane per run (real API server), 100 and 1,000 jobs.
+bench-operator-cluster: install kube
+	$(BIN)/python bench/operator_scale.py --cluster --jobs 100 1000
 
 clean:
 	rm -rf $(VENV) examples/outputs
