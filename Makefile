@@ -39,11 +39,11 @@ test-fast: install
 	OMP_NUM_THREADS=1 $(BIN)/pytest -m "not e2e and not slow" -q
 
 e2e: install
-	$(BIN)/pytest -m e2e -q
+	$(BIN)/pytest -m e2e -q tests/e2e
 
 # The e2e suite on a throwaway control plane (etcd + kube-apiserver + controller-manager).
 e2e-local: install kube
-	$(BIN)/python tests/e2e/local_cluster.py -- $(BIN)/pytest -m e2e -q
+	$(BIN)/python tests/e2e/local_cluster.py -- $(BIN)/pytest -m e2e -q tests/e2e
 
 # kube-apiserver + kube-controller-manager built from Debian's kubernetes source (apt, root).
 kube:

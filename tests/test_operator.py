@@ -34,7 +34,11 @@ OPERATOR_AGENT = "kubetune-operator-under-test"
 
 
 @kopf.on.login()
-def _login_to_the_emulator(**_):
+def _login_to_the_emulator(**kwargs):
+    # Registered globally by importing this module: anything else running kopf in this process
+    # (the e2e suite, collected beside it) gets the usual kubeconfig login.
+    if _LOGIN["url"] is None:
+        return kopf.login_via_client(**kwargs)
     return kopf.ConnectionInfo(server=_LOGIN["url"], insecure=True)
 
 
@@ -97,7 +101,8 @@ def cluster(kmock):
         del kmock.resources[key]
     kmock["post /apis/authentication.k8s.io/v1/tokenreviews"] << token_review
     _LOGIN["url"] = str(kmock.url)
-    return kmock
+    yield kmock
+    _LOGIN["url"] = None
 
 
 class Operator:

@@ -7,7 +7,8 @@ import uuid
 
 import pytest
 import yaml
-from e2e_util import CRDS, wait
+
+from e2e.util import CRDS, wait
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,9 @@ import uuid
 
 import pytest
 import yaml
-from e2e_util import REPO, free_port, job_pod, pod_token, post, wait
 from tools import helm, kubectl
+
+from e2e.util import REPO, free_port, job_pod, pod_token, post, wait
 
 pytestmark = pytest.mark.e2e
 
@@ -52,23 +53,28 @@ def release(kube, crds, namespace, server_minor, tmp_path_factory):
          "--include-crds", "--kube-version", version, "--set", f"watchNamespaces={{{namespace}}}",
          "--set", "progress.enabled=true"],
         check=True, capture_output=True, text=True).stdout
-    manifest = tmp / "chart.yaml"
-    manifest.write_text(rendered)
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
     env = {**os.environ}
     # Before 1.25 the server's schema does not know x-kubernetes-validations (CEL): kubectl's
     # client-side check would refuse the CRD, the server itself drops the rules.
     check = [] if server_minor >= 25 else ["--validate=false"]
-    applied = subprocess.run([str(kubectl()), "apply", *check, "-f", str(manifest)], env=env,
-                             capture_output=True, text=True)
-    assert applied.returncode == 0, applied.stderr
-    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    # As helm does: CRDs first, established, then the objects (KopfPeerings need their CRD).
+    crd_docs = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    for part, objs in (("crds", crd_docs),
+                       ("chart", [d for d in docs if d["kind"] != "CustomResourceDefinition"])):
+        path = tmp / f"{part}.yaml"
+        path.write_text(yaml.safe_dump_all(objs))
+        applied = subprocess.run([str(kubectl()), "apply", *check, "-f", str(path)], env=env,
+                                 capture_output=True, text=True)
+        assert applied.returncode == 0, applied.stderr
+        if part == "crds":
+            subprocess.run([str(kubectl()), "wait", "--for=condition=established",
+                            "--timeout=60s", *[f"crd/{d['metadata']['name']}" for d in objs]],
+                           env=env, check=True, capture_output=True)
     yield {"name": name, "namespace": release_ns, "docs": docs, "tmp": tmp}
     # Uninstall as helm would with crds.keep: the CRDs (and every job) stay.
-    rest = tmp / "uninstall.yaml"
-    rest.write_text(yaml.safe_dump_all(
-        [d for d in docs if d["kind"] != "CustomResourceDefinition"]))
     subprocess.run([str(kubectl()), "delete", "--wait=false", "--ignore-not-found", "-f",
-                    str(rest)], env=env, capture_output=True)
+                    str(tmp / "chart.yaml")], env=env, capture_output=True)
     core.delete_namespace(release_ns)
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e_util import REPO, free_port, job_pod, pod_token, post, wait
+
+from e2e.util import REPO, free_port, job_pod, pod_token, post, wait
 
 pytestmark = pytest.mark.e2e
 
