@@ -20,6 +20,7 @@ import argparse
 import os
 import secrets
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give a command to run against the cluster, after --")
     if args.keep:
         shutil.rmtree(args.keep, ignore_errors=True)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # stop etcd and the servers on the way out
+        signal.signal(sig, lambda *_: sys.exit(128 + 15))
     with cluster(args.bin, args.keep) as kubeconfig:
         env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
         return subprocess.run(command, env=env).returncode
