@@ -177,3 +177,26 @@ def test_a_queued_job_says_why_in_kueues_words(workload, says):
     message = cond(reduce_status(obs, {}, T0), "Queued")["message"]
     assert message.startswith("waiting for Kueue to admit it from queue 'team-a'")
     assert (says in message) if says else message.endswith("'team-a'")
+
+
+def test_the_reducer_reads_any_backend_through_the_seam():
+    """A second backend is a descriptor (plus a renderer): e.g. Trainer v2's TrainJob, whose
+    suspend flag is spec.suspend and whose success condition is Complete."""
+    from kubetune_operator.backends import PYTORCHJOB, Backend
+
+    trainjob = Backend("trainer.kubeflow.org/v1alpha1", "TrainJob", "trainjobs",
+                       suspend_path=("spec", "suspend"),
+                       conditions={"succeeded": "Complete", "failed": "Failed",
+                                   "suspended": "Suspended"})
+    assert trainjob.suspend_patch(True) == {"spec": {"suspend": True}}
+    assert PYTORCHJOB.suspend_patch(False) == {"spec": {"runPolicy": {"suspend": False}}}
+    done = {"spec": {}, "status": {"conditions": [
+        {"type": "Complete", "status": "True", "reason": "JobsCompleted", "message": "done"}]}}
+    assert reduce_status(Observed(1, child=done, backend=trainjob), {}, T0)["phase"] == \
+        "Succeeded"
+    held = {"spec": {"suspend": True}}
+    status = reduce_status(Observed(1, child=held, backend=trainjob), {}, T0)
+    assert status["phase"] == "Queued" and "TrainJob is suspended" in \
+        cond(status, "Queued")["message"]
+    creating = reduce_status(Observed(1, child=None, backend=trainjob), {}, T0)
+    assert any(c["message"] == "creating the TrainJob" for c in creating["conditions"])

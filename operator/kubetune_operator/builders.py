@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
 
+from kubetune_operator.backends import PYTORCHJOB, Backend
+
 MANAGED_BY = "kubetune"
 JOB_LABEL = "kubetune.io/job"
 SPEC_HASH = "kubetune.io/spec-hash"
@@ -261,8 +263,13 @@ def pytorchjob(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = No
     }
 
 
+_RENDERERS = {PYTORCHJOB.kind: pytorchjob}  # backend kind -> its renderer
+
+
 def children(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = None,
-             labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Everything the operator creates for a job, in creation order."""
+             labels: dict[str, str] | None = None, backend: Backend = PYTORCHJOB
+             ) -> list[dict[str, Any]]:
+    """Everything the operator creates for a job, in creation order: the trainer config,
+    then the backend's training object."""
     return [config_map(job=job, uid=uid),
-            pytorchjob(job=job, config=config, uid=uid, labels=labels)]
+            _RENDERERS[backend.kind](job=job, config=config, uid=uid, labels=labels)]

@@ -208,9 +208,10 @@ async def start_rechecks(memo: kopf.Memo, **_: Any) -> None:
     memo.recheck_task = asyncio.create_task(loop())
 
 
-@kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={JOB_LABEL: kopf.PRESENT})
+@kopf.on.event(rc.BACKEND.group, rc.BACKEND.version, rc.BACKEND.plural,
+               labels={JOB_LABEL: kopf.PRESENT})
 def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
-    """A PyTorchJob changed (the training operator, Kueue): bring its FineTuneJob's status."""
+    """The training object changed (its operator, Kueue): bring its FineTuneJob's status."""
     if type != "MODIFIED" or not body.get("status"):
         return  # the listing (resume covers it), our own creation, or nothing to report yet
     meta = body["metadata"]

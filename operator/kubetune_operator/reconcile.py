@@ -19,6 +19,7 @@ from kubetune.jobfile import format_validation_error
 from pydantic import ValidationError
 
 from kubetune_operator import builders
+from kubetune_operator.backends import BACKENDS, PYTORCHJOB, Backend
 from kubetune_operator.builders import (
     JOB_LABEL,
     KUEUE_GROUP,
@@ -32,6 +33,7 @@ from kubetune_operator.builders import (
 from kubetune_operator.status import TERMINAL, Observed, reduce_status, was_invalid
 
 log = logging.getLogger("kubetune.reconcile")
+BACKEND = PYTORCHJOB  # the training object the operator makes (see backends.py)
 
 
 
@@ -85,9 +87,10 @@ class Kube:
                     return existing, False
             raise
 
-    def patch_pytorchjob(self, ns: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    def patch_child(self, backend: Backend, ns: str, name: str, patch: dict[str, Any]
+                    ) -> dict[str, Any]:
         return self.custom.patch_namespaced_custom_object(
-            "kubeflow.org", "v1", ns, "pytorchjobs", name, patch)
+            backend.group, backend.version, ns, backend.plural, name, patch)
 
     def workload(self, ns: str, owner_uid: str) -> dict[str, Any] | None:
         """The Kueue Workload of a PyTorchJob (Kueue labels it with the job's uid); None
@@ -153,7 +156,7 @@ class Kube:
 
 
 def _plural(kind: str) -> str:
-    return {"PyTorchJob": "pytorchjobs", "FineTuneJob": "finetunejobs"}[kind]
+    return "finetunejobs" if kind == "FineTuneJob" else BACKENDS[kind].plural
 
 
 # ------------------------------------------------------------------------ validation
@@ -215,7 +218,8 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     workload: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = []
     if job is not None:
-        objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels)
+        objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels,
+                                 backend=BACKEND)
         # A finished run's cleaned-up child stays gone; a spec that was invalid and is now
         # fixed never had children, so it gets them.
         finished = old.get("phase") in TERMINAL and not was_invalid(old)
@@ -234,7 +238,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
                            "and belongs to another object; waiting for it to go")
                 child = None
                 break
-            if obj["kind"] == "PyTorchJob":
+            if obj["kind"] == BACKEND.kind:
                 child = current
         if child is not None:
             rendered = (child.get("metadata", {}).get("annotations") or {}).get(SPEC_HASH)
@@ -243,7 +247,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
                          "to a job in flight: create a new FineTuneJob for other changes")
             queued = KUEUE_QUEUE_LABEL in (child.get("metadata", {}).get("labels") or {})
             child, workload = _apply_suspend(kube, ns, name, child, job.spec.suspend, queued)
-            if queued and workload is None and _suspended(child):
+            if queued and workload is None and BACKEND.suspend_flag(child):
                 workload = kube.workload(ns, child["metadata"].get("uid", ""))  # why it waits
             if child.get("status"):  # no status yet: the training operator made no pods yet
                 pods = kube.pods(ns, name)
@@ -256,6 +260,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         drift=drift,
         keep_checkpoints=job.spec.training.save_total_limit if job else None,
         child=child,
+        backend=BACKEND,
         workload=workload,
         pods=pods,
         progress=progress,
@@ -267,10 +272,6 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
 def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
     return uid is None or any(r.get("uid") == uid for r in refs)
-
-
-def _suspended(child: dict[str, Any]) -> bool:
-    return bool(child.get("spec", {}).get("runPolicy", {}).get("suspend"))
 
 
 def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: bool,
@@ -291,8 +292,8 @@ def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: 
     note = {"metadata": {"annotations": {SUSPEND_APPLIED: wanted}}}
     if not queued:
         log.info("%s/%s: spec.suspend=%s applied to the PyTorchJob", ns, name, wanted)
-        return kube.patch_pytorchjob(ns, name, {
-            **note, "spec": {"runPolicy": {"suspend": want}}}), None
+        return kube.patch_child(BACKEND, ns, name, {
+            **note, **BACKEND.suspend_patch(want)}), None
     workload = kube.workload(ns, child["metadata"].get("uid", ""))
     if workload is None:  # Kueue has not made it yet: the next re-check tries again
         return child, None
@@ -301,4 +302,4 @@ def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: 
                                        {"spec": {"active": not want}})
         log.info("%s/%s: spec.suspend=%s applied to Kueue Workload %s (spec.active)", ns, name,
                  wanted, workload["metadata"]["name"])
-    return kube.patch_pytorchjob(ns, name, note), workload
+    return kube.patch_child(BACKEND, ns, name, note), workload

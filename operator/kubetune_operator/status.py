@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune_operator.backends import PYTORCHJOB, Backend
+
 TERMINAL = ("Succeeded", "Failed")
 PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
 MAX_CHECKPOINTS = 10  # in status; older ones are usually rotated away by saveTotalLimit
@@ -29,18 +31,12 @@ class Observed:
     invalid: str | None = None  # a spec error the schema could not catch (names the field)
     blocked: str | None = None  # something else holds the children's names
     drift: str | None = None  # the spec changed after the children were made
-    child: dict[str, Any] | None = None  # the PyTorchJob as read back
+    child: dict[str, Any] | None = None  # the backend's training object as read back
     workload: dict[str, Any] | None = None  # its Kueue Workload, read while it waits
     pods: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None  # the latest progress report from the trainer
     keep_checkpoints: int | None = None  # training.saveTotalLimit: older ones are deleted
-
-
-def _cond(child: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
-    for c in (child or {}).get("status", {}).get("conditions", []) or []:
-        if c.get("type") == type_ and c.get("status") == "True":
-            return c
-    return None
+    backend: Backend = PYTORCHJOB  # what the child is, and how to read it
 
 
 # ----------------------------------------------------------------------- failure diagnosis
@@ -136,7 +132,7 @@ def reduce_status(obs: Observed, old: dict[str, Any] | None, now: str) -> dict[s
     gen = obs.generation
     if obs.child is None and obs.invalid is None and old.get("phase") in TERMINAL \
             and not was_invalid(old):
-        # Finished, and the PyTorchJob is gone (ttlSecondsAfterFinished): the record stays.
+        # Finished, and the training object is gone (ttlSecondsAfterFinished): the record stays.
         return {**old, "observedGeneration": gen}
     phase, reason, message = _phase(obs)
     failure, waiting = diagnose_pods(obs.pods)
@@ -198,16 +194,14 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
         return "Failed", "InvalidSpec", obs.invalid
     if obs.blocked:
         return "Pending", "Conflict", obs.blocked
-    child = obs.child
+    child, b = obs.child, obs.backend
     if child is None:
-        return "Pending", "Creating", "creating the PyTorchJob"
-    if c := _cond(child, "Succeeded"):
+        return "Pending", "Creating", f"creating the {b.kind}"
+    if c := b.condition(child, "succeeded"):
         return "Succeeded", "Succeeded", c.get("message") or "training finished"
-    if c := _cond(child, "Failed"):
+    if c := b.condition(child, "failed"):
         return "Failed", c.get("reason") or "Failed", c.get("message") or "training failed"
-    suspended = _cond(child, "Suspended") or child.get("spec", {}).get("runPolicy", {}).get(
-        "suspend")
-    if suspended:
+    if b.suspended(child):
         if obs.spec_suspend:
             return "Suspended", "Suspended", "suspended by spec.suspend; set it to false to " \
                 "resume from the last checkpoint"
@@ -216,11 +210,11 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
             return "Queued", "WaitingForAdmission", (
                 f"waiting for Kueue to admit it from queue {obs.queue_name!r}"
                 + (f": {why}" if why else ""))
-        return "Queued", "Suspended", "the PyTorchJob is suspended by another controller"
-    if _cond(child, "Restarting"):
+        return "Queued", "Suspended", f"the {b.kind} is suspended by another controller"
+    if b.condition(child, "restarting"):
         return "Running", "Restarting", "a pod failed and is restarting; training resumes " \
             "from the last checkpoint"
-    if _cond(child, "Running"):
+    if b.condition(child, "running"):
         return "Running", "Running", "training"
     return "Pending", "Starting", "waiting for the training pods to start"
 
