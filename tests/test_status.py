@@ -136,6 +136,10 @@ def test_failure_keeps_exit_code_and_log_tail_after_pods_are_gone():
     assert cond(status, "Stalled")["reason"] == "CUDAOutOfMemory"
     later = reduce_status(Observed(1, child=failed, pods=[]), status, T1)
     assert later["failure"] == status["failure"]
+    # The operator's failureLogTail=false: the output stays out of the status, not the reason.
+    private = reduce_status(Observed(1, child=failed, pods=[pod], log_tail=False), None, T0)
+    assert "logTail" not in private["failure"]
+    assert private["failure"]["reason"] == "CUDAOutOfMemory"
 
 
 def test_progress_and_checkpoints_are_bounded_and_ordered():

@@ -42,6 +42,7 @@ class OperatorConfig:
     progress_ca_configmap: str | None = None  # ConfigMap with ca.crt, in the job's namespace
     default_priority_class: str | None = None  # for jobs that name none
     default_queue: str | None = None  # Kueue queue for jobs without the queue label
+    failure_log_tail: bool = True  # status.failure.logTail (visible to the job's readers)
 
 
 def child_name(job: FineTuneJob) -> str:

@@ -31,6 +31,7 @@ def operator_config() -> OperatorConfig:
         progress_ca_configmap=env.get("KUBETUNE_PROGRESS_CA_CONFIGMAP") or None,
         default_priority_class=env.get("KUBETUNE_DEFAULT_PRIORITY_CLASS") or None,
         default_queue=env.get("KUBETUNE_DEFAULT_QUEUE") or None,
+        failure_log_tail=env.get("KUBETUNE_FAILURE_LOG_TAIL", "true").lower() != "false",
     )
 
 

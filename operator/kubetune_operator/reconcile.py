@@ -262,6 +262,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         child=child,
         backend=BACKEND,
         workload=workload,
+        log_tail=config.failure_log_tail,
         pods=pods,
         progress=progress,
     )

@@ -37,6 +37,7 @@ class Observed:
     progress: dict[str, Any] | None = None  # the latest progress report from the trainer
     keep_checkpoints: int | None = None  # training.saveTotalLimit: older ones are deleted
     backend: Backend = PYTORCHJOB  # what the child is, and how to read it
+    log_tail: bool = True  # put the failing rank's last output into status.failure
 
 
 # ----------------------------------------------------------------------- failure diagnosis
@@ -183,7 +184,8 @@ def reduce_status(obs: Observed, old: dict[str, Any] | None, now: str) -> dict[s
     if phase == "Failed" and failure:
         status["failure"] = {k: v for k, v in {
             "reason": failure.reason, "message": failure.message, "exitCode": failure.exit_code,
-            "pod": failure.pod, "logTail": failure.log_tail}.items() if v is not None}
+            "pod": failure.pod, "logTail": failure.log_tail if obs.log_tail else None,
+        }.items() if v is not None}
     elif phase == "Failed" and old.get("failure"):
         status["failure"] = old["failure"]  # the pods are gone; keep what they told us
     return status
