@@ -384,8 +384,9 @@ async def test_progress_posts_reach_the_status_and_foreign_tokens_do_not(cluster
             "kubetune": {"checkpoint": {"step": 30, "loss": 0.95,
                                         "uri": "pvc://outputs/x/checkpoints/checkpoint-30"}}})
         assert resp.status == 200
-    await eventually(lambda: _assert(_status(cluster)["progress"]["percent"] == 37.0),
-                     timeout=10)
+    # Two reports, so possibly two flushes (≤ 2 s apart): wait for both.
+    await eventually(lambda: _assert(_status(cluster)["progress"]["percent"] == 37.0
+                                     and _status(cluster).get("checkpoints")), timeout=10)
     status = _status(cluster)
     assert status["progress"]["loss"] == 0.93 and status["progress"]["totalSteps"] == 100
     assert status["checkpoints"] == [{"step": 30, "loss": 0.95,

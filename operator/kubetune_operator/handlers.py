@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from typing import Any
 
 import kopf
@@ -64,6 +65,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.setdefault("config", operator_config())
     memo.setdefault("store", ProgressStore())
     memo.setdefault("active", set())
+    memo.setdefault("locks", {})  # (namespace, name) -> the lock of its converge
     if os.environ.get("KUBETUNE_METRICS_PORT") and not memo.get("metrics_started"):
         metrics.serve(int(os.environ["KUBETUNE_METRICS_PORT"]))
         memo.metrics_started = True
@@ -91,8 +93,12 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
         if snap.get("outputs"):
             status["outputs"] = snap["outputs"]
         if status:
+            def write() -> None:  # in turn with converges: neither undoes the other's news
+                with memo.locks.setdefault((ns, name), threading.Lock()):
+                    kube.patch_status(ns, name, status)
+
             try:
-                await loop.run_in_executor(None, kube.patch_status, ns, name, status)
+                await loop.run_in_executor(None, write)
             except Exception:
                 metrics.STATUS_PATCHES.labels("error").inc()
                 raise
@@ -134,14 +140,15 @@ async def stop_progress_server(memo: kopf.Memo, **_: Any) -> None:
         await memo.progress_runner.cleanup()
 
 
-def _converge(body: kopf.Body, memo: kopf.Memo) -> rc.Outcome:
-    meta = body["metadata"]
+def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
+    body = kopf.Body(parent)  # for kopf's Events
+    meta = parent["metadata"]
     ns, name = meta["namespace"], meta["name"]
-    memo.store.remember_checkpoints(ns, name, (body.get("status") or {}).get("checkpoints")
+    memo.store.remember_checkpoints(ns, name, (parent.get("status") or {}).get("checkpoints")
                                     or [])
     with metrics.RECONCILE_SECONDS.time():
         try:
-            outcome = rc.reconcile(_plain(body), memo.kube, memo.config,
+            outcome = rc.reconcile(parent, memo.kube, memo.config,
                                    memo.store.get(ns, name))
         except Exception:
             metrics.RECONCILES.labels("error").inc()
@@ -166,30 +173,26 @@ def _converge(body: kopf.Body, memo: kopf.Memo) -> rc.Outcome:
     return outcome
 
 
-def _plain(body: Any) -> dict[str, Any]:
-    import copy
-
-    return copy.deepcopy(dict(body))
-
-
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def converge(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    outcome = _converge(body, memo)
-    if outcome.status != (body.get("status") or {}):
-        patch["status"] = outcome.status
+def converge(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    _converge_by_name(memo, meta["namespace"], meta["name"])
 
 
 def _converge_by_name(memo: kopf.Memo, ns: str, name: str) -> None:
-    """Read the job fresh and converge it (for events on children, and the re-check)."""
-    parent = memo.kube.get_finetunejob(ns, name)
-    if parent is None:
-        memo.active.discard((ns, name))
-        return
-    outcome = _converge(kopf.Body(parent), memo)
-    if outcome.status != (parent.get("status") or {}):
-        memo.kube.patch_status(ns, name, outcome.status)
+    """The one way a job is converged and its status written (kopf's handlers, events on
+    children, the re-check): one at a time per job, each from a fresh read, so no converge
+    works from a status another one has already replaced (transition times, the suspend
+    annotation and the Workload's spec.active stay consistent)."""
+    with memo.locks.setdefault((ns, name), threading.Lock()):
+        parent = memo.kube.get_finetunejob(ns, name)
+        if parent is None:
+            memo.active.discard((ns, name))
+            return
+        outcome = _converge(parent, memo)
+        if outcome.status != (parent.get("status") or {}):
+            memo.kube.patch_status(ns, name, outcome.status)
 
 
 @kopf.on.startup()
@@ -224,4 +227,5 @@ def forget(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     """Children go by owner references; outputs on volumes stay. Drop in-memory progress."""
     memo.store.forget(meta["namespace"], meta["name"])
     memo.active.discard((meta["namespace"], meta["name"]))
+    memo.locks.pop((meta["namespace"], meta["name"]), None)
     metrics.observe_phase(meta["namespace"], meta["name"], None)
