@@ -313,6 +313,18 @@ async def test_suspend_and_resume(cluster, operator):
         cluster.objects[PTJ, NS, "ident"]["spec"]["runPolicy"]["suspend"] is False))
 
 
+async def test_a_job_created_suspended_gets_children_only_when_resumed(cluster, operator):
+    await operator.create(_job(name="held", suspend=True))  # a Kueue queue label too
+    await eventually(lambda: _assert(_phase(cluster, "held") == "Suspended"))
+    await asyncio.sleep(1)
+    assert not _children(cluster, PTJ) and not _children(cluster, CM)
+    await asyncio.to_thread(operator.custom.patch_namespaced_custom_object, "kubetune.io",
+                            "v1alpha1", NS, "finetunejobs", "held", {"spec": {"suspend": False}})
+    child = await eventually(lambda: cluster.objects[PTJ, NS, "held"])
+    assert child["spec"]["runPolicy"]["suspend"] is True  # for Kueue to admit
+    await eventually(lambda: _assert(_phase(cluster, "held") == "Queued"))
+
+
 async def test_kueue_says_why_a_job_waits_and_suspend_deactivates_its_workload(
         cluster, operator):
     """Kueue's part played here: a Workload owned by the PyTorchJob, short of quota."""

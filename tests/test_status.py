@@ -28,6 +28,8 @@ def truth(status):
 CASES = [
     # (name, observed, phase, true conditions, reason of Ready)
     ("no child yet", Observed(3), "Pending", {"Reconciling"}, "Creating"),
+    ("created suspended", Observed(3, spec_suspend=True), "Suspended",
+     {"Suspended"}, "Suspended"),
     ("created", Observed(3, child=pytorchjob(("Created", "PyTorchJobCreated"))),
      "Pending", {"Reconciling"}, "Starting"),
     ("kueue holds it", Observed(3, queue_name="team-a",

@@ -226,6 +226,11 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         fresh = not old  # never reconciled: create first (one call) instead of get first
         for obj in objs:
             obj["metadata"]["namespace"] = ns
+        # Suspended before it ever ran: no children until resumed (nothing could start, e.g.
+        # admitted by Kueue before its Workload is deactivated).
+        if job.spec.suspend and not finished and (fresh or kube.get(objs[-1]) is None):
+            objs = []
+        for obj in objs:
             current = None if fresh else kube.get(obj)
             if current is None and not finished:  # a finished job's cleaned-up child stays gone
                 current, made = kube.create(obj)
@@ -243,8 +248,8 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         if child is not None:
             rendered = (child.get("metadata", {}).get("annotations") or {}).get(SPEC_HASH)
             if rendered and rendered != builders.spec_hash(job):
-                drift = ("the spec changed after the PyTorchJob was made; only suspend applies "
-                         "to a job in flight: create a new FineTuneJob for other changes")
+                drift = (f"the spec changed after the {BACKEND.kind} was made; only suspend "
+                         "applies to a job in flight: create a new FineTuneJob for other changes")
             queued = KUEUE_QUEUE_LABEL in (child.get("metadata", {}).get("labels") or {})
             child, workload = _apply_suspend(kube, ns, name, child, job.spec.suspend, queued)
             if queued and workload is None and BACKEND.suspend_flag(child):

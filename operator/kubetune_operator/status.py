@@ -198,6 +198,9 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
         return "Pending", "Conflict", obs.blocked
     child, b = obs.child, obs.backend
     if child is None:
+        if obs.spec_suspend:
+            return "Suspended", "Suspended", "suspended before it started: nothing is " \
+                "created until spec.suspend is false"
         return "Pending", "Creating", f"creating the {b.kind}"
     if c := b.condition(child, "succeeded"):
         return "Succeeded", "Succeeded", c.get("message") or "training finished"
