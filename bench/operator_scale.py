@@ -146,6 +146,16 @@ class ControlPlane:
 
         self._cm = cluster()
         self.kubeconfig = await asyncio.to_thread(self._cm.__enter__)
+        try:
+            await self._setup()
+        except BaseException:
+            await asyncio.to_thread(self._cm.__exit__, None, None, None)
+            raise
+        self._session = aiohttp.ClientSession(headers=self.headers)
+        self._watch = asyncio.create_task(self._watch_children())
+        return self
+
+    async def _setup(self) -> None:
         conf = yaml.safe_load(self.kubeconfig.read_text())
         self.url = conf["clusters"][0]["cluster"]["server"]
         self.headers = {"Authorization": f"Bearer {conf['users'][0]['user']['token']}"}
@@ -167,11 +177,9 @@ class ControlPlane:
                         http.get(f"{self.url}/api/v1/namespaces/{NS}/serviceaccounts/default",
                                  ssl=False) as c:
                     if a.status == b.status == c.status == 200:
-                        break
+                        return
                 await asyncio.sleep(0.5)
-        self._session = aiohttp.ClientSession(headers=self.headers)
-        self._watch = asyncio.create_task(self._watch_children())
-        return self
+        raise RuntimeError("the CRDs or the namespace's ServiceAccount never became ready")
 
     @staticmethod
     async def _ok(request) -> None:

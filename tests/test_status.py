@@ -142,6 +142,8 @@ def test_failure_keeps_exit_code_and_log_tail_after_pods_are_gone():
     private = reduce_status(Observed(1, child=failed, pods=[pod], log_tail=False), None, T0)
     assert "logTail" not in private["failure"]
     assert private["failure"]["reason"] == "CUDAOutOfMemory"
+    kept = reduce_status(Observed(1, child=failed, pods=[], log_tail=False), status, T1)
+    assert "logTail" not in kept["failure"] and kept["failure"]["exitCode"] == 1
 
 
 def test_progress_and_checkpoints_are_bounded_and_ordered():

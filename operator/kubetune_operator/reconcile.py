@@ -100,6 +100,9 @@ class Kube:
                 KUEUE_GROUP, KUEUE_VERSION, ns, "workloads",
                 label_selector=f"{KUEUE_JOB_UID_LABEL}={owner_uid}")
         except self._exc as err:
+            if err.status == 403:
+                log.warning("not allowed to list Kueue Workloads in %s (RBAC): a queued job's "
+                            "reason and spec.suspend through Kueue need list/patch", ns)
             if err.status in (403, 404):  # Kueue not installed (or not ours to read)
                 return None
             raise
@@ -275,6 +278,13 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     return Outcome(status, created, status.get("phase") != old.get("phase"))
 
 
+def _merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
     return uid is None or any(r.get("uid") == uid for r in refs)
@@ -298,8 +308,8 @@ def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: 
     note = {"metadata": {"annotations": {SUSPEND_APPLIED: wanted}}}
     if not queued:
         log.info("%s/%s: spec.suspend=%s applied to the PyTorchJob", ns, name, wanted)
-        return kube.patch_child(BACKEND, ns, name, {
-            **note, **BACKEND.suspend_patch(want)}), None
+        return kube.patch_child(BACKEND, ns, name,
+                                _merged(note, BACKEND.suspend_patch(want))), None
     workload = kube.workload(ns, child["metadata"].get("uid", ""))
     if workload is None:  # Kueue has not made it yet: the next re-check tries again
         return child, None

@@ -129,7 +129,14 @@ def _condition(type_: str, status: bool, reason: str, message: str,
 
 def reduce_status(obs: Observed, old: dict[str, Any] | None, now: str) -> dict[str, Any]:
     """The whole new status. ``old`` keeps transition times, checkpoints and outputs."""
-    old = old or {}
+    status = _reduce(obs, old or {}, now)
+    if not obs.log_tail and "logTail" in (status.get("failure") or {}):
+        # failureLogTail off: also for a failure recorded before it was turned off
+        status["failure"] = {k: v for k, v in status["failure"].items() if k != "logTail"}
+    return status
+
+
+def _reduce(obs: Observed, old: dict[str, Any], now: str) -> dict[str, Any]:
     gen = obs.generation
     if obs.child is None and obs.invalid is None and old.get("phase") in TERMINAL \
             and not was_invalid(old):

@@ -2,7 +2,7 @@
 # Build kube-apiserver and kube-controller-manager for tests/e2e/local_cluster.py.
 # No Kubernetes server binary ships in the registries reachable here; Debian's `kubernetes`
 # source package (1.20.2, vendored dependencies) does, and builds with Debian's Go.
-# Needs apt (root). Output: ${KUBETUNE_KUBE_BIN:-~/.cache/kubetune/kube/bin}. ~6 min on 2 cores.
+# Needs apt (root). Output: ${KUBETUNE_KUBE_BIN:-~/.cache/kubetune/kube/bin}. ~7 min on 2 cores.
 set -euo pipefail
 
 out="${KUBETUNE_KUBE_BIN:-$HOME/.cache/kubetune/kube/bin}"
@@ -10,26 +10,33 @@ work="${KUBETUNE_KUBE_SRC:-$HOME/.cache/kubetune/kube/src}"
 if [[ -x "$out/kube-apiserver" && -x "$out/kube-controller-manager" ]]; then
   echo "already built: $out"; exit 0
 fi
-# Exit 3: this machine cannot build them (no apt, or not root); any other failure is an error.
-if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
-  echo "cannot build kube-apiserver here: needs apt-get as root" >&2; exit 3
-fi
+# Exit 3: this machine cannot build them (not Debian bookworm, no apt, not root, or the
+# Debian archive out of reach); any other failure (the build itself) is an error.
+cannot() { echo "cannot build kube-apiserver here: $*" >&2; exit 3; }
+[[ $(id -u) == 0 ]] && command -v apt-get >/dev/null || cannot "needs apt-get as root"
+# shellcheck disable=SC1091
+. /etc/os-release 2>/dev/null || true
+[[ "${ID:-}" == debian && "${VERSION_CODENAME:-}" == bookworm ]] ||
+  cannot "needs Debian bookworm's kubernetes source package (this is ${PRETTY_NAME:-unknown})"
 
 if ! apt-cache showsrc kubernetes >/dev/null 2>&1; then
-  cat > /etc/apt/sources.list.d/kubetune-src.sources <<'EOF'
+  list=/etc/apt/sources.list.d/kubetune-src.sources
+  cat > "$list" <<'EOF'
 Types: deb-src
 URIs: http://deb.debian.org/debian
 Suites: bookworm bookworm-updates
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
-  apt-get update -qq
+  apt-get update -qq || { rm -f "$list"; cannot "apt-get update failed"; }
 fi
-apt-get install -y -qq golang-go golang-github-modern-go-reflect2-dev rsync jq openssl >/dev/null
+apt-get install -y -qq golang-go golang-github-modern-go-reflect2-dev rsync jq openssl >/dev/null ||
+  cannot "apt-get install failed"
 
 mkdir -p "$work" "$out"
 cd "$work"
-ls kubernetes_*.orig.tar.gz >/dev/null 2>&1 || apt-get source --download-only kubernetes
+ls kubernetes_*.orig.tar.gz >/dev/null 2>&1 || apt-get source --download-only kubernetes ||
+  cannot "apt-get source kubernetes failed"
 src=$(set +o pipefail; tar tzf kubernetes_*.orig.tar.gz | head -1 | cut -d/ -f1)
 [[ -d "$src" ]] || tar xzf kubernetes_*.orig.tar.gz
 cd "$src"

@@ -29,6 +29,9 @@ def server_minor(kube):
 
 @pytest.fixture(scope="session")
 def crds(kube):
+    missing = [str(p) for p in CRDS if not p.exists()]
+    if missing:
+        pytest.skip(f"CRD files missing (KUBETUNE_CONFORMANCE?): {missing}")
     ext = kube.ApiextensionsV1Api()
     for path in CRDS:
         crd = yaml.safe_load(path.read_text())

@@ -150,13 +150,17 @@ contexts:
   context: {{cluster: local, user: admin, namespace: default}}
 current-context: local
 """)
-        _start(stack, [
+        manager = _start(stack, [
             str(bin_dir / "kube-controller-manager"), f"--kubeconfig={kubeconfig}",
             f"--service-account-private-key-file={key}",
             f"--root-ca-file={certs / 'apiserver.crt'}", "--leader-elect=false",
             "--use-service-account-credentials=false", "--port=0", "--secure-port=0",
             "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-route,-service",
             "--v=1"], work / "kube-controller-manager.log")
+        time.sleep(2)
+        if manager.poll() is not None:
+            raise RuntimeError("kube-controller-manager exited:\n"
+                               + (work / "kube-controller-manager.log").read_text()[-4000:])
         yield kubeconfig
 
 
@@ -176,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: sys.exit(128 + 15))
     with cluster(args.bin, args.keep) as kubeconfig:
         env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-        return subprocess.run(command, env=env).returncode
+        code = subprocess.run(command, env=env).returncode
+        if code:  # the control plane's side of the story, before its directory goes
+            for log in sorted(kubeconfig.parent.glob("*.log")):
+                print(f"---- {log.name} (last lines)", file=sys.stderr)
+                print("\n".join(log.read_text(errors="replace").splitlines()[-30:]),
+                      file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -107,7 +107,10 @@ def chart_operator(kube, release, namespace):
         yield {"ports": ports, "log": log, "proc": proc}
     finally:
         proc.terminate()
-        proc.wait(20)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def test_the_operator_works_with_only_the_charts_rbac(kube, namespace, chart_operator):
