@@ -208,3 +208,23 @@ def test_the_reducer_reads_any_backend_through_the_seam():
         cond(status, "Queued")["message"]
     creating = reduce_status(Observed(1, child=None, backend=trainjob), {}, T0)
     assert any(c["message"] == "creating the TrainJob" for c in creating["conditions"])
+
+
+def test_a_progress_patch_never_goes_back_or_drops_what_another_replica_wrote():
+    from kubetune_operator.status import progress_patch
+
+    current = {"progress": {"step": 50, "percent": 50.0},
+               "checkpoints": [{"step": 40, "uri": "pvc://o/checkpoint-40"}],
+               "outputs": {"adapter": "pvc://o/adapter"}}
+    older = {"step": 40, "percent": 40.0,
+             "checkpoints": [{"step": 45, "uri": "pvc://o/checkpoint-45"}],
+             "outputs": {"merged": "pvc://o/merged"}}
+    patch = progress_patch(older, current)
+    assert "progress" not in patch  # step 40 < 50: stale
+    assert [c["step"] for c in patch["checkpoints"]] == [40, 45]
+    assert patch["outputs"] == {"adapter": "pvc://o/adapter", "merged": "pvc://o/merged"}
+    newer = progress_patch({"step": 60, "percent": 60.0}, current)
+    assert newer == {"progress": {"step": 60, "percent": 60.0}}
+    assert progress_patch({"checkpoints": current["checkpoints"]}, current) == {}
+    assert [c["step"] for c in progress_patch(
+        older, current, keep=1)["checkpoints"]] == [45]  # saveTotalLimit

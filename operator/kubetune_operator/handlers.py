@@ -17,7 +17,7 @@ from kubetune_operator import metrics
 from kubetune_operator import reconcile as rc
 from kubetune_operator.builders import JOB_LABEL, OperatorConfig
 from kubetune_operator.reporting import Flusher, ProgressStore, TokenChecker, make_app
-from kubetune_operator.status import TERMINAL, merge_checkpoints, progress_fields
+from kubetune_operator.status import TERMINAL, progress_patch
 
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 RECHECK_SECONDS = float(os.environ.get("KUBETUNE_RECHECK_SECONDS", "60"))
@@ -34,6 +34,12 @@ def operator_config() -> OperatorConfig:
         default_queue=env.get("KUBETUNE_DEFAULT_QUEUE") or None,
         failure_log_tail=env.get("KUBETUNE_FAILURE_LOG_TAIL", "true").lower() != "false",
     )
+
+
+class Gone(Exception):
+    """The job was deleted: the flusher forgets it."""
+
+    status = 404
 
 
 def api_client() -> Any:
@@ -85,23 +91,25 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
         return await loop.run_in_executor(None, kube.token_review, token, audience)
 
     async def patch(ns: str, name: str, snap: dict[str, Any]) -> None:
-        status: dict[str, Any] = {}
-        if prog := progress_fields(snap):
-            status["progress"] = prog
-        if snap.get("checkpoints"):
-            status["checkpoints"] = merge_checkpoints(snap, [])
-        if snap.get("outputs"):
-            status["outputs"] = snap["outputs"]
-        if status:
-            def write() -> None:  # in turn with converges: neither undoes the other's news
-                with memo.locks.setdefault((ns, name), threading.Lock()):
-                    kube.patch_status(ns, name, status)
+        def write() -> bool:
+            # In turn with converges, and against the status as it is now: another replica
+            # (replicaCount > 1) may have written newer progress or other checkpoints.
+            with memo.locks.setdefault((ns, name), threading.Lock()):
+                job = kube.get_finetunejob(ns, name)
+                if job is None:
+                    raise Gone(ns, name)
+                keep = ((job.get("spec") or {}).get("training") or {}).get("saveTotalLimit")
+                status = progress_patch(snap, job.get("status") or {}, keep)
+                if status:  # a conflict (409) leaves the report dirty for the next round
+                    kube.patch_status(ns, name, status, job["metadata"].get("resourceVersion"))
+                return bool(status)
 
-            try:
-                await loop.run_in_executor(None, write)
-            except Exception:
-                metrics.STATUS_PATCHES.labels("error").inc()
-                raise
+        try:
+            wrote = await loop.run_in_executor(None, write)
+        except Exception:
+            metrics.STATUS_PATCHES.labels("error").inc()
+            raise
+        if wrote:
             metrics.STATUS_PATCHES.labels("ok").inc()
 
     store: ProgressStore = memo.store

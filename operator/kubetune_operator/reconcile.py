@@ -134,9 +134,15 @@ class Kube:
             raise
         return json.loads(resp.data)
 
-    def patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+    def patch_status(self, ns: str, name: str, status: dict[str, Any],
+                     resource_version: str | None = None) -> None:
+        """Merge-patch the status; with ``resource_version`` only if the job has not changed
+        since it was read (409 otherwise)."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         self.custom.patch_namespaced_custom_object_status(
-            "kubetune.io", "v1alpha1", ns, "finetunejobs", name, {"status": status})
+            "kubetune.io", "v1alpha1", ns, "finetunejobs", name, body)
 
     def get_finetunejob(self, ns: str, name: str) -> dict[str, Any] | None:
         try:

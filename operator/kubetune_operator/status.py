@@ -270,6 +270,28 @@ def progress_fields(report: dict[str, Any] | None, old: dict[str, Any] | None = 
     return p or old
 
 
+def progress_patch(report: dict[str, Any], current: dict[str, Any],
+                   keep: int | None = None) -> dict[str, Any]:
+    """The status patch for a progress report, against the status as it is now: checkpoints
+    and outputs merged with what is there (another operator replica may have written some),
+    and progress only if it is not older than what is there."""
+    patch: dict[str, Any] = {}
+    prog = progress_fields(report)
+    have = (current.get("progress") or {}).get("step")
+    if prog and not (have is not None and prog.get("step") is not None
+                     and prog["step"] < have):
+        patch["progress"] = prog
+    if report.get("checkpoints"):
+        merged = merge_checkpoints(report, current.get("checkpoints") or [], keep=keep)
+        if merged != current.get("checkpoints"):
+            patch["checkpoints"] = merged
+    if report.get("outputs"):
+        outputs = {**(current.get("outputs") or {}), **report["outputs"]}
+        if outputs != current.get("outputs"):
+            patch["outputs"] = outputs
+    return patch
+
+
 def merge_checkpoints(report: dict[str, Any] | None, old: list[dict[str, Any]],
                       keep: int | None = None) -> list[dict[str, Any]]:
     """A bounded list, newest last, one entry per step; no more than the trainer keeps."""
