@@ -1,6 +1,6 @@
 """The training backend, behind a small seam: which object runs a job, and how its state is read.
 
-The operator renders one training object per FineTuneJob (``builders.render_backend``) and
+The operator renders one training object per FineTuneJob (``builders.children``) and
 reads back only what this module describes: where its suspend flag lives and which of its
 conditions mean running, restarting, succeeded, failed, suspended. Kubeflow's PyTorchJob
 (kubeflow.org/v1, the training-operator) is the backend today; a Kubeflow Trainer v2
@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-SIGNALS = ("running", "restarting", "succeeded", "failed", "suspended")
-
 
 @dataclass(frozen=True)
 class Backend:
@@ -23,7 +21,8 @@ class Backend:
     kind: str
     plural: str
     suspend_path: tuple[str, ...]  # where the object's suspend flag lives
-    conditions: Mapping[str, str]  # our signal -> the backend's condition type
+    # our signal (running, restarting, succeeded, failed, suspended) -> its condition type
+    conditions: Mapping[str, str]
 
     @property
     def group(self) -> str:

@@ -247,13 +247,10 @@ def pytorchjob(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = No
     if spec.run_policy.ttl_seconds_after_finished is not None:
         run_policy["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
     meta = _metadata(job, child_name(job), uid, passed)
-    # What spec.suspend we last carried out. A Kueue-managed job is suspended through its
-    # Workload (spec.active), which Kueue creates active: nothing is applied yet.
-    meta["annotations"][SUSPEND_APPLIED] = str(
-        spec.suspend and KUEUE_QUEUE_LABEL not in passed).lower()
+    meta["annotations"][SUSPEND_APPLIED] = str(spec.suspend).lower()
     return {
-        "apiVersion": "kubeflow.org/v1",
-        "kind": "PyTorchJob",
+        "apiVersion": PYTORCHJOB.api_version,
+        "kind": PYTORCHJOB.kind,
         "metadata": meta,
         "spec": {
             # One process per GPU; a CPU-only job runs one process per node.

@@ -131,7 +131,7 @@ def reduce_status(obs: Observed, old: dict[str, Any] | None, now: str) -> dict[s
     """The whole new status. ``old`` keeps transition times, checkpoints and outputs."""
     status = _reduce(obs, old or {}, now)
     if not obs.log_tail and "logTail" in (status.get("failure") or {}):
-        # failureLogTail off: also for a failure recorded before it was turned off
+        # failureLogTail off: a new failure's, and one recorded before it was turned off
         status["failure"] = {k: v for k, v in status["failure"].items() if k != "logTail"}
     return status
 
@@ -191,8 +191,7 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> dict[str, Any]:
     if phase == "Failed" and failure:
         status["failure"] = {k: v for k, v in {
             "reason": failure.reason, "message": failure.message, "exitCode": failure.exit_code,
-            "pod": failure.pod, "logTail": failure.log_tail if obs.log_tail else None,
-        }.items() if v is not None}
+            "pod": failure.pod, "logTail": failure.log_tail}.items() if v is not None}
     elif phase == "Failed" and old.get("failure"):
         status["failure"] = old["failure"]  # the pods are gone; keep what they told us
     return status

@@ -53,7 +53,7 @@ def etcd_binary() -> Path:
     return target
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -112,7 +112,7 @@ def cluster(bin_dir: Path = KUBE_BIN, workdir: Path | None = None):
         token = secrets.token_hex(16)
         (work / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
 
-        etcd_port, peer_port = _free_port(), _free_port()
+        etcd_port, peer_port = free_port(), free_port()
         etcd = _start(stack, [str(etcd_binary()), "--data-dir", str(work / "etcd"),
                               "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
                               "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
@@ -120,7 +120,7 @@ def cluster(bin_dir: Path = KUBE_BIN, workdir: Path | None = None):
                               "--unsafe-no-fsync"], work / "etcd.log")
         _wait_http(f"http://127.0.0.1:{etcd_port}/health", 30, etcd, work / "etcd.log")
 
-        api_port = _free_port()
+        api_port = free_port()
         server = f"https://127.0.0.1:{api_port}"
         api = _start(stack, [
             str(bin_dir / "kube-apiserver"),

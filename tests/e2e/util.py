@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from e2e.local_cluster import free_port  # noqa: F401  (shared with the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFORMANCE = Path(os.environ.get("KUBETUNE_CONFORMANCE", REPO.parent / "shared" / "conformance"))
@@ -30,12 +31,6 @@ def wait(check, timeout=60.0, every=0.5):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {check}")
         time.sleep(every)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, token: str, body: dict) -> int:
