@@ -16,6 +16,7 @@ MODELS = {
     "spec.datasets[]": api.DatasetSpec,
     "spec.method": api.MethodSpec,
     "spec.training": api.TrainingSpec,
+    "spec.preference": api.PreferenceSpec,
     "spec.resources": api.ResourcesSpec,
 }
 SPEC_BASE = {"model": {"source": "m"}, "datasets": [{"source": "d.json"}]}
@@ -27,6 +28,34 @@ CASES = {
         {**SPEC_BASE, "output": {"uri": "o", "merge": True}, "method": {"type": "full"}},
         {**SPEC_BASE, "output": {"uri": "o", "merge": False}, "method": {"type": "freeze"}},
         {**SPEC_BASE, "output": {"uri": "o", "merge": True}, "method": {"type": "qlora"}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "stage": "grpo"},
+        {**SPEC_BASE, "output": {"uri": "o"}, "stage": "dpo", "preference": {}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "preference": {"beta": 0.2}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "stage": "rm", "preference": {"beta": 0.2}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "stage": "dpo",
+         "preference": {"lossType": ["sigmoid", "sft"], "lossWeights": [1.0, 0.5],
+                        "precomputeRefLogProbs": True}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "stage": "dpo", "preference": {
+            "lossType": ["simpo"]}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "stage": "cpo", "preference": {
+            "lossType": ["simpo"], "simpoGamma": 0.5, "cpoAlpha": 0.0}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "stage": "cpo", "preference": {
+            "lossType": ["simpo", "hinge"]}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "stage": "orpo", "preference": {
+            "desirableWeight": 2.0}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "stage": "kto", "preference": {
+            "desirableWeight": 2.0, "precomputeRefLogProbs": False}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "stage": "kto",
+         "training": {"batchSizePerDevice": 1}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "stage": "sft",
+         "training": {"batchSizePerDevice": 1}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "stage": "rm", "preference": {
+            "maxPromptLen": 64}},
+    ],
+    "spec.preference": [
+        {}, {"lossType": ["sigmoid"]}, {"lossWeights": [1.0]},
+        {"lossType": ["sigmoid", "sft"], "lossWeights": [1.0]},
+        {"lossType": ["sigmoid", "sft"], "lossWeights": [1.0, 0.2]},
     ],
     "spec.datasets[]": [
         {"source": "d.json"},

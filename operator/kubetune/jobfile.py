@@ -25,7 +25,7 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
             msg = f"{e['input']!r} is not a source kubetune knows"
         elif e["type"] == "string_pattern_mismatch":
             msg = f"{e['input']!r} does not match {e['ctx']['pattern']}"
-        lines.append(f"{loc}: {msg}" if loc else msg)
+        lines.append(f"{loc}: {msg}" if loc and not msg.startswith(f"{loc}.") else msg)
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api.v1alpha1 import IMPLEMENTED_STAGES, FineTuneJob
+from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.jobfile import format_validation_error
 from pydantic import ValidationError
 
@@ -185,9 +185,6 @@ def validate(body: dict[str, Any]) -> tuple[FineTuneJob | None, str | None]:
     except ValidationError as err:
         return None, format_validation_error(err)
     spec = job.spec
-    if spec.stage not in IMPLEMENTED_STAGES:
-        return None, (f"spec.stage: {spec.stage!r} is not implemented by this version yet; "
-                      f"implemented: {', '.join(sorted(IMPLEMENTED_STAGES))}")
     cluster_sources = ("pvc://", "hf://", "https://", "http://", "s3://", "gs://",
                        "embedded://")
     fields = [("spec.model.source", spec.model.source)] + [

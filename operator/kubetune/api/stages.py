@@ -1,0 +1,42 @@
+"""The one registry of training stages: what each needs and whether this version trains it.
+
+The API's CEL rule and messages, ``kubetune validate``/``render``, the operator and the
+trainer's recipes all read it; a test checks that every implemented stage has a recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    rows: str  # text | chat | pairs | unpaired | prompts: the rows the stage trains on
+    summary: str
+    learning_rate: float = 1e-4  # when training.learningRate is not set
+    implemented: bool = True
+
+
+STAGES: dict[str, StageInfo] = {
+    "pt": StageInfo("text", "pre-training (continued): next-token loss on every token"),
+    "sft": StageInfo("chat", "supervised fine-tuning: loss on the answers"),
+    "rm": StageInfo("pairs", "reward model: a score head trained to rank chosen over rejected",
+                    learning_rate=1e-5),
+    "dpo": StageInfo("pairs", "direct preference optimisation (and its loss family)",
+                     learning_rate=5e-6),
+    "kto": StageInfo("unpaired", "Kahneman-Tversky optimisation: good/bad single answers",
+                     learning_rate=5e-6),
+    "orpo": StageInfo("pairs", "odds-ratio preference optimisation (no reference model)",
+                      learning_rate=5e-6),
+    "cpo": StageInfo("pairs", "contrastive preference optimisation; SimPO is its loss simpo",
+                     learning_rate=5e-6),
+    "grpo": StageInfo("prompts", "group relative policy optimisation", implemented=False),
+}
+
+IMPLEMENTED_STAGES = frozenset(s for s, i in STAGES.items() if i.implemented)
+PREFERENCE_STAGES = frozenset(s for s, i in STAGES.items() if i.rows in ("pairs", "unpaired"))
+
+
+def implemented_message(stage: str) -> str:
+    return (f"stage {stage!r} is not implemented by this version of kubetune yet; "
+            f"implemented: {', '.join(s for s in STAGES if s in IMPLEMENTED_STAGES)}")
