@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
+
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from kubetune.api.v1alpha1 import Checkpoint, Outputs, Progress
 from kubetune_operator.reporting import (
+    INT64_MAX,
+    MAX_URI_TEXT,
     Flusher,
     ProgressStore,
     TokenChecker,
@@ -98,12 +107,84 @@ async def test_checkpoints_and_outputs_from_the_trainer(client):
     assert snap["outputs"] == {"adapter": "pvc://o/adapter", "mergedModel": "pvc://o/merged"}
 
 
-async def test_bad_bodies_are_refused(client):
+async def test_a_forged_token_is_refused_the_same_way_twice():
+    reviews = []
+
+    async def review(token, audience):
+        reviews.append(token)
+        return await _review(token, audience)
+
+    app = make_app(ProgressStore(), TokenChecker(review))
+    async with TestClient(TestServer(app)) as c:
+        for _ in range(2):
+            resp = await c.post(URL, json=KEP_BODY, headers={"Authorization": "Bearer forged"})
+            assert resp.status == 401
+    assert reviews == ["forged"]  # the second answer came from the cache
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    (b"not json", 400),
+    (b"[" * 20_000 + b"]" * 20_000, 400),  # deeper than the JSON parser goes, under 64 KB
+    (b"\xff\xfe{", 400),
+    (b"[]", 400),
+    (b'{"trainerStatus": []}', 400),
+    (b'{"kubetune": "x"}', 400),
+    (b"x" * 70_000, 413),
+    # Bad values in a well-formed report are dropped, the report is accepted.
+    (b'{"trainerStatus": {"metrics": [{"name": ["loss"], "value": 1}]}}', 200),
+    (b'{"trainerStatus": {"metrics": 5, "progressPercentage": Infinity}}', 200),
+    (b'{"trainerStatus": {"metrics": [{"name": "current_step", "value": NaN}]}}', 200),
+])
+async def test_bad_bodies_get_a_reason_never_a_500(client, body, code):
+    resp = await client.post(URL, data=body, headers={"Authorization": "Bearer good"})
+    assert resp.status == code
+    if code == 400:
+        assert (await resp.json())["error"]
+    if code == 200:
+        assert client.store.get("team-a", "ident") == {}
+
+
+async def test_a_nan_loss_leaves_loss_as_it_was_and_applies_the_rest(client):
     auth = {"Authorization": "Bearer good"}
-    resp = await client.post(URL, data=b"not json", headers=auth)
-    assert resp.status == 400
-    resp = await client.post(URL, data=b"x" * 70_000, headers=auth)
-    assert resp.status == 413
+    await client.post(URL, json=KEP_BODY, headers=auth)
+    for loss in ("NaN", float("nan"), float("inf")):
+        body = {"trainerStatus": {"progressPercentage": 43, "metrics": [
+            {"name": "loss", "value": loss}, {"name": "current_step", "value": "43"}]}}
+        resp = await client.post(URL, data=json.dumps(body), headers=auth)
+        assert (resp.status, await resp.json()) == (200, {"ok": True, "dropped": ["loss"]})
+    snap = client.store.get("team-a", "ident")
+    assert (snap["loss"], snap["step"], snap["percent"]) == (1.25, 43, 43.0)
+
+
+@pytest.mark.parametrize(("status", "key", "kept"), [
+    ({"progressPercentage": 1e20}, "percent", 100.0),  # clamped, not dropped
+    ({"progressPercentage": -3}, "percent", 0.0),
+    ({"metrics": [{"name": "current_step", "value": "42.0"}]}, "step", 42),
+    ({"metrics": [{"name": "current_step", "value": 10**300}]}, "step", None),
+    ({"metrics": [{"name": "current_step", "value": 2**63}]}, "step", None),
+    ({"metrics": [{"name": "total_steps", "value": -1}]}, "totalSteps", None),
+    ({"metrics": [{"name": "current_epoch", "value": True}]}, "epoch", None),
+    ({"estimatedRemainingSeconds": -5}, "etaSeconds", None),
+    ({"lastUpdatedTime": {"a": 1}}, "updatedAt", None),  # not str()-ed
+    ({"lastUpdatedTime": "x" * 100}, "updatedAt", None),
+])
+def test_each_field_is_kept_only_in_the_status_shape(status, key, kept):
+    store = ProgressStore()
+    dropped = store.update("team-a", "ident", {"trainerStatus": status})
+    assert store.get("team-a", "ident").get(key) == kept
+    assert dropped == ([key] if kept is None else [])
+
+
+def test_checkpoints_and_outputs_keep_strings_only():
+    store = ProgressStore()
+    store.update("team-a", "ident", {"kubetune": {
+        "checkpoint": {"step": 5, "loss": "NaN", "uri": "pvc://o/checkpoint-5"},
+        "outputs": {"adapter": {"uri": "x"}, "model": ["x"], "mergedModel": "pvc://o/m"}}})
+    store.update("team-a", "ident", {"kubetune": {"checkpoint": {"step": 6, "uri": 7}}})
+    store.update("team-a", "ident", {"kubetune": {"checkpoint": {"loss": "NaN", "uri": "u"}}})
+    snap = store.get("team-a", "ident")
+    assert snap == {"checkpoints": [{"step": 5, "uri": "pvc://o/checkpoint-5"}],
+                    "outputs": {"mergedModel": "pvc://o/m"}}
 
 
 def test_allowed_matches_only_this_jobs_pods():
@@ -131,3 +212,101 @@ async def test_flusher_patches_each_dirty_job_once_and_retries_failures():
     assert await flusher.run_once() == 1  # b retried
     assert await flusher.run_once() == 0  # nothing new
     assert sorted(patched) == [("team-a", "a"), ("team-a", "b")]
+
+
+async def test_a_refused_patch_does_not_block_later_reports():
+    store, written = ProgressStore(), []
+
+    class Refused(Exception):
+        status = 422  # what the API server answers for a value its schema refuses
+
+    refusals = [Refused()]
+
+    async def patch(ns, name, snap):
+        if refusals:
+            raise refusals.pop()
+        written.append(snap)
+
+    store.update("team-a", "ident", KEP_BODY)
+    store.update("team-a", "ident", {"kubetune": {"checkpoint": {"step": 10, "uri": "pvc://c"}}})
+    flusher = Flusher(store, patch, interval=0, rate=1000)
+    assert await flusher.run_once() == 0
+    assert await flusher.run_once() == 1  # the checkpoint, without the refused progress
+    assert written == [{"checkpoints": [{"step": 10, "uri": "pvc://c"}]}]
+    store.update("team-a", "ident", KEP_BODY)
+    assert await flusher.run_once() == 1
+    assert written[-1]["step"] == 42
+
+
+# ------------------------------------------------------------------------ fuzzing
+# KUBETUNE_FUZZ_EXAMPLES=20000 pytest tests/test_reporting.py -k fuzz  for a longer run.
+
+_GOOD = (st.integers(0, 10**6) | st.floats(0, 1e4) | st.integers(0, 10**6).map(str)
+         | st.floats(0, 1e4).map(str) | st.just("pvc://o/checkpoint-1"))
+_NASTY = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+          | st.integers(MAX_URI_TEXT, MAX_URI_TEXT + 99).map("x".__mul__)
+          | st.sampled_from([math.nan, math.inf, -math.inf, 10**300, 2**63, -1, 1e20, 1e308,
+                             "NaN", "-Infinity", "1e400", "9" * 300, " 7 ", "0x10", "²",
+                             "\ud800"]))
+_LEAF = _GOOD | _NASTY
+_JSON = st.recursive(_LEAF, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+_NAMES = st.sampled_from(["loss", "learning_rate", "current_step", "total_steps", "epoch",
+                          "current_epoch", "num_input_tokens_seen", "grad_norm"])
+
+
+def _mostly(shaped, other=_JSON):
+    """The KEP's shape three times in four, anything else the fourth."""
+    return st.sampled_from([shaped] * 3 + [other]).flatmap(lambda strategy: strategy)
+
+
+_METRIC = st.fixed_dictionaries({"name": _mostly(_NAMES), "value": _mostly(_LEAF)})
+_TRAINER_STATUS = st.fixed_dictionaries({}, optional={
+    "lastUpdatedTime": _LEAF, "progressPercentage": _LEAF, "estimatedRemainingSeconds": _LEAF,
+    "metrics": _mostly(st.lists(_mostly(_METRIC), max_size=8))})
+_KUBETUNE = st.fixed_dictionaries({}, optional={
+    "checkpoint": _mostly(st.fixed_dictionaries(
+        {"step": _LEAF, "uri": _LEAF}, optional={"loss": _LEAF})),
+    "outputs": _mostly(st.fixed_dictionaries({}, optional={
+        "adapter": _LEAF, "mergedModel": _LEAF, "model": _LEAF, "evil": _LEAF}))})
+_BODY = _mostly(st.fixed_dictionaries({}, optional={"trainerStatus": _mostly(_TRAINER_STATUS),
+                                                     "kubetune": _mostly(_KUBETUNE)}))
+
+def _fits_the_status(value) -> bool:
+    """Every number finite, every int an int64, every string bounded and sendable."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _fits_the_status(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_fits_the_status(v) for v in value)
+    if isinstance(value, str):
+        surrogate = any("\ud800" <= c <= "\udfff" for c in value)  # not UTF-8: unsendable
+        return len(value) <= MAX_URI_TEXT and not surrogate
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -INT64_MAX - 1 <= value <= INT64_MAX
+    return isinstance(value, float) and math.isfinite(value)
+
+
+@settings(max_examples=int(os.environ.get("KUBETUNE_FUZZ_EXAMPLES", "300")), deadline=None,
+          derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=_BODY)
+async def test_fuzz_any_body_gets_200_or_4xx_and_the_status_stays_valid(client, body):
+    resp = await client.post(URL, data=json.dumps(body),
+                             headers={"Authorization": "Bearer good"})
+    event(f"HTTP {resp.status}")  # --hypothesis-show-statistics
+    assert resp.status == 200 or 400 <= resp.status < 500, await resp.text()
+    if resp.status != 200:
+        assert (await resp.json())["error"]
+        return
+    snap = client.store.get("team-a", "ident")  # everything accepted so far, in this client
+    assert _fits_the_status(snap), snap
+    json.dumps(snap, allow_nan=False)
+    progress = {k: v for k, v in snap.items() if k not in ("checkpoints", "outputs")}
+    Progress.model_validate(progress)
+    assert 0 <= progress.get("percent", 0) <= 100
+    assert all(v >= 0 for k, v in progress.items() if k in ("step", "totalSteps", "etaSeconds"))
+    for cp in snap.get("checkpoints", []):
+        assert Checkpoint.model_validate(cp).step >= 0
+    Outputs.model_validate(snap.get("outputs", {}))

@@ -14,6 +14,11 @@ CHILDREN_CREATED = Counter("kubetune_children_created", "Objects created, by kin
                            registry=REGISTRY)
 PROGRESS_REPORTS = Counter("kubetune_progress_reports", "Progress reports, by HTTP status.",
                            ["code"], registry=REGISTRY)
+PROGRESS_FIELDS_DROPPED = Counter(
+    "kubetune_progress_fields_dropped",
+    "Report fields dropped before they reach a status (NaN, out of range, wrong type), and "
+    "snapshots dropped after the API server refused them, by field and reason.",
+    ["field", "reason"], registry=REGISTRY)
 STATUS_PATCHES = Counter("kubetune_progress_status_patches",
                          "Status patches written by the progress flusher, by result.",
                          ["result"], registry=REGISTRY)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from kubetune_operator import metrics
 from kubetune_operator.builders import PROGRESS_AUDIENCE
 from kubetune_operator.status import MAX_CHECKPOINTS
 
@@ -33,6 +36,20 @@ MAX_BODY = 64 * 1024
 
 _METRIC_MAP = {"current_step": "step", "total_steps": "totalSteps", "loss": "loss",
                "learning_rate": "learningRate", "current_epoch": "epoch", "epoch": "epoch"}
+_TOKENS = "num_input_tokens_seen"
+_OUTPUTS = ("adapter", "mergedModel", "model")
+
+# What a status field may hold. A value the API server would refuse (NaN, a 300-digit step)
+# must never reach a patch: the flusher would retry that patch, and every later one, forever.
+INT64_MAX = 2**63 - 1
+MAX_ETA_SECONDS = 10 * 365 * 24 * 3600.0
+MAX_NUMBER_TEXT = 64  # a number sent as a string ("1.25", as the KEP does)
+MAX_TIME_TEXT = 64  # RFC 3339 takes about 32
+MAX_URI_TEXT = 2048
+
+
+class BadReport(ValueError):
+    """A body the endpoint refuses as a whole (400)."""
 
 
 @dataclass
@@ -42,6 +59,7 @@ class JobProgress:
     outputs: dict[str, Any] = field(default_factory=dict)
     dirty: bool = False
     tokens_seen: tuple[float, float] | None = None  # (monotonic time, tokens) last report
+    refused: int = 0  # status patches refused in a row (400/422)
 
     def snapshot(self) -> dict[str, Any]:
         out = dict(self.report)
@@ -65,24 +83,28 @@ class ProgressStore:
     def forget(self, namespace: str, name: str) -> None:
         self.jobs.pop((namespace, name), None)
 
-    def update(self, namespace: str, name: str, payload: dict[str, Any]) -> None:
+    def update(self, namespace: str, name: str, payload: dict[str, Any]) -> list[str]:
+        """Apply one report; fields that do not fit the status are dropped (and counted), the
+        rest applies. Returns the dropped fields; raises ``BadReport`` for a body of the wrong
+        shape, before anything is applied."""
+        ts, ext = payload.get("trainerStatus"), payload.get("kubetune")
+        for key, section in (("trainerStatus", ts), ("kubetune", ext)):
+            if section is not None and not isinstance(section, dict):
+                raise BadReport(f"{key} must be an object")
         job = self.jobs.setdefault((namespace, name), JobProgress())
-        ts = payload.get("trainerStatus")
-        if isinstance(ts, dict):
-            job.report.update(_from_trainer_status(ts, job))
-        ext = payload.get("kubetune")
-        if isinstance(ext, dict):
-            cp = _checkpoint(ext.get("checkpoint"))
+        clean = _Clean()
+        if ts:
+            job.report.update(_from_trainer_status(ts, job, clean))
+        if ext:
+            cp = _checkpoint(ext.get("checkpoint"), clean)
             if cp is not None:
                 job.checkpoints = [c for c in job.checkpoints if c["step"] != cp["step"]]
                 job.checkpoints.append(cp)
                 job.checkpoints = sorted(job.checkpoints, key=lambda c: c["step"])[
                     -MAX_CHECKPOINTS:]
-            outs = ext.get("outputs")
-            if isinstance(outs, dict):
-                job.outputs.update({k: str(v) for k, v in outs.items()
-                                    if k in ("adapter", "mergedModel", "model")})
+            job.outputs.update(_outputs(ext.get("outputs"), clean))
         job.dirty = True
+        return clean.dropped
 
     def remember_checkpoints(self, namespace: str, name: str,
                              checkpoints: list[dict[str, Any]]) -> None:
@@ -99,49 +121,163 @@ class ProgressStore:
         return keys
 
 
-def _checkpoint(value: Any) -> dict[str, Any] | None:
+def _finite(value: Any) -> tuple[float | None, str | None]:
+    """A finite float from a JSON number or a numeric string, else (None, why)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None, "type"
+    if isinstance(value, str) and len(value) > MAX_NUMBER_TEXT:
+        return None, "length"
+    try:
+        f = float(value)
+    except ValueError:
+        return None, "type"
+    except OverflowError:  # an int past float's range
+        return None, "range"
+    return (f, None) if math.isfinite(f) else (None, "nonfinite")
+
+
+class _Clean:
+    """Cleans one report field by field: a value that does not fit is dropped and counted.
+    An absent field (None) is neither."""
+
+    def __init__(self) -> None:
+        self.dropped: list[str] = []
+
+    def drop(self, name: str, why: str) -> None:
+        metrics.PROGRESS_FIELDS_DROPPED.labels(name, why).inc()
+        if name not in self.dropped:
+            self.dropped.append(name)
+
+    def number(self, name: str, value: Any, low: float = -math.inf,
+               high: float = math.inf) -> float | None:
+        if value is None:
+            return None
+        f, why = _finite(value)
+        if f is not None and not low <= f <= high:
+            f, why = None, "range"
+        if why:
+            self.drop(name, why)
+        return f
+
+    def count(self, name: str, value: Any) -> int | None:
+        """A step count: an int in [0, int64], from 42, 42.0 or "42" (a fraction is cut)."""
+        if value is None:
+            return None
+        n: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            n = value
+        elif isinstance(value, str) and value.isascii() and value.strip().isdigit():
+            n = int(value)
+        elif (f := self.number(name, value)) is not None:
+            n = int(f)
+        else:
+            return None  # counted by number()
+        if not 0 <= n <= INT64_MAX:
+            self.drop(name, "range")
+            return None
+        return n
+
+    def text(self, name: str, value: Any, limit: int) -> str | None:
+        """A string as sent, never ``str()`` of something else."""
+        if value is None:
+            return None
+        why = None
+        if not isinstance(value, str):
+            why = "type"
+        elif len(value) > limit:
+            why = "length"
+        elif not _utf8(value):  # a lone surrogate ("\\ud800") cannot be sent on
+            why = "encoding"
+        if why:
+            self.drop(name, why)
+            return None
+        return value
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _checkpoint(value: Any, clean: _Clean) -> dict[str, Any] | None:
     """A checkpoint report in the status's own shape, or None (a bad one is dropped, not
     allowed to make every later status patch fail)."""
-    from kubetune.api.v1alpha1 import Checkpoint
-    from pydantic import ValidationError
-
+    if value is None:
+        return None
     if not isinstance(value, dict):
+        clean.drop("checkpoint", "type")
         return None
-    try:
-        cp = Checkpoint.model_validate({k: value[k] for k in ("step", "loss", "uri")
-                                        if k in value})
-    except ValidationError:
+    step = clean.count("checkpoint.step", value.get("step"))
+    uri = clean.text("checkpoint.uri", value.get("uri"), MAX_URI_TEXT)
+    loss, why = _finite(value.get("loss")) if value.get("loss") is not None else (None, None)
+    if step is None or uri is None or why not in (None, "nonfinite"):
+        clean.drop("checkpoint", "incomplete" if step is None or uri is None else why)
         return None
-    return cp.model_dump(by_alias=True, exclude_none=True)
+    if why:  # NaN or infinite: a diverged run's checkpoint is still a checkpoint
+        clean.drop("checkpoint.loss", why)
+    cp: dict[str, Any] = {"step": step, "uri": uri}
+    if loss is not None:
+        cp["loss"] = loss
+    return cp
 
 
-def _num(value: Any) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+def _outputs(value: Any, clean: _Clean) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        clean.drop("outputs", "type")
+        return {}
+    outs = {k: clean.text(f"outputs.{k}", value.get(k), MAX_URI_TEXT) for k in _OUTPUTS}
+    return {k: v for k, v in outs.items() if v is not None}
 
 
-def _from_trainer_status(ts: dict[str, Any], job: JobProgress) -> dict[str, Any]:
+def _metrics(value: Any, clean: _Clean) -> dict[str, Any]:
+    """The metrics we map, by name, from the KEP's ``[{"name": …, "value": …}]``."""
+    if value is None:
+        return {}
+    if not isinstance(value, list):
+        clean.drop("metrics", "type")
+        return {}
     out: dict[str, Any] = {}
-    if (p := _num(ts.get("progressPercentage"))) is not None:
-        out["percent"] = round(p, 2)
-    if (e := _num(ts.get("estimatedRemainingSeconds"))) is not None:
+    for m in value:
+        name = m.get("name") if isinstance(m, dict) else None
+        if not isinstance(name, str):
+            clean.drop("metrics", "type")
+        elif name in _METRIC_MAP or name == _TOKENS:
+            out[name] = m.get("value")
+    return out
+
+
+def _from_trainer_status(ts: dict[str, Any], job: JobProgress,
+                         clean: _Clean) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    # A percentage past 100 or below 0 is a rounding slip, not a reason to lose the report.
+    if (p := clean.number("percent", ts.get("progressPercentage"))) is not None:
+        out["percent"] = round(min(max(p, 0.0), 100.0), 2)
+    if (e := clean.number("etaSeconds", ts.get("estimatedRemainingSeconds"), 0,
+                          MAX_ETA_SECONDS)) is not None:
         out["etaSeconds"] = e
-    metrics = {m.get("name"): m.get("value") for m in ts.get("metrics") or []
-               if isinstance(m, dict)}
+    metrics_ = _metrics(ts.get("metrics"), clean)
     for key, target in _METRIC_MAP.items():
-        if (v := _num(metrics.get(key))) is not None:
-            out[target] = int(v) if target in ("step", "totalSteps") else v
-    tokens = _num(metrics.get("num_input_tokens_seen"))
+        if target in ("step", "totalSteps"):
+            v: float | int | None = clean.count(target, metrics_.get(key))
+        else:
+            v = clean.number(target, metrics_.get(key))
+        if v is not None:
+            out[target] = v
+    tokens = clean.number("tokensPerSecond", metrics_.get(_TOKENS), 0)
     if tokens is not None:
         t = time.monotonic()
         if job.tokens_seen and t > job.tokens_seen[0] and tokens >= job.tokens_seen[1]:
-            out["tokensPerSecond"] = round((tokens - job.tokens_seen[1]) /
-                                           (t - job.tokens_seen[0]), 1)
+            rate = round((tokens - job.tokens_seen[1]) / (t - job.tokens_seen[0]), 1)
+            if math.isfinite(rate):
+                out["tokensPerSecond"] = rate
         job.tokens_seen = (t, tokens)
-    if isinstance(ts.get("lastUpdatedTime"), str):
-        out["updatedAt"] = ts["lastUpdatedTime"][:40]
+    if (u := clean.text("updatedAt", ts.get("lastUpdatedTime"), MAX_TIME_TEXT)) is not None:
+        out["updatedAt"] = u
     return out
 
 
@@ -152,13 +288,14 @@ _POD_NAME = "authentication.kubernetes.io/pod-name"
 
 
 class TokenChecker:
-    """TokenReview, cached for a minute per token."""
+    """TokenReview, cached for a minute per token; a refused token is cached as None, so it is
+    refused the same way (401) every time."""
 
     def __init__(self, review: Callable[[str, str], Awaitable[dict[str, Any]]],
                  ttl: float = 60.0) -> None:
         self.review = review
         self.ttl = ttl
-        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
 
     async def identity(self, token: str) -> dict[str, Any] | None:
         key = hashlib.sha256(token.encode()).hexdigest()
@@ -171,16 +308,14 @@ class TokenChecker:
             log.warning("TokenReview failed", exc_info=True)
             return None
         status = result.get("status") or {}
+        ident: dict[str, Any] | None = None
         # An empty audience list means the API server's own audience: not ours.
-        if not status.get("authenticated") or PROGRESS_AUDIENCE not in (
-                status.get("audiences") or []):
-            ident: dict[str, Any] = {}
-        else:
-            ident = status.get("user") or {}
+        if status.get("authenticated") and PROGRESS_AUDIENCE in (status.get("audiences") or []):
+            ident = status.get("user") or None
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[key] = (time.monotonic(), ident)
-        return ident or None
+        return ident
 
 
 def allowed(identity: dict[str, Any], namespace: str, name: str) -> bool:
@@ -218,9 +353,7 @@ def make_app(store: ProgressStore, checker: TokenChecker,
              pod_lookup: PodLookup | None = None) -> web.Application:
     async def post(request: web.Request) -> web.Response:
         response = await _post(request)
-        from kubetune_operator.metrics import PROGRESS_REPORTS
-
-        PROGRESS_REPORTS.labels(str(response.status)).inc()
+        metrics.PROGRESS_REPORTS.labels(str(response.status)).inc()
         return response
 
     async def _post(request: web.Request) -> web.Response:
@@ -228,7 +361,9 @@ def make_app(store: ProgressStore, checker: TokenChecker,
         auth = request.headers.get("Authorization", "")
         if not auth.startswith("Bearer "):
             return web.json_response({"error": "a bearer token is required"}, status=401)
-        ident = await checker.identity(auth[7:].strip())
+        token = auth[7:].strip()
+        # A token is ASCII (a JWT); anything else is not hashed, not sent for review.
+        ident = await checker.identity(token) if token.isascii() else None
         if ident is None:
             return web.json_response({"error": "token not accepted"}, status=401)
         if not allowed(ident, ns, name) or (
@@ -238,15 +373,23 @@ def make_app(store: ProgressStore, checker: TokenChecker,
         if (request.content_length or 0) > MAX_BODY:
             return web.json_response({"error": "too large"}, status=413)
         try:
-            payload = await request.json()
-        except ValueError:
+            # Bytes, not request.json(): an unknown charset in Content-Type must not raise.
+            payload = json.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge:  # chunked, no Content-Length
+            return web.json_response({"error": "too large"}, status=413)
+        except RecursionError:  # [[[[… within the size limit
+            return web.json_response({"error": "nested too deeply"}, status=400)
+        except ValueError:  # UnicodeDecodeError included
             return web.json_response({"error": "not JSON"}, status=400)
         if not isinstance(payload, dict):
             return web.json_response({"error": "expected an object"}, status=400)
-        store.update(ns, name, payload)
+        try:
+            dropped = store.update(ns, name, payload)
+        except BadReport as err:
+            return web.json_response({"error": str(err)}, status=400)
         if on_report:
             on_report(ns, name)
-        return web.json_response({"ok": True})
+        return web.json_response({"ok": True, "dropped": dropped} if dropped else {"ok": True})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -255,6 +398,11 @@ def make_app(store: ProgressStore, checker: TokenChecker,
     app.router.add_post(ROUTE, post)
     app.router.add_get("/healthz", healthz)
     return app
+
+
+# The API server refused the patch's content (a bad value, too large): retrying cannot help.
+# 401/403 (the operator's own credentials or RBAC), 409 and 429 are retried.
+REFUSED = frozenset({400, 413, 422})
 
 
 class Flusher:
@@ -271,19 +419,44 @@ class Flusher:
             snap = self.store.get(ns, name)
             if snap is None:
                 continue
+            job = self.store.jobs.get((ns, name))
             try:
                 await self.patch(ns, name, snap)
                 done += 1
+                if job is not None:
+                    job.refused = 0
             except Exception as err:
-                if getattr(err, "status", None) == 404:  # the job is gone
+                code = getattr(err, "status", None)
+                if code == 404:  # the job is gone
                     self.store.forget(ns, name)
                     continue
-                log.warning("progress patch for %s/%s failed", ns, name, exc_info=True)
-                job = self.store.jobs.get((ns, name))
-                if job is not None:
-                    job.dirty = True  # try again next round
+                if code in REFUSED and job is not None:
+                    self._drop_refused(ns, name, job, code)
+                else:  # a conflict, throttling, the API server away: try again next round
+                    log.warning("progress patch for %s/%s failed", ns, name, exc_info=True)
+                    if job is not None:
+                        job.dirty = True
             await asyncio.sleep(1.0 / self.rate)
         return done
+
+    @staticmethod
+    def _drop_refused(ns: str, name: str, job: JobProgress, code: int) -> None:
+        """The API server refused the content: the same snapshot would be refused forever, and
+        so would every later one that still carries the bad field. We cannot tell which field it
+        was, so we drop in two steps: first the progress (rewritten on every report, so least
+        is lost), retrying the checkpoints and outputs at once; if that is refused too, those go
+        as well. Later reports then flush again; the status keeps whatever was written before."""
+        job.refused += 1
+        everything = job.refused > 1 or not job.report
+        what = "all" if everything else "progress"
+        metrics.PROGRESS_FIELDS_DROPPED.labels(what, "refused").inc()
+        log.error("the API server refused the progress patch for %s/%s (%s): dropping %s",
+                  ns, name, code, "all of it" if everything else "its progress")
+        job.report = {}
+        if everything:
+            job.checkpoints, job.outputs = [], {}
+        else:
+            job.dirty = job.dirty or bool(job.checkpoints or job.outputs)
 
     async def run(self) -> None:
         while True:
