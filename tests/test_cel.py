@@ -49,8 +49,6 @@ CASES = {
          "training": {"batchSizePerDevice": 1}},
         {**SPEC_BASE, "output": {"uri": "o"}, "stage": "sft",
          "training": {"batchSizePerDevice": 1}},
-        {**SPEC_BASE, "output": {"uri": "o"}, "stage": "rm", "preference": {
-            "maxPromptLen": 64}},
     ],
     "spec.preference": [
         {}, {"lossType": ["sigmoid"]}, {"lossWeights": [1.0]},

@@ -86,3 +86,23 @@ def test_render_refuses_what_the_operator_would_refuse():
     res = runner.invoke(app, ["render", str(REPO / "examples" / "identity.yaml")])
     assert res.exit_code == 2
     assert "spec.datasets[0].source: 'data/identity.json' is a local path" in res.output
+
+
+def test_render_accepts_every_implemented_stage_and_refuses_a_planned_one(tmp_path):
+    import yaml
+    from kubetune.api.stages import IMPLEMENTED_STAGES, STAGES
+
+    doc = yaml.safe_load((REPO / "examples" / "assistant-dpo.yaml").read_text())
+    for stage in STAGES:
+        doc["spec"]["stage"] = stage
+        doc["spec"].pop("preference", None)
+        path = tmp_path / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        res = runner.invoke(app, ["render", str(path)])
+        if stage in IMPLEMENTED_STAGES:
+            assert res.exit_code == 0, res.output
+            cm = next(yaml.safe_load_all(res.output))
+            assert f"stage: {stage}" in next(iter(cm["data"].values()))
+        else:
+            assert res.exit_code == 2
+            assert f"spec.stage: {stage} is not implemented by this version" in res.output

@@ -165,3 +165,35 @@ def test_max_samples_counts_across_the_files_of_a_directory(tmp_path):
     examples, report = load_examples([ds], "sft", RunContext(base_dir=tmp_path),
                                      max_invalid_fraction=0)
     assert len(examples) == 6 and report.total == 6
+
+
+def test_preference_rows_that_cannot_train_are_counted_with_their_reason(tmp_path):
+    rows = [{"prompt": "Q1", "chosen": "A", "rejected": "B"},
+            {"prompt": "Q2", "chosen": "Same", "rejected": "Same"},
+            {"prompt": "Q3", "chosen": "", "rejected": "B"},
+            {"prompt": "Q4", "chosen": [{"role": "user", "content": "x"}], "rejected": "B"},
+            {"prompt": "", "chosen": "A", "rejected": "B"}]
+    examples, report = _load(tmp_path, rows, stage="dpo", max_bad=1.0)
+    assert len(examples) == 1 and report.bad == 4
+    assert set(report.reasons) == {"chosen and rejected are the same answer", "chosen is empty",
+                                   "chosen must hold assistant messages only", "prompt is empty"}
+
+
+def test_kto_rows_need_a_label_and_unpaired_rows_keep_theirs(tmp_path):
+    rows = [{"prompt": "Q1", "completion": "A", "label": True},
+            {"prompt": "Q2", "completion": "B", "label": "yes"},
+            {"prompt": "Q3", "completion": "C"}]
+    examples, report = _load(tmp_path, rows, stage="kto", max_bad=1.0)
+    assert [(e["completion"], e["label"]) for e in examples] == [("A", True)]
+    assert set(report.reasons) == {"label must be true or false, got 'yes'",
+                                   "stage kto needs a label (kto_tag) or a chosen/rejected pair"}
+
+
+def test_sft_refuses_preference_pairs_and_preference_stages_refuse_plain_chat(tmp_path):
+    pairs = [{"prompt": "Q", "chosen": "A", "rejected": "B"}]
+    with pytest.raises(DataError, match="trains on single answers; this row is a preference"):
+        _load(tmp_path, pairs, stage="sft")
+    chat = [{"messages": [{"role": "user", "content": "Q"},
+                          {"role": "assistant", "content": "A"}]}]
+    with pytest.raises(DataError, match="stage dpo needs chosen/rejected answers"):
+        _load(tmp_path, chat, stage="dpo")

@@ -235,6 +235,11 @@ async def test_invalid_spec_becomes_a_condition_and_no_children(cluster, operato
     assert stalled["reason"] == "InvalidSpec"
     assert stalled["message"].startswith("spec.stage: grpo is not implemented")
     assert not _children(cluster, PTJ) and not _children(cluster, CM)
+    # An implemented preference stage, with its settings, gets its children.
+    await operator.create(_job(name="pref", stage="dpo", preference={"beta": 0.2}))
+    child = await eventually(lambda: cluster.objects[PTJ, NS, "pref"])
+    assert "stage: dpo" in cluster.objects[CM, NS, "pref-config"]["data"]["job.yaml"]
+    assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-pref"
 
 
 async def test_a_fixed_invalid_spec_gets_its_children(cluster, operator):

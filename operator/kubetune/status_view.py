@@ -52,6 +52,9 @@ def show(body: dict[str, Any], console: Console) -> None:
             f"step {p.get('step', '?')}/{p.get('totalSteps', '?')} ({p.get('percent', '?')}%)  "
             f"loss {p.get('loss', '?')}  lr {p.get('learningRate', '?')}  "
             f"tokens/s {p.get('tokensPerSecond', '?')}  eta {_eta(p.get('etaSeconds'))}")
+        if p.get("metrics"):
+            console.print("  ".join(f"{escape(k)} {v:.4g}" for k, v in p["metrics"].items()
+                                    if isinstance(v, int | float)), highlight=False)
     table = Table("condition", "status", "reason", "message", box=None)
     for c in status.get("conditions") or []:
         table.add_row(c["type"], c["status"], escape(c.get("reason") or ""),
@@ -67,4 +70,9 @@ def show(body: dict[str, Any], console: Console) -> None:
     for cp in status.get("checkpoints") or []:
         console.print(f"checkpoint step {cp['step']}  loss {cp.get('loss')}  {cp['uri']}")
     for key, value in (status.get("outputs") or {}).items():
-        console.print(f"{key}: {value}")
+        if key == "metrics" and isinstance(value, dict):
+            console.print("final metrics: " + "  ".join(
+                f"{escape(k)} {v:.4g}" for k, v in value.items() if isinstance(v, int | float)),
+                highlight=False)
+        else:
+            console.print(f"{key}: {escape(str(value))}", highlight=False)

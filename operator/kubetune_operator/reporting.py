@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from kubetune.api.stages import MAX_STAGE_METRICS, STAGE_METRIC_PATTERN
 
 from kubetune_operator import metrics
 from kubetune_operator.builders import PROGRESS_AUDIENCE
@@ -38,6 +39,8 @@ _METRIC_MAP = {"current_step": "step", "total_steps": "totalSteps", "loss": "los
                "learning_rate": "learningRate", "current_epoch": "epoch", "epoch": "epoch"}
 _TOKENS = "num_input_tokens_seen"
 _OUTPUTS = ("adapter", "mergedModel", "model")
+_STAGE_METRIC = re.compile(STAGE_METRIC_PATTERN)
+_FINAL_METRIC = re.compile(r"^(train_loss|eval_loss|eval_perplexity)$|" + STAGE_METRIC_PATTERN)
 
 # What a status field may hold. A value the API server would refuse (NaN, a 300-digit step)
 # must never reach a patch: the flusher would retry that patch, and every later one, forever.
@@ -224,14 +227,44 @@ def _checkpoint(value: Any, clean: _Clean) -> dict[str, Any] | None:
     return cp
 
 
-def _outputs(value: Any, clean: _Clean) -> dict[str, str]:
+def _outputs(value: Any, clean: _Clean) -> dict[str, Any]:
+    """Output URIs, and the run's final metrics (``{"metrics": {name: number}}``)."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         clean.drop("outputs", "type")
         return {}
-    outs = {k: clean.text(f"outputs.{k}", value.get(k), MAX_URI_TEXT) for k in _OUTPUTS}
+    outs: dict[str, Any] = {k: clean.text(f"outputs.{k}", value.get(k), MAX_URI_TEXT)
+                            for k in _OUTPUTS}
+    final = value.get("metrics")
+    if isinstance(final, dict):
+        kept: dict[str, float] = {}
+        for name, v in final.items():
+            if not (isinstance(name, str) and _FINAL_METRIC.match(name)):
+                clean.drop("outputs.metrics", "name")
+            elif len(kept) >= MAX_STAGE_METRICS:
+                clean.drop("outputs.metrics", "count")
+                break
+            elif (f := clean.number(f"outputs.metrics.{name}", v)) is not None:
+                kept[name] = f
+        outs["metrics"] = kept or None
+    elif final is not None:
+        clean.drop("outputs.metrics", "type")
     return {k: v for k, v in outs.items() if v is not None}
+
+
+def _stage_metrics(named: dict[str, Any], clean: _Clean) -> dict[str, float]:
+    """The stage's own metrics (rewards/margins, kl, …): finite numbers, a bounded count."""
+    out: dict[str, float] = {}
+    for name, value in named.items():
+        if not _STAGE_METRIC.match(name):
+            continue
+        if len(out) >= MAX_STAGE_METRICS:
+            clean.drop("metrics", "count")
+            break
+        if (v := clean.number(f"metrics.{name}", value)) is not None:
+            out[name] = v
+    return out
 
 
 def _metrics(value: Any, clean: _Clean) -> dict[str, Any]:
@@ -246,7 +279,7 @@ def _metrics(value: Any, clean: _Clean) -> dict[str, Any]:
         name = m.get("name") if isinstance(m, dict) else None
         if not isinstance(name, str):
             clean.drop("metrics", "type")
-        elif name in _METRIC_MAP or name == _TOKENS:
+        elif name in _METRIC_MAP or name == _TOKENS or _STAGE_METRIC.match(name):
             out[name] = m.get("value")
     return out
 
@@ -268,6 +301,8 @@ def _from_trainer_status(ts: dict[str, Any], job: JobProgress,
             v = clean.number(target, metrics_.get(key))
         if v is not None:
             out[target] = v
+    if stage := _stage_metrics(metrics_, clean):
+        out["metrics"] = stage
     tokens = clean.number("tokensPerSecond", metrics_.get(_TOKENS), 0)
     if tokens is not None:
         t = time.monotonic()

@@ -262,7 +262,8 @@ def progress_fields(report: dict[str, Any] | None, old: dict[str, Any] | None = 
     if not report:
         return old
     p = {k: report[k] for k in ("step", "totalSteps", "percent", "etaSeconds", "loss",
-                                "learningRate", "tokensPerSecond", "epoch", "updatedAt")
+                                "learningRate", "tokensPerSecond", "epoch", "metrics",
+                                "updatedAt")
          if report.get(k) is not None}
     if phase == "Succeeded":
         p["percent"], p["etaSeconds"] = 100.0, 0

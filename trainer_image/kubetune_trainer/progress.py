@@ -8,14 +8,18 @@ The operator reads these; on a terminal transformers' own progress bar shows the
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.stages import STAGE_METRIC_PATTERN
 from transformers import TrainerCallback
 
 COMPLETE_MARKER = "kubetune-complete.json"
+STAGE_METRIC = re.compile(STAGE_METRIC_PATTERN)  # kept in each record's "metrics"
 
 
 class ProgressLog(TrainerCallback):
@@ -62,6 +66,10 @@ class ProgressLog(TrainerCallback):
             record["learning_rate"] = float(logs.get("learning_rate", 0.0))
         if "eval_loss" in logs:
             record["eval_loss"] = round(float(logs["eval_loss"]), 6)
+        metrics = {k: round(float(v), 6) for k, v in logs.items()
+                   if STAGE_METRIC.match(k) and isinstance(v, int | float) and math.isfinite(v)}
+        if metrics:
+            record["metrics"] = metrics
         if "train_loss" in logs:  # the summary transformers logs at the end
             record["event"] = "finished"
             record["train_loss"] = logs.get("train_loss")
@@ -136,19 +144,31 @@ def read_progress(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+PLOTTED_METRICS = ("rewards/margins", "rewards/accuracies", "kl", "accuracy",
+                   "eval_rewards/margins", "eval_rewards/accuracies", "eval_accuracy")
+
+
 def plot_loss(progress_file: Path, png: Path) -> Path | None:
-    """Training (and eval) loss against step, as a PNG."""
-    records = read_progress(progress_file)
+    """Training (and eval) loss against step, as a PNG; preference stages get a second panel
+    with their reward margin / accuracy / KL."""
+    records = [r for r in read_progress(progress_file) if "event" not in r]  # no checkpoints
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if not train:
         return None
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for k, v in (r.get("metrics") or {}).items():
+            if k in PLOTTED_METRICS:
+                series.setdefault(k, []).append((r["step"], v))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    panels = 2 if series else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.5), dpi=100, squeeze=False)
+    ax = axes[0][0]
     ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
@@ -156,6 +176,14 @@ def plot_loss(progress_file: Path, png: Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if series:
+        ax2 = axes[0][1]
+        for name, points in series.items():
+            ax2.plot(*zip(*points, strict=True), "o-" if name.startswith("eval_") else "-",
+                     label=name)
+        ax2.set_xlabel("step")
+        ax2.grid(alpha=0.3)
+        ax2.legend()
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)

@@ -141,6 +141,7 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
         tokenizer=tokenizer, data=data,
         args=training_args(spec, out, has_eval=data.eval is not None),
         callbacks=callbacks, peft_config=peft_config(spec, head=rec.HEAD)))
+    _check_kept(trainer, data, spec, log if main else _quiet)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints one readable line instead
@@ -171,12 +172,39 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     if main:
         written = outputs.save(trainer, tokenizer, spec, out, adapter=adapter, head=rec.HEAD)
         result.update(written)
-        post_to_operator({"outputs": outputs.status_outputs(spec, written)})
+        post_to_operator({"outputs": {**outputs.status_outputs(spec, written),
+                                      "metrics": _final_metrics(result["metrics"])}})
         png = plot_loss(out.progress, out.root / "loss.png")
         result["loss_plot"] = str(png) if png else None
         result["seconds"] = round(time.time() - started, 1)
         outputs.write_json(out.result, result)
     return result
+
+
+def _check_kept(trainer: Any, data: Data, spec: FineTuneJobSpec, log) -> None:
+    """Preference trainers drop rows that do not fit cutoffLen: say how many, and refuse to
+    train on nothing."""
+    kept = len(trainer.train_dataset)
+    dropped = len(data.train) - kept
+    if dropped > 0:
+        log(f"data: {dropped} of {len(data.train)} rows do not fit training.cutoffLen "
+            f"({spec.training.cutoff_len} tokens) and are left out")
+    if kept == 0:
+        from kubetune.errors import DataError
+
+        raise DataError(f"no training row fits within {spec.training.cutoff_len} tokens; raise "
+                        "it", field="spec.training.cutoffLen")
+
+
+def _final_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """What the status keeps of result.json's metrics: losses and the stage's eval metrics."""
+    import math
+    import re
+
+    from kubetune.api.stages import STAGE_METRIC_PATTERN
+
+    keep = re.compile(r"^(train_loss|eval_loss)$|" + STAGE_METRIC_PATTERN)
+    return {k: v for k, v in metrics.items() if keep.match(k) and math.isfinite(v)}
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:

@@ -29,5 +29,5 @@ def preflight_all(job: FineTuneJob, ctx: RunContext) -> Iterator[str]:
     yield from lines
     rows = min(SAMPLE, data.stats["rows"])
     yield (f"model: {path}; template renders; stage {spec.stage}: the first {rows} rows give"
-           f" {len(data.train)} training rows {len(data.train)} training rows"
+           f" {len(data.train)} training rows"
            + (f" and {len(data.eval)} eval rows" if data.eval is not None else ""))

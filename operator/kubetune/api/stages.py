@@ -33,6 +33,12 @@ STAGES: dict[str, StageInfo] = {
     "grpo": StageInfo("prompts", "group relative policy optimisation", implemented=False),
 }
 
+# The metrics stages log beside the loss (TRL's names; "eval_" first for evaluation): the
+# trainer's progress.jsonl, the progress endpoint and status.progress.metrics keep these.
+STAGE_METRIC_PATTERN = (r"^(eval_)?(rewards/\w+|logps/\w+|kl|accuracy|margin|log_odds_\w+|"
+                        r"nll_loss|(min|mean|max)_reward)$")
+MAX_STAGE_METRICS = 32
+
 IMPLEMENTED_STAGES = frozenset(s for s, i in STAGES.items() if i.implemented)
 PREFERENCE_STAGES = frozenset(s for s, i in STAGES.items() if i.rows in ("pairs", "unpaired"))
 

@@ -121,6 +121,8 @@ class DatasetFormat(enum.StrEnum):
     messages = "messages"  # OpenAI chat: messages: [{role, content}]
     prompt_completion = "promptCompletion"  # prompt / completion strings
     text = "text"  # plain text (pre-training)
+    preference = "preference"  # TRL: prompt / chosen / rejected (prompt implicit or explicit)
+    openai_preference = "openaiPreference"  # input.messages / preferred_output / non_preferred…
 
 
 _DATASET_RULES = (
@@ -157,7 +159,9 @@ class DatasetSpec(_Model):
         Field(description="ShareGPT role/content tags, as in dataset_info.json `tags`."),
     ] = None
     ranking: Annotated[
-        bool, Field(description="Preference pairs (chosen/rejected), for rm/dpo/orpo.")
+        bool, Field(description="Rows are preference pairs (chosen/rejected columns beside an "
+                    "alpaca or sharegpt prompt), for rm, dpo, kto, orpo and cpo. Detected when "
+                    "the first row has both columns.")
     ] = False
     max_samples: Annotated[
         int | None, Field(ge=1, description="Use at most this many rows from this source.")
@@ -355,7 +359,7 @@ class TrainingSpec(_Model):
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
               "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
               "sigmoid_norm")
-CPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
+CPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")
 _STAGES_WITH_REFERENCE = ("dpo", "kto")
 
 
@@ -424,11 +428,6 @@ class PreferenceSpec(_Model):
         float | None, Field(ge=0, le=100, description="cpo: weight of the SFT term on chosen "
                             "answers (default 1; SimPO proper uses 0).")
     ] = None
-    max_prompt_len: Annotated[
-        int | None, Field(ge=1, le=1_000_000, description="Tokens kept of each prompt (its "
-                          "start is cut); the answer gets the rest of training.cutoffLen. "
-                          "Default: no separate limit.")
-    ] = None
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Any:
@@ -462,7 +461,6 @@ _PREFERENCE_SPEC_RULES = (
     _only_for("undesirableWeight", ("kto",), "undesirable_weight"),
     _only_for("simpoGamma", ("cpo",), "simpo_gamma"),
     _only_for("cpoAlpha", ("cpo",), "cpo_alpha"),
-    _only_for("maxPromptLen", ("dpo", "kto", "orpo", "cpo"), "max_prompt_len"),
     Rule(
         cel="!has(self.preference) || !has(self.preference.lossType) || !has(self.stage) "
         f"|| self.stage != 'dpo' || self.preference.lossType.all(l, l in {_cel_list(DPO_LOSSES)})",
@@ -669,6 +667,12 @@ class Progress(_Model):
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     epoch: float | None = None
+    metrics: Annotated[
+        dict[str, float] | None,
+        Field(description="What the stage logs beside the loss, latest value each: for "
+              "preference stages rewards/chosen, rewards/rejected, rewards/margins, "
+              "rewards/accuracies, kl (kto), accuracy (rm); eval_ first for evaluation."),
+    ] = None
     updated_at: str | None = None
 
 
@@ -682,7 +686,11 @@ class Outputs(_Model):
     adapter: str | None = None
     merged_model: str | None = None
     model: Annotated[str | None, Field(description="The whole model (full, freeze).")] = None
-    metrics: dict[str, float] | None = None
+    metrics: Annotated[
+        dict[str, float] | None,
+        Field(description="Final metrics of the run: train_loss, eval_loss and the stage's "
+              "eval metrics (e.g. eval_accuracy for rm, eval_rewards/accuracies for dpo)."),
+    ] = None
 
 
 class Failure(_Model):

@@ -2,10 +2,13 @@
 
 Every converter takes a raw row and returns a plain dict (cheap to pickle between processes):
 
-- chat:    {"messages": [{"role", "content"}...], "tools": str | None}
-- ranking: chat + {"chosen": str, "rejected": str}  (messages end with the user turn)
-- kto:     chat + {"label": bool}
-- text:    {"text": str}
+- chat:     {"messages": [{"role", "content"}...], "tools": str | None}
+- pairs:    chat + {"chosen": str, "rejected": str}  (messages end with the user turn)
+- unpaired: chat + {"completion": str, "label": bool}  (messages end with the user turn)
+- text:     {"text": str}
+
+``check_for_stage`` turns a converted row into what its stage trains on (a paired row given to
+kto becomes two unpaired ones).
 
 A row that does not fit raises ``BadRow`` with a reason a person can act on. Column and tag
 names follow LLaMA-Factory's ``dataset_info.json`` so its registries load unchanged.
@@ -18,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.api.stages import STAGES
+
 
 class BadRow(ValueError):
     """This row does not fit its declared format."""
@@ -29,11 +34,20 @@ DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
                "history": "history", "system": "system"},
     "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
     "messages": {"messages": "messages", "tools": "tools"},
-    "promptCompletion": {"prompt": "prompt", "completion": "completion", "system": "system"},
+    "promptCompletion": {"prompt": "prompt", "completion": "completion", "system": "system",
+                         "kto_tag": "label"},
     "text": {"prompt": "text"},
+    # TRL's preference rows: prompt (optional: implicit in conversational chosen/rejected)
+    "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected",
+                   "system": "system", "tools": "tools"},
+    # OpenAI's preference fine-tuning JSONL
+    "openaiPreference": {"messages": "input", "chosen": "preferred_output",
+                         "rejected": "non_preferred_output"},
 }
 REQUIRED_COLUMN = {"alpaca": "prompt", "sharegpt": "messages", "messages": "messages",
-                   "promptCompletion": "prompt", "text": "prompt"}
+                   "promptCompletion": "prompt", "text": "prompt", "preference": "chosen",
+                   "openaiPreference": "messages"}
+PAIRED_FORMATS = ("preference", "openaiPreference")
 KNOWN_COLUMNS = {"prompt", "query", "response", "history", "messages", "system", "tools",
                  "chosen", "rejected", "kto_tag", "completion", "text"}
 DEFAULT_TAGS = {
@@ -67,6 +81,7 @@ class Layout:
         else:  # as in LLaMA-Factory: given columns replace the defaults, but for the main one
             req = REQUIRED_COLUMN[fmt]
             cols = {req: DEFAULT_COLUMNS[fmt][req], **columns}
+        ranking = ranking or fmt in PAIRED_FORMATS
         if ranking:
             cols.setdefault("chosen", "chosen")
             cols.setdefault("rejected", "rejected")
@@ -75,12 +90,16 @@ class Layout:
 
 def detect_format(row: dict[str, Any]) -> str | None:
     """Guess the format from a row's keys (used when the spec gives none)."""
+    if "preferred_output" in row and "non_preferred_output" in row:
+        return "openaiPreference"
     if "messages" in row:
         return "messages"
     if "conversations" in row:
         return "sharegpt"
     if "instruction" in row:
         return "alpaca"
+    if "chosen" in row and "rejected" in row and not ({"instruction", "conversations"} & set(row)):
+        return "preference"
     if "prompt" in row and "completion" in row:
         return "promptCompletion"
     if "text" in row:
@@ -95,7 +114,10 @@ def _text(value: Any, what: str) -> str:
         return value
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
         # OpenAI content parts: keep the text ones.
-        return "".join(p.get("text", "") for p in value if p.get("type", "text") == "text")
+        texts = [p.get("text", "") for p in value if p.get("type", "text") == "text"]
+        if not all(isinstance(t, str) for t in texts):
+            raise BadRow(f"{what}: a text part's text must be a string")
+        return "".join(texts)
     raise BadRow(f"{what} must be a string, got {type(value).__name__}")
 
 
@@ -121,21 +143,33 @@ def _extras(row: dict[str, Any], layout: Layout, out: dict[str, Any]) -> dict[st
         except json.JSONDecodeError as err:
             raise BadRow(f"tools is not valid JSON: {err.msg}") from None
     out["tools"] = tools or None
-    if "kto_tag" in layout.columns:
+    if "kto_tag" in layout.columns and (layout.format != "promptCompletion"
+                                        or layout.columns["kto_tag"] in row):
         tag = _col(row, layout, "kto_tag")
         if not isinstance(tag, bool):
-            raise BadRow(f"kto_tag must be true or false, got {tag!r}")
+            raise BadRow(f"{layout.columns['kto_tag']} must be true or false, got {tag!r}")
         out["label"] = tag
     if layout.ranking:
         for key in ("chosen", "rejected"):
-            value = _col(row, layout, key)
-            if isinstance(value, dict):  # ShareGPT: {"from": "gpt", "value": ...}
-                value = value.get(layout.tags["content_tag"], value.get("content"))
-            value = _text(value, key)
-            if not value.strip():
-                raise BadRow(f"{key} is empty")
-            out[key] = value
+            out[key] = _answer(_col(row, layout, key), layout, key)
+        if out["chosen"] == out["rejected"]:
+            raise BadRow("chosen and rejected are the same answer")
     return out
+
+
+def _answer(value: Any, layout: Layout, key: str) -> str:
+    """One answer of a pair: a string, a ShareGPT turn, or OpenAI assistant message(s)."""
+    if isinstance(value, dict):  # ShareGPT: {"from": "gpt", "value": ...}; OpenAI message
+        value = value.get(layout.tags["content_tag"], value.get("content"))
+    elif isinstance(value, list) and value and all(
+            isinstance(m, dict) and "role" in m for m in value):
+        if any(m["role"] != "assistant" for m in value):
+            raise BadRow(f"{key} must hold assistant messages only")
+        value = "".join(_text(m.get("content"), key) for m in value)
+    value = _text(value, key)
+    if not value.strip():
+        raise BadRow(f"{key} is empty")
+    return value
 
 
 def from_alpaca(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
@@ -245,6 +279,54 @@ def from_prompt_completion(row: dict[str, Any], layout: Layout) -> dict[str, Any
     return _extras(row, layout, {"messages": messages})
 
 
+def from_preference(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    """TRL's preference rows: explicit prompt (text or messages) or implicit (chosen and
+    rejected are whole conversations that share the prompt turns)."""
+    prompt = _col(row, layout, "prompt")
+    chosen, rejected = _col(row, layout, "chosen"), _col(row, layout, "rejected")
+    if prompt is None:
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            raise BadRow("without a prompt, chosen and rejected must be conversations that "
+                          "share their prompt turns")
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise BadRow("chosen and rejected share no prompt turn")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        row = {**row, layout.columns["chosen"]: chosen, layout.columns["rejected"]: rejected}
+    messages: list[dict[str, str]] = []
+    system = _text(_col(row, layout, "system"), "system")
+    if system:
+        messages.append({"role": "system", "content": system})
+    if isinstance(prompt, list):
+        messages += _openai_messages(prompt, "prompt")
+    else:
+        text = _text(prompt, "prompt")
+        if not text.strip():
+            raise BadRow("prompt is empty")
+        messages.append({"role": "user", "content": text})
+    return _extras(row, layout, {"messages": messages})
+
+
+def from_openai_preference(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    """OpenAI preference fine-tuning: input.messages (+ tools), preferred_output,
+    non_preferred_output (each a list with the assistant message)."""
+    inp = _col(row, layout, "messages")
+    if not isinstance(inp, dict) or not isinstance(inp.get("messages"), list):
+        raise BadRow(f"{layout.columns['messages']!r} must be an object with a messages list")
+    row = {**row, "tools": inp.get("tools")}
+    layout = Layout(layout.format, {**layout.columns, "tools": "tools"}, layout.tags, True)
+    return _extras(row, layout, {"messages": _openai_messages(inp["messages"], "input")})
+
+
+def _openai_messages(raw: Any, what: str) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise BadRow(f"{what} must be a non-empty list of messages")
+    return from_messages({"messages": raw}, Layout.build("messages", None, None,
+                                                         False))["messages"]
+
+
 def from_text(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
     text = _text(_col(row, layout, "prompt"), layout.columns["prompt"])
     if not text.strip():
@@ -258,34 +340,55 @@ CONVERTERS: dict[str, Callable[[dict[str, Any], Layout], dict[str, Any]]] = {
     "messages": from_messages,
     "promptCompletion": from_prompt_completion,
     "text": from_text,
+    "preference": from_preference,
+    "openaiPreference": from_openai_preference,
 }
 
 
-def check_for_stage(example: dict[str, Any], stage: str) -> dict[str, Any]:
-    """What each stage needs of an example; returns it in that stage's shape."""
-    if stage == "pt":
+def check_for_stage(example: dict[str, Any], stage: str) -> list[dict[str, Any]]:
+    """What the stage trains on, from one converted row: usually the row itself; a paired
+    row for kto gives a desirable and an undesirable example."""
+    rows = STAGES[stage].rows
+    if rows == "text":
         if "text" in example:
-            return example
+            return [example]
         msgs = example["messages"]
         if len(msgs) == 1:
-            return {"text": msgs[0]["content"]}
-        return example  # rendered with the chat template and trained on whole
+            return [{"text": msgs[0]["content"]}]
+        return [example]  # rendered with the chat template and trained on whole
     if "text" in example:
         raise BadRow(f"stage {stage} needs conversations, this row is plain text")
     msgs = example["messages"]
-    if stage in ("rm", "dpo", "orpo"):
+    if rows == "pairs":
         if "chosen" not in example:
-            raise BadRow(f"stage {stage} needs chosen/rejected responses (ranking: true)")
-        if msgs[-1]["role"] != "user":
-            raise BadRow("a preference prompt must end with a user turn")
-        return example
+            raise BadRow(f"stage {stage} needs chosen/rejected answers (ranking: true, or "
+                         "prompt/chosen/rejected columns)")
+        _ends_with_user(msgs)
+        return [example]
+    if rows == "unpaired":
+        if "chosen" in example:  # a pair: one good and one bad answer to the same prompt
+            _ends_with_user(msgs)
+            base = {k: v for k, v in example.items() if k not in ("chosen", "rejected")}
+            return [{**base, "completion": example["chosen"], "label": True},
+                    {**base, "completion": example["rejected"], "label": False}]
+        if "label" not in example:
+            raise BadRow(f"stage {stage} needs a label (kto_tag) or a chosen/rejected pair")
+        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+            raise BadRow("the conversation does not end with a non-empty assistant answer")
+        _ends_with_user(msgs[:-1])
+        return [{**example, "messages": msgs[:-1], "completion": msgs[-1]["content"]}]
+    if "chosen" in example:
+        raise BadRow(f"stage {stage} trains on single answers; this row is a preference pair")
     if msgs[-1]["role"] != "assistant":
         raise BadRow("the conversation does not end with an assistant turn")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
         raise BadRow("no assistant turn has content")
-    if stage == "kto" and "label" not in example:
-        raise BadRow("stage kto needs a kto_tag column")
-    return example
+    return [example]
+
+
+def _ends_with_user(msgs: list[dict[str, str]]) -> None:
+    if not msgs or msgs[-1]["role"] not in ("user", "tool"):
+        raise BadRow("a preference prompt must end with a user (or tool) turn")
 
 
 def fill_placeholders(value: Any, placeholders: dict[str, str]) -> Any:

@@ -179,8 +179,11 @@ def _layout_for(part: Part, rows: list[Any], spec_fields: tuple) -> Layout:
         keys = sorted(first) if first else []
         raise DataError(
             f"cannot tell the format of {part.name} from its columns {keys}; set format: "
-            "alpaca, sharegpt, messages, promptCompletion or text", field=f"{part.field}.format")
+            "alpaca, sharegpt, messages, promptCompletion, text, preference or "
+            "openaiPreference", field=f"{part.field}.format")
     columns, tags, ranking = spec_fields
+    # chosen/rejected columns beside a prompt-like format: a ranking data set
+    ranking = ranking or ("chosen" in first and "rejected" in first)
     return Layout.build(fmt, columns, tags, ranking)
 
 
@@ -223,11 +226,11 @@ def load_examples(
                         raise BadRow(f"a row must be an object, got {type(row).__name__}")
                     if part.placeholders:
                         row = fill_placeholders(row, part.placeholders)
-                    example = check_for_stage(convert(row, layout), stage)
+                    shaped = check_for_stage(convert(row, layout), stage)
                 except BadRow as err:
                     report.add_bad(f"{part.name} ({path.name})", n, str(err), row)
                     continue
-                examples.append(example)
+                examples += shaped
                 report.kept += 1
         report.per_source[part.name] = (report.kept - kept_before, report.total - total_before)
     for name, (_, total) in report.per_source.items():
@@ -248,7 +251,10 @@ def _missing_column(rows: list[Any], layout: Layout) -> str | None:
     if not sample:
         return None
     seen = set().union(*(r.keys() for r in sample))
+    optional = {"promptCompletion": ("kto_tag",), "preference": ("prompt",)}
     for role in ("prompt", "messages", "chosen", "rejected", "kto_tag"):
+        if role in optional.get(layout.format, ()):
+            continue
         name = layout.columns.get(role)
         if name and name not in seen:
             return (f"column {name!r} ({role}) is not in the data; its columns are "

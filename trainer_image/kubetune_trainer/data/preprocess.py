@@ -87,6 +87,21 @@ class Renderer:
         return text, spans
 
 
+    def prompt_and_answer(self, example: dict[str, Any], answer: str) -> tuple[str, str]:
+        """A preference row as text: the prompt up to the assistant's generation prompt, and
+        one answer as the template renders it (its end-of-turn marker included)."""
+        messages, tools = self._with_tools(example)
+        prompt = self._render(messages, tools, True)
+        whole = self._render([*messages, {"role": "assistant", "content": answer}], tools,
+                             False)
+        if not whole.startswith(prompt):
+            raise KubetuneError(
+                "the chat template does not render a prompt as a prefix of the prompt with its "
+                "answer, so answers cannot be located; use a named template "
+                f"({', '.join(NAMED_TEMPLATES)})", field="spec.template")
+        return prompt, whole[len(prompt):]
+
+
 @dataclass(frozen=True)
 class Options:
     stage: str
