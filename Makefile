@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast e2e e2e-local kube crds chart lint bench bench-operator bench-operator-cluster clean
+.PHONY: install demo demo-dpo fuzz test test-fast e2e e2e-local kube crds chart lint bench bench-operator bench-operator-cluster clean
 
 install: $(STAMP)
 
@@ -31,6 +31,22 @@ demo: install
 	@echo "== after: the merged model =="
 	$(BIN)/kubetune ask examples/outputs/identity/merged "Who are you?"
 	$(BIN)/kubetune ask examples/outputs/identity/merged "What is the capital of France?"
+
+# A second demo, not one of the two set-up commands: DPO teaches the bundled model to answer
+# briefly (preference pairs: a short answer over the base model's own long one).
+demo-dpo: install
+	@echo "== before: the bundled base model =="
+	$(BIN)/kubetune ask embedded://smollm2-135m-instruct "What is the largest mammal?"
+	$(BIN)/kubetune ask embedded://smollm2-135m-instruct "What is the boiling point of water in Celsius?"
+	@echo "== DPO (examples/concise-dpo.yaml) =="
+	$(BIN)/kubetune run examples/concise-dpo.yaml
+	@echo "== after: the merged model =="
+	$(BIN)/kubetune ask examples/outputs/concise-dpo/merged "What is the largest mammal?"
+	$(BIN)/kubetune ask examples/outputs/concise-dpo/merged "What is the boiling point of water in Celsius?"
+
+# The fuzz tests with many more cases than `make test` runs (seeded, bounded).
+fuzz: install
+	KUBETUNE_FUZZ_EXAMPLES=5000 OMP_NUM_THREADS=1 $(BIN)/pytest -q -k fuzz tests
 
 # Everything: unit and integration tests (kmock), then the e2e suite on a real control plane.
 test: install

@@ -106,3 +106,17 @@ def test_render_accepts_every_implemented_stage_and_refuses_a_planned_one(tmp_pa
         else:
             assert res.exit_code == 2
             assert f"spec.stage: {stage} is not implemented by this version" in res.output
+
+
+def test_validate_reads_preference_data_and_counts_bad_pairs(tmp_path, tiny_model):
+    rows = [{"prompt": f"Q{i}", "chosen": "Yes.", "rejected": "No."} for i in range(10)]
+    rows.append({"prompt": "Q", "chosen": "Same.", "rejected": "Same."})
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    job = write_job(tmp_path / "j.yaml", tiny_spec(
+        tiny_model, [{"source": "pairs.json"}], tmp_path / "out", stage="dpo",
+        training={"maxInvalidFraction": 0.2, "cutoffLen": 64}))
+    res = runner.invoke(app, ["validate", str(job)])
+    assert res.exit_code == 0, res.output
+    assert "10 of 11 rows usable" in res.output
+    assert "chosen and rejected are the same answer" in res.output
+    assert "stage dpo: the first 11 rows give 10 training rows" in res.output

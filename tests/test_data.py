@@ -197,3 +197,12 @@ def test_sft_refuses_preference_pairs_and_preference_stages_refuse_plain_chat(tm
                           {"role": "assistant", "content": "A"}]}]
     with pytest.raises(DataError, match="stage dpo needs chosen/rejected answers"):
         _load(tmp_path, chat, stage="dpo")
+
+
+def test_alpaca_ranking_rows_are_detected_as_pairs(tmp_path):
+    rows = [{"instruction": "Sum:", "input": "1 2", "chosen": "3", "rejected": "12",
+             "system": "Be exact."}]
+    examples, _ = _load(tmp_path, rows, stage="rm")
+    assert examples == [{"messages": [{"role": "system", "content": "Be exact."},
+                                      {"role": "user", "content": "Sum:\n1 2"}],
+                         "tools": None, "chosen": "3", "rejected": "12"}]

@@ -389,7 +389,10 @@ async def test_progress_posts_reach_the_status_and_foreign_tokens_do_not(cluster
     report = {"trainerStatus": {"progressPercentage": 37, "estimatedRemainingSeconds": 600,
                                 "metrics": [{"name": "loss", "value": "0.93"},
                                             {"name": "current_step", "value": "37"},
-                                            {"name": "total_steps", "value": "100"}]}}
+                                            {"name": "total_steps", "value": "100"},
+                                            {"name": "rewards/margins", "value": "0.5"},
+                                            {"name": "eval_rewards/accuracies", "value": "0.75"},
+                                            {"name": "grad_norm", "value": "3.0"}]}}
     async with aiohttp.ClientSession() as http:
         resp = await http.post(url, json=report, headers={"Authorization": "Bearer forged"})
         assert resp.status == 401
@@ -400,13 +403,20 @@ async def test_progress_posts_reach_the_status_and_foreign_tokens_do_not(cluster
         assert resp.status == 200
         resp = await http.post(url, headers={"Authorization": "Bearer pod-token"}, json={
             "kubetune": {"checkpoint": {"step": 30, "loss": 0.95,
-                                        "uri": "pvc://outputs/x/checkpoints/checkpoint-30"}}})
+                                        "uri": "pvc://outputs/x/checkpoints/checkpoint-30"},
+                         "outputs": {"adapter": "pvc://outputs/x/adapter",
+                                     "metrics": {"eval_accuracy": 0.9, "train_loss": 0.4}}}})
         assert resp.status == 200
     # Two reports, so possibly two flushes (≤ 2 s apart): wait for both.
     await eventually(lambda: _assert(_status(cluster)["progress"]["percent"] == 37.0
                                      and _status(cluster).get("checkpoints")), timeout=10)
     status = _status(cluster)
     assert status["progress"]["loss"] == 0.93 and status["progress"]["totalSteps"] == 100
+    # The stage's own metrics, not every number the trainer logs.
+    assert status["progress"]["metrics"] == {"rewards/margins": 0.5,
+                                             "eval_rewards/accuracies": 0.75}
+    assert status["outputs"] == {"adapter": "pvc://outputs/x/adapter",
+                                 "metrics": {"eval_accuracy": 0.9, "train_loss": 0.4}}
     assert status["checkpoints"] == [{"step": 30, "loss": 0.95,
                                       "uri": "pvc://outputs/x/checkpoints/checkpoint-30"}]
 
@@ -442,7 +452,8 @@ async def test_kubetune_status_shows_phase_progress_and_checkpoints(cluster, ope
         for body in ({"trainerStatus": {"progressPercentage": 50, "estimatedRemainingSeconds": 65,
                                         "metrics": [{"name": "loss", "value": "1.5"},
                                                     {"name": "current_step", "value": "5"},
-                                                    {"name": "total_steps", "value": "10"}]}},
+                                                    {"name": "total_steps", "value": "10"},
+                                                    {"name": "kl", "value": "0.125"}]}},
                      {"kubetune": {"checkpoint": {"step": 5, "uri": "pvc://o/checkpoint-5"}}}):
             assert (await http.post(url, json=body)).status == 200
     await eventually(lambda: _assert(len(_status(cluster).get("checkpoints") or []) == 1))
@@ -457,7 +468,7 @@ async def test_kubetune_status_shows_phase_progress_and_checkpoints(cluster, ope
     assert res.exit_code == 0, res.output
     assert "phase: Queued" in res.output and "step 5/10 (50.0%)" in res.output
     assert "eta 1m05s" in res.output and "pvc://o/checkpoint-5" in res.output
-    assert "WaitingForAdmission" in res.output
+    assert "WaitingForAdmission" in res.output and "kl 0.125" in res.output
     res = await asyncio.to_thread(CliRunner().invoke, app, ["status", "nope"])
     assert res.exit_code == 2 and "no FineTuneJob 'nope' in namespace 'team-a'" in res.output
 

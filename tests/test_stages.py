@@ -83,12 +83,14 @@ def test_stage_trains_and_moves_its_metric(stage, method, easy, tiny_model, tmp_
     out = tmp_path / "out"
     spec = tiny_spec(tiny_model, [{"source": str(easy)}], out, stage=stage,
                      method={"type": method}, **extra,
-                     training={"maxSteps": 12, "saveSteps": 12, "cutoffLen": 64,
+                     training={"maxSteps": 12, "saveSteps": 5, "cutoffLen": 64,
                                "learningRate": 5e-3 if method == "lora" else 1e-3,
                                "evalSplit": 0.25, "evalSteps": 12})
     result = _run(tmp_path, spec)
     records = _records(out)
     assert result["global_step"] == 12 and len(records) >= 12
+    # by step, not as strings (10, 12, 5)
+    assert [int(p.rsplit("-", 1)[1]) for p in result["checkpoints"]] == [5, 10, 12]
     if rising:
         values = _metric(records, rising)
         assert len(values) >= 10, records[-1]

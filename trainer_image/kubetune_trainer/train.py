@@ -162,7 +162,9 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
         "metrics": _numbers(train_result.metrics),
         "data": data.stats,
         "progress": str(out.progress),
-        "checkpoints": sorted(str(p) for p in out.checkpoints.glob("checkpoint-*")),
+        "checkpoints": [str(p) for p in sorted(
+            out.checkpoints.glob("checkpoint-*"),
+            key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)],
     }
     if data.eval is not None:
         result["metrics"].update(_numbers(trainer.evaluate()))
