@@ -97,3 +97,27 @@ def tiny_spec(model: Path, datasets: list[dict], out: Path, **overrides) -> dict
             "output": {"uri": str(out)}}
     spec.update(overrides)
     return spec
+
+
+def kill_after_checkpoint(cmd: list[str], out: Path, step: int, total: int) -> list[int]:
+    """Start a training run, SIGKILL it once checkpoint ``step`` is complete; returns the
+    complete checkpoints' steps."""
+    import signal
+    import subprocess
+    import time
+
+    from kubetune_trainer.progress import COMPLETE_MARKER
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / f"checkpoint-{step}" / COMPLETE_MARKER).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(p.parent.name.split("-")[1])
+                  for p in out.glob("checkpoints/checkpoint-*/" + COMPLETE_MARKER))
+    assert done and done[-1] < total, "the run finished before it was killed"
+    return done

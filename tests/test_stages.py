@@ -4,20 +4,17 @@ data formats they read, their metrics in progress.jsonl and result.json, and res
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_spec, write_job
+from conftest import kill_after_checkpoint, tiny_spec, write_job
 from kubetune.api.stages import IMPLEMENTED_STAGES, STAGES
 from kubetune.jobfile import load_job
 from kubetune_trainer.config import RunContext
-from kubetune_trainer.progress import COMPLETE_MARKER, read_progress
+from kubetune_trainer.progress import read_progress
 from kubetune_trainer.train import run
 
 
@@ -208,18 +205,7 @@ def test_dpo_killed_mid_run_resumes_at_the_same_step(easy, tiny_model, tmp_path)
                                "batchSizePerDevice": 2, "learningRate": 1e-3})
     cmd = [sys.executable, "-m", "kubetune_trainer.train",
            str(write_job(tmp_path / "job.yaml", spec))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 240
-    while not (out / "checkpoints" / "checkpoint-20" / COMPLETE_MARKER).exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = sorted(int(p.parent.name.split("-")[1])
-                  for p in out.glob("checkpoints/checkpoint-*/" + COMPLETE_MARKER))
-    assert done and done[-1] < 120, "the run finished before it was killed"
+    done = kill_after_checkpoint(cmd, out, 20, 120)
     subprocess.run(cmd, check=True, capture_output=True)
     result = json.loads((out / "result.json").read_text())
     assert result["resumed_from"].endswith(f"checkpoint-{done[-1]}")

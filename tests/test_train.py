@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import LF_DATA, tiny_spec, write_job
+from conftest import LF_DATA, kill_after_checkpoint, tiny_spec, write_job
 from kubetune.errors import KubetuneError
 from kubetune.jobfile import load_job
 from kubetune_trainer.config import RunContext
@@ -158,18 +155,7 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(tiny_model, tmp_pa
     job = write_job(tmp_path / "job.yaml", tiny_spec(tiny_model, [IDENTITY], out,
                                                      training=training))
     cmd = [sys.executable, "-m", "kubetune_trainer.train", str(job)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 240
-    while not (out / "checkpoints" / "checkpoint-40" / COMPLETE_MARKER).exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = sorted(int(p.parent.name.split("-")[1])
-                  for p in out.glob("checkpoints/checkpoint-*/" + COMPLETE_MARKER))
-    assert done and done[-1] < 160, "the run finished before it was killed"
+    done = kill_after_checkpoint(cmd, out, 40, 160)
     # What a crash during a save leaves: a newer checkpoint directory without its marker.
     (out / "checkpoints" / "checkpoint-9999").mkdir()
 

@@ -95,3 +95,9 @@ def _fitting(rows: list[dict[str, Any]], tokenizer: Any, cutoff: int
     keep = [r for i, r in enumerate(rows)
             if max(lengths[i * per_row:(i + 1) * per_row]) + 1 <= cutoff]
     return keep, len(rows) - len(keep)
+
+
+def prepare_pairs(examples: list[dict[str, Any]], tokenizer: Any, template: str | None,
+                  spec: Any, log=print) -> Any:
+    """The ``prepare`` of every recipe that trains on pairs (rm, dpo, orpo, cpo)."""
+    return preference_data(examples, tokenizer, template, spec, log=log)

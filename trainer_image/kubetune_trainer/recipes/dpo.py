@@ -8,18 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune_trainer.data.preference import prepare_pairs as prepare
+from kubetune_trainer.recipes import Build
 
-from kubetune_trainer.recipes import Build, Data
+__all__ = ["HEAD", "build", "prepare"]
 
 HEAD = "causal"
-
-
-def prepare(examples: list[dict[str, Any]], tokenizer: Any, template: str | None,
-            spec: FineTuneJobSpec, log=print) -> Data:
-    from kubetune_trainer.data.preference import preference_data
-
-    return preference_data(examples, tokenizer, template, spec, log=log)
 
 
 def build(b: Build) -> Any:
