@@ -120,6 +120,10 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
 
     spec = job.spec
     rec = preflight(spec)
+    if not sys.stderr.isatty():  # TRL's dataset passes would print a bar each into logs
+        import datasets
+
+        datasets.disable_progress_bars()
     out = Layout(output_root(spec, ctx))
     state = _distributed_state(PartialState)
     main = state.is_main_process
