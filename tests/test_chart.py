@@ -4,6 +4,7 @@ CRD drift, a values typo failing, and RBAC that allows exactly what the operator
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -180,8 +181,13 @@ def test_notes_tell_the_next_steps(helm_bin):
     out = subprocess.run([helm_bin, "install", "rel", str(CHART), "--dry-run=client",
                           "-n", "kubetune-system"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "kubectl get ftj -w" in out.stdout
-    assert "WARNING: progress.tlsSecretName is empty" in out.stdout
+    notes = out.stdout.split("NOTES:", 1)[1]
+    assert "kubectl get crd pytorchjobs.kubeflow.org" in notes  # the prerequisite check
+    assert "kubectl get finetunejobs -w" in notes  # no short name before discovery
+    applied = re.findall(r"kubectl apply -f (\S+)", notes)
+    assert applied and all((REPO / p).is_file() for p in applied), applied  # real files
+    assert "https://" not in notes
+    assert "WARNING: progress.tlsSecretName is empty" in notes
 
 
 def test_chart_readme_documents_every_value():

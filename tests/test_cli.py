@@ -120,3 +120,16 @@ def test_validate_reads_preference_data_and_counts_bad_pairs(tmp_path, tiny_mode
     assert "10 of 11 rows usable" in res.output
     assert "chosen and rejected are the same answer" in res.output
     assert "stage dpo: the first 11 rows give 10 training rows" in res.output
+
+
+def test_examples_say_truly_whether_a_cluster_takes_them():
+    """An example whose header offers `kubectl apply` renders for a cluster; the others
+    say they are local."""
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        header = "".join(line for line in path.read_text().splitlines(keepends=True)
+                         if line.startswith("#"))
+        res = runner.invoke(app, ["render", str(path)])
+        if "kubectl apply" in header:
+            assert res.exit_code == 0, (path.name, res.output)
+        else:
+            assert res.exit_code == 2 and "local" in header, path.name
