@@ -135,8 +135,15 @@ def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
         if config.progress_ca_configmap:
             env.append({"name": "KUBEFLOW_TRAINER_SERVER_CA_CERT",
                         "value": f"{TOKEN_DIR}/ca.crt"})
-    for key, value in sorted((spec.trainer.env or {}).items() if spec.trainer else []):
-        env.append({"name": key, "value": value})
+    # The job's own variables, in its order; a credential only as a Secret reference. The API
+    # refuses names kubetune sets above, so nothing here replaces one of them.
+    for var in (spec.trainer.env or []) if spec.trainer else []:
+        if var.value_from is not None:
+            ref = var.value_from.secret_key_ref
+            env.append({"name": var.name, "valueFrom": {
+                "secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        else:
+            env.append({"name": var.name, "value": var.value})
     return env
 
 
@@ -208,7 +215,8 @@ def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str) -> dict
         if sched.node_selector:
             pod["nodeSelector"] = dict(sched.node_selector)
         if sched.tolerations:
-            pod["tolerations"] = list(sched.tolerations)
+            pod["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True)
+                                  for t in sched.tolerations]
         if sched.affinity:
             pod["affinity"] = dict(sched.affinity)
         if sched.priority_class_name:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune.jobfile import format_validation_error
+from kubetune.jobfile import format_validation_error, validate_job
 from pydantic import ValidationError
 
 from kubetune_operator import builders
@@ -181,7 +181,7 @@ def validate(body: dict[str, Any]) -> tuple[FineTuneJob | None, str | None]:
                         "namespace": body["metadata"].get("namespace")},
            "spec": body.get("spec") or {}}
     try:
-        job = FineTuneJob.model_validate(doc)
+        job = validate_job(doc)  # as the CLI reads a file: camelCase only, strict
     except ValidationError as err:
         return None, format_validation_error(err)
     spec = job.spec

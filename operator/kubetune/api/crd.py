@@ -1,8 +1,13 @@
 """Generate the FineTuneJob CustomResourceDefinition from the pydantic models.
 
 The output is a *structural* schema (what the API server requires): references inlined,
-``Optional`` as ``nullable``, no ``anyOf`` with typed branches, no ``title``, no
-``additionalProperties: false`` and no defaults (the operator and trainer apply those).
+no ``anyOf`` with typed branches, no ``title``, no ``additionalProperties: false`` and no
+defaults (the operator and trainer apply those).
+
+``Optional`` fields of the spec are *not* ``nullable``: the API server then prunes an explicit
+``null`` as if the field were absent, which is what the models do (``_Spec._nulls_are_unset``),
+so CEL rules never see a null and ``kubetune validate`` agrees with the cluster. The status,
+written only by the operator, keeps ``nullable``.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from kubetune.api import v1alpha1 as api
 _DROP = {"title", "default", "examples", "$defs", "discriminator", "uniqueItems"}
 
 
-def _structural(node: Any, defs: dict[str, Any]) -> Any:
+def _structural(node: Any, defs: dict[str, Any], nullable: bool = True) -> Any:
     if isinstance(node, list):
-        return [_structural(n, defs) for n in node]
+        return [_structural(n, defs, nullable) for n in node]
     if not isinstance(node, dict):
         return node
     node = dict(node)
@@ -31,9 +36,11 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
         if len(branches) != 1:
             raise ValueError(f"cannot make a structural schema from anyOf {branches}")
-        node = {**branches[0], **node, "nullable": True}
+        node = {**branches[0], **node}
+        if nullable:
+            node["nullable"] = True
         if "$ref" in node:
-            return _structural(node, defs)
+            return _structural(node, defs, nullable)
     if "const" in node:
         node["enum"] = [node.pop("const")]
     for bound in ("exclusiveMinimum", "exclusiveMaximum"):
@@ -51,17 +58,17 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         if key in _DROP:
             continue
         if key == "properties":
-            out[key] = {k: _structural(v, defs) for k, v in value.items()}
+            out[key] = {k: _structural(v, defs, nullable) for k, v in value.items()}
         elif key in ("items", "additionalProperties"):
-            out[key] = _structural(value, defs)
+            out[key] = _structural(value, defs, nullable)
         else:
             out[key] = value
     return out
 
 
-def openapi_schema(model: type[api.BaseModel]) -> dict[str, Any]:
+def openapi_schema(model: type[api.BaseModel], nullable: bool = True) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
-    return _structural(raw, raw.get("$defs", {}))
+    return _structural(raw, raw.get("$defs", {}), nullable)
 
 
 def status_schema() -> dict[str, Any]:
@@ -73,7 +80,7 @@ def status_schema() -> dict[str, Any]:
 
 
 def finetunejob_crd() -> dict[str, Any]:
-    spec_schema = openapi_schema(api.FineTuneJobSpec)
+    spec_schema = openapi_schema(api.FineTuneJobSpec, nullable=False)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from kubetune.api.stages import IMPLEMENTED_STAGES, STAGES
@@ -25,9 +25,33 @@ PLURAL = "finetunejobs"
 SHORT_NAMES = ["ftj"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
+# Patterns are checked by Python's re, pydantic's Rust regex, Go's RE2 on the API server and
+# the CEL engine: they use explicit character classes only (\s and \w differ between them, e.g.
+# on a non-breaking space), and \xHH escapes or literal characters (Go has no \u).
+_CONTROL = r"\x00-\x1f\x7f-\x9f"
+_SPACE = r"\x00-\x20\x7f-\x9f" + "\u00a0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000\ufeff"
+NO_CONTROL = f"^[^{_CONTROL}]*$"  # names, ids: no control characters at all
+TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"  # free text: tabs and line breaks allowed
+_DNS_LABEL = "[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+# A DNS-1123 subdomain of at most 252 characters (Kubernetes allows 253): four labels at most.
+DNS_SUBDOMAIN = f"^{_DNS_LABEL}(\\.[a-z0-9]([-a-z0-9]{{0,60}}[a-z0-9])?){{0,3}}$"
+_CLAIM = DNS_SUBDOMAIN[1:-1]
+LABEL_VALUE = "^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+QUALIFIED_NAME = (f"^({DNS_SUBDOMAIN[1:-1]}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$")
+ENV_NAME = "^[-._a-zA-Z][-._a-zA-Z0-9]*$"  # what Kubernetes accepts as a variable name
 # Where a model or data set comes from. A bare path is local (relative to the job file).
-SOURCE_PATTERN = r"^((hf|pvc|s3|gs|https?|file|embedded)://[^\s]+|[^:\s]+)$"
+SOURCE_PATTERN = (f"^(pvc://{_CLAIM}(/[^{_SPACE}]*)?|(hf|s3|gs|https?|file|embedded)://"
+                  f"[^{_SPACE}]+|[^:{_SPACE}]+)$")
+OUTPUT_PATTERN = f"^(pvc://{_CLAIM}(/[^{_SPACE}]*)?|file://[^{_SPACE}]+|[^:{_SPACE}]+)$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
+# Credentials written into a URL: user-info, or a token/signature in the query.
+URL_USERINFO = "^[A-Za-z0-9+.-]+://[^/?#]*@"
+URL_SECRET_QUERY = ("(?i)[?&;](access_token|id_token|token|sig|signature|x-amz-signature|"
+                    "x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential|"
+                    "api_key|apikey|key|password|passwd|pwd|secret|client_secret|auth)=")
+# Templates the trainer ships (kubetune_trainer/data/preprocess.py NAMED_TEMPLATES), and auto.
+TEMPLATES = ("auto", "chatml", "llama3", "alpaca")
+INT32_MAX = 2**31 - 1
 SOURCE_HELP = (
     "a local path, pvc://CLAIM/path, hf://ORG/NAME, s3://, gs://, https://, file:// or "
     "embedded://NAME"
@@ -42,6 +66,43 @@ class _Model(BaseModel):
         use_enum_values=True,
         validate_default=True,
     )
+
+
+def _drop_nulls(data: Any) -> Any:
+    """The API server prunes an explicit null in a non-nullable field: it means "not set"."""
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if v is not None}
+    return data
+
+
+class _Spec(_Model):
+    """A part of the spec: read as the API server reads it. Strict types ("3" is not a number,
+    "yes" not a bool), finite numbers, and an explicit null is the same as leaving the field
+    out. User documents are validated by camelCase name only (kubetune.jobfile.validate_job)."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_unset(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = {f.alias or n for n, f in cls.model_fields.items()} | set(cls.model_fields)
+            return {k: v for k, v in data.items() if v is not None or k not in known}
+        return data
+
+
+def _str(pattern: str = NO_CONTROL, max_length: int = 256, **kw: Any) -> Any:
+    return Field(pattern=pattern, max_length=max_length, **kw)
+
+
+# A string-to-string map whose null values mean "not set".
+StrMap = Annotated[
+    Annotated[dict[str, Annotated[str, Field(pattern=TEXT, max_length=4096)]],
+              Field(max_length=256)],
+    BeforeValidator(_drop_nulls),
+]
+# An enum field: matched against its values (strict mode would want the Python enum itself).
+_ENUM = {"strict": False}
 
 
 @dataclass(frozen=True)
@@ -83,11 +144,13 @@ def _enforce(obj: Any, rules: tuple[Rule, ...]) -> Any:
 # --------------------------------------------------------------------------- model & data
 
 
-class SecretKeyRef(_Model):
+class SecretKeyRef(_Spec):
     """A key of a Secret in the job's namespace. Only the reference is ever stored."""
 
-    name: Annotated[str, Field(min_length=1, description="Secret name.")]
-    key: Annotated[str, Field(min_length=1, description="Key inside the Secret.")] = "token"
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN,
+                               description="Secret name (a DNS-1123 subdomain).")]
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern="^[-._a-zA-Z0-9]+$",
+                              description="Key inside the Secret.")] = "token"
 
 
 Source = Annotated[
@@ -96,15 +159,40 @@ Source = Annotated[
         min_length=1,
         max_length=2048,
         pattern=SOURCE_PATTERN,
-        description=f"Where it comes from: {SOURCE_HELP}.",
+        description=f"Where it comes from: {SOURCE_HELP}. Credentials go in secretRef, never "
+        "in the URL.",
     ),
 ]
 
 
-class ModelSpec(_Model):
+def _no_credentials_in_url(owner: str) -> tuple[Rule, ...]:
+    return (
+        Rule(
+            cel=f"!has(self.source) || !self.source.matches('{URL_USERINFO}')",
+            message=f"{owner}.source: a user name or password in the URL would be stored and "
+            "printed in the clear; put the token in a Secret and name it in secretRef",
+            check=lambda o: re.search(URL_USERINFO, o.source) is None,
+            field_path=".source",
+        ),
+        Rule(
+            cel=f"!has(self.source) || !self.source.matches('{URL_SECRET_QUERY}')",
+            message=f"{owner}.source: a token or signature in the URL's query would be stored "
+            "and printed in the clear; put it in a Secret and name it in secretRef",
+            check=lambda o: re.search(URL_SECRET_QUERY, o.source) is None,
+            field_path=".source",
+        ),
+    )
+
+
+_MODEL_RULES = _no_credentials_in_url("model")
+
+
+class ModelSpec(_Spec):
+    model_config = ConfigDict(json_schema_extra=_rules(*_MODEL_RULES))
+
     source: Annotated[Source, Field(json_schema_extra=immutable("spec.model.source"))]
     revision: Annotated[
-        str | None, Field(description="Branch, tag or commit for hf:// sources.")
+        str | None, _str(description="Branch, tag or commit for hf:// sources.")
     ] = None
     secret_ref: Annotated[
         SecretKeyRef | None,
@@ -113,6 +201,10 @@ class ModelSpec(_Model):
     trust_remote_code: Annotated[
         bool, Field(description="Allow the model repository's own Python code to run.")
     ] = False
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _MODEL_RULES)
 
 
 class DatasetFormat(enum.StrEnum):
@@ -130,32 +222,37 @@ _DATASET_RULES = (
         cel="!has(self.entries) || (!has(self.format) && !has(self.columns) && !has(self.tags))",
         message="entries picks data sets from a dataset_info.json registry, which already says "
         "their format, columns and tags: drop format, columns and tags, or drop entries",
-        check=lambda d: not d.entries or (d.format is None and not d.columns and not d.tags),
+        # has() on the API server: an empty map is set.
+        check=lambda d: d.entries is None or (
+            d.format is None and d.columns is None and d.tags is None),
     ),
+    *_no_credentials_in_url("datasets[]"),
 )
 
 
-class DatasetSpec(_Model):
+class DatasetSpec(_Spec):
     model_config = ConfigDict(json_schema_extra=_rules(*_DATASET_RULES))
 
     source: Source
     format: Annotated[
         DatasetFormat | None,
-        Field(description="Row format; detected from the first row's keys when omitted."),
+        Field(description="Row format; detected from the first row's keys when omitted.",
+              **_ENUM),
     ] = None
     entries: Annotated[
-        list[Annotated[str, Field(min_length=1)]] | None,
+        list[Annotated[str, Field(min_length=1, max_length=256, pattern=NO_CONTROL)]] | None,
         Field(
             min_length=1,
+            max_length=64,
             description="Names to load from a LLaMA-Factory dataset_info.json (the source).",
         ),
     ] = None
     columns: Annotated[
-        dict[str, str] | None,
+        StrMap | None,
         Field(description="Column names, as in LLaMA-Factory's dataset_info.json `columns`."),
     ] = None
     tags: Annotated[
-        dict[str, str] | None,
+        StrMap | None,
         Field(description="ShareGPT role/content tags, as in dataset_info.json `tags`."),
     ] = None
     ranking: Annotated[
@@ -164,13 +261,14 @@ class DatasetSpec(_Model):
                     "the first row has both columns.")
     ] = False
     max_samples: Annotated[
-        int | None, Field(ge=1, description="Use at most this many rows from this source.")
+        int | None, Field(ge=1, le=10**12,
+                          description="Use at most this many rows from this source.")
     ] = None
     placeholders: Annotated[
-        dict[str, str] | None,
+        StrMap | None,
         Field(description="Replace {{key}} with the value in every text, e.g. name, author."),
     ] = None
-    revision: Annotated[str | None, Field(description="Revision for hf:// data sets.")] = None
+    revision: Annotated[str | None, _str(description="Revision for hf:// data sets.")] = None
     secret_ref: Annotated[SecretKeyRef | None, Field(description="Access token Secret.")] = None
 
     @model_validator(mode="after")
@@ -205,30 +303,35 @@ class MethodType(enum.StrEnum):
     qlora = "qlora"
 
 
-class LoraSpec(_Model):
+class LoraSpec(_Spec):
     rank: Annotated[int, Field(ge=1, le=1024, description="LoRA rank r.")] = 16
-    alpha: Annotated[int, Field(ge=1, description="LoRA alpha (scale = alpha / rank).")] = 32
+    alpha: Annotated[int, Field(ge=1, le=65536,
+                                description="LoRA alpha (scale = alpha / rank).")] = 32
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     target_modules: Annotated[
-        list[str],
+        list[Annotated[str, _str()]],
         Field(
             min_length=1,
+            max_length=256,
             description='Module names to adapt, e.g. [q_proj, v_proj]; ["all-linear"] for all.',
         ),
     ] = ["all-linear"]
 
 
-class FreezeSpec(_Model):
+class FreezeSpec(_Spec):
     trainable_layers: Annotated[
         int,
-        Field(description="Train the last N decoder layers (a negative N: the first |N|)."),
+        Field(ge=-4096, le=4096,
+              description="Train the last N decoder layers (a negative N: the first |N|)."),
     ] = 2
     trainable_modules: Annotated[
-        list[str],
-        Field(description='Module name parts to train inside those layers, or ["all"].'),
+        list[Annotated[str, _str()]],
+        Field(max_length=256,
+              description='Module name parts to train inside those layers, or ["all"].'),
     ] = ["all"]
     extra_modules: Annotated[
-        list[str], Field(description="Other modules to train too, e.g. [embed_tokens].")
+        list[Annotated[str, _str()]],
+        Field(max_length=256, description="Other modules to train too, e.g. [embed_tokens].")
     ] = []
 
 
@@ -246,13 +349,13 @@ _METHOD_RULES = (
 )
 
 
-class MethodSpec(_Model):
+class MethodSpec(_Spec):
     model_config = ConfigDict(json_schema_extra=_rules(*_METHOD_RULES))
 
     type: Annotated[
         MethodType,
         Field(description="full, freeze, lora or qlora.",
-              json_schema_extra=immutable("spec.method.type")),
+              json_schema_extra=immutable("spec.method.type"), **_ENUM),
     ] = MethodType.lora
     lora: LoraSpec | None = None
     freeze: FreezeSpec | None = None
@@ -285,35 +388,45 @@ class LrScheduler(enum.StrEnum):
     constant_with_warmup = "constant_with_warmup"
 
 
+PACKED_CUTOFF_MAX = 131072
 _TRAINING_RULES = (
     Rule(
         cel="!has(self.evalSteps) || (has(self.evalSplit) && self.evalSplit > 0.0)",
         message="training.evalSteps needs training.evalSplit > 0 (there is nothing to evaluate)",
         check=lambda t: t.eval_steps is None or t.eval_split > 0,
     ),
+    Rule(
+        cel="!has(self.packing) || !self.packing || !has(self.cutoffLen) "
+        f"|| self.cutoffLen <= {PACKED_CUTOFF_MAX}",
+        message=f"training.cutoffLen with packing is at most {PACKED_CUTOFF_MAX} tokens (every "
+        "packed row is that long)",
+        check=lambda t: not t.packing or t.cutoff_len <= PACKED_CUTOFF_MAX,
+        field_path=".cutoffLen",
+    ),
 )
 
 
-class TrainingSpec(_Model):
+class TrainingSpec(_Spec):
     model_config = ConfigDict(json_schema_extra=_rules(*_TRAINING_RULES))
 
-    epochs: Annotated[float, Field(gt=0, description="Passes over the data.")] = 3.0
+    epochs: Annotated[float, Field(gt=0, le=1000, description="Passes over the data.")] = 3.0
     max_steps: Annotated[
-        int | None, Field(ge=1, description="Stop after this many optimizer steps.")
+        int | None, Field(ge=1, le=10**9, description="Stop after this many optimizer steps.")
     ] = None
     learning_rate: Annotated[
         float | None,
         Field(gt=0, lt=1, description="Peak learning rate. Default by stage: 1e-4 for pt and "
               "sft, 1e-5 for rm, 5e-6 for dpo, kto, orpo and cpo."),
     ] = None
-    lr_scheduler: LrScheduler = LrScheduler.cosine
+    lr_scheduler: Annotated[LrScheduler, Field(**_ENUM)] = LrScheduler.cosine
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0, le=10000)] = 1.0
     batch_size_per_device: Annotated[int, Field(ge=1, le=4096)] = 4
     gradient_accumulation: Annotated[int, Field(ge=1, le=4096)] = 1
     cutoff_len: Annotated[
-        int, Field(ge=8, description="Tokens per sample (and per packed row); longer is cut.")
+        int, Field(ge=8, le=1048576,
+                   description="Tokens per sample (and per packed row); longer is cut.")
     ] = 2048
     packing: Annotated[
         bool, Field(description="Pack samples into full rows; attention never crosses samples.")
@@ -335,17 +448,20 @@ class TrainingSpec(_Model):
     eval_split: Annotated[
         float, Field(ge=0, lt=1, description="Fraction of rows held out for evaluation.")
     ] = 0.0
-    eval_steps: Annotated[int | None, Field(ge=1)] = None
-    save_steps: Annotated[int, Field(ge=1, description="Checkpoint every N steps.")] = 100
+    eval_steps: Annotated[int | None, Field(ge=1, le=10**9)] = None
+    save_steps: Annotated[int, Field(ge=1, le=10**9,
+                                     description="Checkpoint every N steps.")] = 100
     save_total_limit: Annotated[
-        int | None, Field(ge=1, description="Keep at most N checkpoints.")
+        int | None, Field(ge=1, le=10**6, description="Keep at most N checkpoints.")
     ] = 3
-    log_steps: Annotated[int, Field(ge=1)] = 10
-    seed: int = 42
-    precision: Precision = Precision.auto
+    log_steps: Annotated[int, Field(ge=1, le=10**9)] = 10
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1,
+                               description="Random seed, 0 to 4294967295.")] = 42
+    precision: Annotated[Precision, Field(**_ENUM)] = Precision.auto
     gradient_checkpointing: bool = False
     preprocessing_workers: Annotated[
-        int | None, Field(ge=1, description="Processes for data preparation (default: CPUs).")
+        int | None, Field(ge=1, le=1024,
+                          description="Processes for data preparation (default: CPUs).")
     ] = None
 
     @model_validator(mode="after")
@@ -378,7 +494,7 @@ _PREFERENCE_RULES = (
 )
 
 
-class PreferenceSpec(_Model):
+class PreferenceSpec(_Spec):
     """How a preference stage weighs chosen against rejected answers. Each field says which
     stages read it; setting one for another stage is refused."""
 
@@ -500,7 +616,7 @@ _RESOURCE_RULES = (
 )
 
 
-class ResourcesSpec(_Model):
+class ResourcesSpec(_Spec):
     model_config = ConfigDict(json_schema_extra=_rules(*_RESOURCE_RULES))
 
     nodes: Annotated[
@@ -512,13 +628,16 @@ class ResourcesSpec(_Model):
                    json_schema_extra=immutable("spec.resources.gpusPerNode"))
     ] = 1
     cpu: Annotated[
-        str | None, Field(pattern=QUANTITY, description="CPU request and limit per node.")
+        str | None, Field(pattern=QUANTITY, max_length=64,
+                          description="CPU request and limit per node.")
     ] = None
     memory: Annotated[
-        str | None, Field(pattern=QUANTITY, description="Memory request and limit per node.")
+        str | None, Field(pattern=QUANTITY, max_length=64,
+                          description="Memory request and limit per node.")
     ] = None
     shared_memory: Annotated[
-        str, Field(pattern=QUANTITY, description="Size of /dev/shm (data loader workers, NCCL).")
+        str, Field(pattern=QUANTITY, max_length=64,
+                   description="Size of /dev/shm (data loader workers, NCCL).")
     ] = "8Gi"
 
     @model_validator(mode="after")
@@ -526,13 +645,13 @@ class ResourcesSpec(_Model):
         return _enforce(self, _RESOURCE_RULES)
 
 
-class OutputSpec(_Model):
+class OutputSpec(_Spec):
     uri: Annotated[
         str,
         Field(
             min_length=1,
             max_length=2048,
-            pattern=r"^((pvc|file)://[^\s]+|[^:\s]+)$",
+            pattern=OUTPUT_PATTERN,
             json_schema_extra=immutable("spec.output.uri"),
             description="Where checkpoints, adapter and merged model go: a local path or "
             "pvc://CLAIM/path (object stores are planned).",
@@ -543,43 +662,183 @@ class OutputSpec(_Model):
     ] = False
 
 
-class SchedulingSpec(_Model):
+_SCHEDULING_RULES = (
+    Rule(
+        cel="!has(self.nodeSelector) || self.nodeSelector.all(k, size(k) <= 317 && "
+        f"k.matches('{QUALIFIED_NAME}'))",
+        message="scheduling.nodeSelector: each key must be a label key ([prefix/]name: name "
+        "up to 63 letters, digits, '-', '_', '.')",
+        check=lambda s: s.node_selector is None or all(
+            len(k) <= 317 and re.fullmatch(QUALIFIED_NAME, k) for k in s.node_selector),
+    ),
+)
+
+
+class Toleration(_Spec):
+    """A pod toleration, as in a Pod spec."""
+
+    key: Annotated[str | None, Field(max_length=317, pattern=f"^$|{QUALIFIED_NAME}")] = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: Annotated[str | None, Field(max_length=63, pattern=LABEL_VALUE)] = None
+    effect: Annotated[
+        Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None, Field()
+    ] = None
+    toleration_seconds: Annotated[int | None, Field(ge=0, le=10**10)] = None
+
+
+class SchedulingSpec(_Spec):
     """Where the training pods may run; copied onto every replica of the PyTorchJob."""
 
-    node_selector: dict[str, str] | None = None
+    model_config = ConfigDict(json_schema_extra=_rules(*_SCHEDULING_RULES))
+
+    node_selector: Annotated[
+        Annotated[Annotated[dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]],
+                            Field(max_length=64)],
+                  BeforeValidator(_drop_nulls)] | None,
+        Field(description="Node labels the pods need (label values)."),
+    ] = None
     tolerations: Annotated[
-        list[dict[str, Any]] | None, Field(description="Pod tolerations, as in a Pod spec.")
+        list[Toleration] | None, Field(max_length=64,
+                                       description="Pod tolerations, as in a Pod spec.")
     ] = None
     affinity: Annotated[
         dict[str, Any] | None, Field(description="Pod affinity, as in a Pod spec.")
     ] = None
-    priority_class_name: str | None = None
+    priority_class_name: Annotated[
+        str | None, Field(max_length=253, pattern=DNS_SUBDOMAIN,
+                          description="A PriorityClass (a DNS-1123 subdomain).")
+    ] = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _SCHEDULING_RULES)
 
 
-class RunPolicySpec(_Model):
+class RunPolicySpec(_Spec):
     active_deadline_seconds: Annotated[
-        int | None, Field(ge=1, description="Fail the run after this long.")
+        int | None, Field(ge=1, le=10**10, description="Fail the run after this long.")
     ] = None
     backoff_limit: Annotated[
         int, Field(ge=0, le=100, description="Pod restarts before the run fails; each restart "
                    "resumes from the last checkpoint.")
     ] = 3
     ttl_seconds_after_finished: Annotated[
-        int | None, Field(ge=0, description="Delete the PyTorchJob this long after it ends "
+        int | None, Field(ge=0, le=INT32_MAX,
+                          description="Delete the PyTorchJob this long after it ends "
                           "(the FineTuneJob and its outputs stay).")
     ] = None
 
 
-class TrainerSpec(_Model):
+# Variables the operator, the PyTorchJob controller or the launcher set: a job cannot
+# override them (a second HF_TOKEN would replace the Secret's, KUBEFLOW_TRAINER_SERVER_URL
+# would send the pod's service-account token elsewhere).
+RESERVED_ENV = ("HF_HOME", "HF_TOKEN", "TOKENIZERS_PARALLELISM", "MASTER_ADDR", "MASTER_PORT",
+                "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
+                "PYTHONUNBUFFERED")
+RESERVED_ENV_PREFIXES = ("KUBETUNE_", "KUBEFLOW_", "PET_")
+# Names that hold a credential: a plain value would sit in the ConfigMap and the PyTorchJob.
+SECRET_ENV_NAME = ("(?i)((^|_)(TOKEN|SECRET|PASSWORD|PASSWD|PWD|CREDENTIALS?|APIKEY)(_|$)|"
+                   "(^|_)(API|ACCESS|SECRET|PRIVATE|SIGNING|ENCRYPTION|ACCOUNT)_KEY(_|$)|"
+                   "(^|_)KEY$)")
+NOT_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS")
+_NOT_SECRET_SUFFIX = "(?i)_(FILE|PATH|DIR|ID)$"
+
+
+def _secret_looking(name: str) -> bool:
+    return (re.search(SECRET_ENV_NAME, name) is not None and name not in NOT_SECRET_ENV
+            and re.search(_NOT_SECRET_SUFFIX, name) is None)
+
+
+def _reserved(name: str) -> bool:
+    return name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES)
+
+
+_ENV_VAR_RULES = (
+    Rule(
+        cel="has(self.value) != has(self.valueFrom)",
+        message="trainer.env[]: give each variable either value or valueFrom.secretKeyRef",
+        check=lambda e: (e.value is None) != (e.value_from is None),
+    ),
+)
+_TRAINER_RULES = (
+    Rule(
+        cel="!has(self.env) || self.env.all(e, !(e.name in " + _cel_list(RESERVED_ENV)
+        + ") && " + " && ".join(f"!e.name.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES)
+        + ")",
+        message="trainer.env: " + ", ".join(RESERVED_ENV) + " and names starting with "
+        + ", ".join(RESERVED_ENV_PREFIXES) + " are set by kubetune and cannot be overridden "
+        "(a model token goes in model.secretRef, a data set's in datasets[].secretRef)",
+        check=lambda t: t.env is None or not any(_reserved(e.name) for e in t.env),
+        field_path=".env",
+    ),
+    Rule(
+        cel="!has(self.env) || self.env.all(e, !has(e.value) || e.name in "
+        f"{_cel_list(NOT_SECRET_ENV)} || e.name.matches('{_NOT_SECRET_SUFFIX}') || "
+        f"!e.name.matches('{SECRET_ENV_NAME}'))",
+        message="trainer.env: a variable named like a credential (*TOKEN*, *SECRET*, "
+        "*PASSWORD*, *_KEY, ...) must come from a Secret: use valueFrom: {secretKeyRef: "
+        "{name: SECRET, key: KEY}} instead of value",
+        check=lambda t: t.env is None or not any(
+            e.value is not None and _secret_looking(e.name) for e in t.env),
+        field_path=".env",
+    ),
+)
+
+
+class EnvVarSource(_Spec):
+    secret_key_ref: Annotated[SecretKeyRef, Field(description="A key of a Secret in the "
+                                                  "job's namespace.")]
+
+
+class EnvVar(_Spec):
+    """An environment variable of the training container: a value, or a Secret's key."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(*_ENV_VAR_RULES))
+
+    name: Annotated[str, Field(min_length=1, max_length=256, pattern=ENV_NAME,
+                               description="Letters, digits, '_', '-' and '.'; not a digit "
+                               "first.")]
+    value: Annotated[str | None, Field(max_length=32768, pattern=TEXT)] = None
+    value_from: Annotated[
+        EnvVarSource | None,
+        Field(description="For credentials: secretKeyRef {name, key}; only the reference is "
+              "stored."),
+    ] = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _ENV_VAR_RULES)
+
+
+class TrainerSpec(_Spec):
+    model_config = ConfigDict(json_schema_extra=_rules(*_TRAINER_RULES))
+
     image: Annotated[
-        str | None, Field(min_length=1, description="Trainer image; default: the operator's.")
+        str | None, Field(min_length=1, max_length=512, pattern=f"^[^{_SPACE}]+$",
+                          description="Trainer image; default: the operator's.")
     ] = None
     service_account_name: Annotated[
-        str | None, Field(description="Service account of the training pods.")
+        str | None, Field(max_length=253, pattern=DNS_SUBDOMAIN,
+                          description="Service account of the training pods.")
     ] = None
     env: Annotated[
-        dict[str, str] | None, Field(description="Extra environment variables (no secrets).")
+        list[EnvVar] | None,
+        Field(max_length=128,
+              description="Extra environment variables of the training container, as in a "
+              "Pod: [{name, value}] or [{name, valueFrom: {secretKeyRef: {name, key}}}]; "
+              "credentials only through secretKeyRef.",
+              json_schema_extra={"x-kubernetes-list-type": "map",
+                                 "x-kubernetes-list-map-keys": ["name"]}),
     ] = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        if self.env is not None:
+            names = [e.name for e in self.env]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"trainer.env: {', '.join(twice)} given more than once")
+        return _enforce(self, _TRAINER_RULES)
 
 
 # --------------------------------------------------------------------------- the spec
@@ -598,7 +857,7 @@ _SPEC_RULES = (
 )
 
 
-class FineTuneJobSpec(_Model):
+class FineTuneJobSpec(_Spec):
     model_config = ConfigDict(json_schema_extra=_rules(*_SPEC_RULES))
 
     model: ModelSpec
@@ -608,7 +867,7 @@ class FineTuneJobSpec(_Model):
         Field(description="What to train: " + "; ".join(
             f"{k}: {v.summary}" + ("" if v.implemented else " (planned)")
             for k, v in STAGES.items()) + ".",
-            json_schema_extra=immutable("spec.stage")),
+            json_schema_extra=immutable("spec.stage"), **_ENUM),
     ] = Stage.sft
     preference: Annotated[
         PreferenceSpec | None,
@@ -616,9 +875,8 @@ class FineTuneJobSpec(_Model):
     ] = None
     method: MethodSpec = MethodSpec()
     template: Annotated[
-        str,
+        Literal[TEMPLATES],  # type: ignore[valid-type]
         Field(
-            min_length=1,
             description='"auto" (the tokenizer\'s chat template) or a named one: chatml, '
             "llama3, alpaca.",
         ),
@@ -728,13 +986,25 @@ _NAME_RULES = (
 
 
 class ObjectMeta(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """What kubetune reads of the metadata; the API server checks the rest itself (the same
+    rules for namespace and labels are applied here so validate and render agree with it)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
     name: Annotated[str, Field(min_length=1)]
-    namespace: str | None = None
+    namespace: Annotated[
+        str | None, Field(max_length=63, pattern=f"^{_DNS_LABEL}$")] = None
     labels: dict[str, str] | None = None
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Any:
+        for key, value in (self.labels or {}).items():
+            if len(key) > 317 or not re.fullmatch(QUALIFIED_NAME, key):
+                raise ValueError(f"metadata.labels: {key!r} is not a label key "
+                                 "([prefix/]name, name up to 63 letters, digits, '-', '_', '.')")
+            if not re.fullmatch(LABEL_VALUE, value):
+                raise ValueError(f"metadata.labels.{key}: {value!r} is not a label value (up "
+                                 "to 63 letters, digits, '-', '_', '.', alphanumeric at both "
+                                 "ends)")
         return _enforce(self, _NAME_RULES)
 
 
@@ -749,7 +1019,11 @@ class FineTuneJob(_Model):
 ALL_RULES = {
     "metadata": _NAME_RULES,
     "spec": _SPEC_RULES,
+    "spec.model": _MODEL_RULES,
     "spec.datasets[]": _DATASET_RULES,
+    "spec.scheduling": _SCHEDULING_RULES,
+    "spec.trainer": _TRAINER_RULES,
+    "spec.trainer.env[]": _ENV_VAR_RULES,
     "spec.method": _METHOD_RULES,
     "spec.preference": _PREFERENCE_RULES,
     "spec.training": _TRAINING_RULES,
