@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,112 @@ def test_alpaca_ranking_rows_are_detected_as_pairs(tmp_path):
     assert examples == [{"messages": [{"role": "system", "content": "Be exact."},
                                       {"role": "user", "content": "Sum:\n1 2"}],
                          "tools": None, "chosen": "3", "rejected": "12"}]
+
+
+# --- hostile and careless data files: a counted bad row or one message, never a traceback ---
+
+GOOD_CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+
+
+@pytest.mark.parametrize(("row", "reason"), [
+    ({"prompt": "q", "completion": ["a", "b"]}, "completion must be a string or a list of"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]},
+                   {"role": "assistant", "content": "a"}]}, "a text part's text must be a"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a", "tool_calls": 5}]},
+     "message 1 tool_calls must be a list, got int"),
+    ({"messages": [{"role": ["user"], "content": "q"}]}, "message 0 has role ['user']"),
+    ({"conversations": [{"from": ["human"], "value": "q"}]}, "turn 0 has role ['human']"),
+    ({"conversations": [{"from": "system", "value": ""}]}, "the conversation has only a system"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "tools": "5"}, "tools must be a JSON list of tool definitions, got int"),
+], ids=["completion-strings", "part-text-int", "tool-calls-int", "role-list", "from-list",
+        "only-system", "tools-int"])
+def test_malformed_rows_are_counted_with_their_reason(tmp_path, row, reason):
+    good = {"prompt": {"prompt": "q", "completion": "a"},
+            "conversations": {"conversations": [{"from": "human", "value": "q"},
+                                                {"from": "gpt", "value": "a"}]}}
+    first = next((v for k, v in good.items() if k in row), GOOD_CHAT)  # sets the format
+    examples, report = _load(tmp_path, [first, row], name="d.jsonl", max_bad=1.0)
+    assert len(examples) == 1 and report.bad == 1
+    assert reason in report.summary()
+
+
+def test_deeply_nested_json_is_one_message_and_a_deep_jsonl_line_a_bad_row(tmp_path):
+    (tmp_path / "d.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="d.json: JSON nested too deeply"):
+        load_examples([DatasetSpec(source="d.json")], "sft", RunContext(base_dir=tmp_path),
+                      max_invalid_fraction=1.0)
+    (tmp_path / "d.jsonl").write_text(json.dumps(GOOD_CHAT) + "\n" + "[" * 100_000 + "\n")
+    _, report = load_examples([DatasetSpec(source="d.jsonl")], "sft",
+                              RunContext(base_dir=tmp_path), max_invalid_fraction=1.0)
+    assert report.bad == 1 and "line 2 is nested too deeply" in report.summary()
+
+
+def test_not_utf8_names_the_file_and_line(tmp_path):
+    (tmp_path / "d.jsonl").write_bytes(json.dumps(GOOD_CHAT).encode() + b"\n{\"text\": \"\xff\"}\n")
+    with pytest.raises(DataError, match=r"d.jsonl: line 2 is not UTF-8 text"):
+        load_examples([DatasetSpec(source="d.jsonl")], "sft", RunContext(base_dir=tmp_path),
+                      max_invalid_fraction=1.0)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("instruction,output\nq,a\nq,a,extra,more\n", "Expected 2 fields in line 3"),
+    ('\x00\x01 garbage "unterminated\n,,,\n', "not a readable CSV file"),
+], ids=["ragged", "garbage"])
+def test_broken_csv_is_one_message_naming_the_file(tmp_path, content, message):
+    (tmp_path / "d.csv").write_text(content)
+    with pytest.raises(DataError, match=message) as err:
+        load_examples([DatasetSpec(source="d.csv", format="alpaca")], "sft",
+                      RunContext(base_dir=tmp_path), max_invalid_fraction=1.0)
+    assert "d.csv" in str(err.value) and err.value.field == "spec.datasets[0].source"
+
+
+@pytest.mark.parametrize(("registry", "message"), [
+    ([], "must be a JSON object of named entries, got list"),
+    ({"x": "file_name"}, "'x' must be an object, got str"),
+    ({"x": {"file_name": 5}}, "file_name must be a non-empty string, got 5"),
+    ({"x": {"file_name": "d.json", "columns": ["prompt"]}}, "columns must be an object"),
+    ({"x": {"file_name": "d.json", "columns": {"prompt": 5}}}, "columns must map names to"),
+    ({"x": {"file_name": "d.json", "tags": {"role_tag": ["from"]}}}, "tags must map names to"),
+    ({"x": {"file_name": "d.json", "num_samples": "5"}}, "num_samples must be a positive"),
+    ({"x": {"file_name": "d.json", "formatting": ["alpaca"]}}, "formatting must be a string"),
+    ("[1, 2", "not JSON: Expecting"),
+], ids=["list", "entry-str", "file-name-int", "columns-list", "column-int", "tags-list",
+        "num-samples-str", "formatting-list", "not-json"])
+def test_malformed_registry_is_one_message(tmp_path, registry, message):
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "q", "output": "a"}]))
+    text = registry if isinstance(registry, str) else json.dumps(registry)
+    (tmp_path / "dataset_info.json").write_text(text)
+    ds = DatasetSpec(source="dataset_info.json", entries=["x"])
+    with pytest.raises(DataError, match=re.escape(message)) as err:
+        load_examples([ds], "sft", RunContext(base_dir=tmp_path), max_invalid_fraction=1.0)
+    assert err.value.field.startswith("spec.datasets[0]")
+
+
+@pytest.mark.parametrize("inside_dir", [False, True])
+def test_a_fifo_is_refused_not_opened(tmp_path, inside_dir):
+    folder = tmp_path / "parts" if inside_dir else tmp_path
+    folder.mkdir(exist_ok=True)
+    (folder / "a.json").write_text(json.dumps([{"instruction": "q", "output": "a"}]))
+    os.mkfifo(folder / "b.jsonl")  # opening it for reading would block forever
+    source = "parts" if inside_dir else "b.jsonl"
+    with pytest.raises(DataError, match="b.jsonl is not a regular file"):
+        load_examples([DatasetSpec(source=source)], "sft", RunContext(base_dir=tmp_path),
+                      max_invalid_fraction=1.0)
+
+
+@pytest.mark.parametrize("text", ["[/] oops", "[link=https://evil.example][red]click here"])
+def test_bad_rows_are_shown_verbatim_not_as_markup(tmp_path, tiny_model, text):
+    from conftest import tiny_spec, write_job
+    from kubetune.cli import app
+    from typer.testing import CliRunner
+
+    rows = [{"instruction": "q", "output": "a"}] * 3 + [{"instruction": text, "output": 5}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    job = write_job(tmp_path / "j.yaml", tiny_spec(tiny_model, [{"source": "d.json"}],
+                                                   tmp_path / "out",
+                                                   training={"maxInvalidFraction": 0.5}))
+    res = CliRunner().invoke(app, ["validate", str(job)])
+    assert res.exit_code == 0, res.output
+    assert json.dumps(text) in res.output  # the row as written, markup and all

@@ -52,7 +52,8 @@ def run(job_file: JobFile, pvc_root: PvcRoot = None) -> None:
         from kubetune_trainer.train import run as train
 
         result = train(job, _context(job_file, pvc_root), log=lambda m: err.print(m,
-                                                                                  highlight=False))
+                                                                                  highlight=False,
+                                                                                  markup=False))
     except KubetuneError as e:
         _fail(e)
         return
@@ -80,7 +81,7 @@ def validate(job_file: JobFile, pvc_root: PvcRoot = None,
             from kubetune_trainer.validate import preflight_all
 
             for line in preflight_all(job, _context(job_file, pvc_root)):
-                err.print(line, highlight=False)
+                err.print(line, highlight=False, markup=False)
     except KubetuneError as e:
         _fail(e)
 

@@ -68,6 +68,12 @@ class Layout:
     @classmethod
     def build(cls, fmt: str, columns: dict[str, str] | None, tags: dict[str, str] | None,
               ranking: bool) -> Layout:
+        for what, given in (("columns", columns), ("tags", tags)):
+            if given is not None and not (
+                    isinstance(given, dict)
+                    and all(isinstance(v, str) and v for v in given.values())):
+                raise ValueError(f"{what} must map names to non-empty strings, got "
+                                 f"{show(given)}")
         unknown = set(columns or {}) - KNOWN_COLUMNS
         if unknown:
             raise ValueError(f"unknown column role(s) {sorted(unknown)}; known: "
@@ -107,6 +113,13 @@ def detect_format(row: dict[str, Any]) -> str | None:
     return None
 
 
+def show(value: Any, limit: int = 60) -> str:
+    """A user's value in a message: its repr, cut short."""
+    text = repr(value) if not isinstance(value, list | dict) or len(value) < 20 else \
+        f"<{type(value).__name__} of {len(value)}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _text(value: Any, what: str) -> str:
     if value is None:
         return ""
@@ -119,6 +132,11 @@ def _text(value: Any, what: str) -> str:
             raise BadRow(f"{what}: a text part's text must be a string")
         return "".join(texts)
     raise BadRow(f"{what} must be a string, got {type(value).__name__}")
+
+
+def _role(value: Any) -> str | None:
+    """A role or ShareGPT tag as written, or None when it is not a string."""
+    return value if isinstance(value, str) else None
 
 
 def _col(row: dict[str, Any], layout: Layout, role: str) -> Any:
@@ -136,18 +154,26 @@ def _tool_call_text(call: Any) -> str:
 def _extras(row: dict[str, Any], layout: Layout, out: dict[str, Any]) -> dict[str, Any]:
     tools = _col(row, layout, "tools")
     if tools:
+        if isinstance(tools, str):
+            try:
+                decoded = json.loads(tools)
+            except json.JSONDecodeError as err:
+                raise BadRow(f"tools is not valid JSON: {err.msg}") from None
+        else:
+            decoded = tools
+        if isinstance(decoded, dict):  # one tool: the templates take a list
+            decoded = tools = [decoded]
+        if not (isinstance(decoded, list) and all(isinstance(t, dict) for t in decoded)):
+            raise BadRow(f"tools must be a JSON list of tool definitions, got "
+                         f"{type(decoded).__name__}")
         if not isinstance(tools, str):
-            tools = json.dumps(tools, ensure_ascii=False)
-        try:
-            json.loads(tools)
-        except json.JSONDecodeError as err:
-            raise BadRow(f"tools is not valid JSON: {err.msg}") from None
+            tools = json.dumps(decoded, ensure_ascii=False)
     out["tools"] = tools or None
     if "kto_tag" in layout.columns and (layout.format != "promptCompletion"
                                         or layout.columns["kto_tag"] in row):
         tag = _col(row, layout, "kto_tag")
         if not isinstance(tag, bool):
-            raise BadRow(f"{layout.columns['kto_tag']} must be true or false, got {tag!r}")
+            raise BadRow(f"{layout.columns['kto_tag']} must be true or false, got {show(tag)}")
         out["label"] = tag
     if layout.ranking:
         for key in ("chosen", "rejected"):
@@ -213,18 +239,20 @@ def from_sharegpt(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
     if first.get(tags["role_tag"]) == tags["system_tag"]:
         system = _text(first.get(tags["content_tag"]), "system turn")
         turns = turns[1:]
+        if not turns:
+            raise BadRow("the conversation has only a system turn")
     if system:
         messages.append({"role": "system", "content": system})
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise BadRow(f"turn {i} is not an object")
         tag = turn.get(tags["role_tag"])
-        role = roles.get(tag)
+        role = roles.get(_role(tag))
         # Turns alternate: user/observation, then assistant/function_call.
         expected = ("user", "tool") if i % 2 == 0 else ("assistant", "function_call")
         if role not in expected:
             want = [k for k, v in roles.items() if v in expected]
-            raise BadRow(f"turn {i} has role {tag!r}; expected one of {want}")
+            raise BadRow(f"turn {i} has role {show(tag)}; expected one of {want}")
         content = _text(turn.get(tags["content_tag"]), f"turn {i} content")
         if role == "function_call":
             messages.append({"role": "assistant", "content": _tool_call_text(content)})
@@ -247,12 +275,14 @@ def from_messages(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
     for i, msg in enumerate(raw):
         if not isinstance(msg, dict):
             raise BadRow(f"message {i} is not an object")
-        role = msg.get(role_key)
+        role = _role(msg.get(role_key))
         if role not in _OPENAI_ROLES:
-            raise BadRow(f"message {i} has role {role!r}; expected one of "
+            raise BadRow(f"message {i} has role {show(msg.get(role_key))}; expected one of "
                          f"{sorted(_OPENAI_ROLES)}")
         content = _text(msg.get(content_key), f"message {i} content")
         calls = msg.get("tool_calls") or []
+        if not isinstance(calls, list):
+            raise BadRow(f"message {i} tool_calls must be a list, got {type(calls).__name__}")
         content += "".join(("\n" if content else "") + _tool_call_text(c) for c in calls)
         messages.append({"role": role, "content": content})
     return _extras(row, layout, {"messages": messages})
@@ -272,7 +302,9 @@ def from_prompt_completion(row: dict[str, Any], layout: Layout) -> dict[str, Any
         if not text.strip():
             raise BadRow("prompt is empty or missing")
         messages.append({"role": "user", "content": text})
-    if isinstance(completion, list):
+    if isinstance(completion, list):  # conversational: assistant message(s)
+        if not all(isinstance(m, dict) for m in completion):
+            raise BadRow("completion must be a string or a list of assistant messages")
         completion = "".join(_text(m.get("content"), "completion") for m in completion)
     if not layout.ranking:
         messages.append({"role": "assistant", "content": _text(completion, "completion")})
@@ -353,12 +385,16 @@ def check_for_stage(example: dict[str, Any], stage: str) -> list[dict[str, Any]]
         if "text" in example:
             return [example]
         msgs = example["messages"]
+        if not msgs:
+            raise BadRow("the conversation has no turns")
         if len(msgs) == 1:
             return [{"text": msgs[0]["content"]}]
         return [example]  # rendered with the chat template and trained on whole
     if "text" in example:
         raise BadRow(f"stage {stage} needs conversations, this row is plain text")
     msgs = example["messages"]
+    if not msgs:
+        raise BadRow("the conversation has no turns")
     if rows == "pairs":
         if "chosen" not in example:
             raise BadRow(f"stage {stage} needs chosen/rejected answers (ranking: true, or "

@@ -19,11 +19,13 @@ from kubetune_trainer.data.formats import (
     check_for_stage,
     detect_format,
     fill_placeholders,
+    show,
 )
 from kubetune_trainer.sources import resolve
 
 SUFFIXES = {".json", ".jsonl", ".txt", ".csv", ".parquet"}
 SHOW_BAD_ROWS = 5
+UNEXPECTED = "unexpected row shape"  # a converter's bug caught as a bad row
 
 
 @dataclass
@@ -52,11 +54,19 @@ class Report:
         return self.total - self.kept
 
     def add_bad(self, source: str, index: int, reason: str, row: Any) -> None:
+        reason = _cut(reason, 200)
         self.reasons[reason.split(";")[0]] += 1
         if len(self.examples) < SHOW_BAD_ROWS:
-            snippet = json.dumps(row, ensure_ascii=False, default=str)
-            snippet = snippet if len(snippet) <= 160 else snippet[:157] + "..."
-            self.examples.append(f"{source} row {index}: {reason}\n      {snippet}")
+            # The row as written (JSON escapes control characters); plain text, never markup:
+            # whoever prints the report must not interpret it.
+            if isinstance(row, _Unparsable):
+                snippet = json.dumps(row.text, ensure_ascii=False)
+            else:
+                try:
+                    snippet = json.dumps(row, ensure_ascii=False, default=str)
+                except (ValueError, RecursionError):
+                    snippet = "(too deeply nested to show)"
+            self.examples.append(f"{source} row {index}: {reason}\n      {_cut(snippet, 160)}")
 
     def summary(self) -> str:
         lines = [f"{self.kept} of {self.total} rows usable ({self.bad} do not fit)"]
@@ -67,64 +77,139 @@ class Report:
         return "\n".join(lines)
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _regular_file(path: Path, field: str) -> None:
+    """Refuse what is not a plain file before opening it: a FIFO would block forever, a
+    device never end."""
+    if not path.exists():
+        raise DataError(f"{path}: not found (a broken link?)", field=field)
+    if not path.is_file():
+        raise DataError(f"{path} is not a regular file (a FIFO, socket or device?)",
+                        field=field)
+
+
+def _decode(data: bytes, path: Path, first_line: int = 1) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = first_line + data.count(b"\n", 0, err.start)
+        raise DataError(f"{path}: line {line} is not UTF-8 text") from None
+
+
+def _read_json(path: Path) -> Any:
+    text = _decode(path.read_bytes(), path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not JSON: {err.msg} at line {err.lineno} column "
+                        f"{err.colno}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
+    except ValueError as err:  # e.g. an integer with thousands of digits
+        raise DataError(f"{path}: not readable JSON: {_cut(str(err), 120)}") from None
+    return data
+
+
 def _read_file(path: Path) -> list[Any]:
     suffix = path.suffix.lower()
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _read_json(path)
         if isinstance(data, dict):  # {"data": [...]} or a single object
             lists = [v for v in data.values() if isinstance(v, list)]
             data = lists[0] if len(lists) == 1 else [data]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a list of rows (or an object), got "
+                            f"{type(data).__name__}")
         return data
     if suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        rows.append(_Unparsable(f"line {n} is not JSON: {err.msg}"))
+        rows: list[Any] = []
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                line = _decode(raw, path, n).strip() if raw.strip() else ""
+                if not line:
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    rows.append(_Unparsable(f"line {n} is not JSON: {err.msg}", line))
+                except RecursionError:
+                    rows.append(_Unparsable(f"line {n} is nested too deeply", line))
+                except ValueError as err:
+                    rows.append(_Unparsable(f"line {n}: {_cut(str(err), 80)}", line))
         return rows
     if suffix == ".txt":
-        with path.open(encoding="utf-8") as f:
-            return [{"text": line.rstrip("\n")} for line in f if line.strip()]
+        text = _decode(path.read_bytes(), path).replace("\r\n", "\n").replace("\r", "\n")
+        return [{"text": line} for line in text.split("\n") if line.strip()]
     if suffix in (".csv", ".parquet"):
-        import datasets
-
-        ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
-        return list(ds)
+        return _read_table(path, suffix[1:])
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(SUFFIXES)}")
+
+
+def _read_table(path: Path, kind: str) -> list[Any]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as err:  # noqa: BLE001 - a parser's own errors: say what it says
+        while err.__cause__ is not None or err.__context__ is not None:
+            err = err.__cause__ or err.__context__
+        what = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"{path}: not a readable {kind.upper()} file: {_cut(what, 200)}") \
+            from None
+    return list(ds)
 
 
 @dataclass
 class _Unparsable:
     reason: str
+    text: str  # the line as written, shown in the report
 
 
 def _files(path: Path, name: str, field: str) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES)
+        files = sorted(p for p in path.rglob("*")
+                       if p.suffix.lower() in SUFFIXES and not p.is_dir())
         if not files:
             raise DataError(f"{name}: directory {path} has no {sorted(SUFFIXES)} files",
                             field=field)
+        for p in files:
+            _regular_file(p, field)
         return files
     if not path.exists():
         raise DataError(f"{name}: file not found: {path}", field=field)
+    _regular_file(path, field)
     return [path]
 
 
 def _registry_parts(spec: DatasetSpec, path: Path, field: str, ctx: RunContext) -> list[Part]:
+    if not path.exists():
+        raise DataError(f"dataset registry not found: {path}", field=field)
+    _regular_file(path, field)
     try:
-        registry = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        registry = _read_json(path)
+    except OSError as err:
         raise DataError(f"cannot read dataset registry {path}: {err}", field=field) from None
+    except DataError as err:
+        raise DataError(f"dataset registry {err.message}", field=field) from None
+    if not isinstance(registry, dict):
+        raise DataError(f"{path} must be a JSON object of named entries, got "
+                        f"{type(registry).__name__}", field=field)
     parts = []
     for i, entry in enumerate(spec.entries or []):
         efield = f"{field}.entries[{i}]"
         if entry not in registry:
             raise DataError(f"{entry!r} is not in {path.name}; it has: "
-                            f"{', '.join(sorted(registry))}", field=efield)
+                            f"{_cut(', '.join(sorted(registry)), 300)}", field=efield)
         info = registry[entry]
+        if not isinstance(info, dict):
+            raise DataError(f"{path.name}: {entry!r} must be an object, got "
+                            f"{type(info).__name__}", field=efield)
+        bad = _registry_entry_problem(info)
+        if bad:
+            raise DataError(f"{path.name}: {entry!r}: {bad}", field=efield)
         if "file_name" not in info:
             other = [k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url",
                                  "cloud_file_name") if k in info]
@@ -133,7 +218,7 @@ def _registry_parts(spec: DatasetSpec, path: Path, field: str, ctx: RunContext) 
                             field=efield)
         fmt = info.get("formatting", "alpaca")
         if fmt not in ("alpaca", "sharegpt"):
-            raise DataError(f"{entry!r}: formatting {fmt!r} is not alpaca or sharegpt",
+            raise DataError(f"{entry!r}: formatting {show(fmt)} is not alpaca or sharegpt",
                             field=efield)
         columns = info.get("columns")
         try:
@@ -145,6 +230,21 @@ def _registry_parts(spec: DatasetSpec, path: Path, field: str, ctx: RunContext) 
                                                       efield),
                           layout, max_samples, spec.placeholders))
     return parts
+
+
+def _registry_entry_problem(info: dict[str, Any]) -> str | None:
+    """What is wrong with the types in one dataset_info.json entry, if anything."""
+    for key, want, ok in (
+            ("file_name", "a non-empty string", lambda v: isinstance(v, str) and v.strip()),
+            ("formatting", "a string", lambda v: isinstance(v, str)),
+            ("columns", "an object of strings", lambda v: isinstance(v, dict)),
+            ("tags", "an object of strings", lambda v: isinstance(v, dict)),
+            ("ranking", "true or false", lambda v: isinstance(v, bool)),
+            ("num_samples", "a positive integer",
+             lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0)):
+        if key in info and info[key] is not None and not ok(info[key]):
+            return f"{key} must be {want}, got {show(info[key])}"
+    return None
 
 
 def plan(specs: list[DatasetSpec], ctx: RunContext) -> list[Part]:
@@ -202,11 +302,11 @@ def load_examples(
                 break
             try:
                 rows = _read_file(path)
+            except DataError as err:
+                raise DataError(err.message, field=f"{part.field}.source") from None
             except (OSError, ValueError) as err:
                 raise DataError(f"cannot read {path}: {err}", field=f"{part.field}.source") \
                     from None
-            if not isinstance(rows, list):
-                raise DataError(f"{path}: expected a list of rows", field=f"{part.field}.source")
             if not rows:
                 raise DataError(f"{part.name}: {path} has no rows", field=f"{part.field}.source")
             if remaining is not None:
@@ -229,6 +329,14 @@ def load_examples(
                     shaped = check_for_stage(convert(row, layout), stage)
                 except BadRow as err:
                     report.add_bad(f"{part.name} ({path.name})", n, str(err), row)
+                    continue
+                except RecursionError:
+                    report.add_bad(f"{part.name} ({path.name})", n, "nested too deeply", row)
+                    continue
+                except (TypeError, AttributeError, KeyError, IndexError, ValueError) as err:
+                    # Defence in depth: a shape no check foresaw is a bad row, not a crash.
+                    report.add_bad(f"{part.name} ({path.name})", n,
+                                   f"{UNEXPECTED} ({type(err).__name__})", row)
                     continue
                 examples += shaped
                 report.kept += 1
