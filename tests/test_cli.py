@@ -133,3 +133,35 @@ def test_examples_say_truly_whether_a_cluster_takes_them():
             assert res.exit_code == 0, (path.name, res.output)
         else:
             assert res.exit_code == 2 and "local" in header, path.name
+
+
+def test_status_without_a_kubeconfig_says_what_is_missing_in_one_line(tmp_path, monkeypatch):
+    for name in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    res = runner.invoke(app, ["status", "my-job"])
+    assert res.exit_code == 2
+    assert res.output.splitlines() == [
+        f"error: no Kubernetes configuration: KUBECONFIG is not set and {tmp_path}/.kube/config "
+        "does not exist (and not running in a cluster)"]
+
+    (tmp_path / "broken").write_text("clusters: [")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "broken"))
+    res = runner.invoke(app, ["status", "my-job"])
+    assert res.exit_code == 2
+    assert len(res.output.splitlines()) == 1
+    assert res.output.startswith(f"error: cannot use KUBECONFIG={tmp_path}/broken: ")
+
+
+def test_an_unexpected_error_is_one_line_and_the_traceback_goes_to_a_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path / "cache"))
+    res = runner.invoke(app, ["crds", "--out", str(tmp_path / "no" / "such" / "dir.yaml")])
+    assert res.exit_code == 1
+    first, second = res.output.splitlines()
+    assert first == ("error: FileNotFoundError: [Errno 2] No such file or directory: "
+                     f"'{tmp_path}/no/such/dir.yaml'")
+    log = Path(second.removeprefix("  the full traceback is in "))
+    assert log.parent == tmp_path / "cache" / "kubetune" / "logs"
+    text = log.read_text()
+    assert text.startswith("kubetune ") and "Traceback (most recent call last)" in text
+    assert "FileNotFoundError" in text

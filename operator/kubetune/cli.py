@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,8 +15,41 @@ from rich.markup import escape
 
 from kubetune.errors import KubetuneError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Fine-tune LLMs from a FineTuneJob YAML, locally or on Kubernetes.")
+
+class _Guarded(typer.Typer):
+    """Every command is guarded: a KubetuneError prints its message (exit 2), anything else
+    one line and the file its traceback went to (exit 1), never a screen of traceback."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
+        register = super().command(*args, **kwargs)
+
+        def wrap(f: Callable) -> Callable:
+            register(_guarded(f))
+            return f
+
+        return wrap
+
+
+def _guarded(f: Callable) -> Callable:
+    import click
+
+    @functools.wraps(f)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort,
+                click.ClickException):
+            raise
+        except KubetuneError as e:
+            _fail(e)
+        except Exception as e:  # the one place that turns any error into a line
+            _unexpected(e)
+
+    return guarded
+
+
+app = _Guarded(no_args_is_help=True, add_completion=False,
+               help="Fine-tune LLMs from a FineTuneJob YAML, locally or on Kubernetes.")
 err = Console(stderr=True, soft_wrap=True)  # never break paths or messages
 
 JobFile = Annotated[Path, typer.Argument(help="A FineTuneJob YAML file.")]
@@ -28,6 +63,35 @@ PvcRoot = Annotated[
 def _fail(e: KubetuneError) -> None:
     err.print(f"[bold red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(e.exit_code)
+
+
+def log_dir() -> Path:
+    """Where tracebacks of unexpected errors go: $KUBETUNE_CACHE/kubetune/logs (or
+    $XDG_CACHE_HOME/kubetune/logs, ~/.cache/kubetune/logs)."""
+    from kubetune_trainer.config import default_cache_dir
+
+    return default_cache_dir() / "logs"
+
+
+def _unexpected(e: Exception) -> None:
+    """A bug or an environment problem no check foresaw: one line, the traceback in a file."""
+    import time
+    import traceback
+
+    text = " ".join(str(e).split())
+    line = f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+    err.print(f"[bold red]error[/]: {escape(line)}", highlight=False, soft_wrap=True)
+    try:
+        d = log_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"kubetune-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text(f"kubetune {' '.join(sys.argv[1:])}\n"
+                        + "".join(traceback.format_exception(e)))
+        err.print(f"  the full traceback is in {path}", markup=False, highlight=False)
+    except OSError as log_error:
+        err.print(f"  (the traceback could not be written: {log_error})", markup=False,
+                  highlight=False)
+    raise typer.Exit(1)
 
 
 def _context(job_file: Path, pvc_root: Path | None):

@@ -23,3 +23,9 @@ class DataError(KubetuneError):
 
 class SourceError(KubetuneError):
     reason = "SourceError"
+
+
+class OutputError(KubetuneError):
+    """The output location cannot take the run's files: read-only, not a directory, full."""
+
+    reason = "OutputError"

@@ -13,6 +13,8 @@ from kubetune.errors import KubetuneError
 
 
 def fetch(name: str, namespace: str | None) -> dict[str, Any]:
+    import urllib3
+    import yaml
     from kubernetes import client, config
 
     kubeconfig = os.environ.get("KUBECONFIG") or None  # read now, not at import
@@ -20,8 +22,13 @@ def fetch(name: str, namespace: str | None) -> dict[str, Any]:
         config.load_kube_config(config_file=kubeconfig)
         _, ctx = config.list_kube_config_contexts(config_file=kubeconfig)
         ns = namespace or ctx.get("context", {}).get("namespace") or "default"
-    except config.ConfigException:
-        config.load_incluster_config()
+    except yaml.YAMLError as bad:
+        raise KubetuneError(_no_config(kubeconfig, bad)) from None
+    except config.ConfigException as outside:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            raise KubetuneError(_no_config(kubeconfig, outside)) from None
         ns = namespace or "default"
     api = client.CustomObjectsApi()
     try:
@@ -31,6 +38,22 @@ def fetch(name: str, namespace: str | None) -> dict[str, Any]:
         if err.status == 404:
             raise KubetuneError(f"no FineTuneJob {name!r} in namespace {ns!r}") from None
         raise KubetuneError(f"the API server said {err.status}: {err.reason}") from None
+    except urllib3.exceptions.HTTPError as err:
+        host = client.Configuration.get_default_copy().host
+        reason = getattr(err, "reason", None) or err
+        raise KubetuneError(f"cannot reach the API server at {host}: {reason}") from None
+
+
+def _no_config(kubeconfig: str | None, problem: Exception) -> str:
+    """One line naming where a configuration was looked for."""
+    problem_text = " ".join(str(problem).split())
+    if kubeconfig:
+        return f"cannot use KUBECONFIG={kubeconfig}: {problem_text}"
+    default = os.path.expanduser("~/.kube/config")
+    if os.path.exists(default):
+        return f"cannot use {default}: {problem_text}"
+    return (f"no Kubernetes configuration: KUBECONFIG is not set and {default} does not exist "
+            "(and not running in a cluster)")
 
 
 def _eta(seconds: float | None) -> str:

@@ -156,3 +156,69 @@ def peft_config(spec: FineTuneJobSpec, *, head: str = "causal") -> Any:
         task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM",
         modules_to_save=["score"] if head == "reward" else None,
         target_modules="all-linear" if targets == ["all-linear"] else targets)
+
+
+ADAM_STATES = 2  # AdamW keeps two moments per trained parameter, in the parameter's dtype
+
+
+def weight_shapes(model_path: Path) -> dict[str, list[int]]:
+    """Tensor name → shape, from the safetensors headers alone (no weights are read)."""
+    import json
+    import struct
+
+    shapes: dict[str, list[int]] = {}
+    for f in sorted(model_path.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def checkpoint_bytes(model_path: Path, spec: FineTuneJobSpec) -> int | None:
+    """About how many bytes one checkpoint of this run takes (None when the model is not in
+    safetensors): full/freeze save the weights plus AdamW's states for the trained ones,
+    lora/qlora the adapter (fp32) plus its states; the tokenizer files come with each."""
+    import math
+
+    try:
+        shapes = weight_shapes(model_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not shapes:
+        return None
+    width = 2 if precision(spec)["bf16"] else 4
+    params = sum(math.prod(s) for s in shapes.values())
+    tokenizer = sum(f.stat().st_size for f in model_path.glob("tokenizer*") if f.is_file())
+    kind = spec.method.type
+    if kind == "full":
+        return params * width * (1 + ADAM_STATES) + tokenizer
+    if kind == "freeze":
+        layers = max(1, int(_config(model_path).get("num_hidden_layers") or 1))
+        share = min(1.0, abs(spec.method.freeze_or_default().trainable_layers) / layers)
+        return int(params * width * (1 + ADAM_STATES * share)) + tokenizer
+    lo = spec.method.lora_or_default()
+    targets = set(lo.target_modules)
+    adapter = 0
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        if len(shape) != 2 or parts[-1] != "weight" or len(parts) < 2:
+            continue
+        module = parts[-2]
+        if "all-linear" in targets:
+            hit = "layers" in name and "embed" not in module and module != "lm_head"
+        else:
+            hit = module in targets
+        if hit:
+            adapter += lo.rank * (shape[0] + shape[1])
+    return adapter * 4 * (1 + ADAM_STATES) + tokenizer
+
+
+def _config(model_path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get("text_config", data) if isinstance(data, dict) else {}

@@ -1,12 +1,21 @@
 """Where a run writes, and how: every output appears whole or not at all.
 
 Each directory is written as ``NAME.partial`` and then swapped in; each file as ``NAME.tmp``
-and renamed. A run killed half-way leaves the previous output (or none), never half of one.
+and renamed. A run killed half-way leaves the previous output (or none), never half of one;
+the next run (and a run stopped by a full or read-only disk, before it exits) removes what
+such a run left: ``*.partial``, ``*.tmp`` and checkpoints without their complete marker.
+
+Pre-flight, before the model loads: the output must be a writable directory with room for one
+checkpoint of the estimated size (``model.checkpoint_bytes``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec
-from kubetune.errors import KubetuneError
+from kubetune.errors import KubetuneError, OutputError
 
 from kubetune_trainer.config import RunContext
 from kubetune_trainer.sources import resolve, split_uri
@@ -61,6 +70,108 @@ def output_root(spec: FineTuneJobSpec, ctx: RunContext) -> Path:
         raise KubetuneError(f"{scheme}:// outputs are not supported yet; use a local path or "
                             "pvc://CLAIM/path", field="spec.output.uri")
     return resolve(spec.output.uri, ctx, field="spec.output.uri", kind="output")
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_writable(root: Path) -> None:
+    """The output directory exists (or can be made) and takes a file."""
+    probe = root / f".kubetune-write-check-{os.getpid()}"
+    try:
+        if root.exists() and not root.is_dir():
+            raise OutputError(f"{root} is a file, not a directory", field="spec.output.uri")
+        root.mkdir(parents=True, exist_ok=True)
+        with probe.open("wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise OutputError(f"cannot write to {root}: {e.strerror or e}",
+                          field="spec.output.uri") from None
+
+
+def check_room(root: Path, need: int | None) -> str:
+    """Refuse to start when the output's file system cannot take one checkpoint."""
+    free = shutil.disk_usage(root).free
+    if need is not None and free < need:
+        raise OutputError(f"{root} has {human(free)} free; a checkpoint of this run needs "
+                          f"about {human(need)}", field="spec.output.uri")
+    about = f", a checkpoint needs about {human(need)}" if need is not None else ""
+    return f"output: {root} writable, {human(free)} free{about}"
+
+
+def clean_partial(out: Layout) -> list[Path]:
+    """Remove what an interrupted run left half-written; returns what was removed."""
+    from kubetune_trainer.progress import COMPLETE_MARKER
+
+    removed = []
+    found = [*out.root.glob("*.partial"), *out.root.glob("*.tmp")]
+    if out.checkpoints.is_dir():
+        found += [d for d in out.checkpoints.glob("checkpoint-*")
+                  if d.is_dir() and not (d / COMPLETE_MARKER).exists()]
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+_RUST_IO = re.compile(r"os error (\d+)")  # safetensors/tokenizers: "... (os error 28)"
+
+
+def output_fault(exc: BaseException, root: Path) -> OutputError | None:
+    """An OutputError when ``exc`` (or its cause) is the disk saying full or read-only."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code, where = None, None
+        if isinstance(e, OSError) and e.errno is not None:
+            code, where = e.errno, e.filename
+        elif m := _RUST_IO.search(str(e)):
+            code = int(m.group(1))
+        elif isinstance(e, RuntimeError) and "write" in str(e) and _nearly_full(root):
+            code = errno.ENOSPC  # torch.save: "PytorchStreamWriter failed writing file ..."
+        if code in FULL or code in READ_ONLY:
+            if code in READ_ONLY and where and not str(where).startswith(str(root)):
+                return None  # not ours: some other file was refused
+            target = f"writing {where}" if where else f"writing under {root}"
+            if code in FULL:
+                free = _free(root)
+                what = (f"no space left ({human(free)} free) {target}: free some space or give "
+                        "the output a larger volume") if free is not None else \
+                    f"no space left {target}"
+            else:
+                what = f"{os.strerror(code).lower()} {target}: the output must be writable"
+            return OutputError(f"{what}; the half-written checkpoint or output was removed, "
+                               "complete checkpoints are kept", field="spec.output.uri")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _free(root: Path) -> int | None:
+    try:
+        return shutil.disk_usage(root).free
+    except OSError:
+        return None
+
+
+def _nearly_full(root: Path) -> bool:
+    free = _free(root)
+    return free is not None and free < 16 * 2**20
 
 
 def staging(target: Path) -> Path:

@@ -1,17 +1,28 @@
 """What a run tells the world: progress lines (JSON), checkpoint markers, a loss curve.
 
 ``progress.jsonl`` in the output directory gets one JSON object per logging step:
-step, total_steps, percent, eta_seconds, loss, learning_rate, tokens_per_second, epoch, time.
+step, total_steps, percent, eta_seconds, loss, learning_rate, tokens_per_second, epoch, time;
+plus events (``checkpoint``, ``resumed``, ``checkpoint_rejected``, ``finished``). After a
+resume it holds each step once: the steps logged after the checkpoint resumed from are dropped.
 The operator reads these; on a terminal transformers' own progress bar shows the same run.
+
+A checkpoint counts once its marker (``kubetune-complete.json``) is written, after every rank
+saved; the marker lists each file's size (and sha256 for files up to 16 MiB). Resume trusts
+the newest checkpoint whose files still match its marker, and whose safetensors files are
+whole; a newer one that does not is set aside as ``rejected-checkpoint-N`` and said so in the
+log. Markers written before the file list existed get the safetensors check only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+import struct
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +30,7 @@ from kubetune.api.stages import STAGE_METRIC_PATTERN
 from transformers import TrainerCallback
 
 COMPLETE_MARKER = "kubetune-complete.json"
+KEPT_EVENTS = ("checkpoint_rejected", "failed")  # history, kept when later steps are dropped
 STAGE_METRIC = re.compile(STAGE_METRIC_PATTERN)  # kept in each record's "metrics"
 
 
@@ -26,6 +38,7 @@ class ProgressLog(TrainerCallback):
     def __init__(self, path: Path, *, echo: bool) -> None:
         self.path = path
         self.echo = echo
+        self.notes: list[dict[str, Any]] = []  # events to log once training begins
         self._t0 = 0.0
         self._step0 = 0
         self._tokens0 = 0
@@ -36,12 +49,18 @@ class ProgressLog(TrainerCallback):
         self._t0 = self._last_t = time.monotonic()
         self._step0 = state.global_step  # non-zero when resuming
         self._tokens0 = self._last_tokens = state.num_input_tokens_seen
+        # Steps logged after the checkpoint we resume from (all of them when starting over)
+        # will be run again: drop them, so that each step is logged once.
+        kept = [r for r in read_progress(self.path) if r.get("event") in KEPT_EVENTS
+                or r.get("step", 0) <= state.global_step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+        for note in self.notes:
+            self.write(dict(note))
         if state.global_step:
-            # Steps logged after the checkpoint we resume from will be run again: drop them.
-            kept = [r for r in read_progress(self.path) if r.get("step", 0) <= state.global_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            self._write({"event": "resumed", "step": state.global_step,
-                         "total_steps": state.max_steps})
+            self.write({"event": "resumed", "step": state.global_step,
+                        "total_steps": state.max_steps})
 
     def on_log(self, args, state, control, logs=None, **_: Any) -> None:
         logs = logs or {}
@@ -72,8 +91,10 @@ class ProgressLog(TrainerCallback):
             record["metrics"] = metrics
         if "train_loss" in logs:  # the summary transformers logs at the end
             record["event"] = "finished"
-            record["train_loss"] = logs.get("train_loss")
-        self._write(record)
+            record["train_loss"] = run_train_loss(
+                read_progress(self.path), float(logs["train_loss"]),
+                resumed_step=self._step0, global_step=state.global_step)
+        self.write(record)
         if self.echo and "loss" in record:
             eta_txt = f"{record['eta_seconds']:.0f}s" if record["eta_seconds"] is not None else "?"
             print(f"step {record['step']}/{total} ({record['percent']}%)  "
@@ -81,20 +102,23 @@ class ProgressLog(TrainerCallback):
                   f"eta {eta_txt}", file=sys.stderr, flush=True)
 
     def on_save(self, args, state, control, **_: Any) -> None:
-        self._write({"event": "checkpoint", "step": state.global_step,
-                     "loss": _last_loss(state),
-                     "path": str(Path(args.output_dir) / f"checkpoint-{state.global_step}")})
+        self.write({"event": "checkpoint", "step": state.global_step,
+                    "loss": _last_loss(state),
+                    "path": str(Path(args.output_dir) / f"checkpoint-{state.global_step}")})
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (a step or an event), stamped with the time."""
         record["time"] = time.time()
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
 
 class CheckpointMarker(TrainerCallback):
-    """Marks a checkpoint complete once transformers has written all of it.
+    """Marks a checkpoint complete once transformers has written all of it, with the size
+    (and, for small files, the sha256) of every file so that resume can check it is unchanged.
 
-    A run killed while saving leaves a checkpoint without the marker; resume skips it.
+    A run killed (or out of space) while saving leaves a checkpoint without the marker; resume
+    skips it. A safetensors file that is not whole is never marked.
     """
 
     def on_save(self, args, state, control, **_: Any) -> None:
@@ -104,11 +128,18 @@ class CheckpointMarker(TrainerCallback):
         if not rank_zero():
             return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            marker = {"step": state.global_step, "loss": _last_loss(state)}
-            tmp = ckpt / (COMPLETE_MARKER + ".tmp")
-            tmp.write_text(json.dumps(marker))
-            tmp.rename(ckpt / COMPLETE_MARKER)
+        if not ckpt.is_dir():
+            return
+        problem = _safetensors_problems(ckpt)
+        if problem:
+            print(f"warning: {ckpt.name} not marked complete: {problem}", file=sys.stderr,
+                  flush=True)
+            return
+        marker = {"step": state.global_step, "loss": _last_loss(state),
+                  "files": file_manifest(ckpt)}
+        tmp = ckpt / (COMPLETE_MARKER + ".tmp")
+        tmp.write_text(json.dumps(marker))
+        tmp.rename(ckpt / COMPLETE_MARKER)
 
 
 def rank_zero() -> bool:
@@ -127,21 +158,166 @@ def _last_loss(state: Any) -> float | None:
     return None
 
 
-def latest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
+HASHED_UP_TO = 16 * 2**20  # bytes: larger files get their size checked (and safetensors' header)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_manifest(ckpt: Path) -> dict[str, dict[str, Any]]:
+    """Every file of a checkpoint (relative path → size, and sha256 when small)."""
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(ckpt.rglob("*")):
+        if not p.is_file() or p.name.startswith(COMPLETE_MARKER):
+            continue
+        size = p.stat().st_size
+        entry: dict[str, Any] = {"size": size}
+        if size <= HASHED_UP_TO:
+            entry["sha256"] = _sha256(p)
+        files[p.relative_to(ckpt).as_posix()] = entry
+    return files
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (None when its header and size agree)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, too short for a header"
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 * 2**20):
+                return f"header length {n} does not fit in {size} bytes"
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"unreadable header ({e})"
+    if 8 + n + end != size:
+        return f"{size} bytes, its header says {8 + n + end}"
+    return None
+
+
+def _safetensors_problems(ckpt: Path) -> str | None:
+    for p in sorted(ckpt.rglob("*.safetensors")):
+        problem = safetensors_problem(p)
+        if problem:
+            return f"{p.relative_to(ckpt).as_posix()}: {problem}"
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint that has its marker cannot be trusted (None when it can)."""
+    try:
+        marker = json.loads((ckpt / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable {COMPLETE_MARKER} ({e})"
+    files = marker.get("files") if isinstance(marker, dict) else None
+    for rel, want in (files or {}).items():  # none in markers older than the file list
+        p = ckpt / rel
+        try:
+            size = p.stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if size != want.get("size"):
+            return f"{rel} has {size} bytes, {want.get('size')} were written"
+        if "sha256" in want and _sha256(p) != want["sha256"]:
+            return f"{rel} changed after it was written (sha256 differs)"
+    return _safetensors_problems(ckpt)
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint to resume from, and the newer ones that failed their check."""
+
+    path: Path | None = None
+    rejected: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _step(d: Path) -> int | None:
+    step = d.name.removeprefix("checkpoint-")
+    return int(step) if d.name.startswith("checkpoint-") and step.isdigit() else None
+
+
+def find_resume(checkpoints_dir: Path) -> ResumePoint:
+    """The newest complete checkpoint whose files match its marker; only the ones newer than
+    it are checked. Pure: every rank gets the same answer from the same files."""
+    point = ResumePoint()
     if not checkpoints_dir.is_dir():
-        return None
-    found = []
-    for d in checkpoints_dir.glob("checkpoint-*"):
-        step = d.name.removeprefix("checkpoint-")
-        if step.isdigit() and (d / COMPLETE_MARKER).exists():
-            found.append((int(step), d))
-    return max(found)[1] if found else None
+        return point
+    marked = sorted(((s, d) for d in checkpoints_dir.iterdir()
+                     if (s := _step(d)) is not None and (d / COMPLETE_MARKER).exists()),
+                    reverse=True)
+    for _, d in marked:
+        problem = checkpoint_problem(d)
+        if problem is None:
+            point.path = d
+            break
+        point.rejected.append((d, problem))
+    return point
+
+
+def latest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
+    return find_resume(checkpoints_dir).path
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Move a rejected checkpoint out of the way (kept for a look, no longer matched by
+    ``checkpoint-*``, so neither resume nor transformers' rotation sees it)."""
+    target = ckpt.with_name(f"rejected-{ckpt.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"rejected-{ckpt.name}.{n}")
+    ckpt.rename(target)
+    return target
 
 
 def read_progress(path: Path) -> list[dict[str, Any]]:
+    """The records of a progress file; a line cut short by a kill is skipped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def run_train_loss(records: list[dict[str, Any]], session_loss: float, *, resumed_step: int,
+                   global_step: int) -> float:
+    """The mean training loss over the whole run, across resumes.
+
+    transformers' ``train_loss`` covers only the steps since this process started
+    (``resumed_step`` .. ``global_step``); the steps before come from progress.jsonl, each
+    logged loss weighted by the number of steps it averages."""
+    done = global_step - resumed_step
+    if resumed_step <= 0:
+        return session_loss
+    total, steps, prev = 0.0, 0, 0
+    for r in records:
+        step = r.get("step")
+        if not isinstance(step, int) or step > resumed_step:
+            continue
+        if r.get("event") == "resumed":
+            prev = step
+        elif "event" not in r and isinstance(r.get("loss"), int | float) and step > prev:
+            total += r["loss"] * (step - prev)
+            steps += step - prev
+            prev = step
+    if steps + done <= 0:
+        return session_loss
+    return (total + session_loss * done) / (steps + done)
 
 
 PLOTTED_METRICS = ("rewards/margins", "rewards/accuracies", "kl", "accuracy",
@@ -185,8 +361,12 @@ def plot_loss(progress_file: Path, png: Path) -> Path | None:
         ax2.grid(alpha=0.3)
         ax2.legend()
     fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
+    tmp = png.with_name(png.name + ".tmp")
+    try:
+        fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    tmp.replace(png)
     return png
 
 

@@ -3,14 +3,22 @@ outputs → result. The same for every stage; what differs lives in ``recipes/<s
 
 Launched directly (one process), or by accelerate/torchrun (one per GPU): every rank runs this
 same function; only rank 0 writes progress, plots and results.
+
+Faults: the output is checked (writable, room for one checkpoint) before torch is imported /
+before the model loads; a full or read-only disk during training or saving ends the run with
+an ``OutputError`` (exit 2, reason in /dev/termination-log) after the half-written checkpoint or
+output is removed. result.json's ``metrics.train_loss`` is the mean over the whole run, across
+restarts (``train_loss_since_resume``: the part after the last one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,39 +114,52 @@ def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool) -> dict
 
 def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     """Train to the end (resuming from the newest complete checkpoint) and write outputs."""
+    spec = job.spec
+    out = Layout(output_root(spec, ctx))
+    outputs.check_writable(out.root)  # first, before torch: a read-only output fails now
+
     from accelerate import PartialState
 
-    from kubetune_trainer.model import load_model, load_tokenizer, method, peft_config
+    from kubetune_trainer.model import (
+        checkpoint_bytes,
+        load_model,
+        load_tokenizer,
+        method,
+        peft_config,
+    )
     from kubetune_trainer.progress import (
         CheckpointMarker,
         OperatorReport,
         ProgressLog,
-        latest_complete_checkpoint,
         plot_loss,
         post_to_operator,
+        read_progress,
+        run_train_loss,
     )
 
-    spec = job.spec
     rec = preflight(spec)
     if not sys.stderr.isatty():  # TRL's dataset passes would print a bar each into logs
         import datasets
 
         datasets.disable_progress_bars()
-    out = Layout(output_root(spec, ctx))
     state = _distributed_state(PartialState)
     main = state.is_main_process
     if main:
-        out.root.mkdir(parents=True, exist_ok=True)
+        for stale in outputs.clean_partial(out):
+            log(f"removed {stale.name}, left half-written by an earlier run")
     started = time.time()
     with state.local_main_process_first():  # one download/conversion per node, not per rank
         path = model_path(spec, ctx)
+    if main:  # before the model loads: room for one checkpoint of the estimated size
+        log(outputs.check_room(out.root, checkpoint_bytes(path, spec)))
     tokenizer = load_tokenizer(path, spec)
     with state.main_process_first():
         data = prepare_data(spec, ctx, tokenizer, rec, log=log if main else _quiet)
 
     callbacks = [CheckpointMarker(), OperatorReport(spec.output.uri)]
+    progress = ProgressLog(out.progress, echo=not sys.stderr.isatty())
     if main:
-        callbacks.append(ProgressLog(out.progress, echo=not sys.stderr.isatty()))
+        callbacks.append(progress)
     trainer = rec.build(Build(
         spec=spec, model=load_model(path, spec, head=rec.HEAD,
                                     pad_token_id=tokenizer.pad_token_id),
@@ -149,42 +170,99 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints one readable line instead
-    resume = latest_complete_checkpoint(out.checkpoints)
-    if resume is not None:
-        log(f"resuming from {resume}")
-    train_result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    trainer.accelerator.wait_for_everyone()
+    resume = _resume_point(out, trainer, progress if main else None, log if main else _quiet)
+    with _output_faults(out, progress if main else None):
+        train_result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        trainer.accelerator.wait_for_everyone()
+        metrics = _numbers(train_result.metrics)
+        resumed_step = _step_of(resume) if resume else 0
+        if resumed_step and main and "train_loss" in metrics:  # the whole run, not this part
+            metrics["train_loss_since_resume"] = metrics["train_loss"]
+            metrics["train_loss"] = run_train_loss(
+                read_progress(out.progress), metrics["train_loss"], resumed_step=resumed_step,
+                global_step=trainer.state.global_step)
 
-    result: dict[str, Any] = {
-        "job": job.metadata.name,
-        "stage": spec.stage,
-        "method": spec.method.type,
-        "base_model": spec.model.source,
-        "resumed_from": str(resume) if resume else None,
-        "global_step": trainer.state.global_step,
-        "world_size": state.num_processes,
-        "metrics": _numbers(train_result.metrics),
-        "data": data.stats,
-        "progress": str(out.progress),
-        "checkpoints": [str(p) for p in sorted(
-            out.checkpoints.glob("checkpoint-*"),
-            key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)],
-    }
-    if data.eval is not None:
-        result["metrics"].update(_numbers(trainer.evaluate()))
-    adapter = method(spec).adapter
-    if not adapter:
-        outputs.save_whole_model(trainer, out)
-    if main:
-        written = outputs.save(trainer, tokenizer, spec, out, adapter=adapter, head=rec.HEAD)
-        result.update(written)
-        post_to_operator({"outputs": {**outputs.status_outputs(spec, written),
-                                      "metrics": _final_metrics(result["metrics"])}})
-        png = plot_loss(out.progress, out.root / "loss.png")
-        result["loss_plot"] = str(png) if png else None
-        result["seconds"] = round(time.time() - started, 1)
-        outputs.write_json(out.result, result)
+        result: dict[str, Any] = {
+            "job": job.metadata.name,
+            "stage": spec.stage,
+            "method": spec.method.type,
+            "base_model": spec.model.source,
+            "resumed_from": str(resume) if resume else None,
+            "global_step": trainer.state.global_step,
+            "world_size": state.num_processes,
+            "metrics": metrics,
+            "data": data.stats,
+            "progress": str(out.progress),
+            "checkpoints": [str(p) for p in sorted(
+                out.checkpoints.glob("checkpoint-*"),
+                key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit()
+                else -1)],
+        }
+        if data.eval is not None:
+            result["metrics"].update(_final_eval(trainer))
+        adapter = method(spec).adapter
+        if not adapter:
+            outputs.save_whole_model(trainer, out)
+        if main:
+            written = outputs.save(trainer, tokenizer, spec, out, adapter=adapter,
+                                   head=rec.HEAD)
+            result.update(written)
+            post_to_operator({"outputs": {**outputs.status_outputs(spec, written),
+                                          "metrics": _final_metrics(result["metrics"])}})
+            png = plot_loss(out.progress, out.root / "loss.png")
+            result["loss_plot"] = str(png) if png else None
+            result["seconds"] = round(time.time() - started, 1)
+            outputs.write_json(out.result, result)
     return result
+
+
+def _resume_point(out: Layout, trainer: Any, progress: Any, log) -> Path | None:
+    """The newest complete checkpoint that passes its check; newer ones that fail are said
+    (log and progress.jsonl) and, by rank 0 (``progress`` given), moved out of the way."""
+    from kubetune_trainer.progress import find_resume, set_aside
+
+    point = find_resume(out.checkpoints)  # every rank reads the same files, gets the same
+    trainer.accelerator.wait_for_everyone()  # before rank 0 moves rejected ones away
+    for ckpt, problem in point.rejected:
+        fallback = f"resuming from {point.path.name}" if point.path else "starting over"
+        log(f"{ckpt.name} is not usable ({problem}); {fallback}")
+        if progress is not None:
+            progress.notes.append({"event": "checkpoint_rejected", "step": _step_of(ckpt),
+                                   "path": str(set_aside(ckpt)), "reason": problem})
+    if point.path is not None:
+        log(f"resuming from {point.path}")
+    return point.path
+
+
+@contextlib.contextmanager
+def _output_faults(out: Layout, progress: Any) -> Iterator[None]:
+    """A full or read-only disk while training or saving ends the run with an OutputError;
+    rank 0 (``progress`` given) first removes what was half-written."""
+    try:
+        yield
+    except Exception as exc:
+        fault = outputs.output_fault(exc, out.root)
+        if fault is None:
+            raise
+        if progress is not None:
+            outputs.clean_partial(out)
+            with contextlib.suppress(OSError):
+                progress.write({"event": "failed", "reason": fault.reason,
+                                "message": fault.message})
+        raise fault from exc
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(ckpt.name.rsplit("-", 1)[-1])
+
+
+def _final_eval(trainer: Any) -> dict[str, float]:
+    """The eval metrics at the last step: the ones logged there when the run evaluated at its
+    last step (no second eval point in progress.jsonl), else a fresh evaluation."""
+    for entry in reversed(trainer.state.log_history[-3:]):
+        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
+            return _numbers({k: v for k, v in entry.items() if k.startswith("eval_")})
+    return _numbers(trainer.evaluate())
 
 
 def _check_kept(trainer: Any, data: Data, spec: FineTuneJobSpec, log) -> None:

@@ -1,0 +1,260 @@
+"""Trainer faults, for real: a corrupt newest checkpoint, a read-only output, a full disk.
+
+The disk tests mount small tmpfs file systems (root only; skipped where mounting is not
+allowed) so that the kernel itself says EROFS and ENOSPC, in the middle of a real run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import LF_DATA, tiny_spec, write_job
+from kubetune.errors import OutputError
+from kubetune.jobfile import load_job
+from kubetune_trainer.config import RunContext
+from kubetune_trainer.progress import (
+    COMPLETE_MARKER,
+    checkpoint_problem,
+    file_manifest,
+    read_progress,
+    run_train_loss,
+)
+from kubetune_trainer.train import run
+
+IDENTITY = {"source": str(LF_DATA / "identity.json")}
+
+
+@pytest.fixture
+def job(tiny_model, tmp_path):
+    """job(out, **overrides) → a job file training the tiny model into ``out``."""
+    def make(out: Path, name: str = "job", **overrides) -> Path:
+        return write_job(tmp_path / f"{name}.yaml",
+                         tiny_spec(tiny_model, [IDENTITY], out, **overrides), name=name)
+
+    return make
+
+
+def _run(job_file: Path, log=None) -> dict:
+    return run(load_job(job_file), RunContext(base_dir=job_file.parent),
+               log=log or (lambda *_: None))
+
+
+def _steps(out: Path) -> list[int]:
+    return [r["step"] for r in read_progress(out / "progress.jsonl")
+            if "loss" in r and "event" not in r]
+
+
+def _marked(out: Path) -> list[str]:
+    return sorted(p.parent.name for p in out.glob("checkpoints/checkpoint-*/" + COMPLETE_MARKER))
+
+
+# -- a checkpoint is checked against its marker before it is trusted ---------------------------
+
+def _checkpoint(d: Path, *, manifest: bool = True) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True)
+    save_file({"w": torch.arange(256, dtype=torch.float32)}, d / "adapter_model.safetensors")
+    (d / "trainer_state.json").write_text(json.dumps({"global_step": 6}))
+    marker = {"step": 6, **({"files": file_manifest(d)} if manifest else {})}
+    (d / COMPLETE_MARKER).write_text(json.dumps(marker))
+    return d
+
+
+def test_a_checkpoint_passes_only_while_its_files_match_the_marker(tmp_path):
+    ok = _checkpoint(tmp_path / "ok")
+    assert checkpoint_problem(ok) is None
+
+    cut = _checkpoint(tmp_path / "cut")
+    with (cut / "adapter_model.safetensors").open("r+b") as f:
+        f.truncate(500)
+    assert checkpoint_problem(cut) == "adapter_model.safetensors has 500 bytes, 1096 were written"
+
+    edited = _checkpoint(tmp_path / "edited")  # same size, other bytes
+    (edited / "trainer_state.json").write_text(json.dumps({"global_step": 7}))
+    assert "trainer_state.json changed after it was written" in checkpoint_problem(edited)
+
+    gone = _checkpoint(tmp_path / "gone")
+    (gone / "trainer_state.json").unlink()
+    assert checkpoint_problem(gone) == "trainer_state.json is missing"
+
+    # Markers from before the file list: trusted, unless a safetensors file is not whole.
+    old = _checkpoint(tmp_path / "old", manifest=False)
+    assert checkpoint_problem(old) is None
+    with (old / "adapter_model.safetensors").open("r+b") as f:
+        f.truncate(500)
+    assert checkpoint_problem(old) == \
+        "adapter_model.safetensors: 500 bytes, its header says 1096"
+
+
+@pytest.mark.usefixtures("lf_data")
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_one_before_resumes(tmp_path, job):
+    """Truncated safetensors with the marker present: before, every restart crashed loading
+    it; now the run says so, resumes from the previous checkpoint and finishes."""
+    out = tmp_path / "out"
+    training = {"maxSteps": 6, "saveSteps": 3, "evalSplit": 0.2, "evalSteps": 3}
+    job_file = job(out, training=training)
+    _run(job_file)
+    assert _marked(out) == ["checkpoint-3", "checkpoint-6"]
+    weights = out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+
+    said: list[str] = []
+    result = _run(job_file, log=said.append)
+    assert result["resumed_from"].endswith("checkpoint-3") and result["global_step"] == 6
+    assert any(line.startswith("checkpoint-6 is not usable (adapter_model.safetensors has ")
+               and line.endswith("; resuming from checkpoint-3") for line in said), said
+    records = read_progress(out / "progress.jsonl")
+    rejected = [r for r in records if r.get("event") == "checkpoint_rejected"]
+    assert [(r["step"], Path(r["path"]).name) for r in rejected] == \
+        [(6, "rejected-checkpoint-6")]
+    assert (out / "checkpoints" / "rejected-checkpoint-6" / "trainer_state.json").exists()
+    assert _marked(out) == ["checkpoint-3", "checkpoint-6"]  # a new, whole checkpoint-6
+    assert checkpoint_problem(out / "checkpoints" / "checkpoint-6") is None
+    # Each step and each eval point once, also across the resume and the final evaluation.
+    assert _steps(out) == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+
+
+# -- resume: the whole run's loss ----------------------------------------------------------------
+
+def test_train_loss_covers_the_steps_before_the_resume_too():
+    records = [{"step": 1, "loss": 4.0}, {"step": 3, "loss": 2.0},  # logSteps 2: 1, then 2..3
+               {"event": "checkpoint", "step": 3, "loss": 2.0},
+               {"step": 5, "loss": 9.0},  # after the checkpoint: run again, not counted
+               {"event": "resumed", "step": 3}]
+    # steps 1..3 from the file (4 + 2 + 2), steps 4..6 from this process (mean 1.0)
+    assert run_train_loss(records, 1.0, resumed_step=3, global_step=6) == \
+        pytest.approx((4 + 2 * 2 + 1 * 3) / 6)
+    assert run_train_loss(records, 1.0, resumed_step=0, global_step=6) == 1.0
+
+
+# -- read-only output: refused before anything loads ---------------------------------------------
+
+def _mount(path: Path, *options: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(name, *options) → a fresh tmpfs under tmp_path; unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(name: str, *options: str) -> Path:
+        path = tmp_path / name
+        _mount(path, *options)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _train_cli(job: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kubetune_trainer.train", str(job)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.usefixtures("lf_data")
+def test_a_read_only_output_is_refused_before_the_model_loads(tmpfs, job):
+    ro = tmpfs("ro", "ro", "size=1m")
+    proc = _train_cli(job(ro / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: spec.output.uri: cannot write to {ro}/out: Read-only file system"]
+
+
+def test_a_file_where_the_output_directory_should_be_is_refused(tmp_path, job):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(OutputError, match=r"spec.output.uri: .*/taken is a file, not a dir"):
+        _run(job(tmp_path / "taken"))
+    with pytest.raises(OutputError, match=r"cannot write to .*/taken/out: Not a directory"):
+        _run(job(tmp_path / "taken" / "out"))
+    assert OutputError.reason == "OutputError"  # what /dev/termination-log gets
+
+
+# -- full disk: refused up front when a checkpoint cannot fit; mid-run, a clean stop -------------
+
+@pytest.mark.usefixtures("lf_data")
+def test_an_output_too_small_for_one_checkpoint_is_refused_in_preflight(tmpfs, job):
+    small = tmpfs("small", "size=128k")
+    with pytest.raises(OutputError, match=r"has 128.0 KiB free; a checkpoint of this run needs "
+                                          r"about [\d.]+ MiB"):
+        _run(job(small / "out", method={"type": "full"}))
+
+
+@pytest.mark.usefixtures("lf_data")
+def test_a_disk_that_fills_mid_run_stops_cleanly_and_the_run_resumes_on_a_larger_one(
+        tmpfs, job):
+    """600 KiB holds one LoRA checkpoint of the tiny model (about 400 KiB), not two: the
+    second save hits ENOSPC. Before: a traceback and a half-written checkpoint-6 left behind."""
+    disk = tmpfs("disk", "size=600k")
+    out = disk / "out"
+    job_file = job(out)
+    proc = _train_cli(job_file)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: spec.output.uri: no space left (") and \
+        last.endswith("the half-written checkpoint or output was removed, complete "
+                      "checkpoints are kept"), last
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["README.md",
+                                                                       "checkpoint-3"]
+    assert _marked(out) == ["checkpoint-3"]
+    assert not list(out.glob("*.partial")) and not list(out.glob("*.tmp"))
+    failed = read_progress(out / "progress.jsonl")[-1]
+    assert failed["event"] == "failed" and failed["reason"] == "OutputError"
+
+    # A restart on the same disk: refused in pre-flight, with the sizes.
+    with pytest.raises(OutputError, match=r"KiB free; a checkpoint of this run needs about"):
+        _run(job_file)
+
+    subprocess.run(["mount", "-o", "remount,size=2m", str(disk)], check=True)
+    result = _run(job_file)
+    assert result["resumed_from"].endswith("checkpoint-3") and result["global_step"] == 6
+    assert _steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("lf_data")
+def test_two_ranks_agree_on_the_fallback_checkpoint(tmp_path, job):
+    """torchrun, 2 processes on CPU: every rank checks the checkpoints and resumes from the
+    same one; rank 0 alone sets the corrupt one aside and logs each step once."""
+    out = tmp_path / "out"
+    job_file = job(out, training={"maxSteps": 4, "saveSteps": 2, "batchSizePerDevice": 2})
+    launcher = str(Path(sys.executable).parent / "kubetune-launch")
+    env = {**os.environ, "PET_NNODES": "1", "PET_NODE_RANK": "0", "RANK": "0",
+           "PET_NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29541",
+           "OMP_NUM_THREADS": "1"}
+
+    def launch() -> subprocess.CompletedProcess:
+        proc = subprocess.run([launcher, str(job_file)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    launch()
+    assert _marked(out) == ["checkpoint-2", "checkpoint-4"]
+    (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    proc = launch()
+    said = proc.stdout + proc.stderr  # once: only rank 0 logs
+    assert said.count("checkpoint-4 is not usable (trainer_state.json has 2 bytes") == 1
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and result["resumed_from"].endswith("checkpoint-2")
+    assert (out / "checkpoints" / "rejected-checkpoint-4").is_dir()
+    assert _marked(out) == ["checkpoint-2", "checkpoint-4"]
+    assert _steps(out) == [1, 2, 3, 4]
