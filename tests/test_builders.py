@@ -190,3 +190,30 @@ def test_operator_defaults_for_priority_class_and_kueue_queue():
     assert own["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "mine"
     assert own["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
         "priorityClassName"] == "urgent"
+
+
+def test_trainer_env_secret_keys_render_as_references_only(pytorchjob_schema):
+    job = _job(trainer={"env": [
+        {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "k"}}},
+        {"name": "WANDB_MODE", "value": "offline"}]})
+    obj = builders.pytorchjob(job=job, config=CONFIG)
+    jsonschema.validate(obj, pytorchjob_schema)
+    env = _container(obj)["env"]
+    assert env[-2:] == [
+        {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "k"}}},
+        {"name": "WANDB_MODE", "value": "offline"}]
+    names = [e["name"] for e in env]
+    assert len(names) == len(set(names))  # nothing the operator sets is repeated
+    cm = yaml.safe_load(builders.config_map(job=job)["data"]["job.yaml"])
+    assert cm["spec"]["trainer"]["env"][0] == {
+        "name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "k"}}}
+
+
+def test_tolerations_render_as_the_pod_spec_writes_them(pytorchjob_schema):
+    job = _job(scheduling={"tolerations": [{"key": "k", "operator": "Equal", "value": "v",
+                                            "effect": "NoExecute", "tolerationSeconds": 30}]})
+    obj = builders.pytorchjob(job=job, config=CONFIG)
+    jsonschema.validate(obj, pytorchjob_schema)
+    pod = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["tolerations"] == [{"key": "k", "operator": "Equal", "value": "v",
+                                   "effect": "NoExecute", "tolerationSeconds": 30}]

@@ -13,6 +13,11 @@ from pydantic import ValidationError
 
 MODELS = {
     "spec": api.FineTuneJobSpec,
+    "spec.model": api.ModelSpec,
+    "spec.scheduling": api.SchedulingSpec,
+    "spec.scheduling.tolerations[]": api.Toleration,
+    "spec.trainer": api.TrainerSpec,
+    "spec.trainer.env[]": api.EnvVar,
     "spec.datasets[]": api.DatasetSpec,
     "spec.method": api.MethodSpec,
     "spec.training": api.TrainingSpec,
@@ -50,6 +55,37 @@ CASES = {
         {**SPEC_BASE, "output": {"uri": "o"}, "stage": "sft",
          "training": {"batchSizePerDevice": 1}},
     ],
+    "spec.model": [
+        {"source": "hf://a/b"}, {"source": "https://me:pw@host/m"},
+        {"source": "https://host/m?sig=1"}, {"source": "https://host/m?x=1&Token=2"},
+        {"source": "pvc://m/a@b"}, {"source": "https://host/m?tokens=1"},
+    ],
+    "spec.scheduling": [
+        {}, {"nodeSelector": {"gpu": "a"}}, {"nodeSelector": {"example.com/gpu": "a"}},
+        {"nodeSelector": {"bad key": "a"}}, {"nodeSelector": {"-x": "a"}},
+    ],
+    "spec.scheduling.tolerations[]": [
+        {"key": "k"}, {"operator": "Exists"}, {}, {"key": "", "operator": "Equal"},
+        {"operator": "Exists", "value": "v"}, {"key": "k", "value": "v"},
+        {"key": "k", "tolerationSeconds": 5}, {"key": "k", "effect": "NoExecute",
+                                              "tolerationSeconds": 5},
+    ],
+    "spec.trainer": [
+        {}, {"env": [{"name": "A", "value": "1"}]}, {"env": [{"name": "HF_TOKEN", "value": "1"}]},
+        {"env": [{"name": "KUBETUNE_X", "value": "1"}]},
+        {"env": [{"name": "MY_TOKEN", "value": "1"}]},
+        {"env": [{"name": "MY_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s"}}}]},
+        {"env": [{"name": "AWS_ACCESS_KEY_ID", "value": "1"}]},
+        {"env": [{"name": "aws_secret_access_key", "value": "1"}]},
+        {"env": [{"name": "SSL_KEY_FILE", "value": "/k"}]},
+        {"env": [{"name": "MAX_TOKENS", "value": "1"}]},
+        {"env": [{"name": "PRIVATE_KEY", "value": "1"}]},
+    ],
+    "spec.trainer.env[]": [
+        {"name": "A", "value": "1"}, {"name": "A"},
+        {"name": "A", "valueFrom": {"secretKeyRef": {"name": "s"}}},
+        {"name": "A", "value": "", "valueFrom": {"secretKeyRef": {"name": "s"}}},
+    ],
     "spec.preference": [
         {}, {"lossType": ["sigmoid"]}, {"lossWeights": [1.0]},
         {"lossType": ["sigmoid", "sft"], "lossWeights": [1.0]},
@@ -61,6 +97,8 @@ CASES = {
         {"source": "r/dataset_info.json", "entries": ["a"], "format": "alpaca"},
         {"source": "r/dataset_info.json", "entries": ["a"], "columns": {"prompt": "q"}},
         {"source": "d.json", "format": "alpaca", "tags": {"role_tag": "role"}},
+        {"source": "r/dataset_info.json", "entries": ["a"], "columns": {}},
+        {"source": "https://u@host/d.json"},
     ],
     "spec.method": [
         {}, {"type": "lora"}, {"lora": {"rank": 4}}, {"type": "full", "lora": {"rank": 4}},
@@ -70,6 +108,8 @@ CASES = {
     "spec.training": [
         {}, {"evalSteps": 5}, {"evalSteps": 5, "evalSplit": 0.1},
         {"evalSteps": 5, "evalSplit": 0.0}, {"evalSplit": 0.1},
+        {"packing": True, "cutoffLen": 131072}, {"packing": True, "cutoffLen": 131073},
+        {"packing": False, "cutoffLen": 131073}, {"packing": True},
     ],
     "spec.resources": [
         {}, {"nodes": 2}, {"nodes": 2, "gpusPerNode": 0}, {"nodes": 1, "gpusPerNode": 0},

@@ -72,3 +72,76 @@ def test_local_paths_resolve_against_the_job_directory(tmp_path):
     assert resolve("/abs/x", ctx, field="f") == Path("/abs/x")
     assert resolve("pvc://models/llama/v1", ctx, field="f") == Path("/mnt/pvc/models/llama/v1")
     assert resolve("file:///tmp/y", ctx, field="f") == Path("/tmp/y")
+
+
+@pytest.fixture
+def recording_server(tmp_path):
+    """A loopback server that records each request's Authorization header and fails a
+    request with the credentials echoed back (as some servers do)."""
+    seen: list[str | None] = []
+    body = json.dumps([{"instruction": "q", "output": "a"}] * 2).encode()
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append(self.headers.get("Authorization"))
+            if "fail" in self.path:
+                self.send_error(403, f"denied {self.path}")
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_HEAD = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield seen, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_dataset_secret_ref_is_sent_as_a_bearer_token(recording_server, tmp_path, monkeypatch):
+    seen, url = recording_server
+    monkeypatch.setenv("KUBETUNE_DATASET_0_TOKEN", "s3cr3t")
+    ctx = RunContext(base_dir=tmp_path, cache_dir=tmp_path / "cache")
+    ds = DatasetSpec.model_validate({"source": f"{url}/d.json",
+                                     "secretRef": {"name": "data-token"}})
+    examples, _ = load_examples([ds], "sft", ctx, max_invalid_fraction=0)
+    assert len(examples) == 2
+    assert seen and set(seen) == {"Bearer s3cr3t"}
+
+
+def test_hf_token_is_not_sent_to_other_hosts(recording_server, tmp_path, monkeypatch):
+    seen, url = recording_server
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    resolve(f"{url}/d.json", RunContext(cache_dir=tmp_path), field="spec.model.source")
+    assert seen and set(seen) == {None}
+
+
+def test_a_token_is_never_sent_over_plain_http_to_another_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBETUNE_DATASET_0_TOKEN", "s3cr3t")
+    with pytest.raises(SourceError, match="only sent over https"):
+        resolve("http://data.example.com/d.json", RunContext(cache_dir=tmp_path), field="f",
+                kind="dataset", token_env="KUBETUNE_DATASET_0_TOKEN")
+
+
+def test_credentials_in_urls_are_redacted_in_messages_and_the_cache(recording_server, tmp_path):
+    from kubetune_trainer.sources import redact
+
+    seen, url = recording_server
+    host = url.removeprefix("http://")
+    ctx = RunContext(cache_dir=tmp_path / "cache")
+    with pytest.raises(SourceError) as err:
+        resolve(f"http://me:hunter2@{host}/fail.json?sig=abc&x=1", ctx, field="f")
+    assert "hunter2" not in str(err.value) and "abc" not in str(err.value)
+    assert "***" in str(err.value)
+    path = resolve(f"{url}/d.json?token=abc", ctx, field="f")
+    assert path.name == "d.json" and path.read_bytes().startswith(b"[")
+    odd = resolve(f"{url}/?token=abc", ctx, field="f")  # no file name in the path
+    assert "abc" not in str(odd) and len(odd.name) == 16
+    cached = [str(p) for p in (tmp_path / "cache").rglob("*")]
+    assert not any("abc" in p or "token" in p for p in cached), cached
+    assert redact("https://u:p@h/x?X-Amz-Signature=1&a=2") == "https://***@h/x?X-Amz-Signature=***&a=2"

@@ -3,15 +3,56 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
+import re
 import shutil
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from kubetune.errors import SourceError
 
 from kubetune_trainer.config import RunContext
 
 FSSPEC_SCHEMES = ("s3", "gs", "http", "https")
+_USERINFO = re.compile(r"^([A-Za-z0-9+.-]+://)[^/?#]*@")
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&;#](?:access_token|id_token|token|sig|signature|x-amz-signature|x-amz-credential|"
+    r"x-amz-security-token|x-goog-signature|x-goog-credential|api_key|apikey|key|password|passwd|"
+    r"pwd|secret|client_secret|auth|code)=)[^&;#]*")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def redact(uri: str) -> str:
+    """``uri`` fit to print: user-info and credential-looking query values replaced by ***."""
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", uri))
+
+
+def _file_name(uri: str, content: Path | None = None) -> str:
+    """The cached file's name: the URL path's last part (no query, no credentials), or, when
+    that is not a plain file name, the content's hash with the same extension."""
+    base = unquote(urlsplit(uri).path.rstrip("/").rsplit("/", 1)[-1])
+    if _SAFE_NAME.match(base):
+        return base
+    digest = hashlib.sha256(content.read_bytes() if content and content.is_file() else
+                            uri.encode()).hexdigest()[:16]
+    ext = re.search(r"(\.[A-Za-z0-9]{1,8}){1,2}$", base)
+    return digest + (ext.group(0) if ext else "")
+
+
+def _may_send_token(uri: str) -> bool:
+    """A bearer token goes over https, or plain http to this machine only."""
+    parts = urlsplit(uri)
+    if parts.scheme == "https":
+        return True
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    if parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -52,7 +93,9 @@ def resolve(
         return _hf_download(rest, ctx, field=field, kind=kind, revision=revision,
                             token=os.environ.get(token_env) or os.environ.get("HF_TOKEN"))
     if scheme in FSSPEC_SCHEMES:
-        return _fsspec_download(uri, ctx, field=field)
+        # HF_TOKEN is for the Hub: only a source's own secretRef goes to another host.
+        token = os.environ.get(token_env) if token_env != "HF_TOKEN" else None
+        return _fsspec_download(uri, ctx, field=field, token=token)
     raise SourceError(f"unsupported scheme {scheme}://", field=field)
 
 
@@ -80,34 +123,49 @@ def _hf_download(
             field=field,
         ) from None
     except HfHubHTTPError as err:
-        raise SourceError(f"hf://{rest}: {err}", field=field) from None
+        raise SourceError(f"hf://{rest}: {redact(str(err))}", field=field) from None
     return Path(root) / sub
 
 
-def _fsspec_download(uri: str, ctx: RunContext, *, field: str) -> Path:
+def _fsspec_download(uri: str, ctx: RunContext, *, field: str, token: str | None = None
+                     ) -> Path:
+    """Download into the cache, once. ``token``: sent as ``Authorization: Bearer`` to https://
+    (and loopback http://) sources. Nothing printed or stored carries the URL's credentials:
+    messages show ``redact(uri)``, the cache directory is a hash, the file is named by its
+    path's last part or its content's hash."""
     import fsspec
 
+    shown = redact(uri)
     target = ctx.cache_dir / "downloads" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    name = uri.rstrip("/").rsplit("/", 1)[-1] or "data"
     if (target / ".complete").exists():
-        return target / name
+        return target / (target / ".complete").read_text().strip()
+    options: dict = {}
+    if token and uri.startswith(("http://", "https://")):
+        if not _may_send_token(uri):
+            raise SourceError(f"{shown}: a secretRef token is only sent over https://",
+                              field=field)
+        options["headers"] = {"Authorization": f"Bearer {token}"}
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = fsspec.core.url_to_fs(uri, **options)
     except ImportError as err:
-        raise SourceError(f"{uri}: needs an extra package ({err})", field=field) from None
+        raise SourceError(f"{shown}: needs an extra package ({err})", field=field) from None
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    fetched = tmp / "download"
     try:
         if fs.isdir(path):
-            fs.get(path, str(tmp / name), recursive=True)
-        else:
-            fs.get(path, str(tmp / name))
+            fs.get(path, str(fetched), recursive=True)
+        else:  # not fs.get: it reads `?` in a URL's query as a glob
+            with fs.open(path, "rb") as src, open(fetched, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
     except FileNotFoundError:
-        raise SourceError(f"{uri}: not found", field=field) from None
+        raise SourceError(f"{shown}: not found", field=field) from None
     except Exception as err:  # network and auth errors come in many types
-        raise SourceError(f"{uri}: download failed: {err}", field=field) from None
-    (tmp / ".complete").touch()
+        raise SourceError(f"{shown}: download failed: {redact(str(err))}", field=field) from None
+    name = _file_name(uri, fetched if fetched.is_file() else None)
+    fetched.rename(tmp / name)
+    (tmp / ".complete").write_text(name)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target / name

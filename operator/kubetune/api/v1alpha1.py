@@ -34,7 +34,7 @@ NO_CONTROL = f"^[^{_CONTROL}]*$"  # names, ids: no control characters at all
 TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"  # free text: tabs and line breaks allowed
 _DNS_LABEL = "[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 # A DNS-1123 subdomain of at most 252 characters (Kubernetes allows 253): four labels at most.
-DNS_SUBDOMAIN = f"^{_DNS_LABEL}(\\.[a-z0-9]([-a-z0-9]{{0,60}}[a-z0-9])?){{0,3}}$"
+DNS_SUBDOMAIN = f"^{_DNS_LABEL}([.][a-z0-9]([-a-z0-9]{{0,60}}[a-z0-9])?){{0,3}}$"
 _CLAIM = DNS_SUBDOMAIN[1:-1]
 LABEL_VALUE = "^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 QUALIFIED_NAME = (f"^({DNS_SUBDOMAIN[1:-1]}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$")
@@ -674,8 +674,31 @@ _SCHEDULING_RULES = (
 )
 
 
+_TOLERATION_RULES = (  # what the API server checks in a Pod (ValidateTolerations)
+    Rule(
+        cel="(has(self.key) && self.key != '') || (has(self.operator) "
+        "&& self.operator == 'Exists')",
+        message="scheduling.tolerations[]: a toleration without key needs operator Exists",
+        check=lambda t: bool(t.key) or t.operator == "Exists",
+    ),
+    Rule(
+        cel="!has(self.operator) || self.operator != 'Exists' || !has(self.value) "
+        "|| self.value == ''",
+        message="scheduling.tolerations[]: operator Exists takes no value",
+        check=lambda t: t.operator != "Exists" or not t.value,
+    ),
+    Rule(
+        cel="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+        message="scheduling.tolerations[]: tolerationSeconds needs effect NoExecute",
+        check=lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+    ),
+)
+
+
 class Toleration(_Spec):
     """A pod toleration, as in a Pod spec."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(*_TOLERATION_RULES))
 
     key: Annotated[str | None, Field(max_length=317, pattern=f"^$|{QUALIFIED_NAME}")] = None
     operator: Literal["Exists", "Equal"] | None = None
@@ -684,6 +707,10 @@ class Toleration(_Spec):
         Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None, Field()
     ] = None
     toleration_seconds: Annotated[int | None, Field(ge=0, le=10**10)] = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _TOLERATION_RULES)
 
 
 class SchedulingSpec(_Spec):
@@ -1022,6 +1049,7 @@ ALL_RULES = {
     "spec.model": _MODEL_RULES,
     "spec.datasets[]": _DATASET_RULES,
     "spec.scheduling": _SCHEDULING_RULES,
+    "spec.scheduling.tolerations[]": _TOLERATION_RULES,
     "spec.trainer": _TRAINER_RULES,
     "spec.trainer.env[]": _ENV_VAR_RULES,
     "spec.method": _METHOD_RULES,
