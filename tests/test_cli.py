@@ -96,6 +96,10 @@ def test_render_accepts_every_implemented_stage_and_refuses_a_planned_one(tmp_pa
     for stage in STAGES:
         doc["spec"]["stage"] = stage
         doc["spec"].pop("preference", None)
+        if stage == "grpo":
+            doc["spec"]["rewards"] = [{"type": "exactMatch", "column": "answer"}]
+        else:
+            doc["spec"].pop("rewards", None)
         path = tmp_path / f"{stage}.yaml"
         path.write_text(yaml.safe_dump(doc))
         res = runner.invoke(app, ["render", str(path)])
@@ -105,7 +109,7 @@ def test_render_accepts_every_implemented_stage_and_refuses_a_planned_one(tmp_pa
             assert f"stage: {stage}" in next(iter(cm["data"].values()))
         else:
             assert res.exit_code == 2
-            assert f"spec.stage: {stage} is not implemented by this version" in res.output
+            assert f"spec.stage: {stage} is not available in this version" in res.output
 
 
 def test_validate_reads_preference_data_and_counts_bad_pairs(tmp_path, tiny_model):

@@ -229,11 +229,11 @@ async def test_failure_is_explained_from_the_pods(cluster, operator):
 
 
 async def test_invalid_spec_becomes_a_condition_and_no_children(cluster, operator):
-    await operator.create(_job(stage="grpo"))
+    await operator.create(_job(stage="ppo"))
     await eventually(lambda: _assert(_phase(cluster) == "Failed"))
     stalled = next(c for c in _status(cluster)["conditions"] if c["type"] == "Stalled")
     assert stalled["reason"] == "InvalidSpec"
-    assert stalled["message"].startswith("spec.stage: grpo is not implemented")
+    assert stalled["message"].startswith("spec.stage: ppo is not available")
     assert not _children(cluster, PTJ) and not _children(cluster, CM)
     # An implemented preference stage, with its settings, gets its children.
     await operator.create(_job(name="pref", stage="dpo", preference={"beta": 0.2}))

@@ -125,8 +125,8 @@ def test_pretraining_on_plain_text_with_packing(tiny_model, tmp_path, lf_data):
 
 
 def test_unimplemented_stage_is_refused_before_anything_loads(tiny_model, tmp_path):
-    spec = tiny_spec(tiny_model, [{"source": "nothing.json"}], tmp_path / "out", stage="grpo")
-    with pytest.raises(KubetuneError, match="^spec.stage: grpo is not implemented by this version"):
+    spec = tiny_spec(tiny_model, [{"source": "nothing.json"}], tmp_path / "out", stage="ppo")
+    with pytest.raises(KubetuneError, match="^spec.stage: ppo is not available in this version"):
         _run(tmp_path, spec)
 
 

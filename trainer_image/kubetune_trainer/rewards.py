@@ -241,8 +241,15 @@ def load_entry_point(spec: str, search_path: str | None = None) -> RewardFn:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise RewardError(f"{spec!r} is not module:function", field="spec.rewards")
-    if search_path and search_path not in sys.path:
-        sys.path.insert(0, search_path)
+    if search_path:
+        if search_path not in sys.path:
+            sys.path.insert(0, search_path)
+        loaded = sys.modules.get(module_name.split(".")[0])
+        if loaded is not None and not str(getattr(loaded, "__file__", "") or ""
+                                          ).startswith(search_path):
+            for name in [m for m in sys.modules if m == module_name.split(".")[0]
+                         or m.startswith(module_name.split(".")[0] + ".")]:
+                del sys.modules[name]  # same name imported from elsewhere: take this one
     try:
         module = importlib.import_module(module_name)
     except Exception as err:

@@ -165,7 +165,7 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
                                     pad_token_id=tokenizer.pad_token_id),
         tokenizer=tokenizer, data=data,
         args=training_args(spec, out, has_eval=data.eval is not None),
-        callbacks=callbacks, peft_config=peft_config(spec, head=rec.HEAD)))
+        callbacks=callbacks, peft_config=peft_config(spec, head=rec.HEAD), ctx=ctx))
     _check_kept(trainer, data, spec, log if main else _quiet)
     from transformers.trainer_callback import PrinterCallback
 

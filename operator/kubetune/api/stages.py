@@ -30,13 +30,18 @@ STAGES: dict[str, StageInfo] = {
                       learning_rate=5e-6),
     "cpo": StageInfo("pairs", "contrastive preference optimisation; SimPO is its loss simpo",
                      learning_rate=5e-6),
-    "grpo": StageInfo("prompts", "group relative policy optimisation", implemented=False),
+    "grpo": StageInfo("prompts", "group relative policy optimisation: sampled answers "
+                      "scored by spec.rewards", learning_rate=1e-6),
+    "ppo": StageInfo("prompts", "proximal policy optimisation with a reward model; not "
+                     "available: TRL 1.16 (the pinned version) no longer has a PPO trainer, "
+                     "use grpo with a rewardModel reward", implemented=False),
 }
 
 # The metrics stages log beside the loss (TRL's names; "eval_" first for evaluation): the
 # trainer's progress.jsonl, the progress endpoint and status.progress.metrics keep these.
-STAGE_METRIC_PATTERN = (r"^(eval_)?(rewards/\w+|logps/\w+|kl|accuracy|margin|log_odds_\w+|"
-                        r"nll_loss|(min|mean|max)_reward)$")
+STAGE_METRIC_PATTERN = (r"^(eval_)?(rewards/\w+(/(mean|std))?|logps/\w+|kl|accuracy|margin|"
+                        r"log_odds_\w+|nll_loss|(min|mean|max)_reward|reward|reward_std|"
+                        r"completions/(mean|min|max)_length|completions/clipped_ratio|entropy)$")
 MAX_STAGE_METRICS = 32
 
 IMPLEMENTED_STAGES = frozenset(s for s, i in STAGES.items() if i.implemented)

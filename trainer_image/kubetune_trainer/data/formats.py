@@ -110,6 +110,8 @@ def detect_format(row: dict[str, Any]) -> str | None:
         return "promptCompletion"
     if "text" in row:
         return "text"
+    if "prompt" in row:  # prompt-only rows (grpo), other columns for the rewards
+        return "promptCompletion"
     return None
 
 
@@ -306,7 +308,7 @@ def from_prompt_completion(row: dict[str, Any], layout: Layout) -> dict[str, Any
         if not all(isinstance(m, dict) for m in completion):
             raise BadRow("completion must be a string or a list of assistant messages")
         completion = "".join(_text(m.get("content"), "completion") for m in completion)
-    if not layout.ranking:
+    if not layout.ranking and completion is not None:  # none: a prompt-only row (grpo)
         messages.append({"role": "assistant", "content": _text(completion, "completion")})
     return _extras(row, layout, {"messages": messages})
 
@@ -413,6 +415,13 @@ def check_for_stage(example: dict[str, Any], stage: str) -> list[dict[str, Any]]
             raise BadRow("the conversation does not end with a non-empty assistant answer")
         _ends_with_user(msgs[:-1])
         return [{**example, "messages": msgs[:-1], "completion": msgs[-1]["content"]}]
+    if rows == "prompts":  # the prompt; an answer given in the data goes to the rewards
+        answer = example.get("chosen")
+        if msgs[-1]["role"] == "assistant":
+            answer, msgs = msgs[-1]["content"], msgs[:-1]
+        _ends_with_user(msgs)
+        base = {k: v for k, v in example.items() if k not in ("chosen", "rejected", "label")}
+        return [{**base, "messages": msgs, **({"answer": answer} if answer else {})}]
     if "chosen" in example:
         raise BadRow(f"stage {stage} trains on single answers; this row is a preference pair")
     if msgs[-1]["role"] != "assistant":
@@ -420,6 +429,18 @@ def check_for_stage(example: dict[str, Any], stage: str) -> list[dict[str, Any]]
     if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
         raise BadRow("no assistant turn has content")
     return [example]
+
+
+def with_columns(example: dict[str, Any], row: dict[str, Any], layout: Layout
+                 ) -> dict[str, Any]:
+    """A prompt row's other columns (e.g. answer), for the reward functions: strings as they
+    are, other values as JSON text (one type per column, as a data set table needs)."""
+    used = set(layout.columns.values())
+    columns = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+               for k, v in row.items() if k not in used and isinstance(k, str) and v is not None}
+    if "answer" in example:
+        columns.setdefault("answer", example.pop("answer"))
+    return {**example, "columns": columns}
 
 
 def _ends_with_user(msgs: list[dict[str, str]]) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.stages import STAGES
 from kubetune.api.v1alpha1 import DatasetSpec
 from kubetune.errors import DataError
 
@@ -20,6 +21,7 @@ from kubetune_trainer.data.formats import (
     detect_format,
     fill_placeholders,
     show,
+    with_columns,
 )
 from kubetune_trainer.sources import resolve
 
@@ -293,6 +295,7 @@ def load_examples(
     """Read, convert and check every row. Fails (naming reasons and rows) when too many are bad."""
     report = Report()
     examples: list[dict[str, Any]] = []
+    prompts_only = STAGES[stage].rows == "prompts"
     for part in plan(specs, ctx):
         spec = part.spec
         kept_before, total_before = report.kept, report.total
@@ -327,6 +330,8 @@ def load_examples(
                     if part.placeholders:
                         row = fill_placeholders(row, part.placeholders)
                     shaped = check_for_stage(convert(row, layout), stage)
+                    if prompts_only:
+                        shaped = [with_columns(ex, row, layout) for ex in shaped]
                 except BadRow as err:
                     report.add_bad(f"{part.name} ({path.name})", n, str(err), row)
                     continue

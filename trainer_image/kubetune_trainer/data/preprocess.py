@@ -87,6 +87,11 @@ class Renderer:
         return text, spans
 
 
+    def prompt(self, example: dict[str, Any]) -> str:
+        """The conversation up to the assistant's generation prompt (grpo's prompts)."""
+        messages, tools = self._with_tools(example)
+        return self._render(messages, tools, True)
+
     def prompt_and_answer(self, example: dict[str, Any], answer: str) -> tuple[str, str]:
         """A preference row as text: the prompt up to the assistant's generation prompt, and
         one answer as the template renders it (its end-of-turn marker included)."""

@@ -38,6 +38,7 @@ class Build:
     args: dict[str, Any]  # TrainingArguments fields every stage shares
     callbacks: list[Any]
     peft_config: Any | None
+    ctx: Any = None  # RunContext: where the run finds things (e.g. a reward's module)
 
 
 def recipe(stage: str) -> ModuleType:

@@ -1,0 +1,98 @@
+"""grpo: group relative policy optimisation with TRL's GRPOTrainer. For each prompt the policy
+samples ``grpo.numGenerations`` completions; the rewards declared in ``spec.rewards`` score
+them, and each completion is pushed by how much better it scored than its group.
+
+Rows are prompts (the conversation up to the user's turn); their other columns (e.g.
+``answer``) reach the reward functions by name. Generation uses transformers (vLLM in colocate
+mode when it is installed and a GPU is there)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune.errors import KubetuneError
+
+from kubetune_trainer.recipes import Build, Data, split
+
+HEAD = "causal"
+
+
+def prepare(examples: list[dict[str, Any]], tokenizer: Any, template: str | None,
+            spec: FineTuneJobSpec, log=print) -> Data:
+    import datasets
+
+    from kubetune_trainer.data.preprocess import Renderer
+
+    if template is None:
+        raise KubetuneError("stage grpo needs prompts as conversations", field="spec.datasets")
+    renderer = Renderer(tokenizer, template)
+    rows = []
+    for ex in examples:
+        rows.append({"prompt": renderer.prompt(ex), **(ex.get("columns") or {})})
+    names = sorted({k for r in rows for k in r})
+    for r in rows:  # every row has every column (None where a source had none)
+        for k in names:
+            r.setdefault(k, None)
+    t = spec.training
+    train_idx, eval_idx = split(len(rows), t.eval_split, t.seed)
+    log(f"data: {len(rows)} prompts; columns for the rewards: "
+        f"{', '.join(n for n in names if n != 'prompt') or 'none'}")
+
+    def table(idx: list[int]) -> Any:
+        return datasets.Dataset.from_list([rows[i] for i in idx])
+
+    return Data(table(train_idx), table(eval_idx) if eval_idx else None,
+                {"examples": len(rows)})
+
+
+def reward_functions(spec: FineTuneJobSpec, ctx: Any) -> tuple[list[Any], list[float]]:
+    """The spec's rewards as TRL reward functions (each guarded), and their weights."""
+    from kubetune_trainer import rewards as r
+    from kubetune_trainer.sources import resolve
+
+    funcs, weights = [], []
+    for i, rw in enumerate(spec.rewards or []):
+        field = f"spec.rewards[{i}]"
+        name = rw.name or f"{rw.type}{i}"
+        if rw.type == "exactMatch":
+            fn = r.exact_match(rw.column, normalized=rw.normalize)
+        elif rw.type == "numeric":
+            fn = r.numeric_match(rw.column, tolerance=rw.tolerance)
+        elif rw.type == "math":
+            fn = r.math_match(rw.column)
+        elif rw.type == "regex":
+            fn = r.regex_match(rw.pattern)
+        elif rw.type == "json":
+            fn = r.json_valid(rw.json_schema)
+        elif rw.type == "length":
+            fn = r.length_target(rw.target)
+        elif rw.type == "python":
+            path = resolve(rw.path, ctx, field=f"{field}.path", kind="dataset") \
+                if rw.path else None
+            fn = r.load_entry_point(rw.function, str(path) if path else None)
+        else:  # rewardModel: TRL scores with the model's one-logit head
+            funcs.append(str(resolve(rw.source, ctx, field=f"{field}.source")))
+            weights.append(rw.weight)
+            continue
+        funcs.append(r.guarded(name, fn))
+        weights.append(rw.weight)
+    return funcs, weights
+
+
+def build(b: Build) -> Any:
+    from trl import GRPOConfig, GRPOTrainer
+
+    g = b.spec.grpo_or_default()
+    funcs, weights = reward_functions(b.spec, b.ctx)
+    use_vllm = g.vllm and importlib.util.find_spec("vllm") is not None
+    args = GRPOConfig(**b.args, num_generations=g.num_generations,
+                      max_completion_length=g.max_completion_len,
+                      temperature=g.temperature, beta=g.beta, loss_type=g.loss_type,
+                      reward_weights=weights, use_vllm=use_vllm,
+                      vllm_mode="colocate")
+    return GRPOTrainer(model=b.model, reward_funcs=funcs, args=args,
+                       train_dataset=b.data.train, eval_dataset=b.data.eval,
+                       processing_class=b.tokenizer, peft_config=b.peft_config,
+                       callbacks=b.callbacks)
