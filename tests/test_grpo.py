@@ -95,3 +95,19 @@ def test_llama_factory_entries_read_as_prompts_with_their_answer(lf_data):
     for ex in examples:
         assert ex["messages"][-1]["role"] == "user"
         assert ex["columns"]["answer"].strip()  # the alpaca output, for an exactMatch reward
+
+
+def test_a_reward_model_scores_the_completions(tiny_model, prompts, tmp_path):
+    """rewardModel: a one-score model directory (what an rm job writes under model/)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm_dir = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(
+        rm_dir)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(rm_dir)
+    out = tmp_path / "out"
+    spec = _spec(tiny_model, prompts, out, [{"type": "rewardModel", "source": "rm"}],
+                 maxSteps=2)
+    assert _run(tmp_path, spec)["global_step"] == 2
+    last = [r for r in read_progress(out / "progress.jsonl") if "metrics" in r][-1]["metrics"]
+    assert last["rewards/rm/std"] > 0  # the model's scores differ between completions
