@@ -31,7 +31,7 @@ def test_validate_names_the_bad_field(tmp_path):
         {"source": "d.json", "fromat": "alpaca"}], "output": {"uri": "o"}})
     res = runner.invoke(app, ["validate", str(job)])
     assert res.exit_code == 2
-    assert "spec.datasets.0.fromat: unknown field 'fromat'" in res.output
+    assert "spec.datasets[0].fromat: unknown field 'fromat'; did you mean 'format'?" in res.output
 
 
 def test_validate_reports_bad_data(tmp_path, tiny_model):
@@ -169,3 +169,18 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_goes_to_a_log(tmp_pat
     text = log.read_text()
     assert text.startswith("kubetune ") and "Traceback (most recent call last)" in text
     assert "FileNotFoundError" in text
+
+
+def test_misspelled_and_snake_case_keys_get_a_suggestion(tmp_path):
+    import yaml
+
+    doc = yaml.safe_load((REPO / "examples" / "assistant-dpo.yaml").read_text())
+    doc["spec"]["trainig"] = doc["spec"].pop("training")
+    doc["spec"]["model"]["secret_ref"] = doc["spec"]["model"].pop("secretRef")
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    res = runner.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2
+    assert "spec.trainig: unknown field 'trainig'; did you mean 'training'?" in res.output
+    assert "spec.model.secret_ref: unknown field 'secret_ref'; did you mean 'secretRef'?" in \
+        res.output

@@ -228,3 +228,13 @@ def test_a_progress_patch_never_goes_back_or_drops_what_another_replica_wrote():
     assert progress_patch({"checkpoints": current["checkpoints"]}, current) == {}
     assert [c["step"] for c in progress_patch(
         older, current, keep=1)["checkpoints"]] == [45]  # saveTotalLimit
+
+
+def test_progress_shows_steps_and_eta_for_kubectl_get():
+    from kubetune_operator.status import progress_fields
+
+    p = progress_fields({"step": 120, "totalSteps": 400, "etaSeconds": 3905.0, "loss": 1.2})
+    assert p["steps"] == "120/400" and p["eta"] == "1h05m"
+    assert progress_fields({"step": 3, "etaSeconds": 42})["eta"] == "42s"
+    done = progress_fields({"step": 398, "totalSteps": 400, "etaSeconds": 5}, phase="Succeeded")
+    assert done["steps"] == "400/400" and done["eta"] == "0s" and done["percent"] == 100.0

@@ -9,13 +9,15 @@ would read the same document: by the camelCase names only, no type coercion, and
 
 from __future__ import annotations
 
+import difflib
 import os
 import stat
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.errors import KubetuneError
@@ -110,14 +112,58 @@ def load_documents(text: str, name: str) -> list[Any]:
         raise KubetuneError(f"{name}: not valid YAML: {err}") from None
 
 
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """spec.datasets[0].format: list indexes in brackets, as kubectl and the API server
+    write them."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_at(loc: tuple[Any, ...] | list[Any]) -> type[BaseModel] | None:
+    """The API model whose field list applies at ``loc`` (list indexes skipped)."""
+    model: type[BaseModel] | None = FineTuneJob
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = next((f for n, f in model.model_fields.items()
+                      if part in (n, f.alias)), None)
+        model = _inner_model(field.annotation) if field else None
+    return model
+
+
+def _inner_model(tp: Any) -> type[BaseModel] | None:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in typing.get_args(tp):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def did_you_mean(loc: tuple[Any, ...] | list[Any]) -> str:
+    """ "; did you mean 'format'?" for a misspelled key, when a close field name exists."""
+    model = _model_at(loc[:-1])
+    if model is None or not isinstance(loc[-1], str):
+        return ""
+    names = [f.alias or n for n, f in model.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.7)
+    if not close and loc[-1].replace("_", "").lower() in {n.lower(): n for n in names}:
+        close = [{n.lower(): n for n in names}[loc[-1].replace("_", "").lower()]]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = field_path(e["loc"])
         loc = f"{prefix}.{loc}" if prefix and loc else prefix or loc
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = f"unknown field {e['loc'][-1]!r}"
+            msg = f"unknown field {e['loc'][-1]!r}" + (
+                did_you_mean(e["loc"]) if not prefix else "")
         elif e["type"] == "enum":
             msg = f"{e['input']!r} is not allowed; expected {e['ctx']['expected']}"
         elif e["type"] == "string_pattern_mismatch" and loc.endswith(("source", "uri")):

@@ -267,7 +267,22 @@ def progress_fields(report: dict[str, Any] | None, old: dict[str, Any] | None = 
          if report.get(k) is not None}
     if phase == "Succeeded":
         p["percent"], p["etaSeconds"] = 100.0, 0
+        if p.get("totalSteps") is not None:
+            p["step"] = p["totalSteps"]
+    # What `kubectl get` shows (a printer column reads one field: no arithmetic there).
+    if p.get("step") is not None and p.get("totalSteps") is not None:
+        p["steps"] = f"{p['step']}/{p['totalSteps']}"
+    if p.get("etaSeconds") is not None:
+        p["eta"] = duration_text(p["etaSeconds"])
     return p or old
+
+
+def duration_text(seconds: float) -> str:
+    """1h05m, 5m30s, 42s."""
+    s = max(0, int(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def progress_patch(report: dict[str, Any], current: dict[str, Any],

@@ -227,3 +227,12 @@ def test_progress_from_the_jobs_pod_reaches_the_status_through_a_real_token_revi
         "progress", {}).get("percent") == 42.0 and _get(kube, namespace, "prog")["status"][
         "progress"], timeout=30)
     assert progress["loss"] == 1.25 and progress["step"] == 42
+    # What `kubectl get finetunejobs` prints: the server's table from our printer columns.
+    table = kube.ApiClient().call_api(
+        f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs", "GET",
+        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+        auth_settings=["BearerToken"], response_type="object", _return_http_data_only=True)
+    names = [c["name"] for c in table["columnDefinitions"]]
+    row = next(r["cells"] for r in table["rows"] if r["cells"][0] == "prog")
+    shown = dict(zip(names, row, strict=True))
+    assert shown["Step"] == "42/100" and shown["ETA"] == "1m30s" and shown["Loss"] == 1.25

@@ -104,12 +104,14 @@ def finetunejob_crd() -> dict[str, Any]:
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {"name": "Step", "type": "string", "jsonPath": ".status.progress.steps"},
                         {
                             "name": "Progress",
                             "type": "number",
                             "jsonPath": ".status.progress.percent",
                         },
                         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+                        {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
                         {"name": "Stage", "type": "string", "jsonPath": ".spec.stage",
                          "priority": 1},
                         {"name": "Model", "type": "string", "jsonPath": ".spec.model.source",
@@ -126,9 +128,12 @@ def finetunejob_crd() -> dict[str, Any]:
                                 {"rule": r.cel, "message": r.message}
                                 for r in api.ALL_RULES["metadata"]],
                             "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                "apiVersion": {"type": "string", "description": (
+                                    f"{api.API_VERSION}.")},
+                                "kind": {"type": "string", "description": f"{api.KIND}."},
+                                "metadata": {"type": "object", "description": (
+                                    "Standard object metadata; the name is at most 50 "
+                                    "characters (the training pods are named after it).")},
                                 "spec": spec_schema,
                                 "status": status_schema(),
                             },

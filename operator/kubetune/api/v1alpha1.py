@@ -188,6 +188,8 @@ _MODEL_RULES = _no_credentials_in_url("model")
 
 
 class ModelSpec(_Spec):
+    """The model to start from."""
+
     model_config = ConfigDict(json_schema_extra=_rules(*_MODEL_RULES))
 
     source: Annotated[Source, Field(json_schema_extra=immutable("spec.model.source"))]
@@ -231,6 +233,9 @@ _DATASET_RULES = (
 
 
 class DatasetSpec(_Spec):
+    """One data set: a file, a directory of files, or entries of a LLaMA-Factory
+    dataset_info.json."""
+
     model_config = ConfigDict(json_schema_extra=_rules(*_DATASET_RULES))
 
     source: Source
@@ -304,10 +309,13 @@ class MethodType(enum.StrEnum):
 
 
 class LoraSpec(_Spec):
+    """LoRA adapter settings (method.type lora or qlora)."""
+
     rank: Annotated[int, Field(ge=1, le=1024, description="LoRA rank r.")] = 16
     alpha: Annotated[int, Field(ge=1, le=65536,
                                 description="LoRA alpha (scale = alpha / rank).")] = 32
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    dropout: Annotated[float, Field(ge=0, lt=1, description="Dropout on the adapter's input.")
+                       ] = 0.0
     target_modules: Annotated[
         list[Annotated[str, _str()]],
         Field(
@@ -319,6 +327,8 @@ class LoraSpec(_Spec):
 
 
 class FreezeSpec(_Spec):
+    """Which layers train (method.type freeze); the rest stay frozen."""
+
     trainable_layers: Annotated[
         int,
         Field(ge=-4096, le=4096,
@@ -350,6 +360,8 @@ _METHOD_RULES = (
 
 
 class MethodSpec(_Spec):
+    """How the weights train: all of them, some layers, or a LoRA adapter."""
+
     model_config = ConfigDict(json_schema_extra=_rules(*_METHOD_RULES))
 
     type: Annotated[
@@ -407,6 +419,8 @@ _TRAINING_RULES = (
 
 
 class TrainingSpec(_Spec):
+    """Hyper-parameters, evaluation and checkpoints."""
+
     model_config = ConfigDict(json_schema_extra=_rules(*_TRAINING_RULES))
 
     epochs: Annotated[float, Field(gt=0, le=1000, description="Passes over the data.")] = 3.0
@@ -418,12 +432,19 @@ class TrainingSpec(_Spec):
         Field(gt=0, lt=1, description="Peak learning rate. Default by stage: 1e-4 for pt and "
               "sft, 1e-5 for rm, 5e-6 for dpo, kto, orpo and cpo."),
     ] = None
-    lr_scheduler: Annotated[LrScheduler, Field(**_ENUM)] = LrScheduler.cosine
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.0
-    max_grad_norm: Annotated[float, Field(gt=0, le=10000)] = 1.0
-    batch_size_per_device: Annotated[int, Field(ge=1, le=4096)] = 4
-    gradient_accumulation: Annotated[int, Field(ge=1, le=4096)] = 1
+    lr_scheduler: Annotated[LrScheduler, Field(
+        description="Learning-rate schedule after warm-up: cosine, linear, constant or "
+        "constant_with_warmup.", **_ENUM)] = LrScheduler.cosine
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1, description="Fraction of the steps spent "
+                                         "raising the learning rate from 0.")] = 0.0
+    weight_decay: Annotated[float, Field(ge=0, le=10, description="AdamW weight decay.")] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0, le=10000, description="Gradients are clipped "
+                                          "to this norm.")] = 1.0
+    batch_size_per_device: Annotated[int, Field(ge=1, le=4096, description="Rows per GPU (or "
+                                                "CPU process) per forward pass.")] = 4
+    gradient_accumulation: Annotated[int, Field(ge=1, le=4096, description="Forward passes per "
+                                                "optimizer step; the global batch is "
+                                                "batchSizePerDevice × this × GPUs.")] = 1
     cutoff_len: Annotated[
         int, Field(ge=8, le=1048576,
                    description="Tokens per sample (and per packed row); longer is cut.")
@@ -448,17 +469,23 @@ class TrainingSpec(_Spec):
     eval_split: Annotated[
         float, Field(ge=0, lt=1, description="Fraction of rows held out for evaluation.")
     ] = 0.0
-    eval_steps: Annotated[int | None, Field(ge=1, le=10**9)] = None
+    eval_steps: Annotated[int | None, Field(ge=1, le=10**9, description="Evaluate every N "
+                                            "steps (default: saveSteps); needs evalSplit.")] = None
     save_steps: Annotated[int, Field(ge=1, le=10**9,
                                      description="Checkpoint every N steps.")] = 100
     save_total_limit: Annotated[
         int | None, Field(ge=1, le=10**6, description="Keep at most N checkpoints.")
     ] = 3
-    log_steps: Annotated[int, Field(ge=1, le=10**9)] = 10
+    log_steps: Annotated[int, Field(ge=1, le=10**9, description="Report progress (loss, "
+                                    "step, ETA) every N steps.")] = 10
     seed: Annotated[int, Field(ge=0, le=2**32 - 1,
                                description="Random seed, 0 to 4294967295.")] = 42
-    precision: Annotated[Precision, Field(**_ENUM)] = Precision.auto
-    gradient_checkpointing: bool = False
+    precision: Annotated[Precision, Field(
+        description="auto (bf16 on GPUs that have it, else fp32), bf16, fp16 or fp32.",
+        **_ENUM)] = Precision.auto
+    gradient_checkpointing: Annotated[bool, Field(
+        description="Recompute activations in the backward pass: less memory, ~20 % slower."
+    )] = False
     preprocessing_workers: Annotated[
         int | None, Field(ge=1, le=1024,
                           description="Processes for data preparation (default: CPUs).")
@@ -781,6 +808,8 @@ _RESOURCE_RULES = (
 
 
 class ResourcesSpec(_Spec):
+    """Machines and GPUs: one training process per GPU."""
+
     model_config = ConfigDict(json_schema_extra=_rules(*_RESOURCE_RULES))
 
     nodes: Annotated[
@@ -810,6 +839,8 @@ class ResourcesSpec(_Spec):
 
 
 class OutputSpec(_Spec):
+    """Where the run writes checkpoints, progress, the adapter and the model."""
+
     uri: Annotated[
         str,
         Field(
@@ -864,13 +895,19 @@ class Toleration(_Spec):
 
     model_config = ConfigDict(json_schema_extra=_rules(*_TOLERATION_RULES))
 
-    key: Annotated[str | None, Field(max_length=317, pattern=f"^$|{QUALIFIED_NAME}")] = None
-    operator: Literal["Exists", "Equal"] | None = None
-    value: Annotated[str | None, Field(max_length=63, pattern=LABEL_VALUE)] = None
+    key: Annotated[str | None, Field(max_length=317, pattern=f"^$|{QUALIFIED_NAME}",
+                                     description="The taint key (empty: every key).")] = None
+    operator: Annotated[Literal["Exists", "Equal"] | None,
+                        Field(description="Exists or Equal (default).")] = None
+    value: Annotated[str | None, Field(max_length=63, pattern=LABEL_VALUE,
+                                       description="The taint value, with Equal.")] = None
     effect: Annotated[
-        Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None, Field()
+        Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None,
+        Field(description="The taint effect to tolerate (empty: all).")
     ] = None
-    toleration_seconds: Annotated[int | None, Field(ge=0, le=10**10)] = None
+    toleration_seconds: Annotated[int | None, Field(
+        ge=0, le=10**10, description="With NoExecute: how long the pod stays after the taint "
+        "appears.")] = None
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Any:
@@ -906,6 +943,8 @@ class SchedulingSpec(_Spec):
 
 
 class RunPolicySpec(_Spec):
+    """How long the run may take, how often its pods may restart, and cleanup."""
+
     active_deadline_seconds: Annotated[
         int | None, Field(ge=1, le=10**10, description="Fail the run after this long.")
     ] = None
@@ -989,7 +1028,8 @@ class EnvVar(_Spec):
     name: Annotated[str, Field(min_length=1, max_length=256, pattern=ENV_NAME,
                                description="Letters, digits, '_', '-' and '.'; not a digit "
                                "first.")]
-    value: Annotated[str | None, Field(max_length=32768, pattern=TEXT)] = None
+    value: Annotated[str | None, Field(max_length=32768, pattern=TEXT,
+                                       description="A plain value (never a secret).")] = None
     value_from: Annotated[
         EnvVarSource | None,
         Field(description="For credentials: secretKeyRef {name, key}; only the reference is "
@@ -1002,6 +1042,8 @@ class EnvVar(_Spec):
 
 
 class TrainerSpec(_Spec):
+    """The training container: image, service account, environment."""
+
     model_config = ConfigDict(json_schema_extra=_rules(*_TRAINER_RULES))
 
     image: Annotated[
@@ -1050,10 +1092,14 @@ _SPEC_RULES = (
 
 
 class FineTuneJobSpec(_Spec):
+    """What to fine-tune, on which data, how, and where the result goes."""
+
     model_config = ConfigDict(json_schema_extra=_rules(*_SPEC_RULES))
 
     model: ModelSpec
-    datasets: Annotated[list[DatasetSpec], Field(min_length=1, max_length=64)]
+    datasets: Annotated[list[DatasetSpec], Field(
+        min_length=1, max_length=64, description="The training data: every data set's rows, "
+        "mixed (evalSplit holds some out).")]
     stage: Annotated[
         Stage,
         Field(description="What to train: " + "; ".join(
@@ -1108,42 +1154,64 @@ class FineTuneJobSpec(_Spec):
 # --------------------------------------------------------------------------- status
 
 
+def _d(text: str) -> Any:
+    return Field(description=text)
+
+
 class Condition(_Model):
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str | None = None
-    message: str | None = None
-    observed_generation: int | None = None
-    last_transition_time: str | None = None
+    """A kstatus-style condition: Ready, Reconciling, Stalled, Succeeded, Queued."""
+
+    type: Annotated[str, _d("Ready, Reconciling, Stalled, Succeeded or Queued.")]
+    status: Annotated[Literal["True", "False", "Unknown"], _d("True, False or Unknown.")]
+    reason: Annotated[str | None, _d("A CamelCase reason, e.g. WaitingForAdmission.")] = None
+    message: Annotated[str | None, _d("What a person should know.")] = None
+    observed_generation: Annotated[
+        int | None, _d("The metadata.generation this condition was computed for.")] = None
+    last_transition_time: Annotated[str | None, _d("When status last changed (RFC 3339).")
+                                    ] = None
 
 
 class Progress(_Model):
-    step: int | None = None
-    total_steps: int | None = None
-    percent: float | None = None
-    eta_seconds: float | None = None
-    loss: float | None = None
-    learning_rate: float | None = None
-    tokens_per_second: float | None = None
-    epoch: float | None = None
+    """The latest progress the trainer reported."""
+
+    step: Annotated[int | None, _d("Optimizer steps done.")] = None
+    total_steps: Annotated[int | None, _d("Optimizer steps in the whole run.")] = None
+    steps: Annotated[str | None, _d('step/totalSteps, e.g. "120/400" (for kubectl get).')
+                     ] = None
+    percent: Annotated[float | None, _d("Share of the steps done, 0–100.")] = None
+    eta_seconds: Annotated[float | None, _d("Estimated seconds until the last step.")] = None
+    eta: Annotated[str | None, _d('The same, for people, e.g. "1h05m" (for kubectl get).')
+                   ] = None
+    loss: Annotated[float | None, _d("Training loss at the last logged step.")] = None
+    learning_rate: Annotated[float | None, _d("Learning rate at the last logged step.")
+                             ] = None
+    tokens_per_second: Annotated[float | None, _d("Training throughput, all GPUs together.")
+                                 ] = None
+    epoch: Annotated[float | None, _d("Passes over the data so far (fractional).")] = None
     metrics: Annotated[
         dict[str, float] | None,
         Field(description="What the stage logs beside the loss, latest value each: for "
               "preference stages rewards/chosen, rewards/rejected, rewards/margins, "
-              "rewards/accuracies, kl (kto), accuracy (rm); eval_ first for evaluation."),
+              "rewards/accuracies, kl (kto), accuracy (rm); for grpo reward, "
+              "rewards/NAME/mean and completion lengths; eval_ first for evaluation."),
     ] = None
-    updated_at: str | None = None
+    updated_at: Annotated[str | None, _d("When the trainer sent this (RFC 3339).")] = None
 
 
 class Checkpoint(_Model):
-    step: int
-    loss: float | None = None
-    uri: str
+    """A complete checkpoint a restarted run can resume from."""
+
+    step: Annotated[int, _d("The step it was saved at.")]
+    loss: Annotated[float | None, _d("Training loss then.")] = None
+    uri: Annotated[str, _d("Where it is, under spec.output.uri.")]
 
 
 class Outputs(_Model):
-    adapter: str | None = None
-    merged_model: str | None = None
+    """What the run produced, as URIs under spec.output.uri."""
+
+    adapter: Annotated[str | None, _d("The LoRA adapter (lora, qlora).")] = None
+    merged_model: Annotated[str | None, _d("Base + adapter merged into one model "
+                                           "(output.merge).")] = None
     model: Annotated[str | None, Field(description="The whole model (full, freeze).")] = None
     metrics: Annotated[
         dict[str, float] | None,
@@ -1155,23 +1223,32 @@ class Outputs(_Model):
 class Failure(_Model):
     """Why a run failed, kept after its pods are gone."""
 
-    reason: str
-    message: str | None = None
-    exit_code: int | None = None
-    pod: str | None = None
+    reason: Annotated[str, _d("A CamelCase reason, e.g. OOMKilled, DataError, InvalidSpec.")]
+    message: Annotated[str | None, _d("What went wrong, naming the field when a field did.")
+                       ] = None
+    exit_code: Annotated[int | None, _d("The training container's exit code.")] = None
+    pod: Annotated[str | None, _d("The pod that failed.")] = None
     log_tail: Annotated[str | None, Field(description="Last lines of the failing log.")] = None
 
 
 class FineTuneJobStatus(_Model):
-    phase: (
-        Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"] | None
-    ) = None
-    observed_generation: int | None = None
-    conditions: list[Condition] = []
-    progress: Progress | None = None
-    checkpoints: list[Checkpoint] = []
-    outputs: Outputs | None = None
-    failure: Failure | None = None
+    """What the operator observed; written only by the operator."""
+
+    phase: Annotated[
+        Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"] | None,
+        _d("Pending, Queued, Running, Succeeded, Failed or Suspended; the conditions say why."),
+    ] = None
+    observed_generation: Annotated[int | None, _d("The metadata.generation the status is "
+                                                  "for.")] = None
+    conditions: Annotated[list[Condition], _d("Ready, Reconciling, Stalled, Succeeded, "
+                                               "Queued.")] = []
+    progress: Annotated[Progress | None, _d("The latest progress the trainer reported.")
+                        ] = None
+    checkpoints: Annotated[list[Checkpoint], _d("Complete checkpoints, oldest first, as many "
+                                                "as training.saveTotalLimit keeps.")] = []
+    outputs: Annotated[Outputs | None, _d("What the run produced.")] = None
+    failure: Annotated[Failure | None, _d("Why the run failed, kept after its pods are gone."
+                                          )] = None
 
 
 NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
