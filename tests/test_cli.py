@@ -184,3 +184,46 @@ def test_misspelled_and_snake_case_keys_get_a_suggestion(tmp_path):
     assert "spec.trainig: unknown field 'trainig'; did you mean 'training'?" in res.output
     assert "spec.model.secret_ref: unknown field 'secret_ref'; did you mean 'secretRef'?" in \
         res.output
+
+
+def test_init_writes_starters_that_validate_and_render(tmp_path, monkeypatch):
+    from kubetune.cli import STARTER_HELP
+
+    monkeypatch.chdir(tmp_path)
+    for kind in STARTER_HELP:
+        out = tmp_path / kind / "finetune.yaml"
+        out.parent.mkdir()
+        res = runner.invoke(app, ["init", kind, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        text = out.read_text()
+        assert text.startswith("# ") and "kind: FineTuneJob" in text  # commented, a job
+        if kind == "local":  # runs as written: its data is there and validates
+            assert (out.parent / "data.json").exists()
+            res = runner.invoke(app, ["validate", str(out), "--no-data"])
+        else:  # a cluster job: what the operator would create
+            res = runner.invoke(app, ["render", str(out)])
+        assert res.exit_code == 0, (kind, res.output)
+    again = runner.invoke(app, ["init", "local", "--out", str(tmp_path / "local" /
+                                                            "finetune.yaml")])
+    assert again.exit_code == 2 and "already exist" in again.output
+    assert runner.invoke(app, ["init", "nope"]).exit_code == 2
+
+
+def test_run_in_a_log_prints_one_line_per_step_and_no_library_noise(tiny_model, tmp_path):
+    """What a pod log or CI shows (no terminal): our lines, not progress bars or warnings."""
+    import subprocess
+    import sys
+
+    job = write_job(tmp_path / "j.yaml", tiny_spec(
+        tiny_model, [{"source": str(LF_DATA / "identity.json")}], tmp_path / "out",
+        training={"maxSteps": 4, "logSteps": 1}))
+    proc = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", str(job)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert [line.split()[1] for line in lines if line.startswith("step ")] == [
+        "1/4", "2/4", "3/4", "4/4"]
+    for noise in ("Loading weights", "Writing model", "it/s]", "FutureWarning", "[WARNING]",
+                  "{'loss'", "Adding EOS", "[transformers]"):
+        assert not any(noise in line for line in lines), (noise, lines)
+    assert any(line.startswith("done in ") for line in lines)

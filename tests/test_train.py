@@ -179,3 +179,17 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(tiny_model, tmp_pa
     for step in list(after)[:5]:
         assert after[step]["learning_rate"] == pytest.approx(reference[step]["learning_rate"])
         assert after[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-3)
+
+
+def test_the_loss_plot_takes_logged_steps_not_checkpoint_events(tmp_path):
+    from kubetune_trainer.progress import loss_points, plot_loss
+
+    records = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0},
+               {"event": "checkpoint", "step": 2, "loss": 2.0, "path": "c2"},
+               {"event": "resumed", "step": 2, "total_steps": 3},
+               {"step": 3, "loss": 1.0, "eval_loss": 1.5}]
+    train, evals = loss_points(records)
+    assert train == [(1, 3.0), (2, 2.0), (3, 1.0)] and evals == [(3, 1.5)]
+    path = tmp_path / "progress.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot_loss(path, tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -227,5 +227,41 @@ def crds(out: Annotated[Path | None, typer.Option(help="Write here instead of st
         sys.stdout.write(text)
 
 
+STARTERS = Path(__file__).resolve().parent / "starters"
+STARTER_HELP = {
+    "local": "LoRA on the bundled small model, here (writes data.json too)",
+    "cluster-lora": "LoRA on a cluster: Hub model, data and outputs on volume claims",
+    "qlora": "QLoRA on one GPU (4-bit base, merged to full precision)",
+    "dpo": "DPO on preference pairs, after sft",
+    "grpo": "GRPO with rewards declared in the spec",
+}
+
+
+@app.command()
+def init(
+    kind: Annotated[str, typer.Argument(help="One of: " + ", ".join(
+        f"{k} ({v})" for k, v in STARTER_HELP.items()))] = "local",
+    out: Annotated[Path, typer.Option(help="Where to write the job.")] = Path("finetune.yaml"),
+    force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+) -> None:
+    """Write a commented starter FineTuneJob to edit (nobody starts from a blank file)."""
+    if kind not in STARTER_HELP:
+        _fail(KubetuneError(f"no starter {kind!r}; choose one of: "
+                            + ", ".join(STARTER_HELP)))
+    files = {out: STARTERS / f"{kind}.yaml"}
+    if kind == "local":
+        files[out.parent / "data.json"] = STARTERS / "data.json"
+    existing = [str(p) for p in files if p.exists()]
+    if existing and not force:
+        _fail(KubetuneError(f"{', '.join(existing)} already exist(s); use --force to "
+                            "overwrite"))
+    for target, source in files.items():
+        target.write_text(source.read_text())
+        err.print(f"wrote {target}", highlight=False)
+    first = f"kubetune run {out}" if kind == "local" else f"kubetune render {out}"
+    err.print(f"next: edit {out}, then `kubetune validate {out}` and `{first}`",
+              highlight=False, markup=False)
+
+
 if __name__ == "__main__":
     app()

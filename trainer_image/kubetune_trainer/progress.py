@@ -324,12 +324,21 @@ PLOTTED_METRICS = ("rewards/margins", "rewards/accuracies", "kl", "accuracy",
                    "eval_rewards/margins", "eval_rewards/accuracies", "eval_accuracy")
 
 
+def loss_points(records: list[dict[str, Any]]
+                ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, loss) for training and for evaluation: logged steps only, not the checkpoint
+    and resume events (which repeat a loss at their step)."""
+    steps = [r for r in records if "event" not in r]
+    return ([(r["step"], r["loss"]) for r in steps if "loss" in r],
+            [(r["step"], r["eval_loss"]) for r in steps if "eval_loss" in r])
+
+
 def plot_loss(progress_file: Path, png: Path) -> Path | None:
     """Training (and eval) loss against step, as a PNG; preference stages get a second panel
     with their reward margin / accuracy / KL."""
-    records = [r for r in read_progress(progress_file) if "event" not in r]  # no checkpoints
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    records = read_progress(progress_file)
+    train, evals = loss_points(records)
+    records = [r for r in records if "event" not in r]
     if not train:
         return None
     series: dict[str, list[tuple[int, float]]] = {}

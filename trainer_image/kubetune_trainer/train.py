@@ -117,6 +117,8 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     spec = job.spec
     out = Layout(output_root(spec, ctx))
     outputs.check_writable(out.root)  # first, before torch: a read-only output fails now
+    if not sys.stderr.isatty():
+        _quiet_libraries()
 
     from accelerate import PartialState
 
@@ -138,10 +140,6 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     )
 
     rec = preflight(spec)
-    if not sys.stderr.isatty():  # TRL's dataset passes would print a bar each into logs
-        import datasets
-
-        datasets.disable_progress_bars()
     state = _distributed_state(PartialState)
     main = state.is_main_process
     if main:
@@ -306,6 +304,25 @@ def _distributed_state(partial_state: Any) -> Any:
     if world > 1 and not has_cuda():
         return partial_state(backend="gloo")
     return partial_state()
+
+
+def _quiet_libraries() -> None:
+    """In a log (not a terminal): one line per logging step. No progress bars from datasets
+    (TRL's passes) or transformers (loading, saving), no FutureWarnings about our pinned
+    libraries' own deprecations, no DeepSpeed notice that a CPU is a CPU."""
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, not detected: no warning
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # its notices about its own internals
 
 
 def _quiet(*_: Any, **__: Any) -> None:
