@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import LF_DATA, tiny_spec, write_job
 from kubetune.cli import app
 from typer.testing import CliRunner
@@ -227,3 +228,24 @@ def test_run_in_a_log_prints_one_line_per_step_and_no_library_noise(tiny_model, 
                   "{'loss'", "Adding EOS", "[transformers]"):
         assert not any(noise in line for line in lines), (noise, lines)
     assert any(line.startswith("done in ") for line in lines)
+
+
+def test_run_on_a_terminal_shows_the_bar_without_raw_log_dicts(tiny_model, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("script") is None:
+        pytest.skip("needs util-linux `script` for a pseudo-terminal")
+    job = write_job(tmp_path / "j.yaml", tiny_spec(
+        tiny_model, [{"source": str(LF_DATA / "identity.json")}], tmp_path / "out",
+        training={"maxSteps": 4, "logSteps": 1}))
+    log = tmp_path / "tty.log"
+    command = f"stty cols 120 rows 40; {sys.executable} -m kubetune.cli run {job}"
+    proc = subprocess.run(["script", "-qec", command, str(log)], capture_output=True,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, log.read_text()[-2000:]
+    screen = log.read_text(errors="replace")
+    assert "4/4 [" in screen  # transformers' bar reached the last step
+    for noise in ("{'loss'", "{'train_runtime'", "FutureWarning", "[WARNING]"):
+        assert noise not in screen, noise

@@ -28,6 +28,7 @@ from typing import Any
 
 from kubetune.api.stages import STAGE_METRIC_PATTERN
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 COMPLETE_MARKER = "kubetune-complete.json"
 KEPT_EVENTS = ("checkpoint_rejected", "failed")  # history, kept when later steps are dropped
@@ -111,6 +112,14 @@ class ProgressLog(TrainerCallback):
         record["time"] = time.time()
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class BarOnly(ProgressCallback):
+    """transformers' progress bar on a terminal, without the raw log dicts it writes beside
+    it (ProgressLog prints one readable line per logging step)."""
+
+    def on_log(self, args, state, control, logs=None, **_: Any) -> None:
+        pass
 
 
 class CheckpointMarker(TrainerCallback):

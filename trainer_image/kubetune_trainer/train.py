@@ -117,8 +117,7 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     spec = job.spec
     out = Layout(output_root(spec, ctx))
     outputs.check_writable(out.root)  # first, before torch: a read-only output fails now
-    if not sys.stderr.isatty():
-        _quiet_libraries()
+    _quiet_libraries(bars=sys.stderr.isatty())
 
     from accelerate import PartialState
 
@@ -165,9 +164,14 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
         args=training_args(spec, out, has_eval=data.eval is not None),
         callbacks=callbacks, peft_config=peft_config(spec, head=rec.HEAD), ctx=ctx))
     _check_kept(trainer, data, spec, log if main else _quiet)
-    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints one readable line instead
+    if sys.stderr.isatty():  # the bar, without raw {'loss': …} dicts written beside it
+        from kubetune_trainer.progress import BarOnly
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(BarOnly())
     resume = _resume_point(out, trainer, progress if main else None, log if main else _quiet)
     with _output_faults(out, progress if main else None):
         train_result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -306,10 +310,11 @@ def _distributed_state(partial_state: Any) -> Any:
     return partial_state()
 
 
-def _quiet_libraries() -> None:
-    """In a log (not a terminal): one line per logging step. No progress bars from datasets
-    (TRL's passes) or transformers (loading, saving), no FutureWarnings about our pinned
-    libraries' own deprecations, no DeepSpeed notice that a CPU is a CPU."""
+def _quiet_libraries(*, bars: bool) -> None:
+    """No FutureWarnings about our pinned libraries' own deprecations, no transformers
+    notices about its internals, no DeepSpeed notice that a CPU is a CPU. In a log (not a
+    terminal, ``bars=False``) also no progress bars from datasets (TRL's passes) or
+    transformers (loading, saving): one line per logging step."""
     import warnings
 
     import torch
@@ -320,9 +325,10 @@ def _quiet_libraries() -> None:
     import datasets
     import transformers
 
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()  # its notices about its own internals
+    transformers.utils.logging.set_verbosity_error()
+    if not bars:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def _quiet(*_: Any, **__: Any) -> None:
