@@ -71,6 +71,7 @@ CASES = {
         {"source": "hf://a/b"}, {"source": "https://me:pw@host/m"},
         {"source": "https://host/m?sig=1"}, {"source": "https://host/m?x=1&Token=2"},
         {"source": "pvc://m/a@b"}, {"source": "https://host/m?tokens=1"},
+        {"fromJob": "sft"}, {}, {"fromJob": "sft", "source": "hf://a/b"},
     ],
     "spec.scheduling": [
         {}, {"nodeSelector": {"gpu": "a"}}, {"nodeSelector": {"example.com/gpu": "a"}},

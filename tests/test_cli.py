@@ -249,3 +249,17 @@ def test_run_on_a_terminal_shows_the_bar_without_raw_log_dicts(tiny_model, tmp_p
     assert "4/4 [" in screen  # transformers' bar reached the last step
     for noise in ("{'loss'", "{'train_runtime'", "FutureWarning", "[WARNING]"):
         assert noise not in screen, noise
+
+
+def test_the_pipeline_example_renders_and_its_later_jobs_name_the_first(tmp_path):
+    import yaml
+
+    folder = REPO / "examples" / "pipeline"
+    names = {}
+    for path in sorted(folder.glob("*.yaml")):
+        res = runner.invoke(app, ["render", str(path)])
+        assert res.exit_code == 0, (path.name, res.output)
+        doc = yaml.safe_load(path.read_text())
+        names[doc["metadata"]["name"]] = doc["spec"]["model"].get("fromJob")
+    assert names == {"assistant-sft": None, "assistant-dpo": "assistant-sft",
+                     "assistant-grpo": "assistant-sft"}

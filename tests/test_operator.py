@@ -242,6 +242,43 @@ async def test_invalid_spec_becomes_a_condition_and_no_children(cluster, operato
     assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-pref"
 
 
+async def test_a_job_from_another_job_waits_for_it_then_starts_from_its_model(cluster,
+                                                                               operator):
+    def from_job(name, upstream):
+        body = _job(name=name, stage="dpo")
+        body["spec"]["model"] = {"fromJob": upstream}
+        return body
+
+    await operator.create(from_job("dpo", "ident"))  # the upstream is not there yet
+    await eventually(lambda: _assert(_phase(cluster, "dpo") == "Failed"))
+    stalled = next(c for c in _status(cluster, "dpo")["conditions"] if c["type"] == "Stalled")
+    assert stalled["message"] == ("spec.model.fromJob: there is no FineTuneJob 'ident' in "
+                                  f"namespace '{NS}'")
+    await operator.create(_job())  # now it is: the dpo job waits while it runs
+    await eventually(lambda: _assert(_phase(cluster, "dpo") == "Pending"))
+    ready = next(c for c in _status(cluster, "dpo")["conditions"] if c["type"] == "Reconciling")
+    assert ready["reason"] == "WaitingForJob" and "'ident'" in ready["message"]
+    assert (PTJ, NS, "dpo") not in cluster.objects
+    await asyncio.to_thread(operator.custom.patch_namespaced_custom_object, "kubeflow.org",
+                            "v1", NS, "pytorchjobs", "ident",
+                            {"spec": {"runPolicy": {"suspend": False}}})
+    await operator.patch_child_status("ident", "Created", "Succeeded")
+    await eventually(lambda: _assert(_phase(cluster) == "Succeeded"))
+    await asyncio.to_thread(operator.custom.patch_namespaced_custom_object_status, "kubetune.io",
+                            "v1alpha1", NS, "finetunejobs", "ident",
+                            {"status": {"outputs": {"mergedModel": "pvc://outputs/ident/merged"}}})
+    await eventually(lambda: cluster.objects[PTJ, NS, "dpo"])
+    config = cluster.objects[CM, NS, "dpo-config"]["data"]["job.yaml"]
+    assert "source: pvc://outputs/ident/merged" in config and "fromJob" not in config
+
+    await operator.create(from_job("loop-a", "loop-b"))
+    await operator.create(from_job("loop-b", "loop-a"))
+    await eventually(lambda: _assert(_phase(cluster, "loop-a") == "Failed"))
+    stalled = next(c for c in _status(cluster, "loop-a")["conditions"] if c["type"] == "Stalled")
+    assert stalled["message"] == ("spec.model.fromJob: the jobs start from each other: "
+                                  "loop-a → loop-b → loop-a")
+
+
 async def test_a_fixed_invalid_spec_gets_its_children(cluster, operator):
     body = _job()
     body["spec"]["datasets"] = [{"source": "data/identity.json"}]  # local: no meaning here

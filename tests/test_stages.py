@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import kill_after_checkpoint, tiny_spec, write_job
 from kubetune.api.stages import IMPLEMENTED_STAGES, STAGES
+from kubetune.errors import KubetuneError
 from kubetune.jobfile import load_job
 from kubetune_trainer.config import RunContext
 from kubetune_trainer.progress import read_progress
@@ -216,3 +217,28 @@ def test_dpo_killed_mid_run_resumes_at_the_same_step(easy, tiny_model, tmp_path)
     steps = [r["step"] for r in records if "event" not in r and "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 120  # continued, nothing logged twice
     assert steps[steps.index(done[-1]) + 1] == done[-1] + 1
+
+
+def test_a_pipeline_sft_then_dpo_from_its_merged_model_runs_locally(easy, tiny_model, tmp_path):
+    """spec.model.fromJob, with `kubetune run`: the dpo job starts from the sft job's merged
+    model, found through the sft job file beside it."""
+    sft = tiny_spec(tiny_model, [{"source": str(tmp_path / "chat.json")}],
+                    tmp_path / "out-sft", training={"maxSteps": 2, "saveSteps": 2,
+                                                    "cutoffLen": 64})
+    (tmp_path / "chat.json").write_text(json.dumps([
+        {"instruction": r["prompt"], "output": r["chosen"]} for r in easy_pairs(16)]))
+    sft["output"]["merge"] = True
+    dpo = tiny_spec(tiny_model, [{"source": str(easy)}], tmp_path / "out-dpo", stage="dpo",
+                    training={"maxSteps": 2, "saveSteps": 2, "cutoffLen": 64})
+    dpo["model"] = {"fromJob": "sft"}
+    write_job(tmp_path / "dpo.yaml", dpo, name="dpo")
+    with pytest.raises(KubetuneError, match=r"spec.model.fromJob: 'sft' \(sft.yaml\) has not "
+                                            r"finished here"):
+        write_job(tmp_path / "sft.yaml", sft, name="sft")
+        run(load_job(tmp_path / "dpo.yaml"), RunContext(base_dir=tmp_path), log=lambda *_: None)
+    run(load_job(tmp_path / "sft.yaml"), RunContext(base_dir=tmp_path), log=lambda *_: None)
+    result = run(load_job(tmp_path / "dpo.yaml"), RunContext(base_dir=tmp_path),
+                 log=lambda *_: None)
+    assert result["global_step"] == 2 and result["base_model"] == "fromJob sft"
+    adapter = json.loads(Path(result["adapter"], "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tmp_path / "out-sft" / "merged")

@@ -195,6 +195,10 @@ def render(
     config = OperatorConfig(**{k: v for k, v in {"trainer_image": image,
                                                  "progress_url": progress_url}.items() if v})
     objs = children(job=job, config=config, uid=None, labels=job.metadata.labels)
+    if job.spec.model.from_job:
+        err.print(f"note: the model comes from FineTuneJob {job.spec.model.from_job!r}: the "
+                  "operator creates these once it has succeeded, with its model as "
+                  "spec.model.source in the ConfigMap", highlight=False, markup=False)
     sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False))
 
 

@@ -100,7 +100,7 @@ def pvc_claims(job: FineTuneJob) -> dict[str, bool]:
     claims: dict[str, bool] = {}
     sources = [job.spec.model.source, *(d.source for d in job.spec.datasets)]
     for uri in sources:
-        if uri.startswith("pvc://"):
+        if uri and uri.startswith("pvc://"):  # no model source: fromJob, resolved later
             claims.setdefault(uri[6:].split("/", 1)[0], False)
     if job.spec.output.uri.startswith("pvc://"):
         claims[job.spec.output.uri[6:].split("/", 1)[0]] = True

@@ -230,6 +230,25 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) 
     _converge_by_name(memo, meta["namespace"], meta["labels"][JOB_LABEL])
 
 
+@kopf.index(GROUP, VERSION, PLURAL)
+def dependents(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> Any:
+    """(namespace, job) -> the jobs whose spec.model.fromJob names it."""
+    upstream = ((spec or {}).get("model") or {}).get("fromJob")
+    return {(namespace, upstream): name} if upstream else None
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def upstream_changed(body: kopf.Body, memo: kopf.Memo, dependents: kopf.Index,
+                     type: str | None, **_: Any) -> None:
+    """A job appeared, or finished: the jobs that start from it wait no longer (or stall)."""
+    meta = body["metadata"]
+    phase = (body.get("status") or {}).get("phase")
+    if type not in ("ADDED", "MODIFIED") or (type == "MODIFIED" and phase not in TERMINAL):
+        return
+    for dependent in dependents.get((meta["namespace"], meta["name"]), []):
+        _converge_by_name(memo, meta["namespace"], dependent)
+
+
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 def forget(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     """Children go by owner references; outputs on volumes stay. Drop in-memory progress."""

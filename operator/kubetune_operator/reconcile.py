@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
 from kubetune.jobfile import format_validation_error, validate_job
 from pydantic import ValidationError
 
@@ -187,7 +187,7 @@ def validate(body: dict[str, Any]) -> tuple[FineTuneJob | None, str | None]:
     spec = job.spec
     cluster_sources = ("pvc://", "hf://", "https://", "http://", "s3://", "gs://",
                        "embedded://")
-    fields = [("spec.model.source", spec.model.source)] + [
+    fields = [("spec.model.source", spec.model.source)] * bool(spec.model.source) + [
         (f"spec.datasets[{i}].source", d.source) for i, d in enumerate(spec.datasets)]
     for field, uri in fields:
         if not uri.startswith(cluster_sources):
@@ -217,6 +217,9 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     old = body.get("status") or {}
     labels = meta.get("labels") or {}
     job, invalid = validate(body)
+    waiting: str | None = None
+    if job is not None and job.spec.model.from_job:
+        job, waiting, invalid = _from_job(kube, ns, name, job)
     created: list[str] = []
     blocked: str | None = None
     drift: str | None = None
@@ -263,6 +266,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
             if child.get("status"):  # no status yet: the training operator made no pods yet
                 pods = kube.pods(ns, name)
     observed = Observed(
+        waiting=waiting,
         generation=meta.get("generation"),
         spec_suspend=bool((body.get("spec") or {}).get("suspend")),
         queue_name=labels.get(KUEUE_QUEUE_LABEL) or config.default_queue,
@@ -279,6 +283,33 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     )
     status = reduce_status(observed, old, now())
     return Outcome(status, created, status.get("phase") != old.get("phase"))
+
+
+def _from_job(kube: Kube, ns: str, name: str, job: FineTuneJob
+              ) -> tuple[FineTuneJob | None, str | None, str | None]:
+    """spec.model.fromJob: (the job with that job's model as its source, or None; why it
+    waits; why it cannot run)."""
+    from kubetune.pipeline import FIELD, cycle, upstream_model
+
+    def read(other: str) -> dict[str, Any] | None:
+        return kube.get({"apiVersion": API_VERSION, "kind": KIND,
+                         "metadata": {"namespace": ns, "name": other}})
+
+    upstream = job.spec.model.from_job
+    loop = cycle(name, lambda n: job.spec.model.from_job if n == name else (
+        ((read(n) or {}).get("spec") or {}).get("model") or {}).get("fromJob"))
+    if loop:
+        return None, None, f"{FIELD}: the jobs start from each other: {' → '.join(loop)}"
+    other = read(upstream)
+    if other is None:
+        return None, None, f"{FIELD}: there is no FineTuneJob {upstream!r} in namespace {ns!r}"
+    status = other.get("status") or {}
+    model, waiting, problem = upstream_model(upstream, status.get("phase"), status.get("outputs"))
+    if model is None:
+        return None, waiting, problem
+    resolved = job.spec.model.model_copy(update={"source": model, "from_job": None})
+    return job.model_copy(update={"spec": job.spec.model_copy(update={"model": resolved})}), \
+        None, None
 
 
 def _merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ class Observed:
     queue_name: str | None = None  # Kueue queue label on the job
     invalid: str | None = None  # a spec error the schema could not catch (names the field)
     blocked: str | None = None  # something else holds the children's names
+    waiting: str | None = None  # spec.model.fromJob: that job has not succeeded yet
     drift: str | None = None  # the spec changed after the children were made
     child: dict[str, Any] | None = None  # the backend's training object as read back
     workload: dict[str, Any] | None = None  # its Kueue Workload, read while it waits
@@ -202,6 +203,8 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
         return "Failed", "InvalidSpec", obs.invalid
     if obs.blocked:
         return "Pending", "Conflict", obs.blocked
+    if obs.waiting:
+        return "Pending", "WaitingForJob", obs.waiting
     child, b = obs.child, obs.backend
     if child is None:
         if obs.spec_suspend:

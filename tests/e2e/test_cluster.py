@@ -11,6 +11,7 @@ collection. Skipped when no cluster answers.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from pathlib import Path
@@ -228,11 +229,42 @@ def test_progress_from_the_jobs_pod_reaches_the_status_through_a_real_token_revi
         "progress"], timeout=30)
     assert progress["loss"] == 1.25 and progress["step"] == 42
     # What `kubectl get finetunejobs` prints: the server's table from our printer columns.
-    table = kube.ApiClient().call_api(
-        f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs", "GET",
+    api = kube.ApiClient()
+    request = api.param_serialize(
+        "GET", f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs",
         header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
-        auth_settings=["BearerToken"], response_type="object", _return_http_data_only=True)
+        auth_settings=["BearerToken"])
+    response = api.call_api(*request)
+    response.read()
+    table = json.loads(response.data)
     names = [c["name"] for c in table["columnDefinitions"]]
     row = next(r["cells"] for r in table["rows"] if r["cells"][0] == "prog")
     shown = dict(zip(names, row, strict=True))
     assert shown["Step"] == "42/100" and shown["ETA"] == "1m30s" and shown["Loss"] == 1.25
+
+
+def test_a_job_from_another_job_waits_then_starts_from_its_model(kube, namespace, operator):
+    custom = kube.CustomObjectsApi()
+    _create(kube, namespace, _job(namespace, "first"))
+    wait(lambda: _get(kube, namespace, "first", "pytorchjobs", "kubeflow.org", "v1"))
+    second = _job(namespace, "second", stage="dpo", model={"fromJob": "first"})
+    _create(kube, namespace, second)
+
+    def status(name):
+        return _get(kube, namespace, name).get("status") or {}
+
+    wait(lambda: any(c["reason"] == "WaitingForJob" for c in status("second").get(
+        "conditions", [])))
+    with pytest.raises(kube.exceptions.ApiException):  # nothing made while it waits
+        _get(kube, namespace, "second", "pytorchjobs", "kubeflow.org", "v1")
+    custom.patch_namespaced_custom_object_status(
+        "kubeflow.org", "v1", namespace, "pytorchjobs", "first",
+        {"status": {"conditions": [{"type": "Succeeded", "status": "True", "reason": "Done",
+                                    "message": "done"}]}})
+    wait(lambda: status("first").get("phase") == "Succeeded")
+    custom.patch_namespaced_custom_object_status(  # what the trainer reports at the end
+        "kubetune.io", "v1alpha1", namespace, "finetunejobs", "first",
+        {"status": {"outputs": {"mergedModel": "pvc://outputs/first/merged"}}})
+    wait(lambda: _get(kube, namespace, "second", "pytorchjobs", "kubeflow.org", "v1"))
+    config = kube.CoreV1Api().read_namespaced_config_map("second-config", namespace)
+    assert "source: pvc://outputs/first/merged" in config.data["job.yaml"]

@@ -171,20 +171,28 @@ def _no_credentials_in_url(owner: str) -> tuple[Rule, ...]:
             cel=f"!has(self.source) || !self.source.matches('{URL_USERINFO}')",
             message=f"{owner}.source: a user name or password in the URL would be stored and "
             "printed in the clear; put the token in a Secret and name it in secretRef",
-            check=lambda o: re.search(URL_USERINFO, o.source) is None,
+            check=lambda o: o.source is None or re.search(URL_USERINFO, o.source) is None,
             field_path=".source",
         ),
         Rule(
             cel=f"!has(self.source) || !self.source.matches('{URL_SECRET_QUERY}')",
             message=f"{owner}.source: a token or signature in the URL's query would be stored "
             "and printed in the clear; put it in a Secret and name it in secretRef",
-            check=lambda o: re.search(URL_SECRET_QUERY, o.source) is None,
+            check=lambda o: o.source is None or re.search(URL_SECRET_QUERY, o.source) is None,
             field_path=".source",
         ),
     )
 
 
-_MODEL_RULES = _no_credentials_in_url("model")
+_MODEL_RULES = (
+    *_no_credentials_in_url("model"),
+    Rule(
+        cel="has(self.source) != has(self.fromJob)",
+        message="model needs exactly one of source (where the model is) and fromJob (the "
+        "FineTuneJob whose result to start from)",
+        check=lambda m: (m.source is None) != (m.from_job is None),
+    ),
+)
 
 
 class ModelSpec(_Spec):
@@ -192,7 +200,17 @@ class ModelSpec(_Spec):
 
     model_config = ConfigDict(json_schema_extra=_rules(*_MODEL_RULES))
 
-    source: Annotated[Source, Field(json_schema_extra=immutable("spec.model.source"))]
+    source: Annotated[Source | None, Field(json_schema_extra=immutable("spec.model.source"))
+                      ] = None
+    from_job: Annotated[
+        str | None,
+        Field(max_length=50, pattern="^[a-z]([-a-z0-9]*[a-z0-9])?$",
+              json_schema_extra=immutable("spec.model.fromJob"),
+              description="Start from another FineTuneJob's result in this namespace (its "
+              "merged model, or its whole model): the operator waits while that job runs "
+              "(Reconciling, WaitingForJob) and stalls if it failed; `kubetune run` reads it "
+              "from the job file of that name beside this one. Instead of source."),
+    ] = None
     revision: Annotated[
         str | None, _str(description="Branch, tag or commit for hf:// sources.")
     ] = None
