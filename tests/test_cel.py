@@ -104,6 +104,9 @@ CASES = {
         {"type": "regex", "pattern": "^a", "column": "answer"}, {"type": "length", "target": 9},
         {"type": "python", "function": "m:f", "path": "pvc://c/r"},
         {"type": "rewardModel"}, {"type": "json", "jsonSchema": {"type": "object"}},
+        {"type": "rewardModel", "fromJob": "rm"}, {"type": "rewardModel", "source": "m"},
+        {"type": "rewardModel", "fromJob": "rm", "source": "m"}, {"type": "regex",
+                                                                  "pattern": "x", "fromJob": "a"},
         {"type": "numeric", "column": "a", "tolerance": 0.1, "normalize": True},
     ],
     "spec.preference": [

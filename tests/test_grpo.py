@@ -111,3 +111,21 @@ def test_a_reward_model_scores_the_completions(tiny_model, prompts, tmp_path):
     assert _run(tmp_path, spec)["global_step"] == 2
     last = [r for r in read_progress(out / "progress.jsonl") if "metrics" in r][-1]["metrics"]
     assert last["rewards/rm/std"] > 0  # the model's scores differ between completions
+
+
+def test_the_reward_model_of_an_rm_job_beside_it(tiny_model, prompts, tmp_path):
+    """rewards[].fromJob with `kubetune run`: an rm job's model scores the completions."""
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"prompt": f"Q{i}", "chosen": "Yes.", "rejected": "No."}
+                                 for i in range(8)]))
+    rm = tiny_spec(tiny_model, [{"source": str(pairs)}], tmp_path / "out-rm", stage="rm",
+                   method={"type": "full"}, training={"maxSteps": 2, "saveSteps": 2,
+                                                      "cutoffLen": 64})
+    write_job(tmp_path / "rm.yaml", rm, name="rm")
+    run(load_job(tmp_path / "rm.yaml"), RunContext(base_dir=tmp_path), log=lambda *_: None)
+    out = tmp_path / "out"
+    spec = _spec(tiny_model, prompts, out, [{"type": "rewardModel", "fromJob": "rm"}],
+                 maxSteps=2)
+    assert _run(tmp_path, spec)["global_step"] == 2
+    last = [r for r in read_progress(out / "progress.jsonl") if "metrics" in r][-1]["metrics"]
+    assert "rewards/model/mean" in last  # scored by out-rm/model

@@ -255,7 +255,11 @@ async def test_a_job_from_another_job_waits_for_it_then_starts_from_its_model(cl
     assert stalled["message"] == ("spec.model.fromJob: there is no FineTuneJob 'ident' in "
                                   f"namespace '{NS}'")
     await operator.create(_job())  # now it is: the dpo job waits while it runs
+    scored = _job(name="scored", stage="grpo", rewards=[{"type": "rewardModel",
+                                                         "fromJob": "ident"}])
+    await operator.create(scored)  # and so does a grpo job scored by its model
     await eventually(lambda: _assert(_phase(cluster, "dpo") == "Pending"))
+    await eventually(lambda: _assert(_phase(cluster, "scored") == "Pending"))
     ready = next(c for c in _status(cluster, "dpo")["conditions"] if c["type"] == "Reconciling")
     assert ready["reason"] == "WaitingForJob" and "'ident'" in ready["message"]
     assert (PTJ, NS, "dpo") not in cluster.objects
@@ -270,6 +274,11 @@ async def test_a_job_from_another_job_waits_for_it_then_starts_from_its_model(cl
     await eventually(lambda: cluster.objects[PTJ, NS, "dpo"])
     config = cluster.objects[CM, NS, "dpo-config"]["data"]["job.yaml"]
     assert "source: pvc://outputs/ident/merged" in config and "fromJob" not in config
+    await eventually(lambda: cluster.objects[PTJ, NS, "scored"])
+    rewards = yaml.safe_load(cluster.objects[CM, NS, "scored-config"]["data"]["job.yaml"])[
+        "spec"]["rewards"]
+    assert rewards == [{"type": "rewardModel", "weight": 1.0,
+                        "source": "pvc://outputs/ident/merged"}]
 
     await operator.create(from_job("loop-a", "loop-b"))
     await operator.create(from_job("loop-b", "loop-a"))

@@ -233,8 +233,10 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) 
 @kopf.index(GROUP, VERSION, PLURAL)
 def dependents(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> Any:
     """(namespace, job) -> the jobs whose spec.model.fromJob names it."""
-    upstream = ((spec or {}).get("model") or {}).get("fromJob")
-    return {(namespace, upstream): name} if upstream else None
+    upstreams = [((spec or {}).get("model") or {}).get("fromJob"),
+                 *(r.get("fromJob") for r in (spec or {}).get("rewards") or []
+                   if isinstance(r, dict))]
+    return {(namespace, u): name for u in upstreams if u} or None
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

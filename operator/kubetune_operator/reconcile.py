@@ -218,7 +218,8 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     labels = meta.get("labels") or {}
     job, invalid = validate(body)
     waiting: str | None = None
-    if job is not None and job.spec.model.from_job:
+    if job is not None and (job.spec.model.from_job
+                            or any(r.from_job for r in job.spec.rewards or [])):
         job, waiting, invalid = _from_job(kube, ns, name, job)
     created: list[str] = []
     blocked: str | None = None
@@ -287,29 +288,48 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
 
 def _from_job(kube: Kube, ns: str, name: str, job: FineTuneJob
               ) -> tuple[FineTuneJob | None, str | None, str | None]:
-    """spec.model.fromJob: (the job with that job's model as its source, or None; why it
-    waits; why it cannot run)."""
+    """spec.model.fromJob and rewards[].fromJob: (the job with those jobs' models as its
+    sources, or None; why it waits; why it cannot run)."""
     from kubetune.pipeline import FIELD, cycle, upstream_model
 
     def read(other: str) -> dict[str, Any] | None:
         return kube.get({"apiVersion": API_VERSION, "kind": KIND,
                          "metadata": {"namespace": ns, "name": other}})
 
-    upstream = job.spec.model.from_job
-    loop = cycle(name, lambda n: job.spec.model.from_job if n == name else (
-        ((read(n) or {}).get("spec") or {}).get("model") or {}).get("fromJob"))
-    if loop:
-        return None, None, f"{FIELD}: the jobs start from each other: {' → '.join(loop)}"
-    other = read(upstream)
-    if other is None:
-        return None, None, f"{FIELD}: there is no FineTuneJob {upstream!r} in namespace {ns!r}"
-    status = other.get("status") or {}
-    model, waiting, problem = upstream_model(upstream, status.get("phase"), status.get("outputs"))
-    if model is None:
-        return None, waiting, problem
-    resolved = job.spec.model.model_copy(update={"source": model, "from_job": None})
-    return job.model_copy(update={"spec": job.spec.model_copy(update={"model": resolved})}), \
-        None, None
+    def model_of(upstream: str, field: str) -> tuple[str | None, str | None, str | None]:
+        other = read(upstream)
+        if other is None:
+            return None, None, f"{field}: there is no FineTuneJob {upstream!r} in namespace " \
+                f"{ns!r}"
+        status = other.get("status") or {}
+        model, waiting, problem = upstream_model(upstream, status.get("phase"),
+                                                 status.get("outputs"))
+        return model, waiting, problem and problem.replace(FIELD, field, 1)
+
+    spec = job.spec
+    if spec.model.from_job:
+        loop = cycle(name, lambda n: spec.model.from_job if n == name else (
+            ((read(n) or {}).get("spec") or {}).get("model") or {}).get("fromJob"))
+        if loop:
+            return None, None, f"{FIELD}: the jobs start from each other: {' → '.join(loop)}"
+        model, waiting, problem = model_of(spec.model.from_job, FIELD)
+        if model is None:
+            return None, waiting, problem
+        spec = spec.model_copy(update={"model": spec.model.model_copy(
+            update={"source": model, "from_job": None})})
+    rewards = list(spec.rewards or [])
+    for i, reward in enumerate(rewards):
+        if reward.from_job:
+            field = f"spec.rewards[{i}].fromJob"
+            if reward.from_job == name:
+                return None, None, f"{field}: a job cannot score itself"
+            model, waiting, problem = model_of(reward.from_job, field)
+            if model is None:
+                return None, waiting, problem
+            rewards[i] = reward.model_copy(update={"source": model, "from_job": None})
+    if spec.rewards:
+        spec = spec.model_copy(update={"rewards": rewards})
+    return job.model_copy(update={"spec": spec}), None, None
 
 
 def _merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -671,12 +671,12 @@ _REWARD_FIELDS = {
     "jsonSchema": ("json",),
     "target": ("length",),
     "source": ("rewardModel",),
+    "fromJob": ("rewardModel",),
     "function": ("python",),
     "path": ("python",),
 }
 _REWARD_NEEDS = {"exactMatch": "column", "numeric": "column", "math": "column",
-                 "regex": "pattern", "length": "target", "rewardModel": "source",
-                 "python": "function"}
+                 "regex": "pattern", "length": "target", "python": "function"}
 
 
 def _reward_rules() -> tuple[Rule, ...]:
@@ -696,7 +696,14 @@ def _reward_rules() -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-_REWARD_RULES = _reward_rules()
+_REWARD_RULES = (
+    *_reward_rules(),
+    Rule(
+        cel="self.type != 'rewardModel' || has(self.source) != has(self.fromJob)",
+        message="a reward of type rewardModel needs exactly one of source and fromJob",
+        check=lambda r: r.type != "rewardModel" or (r.source is None) != (r.from_job is None),
+    ),
+)
 
 
 class RewardSpec(_Spec):
@@ -740,6 +747,11 @@ class RewardSpec(_Spec):
     source: Annotated[
         str | None, _str(SOURCE_PATTERN, 2048, description="rewardModel: the reward model "
                          f"(e.g. an rm job's output/model): {SOURCE_HELP}.")
+    ] = None
+    from_job: Annotated[
+        str | None, _str("^[a-z]([-a-z0-9]*[a-z0-9])?$", 50, description="rewardModel: the "
+                         "rm FineTuneJob (in this namespace) whose model scores, instead of "
+                         "source; this job waits for it as for model.fromJob.")
     ] = None
     function: Annotated[
         str | None, _str("^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$", 256,

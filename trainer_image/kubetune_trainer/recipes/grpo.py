@@ -73,7 +73,11 @@ def reward_functions(spec: FineTuneJobSpec, ctx: Any) -> tuple[list[Any], list[f
                 if rw.path else None
             fn = r.load_entry_point(rw.function, str(path) if path else None)
         else:  # rewardModel: TRL scores with the model's one-logit head
-            funcs.append(str(resolve(rw.source, ctx, field=f"{field}.source")))
+            from kubetune_trainer.train import upstream_model_path
+
+            path = upstream_model_path(rw.from_job, ctx) if rw.from_job else \
+                resolve(rw.source, ctx, field=f"{field}.source")
+            funcs.append(str(path))
             weights.append(rw.weight)
             continue
         funcs.append(r.guarded(name, fn))
