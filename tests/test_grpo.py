@@ -129,3 +129,15 @@ def test_the_reward_model_of_an_rm_job_beside_it(tiny_model, prompts, tmp_path):
     assert _run(tmp_path, spec)["global_step"] == 2
     last = [r for r in read_progress(out / "progress.jsonl") if "metrics" in r][-1]["metrics"]
     assert "rewards/model/mean" in last  # scored by out-rm/model
+
+
+def test_builtin_rewards_take_the_documented_defaults():
+    """normalize and tolerance left out: normalised matching, 1e-6 tolerance."""
+    from kubetune.api.v1alpha1 import RewardSpec
+    from kubetune_trainer.recipes.grpo import BUILTINS
+
+    exact = BUILTINS["exactMatch"](RewardSpec(type="exactMatch", column="answer"))
+    assert exact(completions=["  PARIS. "], answer=["Paris"]) == [1.0]
+    numeric = BUILTINS["numeric"](RewardSpec(type="numeric", column="answer"))
+    assert numeric(completions=["it is 42.0000000001", "41.9"], answer=["42", "42"]) == [1.0,
+                                                                                       0.0]

@@ -9,11 +9,13 @@ mode when it is installed and a GPU is there)."""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec
 from kubetune.errors import KubetuneError
 
+from kubetune_trainer import rewards
 from kubetune_trainer.recipes import Build, Data, split
 
 HEAD = "causal"
@@ -47,42 +49,41 @@ def prepare(examples: list[dict[str, Any]], tokenizer: Any, template: str | None
                 {"examples": len(rows)})
 
 
-def reward_functions(spec: FineTuneJobSpec, ctx: Any) -> tuple[list[Any], list[float]]:
-    """The spec's rewards as TRL reward functions (each guarded), and their weights."""
-    from kubetune_trainer import rewards as r
-    from kubetune_trainer.sources import resolve
+# reward type -> its function, from the spec entry (defaults as the API documents them)
+BUILTINS: dict[str, Callable[[Any], Any]] = {
+    "exactMatch": lambda rw: rewards.exact_match(rw.column,
+                                                 normalized=rw.normalize is not False),
+    "numeric": lambda rw: rewards.numeric_match(
+        rw.column, tolerance=1e-6 if rw.tolerance is None else rw.tolerance),
+    "math": lambda rw: rewards.math_match(rw.column),
+    "regex": lambda rw: rewards.regex_match(rw.pattern),
+    "json": lambda rw: rewards.json_valid(rw.json_schema),
+    "length": lambda rw: rewards.length_target(rw.target),
+}
 
-    funcs, weights = [], []
+
+def reward_functions(spec: FineTuneJobSpec, ctx: Any) -> tuple[list[Any], list[float]]:
+    """The spec's rewards as TRL reward functions (each guarded), and their weights. A reward
+    model goes to TRL as its directory: TRL scores with its one-logit head."""
+    from kubetune_trainer.sources import resolve
+    from kubetune_trainer.train import upstream_model_path
+
+    funcs: list[Any] = []
     for i, rw in enumerate(spec.rewards or []):
         field = f"spec.rewards[{i}]"
-        name = rw.name or f"{rw.type}{i}"
-        if rw.type == "exactMatch":
-            fn = r.exact_match(rw.column, normalized=rw.normalize)
-        elif rw.type == "numeric":
-            fn = r.numeric_match(rw.column, tolerance=rw.tolerance)
-        elif rw.type == "math":
-            fn = r.math_match(rw.column)
-        elif rw.type == "regex":
-            fn = r.regex_match(rw.pattern)
-        elif rw.type == "json":
-            fn = r.json_valid(rw.json_schema)
-        elif rw.type == "length":
-            fn = r.length_target(rw.target)
-        elif rw.type == "python":
-            path = resolve(rw.path, ctx, field=f"{field}.path", kind="dataset") \
-                if rw.path else None
-            fn = r.load_entry_point(rw.function, str(path) if path else None)
-        else:  # rewardModel: TRL scores with the model's one-logit head
-            from kubetune_trainer.train import upstream_model_path
-
+        if rw.type == "rewardModel":
             path = upstream_model_path(rw.from_job, ctx) if rw.from_job else \
                 resolve(rw.source, ctx, field=f"{field}.source")
             funcs.append(str(path))
-            weights.append(rw.weight)
             continue
-        funcs.append(r.guarded(name, fn))
-        weights.append(rw.weight)
-    return funcs, weights
+        if rw.type == "python":
+            where = resolve(rw.path, ctx, field=f"{field}.path", kind="dataset") \
+                if rw.path else None
+            fn = rewards.load_entry_point(rw.function, str(where) if where else None)
+        else:
+            fn = BUILTINS[rw.type](rw)
+        funcs.append(rewards.guarded(rw.name or f"{rw.type}{i}", fn))
+    return funcs, [rw.weight for rw in spec.rewards or []]
 
 
 def build(b: Build) -> Any:
