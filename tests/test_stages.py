@@ -242,3 +242,17 @@ def test_a_pipeline_sft_then_dpo_from_its_merged_model_runs_locally(easy, tiny_m
     assert result["global_step"] == 2 and result["base_model"] == "fromJob sft"
     adapter = json.loads(Path(result["adapter"], "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(tmp_path / "out-sft" / "merged")
+
+
+def test_dpo_full_with_reference_log_probs_computed_once(easy, tiny_model, tmp_path):
+    """precomputeRefLogProbs: the reference is scored before training (no copy kept);
+    at step 1 policy == reference, so the sigmoid loss is log 2."""
+    out = tmp_path / "out"
+    result = _run(tmp_path, tiny_spec(tiny_model, [{"source": str(easy)}], out, stage="dpo",
+                                      method={"type": "full"},
+                                      preference={"precomputeRefLogProbs": True},
+                                      training={"maxSteps": 3, "saveSteps": 3, "cutoffLen": 64,
+                                                "learningRate": 1e-3}))
+    losses = [r["loss"] for r in _records(out)]
+    assert result["global_step"] == 3
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3) and losses[-1] < losses[0]
