@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from kubetune.api.stages import MAX_STAGE_METRICS, STAGE_METRIC_PATTERN
+from kubetune.api.stages import FINAL_METRIC_PATTERN, MAX_STAGE_METRICS, STAGE_METRIC_PATTERN
 
 from kubetune_operator import metrics
 from kubetune_operator.builders import PROGRESS_AUDIENCE
@@ -40,7 +40,7 @@ _METRIC_MAP = {"current_step": "step", "total_steps": "totalSteps", "loss": "los
 _TOKENS = "num_input_tokens_seen"
 _OUTPUTS = ("adapter", "mergedModel", "model")
 _STAGE_METRIC = re.compile(STAGE_METRIC_PATTERN)
-_FINAL_METRIC = re.compile(r"^(train_loss|eval_loss|eval_perplexity)$|" + STAGE_METRIC_PATTERN)
+_FINAL_METRIC = re.compile(FINAL_METRIC_PATTERN + "|" + STAGE_METRIC_PATTERN)
 
 # What a status field may hold. A value the API server would refuse (NaN, a 300-digit step)
 # must never reach a patch: the flusher would retry that patch, and every later one, forever.

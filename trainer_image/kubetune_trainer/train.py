@@ -25,7 +25,7 @@ from typing import Any
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
 from kubetune.errors import KubetuneError
 
-from kubetune_trainer import outputs
+from kubetune_trainer import evaluation, outputs
 from kubetune_trainer.config import RunContext
 from kubetune_trainer.outputs import Layout, output_root
 from kubetune_trainer.recipes import Build, Data, recipe
@@ -230,9 +230,18 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
         }
         if data.eval is not None:
             result["metrics"].update(_final_eval(trainer))
+            result["metrics"].update(evaluation.perplexity(result["metrics"]))
         adapter = method(spec).adapter
         if not adapter:
             outputs.save_whole_model(trainer, out)
+        if main and spec.evaluation and spec.evaluation.predict and data.eval_examples:
+            log(f"evaluation: answering up to {spec.evaluation.max_samples} held-out prompts")
+            result["metrics"].update(evaluation.predict(
+                trainer.model, tokenizer, data.template, data.eval_examples,
+                out.root / evaluation.PREDICTIONS_FILE,
+                max_samples=spec.evaluation.max_samples,
+                max_new_tokens=spec.evaluation.max_new_tokens))
+            result["predictions"] = str(out.root / evaluation.PREDICTIONS_FILE)
         if main:
             written = outputs.save(trainer, tokenizer, spec, out, adapter=adapter,
                                    head=rec.HEAD)
@@ -315,9 +324,9 @@ def _final_metrics(metrics: dict[str, float]) -> dict[str, float]:
     import math
     import re
 
-    from kubetune.api.stages import STAGE_METRIC_PATTERN
+    from kubetune.api.stages import FINAL_METRIC_PATTERN, STAGE_METRIC_PATTERN
 
-    keep = re.compile(r"^(train_loss|eval_loss)$|" + STAGE_METRIC_PATTERN)
+    keep = re.compile(FINAL_METRIC_PATTERN + "|" + STAGE_METRIC_PATTERN)
     return {k: v for k, v in metrics.items() if keep.match(k) and math.isfinite(v)}
 
 

@@ -43,6 +43,9 @@ STAGE_METRIC_PATTERN = (r"^(eval_)?(rewards/\w+(/(mean|std))?|logps/\w+|kl|accur
                         r"log_odds_\w+|nll_loss|(min|mean|max)_reward|reward|reward_std|"
                         r"completions/(mean|min|max)_length|completions/clipped_ratio|entropy)$")
 MAX_STAGE_METRICS = 32
+# The run's final metrics kept in status.outputs.metrics (with the stage's, above).
+FINAL_METRIC_PATTERN = (r"^(train_loss|eval_loss|eval_perplexity|predict_rouge1|predict_rouge2|"
+                        r"predict_rougeL|predict_bleu4|predict_samples)$")
 
 IMPLEMENTED_STAGES = frozenset(s for s, i in STAGES.items() if i.implemented)
 PREFERENCE_STAGES = frozenset(s for s, i in STAGES.items() if i.rows in ("pairs", "unpaired"))

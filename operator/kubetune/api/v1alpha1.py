@@ -648,6 +648,38 @@ _PREFERENCE_SPEC_RULES = (
 )
 
 
+# --------------------------------------------------------------------------- evaluation
+
+
+class EvaluationSpec(_Spec):
+    """What runs after the last step, on the held-out rows (training.evalSplit)."""
+
+    predict: Annotated[
+        bool, Field(description="Generate an answer to each held-out prompt (greedy) and "
+                    "score it against the reference answer: ROUGE-1/2/L and BLEU-4 (x100), "
+                    "written with the answers to generated_predictions.jsonl.")
+    ] = False
+    max_samples: Annotated[
+        int, Field(ge=1, le=100_000, description="Held-out prompts answered at most.")
+    ] = 64
+    max_new_tokens: Annotated[
+        int, Field(ge=1, le=32768, description="Tokens generated per answer at most.")
+    ] = 256
+
+
+_EVALUATION_SPEC_RULES = (
+    Rule(
+        cel="!has(self.evaluation) || !has(self.evaluation.predict) || "
+        "!self.evaluation.predict || (has(self.training) && has(self.training.evalSplit) && "
+        "self.training.evalSplit > 0.0 && (!has(self.stage) || self.stage == 'sft'))",
+        message="evaluation.predict needs stage sft and training.evalSplit > 0 (the held-out "
+        "conversations it answers)",
+        check=lambda s: s.evaluation is None or not s.evaluation.predict or (
+            s.training.eval_split > 0 and s.stage == "sft"),
+    ),
+)
+
+
 # --------------------------------------------------------------------------- online RL
 
 
@@ -1109,6 +1141,7 @@ class TrainerSpec(_Spec):
 
 _SPEC_RULES = (
     _STAGE_RULE,
+    *_EVALUATION_SPEC_RULES,
     *_PREFERENCE_SPEC_RULES,
     *_RL_SPEC_RULES,
     Rule(
@@ -1147,6 +1180,10 @@ class FineTuneJobSpec(_Spec):
               "run maximises their weighted sum."),
     ] = None
     grpo: Annotated[GrpoSpec | None, Field(description="grpo: generation and loss.")] = None
+    evaluation: Annotated[
+        EvaluationSpec | None, Field(description="After the last step: answers to held-out "
+                                     "prompts, scored (predict).")
+    ] = None
     method: MethodSpec = MethodSpec()
     template: Annotated[
         Literal[TEMPLATES],  # type: ignore[valid-type]
@@ -1245,8 +1282,9 @@ class Outputs(_Model):
     model: Annotated[str | None, Field(description="The whole model (full, freeze).")] = None
     metrics: Annotated[
         dict[str, float] | None,
-        Field(description="Final metrics of the run: train_loss, eval_loss and the stage's "
-              "eval metrics (e.g. eval_accuracy for rm, eval_rewards/accuracies for dpo)."),
+        Field(description="Final metrics of the run: train_loss, eval_loss, eval_perplexity, "
+              "the stage's eval metrics (e.g. eval_accuracy for rm, eval_rewards/accuracies "
+              "for dpo) and with evaluation.predict predict_rouge1/2/L and predict_bleu4."),
     ] = None
 
 

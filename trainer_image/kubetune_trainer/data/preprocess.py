@@ -136,10 +136,12 @@ class Tokenized:
     input_ids: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
+    sources: list[int] = field(default_factory=list)  # each sequence's example index
 
-    def extend(self, other: Tokenized) -> None:
+    def extend(self, other: Tokenized, offset: int = 0) -> None:
         self.input_ids += other.input_ids
         self.labels += other.labels
+        self.sources += [i + offset for i in other.sources]
         self.stats.add(other.stats)
 
 
@@ -162,8 +164,8 @@ def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: st
         spans.append(None if trained else sp[-1:] if opts.mask_history else sp)
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     eos = tokenizer.eos_token_id
-    for ex, ids, offsets, sp in zip(examples, enc["input_ids"], enc["offset_mapping"], spans,
-                                    strict=True):
+    for n, (ex, ids, offsets, sp) in enumerate(zip(examples, enc["input_ids"],
+                                                   enc["offset_mapping"], spans, strict=True)):
         if "text" in ex:  # plain text: eos at the end, long texts cut into cutoffLen blocks
             arr = np.asarray([*ids, eos] if eos is not None else ids, dtype=np.int32)
             for start in range(0, len(arr), opts.cutoff_len):
@@ -171,6 +173,7 @@ def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: st
                 if len(block) > 1:
                     out.input_ids.append(block)
                     out.labels.append(block)
+                    out.sources.append(n)
                     out.stats.sequences += 1
                     out.stats.tokens += len(block)
                     out.stats.trained_tokens += len(block)
@@ -192,6 +195,7 @@ def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: st
             continue
         out.input_ids.append(ids)
         out.labels.append(labels)
+        out.sources.append(n)
         out.stats.sequences += 1
         out.stats.tokens += len(ids)
         out.stats.trained_tokens += trained
@@ -216,13 +220,13 @@ def tokenize(examples: list[dict[str, Any]], tokenizer: Any, template: str | Non
     chunks = [examples[i: i + CHUNK] for i in range(0, len(examples), CHUNK)]
     result = Tokenized()
     if workers <= 1 or len(chunks) <= 1:
-        for chunk in chunks:
-            result.extend(_tokenize_chunk(chunk, tokenizer, template, opts))
+        for k, chunk in enumerate(chunks):
+            result.extend(_tokenize_chunk(chunk, tokenizer, template, opts), k * CHUNK)
     else:
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(workers, _init_worker, (tokenizer, template, opts)) as pool:
-            for part in pool.imap(_work, chunks):
-                result.extend(part)
+            for k, part in enumerate(pool.imap(_work, chunks)):
+                result.extend(part, k * CHUNK)
     if not result.input_ids:
         raise DataError(
             f"no example keeps a trained token within training.cutoffLen={opts.cutoff_len}; "

@@ -25,6 +25,8 @@ class Data:
     train: Any
     eval: Any | None
     stats: dict[str, Any] = field(default_factory=dict)
+    eval_examples: list[dict[str, Any]] | None = None  # the held-out rows, as conversations
+    template: str | None = None  # the chat template they were rendered with
 
 
 @dataclass

@@ -41,7 +41,11 @@ def prepare(examples: list[dict[str, Any]], tokenizer: Any, template: str | None
         log(f"data: packed into {len(train)} rows of at most {t.cutoff_len} tokens")
     else:
         train = datasets.Dataset.from_dict({"input_ids": train_ids, "labels": train_labels})
-    return Data(train, eval_ds, asdict(st))
+    # For predict-with-generate: the held-out conversations (tokenized rows keep the order of
+    # the examples that kept a trained token; the rest were dropped and are not in the split).
+    return Data(train, eval_ds, asdict(st),
+                eval_examples=[examples[tok.sources[i]] for i in eval_idx],
+                template=template)
 
 
 class Collator:

@@ -1,0 +1,51 @@
+"""After the last step: perplexity, and predict-with-generate scored with ROUGE and BLEU."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import LF_DATA, tiny_spec, write_job
+from kubetune.jobfile import load_job
+from kubetune_trainer.config import RunContext
+from kubetune_trainer.evaluation import perplexity, scores
+from kubetune_trainer.train import run
+
+
+def test_scores_are_100_for_the_reference_and_0_for_nothing_in_common():
+    same = scores([("The capital of France is Paris.", "The capital of France is Paris.")])
+    assert same == {"predict_rouge1": 100.0, "predict_rouge2": 100.0, "predict_rougeL": 100.0,
+                    "predict_bleu4": 100.0}
+    none = scores([("zebra umbrella", "The capital of France is Paris.")])
+    assert none["predict_rouge1"] == 0.0 and none["predict_bleu4"] < 20
+
+
+def test_chinese_is_segmented_into_words_before_rouge():
+    half = scores([("北京是中国的首都", "北京是中国的首都城市")])
+    assert 50 < half["predict_rouge1"] < 100  # words shared, not characters dropped
+    assert scores([("", "北京")])["predict_rouge1"] == 0.0
+
+
+def test_perplexity_is_exp_of_the_eval_loss():
+    assert perplexity({"eval_loss": 2.0}) == {"eval_perplexity": pytest.approx(math.e ** 2)}
+    assert perplexity({"eval_loss": float("nan")}) == {} and perplexity({}) == {}
+
+
+def test_predict_answers_held_out_prompts_and_scores_them(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    spec = tiny_spec(tiny_model, [{"source": str(LF_DATA / "identity.json"),
+                                   "placeholders": {"name": "Kubey", "author": "Ops"}}], out,
+                     training={"maxSteps": 4, "evalSplit": 0.1},
+                     evaluation={"predict": True, "maxSamples": 4, "maxNewTokens": 8})
+    result = run(load_job(write_job(tmp_path / "j.yaml", spec)), RunContext(base_dir=tmp_path),
+                 log=lambda *_: None)
+    rows = [json.loads(line) for line in Path(result["predictions"]).read_text().splitlines()]
+    assert len(rows) == 4 and all(set(r) == {"prompt", "label", "prediction"} for r in rows)
+    assert all(r["prompt"].endswith("<|im_start|>assistant\n") and r["label"] for r in rows)
+    metrics = result["metrics"]
+    for key in ("predict_rouge1", "predict_rouge2", "predict_rougeL", "predict_bleu4"):
+        assert 0.0 <= metrics[key] <= 100.0, key
+    assert metrics["predict_samples"] == 4.0
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
