@@ -23,6 +23,7 @@ def test_validate_a_good_job_checks_the_data_too(tiny_model, tmp_path, lf_data):
     assert res.exit_code == 0, res.output
     assert "schema and rules OK" in res.output
     assert "1299 of 1299 rows usable" in res.output
+    assert "memory: about " in res.output and "GiB per GPU" in res.output
     assert "template renders" in res.output
     assert not (tmp_path / "out").exists()  # validate writes nothing
 

@@ -231,6 +231,47 @@ def crds(out: Annotated[Path | None, typer.Option(help="Write here instead of st
         sys.stdout.write(text)
 
 
+@app.command()
+def estimate(
+    job_file: JobFile,
+    gpu_memory: Annotated[float | None, typer.Option(
+        help="GiB per GPU: exit 2, with the cheapest fixes, when the estimate does not fit.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="The model's config.json (default: the job's model, when it is local, on a "
+        "claim under --pvc-root, or embedded).")] = None,
+    pvc_root: PvcRoot = None,
+) -> None:
+    """Per-GPU memory of a job (weights, gradients, optimizer, activations), from the model's
+    config.json alone."""
+    import json
+
+    from kubetune.estimate import GIB, estimate, fixes
+    from kubetune.jobfile import load_job
+
+    job = load_job(job_file)
+    if config is None:
+        source = job.spec.model.source or ""
+        if job.spec.model.from_job or source.startswith(("hf://", "s3://", "gs://", "http")):
+            _fail(KubetuneError("the model's config.json is not here (a remote model or "
+                                "another job's result): pass it with --config",
+                                field="spec.model"))
+        from kubetune_trainer.train import model_path
+
+        config = model_path(job.spec, _context(job_file, pvc_root)) / "config.json"
+    try:
+        est = estimate(json.loads(config.read_text()), job.spec)
+    except (OSError, ValueError) as e:
+        _fail(KubetuneError(f"{config}: {e}"))
+        return
+    for line in est.lines():
+        print(line)
+    if gpu_memory is not None and est.total > gpu_memory * GIB:
+        _fail(KubetuneError(
+            f"about {est.total / GIB:.1f} GiB per GPU does not fit in {gpu_memory:g} GiB; "
+            "cheapest fixes: " + "; ".join(fixes(job.spec))))
+
+
 STARTERS = Path(__file__).resolve().parent / "starters"
 STARTER_HELP = {
     "local": "LoRA on the bundled small model, here (writes data.json too)",

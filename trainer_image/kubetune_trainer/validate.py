@@ -7,6 +7,8 @@ past data preparation in the pod.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob
 
@@ -28,6 +30,20 @@ def preflight_all(job: FineTuneJob, ctx: RunContext) -> Iterator[str]:
     data = prepare_data(spec, ctx, tokenizer, rec, log=lines.append, limit=SAMPLE)
     yield from lines
     rows = min(SAMPLE, data.stats["rows"])
+    yield _memory_line(path / "config.json", spec)
     yield (f"model: {path}; template renders; stage {spec.stage}: the first {rows} rows give"
            f" {len(data.train)} training rows"
            + (f" and {len(data.eval)} eval rows" if data.eval is not None else ""))
+
+
+def _memory_line(config: Path, spec: Any) -> str:
+    import json
+
+    from kubetune.estimate import GIB, estimate
+
+    try:
+        est = estimate(json.loads(config.read_text()), spec)
+    except (OSError, ValueError) as err:
+        return f"memory: not estimated ({err})"
+    return (f"memory: about {est.total / GIB:.1f} GiB per GPU "
+            "(`kubetune estimate` for the parts)")
