@@ -56,13 +56,6 @@ def _no_config(kubeconfig: str | None, problem: Exception) -> str:
             "(and not running in a cluster)")
 
 
-def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def show(body: dict[str, Any], console: Console) -> None:
     meta, status = body["metadata"], body.get("status") or {}
     gen, seen = meta.get("generation"), status.get("observedGeneration")
@@ -74,7 +67,7 @@ def show(body: dict[str, Any], console: Console) -> None:
         console.print(
             f"step {p.get('step', '?')}/{p.get('totalSteps', '?')} ({p.get('percent', '?')}%)  "
             f"loss {p.get('loss', '?')}  lr {p.get('learningRate', '?')}  "
-            f"tokens/s {p.get('tokensPerSecond', '?')}  eta {_eta(p.get('etaSeconds'))}")
+            f"tokens/s {p.get('tokensPerSecond', '?')}  eta {p.get('eta', '?')}")
         if p.get("metrics"):
             console.print("  ".join(f"{escape(k)} {v:.4g}" for k, v in p["metrics"].items()
                                     if isinstance(v, int | float)), highlight=False)

@@ -214,8 +214,7 @@ def guarded(name: str, fn: RewardFn) -> RewardFn:
 
 
 def _snippet(value: Any, limit: int = 80) -> str:
-    text = json.dumps(_text(value) if not isinstance(value, str) else value,
-                      ensure_ascii=False)
+    text = json.dumps(_text(value), ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
