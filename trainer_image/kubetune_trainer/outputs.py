@@ -255,3 +255,29 @@ def status_outputs(spec: FineTuneJobSpec, written: dict[str, str]) -> dict[str, 
     """The same outputs as URIs under spec.output.uri, keyed as in the FineTuneJob status."""
     base = spec.output.uri.rstrip("/")
     return {STATUS_KEYS[k]: f"{base}/{Path(v).name}" for k, v in written.items()}
+
+
+def upstream_model_path(name: str, ctx: RunContext) -> Path:
+    """spec.model.fromJob, locally: the job file of that name beside this one, and the model
+    its finished run wrote (result.json). In a cluster the operator resolves it instead."""
+    from kubetune.jobfile import load_job
+    from kubetune.pipeline import FIELD, upstream_model
+
+    for candidate in sorted([*ctx.base_dir.glob("*.yaml"), *ctx.base_dir.glob("*.yml")]):
+        try:
+            other = load_job(candidate)
+        except KubetuneError:
+            continue
+        if other.metadata.name != name:
+            continue
+        result = Layout(output_root(other.spec, ctx)).result
+        if not result.exists():
+            raise KubetuneError(f"{name!r} ({candidate.name}) has not finished here: no "
+                                f"{result}; run it first: kubetune run {candidate}", field=FIELD)
+        done = json.loads(result.read_text())
+        model, _, problem = upstream_model(name, "Succeeded", done)
+        if model is None:
+            raise KubetuneError((problem or f"{name!r}: its {result} lists no model"
+                                 ).removeprefix(f"{FIELD}: "), field=FIELD)
+        return Path(model)
+    raise KubetuneError(f"no job file for FineTuneJob {name!r} in {ctx.base_dir}", field=FIELD)

@@ -46,39 +46,13 @@ def preflight(spec: FineTuneJobSpec) -> Any:
 
 def model_path(spec: FineTuneJobSpec, ctx: RunContext) -> Path:
     if spec.model.from_job:
-        path, field = upstream_model_path(spec.model.from_job, ctx), "spec.model.fromJob"
+        path, field = outputs.upstream_model_path(spec.model.from_job, ctx), "spec.model.fromJob"
     else:
         field = "spec.model.source"
         path = resolve(spec.model.source, ctx, field=field, revision=spec.model.revision)
     if not (path / "config.json").exists():
         raise KubetuneError(f"no model at {path} (config.json missing)", field=field)
     return path
-
-
-def upstream_model_path(name: str, ctx: RunContext) -> Path:
-    """spec.model.fromJob, locally: the job file of that name beside this one, and the model
-    its finished run wrote (result.json). In a cluster the operator resolves it instead."""
-    from kubetune.jobfile import load_job
-    from kubetune.pipeline import FIELD, upstream_model
-
-    for candidate in sorted([*ctx.base_dir.glob("*.yaml"), *ctx.base_dir.glob("*.yml")]):
-        try:
-            other = load_job(candidate)
-        except KubetuneError:
-            continue
-        if other.metadata.name != name:
-            continue
-        result = Layout(output_root(other.spec, ctx)).result
-        if not result.exists():
-            raise KubetuneError(f"{name!r} ({candidate.name}) has not finished here: no "
-                                f"{result}; run it first: kubetune run {candidate}", field=FIELD)
-        done = json.loads(result.read_text())
-        model, _, problem = upstream_model(name, "Succeeded", done)
-        if model is None:
-            raise KubetuneError((problem or f"{name!r}: its {result} lists no model"
-                                 ).removeprefix(f"{FIELD}: "), field=FIELD)
-        return Path(model)
-    raise KubetuneError(f"no job file for FineTuneJob {name!r} in {ctx.base_dir}", field=FIELD)
 
 
 def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: Any, *,

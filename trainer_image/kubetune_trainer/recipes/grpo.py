@@ -65,8 +65,8 @@ BUILTINS: dict[str, Callable[[Any], Any]] = {
 def reward_functions(spec: FineTuneJobSpec, ctx: Any) -> tuple[list[Any], list[float]]:
     """The spec's rewards as TRL reward functions (each guarded), and their weights. A reward
     model goes to TRL as its directory: TRL scores with its one-logit head."""
+    from kubetune_trainer.outputs import upstream_model_path
     from kubetune_trainer.sources import resolve
-    from kubetune_trainer.train import upstream_model_path
 
     funcs: list[Any] = []
     for i, rw in enumerate(spec.rewards or []):
