@@ -1,0 +1,109 @@
+"""FineTuneJobStatus: what the operator observed."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from kubetune.api.v1alpha1._base import _Model
+
+# --------------------------------------------------------------------------- status
+
+
+def _d(text: str) -> Any:
+    return Field(description=text)
+
+
+class Condition(_Model):
+    """A kstatus-style condition: Ready, Reconciling, Stalled, Succeeded, Queued."""
+
+    type: Annotated[str, _d("Ready, Reconciling, Stalled, Succeeded or Queued.")]
+    status: Annotated[Literal["True", "False", "Unknown"], _d("True, False or Unknown.")]
+    reason: Annotated[str | None, _d("A CamelCase reason, e.g. WaitingForAdmission.")] = None
+    message: Annotated[str | None, _d("What a person should know.")] = None
+    observed_generation: Annotated[
+        int | None, _d("The metadata.generation this condition was computed for.")] = None
+    last_transition_time: Annotated[str | None, _d("When status last changed (RFC 3339).")
+                                    ] = None
+
+
+class Progress(_Model):
+    """The latest progress the trainer reported."""
+
+    step: Annotated[int | None, _d("Optimizer steps done.")] = None
+    total_steps: Annotated[int | None, _d("Optimizer steps in the whole run.")] = None
+    steps: Annotated[str | None, _d('step/totalSteps, e.g. "120/400" (for kubectl get).')
+                     ] = None
+    percent: Annotated[float | None, _d("Share of the steps done, 0–100.")] = None
+    eta_seconds: Annotated[float | None, _d("Estimated seconds until the last step.")] = None
+    eta: Annotated[str | None, _d('The same, for people, e.g. "1h05m" (for kubectl get).')
+                   ] = None
+    loss: Annotated[float | None, _d("Training loss at the last logged step.")] = None
+    learning_rate: Annotated[float | None, _d("Learning rate at the last logged step.")
+                             ] = None
+    tokens_per_second: Annotated[float | None, _d("Training throughput, all GPUs together.")
+                                 ] = None
+    epoch: Annotated[float | None, _d("Passes over the data so far (fractional).")] = None
+    metrics: Annotated[
+        dict[str, float] | None,
+        Field(description="What the stage logs beside the loss, latest value each: for "
+              "preference stages rewards/chosen, rewards/rejected, rewards/margins, "
+              "rewards/accuracies, kl (kto), accuracy (rm); for grpo reward, "
+              "rewards/NAME/mean and completion lengths; eval_ first for evaluation."),
+    ] = None
+    updated_at: Annotated[str | None, _d("When the trainer sent this (RFC 3339).")] = None
+
+
+class Checkpoint(_Model):
+    """A complete checkpoint a restarted run can resume from."""
+
+    step: Annotated[int, _d("The step it was saved at.")]
+    loss: Annotated[float | None, _d("Training loss then.")] = None
+    uri: Annotated[str, _d("Where it is, under spec.output.uri.")]
+
+
+class Outputs(_Model):
+    """What the run produced, as URIs under spec.output.uri."""
+
+    adapter: Annotated[str | None, _d("The LoRA adapter (lora, qlora).")] = None
+    merged_model: Annotated[str | None, _d("Base + adapter merged into one model "
+                                           "(output.merge).")] = None
+    model: Annotated[str | None, Field(description="The whole model (full, freeze).")] = None
+    metrics: Annotated[
+        dict[str, float] | None,
+        Field(description="Final metrics of the run: train_loss, eval_loss, eval_perplexity, "
+              "the stage's eval metrics (e.g. eval_accuracy for rm, eval_rewards/accuracies "
+              "for dpo) and with evaluation.predict predict_rouge1/2/L and predict_bleu4."),
+    ] = None
+
+
+class Failure(_Model):
+    """Why a run failed, kept after its pods are gone."""
+
+    reason: Annotated[str, _d("A CamelCase reason, e.g. OOMKilled, DataError, InvalidSpec.")]
+    message: Annotated[str | None, _d("What went wrong, naming the field when a field did.")
+                       ] = None
+    exit_code: Annotated[int | None, _d("The training container's exit code.")] = None
+    pod: Annotated[str | None, _d("The pod that failed.")] = None
+    log_tail: Annotated[str | None, Field(description="Last lines of the failing log.")] = None
+
+
+class FineTuneJobStatus(_Model):
+    """What the operator observed; written only by the operator."""
+
+    phase: Annotated[
+        Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"] | None,
+        _d("Pending, Queued, Running, Succeeded, Failed or Suspended; the conditions say why."),
+    ] = None
+    observed_generation: Annotated[int | None, _d("The metadata.generation the status is "
+                                                  "for.")] = None
+    conditions: Annotated[list[Condition], _d("Ready, Reconciling, Stalled, Succeeded, "
+                                               "Queued.")] = []
+    progress: Annotated[Progress | None, _d("The latest progress the trainer reported.")
+                        ] = None
+    checkpoints: Annotated[list[Checkpoint], _d("Complete checkpoints, oldest first, as many "
+                                                "as training.saveTotalLimit keeps.")] = []
+    outputs: Annotated[Outputs | None, _d("What the run produced.")] = None
+    failure: Annotated[Failure | None, _d("Why the run failed, kept after its pods are gone."
+                                          )] = None
