@@ -106,8 +106,9 @@ def cluster(kmock):
 
 
 class Operator:
-    def __init__(self, cluster):
+    def __init__(self, cluster, gpu_memory=()):
         self.cluster = cluster
+        self.gpu_memory = gpu_memory  # the chart's gpuMemory table
         cfg = kubernetes.client.Configuration(host=str(cluster.url))
         self.api = kubernetes.client.ApiClient(cfg)  # the test's own calls
         self.operator_api = kubernetes.client.ApiClient(cfg)
@@ -125,7 +126,8 @@ class Operator:
         memo = kopf.Memo(
             kube=rc.Kube(self.operator_api), store=ProgressStore(), progress_port=self.port,
             config=OperatorConfig(trainer_image="reg/trainer:1",
-                                  progress_url=f"http://127.0.0.1:{self.port}/v1"))
+                                  progress_url=f"http://127.0.0.1:{self.port}/v1",
+                                  gpu_memory=self.gpu_memory))
         self.stop_flag = threading.Event()
         ready = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(kopf.operator(
@@ -603,3 +605,72 @@ def test_rendered_children_match_what_the_operator_creates():
     a = builders.children(job=job, config=OperatorConfig(), uid="u")
     b = builders.children(job=job, config=OperatorConfig(), uid="u")
     assert a == b
+
+
+# Qwen2-72B's published config.json (72.7 B parameters).
+QWEN2_72B = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 8192,
+             "intermediate_size": 29568, "num_attention_heads": 64, "num_hidden_layers": 80,
+             "num_key_value_heads": 8, "vocab_size": 152064, "tie_word_embeddings": False,
+             "torch_dtype": "bfloat16"}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A real HTTP server answering like the Hub's resolve URLs (config.json only)."""
+    import functools
+    import http.server
+    import json
+
+    root = tmp_path / "hub"
+    (root / "Qwen" / "Qwen2-72B" / "resolve" / "main").mkdir(parents=True)
+    (root / "Qwen" / "Qwen2-72B" / "resolve" / "main" / "config.json").write_text(
+        json.dumps(QWEN2_72B))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    rc._CONFIGS.clear()
+    yield root
+    server.shutdown()
+    rc._CONFIGS.clear()
+
+
+async def test_a_job_that_cannot_fit_its_gpus_is_refused_before_any_child(cluster, hub):
+    """The issue's example: a 72B full fine-tune, batch 64 × 32k tokens, on one GPU. Refused
+    with the numbers and the fixes, whether the job says its GPU's memory or the chart does;
+    once fixed, it gets its children."""
+    op = Operator(cluster, gpu_memory=(("default", "80Gi"),))
+    await op.start()
+    try:
+        big = {"method": {"type": "full"}, "model": {"source": "hf://Qwen/Qwen2-72B"},
+               "training": {"batchSizePerDevice": 64, "cutoffLen": 32768, "packing": False},
+               "output": {"uri": "pvc://outputs/big"}}
+        await op.create(_job(name="own", **big, resources={"gpusPerNode": 1,
+                                                            "gpuMemory": "141Gi"}))
+        await op.create(_job(name="chart", **big))
+        for name, limit in (("own", "141 GiB"), ("chart", "80 GiB")):
+            await eventually(lambda n=name: _assert(_phase(cluster, n) == "Failed"))
+            stalled = next(c for c in _status(cluster, name)["conditions"]
+                           if c["type"] == "Stalled")
+            assert stalled["status"] == "True" and stalled["reason"] == "InsufficientGPUMemory"
+            msg = stalled["message"]
+            assert msg.startswith("spec.resources: about ") and f"does not fit in {limit}" \
+                in msg, msg
+            assert "cheapest fixes: training.gradientCheckpointing: true" in msg
+            assert "resources.strategy: zero3-offload" in msg and "method.type: qlora" in msg
+        assert not _children(cluster, PTJ) and not _children(cluster, CM)
+
+        # Fixed (QLoRA, one row of 4k tokens, checkpointing): the job gets its children.
+        await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                                "v1alpha1", NS, "finetunejobs", "own", {
+                                    "metadata": {"generation": 2},
+                                    "spec": {"method": {"type": "qlora"}, "training": {
+                                        "batchSizePerDevice": 1, "cutoffLen": 4096,
+                                        "gradientCheckpointing": True}}})
+        await eventually(lambda: cluster.objects[PTJ, NS, "own"])
+        await eventually(lambda: _assert(_phase(cluster, "own") == "Queued"))
+        assert (PTJ, NS, "chart") not in cluster.objects
+    finally:
+        await op.stop()

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
+from kubetune.strategy import launcher_args
 
 from kubetune_operator.backends import PYTORCHJOB, Backend
 
@@ -43,6 +44,9 @@ class OperatorConfig:
     default_priority_class: str | None = None  # for jobs that name none
     default_queue: str | None = None  # Kueue queue for jobs without the queue label
     failure_log_tail: bool = True  # status.failure.logTail (visible to the job's readers)
+    # Memory of one GPU by product label value ("default": jobs that select none); a job's
+    # resources.gpuMemory wins. Jobs whose estimate does not fit get no children.
+    gpu_memory: tuple[tuple[str, str], ...] = ()
 
 
 def child_name(job: FineTuneJob) -> str:
@@ -197,7 +201,8 @@ def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str) -> dict
         "name": "pytorch",  # PyTorchJob requires this name
         "image": image,
         "command": ["kubetune-launch"],  # accelerate, topology from the PET_* variables
-        "args": [f"{CONFIG_DIR}/{CONFIG_KEY}", "--pvc-root", PVC_ROOT],
+        "args": [f"{CONFIG_DIR}/{CONFIG_KEY}", "--pvc-root", PVC_ROOT,
+                 *launcher_args(spec)],  # resources.strategy: DeepSpeed / FSDP
         "env": _env(job, config),
         "ports": [{"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT,
                    "protocol": "TCP"}],

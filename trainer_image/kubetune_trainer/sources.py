@@ -68,11 +68,14 @@ def resolve(
     kind: str = "model",
     revision: str | None = None,
     token_env: str = "HF_TOKEN",
+    light: bool = False,
 ) -> Path:
     """Return a local path for ``uri``; downloads (hf, s3, gs, https) land in the cache.
 
     ``token_env`` names the variable holding this source's token (the operator sets one per
     secretRef: HF_TOKEN for the model, KUBETUNE_DATASET_<i>_TOKEN for data set i).
+    ``light``: of an hf:// model only config and tokenizer files, never the weights
+    (validate, estimate).
     """
     scheme, rest = split_uri(uri)
     if scheme == "":
@@ -91,7 +94,8 @@ def resolve(
         return materialize(rest, ctx.cache_dir, field=field)
     if scheme == "hf":
         return _hf_download(rest, ctx, field=field, kind=kind, revision=revision,
-                            token=os.environ.get(token_env) or os.environ.get("HF_TOKEN"))
+                            token=os.environ.get(token_env) or os.environ.get("HF_TOKEN"),
+                            light=light)
     if scheme in FSSPEC_SCHEMES:
         # HF_TOKEN is for the Hub: only a source's own secretRef goes to another host.
         token = os.environ.get(token_env) if token_env != "HF_TOKEN" else None
@@ -99,9 +103,13 @@ def resolve(
     raise SourceError(f"unsupported scheme {scheme}://", field=field)
 
 
+# What describes a model without its weights: config, tokenizer, chat template.
+LIGHT_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
 def _hf_download(
     rest: str, ctx: RunContext, *, field: str, kind: str, revision: str | None,
-    token: str | None,
+    token: str | None, light: bool = False,
 ) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -115,6 +123,7 @@ def _hf_download(
             revision=revision,
             token=token or None,
             cache_dir=ctx.cache_dir / "hf",
+            allow_patterns=LIGHT_PATTERNS if light and kind == "model" else None,
         )
     except LocalEntryNotFoundError:
         raise SourceError(

@@ -44,12 +44,14 @@ def preflight(spec: FineTuneJobSpec) -> Any:
     return rec
 
 
-def model_path(spec: FineTuneJobSpec, ctx: RunContext) -> Path:
+def model_path(spec: FineTuneJobSpec, ctx: RunContext, *, light: bool = False) -> Path:
+    """The model's directory; ``light``: an hf:// model's config and tokenizer only."""
     if spec.model.from_job:
         path, field = outputs.upstream_model_path(spec.model.from_job, ctx), "spec.model.fromJob"
     else:
         field = "spec.model.source"
-        path = resolve(spec.model.source, ctx, field=field, revision=spec.model.revision)
+        path = resolve(spec.model.source, ctx, field=field, revision=spec.model.revision,
+                       light=light)
     if not (path / "config.json").exists():
         raise KubetuneError(f"no model at {path} (config.json missing)", field=field)
     return path

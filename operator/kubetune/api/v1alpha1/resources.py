@@ -75,8 +75,7 @@ class ResourcesSpec(_Spec):
               "zero2 (DeepSpeed ZeRO-2: gradients and optimizer state sharded), zero2-offload "
               "(optimizer state in CPU memory), zero3 (weights sharded too), zero3-offload "
               "(weights and optimizer state in CPU memory) or fsdp2 (PyTorch FSDP2, like "
-              "zero3). Checkpoints are in the strategy's format: it cannot change.",
-              json_schema_extra=immutable("spec.resources.strategy"), **_ENUM),
+              "zero3).", **_ENUM),
     ] = Strategy.ddp
     gpu_memory: Annotated[
         str | None,
