@@ -144,6 +144,8 @@ CASES = {
         {"gpusPerNode": 8, "nodes": 4},
         {"gpuMemory": "80Gi"}, {"gpuMemory": "80Gi", "gpusPerNode": 0},
         {"gpuMemory": "24G", "gpusPerNode": 2, "strategy": "zero3-offload"},
+        {"strategy": "fsdp2"}, {"strategy": "fsdp2", "gpusPerNode": 0},
+        {"strategy": "zero3", "gpusPerNode": 0},
     ],
 }
 

@@ -607,36 +607,6 @@ def test_rendered_children_match_what_the_operator_creates():
     assert a == b
 
 
-# Qwen2-72B's published config.json (72.7 B parameters).
-QWEN2_72B = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 8192,
-             "intermediate_size": 29568, "num_attention_heads": 64, "num_hidden_layers": 80,
-             "num_key_value_heads": 8, "vocab_size": 152064, "tie_word_embeddings": False,
-             "torch_dtype": "bfloat16"}
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A real HTTP server answering like the Hub's resolve URLs (config.json only)."""
-    import functools
-    import http.server
-    import json
-
-    root = tmp_path / "hub"
-    (root / "Qwen" / "Qwen2-72B" / "resolve" / "main").mkdir(parents=True)
-    (root / "Qwen" / "Qwen2-72B" / "resolve" / "main" / "config.json").write_text(
-        json.dumps(QWEN2_72B))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    rc._CONFIGS.clear()
-    yield root
-    server.shutdown()
-    rc._CONFIGS.clear()
-
-
 async def test_a_job_that_cannot_fit_its_gpus_is_refused_before_any_child(cluster, hub):
     """The issue's example: a 72B full fine-tune, batch 64 × 32k tokens, on one GPU. Refused
     with the numbers and the fixes, whether the job says its GPU's memory or the chart does;

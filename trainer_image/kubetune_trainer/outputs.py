@@ -204,16 +204,18 @@ def write_json(path: Path, data: Any) -> None:
     tmp.rename(path)
 
 
-def save_whole_model(trainer: Any, out: Layout) -> None:
-    """Every rank calls this (ZeRO-3/FSDP gather the weights); rank 0 writes the staging dir."""
-    trainer.save_model(str(staging(out.model)))
+def save_whole_model(trainer: Any, out: Layout, *, adapter: bool = False) -> None:
+    """Every rank calls this (ZeRO-3/FSDP gather the weights); rank 0 writes the staging dir:
+    the whole model, or (``adapter``, with sharded weights) the adapter alone."""
+    trainer.save_model(str(staging(out.adapter if adapter else out.model)))
     trainer.accelerator.wait_for_everyone()
 
 
 def save(trainer: Any, tokenizer: Any, spec: FineTuneJobSpec, out: Layout, *, adapter: bool,
-         head: str) -> dict[str, str]:
-    """Rank 0, after ``save_whole_model`` on every rank for whole-model methods. Returns what
-    was written: adapter (+ merged_model), or model."""
+         head: str, gathered: bool = False) -> dict[str, str]:
+    """Rank 0, after ``save_whole_model`` on every rank for whole-model methods (and for
+    adapters when the weights are sharded: ``gathered``). Returns what was written: adapter
+    (+ merged_model), or model."""
     model = trainer.model
     model.config.use_cache = True
     written: dict[str, str] = {}
@@ -222,10 +224,15 @@ def save(trainer: Any, tokenizer: Any, spec: FineTuneJobSpec, out: Layout, *, ad
         return lambda p: (obj.save_pretrained(p), tokenizer.save_pretrained(p))
 
     if adapter:
-        written["adapter"] = str(replace_dir(out.adapter, with_tokenizer(model)))
+        if gathered:  # this rank's model holds only its shard: the adapter is on disk
+            tokenizer.save_pretrained(staging(out.adapter))
+            swap_in(staging(out.adapter), out.adapter)
+        else:
+            replace_dir(out.adapter, with_tokenizer(model))
+        written["adapter"] = str(out.adapter)
         if spec.output.merge:
-            merged = _merge_full_precision(model, head) if spec.method.type == "qlora" \
-                else model.merge_and_unload()
+            merged = _merge_full_precision(model, head, out.adapter if gathered else None) \
+                if spec.method.type == "qlora" or gathered else model.merge_and_unload()
             written["merged_model"] = str(replace_dir(out.merged, with_tokenizer(merged)))
     else:
         tokenizer.save_pretrained(staging(out.model))
@@ -234,16 +241,24 @@ def save(trainer: Any, tokenizer: Any, spec: FineTuneJobSpec, out: Layout, *, ad
     return written
 
 
-def _merge_full_precision(model: Any, head: str) -> Any:
-    """QLoRA: merge the adapter into an unquantized copy of the base model."""
+def _merge_full_precision(model: Any, head: str, saved: Path | None = None) -> Any:
+    """QLoRA, or sharded weights: merge the adapter (``saved`` there already, or saved from
+    ``model``) into a fresh, unquantized copy of the base model."""
     import tempfile
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.integrations import unset_hf_deepspeed_config
 
+    # Rank 0 alone loads this copy, whole: not through ZeRO-3's collective, partitioned
+    # loading (the run's last load; the trainer is done with it).
+    unset_hf_deepspeed_config()
     base_path = model.peft_config["default"].base_model_name_or_path
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        if saved is None:
+            model.save_pretrained(tmp)
+        else:
+            tmp = str(saved)
         if head == "reward":
             base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1)
         else:

@@ -24,6 +24,7 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
 from kubetune.errors import KubetuneError
+from kubetune.strategy import STRATEGIES, strategy_of
 
 from kubetune_trainer import evaluation, outputs
 from kubetune_trainer.config import RunContext
@@ -161,12 +162,17 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     progress = ProgressLog(out.progress, echo=not sys.stderr.isatty())
     if main:
         callbacks.append(progress)
+    args = training_args(spec, out, has_eval=data.eval is not None)
+    sharded = _sharded_loading(spec, args)  # kept alive until the trainer is built
+    model = load_model(path, spec, head=rec.HEAD, pad_token_id=tokenizer.pad_token_id)
+    if sharded is not None and main:
+        log(f"{strategy_of(spec)}: the weights loaded sharded over {state.num_processes} "
+            "processes")
     trainer = rec.build(Build(
-        spec=spec, model=load_model(path, spec, head=rec.HEAD,
-                                    pad_token_id=tokenizer.pad_token_id),
-        tokenizer=tokenizer, data=data,
-        args=training_args(spec, out, has_eval=data.eval is not None),
+        spec=spec, model=model, tokenizer=tokenizer, data=data, args=args,
         callbacks=callbacks, peft_config=peft_config(spec, head=rec.HEAD), ctx=ctx))
+    del sharded
+    _check_strategy(trainer, spec)
     _check_kept(trainer, data, spec, log if main else _quiet)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -208,8 +214,9 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
             result["metrics"].update(_final_eval(trainer))
             result["metrics"].update(evaluation.perplexity(result["metrics"]))
         adapter = method(spec).adapter
-        if not adapter:
-            outputs.save_whole_model(trainer, out)
+        gathered = STRATEGIES[strategy_of(spec)].shard_weights  # a rank holds a shard only
+        if not adapter or gathered:
+            outputs.save_whole_model(trainer, out, adapter=adapter)
         if main and spec.evaluation and spec.evaluation.predict and data.eval_examples:
             log(f"evaluation: answering up to {spec.evaluation.max_samples} held-out prompts")
             result["metrics"].update(evaluation.predict(
@@ -220,7 +227,7 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
             result["predictions"] = str(out.root / evaluation.PREDICTIONS_FILE)
         if main:
             written = outputs.save(trainer, tokenizer, spec, out, adapter=adapter,
-                                   head=rec.HEAD)
+                                   head=rec.HEAD, gathered=gathered)
             result.update(written)
             post_to_operator({"outputs": {**outputs.status_outputs(spec, written),
                                           "metrics": _final_metrics(result["metrics"])}})
@@ -308,6 +315,40 @@ def _final_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _sharded_loading(spec: FineTuneJobSpec, args: dict[str, Any]) -> Any:
+    """With ZeRO-3 the training arguments come before the model: they tell transformers to
+    load the weights already partitioned (deepspeed.zero.Init), not whole on every process.
+    Returns what must stay alive while the model loads (None without ZeRO-3)."""
+    info = STRATEGIES[strategy_of(spec)]
+    if info.engine != "deepspeed" or not info.shard_weights:
+        return None
+    from transformers import TrainingArguments
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    made = TrainingArguments(**args)
+    return made if is_deepspeed_zero3_enabled() else None
+
+
+def _check_strategy(trainer: Any, spec: FineTuneJobSpec) -> None:
+    """resources.strategy is what the trainer really runs: a trainer started without
+    kubetune-launch, or FSDP on CPU (accelerate runs FSDP on GPUs only), would otherwise
+    train as plain data parallel, and run out of memory where the estimate said it fits."""
+    from kubetune_trainer.model import has_cuda
+
+    strategy = strategy_of(spec)
+    want = STRATEGIES[strategy].engine
+    got = "deepspeed" if trainer.is_deepspeed_enabled else \
+        "fsdp" if trainer.is_fsdp_enabled else None
+    if want is None or want == got:
+        return
+    if want == "fsdp" and not has_cuda():
+        raise KubetuneError("fsdp2 needs CUDA GPUs (accelerate runs FSDP on GPUs only); on "
+                            "CPU use zero3", field="spec.resources.strategy")
+    raise KubetuneError(f"{strategy}: this trainer runs {got or 'plain data parallel'}; start "
+                        f"it with kubetune-launch --strategy {strategy} (as the operator and "
+                        "kubetune run do)", field="spec.resources.strategy")
 
 
 def _distributed_state(partial_state: Any) -> Any:

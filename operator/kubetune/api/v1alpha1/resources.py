@@ -53,6 +53,13 @@ _RESOURCE_RULES = (
         "one GPU)",
         check=lambda r: r.gpu_memory is None or r.gpus_per_node > 0,
     ),
+    Rule(
+        cel="!has(self.strategy) || self.strategy != 'fsdp2' || !has(self.gpusPerNode) "
+        "|| self.gpusPerNode > 0",
+        message="resources.strategy fsdp2 needs resources.gpusPerNode > 0 (FSDP runs on GPUs "
+        "only; zero3 shards the same way on CPU too)",
+        check=lambda r: r.strategy != "fsdp2" or r.gpus_per_node > 0,
+    ),
 )
 
 
