@@ -336,11 +336,12 @@ class Driver:
         return body["metadata"]["name"]
 
 
-async def _created_times(backend, applied: dict[str, float], timeout: float
-                         ) -> dict[str, float]:
+async def _created_times(backend, applied: dict[str, float], expected: int,
+                         timeout: float) -> dict[str, float]:
+    """Watch for the children of `applied` (filled while this runs) until `expected` exist."""
     created: dict[str, float] = {}
     deadline = time.monotonic() + timeout
-    while len(created) < len(applied) and time.monotonic() < deadline:
+    while len(created) < expected and time.monotonic() < deadline:
         now = time.monotonic()
         for name in backend.created() & applied.keys() - created.keys():
             created[name] = now - applied[name]
@@ -350,25 +351,25 @@ async def _created_times(backend, applied: dict[str, float], timeout: float
 
 async def _burst(driver: Driver, n: int) -> list[float]:
     applied: dict[str, float] = {}
+    seen = asyncio.create_task(_created_times(driver.backend, applied, n, 60 + n * 0.2))
     for i in range(n):
-        name = f"job-{i:05d}"
-        applied[name] = time.monotonic()
+        applied[f"job-{i:05d}"] = time.monotonic()
         await driver.apply(i)
-    return list((await _created_times(driver.backend, applied, 60 + n * 0.2)).values())
+    return list((await seen).values())
 
 
 async def _steady(driver: Driver, first: int, rate: float, seconds: float) -> list[float]:
     """Jobs applied one at a time at `rate` per second while the operator already holds the
     burst's jobs; each job's latency is measured alone."""
     applied: dict[str, float] = {}
-    t0 = time.monotonic()
     count = int(rate * seconds)
+    seen = asyncio.create_task(_created_times(driver.backend, applied, count, seconds + 60))
+    t0 = time.monotonic()
     for k in range(count):
         await asyncio.sleep(max(0.0, t0 + k / rate - time.monotonic()))
-        name = f"job-{first + k:05d}"
-        applied[name] = time.monotonic()
+        applied[f"job-{first + k:05d}"] = time.monotonic()
         await driver.apply(first + k)
-    return list((await _created_times(driver.backend, applied, 60)).values())
+    return list((await seen).values())
 
 
 async def _progress(driver: Driver, n: int, every: float, seconds: float, port: int
