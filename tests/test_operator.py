@@ -629,7 +629,7 @@ async def test_a_job_that_cannot_fit_its_gpus_is_refused_before_any_child(cluste
             assert msg.startswith("spec.resources: about ") and f"does not fit in {limit}" \
                 in msg, msg
             assert "cheapest fixes: training.gradientCheckpointing: true" in msg
-            assert "resources.strategy: zero3-offload" in msg and "method.type: qlora" in msg
+            assert "resources.strategy: zero3-offload" in msg and "(QLoRA: " in msg
         assert not _children(cluster, PTJ) and not _children(cluster, CM)
 
         # Fixed (QLoRA, one row of 4k tokens, checkpointing): the job gets its children.

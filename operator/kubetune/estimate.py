@@ -47,7 +47,7 @@ class Estimate:
                    f"{'s' if self.world_size > 1 else ''})")
         if self.offloaded:
             out.append(f"{'CPU memory':<14} {self.offloaded / GIB:8.2f} GiB per GPU "
-                       "(offloaded)")
+                       "(offloaded: the node needs this per GPU in RAM)")
         return out
 
 
@@ -86,18 +86,26 @@ def world_size(spec: Any) -> int:
     return r.nodes * max(r.gpus_per_node, 1)
 
 
+def _optimizer_name(spec: Any) -> str:
+    opt = getattr(spec.training, "optimizer", None)  # an OptimizerSpec, or absent
+    return str(getattr(opt, "name", opt) or "adamw").lower()
+
+
 def _optimizer_state_bytes(spec: Any, trained_width: float, deepspeed: bool) -> float:
-    """Bytes of optimizer state per trained parameter (training.optimizer when the API has
-    it; AdamW otherwise)."""
-    name = str(getattr(spec.training, "optimizer", None) or "adamw").lower()
-    if "8bit" in name or "8_bit" in name:
+    """Bytes of optimizer state per trained parameter for training.optimizer (AdamW when
+    unset). GaLore/APOLLO (low-rank) and BAdam (one block at a time) keep less: counted as
+    AdamW, an upper bound."""
+    name = _optimizer_name(spec)
+    if "8bit" in name:
         return 2.0  # two 8-bit moments (bitsandbytes)
-    if "sgd" in name:
+    if name in ("lomo", "adalomo", "adafactor"):
+        moments = 0  # fused into the backward pass, or factored: rows + columns only
+    elif "sgd" in name:
         moments = 1
-    elif "adafactor" in name:
-        moments = 0  # factored second moment: rows + columns, negligible
     else:
         moments = 2
+    if "32bit" in name:
+        return 4 + moments * 4 if deepspeed and trained_width == 2 else moments * 4.0
     if deepspeed and trained_width == 2:
         return 4 + moments * 4  # fp32 master copy and fp32 moments
     return moments * trained_width
@@ -114,7 +122,7 @@ def estimate(config: dict[str, Any], spec: Any, *, gpu: bool = True) -> Estimate
     n = world_size(spec)
     width = 4 if t.precision == "fp32" or (t.precision == "auto" and not gpu) else 2
     est = Estimate(params=total, world_size=n, strategy=strategy_of(spec))
-    base_width = 0.53 if _quantized(spec) else width
+    base_width = _base_bytes(spec, width)
     weights = total * base_width
     est.parts["weights"] = 0.0 if plan.offload_weights else \
         weights / n if plan.shard_weights else weights
@@ -122,6 +130,7 @@ def estimate(config: dict[str, Any], spec: Any, *, gpu: bool = True) -> Estimate
         est.parts["gathered"] = 2 * per_layer * base_width
     if plan.offload_weights:
         est.offloaded += weights / n
+    spectrum = getattr(spec.method, "spectrum", None)
     if method in ("lora", "qlora"):
         lo = spec.method.lora_or_default()
         targets = _LORA_TARGETS if lo.target_modules == ["all-linear"] else \
@@ -130,13 +139,21 @@ def estimate(config: dict[str, Any], spec: Any, *, gpu: bool = True) -> Estimate
         est.trainable = s["layers"] * sum(lo.rank * (shapes[m][0] + shapes[m][1])
                                           for m in targets)
         trained_width = 4  # PEFT keeps adapters in fp32
+    elif method == "freeze" and spectrum is not None:  # a share of every layer
+        est.trainable = int(spectrum.top_fraction * s["layers"] * per_layer)
+        trained_width = width
     elif method == "freeze":
         est.trainable = abs(spec.method.freeze_or_default().trainable_layers) * per_layer
         trained_width = width
     else:
         est.trainable, trained_width = total, width
     grads = est.trainable * trained_width
-    est.parts["gradients"] = grads / n if plan.shard_grads else grads
+    grads = grads / n if plan.shard_grads else grads
+    if plan.offload_optimizer:  # ZeRO-Offload: gradients go to the CPU optimizer as made
+        est.parts["gradients"] = 0.0
+        est.offloaded += grads
+    else:
+        est.parts["gradients"] = grads
     state = est.trainable * _optimizer_state_bytes(spec, trained_width,
                                                    plan.engine == "deepspeed")
     if plan.offload_optimizer:
@@ -153,10 +170,25 @@ def estimate(config: dict[str, Any], spec: Any, *, gpu: bool = True) -> Estimate
     return est
 
 
-def _quantized(spec: Any) -> bool:
-    """The base model loads in 4 bits (method.type qlora, or method.quantization)."""
+def _base_bytes(spec: Any, width: float) -> float:
+    """Bytes per base weight: method.quantization 4 bits ≈ 0.53 (NF4 with its constants),
+    8 bits ≈ 1.03 (method.type qlora in older API versions: 4 bits)."""
     q = getattr(spec.method, "quantization", None)
-    return spec.method.type == "qlora" or bool(q and getattr(q, "bits", 4) == 4)
+    if q is not None:
+        return 0.53 if getattr(q, "bits", 4) == 4 else 1.03
+    return 0.53 if spec.method.type == "qlora" else width
+
+
+def _quantized(spec: Any) -> bool:
+    return getattr(spec.method, "quantization", None) is not None or spec.method.type == "qlora"
+
+
+def _qlora_change(spec: Any) -> dict[str, dict[str, Any]]:
+    """The change that makes a job QLoRA, in this API version's words."""
+    if "quantization" in type(spec.method).model_fields:
+        return {"method": {"type": "lora", "quantization": {"bits": 4}, "freeze": None,
+                           "spectrum": None}}
+    return {"method": {"type": "qlora", "freeze": None}}
 
 
 def _variant(spec: Any, changes: dict[str, dict[str, Any]]) -> Any:
@@ -189,9 +221,15 @@ def fix_options(spec: Any) -> list[tuple[str, dict[str, dict[str, Any]]]]:
     if strategy != "zero3-offload":
         out.append(("resources.strategy: zero3-offload (weights and optimizer state in CPU "
                     "memory; slower)", {"resources": {"strategy": "zero3-offload"}}))
+    if spec.method.type in ("full", "freeze") and _optimizer_name(spec) == "adamw" \
+            and "optimizer" in type(spec.training).model_fields:
+        out.append(("training.optimizer: {name: adamw_8bit} (2 bytes of state per parameter)",
+                    {"training": {"optimizer": {"name": "adamw_8bit"}}}))
     if spec.method.type in ("full", "freeze", "lora") and not _quantized(spec):
-        out.append(("method.type: qlora (a LoRA adapter on the base in 4 bits)",
-                    {"method": {"type": "qlora", "freeze": None}}))
+        change = _qlora_change(spec)
+        text = "method.type: qlora" if change["method"]["type"] == "qlora" else \
+            "method: {type: lora, quantization: {bits: 4}}"
+        out.append((f"{text} (QLoRA: a LoRA adapter on the base in 4 bits)", change))
     if t.cutoff_len > 512:
         out.append((f"training.cutoffLen: {t.cutoff_len // 2}",
                     {"training": {"cutoffLen": t.cutoff_len // 2}}))
@@ -209,9 +247,12 @@ def fixes(spec: Any, config: dict[str, Any] | None = None,
     sized = []
     for text, change in options:
         try:
-            sized.append((text, estimate(config, _variant(spec, change)).total))
+            est = estimate(config, _variant(spec, change))
         except ValueError:  # the API refuses this change for this job: no fix
             continue
+        if est.offloaded:
+            text += f", {est.offloaded / GIB:.0f} GiB of CPU memory per GPU"
+        sized.append((text, est.total))
     if limit is not None:
         sized.sort(key=lambda o: o[1] > limit)  # stable: the cheapest that fits first
     out = [f"{text} → {size / GIB:.1f} GiB" for text, size in sized]
