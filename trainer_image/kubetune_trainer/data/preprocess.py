@@ -66,16 +66,24 @@ class Renderer:
             return [first, *messages[1:]], None
         return [{"role": "system", "content": note}, *messages], None
 
-    def render(self, example: dict[str, Any]) -> tuple[str, list[tuple[int, int]]]:
-        """The whole conversation as text, and the character spans of assistant turns."""
+    def render(self, example: dict[str, Any], spans: str = "all"
+               ) -> tuple[str, list[tuple[int, int]]]:
+        """The whole conversation as text, and the character spans of assistant turns:
+        ``spans`` "all", "last" (the last turn only) or "none" (no renders beyond the text).
+        """
         messages, tools = self._with_tools(example)
         text = self._render(messages, tools, False)
-        spans = []
-        for i, msg in enumerate(messages):
-            if msg["role"] != "assistant":
-                continue
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if spans == "none":
+            turns = []
+        elif spans == "last":
+            turns = turns[-1:]
+        out = []
+        for i in turns:
             before = self._render(messages[:i], tools, True) if i else ""
-            upto = self._render(messages[: i + 1], tools, False)
+            # The conversation up to the end of this turn; for its last turn that is `text`.
+            upto = text if i == len(messages) - 1 else self._render(messages[: i + 1], tools,
+                                                                    False)
             # Templates that rewrite earlier turns (e.g. drop reasoning) would put the span
             # on the wrong characters: refuse them instead of training on the wrong tokens.
             if not (upto.startswith(before) and text.startswith(upto)):
@@ -83,9 +91,8 @@ class Renderer:
                     "the chat template does not render a conversation as a prefix of its "
                     "continuation, so answers cannot be located; use a named template "
                     f"({', '.join(NAMED_TEMPLATES)})", field="spec.template")
-            spans.append((len(before), len(upto)))
-        return text, spans
-
+            out.append((len(before), len(upto)))
+        return text, out
 
     def prompt(self, example: dict[str, Any]) -> str:
         """The conversation up to the assistant's generation prompt (grpo's prompts)."""
@@ -145,6 +152,57 @@ class Tokenized:
         self.stats.add(other.stats)
 
 
+def _starts(offsets: Any) -> np.ndarray:
+    return np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
+
+
+def mask_from_offsets(ids: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int]]
+                      ) -> np.ndarray:
+    """Labels: a token is trained on when its first character falls inside a span."""
+    bounds = np.asarray(spans, dtype=np.int64).ravel()
+    inside = (np.searchsorted(bounds, starts, side="right") % 2).astype(bool)
+    return np.where(inside, ids, IGNORE).astype(np.int32)
+
+
+def _tokens_before(enc: Any, char: int, n_chars: int) -> int | None:
+    """How many tokens start before ``char`` (None: the encoding cannot say cheaply)."""
+    if char >= n_chars:
+        return len(enc.ids)
+    t = enc.char_to_token(char)
+    if t is None:  # e.g. whitespace a normalizer dropped: walk the offsets instead
+        return None
+    start, _ = enc.token_to_chars(t)
+    return t if start >= char else t + 1
+
+
+def _mask(ids: np.ndarray, enc: Any, n_chars: int, spans: list[tuple[int, int]],
+          offsets: Any = None) -> np.ndarray:
+    """The same labels as ``mask_from_offsets``, from two look-ups per span instead of
+    a Python walk over every token's offsets (token starts are non-decreasing)."""
+    if enc is not None:
+        labels = np.full(len(ids), IGNORE, dtype=np.int32)
+        for s, e in spans:
+            lo, hi = _tokens_before(enc, s, n_chars), _tokens_before(enc, e, n_chars)
+            if lo is None or hi is None:
+                break
+            labels[lo:hi] = ids[lo:hi]
+        else:
+            return labels
+        offsets = enc.offsets
+    return mask_from_offsets(ids, _starts(offsets), spans)
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
+    """Token ids of each text and, from a Rust tokenizer, its Encoding (offsets stay on the
+    Rust side until asked for); a Python tokenizer gives its offset lists instead."""
+    enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
+    if getattr(enc, "encodings", None):
+        return enc["input_ids"], enc.encodings
+    enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                    return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
 def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: str | None,
                     opts: Options) -> Tokenized:
     out = Tokenized()
@@ -152,20 +210,21 @@ def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: st
     texts: list[str] = []
     spans: list[list[tuple[int, int]] | None] = []  # None: train on every token
     renderer = Renderer(tokenizer, template) if template else None
+    trained_all = opts.train_on_prompt or opts.stage == "pt"
+    which = "none" if trained_all else "last" if opts.mask_history else "all"
     for ex in examples:
         if "text" in ex:
             texts.append(ex["text"])
             spans.append(None)
             continue
         assert renderer is not None
-        text, sp = renderer.render(ex)
+        text, sp = renderer.render(ex, which)
         texts.append(text)
-        trained = opts.train_on_prompt or opts.stage == "pt"
-        spans.append(None if trained else sp[-1:] if opts.mask_history else sp)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        spans.append(None if trained_all else sp)
+    all_ids, encodings = _encode(tokenizer, texts)
     eos = tokenizer.eos_token_id
-    for n, (ex, ids, offsets, sp) in enumerate(zip(examples, enc["input_ids"],
-                                                   enc["offset_mapping"], spans, strict=True)):
+    for n, (ex, ids, enc, text, sp) in enumerate(zip(examples, all_ids, encodings, texts,
+                                                     spans, strict=True)):
         if "text" in ex:  # plain text: eos at the end, long texts cut into cutoffLen blocks
             arr = np.asarray([*ids, eos] if eos is not None else ids, dtype=np.int32)
             for start in range(0, len(arr), opts.cutoff_len):
@@ -181,11 +240,10 @@ def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: st
         ids = np.asarray(ids, dtype=np.int32)
         if sp is None:
             labels = ids
+        elif isinstance(enc, list):  # offsets from a Python tokenizer
+            labels = mask_from_offsets(ids, _starts(enc), sp)
         else:
-            starts = np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
-            bounds = np.asarray(sp, dtype=np.int64).ravel()
-            inside = (np.searchsorted(bounds, starts, side="right") % 2).astype(bool)
-            labels = np.where(inside, ids, IGNORE).astype(np.int32)
+            labels = _mask(ids, enc, len(text), sp)
         if len(ids) > opts.cutoff_len:
             out.stats.truncated += 1
             ids, labels = ids[: opts.cutoff_len], labels[: opts.cutoff_len]
