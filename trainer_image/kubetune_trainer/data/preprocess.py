@@ -195,9 +195,16 @@ def _mask(ids: np.ndarray, enc: Any, n_chars: int, spans: list[tuple[int, int]],
 def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
     """Token ids of each text and, from a Rust tokenizer, its Encoding (offsets stay on the
     Rust side until asked for); a Python tokenizer gives its offset lists instead."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens",
+                                                              False))):
+        # What tokenizer(texts) runs, minus building Python lists we do not need.
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], encodings
     enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
-    if getattr(enc, "encodings", None):
-        return enc["input_ids"], enc.encodings
+    if getattr(enc, "encodings", None):  # the first call turns off a truncation set in
+        return enc["input_ids"], enc.encodings  # tokenizer.json: the fast path from then on
     enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
                     return_offsets_mapping=True)
     return enc["input_ids"], enc["offset_mapping"]
