@@ -180,3 +180,24 @@ def test_masks_equal_the_render_every_prefix_reference(tok, lf_data, template, o
     assert len(want) > 300
     assert [(a.tolist(), b.tolist()) for a, b in zip(got.input_ids, got.labels,
                                                      strict=True)] == want
+
+
+def test_packed_rows_are_their_bins_samples_end_to_end():
+    """numpy assembly of the packed rows equals concatenating each bin's samples."""
+    import numpy as np
+    from kubetune_trainer.data.preprocess import bins
+
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 500, rng.integers(1, 300)).astype(np.int32) for _ in range(400)]
+    labels = [np.where(rng.random(len(x)) < 0.5, x, IGNORE).astype(np.int32) for x in ids]
+    rows = pack(ids, labels, 512)
+    members = bins(np.array([len(x) for x in ids]), 512)
+    assert sorted(i for m in members for i in m) == list(range(len(ids)))
+    assert len(rows["input_ids"]) == len(members)
+    for m, r_ids, r_lab, r_pos in zip(members, rows["input_ids"], rows["labels"],
+                                      rows["position_ids"], strict=True):
+        assert r_ids.tolist() == np.concatenate([ids[i] for i in m]).tolist()
+        assert r_pos.tolist() == [p for i in m for p in range(len(ids[i]))]
+        want = np.concatenate([labels[i] for i in m])
+        want[r_pos == 0] = IGNORE
+        assert r_lab.tolist() == want.tolist() and len(r_ids) <= 512

@@ -299,6 +299,28 @@ def tokenize(examples: list[dict[str, Any]], tokenizer: Any, template: str | Non
     return result
 
 
+def bins(lengths: np.ndarray, max_len: int) -> list[list[int]]:
+    """Best-fit decreasing: sample indices per row of at most ``max_len`` tokens."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    out: list[list[int]] = []
+    by_free: list[list[int]] = [[] for _ in range(max_len + 1)]  # free space -> bin ids
+    has = np.zeros(max_len + 1, dtype=bool)  # by_free[f] is not empty
+    for i in order.tolist():
+        n = int(lengths[i])
+        f = n + int(np.argmax(has[n:]))  # the tightest bin that still fits
+        if has[f]:
+            b = by_free[f].pop()
+            has[f] = bool(by_free[f])
+        else:
+            b, f = len(out), max_len
+            out.append([])
+        out[b].append(i)
+        if f - n:
+            by_free[f - n].append(b)
+            has[f - n] = True
+    return out
+
+
 def pack(input_ids: list, labels: list, max_len: int) -> dict[str, list[np.ndarray]]:
     """Best-fit-decreasing packing into rows of at most ``max_len`` tokens.
 
@@ -307,33 +329,52 @@ def pack(input_ids: list, labels: list, max_len: int) -> dict[str, list[np.ndarr
     The first token of every sample is not a target (it would be predicted from the previous
     sample).
     """
-    order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]), reverse=True)
-    bins: list[list[int]] = []
-    by_free: list[list[int]] = [[] for _ in range(max_len + 1)]  # free space -> bin ids
-    has = np.zeros(max_len + 1, dtype=bool)  # by_free[f] is not empty
-    for i in order:
-        n = len(input_ids[i])
-        f = n + int(np.argmax(has[n:]))  # the tightest bin that still fits
-        if has[f]:
-            b = by_free[f].pop()
-            has[f] = bool(by_free[f])
-        else:
-            b, f = len(bins), max_len
-            bins.append([])
-        bins[b].append(i)
-        if f - n:
-            by_free[f - n].append(b)
-            has[f - n] = True
-    rows: dict[str, list[np.ndarray]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for members in bins:
-        rows["input_ids"].append(np.concatenate([np.asarray(input_ids[i], np.int32)
-                                                 for i in members]))
-        labs = np.concatenate([np.asarray(labels[i], np.int32) for i in members])
-        pos = np.concatenate([np.arange(len(input_ids[i]), dtype=np.int32) for i in members])
-        labs[pos == 0] = IGNORE
-        rows["labels"].append(labs)
-        rows["position_ids"].append(pos)
-    return rows
+    table = packed_table(input_ids, labels, max_len)
+    return {k: [np.asarray(x, np.int32) for x in table.column(k).to_numpy(zero_copy_only=False)]
+            for k in ("input_ids", "labels", "position_ids")}
+
+
+def _lists(values: np.ndarray, lengths: np.ndarray) -> Any:
+    import pyarrow as pa
+
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)) \
+        if offsets[-1] >= 2**31 else \
+        pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+def table(input_ids: list, labels: list) -> Any:
+    """One row per sequence, as an Arrow table (one copy of the tokens, no Python lists)."""
+    import pyarrow as pa
+
+    lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+    flat = (np.concatenate(input_ids) if input_ids else np.zeros(0, np.int32)).astype(np.int32)
+    labs = (np.concatenate(labels) if labels else np.zeros(0, np.int32)).astype(np.int32)
+    return pa.table({"input_ids": _lists(flat, lengths), "labels": _lists(labs, lengths)})
+
+
+def packed_table(input_ids: list, labels: list, max_len: int) -> Any:
+    """``pack`` as an Arrow table: bins chosen from the lengths, rows assembled with numpy."""
+    import pyarrow as pa
+
+    lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+    members = bins(lengths, max_len)
+    order = [i for row in members for i in row]
+    seq_len = lengths[order]
+    flat = np.concatenate([np.asarray(input_ids[i], np.int32) for i in order]) \
+        if order else np.zeros(0, np.int32)
+    labs = np.concatenate([np.asarray(labels[i], np.int32) for i in order]) \
+        if order else np.zeros(0, np.int32)
+    index = np.int32 if len(flat) < 2**31 else np.int64  # 4 bytes a token, not 8
+    pos = np.arange(len(flat), dtype=index)
+    pos -= np.repeat((np.cumsum(seq_len) - seq_len).astype(index), seq_len)
+    pos = pos.astype(np.int32, copy=False)
+    labs[pos == 0] = IGNORE
+    row_len = np.fromiter((lengths[row].sum() for row in members), dtype=np.int64,
+                          count=len(members))
+    return pa.table({"input_ids": _lists(flat, row_len), "labels": _lists(labs, row_len),
+                     "position_ids": _lists(pos, row_len)})
 
 
 def default_workers() -> int:
