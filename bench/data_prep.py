@@ -19,7 +19,8 @@ into rows of at most --cutoff tokens, or not), using SmolLM2's tokenizer and cha
 
 Each run is its own process; peers are interleaved within every repetition (rotating who goes
 first) so load from other processes falls on all of them alike. Peak memory is the process's
-max RSS (workers included). Times are medians over --reps; ratios are peer / kubetune
+max RSS (workers included). Wall and CPU seconds are medians over --reps (CPU: the process
+and its workers; steadier than wall time on a shared machine); ratios are peer / kubetune
 (> 1: kubetune is faster).
 """
 
@@ -66,6 +67,14 @@ def tokenizer_dir() -> Path:
     return materialize("smollm2-135m-instruct", default_cache_dir())
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (workers): under load from
+    other processes, steadier than wall time."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _trained(labels) -> int:
     return sum(sum(1 for x in row if x != -100) for row in labels)
 
@@ -85,14 +94,14 @@ def side_kubetune(a: argparse.Namespace, tmp: Path) -> dict:
                      "preprocessingWorkers": a.workers[0], "maxInvalidFraction": 0},
         "resources": {"gpusPerNode": 0}, "output": {"uri": str(tmp / "out")}})
     ctx = RunContext(cache_dir=tmp / "cache")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     data = prepare_data(spec, ctx, tok, recipe("sft"), log=lambda *_: None)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu() - c0
     t0 = time.perf_counter()
     again = prepare_data(spec, ctx, tok, recipe("sft"), log=lambda *_: None)
     rerun = time.perf_counter() - t0
     assert again.stats["cached"] and len(again.train) == len(data.train)
-    return {"seconds": seconds, "rerun": rerun, "rows_out": len(data.train),
+    return {"seconds": seconds, "cpu": cpu, "rerun": rerun, "rows_out": len(data.train),
             "tokens": data.stats["tokens"], "trained": data.stats["trained_tokens"]}
 
 
@@ -116,11 +125,11 @@ def side_llamafactory(a: argparse.Namespace, tmp: Path) -> dict:
         output_dir=str(tmp / "out"), report_to="none"))
     tm = load_tokenizer(model_args)
     template = get_template_and_fix_tokenizer(tm["tokenizer"], data_args)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     dm = get_dataset(template, model_args, data_args, training_args, stage="sft", **tm)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu() - c0
     ds = dm["train_dataset"]
-    return {"seconds": seconds, "rows_out": len(ds),
+    return {"seconds": seconds, "cpu": cpu, "rows_out": len(ds),
             "tokens": sum(len(x) for x in ds["input_ids"]), "trained": _trained(ds["labels"])}
 
 
@@ -137,7 +146,7 @@ def side_trl(a: argparse.Namespace, tmp: Path) -> dict:
                                          num_hidden_layers=1, num_attention_heads=2,
                                          num_key_value_heads=1, intermediate_size=32))
     workers = a.workers[0]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     ds = datasets.load_dataset("json", data_files=str(a.data), split="train",
                                cache_dir=str(tmp / "cache"))
 
@@ -152,10 +161,10 @@ def side_trl(a: argparse.Namespace, tmp: Path) -> dict:
                        completion_only_loss=True, dataset_num_proc=workers if workers > 1
                        else None, report_to="none", bf16=False, use_cpu=True,
                        activation_checkpointing=False))
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu() - c0
     prepared = trainer.train_dataset
     trained = _trained(prepared["labels"]) if "labels" in prepared.column_names else None
-    return {"seconds": seconds, "rows_out": len(prepared),
+    return {"seconds": seconds, "cpu": cpu, "rows_out": len(prepared),
             "tokens": sum(len(x) for x in prepared["input_ids"]), "trained": trained}
 
 
@@ -189,20 +198,22 @@ def _span(values: list[float]) -> str:
 
 def report(rows: int, workers: int, packing: str, results: dict[str, list[dict]]) -> str:
     lines = [f"\n{rows} rows, {workers} worker(s), packing {packing}:",
-             f"  {'peer':13} {'seconds, median (min–max)':>27} {'peak MiB':>9} "
-             f"{'rows out':>9} {'tokens':>10} {'trained':>10}  speed-up"]
-    ours = statistics.median(r["seconds"] for r in results["kubetune"])
+             f"  {'peer':13} {'wall s, median (min–max)':>26} {'CPU s, median':>14} "
+             f"{'peak MiB':>9} {'rows out':>9} {'tokens':>10} {'trained':>9}  "
+             "peer/kubetune (wall, CPU)"]
+    ours = {k: statistics.median(r[k] for r in results["kubetune"]) for k in ("seconds", "cpu")}
     for peer, rs in results.items():
-        med = statistics.median(r["seconds"] for r in rs)
+        med = {k: statistics.median(r[k] for r in rs) for k in ("seconds", "cpu")}
         last = rs[-1]
-        ratio = "" if peer == "kubetune" else f"  kubetune {med / ours:.2f}x faster"
-        lines.append(f"  {peer:13} {_span([r['seconds'] for r in rs]):>27} "
+        ratio = "" if peer == "kubetune" else \
+            f"  {med['seconds'] / ours['seconds']:.2f}x, {med['cpu'] / ours['cpu']:.2f}x"
+        lines.append(f"  {peer:13} {_span([r['seconds'] for r in rs]):>26} {med['cpu']:14.1f} "
                      f"{statistics.median(r['peak_mib'] for r in rs):9.0f} "
                      f"{last['rows_out']:9d} {last['tokens']:10d} "
-                     f"{last['trained'] if last['trained'] is not None else '-':>10}{ratio}")
+                     f"{last['trained'] if last['trained'] is not None else '-':>9}{ratio}")
         if peer == "kubetune":
-            lines.append(f"  {'  rerun':13} {_span([r['rerun'] for r in rs]):>27}"
-                         "   (cached: a restart or another rank)")
+            lines.append(f"  {'  rerun':13} {_span([r['rerun'] for r in rs]):>26}"
+                         "   (from the cache: a restart or another rank)")
     return "\n".join(lines)
 
 

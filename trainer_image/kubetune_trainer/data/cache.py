@@ -10,6 +10,7 @@ a restarted run, and every rank after the first (train.py prepares under
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +33,12 @@ def _file_digest(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+@functools.cache
+def code_digest() -> list[str]:
+    """The data code this process runs (read once: what was imported, not later edits)."""
+    return [_file_digest(p) for p in _CODE]
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
@@ -57,7 +64,7 @@ def key(spec: FineTuneJobSpec, ctx: Any, tokenizer: Any, limit: int | None) -> s
              for part in plan(spec.datasets, ctx) for p in part.paths]
     parts = {
         "version": VERSION,
-        "code": [_file_digest(p) for p in _CODE],
+        "code": code_digest(),
         "datasets": [d.model_dump(mode="json") for d in spec.datasets],
         "files": files,
         "tokenizer": tokenizer_digest(tokenizer),
