@@ -201,3 +201,37 @@ def test_packed_rows_are_their_bins_samples_end_to_end():
         want = np.concatenate([labels[i] for i in m])
         want[r_pos == 0] = IGNORE
         assert r_lab.tolist() == want.tolist() and len(r_ids) <= 512
+
+
+def test_tiktoken_gives_the_tokenizers_own_ids_and_labels(tok, lf_data):
+    """A byte-level BPE tokenizer is encoded by tiktoken (a third of the CPU) only when
+    that reproduces it: same ids and labels as the tokenizer itself on real conversations."""
+    from kubetune.api.v1alpha1 import DatasetSpec
+    from kubetune_trainer.config import RunContext
+    from kubetune_trainer.data import fastbpe, preprocess
+    from kubetune_trainer.data.loading import load_examples
+
+    ds = DatasetSpec(source=str(lf_data / "dataset_info.json"),
+                     entries=["alpaca_zh_demo", "glaive_toolcall_en_demo"])
+    examples, _ = load_examples([ds], "sft", RunContext(), max_invalid_fraction=0)
+    tmpl = resolve_template(tok, "auto")
+    fast = fastbpe.for_tokenizer(tok)
+    assert fast is not None
+    texts = [preprocess.Renderer(tok, tmpl).render(ex, "none")[0] for ex in examples]
+    assert [ids.tolist() for ids, _ in fast.encode(texts)] == \
+        tok(texts, add_special_tokens=False)["input_ids"]
+    opts = Options("sft", 512)
+    with_fast = preprocess._tokenize_chunk(examples, tok, tmpl, opts, fast)
+    without = preprocess._tokenize_chunk(examples, tok, tmpl, opts)
+    assert preprocess._same(with_fast, without) and with_fast.stats == without.stats
+    assert preprocess._fast_encoder(examples[:64], tok, tmpl, opts)[0] is fast
+
+
+def test_tokenizers_tiktoken_cannot_reproduce_keep_their_own_encoder(tiny_model, tmp_path):
+    from kubetune_trainer.data import fastbpe
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert fastbpe.for_tokenizer(tok) is None

@@ -192,6 +192,10 @@ def _mask(ids: np.ndarray, enc: Any, n_chars: int, spans: list[tuple[int, int]],
     return mask_from_offsets(ids, _starts(offsets), spans)
 
 
+def _nbytes(text: str, chars: int) -> int:
+    return len(text[:chars].encode("utf-8", "surrogatepass"))
+
+
 def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
     """Token ids of each text and, from a Rust tokenizer, its Encoding (offsets stay on the
     Rust side until asked for); a Python tokenizer gives its offset lists instead."""
@@ -211,7 +215,7 @@ def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[Any
 
 
 def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: str | None,
-                    opts: Options) -> Tokenized:
+                    opts: Options, fast: Any = None) -> Tokenized:
     out = Tokenized()
     out.stats.examples = len(examples)
     texts: list[str] = []
@@ -228,7 +232,14 @@ def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: st
         text, sp = renderer.render(ex, which)
         texts.append(text)
         spans.append(None if trained_all else sp)
-    all_ids, encodings = _encode(tokenizer, texts)
+    if fast is not None:  # tiktoken: ids and byte starts; spans in bytes to match
+        encoded = fast.encode(texts)
+        all_ids = [ids for ids, _ in encoded]
+        encodings = [starts for _, starts in encoded]
+        spans = [None if sp is None else [(_nbytes(t, a), _nbytes(t, b)) for a, b in sp]
+                 for t, sp in zip(texts, spans, strict=True)]
+    else:
+        all_ids, encodings = _encode(tokenizer, texts)
     eos = tokenizer.eos_token_id
     for n, (ex, ids, enc, text, sp) in enumerate(zip(examples, all_ids, encodings, texts,
                                                      spans, strict=True)):
@@ -247,6 +258,8 @@ def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: st
         ids = np.asarray(ids, dtype=np.int32)
         if sp is None:
             labels = ids
+        elif isinstance(enc, np.ndarray):  # byte starts from tiktoken
+            labels = mask_from_offsets(ids, enc, sp)
         elif isinstance(enc, list):  # offsets from a Python tokenizer
             labels = mask_from_offsets(ids, _starts(enc), sp)
         else:
@@ -270,13 +283,37 @@ def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: st
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer: Any, template: str | None, opts: Options) -> None:
+def _init_worker(tokenizer: Any, template: str | None, opts: Options, fast: Any) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(tokenizer=tokenizer, template=template, opts=opts)
+    _WORKER.update(tokenizer=tokenizer, template=template, opts=opts, fast=fast)
 
 
 def _work(chunk: list[dict[str, Any]]) -> Tokenized:
-    return _tokenize_chunk(chunk, _WORKER["tokenizer"], _WORKER["template"], _WORKER["opts"])
+    return _tokenize_chunk(chunk, _WORKER["tokenizer"], _WORKER["template"], _WORKER["opts"],
+                           _WORKER["fast"])
+
+
+def _same(a: Tokenized, b: Tokenized) -> bool:
+    return a.sources == b.sources and all(
+        np.array_equal(x, y) for x, y in zip(a.input_ids + a.labels, b.input_ids + b.labels,
+                                             strict=True))
+
+
+def _fast_encoder(chunk: list[dict[str, Any]], tokenizer: Any, template: str | None,
+                  opts: Options) -> tuple[Any, Tokenized]:
+    """tiktoken for this tokenizer when it gives exactly the tokenizer's own ids and labels
+    on the first chunk (else None), and that chunk tokenized."""
+    from kubetune_trainer.data import fastbpe
+
+    reference = _tokenize_chunk(chunk, tokenizer, template, opts)
+    fast = fastbpe.for_tokenizer(tokenizer)
+    if fast is not None:
+        try:
+            same = _same(reference, _tokenize_chunk(chunk, tokenizer, template, opts, fast))
+        except (UnicodeError, ValueError, IndexError):
+            same = False
+        fast = fast if same else None
+    return fast, reference
 
 
 def tokenize(examples: list[dict[str, Any]], tokenizer: Any, template: str | None,
@@ -284,13 +321,17 @@ def tokenize(examples: list[dict[str, Any]], tokenizer: Any, template: str | Non
     """Tokenize and mask every example; ``workers`` > 1 spreads chunks over processes."""
     chunks = [examples[i: i + CHUNK] for i in range(0, len(examples), CHUNK)]
     result = Tokenized()
-    if workers <= 1 or len(chunks) <= 1:
-        for k, chunk in enumerate(chunks):
-            result.extend(_tokenize_chunk(chunk, tokenizer, template, opts), k * CHUNK)
+    fast, first = _fast_encoder(chunks[0], tokenizer, template, opts) if chunks else (None, None)
+    if first is not None:
+        result.extend(first)
+    rest = chunks[1:]
+    if workers <= 1 or len(rest) <= 1:
+        for k, chunk in enumerate(rest, 1):
+            result.extend(_tokenize_chunk(chunk, tokenizer, template, opts, fast), k * CHUNK)
     else:
         ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(workers, _init_worker, (tokenizer, template, opts)) as pool:
-            for k, part in enumerate(pool.imap(_work, chunks)):
+        with ctx.Pool(workers, _init_worker, (tokenizer, template, opts, fast)) as pool:
+            for k, part in enumerate(pool.imap(_work, rest), 1):
                 result.extend(part, k * CHUNK)
     if not result.input_ids:
         raise DataError(
