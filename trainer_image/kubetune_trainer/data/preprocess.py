@@ -1,9 +1,12 @@
 """Normalized examples → token ids and labels: chat template, loss mask, cut-off, packing.
 
 The loss mask comes from rendering each conversation with the chat template and finding the
-character span of every assistant turn (render the prefix up to the turn, then up to its end),
-so it works with any prefix-stable template, with no special markers in it. Tokens whose first
-character falls inside an assistant span are trained on.
+character span of every assistant turn (the prefix up to the turn with the generation prompt,
+and up to its end; the last turn ends where the text ends), so it works with any
+prefix-stable template, with no special markers in it. Tokens whose first character falls
+inside an assistant span are trained on: two token look-ups per span, not a walk over every
+token's offsets. Texts are tokenized in batches, by tiktoken when it reproduces the tokenizer
+(``fastbpe``), and rows leave as Arrow tables assembled with numpy (packed or not).
 """
 
 from __future__ import annotations
