@@ -60,7 +60,37 @@ def model_path(spec: FineTuneJobSpec, ctx: RunContext, *, light: bool = False) -
 
 def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: Any, *,
                  log=print, limit: int | None = None) -> Data:
-    """Load and check every row, then let the recipe template, tokenize and split them."""
+    """Load and check every row, then let the recipe template, tokenize and split them;
+    sft/pt data comes from the content-hash cache when an earlier run or rank prepared it."""
+    from kubetune_trainer.data import cache
+
+    digest = cache.key(spec, ctx, tokenizer, limit)
+    if digest is None:
+        return _prepare_data(spec, ctx, tokenizer, rec, log=log, limit=limit)
+    with cache.lock(ctx, digest):
+        hit = cache.load(ctx, digest)
+        if hit is not None:
+            data, lines = hit
+            for line in lines:
+                log(line)
+            log(f"data: prepared rows loaded from the cache ({digest[:12]})")
+            return data
+        lines = []
+
+        def keep(line: str) -> None:
+            lines.append(line)
+            log(line)
+
+        data = _prepare_data(spec, ctx, tokenizer, rec, log=keep, limit=limit)
+        data.stats["cached"] = False
+        if cache.save(ctx, digest, data, lines):
+            data = cache.load(ctx, digest)[0]  # memory-mapped, as every other rank's
+            data.stats["cached"] = False
+    return data
+
+
+def _prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: Any, *,
+                  log=print, limit: int | None = None) -> Data:
     from kubetune_trainer.data.loading import load_examples
     from kubetune_trainer.data.preprocess import resolve_template
 
