@@ -35,6 +35,7 @@ from kubetune.api.v1alpha1._base import (
 )
 from kubetune.api.v1alpha1.evaluation import (
     EvaluationSpec,
+    LmEvalSpec,
 )
 from kubetune.api.v1alpha1.job import (
     ALL_RULES,
@@ -50,6 +51,10 @@ from kubetune.api.v1alpha1.method import (
 )
 from kubetune.api.v1alpha1.output import (
     OutputSpec,
+)
+from kubetune.api.v1alpha1.tracking import (
+    Tracker,
+    TrackingSpec,
 )
 from kubetune.api.v1alpha1.preference import (
     CPO_LOSSES,
@@ -131,6 +136,7 @@ __all__ = [
     "INT32_MAX",
     "KIND",
     "LABEL_VALUE",
+    "LmEvalSpec",
     "LoraSpec",
     "LrScheduler",
     "MethodSpec",
@@ -170,6 +176,8 @@ __all__ = [
     "TEMPLATES",
     "TEXT",
     "Toleration",
+    "Tracker",
+    "TrackingSpec",
     "TrainerSpec",
     "TrainingSpec",
     "URL_SECRET_QUERY",

@@ -6,9 +6,30 @@ from typing import Annotated
 
 from pydantic import Field
 
-from kubetune.api.v1alpha1._base import Rule, _Spec
+from kubetune.api.v1alpha1._base import NO_CONTROL, Rule, _Spec
+from kubetune.api.v1alpha1.sources import Source
 
 # --------------------------------------------------------------------------- evaluation
+
+
+class LmEvalSpec(_Spec):
+    """Benchmarks of the final model with lm-evaluation-harness (PyPI lm-eval)."""
+
+    tasks: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128, pattern=NO_CONTROL)]],
+        Field(min_length=1, max_length=32, description="lm-eval task (or group) names, e.g. "
+              "arc_easy, or tasks defined in include."),
+    ]
+    include: Annotated[
+        Source | None,
+        Field(description="A directory of lm-eval task YAML files (and their data), e.g. "
+              "pvc://CLAIM/tasks: tasks whose data is there need no download."),
+    ] = None
+    limit: Annotated[int | None, Field(ge=1, le=10**7, description="Rows per task at most "
+                                       "(all when unset).")] = None
+    num_fewshot: Annotated[int | None, Field(ge=0, le=128, description="Few-shot examples "
+                                             "(the task's own default when unset).")] = None
+    batch_size: Annotated[int, Field(ge=1, le=1024, description="Rows per forward pass.")] = 8
 
 
 class EvaluationSpec(_Spec):
@@ -25,6 +46,12 @@ class EvaluationSpec(_Spec):
     max_new_tokens: Annotated[
         int, Field(ge=1, le=32768, description="Tokens generated per answer at most.")
     ] = 256
+    lm_eval: Annotated[
+        LmEvalSpec | None,
+        Field(description="After training, score the final model (merged, or base + adapter) "
+              "on lm-eval tasks; scores go to result.json and status.outputs.metrics as "
+              "lmeval_TASK_METRIC."),
+    ] = None
 
 
 _EVALUATION_SPEC_RULES = (
@@ -36,5 +63,11 @@ _EVALUATION_SPEC_RULES = (
         "conversations it answers)",
         check=lambda s: s.evaluation is None or not s.evaluation.predict or (
             s.training.eval_split > 0 and s.stage == "sft"),
+    ),
+    Rule(
+        cel="!has(self.evaluation) || !has(self.evaluation.lmEval) || !has(self.stage) || "
+        "self.stage != 'rm'",
+        message="evaluation.lmEval scores a language model; stage rm trains a reward model",
+        check=lambda s: s.evaluation is None or s.evaluation.lm_eval is None or s.stage != "rm",
     ),
 )

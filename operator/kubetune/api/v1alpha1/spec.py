@@ -82,7 +82,7 @@ class FineTuneJobSpec(_Spec):
     grpo: Annotated[GrpoSpec | None, Field(description="grpo: generation and loss.")] = None
     evaluation: Annotated[
         EvaluationSpec | None, Field(description="After the last step: answers to held-out "
-                                     "prompts, scored (predict).")
+                                     "prompts, scored (predict); lm-eval benchmarks (lmEval).")
     ] = None
     method: MethodSpec = MethodSpec()
     template: Annotated[
