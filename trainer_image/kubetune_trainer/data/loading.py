@@ -10,6 +10,7 @@ from typing import Any
 
 from kubetune.api.stages import STAGES
 from kubetune.api.v1alpha1 import DatasetSpec
+from kubetune.credentials import source_secret
 from kubetune.errors import DataError
 
 from kubetune_trainer.config import RunContext
@@ -254,8 +255,10 @@ def plan(specs: list[DatasetSpec], ctx: RunContext) -> list[Part]:
     parts: list[Part] = []
     for i, spec in enumerate(specs):
         field = f"spec.datasets[{i}]"
+        secret = source_secret(spec.source, spec.secret_ref, prefix=f"KUBETUNE_DATASET_{i}",
+                               field=f"{field}.secretRef")
         path = resolve(spec.source, ctx, field=f"{field}.source", kind="dataset",
-                       revision=spec.revision, token_env=f"KUBETUNE_DATASET_{i}_TOKEN")
+                       revision=spec.revision, secret=secret)
         if spec.entries:
             if path.is_dir():
                 path = path / "dataset_info.json"

@@ -52,10 +52,6 @@ from kubetune.api.v1alpha1.method import (
 from kubetune.api.v1alpha1.output import (
     OutputSpec,
 )
-from kubetune.api.v1alpha1.tracking import (
-    Tracker,
-    TrackingSpec,
-)
 from kubetune.api.v1alpha1.preference import (
     CPO_LOSSES,
     DPO_LOSSES,
@@ -92,6 +88,10 @@ from kubetune.api.v1alpha1.status import (
     FineTuneJobStatus,
     Outputs,
     Progress,
+)
+from kubetune.api.v1alpha1.tracking import (
+    Tracker,
+    TrackingSpec,
 )
 from kubetune.api.v1alpha1.trainer import (
     NOT_SECRET_ENV,

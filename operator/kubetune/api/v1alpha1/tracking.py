@@ -26,8 +26,8 @@ class TrackingSpec(_Spec):
         description="MLflow experiment (default: the job's namespace, or kubetune).")] = None
     uri: Annotated[str | None, _str(
         max_length=2048, pattern="^(https?|file)://[^\\x00-\\x20]+$",
-        description="MLflow tracking server (http://, https:// or file://), or the W&B host "
-        "(https://…) for a private W&B server.")] = None
+        description="MLflow tracking server (http://, https:// or file://; default: "
+        "MLFLOW_TRACKING_URI, else an mlruns directory under the output).")] = None
     run_name: Annotated[str | None, _str(
         pattern=NO_CONTROL, description="The run's name in the trackers (default: the job's "
         "name).")] = None
