@@ -65,8 +65,19 @@ def s3(tmp_path_factory):
                               aws_access_key_id=key["AccessKeyId"],
                               aws_secret_access_key=key["SecretAccessKey"])
         client.create_bucket(Bucket=BUCKET)
+        # A second user may write anything but checkpoint-4 of jobs/a: a forbidden upload.
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1",
+                           aws_access_key_id=key["AccessKeyId"],
+                           aws_secret_access_key=key["SecretAccessKey"])
+        iam.create_user(UserName="limited")
+        iam.put_user_policy(UserName="limited", PolicyName="p", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "*", "Resource": "*"},
+                {"Effect": "Deny", "Action": "s3:PutObject",
+                 "Resource": f"arn:aws:s3:::{BUCKET}/jobs/a/checkpoints/checkpoint-4/*"}]}))
+        limited = iam.create_access_key(UserName="limited")["AccessKey"]
         yield {"url": url, "id": key["AccessKeyId"], "secret": key["SecretAccessKey"],
-               "client": client}
+               "client": client, "limited": limited}
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -89,6 +100,8 @@ def secrets(tmp_path, monkeypatch, s3):
     _secret(root, "s3-nowhere", AWS_ACCESS_KEY_ID=s3["id"], AWS_SECRET_ACCESS_KEY=s3["secret"],
             AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}")
     _secret(root, "s3-half", AWS_ACCESS_KEY_ID=s3["id"])
+    _secret(root, "s3-limited", AWS_ACCESS_KEY_ID=s3["limited"]["AccessKeyId"],
+            AWS_SECRET_ACCESS_KEY=s3["limited"]["SecretAccessKey"], AWS_ENDPOINT_URL=s3["url"])
     monkeypatch.setenv("KUBETUNE_SECRETS_DIR", str(root))
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(var, raising=False)
@@ -113,15 +126,27 @@ def test_run_uploads_and_a_fresh_pod_resumes_from_the_store(tiny_model, tmp_path
     data = [{"source": str(LF_DATA / "identity.json"),
              "placeholders": {"name": "Kubey", "author": "Ops"}}]
 
-    def job(steps: int) -> FineTuneJob:
+    def job(steps: int, secret: str = "s3-creds") -> FineTuneJob:
         spec = tiny_spec(tiny_model, data, tmp_path / "unused", training={
             "maxSteps": steps, "saveSteps": 2, "saveTotalLimit": 2})
-        spec["output"] = {"uri": uri, "secretRef": {"name": "s3-creds"}, "merge": True,
+        spec["output"] = {"uri": uri, "secretRef": {"name": secret}, "merge": True,
                           "maxShardSize": "200KB"}
         return load_job(write_job(tmp_path / f"j{steps}.yaml", spec))
 
+    # Uploading checkpoint-4 is forbidden: the run stops, naming the credentials' field;
+    # checkpoint-2 stays in the store, complete.
+    with pytest.raises(KubetuneError) as err:
+        run_job(job(4, "s3-limited"), RunContext(base_dir=tmp_path, cache_dir=tmp_path / "p0"))
+    assert err.value.field == "spec.output.secretRef" and "forbidden" in err.value.message
+    assert "\n" not in err.value.message
+    keys = _keys(s3, "jobs/a/")
+    assert "checkpoints/checkpoint-2/kubetune-complete.json" in keys
+    assert "checkpoints/checkpoint-4/kubetune-complete.json" not in keys
+    assert "result.json" not in keys
+
+    # A fresh pod with working credentials resumes from checkpoint-2 and finishes.
     first = run_job(job(4), RunContext(base_dir=tmp_path, cache_dir=tmp_path / "pod1"))
-    assert first["global_step"] == 4
+    assert first["resumed_from"].endswith("checkpoint-2") and first["global_step"] == 4
     keys = _keys(s3, "jobs/a/")
     assert {"checkpoints/checkpoint-4/kubetune-complete.json", "adapter/adapter_config.json",
             "result.json", "loss.png", "progress.jsonl"} <= keys
