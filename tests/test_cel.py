@@ -123,6 +123,12 @@ CASES = {
         {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {"lmEval": {"tasks": ["t"]}},
          "stage": "rm"},
         {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {}, "stage": "rm"},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {"predict": True},
+         "evalDatasets": [{"source": "e.json"}]},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evalDatasets": [{"source": "e.json"}],
+         "training": {"evalSplit": 0.1}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evalDatasets": [{"source": "e.json"}],
+         "training": {"evalSplit": 0.0}},
     ],
     "spec.output": [
         {"uri": "o"}, {"uri": "s3://bkt/o", "secretRef": {"name": "s"}},

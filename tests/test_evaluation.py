@@ -109,3 +109,21 @@ def test_lm_eval_names_an_unknown_task(tiny_model, tmp_path):
         lm_eval(settings, {"model": str(tiny_model)}, RunContext(base_dir=tmp_path), tmp_path)
     assert err.value.field == "spec.evaluation.lmEval.tasks"
     assert "no_such_task_x" in err.value.message
+
+
+def test_eval_datasets_are_held_out_as_given(tiny_model, tmp_path):
+    """evalDatasets: eval loss and perplexity on a separate file, none of it trained on."""
+    rows = json.loads((LF_DATA / "identity.json").read_text())
+    (tmp_path / "train.json").write_text(json.dumps(rows[:-6]))
+    (tmp_path / "held.json").write_text(json.dumps(rows[-6:]))
+    def ph():
+        return {"placeholders": {"name": "Kubey", "author": "Ops"}}
+    out = tmp_path / "out"
+    spec = tiny_spec(tiny_model, [{"source": "train.json", **ph()}], out,
+                     training={"maxSteps": 2, "saveSteps": 2},
+                     evalDatasets=[{"source": "held.json", **ph()}])
+    result = run(load_job(write_job(tmp_path / "j.yaml", spec)), RunContext(base_dir=tmp_path),
+                 log=lambda *_: None)
+    assert result["data"]["eval_rows"] == 6 and result["data"]["rows"] == len(rows) - 6
+    assert result["metrics"]["eval_perplexity"] == pytest.approx(
+        math.exp(result["metrics"]["eval_loss"]))

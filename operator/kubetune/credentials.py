@@ -95,10 +95,16 @@ def model_secret(spec: Any) -> SourceSecret | None:
                          token_env="HF_TOKEN" if _scheme(m.source) == "hf" else None)
 
 
-def dataset_secret(spec: Any, i: int) -> SourceSecret | None:
-    d = spec.datasets[i]
-    return source_secret(d.source, d.secret_ref, prefix=f"KUBETUNE_DATASET_{i}",
-                         field=f"spec.datasets[{i}].secretRef")
+def dataset_env_prefix(at: str, i: int) -> str:
+    """KUBETUNE_DATASET_<i> for spec.datasets[i], KUBETUNE_EVAL_DATASET_<i> for
+    spec.evalDatasets[i]."""
+    return f"KUBETUNE_{'EVAL_' if at.endswith('evalDatasets') else ''}DATASET_{i}"
+
+
+def dataset_secret(spec: Any, i: int, at: str = "spec.datasets") -> SourceSecret | None:
+    d = (spec.eval_datasets if at.endswith("evalDatasets") else spec.datasets)[i]
+    return source_secret(d.source, d.secret_ref, prefix=dataset_env_prefix(at, i),
+                         field=f"{at}[{i}].secretRef")
 
 
 def output_secret(spec: Any) -> SourceSecret | None:
@@ -117,6 +123,8 @@ def tracking_variables(spec: Any) -> tuple[SecretEnv, ...]:
 def secret_env(spec: Any) -> list[SecretEnv]:
     """Every variable the job's Secret references set, in a stable order."""
     found = [model_secret(spec), *(dataset_secret(spec, i) for i in range(len(spec.datasets))),
+             *(dataset_secret(spec, i, "spec.evalDatasets")
+               for i in range(len(spec.eval_datasets or []))),
              output_secret(spec)]
     out = [v for s in found if s is not None for v in s.variables]
     return out + list(tracking_variables(spec))

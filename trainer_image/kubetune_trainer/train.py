@@ -36,13 +36,20 @@ from kubetune_trainer.storage import Store, uploader
 
 def preflight(spec: FineTuneJobSpec) -> Any:
     """Checks that need no data or model. Returns the stage's recipe."""
-    rec = recipe(spec.stage)
-    if spec.method.type == "qlora":
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise KubetuneError("method.type qlora needs the bitsandbytes package in the "
-                                "trainer (pip install bitsandbytes)", field="spec.method.type")
+    rec = recipe(spec.stage)
+    needs = [(t, t, "spec.training.reportTo") for t in spec.training.report_to or []]
+    if spec.evaluation and spec.evaluation.lm_eval:
+        needs.append(("evaluation.lmEval", "lm_eval", "spec.evaluation.lmEval"))
+    for what, module, field in needs:
+        if importlib.util.find_spec(module) is None:
+            raise KubetuneError(f"{what} needs the {module} package in the trainer (pip "
+                                "install 'kubetune[trackers,lmeval]', or the trainer image)",
+                                field=field)
+    if spec.method.type == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise KubetuneError("method.type qlora needs the bitsandbytes package in the "
+                            "trainer (pip install bitsandbytes)", field="spec.method.type")
     return rec
 
 
@@ -73,6 +80,16 @@ def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: An
     template = resolve_template(tokenizer, spec.template) if chat else None
     data = rec.prepare(examples, tokenizer, template, spec, log)
     data.stats.update(bad_rows=report.bad, rows=report.total)
+    if spec.eval_datasets:  # held out by the job, not by evalSplit: prepared the same way
+        held, held_report = load_examples(
+            spec.eval_datasets, spec.stage, ctx, at="spec.evalDatasets",
+            max_invalid_fraction=spec.training.max_invalid_fraction)
+        log(f"eval data: {held_report.summary()}")
+        plain = spec.model_copy(update={"training": spec.training.model_copy(
+            update={"packing": False, "eval_split": 0.0})})
+        data.eval = rec.prepare(held, tokenizer, template, plain, _quiet).train
+        data.eval_examples = held
+        data.stats.update(eval_rows=len(data.eval))
     return data
 
 

@@ -57,12 +57,20 @@ class EvaluationSpec(_Spec):
 _EVALUATION_SPEC_RULES = (
     Rule(
         cel="!has(self.evaluation) || !has(self.evaluation.predict) || "
-        "!self.evaluation.predict || (has(self.training) && has(self.training.evalSplit) && "
-        "self.training.evalSplit > 0.0 && (!has(self.stage) || self.stage == 'sft'))",
-        message="evaluation.predict needs stage sft and training.evalSplit > 0 (the held-out "
-        "conversations it answers)",
+        "!self.evaluation.predict || (((has(self.training) && has(self.training.evalSplit) && "
+        "self.training.evalSplit > 0.0) || has(self.evalDatasets)) && "
+        "(!has(self.stage) || self.stage == 'sft'))",
+        message="evaluation.predict needs stage sft and held-out conversations to answer: "
+        "training.evalSplit > 0 or evalDatasets",
         check=lambda s: s.evaluation is None or not s.evaluation.predict or (
-            s.training.eval_split > 0 and s.stage == "sft"),
+            (s.training.eval_split > 0 or s.eval_datasets is not None) and s.stage == "sft"),
+    ),
+    Rule(
+        cel="!has(self.evalDatasets) || !has(self.training) || !has(self.training.evalSplit) "
+        "|| self.training.evalSplit == 0.0",
+        message="evalDatasets and training.evalSplit are two ways to hold rows out for "
+        "evaluation: use one",
+        check=lambda s: s.eval_datasets is None or s.training.eval_split == 0,
     ),
     Rule(
         cel="!has(self.evaluation) || !has(self.evaluation.lmEval) || !has(self.stage) || "
