@@ -266,3 +266,30 @@ def test_builders_render_the_output_secret_as_references_only():
     assert not any("value" in e for e in env if e["name"].startswith("KUBETUNE_OUTPUT_"))
     assert "team-b" in cm["data"]["job.yaml"] and "AWS_SECRET" not in cm["data"]["job.yaml"]
 
+
+
+@pytest.mark.slow
+def test_a_full_staging_disk_stops_the_run_and_a_fresh_pod_resumes_from_the_store(
+        tiny_model, tmp_path, s3, secrets):
+    """The staging disk (600 KiB tmpfs) takes one LoRA checkpoint of the tiny model, not two:
+    the run stops with one line; checkpoint-3 is in the store, and a pod with a larger disk
+    resumes from it."""
+    from test_faults import _mount
+
+    disk = tmp_path / "scratch"
+    _mount(disk, "size=600k")
+    try:
+        spec = tiny_spec(tiny_model, [{"source": str(LF_DATA / "identity.json")}],
+                         tmp_path / "unused")
+        spec["output"] = {"uri": f"s3://{BUCKET}/jobs/full", "secretRef": {"name": "s3-creds"}}
+        job = load_job(write_job(tmp_path / "j.yaml", spec))
+        with pytest.raises(KubetuneError) as err:
+            run_job(job, RunContext(base_dir=tmp_path, cache_dir=disk))
+        assert err.value.field == "spec.output.uri" and "no space left" in err.value.message
+        keys = _keys(s3, "jobs/full/checkpoints/")
+        assert "checkpoint-3/kubetune-complete.json" in keys
+        assert not any(k.startswith("checkpoint-6/") for k in keys)
+        result = run_job(job, RunContext(base_dir=tmp_path, cache_dir=tmp_path / "big"))
+        assert result["resumed_from"].endswith("checkpoint-3") and result["global_step"] == 6
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

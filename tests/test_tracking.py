@@ -4,6 +4,7 @@ with MlflowClient) and W&B in offline mode (its run files written)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -86,3 +87,23 @@ def test_one_run_reports_to_tensorboard_mlflow_and_wandb(tiny_model, tmp_path, m
 
     offline = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1 and offline[0].stat().st_size > 0
+
+
+def test_an_unreachable_mlflow_server_is_one_line_naming_the_field(tmp_path, monkeypatch):
+    from kubetune.api.v1alpha1 import FineTuneJobSpec
+    from kubetune.errors import KubetuneError
+    from kubetune_trainer.tracking import session
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = FineTuneJobSpec.model_validate({
+        "model": {"source": "m"}, "datasets": [{"source": "d.json"}], "output": {"uri": "o"},
+        "training": {"reportTo": ["mlflow"], "tracking": {"uri": f"http://127.0.0.1:{port}"}}})
+    with pytest.raises(KubetuneError) as err, session(spec, "j", tmp_path, main=True):
+        pass
+    assert err.value.field == "spec.training.tracking"
+    assert f"127.0.0.1:{port}" in err.value.message and "\n" not in err.value.message
+    assert "MLFLOW_TRACKING_URI" not in os.environ or os.environ["MLFLOW_TRACKING_URI"] != \
+        f"http://127.0.0.1:{port}", "the environment is restored"

@@ -78,10 +78,17 @@ def session(spec: Any, job_name: str, root: Path, *, main: bool) -> Iterator[Ses
         env["MLFLOW_TRACKING_URI"] = uri
         env["MLFLOW_EXPERIMENT_NAME"] = (t.experiment if t and t.experiment else None) or \
             _namespace()
+        # An unreachable server fails the run in seconds, not after MLflow's 7 retries.
+        for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"),
+                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+            if k not in os.environ:
+                env[k] = v
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        if "mlflow" in report and main:
+        import importlib.util
+
+        if "mlflow" in report and main and importlib.util.find_spec("mlflow"):
             s._mlflow_run, s.url = _start_mlflow(env["MLFLOW_TRACKING_URI"],
                                                  env["MLFLOW_EXPERIMENT_NAME"], s.run_name)
         yield s
@@ -101,10 +108,16 @@ def session(spec: Any, job_name: str, root: Path, *, main: bool) -> Iterator[Ses
 def _start_mlflow(uri: str, experiment: str, run_name: str) -> tuple[Any, str | None]:
     """Start the run transformers' MLflowCallback then logs into (it uses an active run)."""
     import mlflow
+    from kubetune.errors import KubetuneError
 
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.set_experiment(experiment)
-    run = mlflow.start_run(run_name=run_name)
+    try:
+        exp = mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_name=run_name)
+    except Exception as err:  # connection, auth and server errors: many types
+        text = " ".join(str(err).split())[:500]
+        raise KubetuneError(f"MLflow at {uri}: {type(err).__name__}: {text}",
+                            field="spec.training.tracking") from None
     url = None
     if uri.startswith(("http://", "https://")):
         url = f"{uri.rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"

@@ -178,8 +178,8 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
     if main:
         for stale in outputs.clean_partial(out):
             log(f"removed {stale.name}, left half-written by an earlier run")
-        if store is not None:
-            store.restore(out, log)  # a fresh pod: the newest complete checkpoint
+    if store is not None and state.is_local_main_process:  # each node stages its own copy
+        store.restore(out, log if main else _quiet)  # a fresh pod: the newest checkpoint
     state.wait_for_everyone()
     started = time.time()
     with state.local_main_process_first():  # one download/conversion per node, not per rank
