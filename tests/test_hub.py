@@ -49,3 +49,12 @@ def test_plan_prefers_the_merged_model_and_honours_private_false(tmp_path):
              {"adapter": str(out.adapter), "merged_model": str(out.merged)})
     assert p.private is False and set(p.files) == {"config.json"}
     assert ModelCard(p.card).data.library_name == "transformers"
+
+
+def test_the_status_points_at_the_repository_for_the_pushed_model():
+    from kubetune_trainer.outputs import status_outputs
+
+    written = {"adapter": "/s/adapter", "merged_model": "/s/merged"}
+    assert status_outputs(_spec(merge=True), written) == {"mergedModel": "hf://my-org/my-model"}
+    assert status_outputs(_spec(), {"adapter": "/s/adapter"}) == {
+        "adapter": "hf://my-org/my-model"}

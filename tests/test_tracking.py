@@ -88,6 +88,16 @@ def test_one_run_reports_to_tensorboard_mlflow_and_wandb(tiny_model, tmp_path, m
     offline = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1 and offline[0].stat().st_size > 0
 
+    # Run again (a restart after the end: resumes at step 4, trains nothing): the same runs.
+    again = run(load_job(tmp_path / "j.yaml"), RunContext(base_dir=tmp_path),
+                log=lambda *_: None)
+    assert again["resumed_from"].endswith("checkpoint-4")
+    assert again["tracking_url"] == result["tracking_url"]
+    assert len(client.search_runs([exp.experiment_id])) == 1
+    wandb_ids = {p.name.split("-")[-1].removesuffix(".wandb")
+                 for p in (out / "wandb").glob("offline-run-*/run-*.wandb")}
+    assert len(wandb_ids) == 1, wandb_ids
+
 
 def test_an_unreachable_mlflow_server_is_one_line_naming_the_field(tmp_path, monkeypatch):
     from kubetune.api.v1alpha1 import FineTuneJobSpec
@@ -101,8 +111,8 @@ def test_an_unreachable_mlflow_server_is_one_line_naming_the_field(tmp_path, mon
     spec = FineTuneJobSpec.model_validate({
         "model": {"source": "m"}, "datasets": [{"source": "d.json"}], "output": {"uri": "o"},
         "training": {"reportTo": ["mlflow"], "tracking": {"uri": f"http://127.0.0.1:{port}"}}})
-    with pytest.raises(KubetuneError) as err, session(spec, "j", tmp_path, main=True):
-        pass
+    with pytest.raises(KubetuneError) as err, session(spec, "j", tmp_path) as trackers:
+        trackers.start(tmp_path)
     assert err.value.field == "spec.training.tracking"
     assert f"127.0.0.1:{port}" in err.value.message and "\n" not in err.value.message
     assert "MLFLOW_TRACKING_URI" not in os.environ or os.environ["MLFLOW_TRACKING_URI"] != \

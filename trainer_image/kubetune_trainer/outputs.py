@@ -269,6 +269,9 @@ def _merge_full_precision(model: Any, head: str) -> Any:
 def status_outputs(spec: FineTuneJobSpec, written: dict[str, str]) -> dict[str, str]:
     """The same outputs as URIs under spec.output.uri, keyed as in the FineTuneJob status."""
     base = spec.output.uri.rstrip("/")
+    if base.startswith("hf://"):  # one model at the repository's root (hub.plan)
+        pushed = next(k for k in ("merged_model", "adapter", "model") if k in written)
+        return {STATUS_KEYS[pushed]: base}
     return {STATUS_KEYS[k]: f"{base}/{Path(v).name}" for k, v in written.items()}
 
 

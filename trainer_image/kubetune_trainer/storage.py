@@ -29,6 +29,7 @@ from kubetune_trainer.config import RunContext
 
 STORE_SCHEMES = ("s3", "gs")
 CHECKPOINTS = "checkpoints"
+RUNS_FILE = "tracking.json"  # tracking.RUNS_FILE (not imported: it pulls no more than this)
 
 
 def scheme(uri: str) -> str:
@@ -221,6 +222,7 @@ class Store:
         log(f"output: downloading {name} from {self.uri} to resume from it")
         self.get_dir(f"{CHECKPOINTS}/{name}", out.checkpoints / name)
         self.get_file(out.progress.name, out.progress)
+        self.get_file(RUNS_FILE, out.root / RUNS_FILE)  # continue the trackers' runs
 
     # ----------------------------------------------------------------- during the run
 
@@ -234,8 +236,9 @@ class Store:
         if not (ckpt / COMPLETE_MARKER).exists():
             return
         self.put_dir(ckpt, f"{CHECKPOINTS}/{name}", last=COMPLETE_MARKER)
-        if out.progress.exists():
-            self.put_file(out.progress, out.progress.name)
+        for extra in (out.progress, out.root / RUNS_FILE):
+            if extra.exists():
+                self.put_file(extra, extra.name)
         kept = {p.name for p in out.checkpoints.glob("checkpoint-*")}
         for old_step, old in self.checkpoints():
             if old not in kept and old_step < step:

@@ -2,7 +2,9 @@
 
 ``session`` sets what those callbacks read (variables, restored afterwards), starts the MLflow
 run itself so that its URL is known, and at the end logs the final metrics (eval, predict,
-lm-eval) to each tracker and returns the run URL for the status. Credentials come only from
+lm-eval) to each tracker and returns the run URL for the status. The runs' ids are kept in
+the output's tracking.json (uploaded with each checkpoint to a store), so a restarted run
+continues the same MLflow and W&B runs. Credentials come only from
 ``training.tracking.secretRef`` (``kubetune.credentials``): in a pod they are already in the
 environment; locally they are read from the Secret directory into it for the run.
 """
@@ -18,6 +20,8 @@ from typing import Any
 
 from kubetune.credentials import lookup, tracking_variables
 
+RUNS_FILE = "tracking.json"  # the trackers' run ids: a restarted run continues the same runs
+
 
 @dataclass
 class Session:
@@ -26,6 +30,32 @@ class Session:
     url: str | None = None
     _mlflow_run: Any = None
     env: dict[str, str] = field(default_factory=dict)
+
+    def start(self, root: Path) -> None:
+        """Rank 0, once the output is in place (restored from a store): start the MLflow run,
+        or continue the one in tracking.json; the same for W&B's run id."""
+        import importlib.util
+        import json
+
+        path = root / RUNS_FILE
+        try:
+            runs = json.loads(path.read_text())
+        except (OSError, ValueError):
+            runs = {}
+        if "mlflow" in self.report_to and importlib.util.find_spec("mlflow"):
+            self._mlflow_run, self.url = _start_mlflow(
+                os.environ["MLFLOW_TRACKING_URI"], os.environ["MLFLOW_EXPERIMENT_NAME"],
+                self.run_name, runs.get("mlflow"))
+            runs["mlflow"] = self._mlflow_run.info.run_id
+        if "wandb" in self.report_to and importlib.util.find_spec("wandb"):
+            import uuid
+
+            runs.setdefault("wandb", uuid.uuid4().hex[:12])
+            os.environ["WANDB_RUN_ID"] = runs["wandb"]  # restored by session()
+            os.environ["WANDB_RESUME"] = "allow"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(runs))
+        tmp.rename(path)
 
     def finish(self, metrics: dict[str, float]) -> str | None:
         """Log the run's final metrics and close the trackers' runs; returns the run URL."""
@@ -54,7 +84,7 @@ def _namespace() -> str:
 
 
 @contextlib.contextmanager
-def session(spec: Any, job_name: str, root: Path, *, main: bool) -> Iterator[Session]:
+def session(spec: Any, job_name: str, root: Path) -> Iterator[Session]:
     """Around the whole run: the trackers' settings in the environment (restored after)."""
     report = list(spec.training.report_to or [])
     t = spec.training.tracking
@@ -83,14 +113,9 @@ def session(spec: Any, job_name: str, root: Path, *, main: bool) -> Iterator[Ses
                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
             if k not in os.environ:
                 env[k] = v
-    saved = {k: os.environ.get(k) for k in env}
+    saved = {k: os.environ.get(k) for k in (*env, "WANDB_RUN_ID", "WANDB_RESUME")}
     os.environ.update(env)
     try:
-        import importlib.util
-
-        if "mlflow" in report and main and importlib.util.find_spec("mlflow"):
-            s._mlflow_run, s.url = _start_mlflow(env["MLFLOW_TRACKING_URI"],
-                                                 env["MLFLOW_EXPERIMENT_NAME"], s.run_name)
         yield s
     finally:
         if s._mlflow_run is not None:  # failed before finish(): close it as failed
@@ -105,15 +130,21 @@ def session(spec: Any, job_name: str, root: Path, *, main: bool) -> Iterator[Ses
                 os.environ[k] = v
 
 
-def _start_mlflow(uri: str, experiment: str, run_name: str) -> tuple[Any, str | None]:
-    """Start the run transformers' MLflowCallback then logs into (it uses an active run)."""
+def _start_mlflow(uri: str, experiment: str, run_name: str, run_id: str | None
+                  ) -> tuple[Any, str | None]:
+    """Start the run transformers' MLflowCallback then logs into (it uses an active run);
+    ``run_id``: continue that run (a restart), when the server still has it."""
     import mlflow
     from kubetune.errors import KubetuneError
 
     mlflow.set_tracking_uri(uri)
     try:
         exp = mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_name=run_name)
+        run = None
+        if run_id:
+            with contextlib.suppress(mlflow.exceptions.MlflowException):
+                run = mlflow.start_run(run_id=run_id)
+        run = run or mlflow.start_run(run_name=run_name)
     except Exception as err:  # connection, auth and server errors: many types
         text = " ".join(str(err).split())[:500]
         raise KubetuneError(f"MLflow at {uri}: {type(err).__name__}: {text}",

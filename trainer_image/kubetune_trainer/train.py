@@ -138,8 +138,7 @@ def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool,
 
 def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     """Train to the end (resuming from the newest complete checkpoint) and write outputs."""
-    with tracking.session(job.spec, job.metadata.name, output_root(job.spec, ctx),
-                          main=os.environ.get("RANK", "0") == "0") as trackers:
+    with tracking.session(job.spec, job.metadata.name, output_root(job.spec, ctx)) as trackers:
         return _run(job, ctx, trackers, log=log)
 
 
@@ -180,6 +179,8 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
             log(f"removed {stale.name}, left half-written by an earlier run")
     if store is not None and state.is_local_main_process:  # each node stages its own copy
         store.restore(out, log if main else _quiet)  # a fresh pod: the newest checkpoint
+    if main:
+        trackers.start(out.root)  # MLflow/W&B runs: new, or continued from tracking.json
     state.wait_for_everyone()
     started = time.time()
     with state.local_main_process_first():  # one download/conversion per node, not per rank
