@@ -147,7 +147,14 @@ class Store:
         """Before the model loads: the store answers, the bucket exists, and it takes a file
         (written and removed)."""
         probe = f"{self.root}/.kubetune-write-check-{os.getpid()}"
-        self._call("writing to", self.fs.pipe_file, probe, b"ok")
+        try:
+            self.fs.pipe_file(probe, b"ok")
+        except FileNotFoundError as exc:  # writing a new object: only its bucket can be missing
+            bucket = self.root.split("/", 1)[0]
+            raise OutputError(f"writing to {self.uri}: the bucket {bucket!r} does not exist "
+                              f"({' '.join(str(exc).split())})", field=self.FIELD) from None
+        except Exception as exc:
+            raise self._fault(exc, "writing to") from None
         self._call("writing to", self.fs.rm_file, probe)
         return f"output: {self.uri} writable (staged locally, uploaded as each part is done)"
 
