@@ -14,12 +14,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
-from kubetune.jobfile import format_validation_error, validate_job
-from pydantic import ValidationError
+from kubetune.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, VERSION, FineTuneJob
 
 from kubetune_operator import builders
-from kubetune_operator.backends import BACKENDS, PYTORCHJOB, Backend
+from kubetune_operator.backends import Backend, all_backends, backend_named
 from kubetune_operator.builders import (
     JOB_LABEL,
     KUEUE_GROUP,
@@ -31,11 +29,9 @@ from kubetune_operator.builders import (
     OperatorConfig,
 )
 from kubetune_operator.status import TERMINAL, Observed, reduce_status, was_invalid
+from kubetune_operator.validation import validate
 
 log = logging.getLogger("kubetune.reconcile")
-BACKEND = PYTORCHJOB  # the training object the operator makes (see backends.py)
-
-
 
 def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -142,12 +138,12 @@ class Kube:
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         self.custom.patch_namespaced_custom_object_status(
-            "kubetune.io", "v1alpha1", ns, "finetunejobs", name, body)
+            GROUP, VERSION, ns, PLURAL, name, body)
 
     def get_finetunejob(self, ns: str, name: str) -> dict[str, Any] | None:
         try:
             return self.custom.get_namespaced_custom_object(
-                "kubetune.io", "v1alpha1", ns, "finetunejobs", name)
+                GROUP, VERSION, ns, PLURAL, name)
         except self._exc as err:
             if self._missing(err):
                 return None
@@ -165,38 +161,9 @@ class Kube:
 
 
 def _plural(kind: str) -> str:
-    return "finetunejobs" if kind == "FineTuneJob" else BACKENDS[kind].plural
-
-
-# ------------------------------------------------------------------------ validation
-
-
-def validate(body: dict[str, Any]) -> tuple[FineTuneJob | None, str | None]:
-    """Parse with the API models and add what only matters in a cluster.
-
-    Returns (job, None) or (None, message naming the field).
-    """
-    doc = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-           "metadata": {"name": body["metadata"]["name"],
-                        "namespace": body["metadata"].get("namespace")},
-           "spec": body.get("spec") or {}}
-    try:
-        job = validate_job(doc)  # as the CLI reads a file: camelCase only, strict
-    except ValidationError as err:
-        return None, format_validation_error(err)
-    spec = job.spec
-    cluster_sources = ("pvc://", "hf://", "https://", "http://", "s3://", "gs://",
-                       "embedded://")
-    fields = [("spec.model.source", spec.model.source)] * bool(spec.model.source) + [
-        (f"spec.datasets[{i}].source", d.source) for i, d in enumerate(spec.datasets)]
-    for field, uri in fields:
-        if not uri.startswith(cluster_sources):
-            return None, (f"{field}: {uri!r} is a local path, which has no meaning in a "
-                          "cluster; use pvc://CLAIM/path, hf://, https://, s3:// or gs://")
-    if not spec.output.uri.startswith("pvc://"):
-        return None, (f"spec.output.uri: {spec.output.uri!r}: in a cluster outputs go to a "
-                      "volume claim, pvc://CLAIM/path")
-    return job, None
+    if kind == KIND:
+        return PLURAL
+    return next(b.plural for b in all_backends() if b.kind == kind)
 
 
 # ------------------------------------------------------------------------ reconcile
@@ -216,7 +183,8 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     ns, name = meta["namespace"], meta["name"]
     old = body.get("status") or {}
     labels = meta.get("labels") or {}
-    job, invalid = validate(body)
+    backend = backend_named(config.backend)
+    job, invalid = validate(body, backend)
     waiting: str | None = None
     if job is not None and (job.spec.model.from_job
                             or any(r.from_job for r in job.spec.rewards or [])):
@@ -228,8 +196,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     workload: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = []
     if job is not None:
-        objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels,
-                                 backend=BACKEND)
+        objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels)
         # A finished run's cleaned-up child stays gone; a spec that was invalid and is now
         # fixed never had children, so it gets them.
         finished = old.get("phase") in TERMINAL and not was_invalid(old)
@@ -253,19 +220,25 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
                            "and belongs to another object; waiting for it to go")
                 child = None
                 break
-            if obj["kind"] == BACKEND.kind:
+            if obj["kind"] == backend.kind:
                 child = current
         if child is not None:
             rendered = (child.get("metadata", {}).get("annotations") or {}).get(SPEC_HASH)
             if rendered and rendered != builders.spec_hash(job):
-                drift = (f"the spec changed after the {BACKEND.kind} was made; only suspend "
+                drift = (f"the spec changed after the {backend.kind} was made; only suspend "
                          "applies to a job in flight: create a new FineTuneJob for other changes")
             queued = KUEUE_QUEUE_LABEL in (child.get("metadata", {}).get("labels") or {})
-            child, workload = _apply_suspend(kube, ns, name, child, job.spec.suspend, queued)
-            if queued and workload is None and BACKEND.suspend_flag(child):
+            child, workload = _apply_suspend(kube, backend, ns, name, child,
+                                             job.spec.suspend, queued)
+            if queued and workload is None and backend.suspend_flag(child):
                 workload = kube.workload(ns, child["metadata"].get("uid", ""))  # why it waits
             if child.get("status"):  # no status yet: the training operator made no pods yet
                 pods = kube.pods(ns, name)
+                mirrored = backend.state(child).trainer_status
+                if mirrored and config.trainer_status:  # Kubeflow's KEP-2779 endpoint
+                    from kubetune_operator.reporting import from_trainer_status
+
+                    progress = {**(progress or {}), **from_trainer_status(mirrored)}
     observed = Observed(
         waiting=waiting,
         generation=meta.get("generation"),
@@ -276,7 +249,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         drift=drift,
         keep_checkpoints=job.spec.training.save_total_limit if job else None,
         child=child,
-        backend=BACKEND,
+        backend=backend,
         workload=workload,
         log_tail=config.failure_log_tail,
         pods=pods,
@@ -344,9 +317,9 @@ def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
     return uid is None or any(r.get("uid") == uid for r in refs)
 
 
-def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: bool,
-                   queued: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Carry a *user's* change of spec.suspend to the PyTorchJob; returns it and, for a
+def _apply_suspend(kube: Kube, backend: Backend, ns: str, name: str, child: dict[str, Any],
+                   want: bool, queued: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Carry a *user's* change of spec.suspend to the training object; returns it and, for a
     Kueue-managed job, its Workload when it was read.
 
     We compare with what we last applied (an annotation on the child), never with the child's
@@ -361,9 +334,9 @@ def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: 
         return child, None
     note = {"metadata": {"annotations": {SUSPEND_APPLIED: wanted}}}
     if not queued:
-        log.info("%s/%s: spec.suspend=%s applied to the PyTorchJob", ns, name, wanted)
-        return kube.patch_child(BACKEND, ns, name,
-                                _merged(note, BACKEND.suspend_patch(want))), None
+        log.info("%s/%s: spec.suspend=%s applied to the %s", ns, name, wanted, backend.kind)
+        return kube.patch_child(backend, ns, name,
+                                _merged(note, backend.suspend_patch(want))), None
     workload = kube.workload(ns, child["metadata"].get("uid", ""))
     if workload is None:  # Kueue has not made it yet: the next re-check tries again
         return child, None
@@ -372,4 +345,4 @@ def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: 
                                        {"spec": {"active": not want}})
         log.info("%s/%s: spec.suspend=%s applied to Kueue Workload %s (spec.active)", ns, name,
                  wanted, workload["metadata"]["name"])
-    return kube.patch_child(BACKEND, ns, name, note), workload
+    return kube.patch_child(backend, ns, name, note), workload

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune_operator.backends import PYTORCHJOB, Backend
+from kubetune_operator.backends import Backend
+from kubetune_operator.backends.pytorchjob import PYTORCHJOB
 
 TERMINAL = ("Succeeded", "Failed")
 PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
@@ -63,8 +64,10 @@ class Diagnosis:
     log_tail: str | None = None
 
 
-def diagnose_pods(pods: list[dict[str, Any]]) -> tuple[Diagnosis | None, Diagnosis | None]:
-    """(why it failed, why it waits) from pod status alone: no pods/log rights needed."""
+def diagnose_pods(pods: list[dict[str, Any]], container: str = PYTORCHJOB.container
+                  ) -> tuple[Diagnosis | None, Diagnosis | None]:
+    """(why it failed, why it waits) from pod status alone: no pods/log rights needed.
+    ``container``: the trainer container's name (each backend has its own)."""
     failure: Diagnosis | None = None
     waiting: Diagnosis | None = None
     for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("name", "")):
@@ -77,7 +80,7 @@ def diagnose_pods(pods: list[dict[str, Any]]) -> tuple[Diagnosis | None, Diagnos
                     "Unschedulable", f"pod {name} cannot be scheduled: "
                     f"{cond.get('message', '')}".strip(), pod=name)
         for cs in status.get("containerStatuses", []) or []:
-            if cs.get("name") != "pytorch":
+            if cs.get("name") != container:
                 continue
             state = cs.get("state", {}) or {}
             last = cs.get("lastState", {}) or {}
@@ -144,7 +147,7 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> dict[str, Any]:
         # Finished, and the training object is gone (ttlSecondsAfterFinished): the record stays.
         return {**old, "observedGeneration": gen}
     phase, reason, message = _phase(obs)
-    failure, waiting = diagnose_pods(obs.pods)
+    failure, waiting = diagnose_pods(obs.pods, obs.backend.container)
 
     conds: list[dict[str, Any]] = []
     ready = phase in ("Running", "Succeeded")
@@ -211,11 +214,12 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
             return "Suspended", "Suspended", "suspended before it started: nothing is " \
                 "created until spec.suspend is false"
         return "Pending", "Creating", f"creating the {b.kind}"
-    if c := b.condition(child, "succeeded"):
-        return "Succeeded", "Succeeded", c.get("message") or "training finished"
-    if c := b.condition(child, "failed"):
-        return "Failed", c.get("reason") or "Failed", c.get("message") or "training failed"
-    if b.suspended(child):
+    state = b.state(child)
+    if state.succeeded is not None:
+        return "Succeeded", "Succeeded", state.succeeded
+    if state.failed is not None:
+        return "Failed", *state.failed
+    if state.suspended:
         if obs.spec_suspend:
             return "Suspended", "Suspended", "suspended by spec.suspend; set it to false to " \
                 "resume from the last checkpoint"
@@ -225,10 +229,10 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
                 f"waiting for Kueue to admit it from queue {obs.queue_name!r}"
                 + (f": {why}" if why else ""))
         return "Queued", "Suspended", f"the {b.kind} is suspended by another controller"
-    if b.condition(child, "restarting"):
+    if state.restarting:
         return "Running", "Restarting", "a pod failed and is restarting; training resumes " \
             "from the last checkpoint"
-    if b.condition(child, "running"):
+    if state.running:
         return "Running", "Running", "training"
     return "Pending", "Starting", "waiting for the training pods to start"
 
