@@ -566,23 +566,10 @@ async def test_metrics_count_reconciles_jobs_and_reports(cluster, operator):
     assert generate_latest(metrics.REGISTRY).decode().count("kubetune_reconciles_total") >= 1
 
 
-async def test_the_chart_rbac_allows_every_call_the_operator_makes(cluster, operator):
-    """Every request the operator (kopf and our client) sent in a full run is allowed by the
-    chart's ClusterRole; nothing it grants goes unexplained."""
+def _operator_calls(cluster) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of every request the operator (kopf and our client) sent."""
     import kmock
-    from test_chart import NAMESPACED, _rules, render
-    from tools import helm
 
-    await test_create_makes_each_child_once_and_follows_the_pytorchjob(cluster, operator)
-    await test_kueue_says_why_a_job_waits_and_suspend_deactivates_its_workload(cluster,
-                                                                                 operator)
-    _seed_master_pod(cluster)
-    url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
-    async with aiohttp.ClientSession() as http:
-        resp = await http.post(url, json={"trainerStatus": {"progressPercentage": 5}},
-                               headers={"Authorization": "Bearer pod-token"})
-        assert resp.status == 200
-    await eventually(lambda: _assert(_status(cluster).get("progress", {}).get("percent") == 5))
     verbs = {kmock.action.FETCH: "get", kmock.action.LIST: "list", kmock.action.WATCH: "watch",
              kmock.action.CREATE: "create", kmock.action.DELETE: "delete"}
     calls: set[tuple[str, str, str]] = set()
@@ -596,6 +583,43 @@ async def test_the_chart_rbac_allows_every_call_the_operator_makes(cluster, oper
         plural = req.resource.plural + (f"/{req.subresource}" if req.subresource else "")
         group = "" if req.resource.group in ("", "v1", None) else req.resource.group
         calls.add((group, plural, verb))
+    return calls
+
+
+async def test_the_chart_rbac_allows_every_call_the_trainjob_backend_makes(
+        cluster, trainjob_operator):
+    from test_chart import _rules, render
+    from tools import helm
+
+    await test_trainjob_backend_queued_admitted_running_reporting_complete(
+        cluster, trainjob_operator)
+    calls = _operator_calls(cluster)
+    role = next(d for d in render(str(helm()), "--set", "backend=TrainJob")
+                if d["kind"] == "ClusterRole")
+    allowed = _rules(role)
+    denied = {c for c in calls if c[2] not in allowed.get((c[0], c[1]), set())}
+    assert not denied, f"the chart's RBAC would refuse {sorted(denied)}"
+    assert ("trainer.kubeflow.org", "trainjobs", "create") in calls
+    assert not [c for c in calls if c[1] == "pytorchjobs"]  # the other backend is not watched
+
+
+async def test_the_chart_rbac_allows_every_call_the_operator_makes(cluster, operator):
+    """Every request the operator (kopf and our client) sent in a full run is allowed by the
+    chart's ClusterRole; nothing it grants goes unexplained."""
+    from test_chart import NAMESPACED, _rules, render
+    from tools import helm
+
+    await test_create_makes_each_child_once_and_follows_the_pytorchjob(cluster, operator)
+    await test_kueue_says_why_a_job_waits_and_suspend_deactivates_its_workload(cluster,
+                                                                                 operator)
+    _seed_master_pod(cluster)
+    url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(url, json={"trainerStatus": {"progressPercentage": 5}},
+                               headers={"Authorization": "Bearer pod-token"})
+        assert resp.status == 200
+    await eventually(lambda: _assert(_status(cluster).get("progress", {}).get("percent") == 5))
+    calls = _operator_calls(cluster)
     role = next(d for d in render(str(helm())) if d["kind"] == "ClusterRole")
     allowed = _rules(role)
     denied = {c for c in calls if c[2] not in allowed.get((c[0], c[1]), set())}

@@ -222,18 +222,22 @@ async def start_rechecks(memo: kopf.Memo, **_: Any) -> None:
     memo.recheck_task = asyncio.create_task(loop())
 
 
-_WATCHED: set[str] = set()  # backends whose objects kopf watches in this process
+def _child_handler_id(backend: Backend) -> str:
+    return f"child_changed/{backend.kind}"
 
 
 def watch_children(backend: Backend) -> None:
     """Watch the configured backend's objects, and only those (the chart gives RBAC for that
-    one alone). Registered at startup, before kopf scans for the resources to watch."""
-    if backend.kind in _WATCHED:
+    one alone). Registered at startup, before kopf scans for the resources to watch; another
+    backend's watch (an earlier operator run in this process) is dropped."""
+    watching = kopf.get_default_registry()._watching  # kopf has no public unregister
+    watching._handlers = [h for h in watching._handlers
+                          if not (h.id.startswith("child_changed/")
+                                  and h.id != _child_handler_id(backend))]
+    if any(h.id == _child_handler_id(backend) for h in watching._handlers):
         return
-    _WATCHED.add(backend.kind)
     kopf.on.event(backend.group, backend.version, backend.plural,
-                  id=f"child_changed/{backend.kind}", labels={JOB_LABEL: kopf.PRESENT},
-                  when=lambda memo, **_: memo.backend.kind == backend.kind)(child_changed)
+                  id=_child_handler_id(backend), labels={JOB_LABEL: kopf.PRESENT})(child_changed)
 
 
 def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
