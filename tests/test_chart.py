@@ -179,6 +179,8 @@ NAMESPACED = {
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
     ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch"},
     ("", "configmaps"): {"get", "create"},
+    ("apps", "deployments"): {"get", "create", "delete"},  # spec.serve
+    ("", "services"): {"get", "create", "delete"},
     ("", "pods"): {"get", "list"},
     ("", "events"): {"create"},
     ("kueue.x-k8s.io", "workloads"): {"list", "patch"},

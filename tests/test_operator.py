@@ -626,7 +626,9 @@ async def test_the_chart_rbac_allows_every_call_the_operator_makes(cluster, oper
     assert not denied, f"the chart's RBAC would refuse {sorted(denied)}"
     used = {(g, r) for g, r, _ in calls}
     # Events are off under kmock (it refuses a second nameless object), so unused here.
-    assert set(NAMESPACED) - used <= {("", "events"), ("kubetune.io", "finetunejobs/finalizers")}, \
+    # (Deployments and Services: spec.serve, in test_serve_after_train_and_check.)
+    assert set(NAMESPACED) - used <= {("", "events"), ("kubetune.io", "finetunejobs/finalizers"),
+                                      ("apps", "deployments"), ("", "services")}, \
         "a granted resource the run never used"
     assert ("kubeflow.org", "pytorchjobs", "create") in calls
     assert ("authentication.k8s.io", "tokenreviews", "create") in calls
@@ -765,3 +767,60 @@ def test_rendered_children_match_what_the_operator_creates():
     a = builders.children(job=job, config=OperatorConfig(), uid="u")
     b = builders.children(job=job, config=OperatorConfig(), uid="u")
     assert a == b
+
+
+async def test_serve_after_train_and_check(cluster, tiny_model):
+    """spec.serve: after success the server's Deployment and Service (the test plays the
+    Deployment controller: availableReplicas), the check asked of a real OpenAI-compatible
+    server over a real (tiny) model, the Checked condition; serve: null removes the server."""
+    from openai_server import OpenAIServer
+
+    with OpenAIServer(tiny_model, "ident") as server:
+        word = (await asyncio.to_thread(server.answer, "Who are you?", 128)).split()[0]
+        op = Operator(cluster, serve_url=server.url, recheck_seconds=0.3)
+        await op.start()
+        try:
+            body = _job()
+            del body["metadata"]["labels"]
+            body["spec"]["serve"] = {"checks": [{"prompt": "Who are you?", "expect": [word]}]}
+            await op.create(body)
+            await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+            _seed_master_pod(cluster)
+            url = f"http://127.0.0.1:{op.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+            async with aiohttp.ClientSession() as http:
+                resp = await http.post(url, headers={"Authorization": "Bearer pod-token"}, json={
+                    "kubetune": {"outputs": {"mergedModel": "pvc://outputs/ident/merged"}}})
+                assert resp.status == 200
+            await eventually(lambda: _assert(_status(cluster).get("outputs")), timeout=10)
+            await op.patch_child_status("ident", "Created", "Succeeded")
+            dep = await eventually(lambda: cluster.objects["apps/v1/deployments", NS,
+                                                           "ident-serve"])
+            svc = cluster.objects["v1/services", NS, "ident-serve"]
+            assert svc["metadata"]["ownerReferences"][0]["uid"] == "uid-ident"
+            assert "/mnt/pvc/outputs/ident/merged" in dep["spec"]["template"]["spec"][
+                "containers"][0]["args"]
+            serving_ = await eventually(lambda: _status(cluster)["serving"])
+            assert serving_["ready"] is False and serving_["url"] == server.url
+            assert _phase(cluster) == "Succeeded"
+            await asyncio.to_thread(  # the Deployment controller's part: the pod is ready
+                kubernetes.client.AppsV1Api(op.api).patch_namespaced_deployment_status,
+                "ident-serve", NS, {"status": {"replicas": 1, "availableReplicas": 1}})
+            checked = await eventually(lambda: {
+                c["type"]: c for c in _status(cluster)["conditions"]}["Checked"], timeout=20)
+            assert checked["status"] == "True", checked
+            assert _status(cluster)["serving"]["checks"][0]["passed"] is True
+            assert server.requests[-1]["messages"][-1]["content"] == "Who are you?"
+
+            await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                                    "v1alpha1", NS, "finetunejobs", "ident",
+                                    {"spec": {"serve": None}})
+            await eventually(lambda: _assert(
+                ("apps/v1/deployments", NS, "ident-serve") not in cluster.objects
+                and ("v1/services", NS, "ident-serve") not in cluster.objects))
+            await eventually(lambda: _assert("serving" not in _status(cluster)))
+            assert not [c for c in _status(cluster)["conditions"]
+                        if c["type"] in ("Serving", "Checked")]
+            assert _phase(cluster) == "Succeeded" and not any(
+                c["type"] == "SpecChangeIgnored" for c in _status(cluster)["conditions"])
+        finally:
+            await op.stop()

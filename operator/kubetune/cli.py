@@ -152,11 +152,32 @@ def validate(job_file: JobFile, pvc_root: PvcRoot = None,
 
 @app.command()
 def ask(
-    model: Annotated[str, typer.Argument(help="A model directory or embedded://NAME.")],
-    question: Annotated[str, typer.Argument(help="What to ask.")],
+    model: Annotated[str | None, typer.Argument(
+        help="A model directory or embedded://NAME (with --endpoint: the question).")] = None,
+    question: Annotated[str | None, typer.Argument(help="What to ask.")] = None,
     max_new_tokens: int = 60,
+    endpoint: Annotated[str | None, typer.Option(
+        help="An OpenAI-compatible server's URL (e.g. status.serving.url) instead of a "
+        "local model.")] = None,
+    model_name: Annotated[str | None, typer.Option(
+        help="With --endpoint: the model to ask for (default: the first it lists).")] = None,
 ) -> None:
     """Ask a model one question (greedy decoding) and print its answer."""
+    if endpoint:
+        from kubetune_operator.serving import EndpointError, chat
+
+        question = question or model
+        if not question:
+            _fail(KubetuneError("give the question: kubetune ask --endpoint URL QUESTION"))
+            return
+        try:
+            print(chat(endpoint, model_name, question, max_tokens=max_new_tokens))
+        except EndpointError as e:
+            _fail(KubetuneError(str(e), field="--endpoint"))
+        return
+    if not model or not question:
+        _fail(KubetuneError("give a model and a question (or --endpoint URL and a question)"))
+        return
     from kubetune_trainer.chat import answer
 
     _offline_defaults()

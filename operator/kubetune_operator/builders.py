@@ -40,8 +40,9 @@ def config_name(job: FineTuneJob) -> str:
 
 
 def spec_hash(job: FineTuneJob) -> str:
-    """What the children were rendered from (suspend aside: it is applied in place)."""
-    spec = job.spec.model_dump(mode="json", by_alias=True, exclude={"suspend"})
+    """What the training children were rendered from (suspend aside: it is applied in place;
+    serve aside: it makes other objects, after the run)."""
+    spec = job.spec.model_dump(mode="json", by_alias=True, exclude={"suspend", "serve"})
     raw = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 

@@ -156,8 +156,9 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
     metrics.RECONCILES.labels("ok").inc()
     phase = outcome.status.get("phase")
     metrics.observe_phase(ns, name, phase)
-    # Jobs still in flight get the slow re-check (pod-level waits change no PyTorchJob).
-    if phase in TERMINAL:
+    # Jobs still in flight get the slow re-check (pod-level waits change no training object),
+    # and so do finished jobs whose server is not ready or not checked yet.
+    if outcome.settled:
         memo.active.discard((ns, name))
     else:
         memo.active.add((ns, name))
@@ -201,8 +202,11 @@ def _converge_by_name(memo: kopf.Memo, ns: str, name: str) -> None:
             memo.active.discard((ns, name))
             return
         outcome = _converge(parent, memo)
-        if outcome.status != (parent.get("status") or {}):
-            memo.kube.patch_status(ns, name, outcome.status)
+        before = parent.get("status") or {}
+        if outcome.status != before:
+            # A merge patch: a field the new status no longer has (serving) is removed by null.
+            gone = {k: None for k in before if k not in outcome.status}
+            memo.kube.patch_status(ns, name, {**gone, **outcome.status})
 
 
 @kopf.on.startup()

@@ -16,7 +16,7 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, VERSION, FineTuneJob
 
-from kubetune_operator import builders
+from kubetune_operator import builders, serving
 from kubetune_operator.backends import Backend, all_backends, backend_named
 from kubetune_operator.builders import (
     JOB_LABEL,
@@ -28,7 +28,14 @@ from kubetune_operator.builders import (
     SUSPEND_APPLIED,
     OperatorConfig,
 )
-from kubetune_operator.status import TERMINAL, Observed, reduce_status, was_invalid
+from kubetune_operator.status import (
+    TERMINAL,
+    Observed,
+    reduce_status,
+    serving_settled,
+    was_invalid,
+    with_serving,
+)
 from kubetune_operator.validation import validate
 
 log = logging.getLogger("kubetune.reconcile")
@@ -45,18 +52,26 @@ class Kube:
 
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
         self.auth = client.AuthenticationV1Api(api_client)
         self._exc = client.exceptions.ApiException
 
     def _missing(self, err: Exception) -> bool:
         return isinstance(err, self._exc) and err.status == 404
 
+    def _builtin(self, kind: str, verb: str) -> Any:
+        """The typed client's call for a built-in kind (ConfigMap, Service, Deployment)."""
+        snake = {"ConfigMap": "config_map", "Service": "service", "Deployment": "deployment"}
+        if kind not in snake:
+            return None
+        api = self.apps if kind == "Deployment" else self.core
+        return getattr(api, f"{verb}_namespaced_{snake[kind]}")
+
     def get(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
-            if obj["kind"] == "ConfigMap":  # raw JSON: the API's field names
-                resp = self.core.read_namespaced_config_map(name, ns, _preload_content=False)
-                return json.loads(resp.data)
+            if read := self._builtin(obj["kind"], "read"):  # raw JSON: the API's field names
+                return json.loads(read(name, ns, _preload_content=False).data)
             group, version = obj["apiVersion"].split("/")
             return self.custom.get_namespaced_custom_object(
                 group, version, ns, _plural(obj["kind"]), name)
@@ -69,8 +84,8 @@ class Kube:
         """Create, or return what is already there (never a second one)."""
         ns = obj["metadata"]["namespace"]
         try:
-            if obj["kind"] == "ConfigMap":
-                self.core.create_namespaced_config_map(ns, obj)
+            if create := self._builtin(obj["kind"], "create"):
+                create(ns, obj)
                 return obj, True
             group, version = obj["apiVersion"].split("/")
             made = self.custom.create_namespaced_custom_object(
@@ -82,6 +97,16 @@ class Kube:
                 if existing is not None:
                     return existing, False
             raise
+
+    def delete(self, kind: str, ns: str, name: str) -> bool:
+        """Delete a built-in object of ours; False if it was not there."""
+        try:
+            self._builtin(kind, "delete")(name, ns)
+        except self._exc as err:
+            if self._missing(err):
+                return False
+            raise
+        return True
 
     def patch_child(self, backend: Backend, ns: str, name: str, patch: dict[str, Any]
                     ) -> dict[str, Any]:
@@ -174,6 +199,7 @@ class Outcome:
     status: dict[str, Any]
     created: list[str]
     phase_changed: bool
+    settled: bool = False  # nothing left to watch for: finished, and served and checked
 
 
 def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
@@ -184,7 +210,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     old = body.get("status") or {}
     labels = meta.get("labels") or {}
     backend = backend_named(config.backend)
-    job, invalid = validate(body, backend)
+    job, invalid = validate(body, backend, config.serve_enabled)
     waiting: str | None = None
     if job is not None and (job.spec.model.from_job
                             or any(r.from_job for r in job.spec.rewards or [])):
@@ -256,7 +282,68 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         progress=progress,
     )
     status = reduce_status(observed, old, now())
-    return Outcome(status, created, status.get("phase") != old.get("phase"))
+    if job is not None and (job.spec.serve or old.get("serving")):
+        status = _serve(kube, config, job, meta, status, old, created)
+    settled = status.get("phase") in TERMINAL and (
+        job is None or not job.spec.serve or status.get("phase") != "Succeeded"
+        or serving_settled(job, status.get("serving")))
+    return Outcome(status, created, status.get("phase") != old.get("phase"), settled)
+
+
+def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str, Any],
+           status: dict[str, Any], old: dict[str, Any], created: list[str]) -> dict[str, Any]:
+    """spec.serve: the server once the run succeeded (and the check once it is ready); gone
+    when spec.serve is unset."""
+    ns = meta["namespace"]
+    name = serving.serve_name(job)
+    was = old.get("conditions") or []
+    if not job.spec.serve or status.get("phase") != "Succeeded":
+        if old.get("serving"):  # unset (or never succeeded): the server goes
+            for kind in ("Deployment", "Service"):
+                if kube.delete(kind, ns, name):
+                    log.info("%s/%s: deleted %s/%s (spec.serve unset)", ns, meta["name"],
+                             kind, name)
+        return with_serving(status, None, meta.get("generation"), now(), was)
+    dep = serving.deployment(job=job, config=config, outputs=status.get("outputs") or {},
+                             uid=meta.get("uid"))
+    current = None
+    if dep is not None:
+        dep["metadata"]["namespace"] = ns
+        svc = serving.service(job=job, config=config, uid=meta.get("uid"))
+        svc["metadata"]["namespace"] = ns
+        for obj in (svc, dep):
+            have = kube.get(obj)
+            if have is not None and not _owned_by(have, meta.get("uid")):
+                return with_serving(status, None, meta.get("generation"), now(), was, blocked=(
+                    f"a {obj['kind']} named {name!r} already exists and belongs to another "
+                    "object"))
+            if have is not None and (have["metadata"].get("annotations") or {}).get(
+                    serving.SERVE_HASH) != obj["metadata"]["annotations"][serving.SERVE_HASH]:
+                kube.delete(obj["kind"], ns, name)  # spec.serve changed: made anew
+                have = None
+            if have is None:
+                have, made = kube.create(obj)
+                if made:
+                    created.append(f"{obj['kind']}/{name}")
+            current = have
+    ready = bool(((current or {}).get("status") or {}).get("availableReplicas"))
+    url = serving.endpoint(job, config)
+    before = old.get("serving") or {}
+    checks = list(before.get("checks") or [])
+    wanted = [c.prompt for c in job.spec.serve.checks or []]
+    if [c.get("prompt") for c in checks] != wanted or before.get("url") != url:
+        checks = []  # asked anew for these prompts
+    problem = None
+    if ready and wanted and not checks:
+        try:
+            checks = serving.run_checks(url, serving.model_name(job), job.spec.serve.checks)
+        except serving.EndpointError as err:
+            problem = str(err)
+    served = {"url": url, "modelName": serving.model_name(job),
+              "weights": job.spec.serve.weights, "ready": ready, "checks": checks}
+    return with_serving(status, served, meta.get("generation"), now(), was,
+                        waiting=None if dep else "the run has not reported where its output "
+                        "is (status.outputs)", check_error=problem)
 
 
 def _from_job(kube: Kube, ns: str, name: str, job: FineTuneJob

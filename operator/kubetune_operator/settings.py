@@ -28,9 +28,13 @@ class OperatorConfig:
     # TrainJob: Kubeflow's TrainJobStatus gate is on, so Trainer v2 gives the pods its own
     # progress endpoint (KEP-2779) and kubetune mirrors status.trainerStatus instead.
     trainer_status: bool = False
-    # Serving (spec.serve): the OpenAI-compatible server's image and extra arguments.
+    # Serving (spec.serve): allowed here (RBAC for Deployments and Services), the
+    # OpenAI-compatible server's image and extra arguments.
+    serve_enabled: bool = True
     serve_image: str = "vllm/vllm-openai:v0.11.0"
     serve_args: tuple[str, ...] = ()
+    # Where the operator reaches a job's server (checks): the Service's cluster DNS name.
+    serve_url: str = "http://{name}.{namespace}.svc:{port}/v1"
     # How the operator runs.
     recheck_seconds: float = 60.0
     workers: int = 16
@@ -78,8 +82,10 @@ class OperatorConfig:
             backend=backend,
             training_runtime=text("KUBETUNE_TRAINING_RUNTIME") or cls.training_runtime,
             trainer_status=flag("KUBETUNE_TRAINER_STATUS", False),
+            serve_enabled=flag("KUBETUNE_SERVE_ENABLED", True),
             serve_image=text("KUBETUNE_SERVE_IMAGE") or cls.serve_image,
             serve_args=tuple((env.get("KUBETUNE_SERVE_ARGS") or "").split()),
+            serve_url=text("KUBETUNE_SERVE_URL") or cls.serve_url,
             recheck_seconds=number("KUBETUNE_RECHECK_SECONDS", float, cls.recheck_seconds),
             workers=number("KUBETUNE_WORKERS", int, cls.workers),
             scanning=flag("KUBETUNE_SCANNING", True),

@@ -237,6 +237,50 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
     return "Pending", "Starting", "waiting for the training pods to start"
 
 
+def with_serving(status: dict[str, Any], served: dict[str, Any] | None,
+                 generation: int | None, now: str, old_conditions: list[dict[str, Any]],
+                 *, waiting: str | None = None, blocked: str | None = None,
+                 check_error: str | None = None) -> dict[str, Any]:
+    """The status with spec.serve's part: status.serving and the Serving and Checked
+    conditions (none of them when nothing is served)."""
+    status = {**status, "conditions": [c for c in status.get("conditions") or []
+                                       if c["type"] not in ("Serving", "Checked")]}
+    status.pop("serving", None)
+    if served is None and blocked is None:
+        return status
+    conds: list[dict[str, Any]] = []
+    if blocked:
+        conds.append(_condition("Serving", False, "Conflict", blocked, generation))
+    elif served is None or waiting:
+        conds.append(_condition("Serving", False, "WaitingForOutput", waiting or "", generation))
+    else:
+        status["serving"] = served
+        conds.append(_condition(
+            "Serving", served["ready"], "ServerReady" if served["ready"] else "ServerStarting",
+            f"{served['modelName']} at {served['url']}" if served["ready"] else
+            "waiting for the server to pass its readiness probe", generation))
+        checks = served.get("checks") or []
+        if check_error:
+            conds.append(_condition("Checked", False, "CheckError", check_error, generation))
+        elif checks:
+            failed = [c for c in checks if not c["passed"]]
+            conds.append(_condition(
+                "Checked", not failed, "ChecksFailed" if failed else "ChecksPassed",
+                "; ".join(f"{c['prompt']!r}: the answer lacks {', '.join(map(repr, c['missing']))}"
+                          for c in failed) or f"{len(checks)} of {len(checks)} checks passed",
+                generation))
+    status["conditions"] = status["conditions"] + _keep_transition_times(
+        conds, old_conditions, now)
+    return status
+
+
+def serving_settled(job: Any, served: dict[str, Any] | None) -> bool:
+    """Served, ready, and checked (when the job has checks): nothing more to wait for."""
+    if not served or not served.get("ready"):
+        return False
+    return not job.spec.serve.checks or bool(served.get("checks"))
+
+
 def kueue_reason(workload: dict[str, Any] | None) -> str | None:
     """Why Kueue has not admitted (or has evicted) a Workload, in Kueue's own words."""
     if not workload:

@@ -68,6 +68,7 @@ from kubetune.api.v1alpha1.rl import (
     RewardSpec,
     RewardType,
 )
+from kubetune.api.v1alpha1.serve import ServeCheck, ServeSpec
 from kubetune.api.v1alpha1.sources import (
     DatasetFormat,
     DatasetSpec,
@@ -82,11 +83,13 @@ from kubetune.api.v1alpha1.spec import (
 )
 from kubetune.api.v1alpha1.status import (
     Checkpoint,
+    CheckResult,
     Condition,
     Failure,
     FineTuneJobStatus,
     Outputs,
     Progress,
+    Serving,
 )
 from kubetune.api.v1alpha1.trainer import (
     NOT_SECRET_ENV,
@@ -109,7 +112,11 @@ __all__ = [
     "API_VERSION",
     "BaseModel",
     "Checkpoint",
+    "CheckResult",
     "Condition",
+    "ServeCheck",
+    "ServeSpec",
+    "Serving",
     "CPO_LOSSES",
     "DatasetFormat",
     "DatasetSpec",
