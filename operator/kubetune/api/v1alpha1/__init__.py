@@ -57,9 +57,11 @@ from kubetune.api.v1alpha1.preference import (
     PreferenceSpec,
 )
 from kubetune.api.v1alpha1.resources import (
+    GPU_MEMORY,
     ResourcesSpec,
     RunPolicySpec,
     SchedulingSpec,
+    Strategy,
     Toleration,
 )
 from kubetune.api.v1alpha1.rl import (
@@ -131,6 +133,7 @@ __all__ = [
     "FineTuneJobSpec",
     "FineTuneJobStatus",
     "FreezeSpec",
+    "GPU_MEMORY",
     "GROUP",
     "GRPO_LOSSES",
     "GrpoSpec",
@@ -173,6 +176,7 @@ __all__ = [
     "SOURCE_PATTERN",
     "Stage",
     "STAGE_MESSAGE",
+    "Strategy",
     "StrMap",
     "TEMPLATES",
     "TEXT",
