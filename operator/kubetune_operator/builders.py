@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import yaml
-from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
+from kubetune.api.v1alpha1 import API_VERSION, KIND, PLURAL, FineTuneJob
 
 from kubetune_operator.settings import OperatorConfig
 
@@ -117,7 +117,7 @@ def _env(job: FineTuneJob, config: OperatorConfig, progress: bool = True
         env += [
             {"name": "KUBEFLOW_TRAINER_SERVER_URL",
              "value": f"{config.progress_url.rstrip('/')}/namespaces/{namespace}"
-                      f"/finetunejobs/{job.metadata.name}/status"},
+                      f"/{PLURAL}/{job.metadata.name}/status"},
             {"name": "KUBEFLOW_TRAINER_SERVER_TOKEN", "value": f"{TOKEN_DIR}/token"},
         ]
         if config.progress_ca_configmap:

@@ -48,9 +48,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Our own names for kopf's bookkeeping (annotations, not status: the status is typed).
     settings.persistence.finalizer = "kubetune.io/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-        prefix="kubetune.io")
+        prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubetune.io", key="last-handled-configuration")
+        prefix=GROUP, key="last-handled-configuration")
     settings.posting.level = logging.INFO
     # The one read of the environment (tests hand in their own OperatorConfig).
     config: OperatorConfig = memo.setdefault("config", OperatorConfig.from_env())

@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 from kubetune.api.stages import FINAL_METRIC_PATTERN, MAX_STAGE_METRICS, STAGE_METRIC_PATTERN
+from kubetune.api.v1alpha1 import PLURAL
 
 from kubetune_operator import metrics
 from kubetune_operator.backends import Backend
@@ -36,7 +37,7 @@ from kubetune_operator.status import MAX_CHECKPOINTS
 
 log = logging.getLogger("kubetune.reporting")
 
-ROUTE = "/v1/namespaces/{namespace}/finetunejobs/{name}/status"
+ROUTE = f"/v1/namespaces/{{namespace}}/{PLURAL}/{{name}}/status"
 MAX_BODY = 64 * 1024
 
 _METRIC_MAP = {"current_step": "step", "total_steps": "totalSteps", "loss": "loss",
