@@ -1,7 +1,8 @@
 """The Kubeflow Trainer v2 backend on a real API server: Trainer v2.3's and Kueue v0.19's own
 CRDs installed, rendered TrainJobs and the chart's ClusterTrainingRuntime accepted (nothing
 pruned), and the operator (backend TrainJob) taking a queued job through Kueue admission
-(the test plays Kueue with real Workload objects) and Trainer v2's status to Succeeded.
+(the test plays Kueue with real Workload objects) and Trainer v2's status to Succeeded; and
+spec.serve's Deployment and Service accepted as rendered.
 """
 
 from __future__ import annotations
@@ -163,3 +164,29 @@ def test_a_queued_trainjob_is_admitted_runs_and_succeeds(kube, namespace, trainj
             "jobsStatus": [{**jobs, "active": 0, "ready": 0, "succeeded": 1}]}})
     wait(lambda: status().get("phase") == "Succeeded")
     assert get("trainjobs", TRAINER)["metadata"]["uid"] == uid  # one child, never remade
+
+
+@pytest.mark.parametrize("weights", ["model", "adapter"])
+def test_the_servers_objects_are_accepted_as_rendered(kube, namespace, weights):
+    """spec.serve's Deployment and Service (no GPU here: applied, not run)."""
+    from kubetune.jobfile import parse_job
+    from kubetune_operator import serving
+    from kubetune_operator.settings import OperatorConfig
+
+    body = _job(namespace, f"serve-{weights}", serve={
+        "weights": weights, "gpus": 1, "memory": "24Gi",
+        "checks": [{"prompt": "Who are you?", "expect": ["kubetune"]}]})
+    body["spec"]["output"]["merge"] = weights == "model"
+    job = parse_job(body)
+    config = OperatorConfig()
+    dep = serving.deployment(job=job, config=config, uid=None, outputs={
+        "mergedModel": "pvc://outputs/ident/merged", "adapter": "pvc://outputs/ident/adapter"})
+    svc = serving.service(job=job, config=config)
+    made = kube.AppsV1Api().create_namespaced_deployment(namespace, dep, dry_run="All",
+                                                         _preload_content=False)
+    import json
+
+    assert _subset(dep["spec"], json.loads(made.data)["spec"], "spec") == []
+    made = kube.CoreV1Api().create_namespaced_service(namespace, svc, dry_run="All",
+                                                      _preload_content=False)
+    assert _subset(svc["spec"], json.loads(made.data)["spec"], "spec") == []
