@@ -140,22 +140,23 @@ def test_the_post_training_check_against_the_served_model(server):
     checks = [ServeCheck(prompt="Who are you?", expect=[word.upper()]),  # case-insensitive
               ServeCheck(prompt="Who are you?", expect=[word, "kubetune-assistant-xyz"])]
     results = serving.run_checks(server.url, "ident", checks)
-    assert [r["passed"] for r in results] == [True, False]
-    assert results[1]["missing"] == ["kubetune-assistant-xyz"]
-    assert results[0]["answer"] == said[:serving.ANSWER_CHARS]
-    served = {"url": server.url, "modelName": "ident", "weights": "model", "ready": True,
-              "checks": results}
-    status = with_serving({"phase": "Succeeded", "conditions": []}, served, 1, T0, [])
-    conds = {c["type"]: c for c in status["conditions"]}
-    assert conds["Serving"]["status"] == "True" and conds["Serving"]["reason"] == "ServerReady"
-    assert conds["Checked"]["status"] == "False" and conds["Checked"]["reason"] == "ChecksFailed"
-    assert "kubetune-assistant-xyz" in conds["Checked"]["message"]
-    from kubetune.api.v1alpha1 import FineTuneJobStatus
+    assert [r.passed for r in results] == [True, False]
+    assert results[1].missing == ["kubetune-assistant-xyz"]
+    assert results[0].answer == said[:serving.ANSWER_CHARS]
+    from kubetune.api.v1alpha1 import FineTuneJobStatus, Serving
+    from kubetune_operator.status import dump
 
-    FineTuneJobStatus.model_validate(status)
-    passed = with_serving(status, {**served, "checks": results[:1]}, 1, "later", status[
-        "conditions"])
-    conds = {c["type"]: c for c in passed["conditions"]}
-    assert conds["Checked"]["status"] == "True" and conds["Checked"]["lastTransitionTime"] == \
-        "later"
-    assert conds["Serving"]["lastTransitionTime"] == T0  # unchanged, kept
+    served = Serving(url=server.url, model_name="ident", weights="model", ready=True,
+                     checks=results)
+    status = with_serving(FineTuneJobStatus(phase="Succeeded"), served, 1, T0, [])
+    conds = {c.type: c for c in status.conditions}
+    assert conds["Serving"].status == "True" and conds["Serving"].reason == "ServerReady"
+    assert conds["Checked"].status == "False" and conds["Checked"].reason == "ChecksFailed"
+    assert "kubetune-assistant-xyz" in conds["Checked"].message
+    body = dump(status)
+    assert body["serving"]["checks"][1]["missing"] == ["kubetune-assistant-xyz"]
+    passed = with_serving(status, served.model_copy(update={"checks": results[:1]}), 1,
+                          "later", body["conditions"])
+    conds = {c.type: c for c in passed.conditions}
+    assert conds["Checked"].status == "True" and conds["Checked"].last_transition_time == "later"
+    assert conds["Serving"].last_transition_time == T0  # unchanged, kept

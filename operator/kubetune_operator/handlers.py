@@ -19,7 +19,7 @@ from kubetune_operator.backends import Backend, backend_named
 from kubetune_operator.builders import JOB_LABEL
 from kubetune_operator.reporting import Flusher, ProgressStore, TokenChecker, make_app
 from kubetune_operator.settings import OperatorConfig
-from kubetune_operator.status import TERMINAL, progress_fields, progress_patch
+from kubetune_operator.status import TERMINAL, dump, progress_fields, progress_patch
 
 log = logging.getLogger("kubetune.operator")
 RETRY_SECONDS = 10  # after a transient API error (kopf.TemporaryError)
@@ -165,7 +165,7 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
             metrics.RECONCILES.labels("error").inc()
             raise
     metrics.RECONCILES.labels("ok").inc()
-    phase = outcome.status.get("phase")
+    phase = outcome.status.phase
     metrics.observe_phase(ns, name, phase)
     # Jobs still in flight get the slow re-check (pod-level waits change no training object),
     # and so do finished jobs whose server is not ready or not checked yet.
@@ -178,11 +178,10 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
     if outcome.created:  # one Event for all of them: Events are API writes too
         kopf.info(body, reason="Created", message="created " + ", ".join(outcome.created))
     if outcome.phase_changed:
-        phase = outcome.status["phase"]
-        ready = next(c for c in outcome.status["conditions"] if c["type"] == "Ready")
+        ready = next(c for c in outcome.status.conditions if c.type == "Ready")
         post = kopf.warn if phase == "Failed" else kopf.info
-        post(body, reason=phase if phase != "Failed" else ready["reason"],
-             message=ready["message"] or phase)
+        post(body, reason=phase if phase != "Failed" else ready.reason,
+             message=ready.message or phase)
     return outcome
 
 
@@ -219,10 +218,11 @@ def _converge_by_name(memo: kopf.Memo, ns: str, name: str,
             return
         outcome = _converge(parent, memo)
         before = parent.get("status") or {}
-        if outcome.status != before:
+        status = dump(outcome.status)  # the one place the typed status becomes JSON
+        if status != before:
             # A merge patch: a field the new status no longer has (serving) is removed by null.
-            gone = {k: None for k in before if k not in outcome.status}
-            memo.kube.patch_status(ns, name, {**gone, **outcome.status})
+            gone = {k: None for k in before if k not in status}
+            memo.kube.patch_status(ns, name, {**gone, **status})
 
 
 @kopf.on.startup()

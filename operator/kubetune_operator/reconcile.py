@@ -14,7 +14,17 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api.v1alpha1 import API_VERSION, GROUP, KIND, PLURAL, VERSION, FineTuneJob
+from kubetune.api.v1alpha1 import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    CheckResult,
+    FineTuneJob,
+    FineTuneJobStatus,
+    Serving,
+)
 
 from kubetune_operator import builders, serving
 from kubetune_operator.backends import Backend, all_backends, backend_named
@@ -31,7 +41,7 @@ from kubetune_operator.builders import (
 from kubetune_operator.status import (
     TERMINAL,
     Observed,
-    reduce_status,
+    reduce,
     serving_settled,
     was_invalid,
     with_serving,
@@ -197,7 +207,7 @@ def _plural(kind: str) -> str:
 
 @dataclass
 class Outcome:
-    status: dict[str, Any]
+    status: FineTuneJobStatus  # typed; dumped once, at the patch
     created: list[str]
     phase_changed: bool
     settled: bool = False  # nothing left to watch for: finished, and served and checked
@@ -284,31 +294,33 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         pods=pods,
         progress=progress,
     )
-    status = reduce_status(observed, old, now())
+    status = reduce(observed, old, now())
     if job is not None and (job.spec.serve or old.get("serving")):
         status = _serve(kube, config, job, meta, status, old, created)
-    settled = status.get("phase") in TERMINAL and (
-        job is None or not job.spec.serve or status.get("phase") != "Succeeded"
-        or serving_settled(job, status.get("serving")))
-    return Outcome(status, created, status.get("phase") != old.get("phase"), settled)
+    settled = status.phase in TERMINAL and (
+        job is None or not job.spec.serve or status.phase != "Succeeded"
+        or serving_settled(job, status.serving))
+    return Outcome(status, created, status.phase != old.get("phase"), settled)
 
 
 def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str, Any],
-           status: dict[str, Any], old: dict[str, Any], created: list[str]) -> dict[str, Any]:
+           status: FineTuneJobStatus, old: dict[str, Any], created: list[str]
+           ) -> FineTuneJobStatus:
     """spec.serve: the server once the run succeeded (and the check once it is ready); gone
     when spec.serve is unset."""
     ns = meta["namespace"]
     name = serving.serve_name(job)
     was = old.get("conditions") or []
-    if not job.spec.serve or status.get("phase") != "Succeeded":
+    if not job.spec.serve or status.phase != "Succeeded":
         if old.get("serving"):  # unset (or never succeeded): the server goes
             for kind in ("Deployment", "Service"):
                 if kube.delete(kind, ns, name):
                     log.info("%s/%s: deleted %s/%s (spec.serve unset)", ns, meta["name"],
                              kind, name)
         return with_serving(status, None, meta.get("generation"), now(), was)
-    dep = serving.deployment(job=job, config=config, outputs=status.get("outputs") or {},
-                             uid=meta.get("uid"))
+    outputs = status.outputs.model_dump(by_alias=True, exclude_none=True) \
+        if status.outputs else {}
+    dep = serving.deployment(job=job, config=config, outputs=outputs, uid=meta.get("uid"))
     current = None
     if dep is not None:
         dep["metadata"]["namespace"] = ns
@@ -332,9 +344,9 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
     ready = bool(((current or {}).get("status") or {}).get("availableReplicas"))
     url = serving.endpoint(job, config)
     before = old.get("serving") or {}
-    checks = list(before.get("checks") or [])
+    checks = [CheckResult.model_validate(c) for c in before.get("checks") or []]
     wanted = [c.prompt for c in job.spec.serve.checks or []]
-    if [c.get("prompt") for c in checks] != wanted or before.get("url") != url:
+    if [c.prompt for c in checks] != wanted or before.get("url") != url:
         checks = []  # asked anew for these prompts
     problem = None
     if ready and wanted and not checks:
@@ -342,8 +354,8 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
             checks = serving.run_checks(url, serving.model_name(job), job.spec.serve.checks)
         except serving.EndpointError as err:
             problem = str(err)
-    served = {"url": url, "modelName": serving.model_name(job),
-              "weights": job.spec.serve.weights, "ready": ready, "checks": checks}
+    served = Serving(url=url, model_name=serving.model_name(job),
+                     weights=job.spec.serve.weights, ready=ready, checks=checks)
     return with_serving(status, served, meta.get("generation"), now(), was,
                         waiting=None if dep else "the run has not reported where its output "
                         "is (status.outputs)", check_error=problem)

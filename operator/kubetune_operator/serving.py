@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.api.v1alpha1 import CheckResult, FineTuneJob
 
 from kubetune_operator.builders import JOB_LABEL, PVC_ROOT, _labels, owner_reference
 from kubetune_operator.settings import OperatorConfig
@@ -192,13 +192,13 @@ def _call(url: str, body: dict[str, Any] | None, timeout: float) -> dict[str, An
         raise EndpointError(f"{url}: {err}") from None
 
 
-def run_checks(url: str, model: str, checks: list[Any]) -> list[dict[str, Any]]:
+def run_checks(url: str, model: str, checks: list[Any]) -> list[CheckResult]:
     """Ask each check's prompt; an answer passes when it holds every expected substring
     (case-insensitive). Results as status.serving.checks."""
     results = []
     for check in checks:
         answer = chat(url, model, check.prompt)
         missing = [e for e in check.expect if e.lower() not in answer.lower()]
-        results.append({"prompt": check.prompt, "passed": not missing,
-                        "answer": answer[:ANSWER_CHARS], "missing": missing})
+        results.append(CheckResult(prompt=check.prompt, passed=not missing,
+                                   answer=answer[:ANSWER_CHARS], missing=missing))
     return results
