@@ -360,3 +360,21 @@ def test_the_strict_trainjob_schema_catches_an_unknown_field(trainjob_schema):
     obj["spec"]["trainer"]["numProcsPerNode"] = 1  # typo
     with pytest.raises(jsonschema.ValidationError, match="'numProcsPerNode' was unexpected"):
         jsonschema.validate(obj, trainjob_schema)
+
+
+def test_kubetune_render_backend_prints_what_the_trainjob_operator_would_create(
+        trainjob_schema):
+    from kubetune.cli import app
+    from typer.testing import CliRunner
+
+    path = REPO / "examples" / "assistant-identity.yaml"
+    result = CliRunner().invoke(app, ["render", str(path), "--backend", "TrainJob", "-n", "a"])
+    assert result.exit_code == 0, result.output
+    docs = list(yaml.safe_load_all(result.stdout))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "TrainJob"]
+    jsonschema.validate(docs[1], trainjob_schema)
+    assert docs[1] == builders.children(job=load_job(path).model_copy(update={
+        "metadata": load_job(path).metadata.model_copy(update={"namespace": "a"})}),
+        config=OperatorConfig(backend="TrainJob"), labels=load_job(path).metadata.labels)[1]
+    bad = CliRunner().invoke(app, ["render", str(path), "--backend", "MPIJob"])
+    assert bad.exit_code == 2 and "--backend: backend 'MPIJob' is not known" in bad.output

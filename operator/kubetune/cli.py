@@ -195,11 +195,15 @@ def render(
     progress_url: Annotated[str | None, typer.Option(help="The operator's progress endpoint.")
                             ] = None,
     namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+    backend: Annotated[str, typer.Option(
+        help="The operator's backend: PyTorchJob or TrainJob (Kubeflow Trainer v2).")
+    ] = "PyTorchJob",
 ) -> None:
     """Print the exact objects the operator would create for a job (for review, GitOps diffs)."""
     import yaml
+    from kubetune_operator.backends import backend_named
     from kubetune_operator.builders import OperatorConfig, children
-    from kubetune_operator.reconcile import validate as cluster_validate
+    from kubetune_operator.validation import cluster_problem
 
     from kubetune.jobfile import load_job
 
@@ -207,14 +211,18 @@ def render(
         job = load_job(job_file)
         if namespace:
             job.metadata.namespace = namespace
-        _, problem = cluster_validate(job.model_dump(mode="json", by_alias=True))
+        try:
+            chosen = backend_named(backend)
+        except ValueError as bad:
+            raise KubetuneError(str(bad), field="--backend") from None
+        problem = cluster_problem(job, chosen)
         if problem:  # the operator would create nothing and say this in a condition
             raise KubetuneError(problem)
     except KubetuneError as e:
         _fail(e)
         return
-    config = OperatorConfig(**{k: v for k, v in {"trainer_image": image,
-                                                 "progress_url": progress_url}.items() if v})
+    config = OperatorConfig(backend=chosen.kind, **{k: v for k, v in {
+        "trainer_image": image, "progress_url": progress_url}.items() if v})
     objs = children(job=job, config=config, uid=None, labels=job.metadata.labels)
     if job.spec.model.from_job:
         err.print(f"note: the model comes from FineTuneJob {job.spec.model.from_job!r}: the "
