@@ -824,3 +824,22 @@ async def test_serve_after_train_and_check(cluster, tiny_model):
                 c["type"] == "SpecChangeIgnored" for c in _status(cluster)["conditions"])
         finally:
             await op.stop()
+
+
+async def test_serve_turned_off_says_so_and_the_job_still_trains(cluster):
+    op = Operator(cluster, serve_enabled=False)
+    await op.start()
+    try:
+        body = _job()
+        del body["metadata"]["labels"]
+        body["spec"]["serve"] = {}
+        await op.create(body)
+        await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+        await op.patch_child_status("ident", "Created", "Succeeded")
+        serving_ = await eventually(lambda: {
+            c["type"]: c for c in _status(cluster)["conditions"]}["Serving"])
+        assert serving_["status"] == "False" and serving_["reason"] == "ServingDisabled"
+        assert "serve.enabled" in serving_["message"] and _phase(cluster) == "Succeeded"
+        assert not _children(cluster, "apps/v1/deployments")
+    finally:
+        await op.stop()

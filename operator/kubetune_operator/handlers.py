@@ -53,7 +53,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         prefix=GROUP, key="last-handled-configuration")
     settings.posting.level = logging.INFO
     # The one read of the environment (tests hand in their own OperatorConfig).
-    config: OperatorConfig = memo.setdefault("config", OperatorConfig.from_env())
+    try:
+        config: OperatorConfig = memo.setdefault("config", OperatorConfig.from_env())
+    except ValueError as bad:  # a setting the chart or a person got wrong: retrying cannot help
+        raise kopf.PermanentError(str(bad)) from bad
     settings.execution.max_workers = config.workers
     # Watching exact namespaces (the chart's watchNamespaces): no cluster-wide namespace and CRD
     # scanning, so the operator needs no cluster-scope read of namespaces.

@@ -221,7 +221,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     old = body.get("status") or {}
     labels = meta.get("labels") or {}
     backend = backend_named(config.backend)
-    job, invalid = validate(body, backend, config.serve_enabled)
+    job, invalid = validate(body, backend)
     waiting: str | None = None
     if job is not None and (job.spec.model.from_job
                             or any(r.from_job for r in job.spec.rewards or [])):
@@ -318,6 +318,10 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
                     log.info("%s/%s: deleted %s/%s (spec.serve unset)", ns, meta["name"],
                              kind, name)
         return with_serving(status, None, meta.get("generation"), now(), was)
+    if not config.serve_enabled:  # no RBAC for it: say so, and train all the same
+        return with_serving(status, None, meta.get("generation"), now(), was, blocked=(
+            "spec.serve: serving is turned off in this installation (the chart's "
+            "serve.enabled)"), blocked_reason="ServingDisabled")
     outputs = status.outputs.model_dump(by_alias=True, exclude_none=True) \
         if status.outputs else {}
     dep = serving.deployment(job=job, config=config, outputs=outputs, uid=meta.get("uid"))

@@ -61,7 +61,8 @@ class OperatorConfig:
             try:
                 return kind(raw)
             except ValueError:
-                raise ValueError(f"{name}={raw!r}: expected a {kind.__name__}") from None
+                what = "an integer" if kind is int else "a number"
+                raise ValueError(f"{name}={raw!r}: expected {what}") from None
 
         def flag(name: str, default: bool) -> bool:
             raw = (env.get(name) or str(default)).lower()

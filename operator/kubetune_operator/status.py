@@ -254,14 +254,15 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
 def with_serving(status: FineTuneJobStatus, served: Serving | None, generation: int | None,
                  now: str, old_conditions: list[dict[str, Any]], *,
                  waiting: str | None = None, blocked: str | None = None,
-                 check_error: str | None = None) -> FineTuneJobStatus:
+                 blocked_reason: str = "Conflict", check_error: str | None = None
+                 ) -> FineTuneJobStatus:
     """The status with spec.serve's part: status.serving and the Serving and Checked
     conditions (none of them when nothing is served)."""
     kept = [c for c in status.conditions if c.type not in ("Serving", "Checked")]
     conds: list[Condition] = []
     shown: Serving | None = None
     if blocked:
-        conds.append(_condition("Serving", False, "Conflict", blocked, generation))
+        conds.append(_condition("Serving", False, blocked_reason, blocked, generation))
     elif served is not None and waiting:
         conds.append(_condition("Serving", False, "WaitingForOutput", waiting, generation))
     elif served is not None:

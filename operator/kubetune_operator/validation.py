@@ -17,13 +17,9 @@ from kubetune_operator.backends import Backend
 CLUSTER_SOURCES = ("pvc://", "hf://", "https://", "http://", "s3://", "gs://", "embedded://")
 
 
-def cluster_problem(job: FineTuneJob, backend: Backend | None = None,
-                    serve_enabled: bool = True) -> str | None:
+def cluster_problem(job: FineTuneJob, backend: Backend | None = None) -> str | None:
     """Why ``job`` cannot run in a cluster (naming the field), or None."""
     spec = job.spec
-    if spec.serve and not serve_enabled:
-        return ("spec.serve: serving is turned off in this installation (the chart's "
-                "serve.enabled); remove spec.serve or ask the cluster's administrators")
     fields = [("spec.model.source", spec.model.source)] * bool(spec.model.source) + [
         (f"spec.datasets[{i}].source", d.source) for i, d in enumerate(spec.datasets)]
     for field, uri in fields:
@@ -36,7 +32,7 @@ def cluster_problem(job: FineTuneJob, backend: Backend | None = None,
     return backend.refuses(job) if backend is not None else None
 
 
-def validate(body: dict[str, Any], backend: Backend | None = None, serve_enabled: bool = True
+def validate(body: dict[str, Any], backend: Backend | None = None
              ) -> tuple[FineTuneJob | None, str | None]:
     """Parse a FineTuneJob as read from the API with the API models, then the cluster rules.
 
@@ -50,5 +46,5 @@ def validate(body: dict[str, Any], backend: Backend | None = None, serve_enabled
         job = validate_job(doc)  # as the CLI reads a file: camelCase only, strict
     except ValidationError as err:
         return None, format_validation_error(err)
-    problem = cluster_problem(job, backend, serve_enabled)
+    problem = cluster_problem(job, backend)
     return (None, problem) if problem else (job, None)
