@@ -95,8 +95,9 @@ class Kube:
         ns = obj["metadata"]["namespace"]
         try:
             if create := self._builtin(obj["kind"], "create"):
-                # No client-side model of the answer (we do not read it): less CPU per job.
-                create(ns, obj, _preload_content=False)
+                # Raw JSON, no client-side model: less CPU per job. (Read to the end, so that
+                # the connection goes back to the pool.)
+                create(ns, obj, _preload_content=False).read()
                 return obj, True
             group, version = obj["apiVersion"].split("/")
             made = self.custom.create_namespaced_custom_object(
