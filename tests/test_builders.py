@@ -378,3 +378,17 @@ def test_kubetune_render_backend_prints_what_the_trainjob_operator_would_create(
         config=OperatorConfig(backend="TrainJob"), labels=load_job(path).metadata.labels)[1]
     bad = CliRunner().invoke(app, ["render", str(path), "--backend", "MPIJob"])
     assert bad.exit_code == 2 and "--backend: backend 'MPIJob' is not known" in bad.output
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero2-offload", "zero3", "zero3-offload",
+                                      "fsdp2"])
+def test_the_strategy_reaches_the_launcher_on_every_node(strategy, pytorchjob_schema):
+    obj = PYTORCHJOB.render(job=_job(resources={"nodes": 2, "gpusPerNode": 8,
+                                                "strategy": strategy}),
+                            config=OperatorConfig())
+    jsonschema.validate(obj, pytorchjob_schema)
+    for role in ("Master", "Worker"):
+        c = _container(obj, role)
+        assert c["command"] == ["kubetune-launch"]
+        assert c["args"] == ["/etc/kubetune/job.yaml", "--pvc-root", "/mnt/pvc"] + (
+            [] if strategy == "ddp" else ["--strategy", strategy])

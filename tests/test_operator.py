@@ -116,7 +116,7 @@ def cluster(kmock):
 class Operator:
     def __init__(self, cluster, **config):
         self.cluster = cluster
-        self.config = config
+        self.config = config  # OperatorConfig fields (gpu_memory: the chart's gpuMemory table)
         cfg = kubernetes.client.Configuration(host=str(cluster.url))
         self.api = kubernetes.client.ApiClient(cfg)  # the test's own calls
         self.operator_api = kubernetes.client.ApiClient(cfg)
@@ -841,5 +841,44 @@ async def test_serve_turned_off_says_so_and_the_job_still_trains(cluster):
         assert serving_["status"] == "False" and serving_["reason"] == "ServingDisabled"
         assert "serve.enabled" in serving_["message"] and _phase(cluster) == "Succeeded"
         assert not _children(cluster, "apps/v1/deployments")
+    finally:
+        await op.stop()
+
+
+async def test_a_job_that_cannot_fit_its_gpus_is_refused_before_any_child(cluster, hub):
+    """The issue's example: a 72B full fine-tune, batch 64 × 32k tokens, on one GPU. Refused
+    with the numbers and the fixes, whether the job says its GPU's memory or the chart does;
+    once fixed, it gets its children."""
+    op = Operator(cluster, gpu_memory=(("default", "80Gi"),))
+    await op.start()
+    try:
+        big = {"method": {"type": "full"}, "model": {"source": "hf://Qwen/Qwen2-72B"},
+               "training": {"batchSizePerDevice": 64, "cutoffLen": 32768, "packing": False},
+               "output": {"uri": "pvc://outputs/big"}}
+        await op.create(_job(name="own", **big, resources={"gpusPerNode": 1,
+                                                            "gpuMemory": "141Gi"}))
+        await op.create(_job(name="chart", **big))
+        for name, limit in (("own", "141 GiB"), ("chart", "80 GiB")):
+            await eventually(lambda n=name: _assert(_phase(cluster, n) == "Failed"))
+            stalled = next(c for c in _status(cluster, name)["conditions"]
+                           if c["type"] == "Stalled")
+            assert stalled["status"] == "True" and stalled["reason"] == "InsufficientGPUMemory"
+            msg = stalled["message"]
+            assert msg.startswith("spec.resources: about ") and f"does not fit in {limit}" \
+                in msg, msg
+            assert "cheapest fixes: training.gradientCheckpointing: true" in msg
+            assert "resources.strategy: zero3-offload" in msg and "(QLoRA: " in msg
+        assert not _children(cluster, PTJ) and not _children(cluster, CM)
+
+        # Fixed (QLoRA, one row of 4k tokens, checkpointing): the job gets its children.
+        await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                                "v1alpha1", NS, "finetunejobs", "own", {
+                                    "metadata": {"generation": 2},
+                                    "spec": {"method": {"type": "qlora"}, "training": {
+                                        "batchSizePerDevice": 1, "cutoffLen": 4096,
+                                        "gradientCheckpointing": True}}})
+        await eventually(lambda: cluster.objects[PTJ, NS, "own"])
+        await eventually(lambda: _assert(_phase(cluster, "own") == "Queued"))
+        assert (PTJ, NS, "chart") not in cluster.objects
     finally:
         await op.stop()

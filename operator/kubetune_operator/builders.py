@@ -11,7 +11,9 @@ import json
 from typing import Any
 
 import yaml
+from kubetune import credentials
 from kubetune.api.v1alpha1 import API_VERSION, KIND, PLURAL, FineTuneJob
+from kubetune.strategy import launcher_args
 
 from kubetune_operator.settings import OperatorConfig
 
@@ -103,14 +105,7 @@ def _env(job: FineTuneJob, config: OperatorConfig, progress: bool = True
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
         {"name": "KUBETUNE_JOB", "value": job.metadata.name},
     ]
-    if spec.model.secret_ref:
-        ref = spec.model.secret_ref
-        env.append({"name": "HF_TOKEN",
-                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    for i, ds in enumerate(spec.datasets):
-        if ds.secret_ref:
-            env.append({"name": f"KUBETUNE_DATASET_{i}_TOKEN", "valueFrom": {
-                "secretKeyRef": {"name": ds.secret_ref.name, "key": ds.secret_ref.key}}})
+    env += credentials.k8s_env(spec)  # every secretRef, per source (kubetune.credentials)
     if config.progress_url and progress:
         # Kubeflow KEP-2779: transformers' KubeflowCallback posts progress here by itself.
         namespace = job.metadata.namespace or "default"
@@ -188,7 +183,8 @@ def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str, contain
         "name": container,  # each backend has its own (PyTorchJob requires "pytorch")
         "image": image,
         "command": ["kubetune-launch"],  # accelerate, topology from the PET_* variables
-        "args": [f"{CONFIG_DIR}/{CONFIG_KEY}", "--pvc-root", PVC_ROOT],
+        "args": [f"{CONFIG_DIR}/{CONFIG_KEY}", "--pvc-root", PVC_ROOT,
+                 *launcher_args(spec)],  # resources.strategy: DeepSpeed / FSDP
         "env": _env(job, config, progress),
         "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",

@@ -6,9 +6,12 @@ directly. Nothing else in the operator reads the environment.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+log = logging.getLogger("kubetune.operator")
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,9 @@ class OperatorConfig:
     default_priority_class: str | None = None  # for jobs that name none
     default_queue: str | None = None  # Kueue queue for jobs without the queue label
     failure_log_tail: bool = True  # status.failure.logTail (visible to the job's readers)
+    # Memory of one GPU by product label value ("default": jobs that select none); a job's
+    # resources.gpuMemory wins. Jobs whose estimate does not fit get no children.
+    gpu_memory: tuple[tuple[str, str], ...] = ()
     # The training backend (backends/): "PyTorchJob" (Training Operator v1) or "TrainJob"
     # (Kubeflow Trainer v2).
     backend: str = "PyTorchJob"
@@ -37,7 +43,9 @@ class OperatorConfig:
     serve_url: str = "http://{name}.{namespace}.svc:{port}/v1"
     # How the operator runs.
     recheck_seconds: float = 60.0
-    workers: int = 16
+    # Handlers block on the API server (the client is synchronous), not on the CPU: enough
+    # threads that a burst of new jobs is not queued behind a few round trips.
+    workers: int = 64
     scanning: bool = True
     metrics_port: int | None = None
     progress_port: int | None = None
@@ -80,6 +88,7 @@ class OperatorConfig:
             default_priority_class=text("KUBETUNE_DEFAULT_PRIORITY_CLASS"),
             default_queue=text("KUBETUNE_DEFAULT_QUEUE"),
             failure_log_tail=flag("KUBETUNE_FAILURE_LOG_TAIL", True),
+            gpu_memory=gpu_memory_table(env.get("KUBETUNE_GPU_MEMORY")),
             backend=backend,
             training_runtime=text("KUBETUNE_TRAINING_RUNTIME") or cls.training_runtime,
             trainer_status=flag("KUBETUNE_TRAINER_STATUS", False),
@@ -98,3 +107,24 @@ class OperatorConfig:
             progress_flush_seconds=number("KUBETUNE_PROGRESS_FLUSH_SECONDS", float,
                                           cls.progress_flush_seconds),
         )
+
+
+def gpu_memory_table(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """The chart's gpuMemory (JSON: GPU product → quantity); a bad entry is logged, skipped."""
+    import json
+
+    from kubetune.estimate import parse_quantity
+
+    try:
+        table = json.loads(raw or "{}") or {}
+    except ValueError:
+        log.error("KUBETUNE_GPU_MEMORY is not JSON; no GPU memory is known")
+        return ()
+    out = []
+    for product, quantity in sorted(table.items()):
+        try:
+            parse_quantity(str(quantity))
+            out.append((str(product), str(quantity)))
+        except ValueError as err:
+            log.error("gpuMemory[%s]: %s; ignored", product, err)
+    return tuple(out)

@@ -35,6 +35,7 @@ from kubetune.api.v1alpha1._base import (
 )
 from kubetune.api.v1alpha1.evaluation import (
     EvaluationSpec,
+    LmEvalSpec,
 )
 from kubetune.api.v1alpha1.job import (
     ALL_RULES,
@@ -93,6 +94,10 @@ from kubetune.api.v1alpha1.status import (
     Progress,
     Serving,
 )
+from kubetune.api.v1alpha1.tracking import (
+    Tracker,
+    TrackingSpec,
+)
 from kubetune.api.v1alpha1.trainer import (
     NOT_SECRET_ENV,
     RESERVED_ENV,
@@ -141,6 +146,7 @@ __all__ = [
     "INT32_MAX",
     "KIND",
     "LABEL_VALUE",
+    "LmEvalSpec",
     "LoraSpec",
     "LrScheduler",
     "MethodSpec",
@@ -181,6 +187,8 @@ __all__ = [
     "TEMPLATES",
     "TEXT",
     "Toleration",
+    "Tracker",
+    "TrackingSpec",
     "TrainerSpec",
     "TrainingSpec",
     "URL_SECRET_QUERY",
