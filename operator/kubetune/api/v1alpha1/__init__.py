@@ -71,6 +71,7 @@ from kubetune.api.v1alpha1.rl import (
     RewardSpec,
     RewardType,
 )
+from kubetune.api.v1alpha1.serve import ServeCheck, ServeSpec
 from kubetune.api.v1alpha1.sources import (
     DatasetFormat,
     DatasetSpec,
@@ -85,11 +86,13 @@ from kubetune.api.v1alpha1.spec import (
 )
 from kubetune.api.v1alpha1.status import (
     Checkpoint,
+    CheckResult,
     Condition,
     Failure,
     FineTuneJobStatus,
     Outputs,
     Progress,
+    Serving,
 )
 from kubetune.api.v1alpha1.tracking import (
     Tracker,
@@ -116,7 +119,11 @@ __all__ = [
     "API_VERSION",
     "BaseModel",
     "Checkpoint",
+    "CheckResult",
     "Condition",
+    "ServeCheck",
+    "ServeSpec",
+    "Serving",
     "CPO_LOSSES",
     "DatasetFormat",
     "DatasetSpec",
