@@ -47,6 +47,8 @@ from kubetune.api.v1alpha1.method import (
     LoraSpec,
     MethodSpec,
     MethodType,
+    QuantizationSpec,
+    SpectrumSpec,
 )
 from kubetune.api.v1alpha1.output import (
     OutputSpec,
@@ -99,7 +101,9 @@ from kubetune.api.v1alpha1.trainer import (
 )
 from kubetune.api.v1alpha1.training import (
     PACKED_CUTOFF_MAX,
+    BoostersSpec,
     LrScheduler,
+    OptimizerSpec,
     Precision,
     TrainingSpec,
 )
@@ -108,6 +112,7 @@ __all__ = [
     "ALL_RULES",
     "API_VERSION",
     "BaseModel",
+    "BoostersSpec",
     "Checkpoint",
     "Condition",
     "CPO_LOSSES",
@@ -142,11 +147,13 @@ __all__ = [
     "ObjectMeta",
     "OUTPUT_PATTERN",
     "Outputs",
+    "OptimizerSpec",
     "OutputSpec",
     "PACKED_CUTOFF_MAX",
     "PLURAL",
     "Precision",
     "PreferenceSpec",
+    "QuantizationSpec",
     "Progress",
     "QUALIFIED_NAME",
     "QUANTITY",
@@ -158,6 +165,7 @@ __all__ = [
     "Rule",
     "RunPolicySpec",
     "SchedulingSpec",
+    "SpectrumSpec",
     "SECRET_ENV_NAME",
     "SecretKeyRef",
     "SHORT_NAMES",
