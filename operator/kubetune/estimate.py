@@ -73,10 +73,11 @@ def estimate(config: dict[str, Any], spec: Any, *, gpu: bool = True) -> Estimate
     s = _shape(config)
     total, per_layer = parameters(config)
     t, method = spec.training, spec.method.type
+    quant = spec.method.quantization  # QLoRA: the frozen base in 4 (or 8) bits
     width = 4 if t.precision == "fp32" or (t.precision == "auto" and not gpu) else 2
     est = Estimate(params=total)
-    est.parts["weights"] = total * (0.53 if method == "qlora" else width)
-    if method in ("lora", "qlora"):
+    est.parts["weights"] = total * (width if quant is None else 0.53 if quant.bits == 4 else 1.03)
+    if method == "lora":
         lo = spec.method.lora_or_default()
         targets = _LORA_TARGETS if lo.target_modules == ["all-linear"] else \
             tuple(m for m in lo.target_modules if m in _LORA_TARGETS)
@@ -104,9 +105,9 @@ def fixes(spec: Any) -> list[str]:
     """The cheapest changes that cut the estimate, for a job that does not fit."""
     t, out = spec.training, []
     if spec.method.type in ("full", "freeze"):
-        out.append("method.type: lora (or qlora: the base in 4 bits)")
-    elif spec.method.type == "lora":
-        out.append("method.type: qlora (the base in 4 bits)")
+        out.append("method.type: lora (with method.quantization.bits 4: QLoRA)")
+    elif spec.method.type == "lora" and spec.method.quantization is None:
+        out.append("method.quantization: {bits: 4} (QLoRA: the base in 4 bits)")
     if not t.gradient_checkpointing:
         out.append("training.gradientCheckpointing: true")
     if t.batch_size_per_device > 1:

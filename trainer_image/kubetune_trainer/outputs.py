@@ -222,9 +222,10 @@ def save(trainer: Any, tokenizer: Any, spec: FineTuneJobSpec, out: Layout, *, ad
         return lambda p: (obj.save_pretrained(p), tokenizer.save_pretrained(p))
 
     if adapter:
-        written["adapter"] = str(replace_dir(out.adapter, with_tokenizer(model)))
+        written["adapter"] = str(replace_dir(out.adapter, _adapter_writer(model, spec, out,
+                                                                          tokenizer)))
         if spec.output.merge:
-            merged = _merge_full_precision(model, head) if spec.method.type == "qlora" \
+            merged = _merge_full_precision(model, head) if spec.method.qlora \
                 else model.merge_and_unload()
             written["merged_model"] = str(replace_dir(out.merged, with_tokenizer(merged)))
     else:
@@ -234,8 +235,23 @@ def save(trainer: Any, tokenizer: Any, spec: FineTuneJobSpec, out: Layout, *, ad
     return written
 
 
+def _adapter_writer(model: Any, spec: FineTuneJobSpec, out: Layout,
+                    tokenizer: Any) -> Callable[[Path], None]:
+    """PiSSA/OLoRA trained on a rewritten base: the adapter is saved converted (PEFT, rank
+    2r) so that it applies to the original base like any LoRA."""
+    from kubetune_trainer.model import CONVERTED_INITS, initial_adapter_dir
+
+    init = initial_adapter_dir(out.root)
+    lo = spec.method.lora
+    kwargs = {}
+    if lo is not None and lo.init in CONVERTED_INITS and init.exists():
+        kwargs["path_initial_model_for_weight_conversion"] = str(init)
+    return lambda p: (model.save_pretrained(p, **kwargs), tokenizer.save_pretrained(p))
+
+
 def _merge_full_precision(model: Any, head: str) -> Any:
-    """QLoRA: merge the adapter into an unquantized copy of the base model."""
+    """QLoRA: merge the adapter into an unquantized copy of the base model (the result is
+    full precision, not 4/8-bit)."""
     import tempfile
 
     from peft import PeftModel

@@ -34,14 +34,45 @@ from kubetune_trainer.sources import resolve
 
 def preflight(spec: FineTuneJobSpec) -> Any:
     """Checks that need no data or model. Returns the stage's recipe."""
-    rec = recipe(spec.stage)
-    if spec.method.type == "qlora":
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise KubetuneError("method.type qlora needs the bitsandbytes package in the "
-                                "trainer (pip install bitsandbytes)", field="spec.method.type")
+    rec = recipe(spec.stage)
+    for needed, package, field in _needs(spec):
+        if needed and importlib.util.find_spec(package) is None:
+            raise KubetuneError(f"{field} needs the {package} package in the trainer image "
+                                f"(pip install {package})", field=field)
     return rec
+
+
+def _needs_gpu(spec: FineTuneJobSpec) -> None:
+    """Options that only run on a GPU (the API refuses them with gpusPerNode 0; a local run on
+    a machine without one ends here)."""
+    from kubetune_trainer.model import has_cuda
+
+    lo, b = spec.method.lora, spec.training.boosters
+    for wanted, field, what in (
+            (lo is not None and lo.init == "loftq", "spec.method.lora.init", "loftq"),
+            (b.liger, "spec.training.boosters.liger", "liger"),
+            (b.attention == "flash_attention_2", "spec.training.boosters.attention",
+             "flash_attention_2")):
+        if wanted and not has_cuda():
+            raise KubetuneError(f"{field}: {what} needs a CUDA GPU and this machine has none",
+                                field=field)
+
+
+def _needs(spec: FineTuneJobSpec) -> list[tuple[bool, str, str]]:
+    """(wanted, Python package, field) for the options that need an optional package."""
+    opt, b = spec.training.optimizer.name, spec.training.boosters
+    return [
+        (spec.method.quantization is not None, "bitsandbytes", "spec.method.quantization"),
+        (opt in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "galore_8bit"),
+         "bitsandbytes", "spec.training.optimizer.name"),
+        (opt in ("galore", "galore_8bit"), "galore_torch", "spec.training.optimizer.name"),
+        (opt == "apollo", "apollo_torch", "spec.training.optimizer.name"),
+        (opt == "badam", "badam", "spec.training.optimizer.name"),
+        (b.liger, "liger_kernel", "spec.training.boosters.liger"),
+        (b.attention == "flash_attention_2", "flash_attn", "spec.training.boosters.attention"),
+    ]
 
 
 def model_path(spec: FineTuneJobSpec, ctx: RunContext) -> Path:
@@ -76,7 +107,7 @@ def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: An
 def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool) -> dict[str, Any]:
     """TrainingArguments fields every stage shares; a recipe adds its own and picks the
     TRL config class."""
-    from kubetune_trainer.model import has_cuda, precision
+    from kubetune_trainer.model import booster_args, has_cuda, optimizer_args, precision
 
     t = spec.training
     return dict(
@@ -91,7 +122,6 @@ def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool) -> dict
         per_device_train_batch_size=t.batch_size_per_device,
         per_device_eval_batch_size=t.batch_size_per_device,
         gradient_accumulation_steps=t.gradient_accumulation,
-        activation_checkpointing=t.gradient_checkpointing,  # TRL defaults it on
         dataloader_pin_memory=has_cuda(),
         use_cpu=not has_cuda(),
         save_strategy="steps",
@@ -111,6 +141,8 @@ def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool) -> dict
         # Use the process group made in run() (gloo on CPU) instead of making a new one.
         accelerator_config={"use_configured_state": True},
         **precision(spec),
+        **optimizer_args(spec),
+        **booster_args(spec),
     )
 
 
@@ -125,6 +157,7 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
 
     from kubetune_trainer.model import (
         checkpoint_bytes,
+        finish_setup,
         load_model,
         load_tokenizer,
         method,
@@ -141,6 +174,7 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     )
 
     rec = preflight(spec)
+    _needs_gpu(spec)
     state = _distributed_state(PartialState)
     main = state.is_main_process
     if main:
@@ -166,6 +200,7 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
         args=training_args(spec, out, has_eval=data.eval is not None),
         callbacks=callbacks, peft_config=peft_config(spec, head=rec.HEAD), ctx=ctx))
     _check_kept(trainer, data, spec, log if main else _quiet)
+    finish_setup(trainer, spec, out.root, main=main)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints one readable line instead
