@@ -55,6 +55,8 @@ METHOD_SPEC_CASES = [  # the method/optimizer/booster rules across sections, bot
     {**_S, "method": {"lora": {"init": "loftq"}}, "resources": _CPU},
     {**_S, "method": {"lora": {"init": "loftq"}}},
     {**_S, "method": {"lora": {"init": "pissa"}}, "resources": _CPU},
+    {**_S, "resources": _CPU, "training": {"boosters": {"activationOffload": True},
+                                           "gradientCheckpointing": True}},
     {**_S, "stage": "cpo", "training": {"boosters": {"activationOffload": True},
                                         "gradientCheckpointing": True}},
     {**_S, "stage": "dpo", "training": {"boosters": {"activationOffload": True},

@@ -37,6 +37,7 @@ def preflight(spec: FineTuneJobSpec) -> Any:
     import importlib.util
 
     rec = recipe(spec.stage)
+    _needs_gpu(spec)
     for needed, package, field in _needs(spec):
         if needed and importlib.util.find_spec(package) is None:
             raise KubetuneError(f"{field} needs the {package} package in the trainer image "
@@ -53,6 +54,8 @@ def _needs_gpu(spec: FineTuneJobSpec) -> None:
     for wanted, field, what in (
             (lo is not None and lo.init == "loftq", "spec.method.lora.init", "loftq"),
             (b.liger, "spec.training.boosters.liger", "liger"),
+            (b.activation_offload, "spec.training.boosters.activationOffload",
+             "activation offload"),
             (b.attention == "flash_attention_2", "spec.training.boosters.attention",
              "flash_attention_2")):
         if wanted and not has_cuda():
@@ -174,7 +177,6 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     )
 
     rec = preflight(spec)
-    _needs_gpu(spec)
     state = _distributed_state(PartialState)
     main = state.is_main_process
     if main:

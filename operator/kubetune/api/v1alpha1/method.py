@@ -299,6 +299,14 @@ _METHOD_SPEC_RULES = (
         or s.resources.gpus_per_node > 0,
     ),
     Rule(
+        cel=f"!{_BOOST}activationOffload) && self.training.boosters.activationOffload) "
+        f"|| !{_NO_GPU}",
+        message="training.boosters.activationOffload moves activations off a GPU (TRL): "
+        "resources.gpusPerNode > 0",
+        check=lambda s: not s.training.boosters.activation_offload
+        or s.resources.gpus_per_node > 0,
+    ),
+    Rule(
         cel="!has(self.method) || !has(self.method.lora) || !has(self.method.lora.init) "
         f"|| self.method.lora.init != 'loftq' || !{_NO_GPU}",
         message="method.lora.init loftq quantizes on a GPU (PEFT): resources.gpusPerNode > 0",

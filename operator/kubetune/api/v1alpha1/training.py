@@ -129,7 +129,7 @@ class BoostersSpec(_Spec):
                                          "steps, faster after).")] = False
     activation_offload: Annotated[bool, Field(
         description="With gradientCheckpointing: keep the saved activations in CPU memory "
-        "(sft, pt, rm, dpo, kto).")] = False
+        "(GPU; stages sft, pt, rm, dpo, kto).")] = False
 
 
 PACKED_CUTOFF_MAX = 131072
