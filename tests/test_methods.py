@@ -346,3 +346,17 @@ def test_gpu_only_options_are_refused_before_the_model_loads(spec_part, message,
     spec["resources"] = {"gpusPerNode": 0}  # and with no GPU asked for, the API refuses it
     with pytest.raises(KubetuneError, match="gpusPerNode > 0"):
         load_job(write_job(tmp_path / "cpu.yaml", spec))
+
+
+def test_estimate_reads_quantization_and_spectrum():
+    from kubetune.estimate import estimate
+    from test_estimate import LLAMA2_7B, _spec
+
+    lora = estimate(LLAMA2_7B, _spec(method={"type": "lora"}))
+    q4 = estimate(LLAMA2_7B, _spec(method={"type": "lora", "quantization": {"bits": 4}}))
+    q8 = estimate(LLAMA2_7B, _spec(method={"type": "lora", "quantization": {"bits": 8}}))
+    assert q4.parts["weights"] < q8.parts["weights"] < lora.parts["weights"]
+    quarter = estimate(LLAMA2_7B, _spec(method={"type": "freeze",
+                                                "spectrum": {"topFraction": 0.25}}))
+    full = estimate(LLAMA2_7B, _spec(method={"type": "full"}))
+    assert 0.2 * full.trainable < quarter.trainable < 0.26 * full.trainable

@@ -85,6 +85,9 @@ def estimate(config: dict[str, Any], spec: Any, *, gpu: bool = True) -> Estimate
         est.trainable = s["layers"] * sum(lo.rank * (shapes[m][0] + shapes[m][1])
                                           for m in targets)
         trained_width = 4  # PEFT keeps adapters in fp32
+    elif method == "freeze" and spec.method.spectrum is not None:  # a share of every layer
+        est.trainable = int(spec.method.spectrum.top_fraction * s["layers"] * per_layer)
+        trained_width = width
     elif method == "freeze":
         est.trainable = abs(spec.method.freeze_or_default().trainable_layers) * per_layer
         trained_width = width
