@@ -209,6 +209,7 @@ OPTIMIZER_CASES = {  # spec, method, the optimizer class's module and name
     "apollo": ({"name": "apollo", "rank": 4, "updateInterval": 2}, "full", "apollo_torch"),
     "badam": ({"name": "badam", "switchEvery": 2, "switchMode": "ascending"}, "full",
               "badam.block_optim.BlockOptimizer"),
+    "lomo": ({"name": "lomo"}, "full", "lomo_optim.lomo.Lomo"),
 }
 
 
@@ -330,6 +331,8 @@ def test_torch_compile_trains(tiny_model, tmp_path, seen):
 @pytest.mark.parametrize(("spec_part", "message"), [
     ({"method": {"type": "lora", "lora": {"init": "loftq"}}}, "loftq needs a CUDA GPU"),
     ({"training": {"boosters": {"liger": True}}}, "liger needs a CUDA GPU"),
+    ({"method": {"type": "full"}, "training": {"optimizer": {"name": "adalomo"}}},
+     "adalomo needs a CUDA GPU"),
     ({"training": {"gradientCheckpointing": True, "boosters": {"activationOffload": True}}},
      "activation offload needs a CUDA GPU"),
     ({"training": {"boosters": {"attention": "flash_attention_2"}}},

@@ -1,5 +1,5 @@
 """Method options that only run on a CUDA GPU (skipped elsewhere, with the reason):
-flash-attention 2, Liger kernels, LoftQ initialisation and TRL's activation offload.
+flash-attention 2, Liger kernels, LoftQ initialisation, AdaLomo and TRL's activation offload.
 
     pytest -m gpu tests/gpu/test_methods_gpu.py
 """
@@ -72,6 +72,12 @@ def test_liger_kernels_patch_the_model(tiny_model, tmp_path, seen):
 def test_loftq_initialises_the_adapter(tiny_model, tmp_path, seen):
     _run(tiny_model, tmp_path, method={"type": "lora", "lora": {"rank": 8, "init": "loftq"}})
     assert seen["trainer"].model.peft_config["default"].init_lora_weights == "loftq"
+
+
+def test_adalomo_trains_the_full_model(tiny_model, tmp_path, seen):
+    _run(tiny_model, tmp_path, method={"type": "full"},
+         training={"optimizer": {"name": "adalomo"}})
+    assert type(seen["trainer"].optimizer.optimizer).__name__ == "AdaLomo"
 
 
 def test_activation_offload_trains(tiny_model, tmp_path, seen):

@@ -54,6 +54,8 @@ def _needs_gpu(spec: FineTuneJobSpec) -> None:
     for wanted, field, what in (
             (lo is not None and lo.init == "loftq", "spec.method.lora.init", "loftq"),
             (b.liger, "spec.training.boosters.liger", "liger"),
+            (spec.training.optimizer.name == "adalomo", "spec.training.optimizer.name",
+             "adalomo"),
             (b.activation_offload, "spec.training.boosters.activationOffload",
              "activation offload"),
             (b.attention == "flash_attention_2", "spec.training.boosters.attention",
@@ -73,6 +75,7 @@ def _needs(spec: FineTuneJobSpec) -> list[tuple[bool, str, str]]:
         (opt in ("galore", "galore_8bit"), "galore_torch", "spec.training.optimizer.name"),
         (opt == "apollo", "apollo_torch", "spec.training.optimizer.name"),
         (opt == "badam", "badam", "spec.training.optimizer.name"),
+        (opt in ("lomo", "adalomo"), "lomo_optim", "spec.training.optimizer.name"),
         (b.liger, "liger_kernel", "spec.training.boosters.liger"),
         (b.attention == "flash_attention_2", "flash_attn", "spec.training.boosters.attention"),
     ]

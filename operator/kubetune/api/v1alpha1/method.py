@@ -237,6 +237,7 @@ _NO_GPU = ("(has(self.resources) && has(self.resources.gpusPerNode) "
            "&& self.resources.gpusPerNode == 0)")
 _MANY = ("(has(self.resources) && ((has(self.resources.nodes) && self.resources.nodes > 1) "
          "|| (has(self.resources.gpusPerNode) && self.resources.gpusPerNode > 1)))")
+_NOT_LORA_PLUS = ("galore", "galore_8bit", "apollo", "badam", "lomo", "adalomo")
 _OFFLOAD_STAGES = ("sft", "pt", "rm", "dpo", "kto")  # TRL configs with activation_offloading
 
 
@@ -248,12 +249,11 @@ _METHOD_SPEC_RULES = (
     Rule(
         cel="!has(self.method) || !has(self.method.lora) "
         "|| !has(self.method.lora.loraPlusLrRatio) "
-        f"|| !{_OPT} && self.training.optimizer.name in ['galore', 'galore_8bit', 'apollo', "
-        "'badam'])",
+        f"|| !{_OPT} && self.training.optimizer.name in {_cel_list(_NOT_LORA_PLUS)})",
         message="method.lora.loraPlusLrRatio builds its own AdamW-family optimizer: not with "
-        "training.optimizer galore, galore_8bit, apollo or badam",
+        f"training.optimizer {', '.join(_NOT_LORA_PLUS)}",
         check=lambda s: s.method.lora is None or s.method.lora.lora_plus_lr_ratio is None
-        or s.training.optimizer.name not in ("galore", "galore_8bit", "apollo", "badam"),
+        or s.training.optimizer.name not in _NOT_LORA_PLUS,
     ),
     Rule(
         cel=f"!{_OPT} && self.training.optimizer.name in ['galore', 'galore_8bit', 'apollo']) "
@@ -297,6 +297,12 @@ _METHOD_SPEC_RULES = (
         "resources.gpusPerNode > 0 (or attention auto)",
         check=lambda s: s.training.boosters.attention != "flash_attention_2"
         or s.resources.gpus_per_node > 0,
+    ),
+    Rule(
+        cel=f"!{_OPT} && self.training.optimizer.name == 'adalomo') || !{_NO_GPU}",
+        message="training.optimizer adalomo runs on a GPU only (lomo-optim): "
+        "resources.gpusPerNode > 0, or lomo",
+        check=lambda s: s.training.optimizer.name != "adalomo" or s.resources.gpus_per_node > 0,
     ),
     Rule(
         cel=f"!{_BOOST}activationOffload) && self.training.boosters.activationOffload) "

@@ -36,13 +36,17 @@ class OptimizerName(enum.StrEnum):
     galore_8bit = "galore_8bit"
     apollo = "apollo"  # apollo-torch
     badam = "badam"  # badam: one block of layers at a time
+    lomo = "lomo"  # lomo-optim: the update fused into the backward pass
+    adalomo = "adalomo"
 
 
 # transformers' ``optim`` name of each (badam: its own BlockOptimizer around AdamW)
 OPTIM_NAMES = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit",
                "paged_adamw_8bit": "paged_adamw_8bit", "paged_adamw_32bit": "paged_adamw_32bit",
                "adafactor": "adafactor", "galore": "galore_adamw",
-               "galore_8bit": "galore_adamw_8bit", "apollo": "apollo_adamw", "badam": "adamw_torch"}
+               "galore_8bit": "galore_adamw_8bit", "apollo": "apollo_adamw", "badam": "adamw_torch",
+               "lomo": "lomo", "adalomo": "adalomo"}
+FUSED_OPTIMIZERS = ("lomo", "adalomo")  # step inside backward: no gradient accumulation
 LOW_RANK_OPTIMIZERS = ("galore", "galore_8bit", "apollo")
 
 
@@ -81,7 +85,8 @@ class OptimizerSpec(_Spec):
     name: Annotated[OptimizerName, Field(
         description="adamw; adamw_8bit, paged_adamw_8bit, paged_adamw_32bit (bitsandbytes); "
         "adafactor; galore, galore_8bit, apollo (low-rank gradient projection of "
-        "targetModules); badam (full fine-tuning one block of layers at a time).", **_ENUM)
+        "targetModules); badam (full fine-tuning one block of layers at a time); lomo, adalomo "
+        "(the update fused into the backward pass: no optimizer states).", **_ENUM)
     ] = OptimizerName.adamw
     target_modules: Annotated[list[Annotated[str, _str()]] | None, Field(
         min_length=1, max_length=256, description='galore/apollo: modules whose gradients are '
@@ -161,6 +166,15 @@ _TRAINING_RULES = (
         message="training.optimizer.layerwise steps during the backward pass: "
         "gradientAccumulation must be 1",
         check=lambda t: not t.optimizer.layerwise or t.gradient_accumulation == 1,
+    ),
+    Rule(
+        cel="!has(self.optimizer) || !has(self.optimizer.name) || "
+        f"!(self.optimizer.name in {_cel_list(FUSED_OPTIMIZERS)}) "
+        "|| !has(self.gradientAccumulation) || self.gradientAccumulation == 1",
+        message="training.optimizer lomo and adalomo update during the backward pass: "
+        "gradientAccumulation must be 1",
+        check=lambda t: t.optimizer.name not in FUSED_OPTIMIZERS
+        or t.gradient_accumulation == 1,
     ),
 )
 
