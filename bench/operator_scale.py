@@ -1,16 +1,21 @@
-"""Operator at scale: N FineTuneJobs applied to the kmock API emulator.
+"""Operator at scale: FineTuneJobs applied to an API server, kubetune against two peers.
 
-    make bench-operator     # or: python bench/operator_scale.py [--jobs 100 1000]
+    make bench-operator-cluster   # a real kube-apiserver per run, 1,000 jobs
+    python bench/operator_scale.py [--cluster] [--jobs 100 1000] [--peers kubetune loop]
 
-For each N it runs, against the same emulator, (1) the kubetune operator and (2) a peer: a bare
-kopf operator that only creates one PyTorchJob per FineTuneJob (the framework's floor). Each
-operator is its own process (`kopf run`, logging in through a kubeconfig that points at the
-emulator), so its memory is its own. Printed per N: apply → PyTorchJob created latency
-(p50/p99, from the emulator's view), progress report → status lag (kubetune only: the peer has
-no progress path), operator peak RSS, and the ratios kubetune/peer.
-
-The emulator shares the driver's process and the machine's 2 cores with the operator: the
-figures are relative, not a promise about a real API server.
+Three operators, each in its own process against a fresh API server (kmock, or with --cluster
+a local etcd + kube-apiserver + controller-manager): kubetune; `kopf`, a bare kopf operator that
+creates one small PyTorchJob per FineTuneJob (bench/bench_peer.py, the framework's floor); and
+`loop`, a hand-written asyncio loop that makes the same objects kubetune makes (ConfigMap,
+PyTorchJob, one status patch; bench/loop_peer.py). Printed per operator:
+- burst: N jobs applied back to back → PyTorchJob created, p50/p99 from the server's view;
+- steady: then one job at a time at --rate per second, p99;
+- peak RSS with all jobs live;
+- kubetune only: every job reports progress every --report-every seconds (as pods do, with
+  pod-bound tokens on a real server) → the step seen in the status, p50/p99;
+- API requests per second by verb (real server only; the driver's own calls taken out);
+- ratios of kubetune to each peer.
+The driver and the server share the machine's cores with the operator: compare ratios.
 """
 
 from __future__ import annotations
@@ -103,10 +108,11 @@ class Emulator:
         for key in [k for k in self.emulator.resources if "tokenreviews" in str(k)]:
             del self.emulator.resources[key]
 
-        def review(req):
+        def review(req):  # a token here is "POD-NAME/POD-UID"
+            pod, uid = req.data["spec"]["token"].split("/")
             user = {"username": f"system:serviceaccount:{NS}:default",
-                    "extra": {"authentication.kubernetes.io/pod-name":
-                              [req.data["spec"]["token"]]}}
+                    "extra": {"authentication.kubernetes.io/pod-name": [pod],
+                              "authentication.kubernetes.io/pod-uid": [uid]}}
             return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                     "spec": req.data["spec"],
                     "status": {"authenticated": True, "audiences": ["kubetune"], "user": user}}
@@ -131,7 +137,23 @@ class Emulator:
         return self.emulator.objects[FTJ, NS, name].get("status") or {}
 
     async def progress_token(self, http, name: str) -> str:
-        return f"{name}-master-0"
+        """A pod owned by the job's PyTorchJob, as the PyTorchJob controller would make."""
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": f"{name}-master-0", "namespace": NS, "uid": f"pod-{name}",
+            "resourceVersion": "1", "ownerReferences": [{
+                "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": name,
+                "uid": f"ptj-{name}", "controller": True}]}}
+        async with http.post(f"{self.url}/api/v1/namespaces/{NS}/pods", json=pod) as resp:
+            if resp.status >= 300:
+                raise RuntimeError(f"pod: {resp.status} {await resp.text()}")
+        return f"{name}-master-0/pod-{name}"
+
+    def progress_step(self, name: str) -> int:
+        status = self.emulator.objects[FTJ, NS, name].get("status") or {}
+        return (status.get("progress") or {}).get("step") or 0
+
+    async def request_counts(self) -> dict[str, float] | None:
+        return None  # the emulator keeps no request metrics
 
 
 class ControlPlane:
@@ -152,7 +174,11 @@ class ControlPlane:
             await asyncio.to_thread(self._cm.__exit__, None, None, None)
             raise
         self._session = aiohttp.ClientSession(headers=self.headers)
-        self._watch = asyncio.create_task(self._watch_children())
+        self._steps: dict[str, int] = {}
+        self._watches = [asyncio.create_task(self._watch("kubeflow.org/v1", "pytorchjobs",
+                                                         self._child_event)),
+                         asyncio.create_task(self._watch("kubetune.io/v1alpha1",
+                                                         "finetunejobs", self._job_event))]
         return self
 
     async def _setup(self) -> None:
@@ -187,22 +213,49 @@ class ControlPlane:
             if resp.status >= 300:
                 raise RuntimeError(f"{resp.status}: {await resp.text()}")
 
-    async def _watch_children(self) -> None:
-        url = (f"{self.url}/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs"
+    async def _watch(self, group_version: str, plural: str, handle) -> None:
+        url = (f"{self.url}/apis/{group_version}/namespaces/{NS}/{plural}"
                "?watch=1&allowWatchBookmarks=false")
         while True:
             try:
                 async with self._session.get(url, ssl=False, timeout=aiohttp.ClientTimeout(
                         total=None, sock_read=None)) as resp:
                     async for line in resp.content:
-                        event = json.loads(line)
-                        if event.get("type") == "ADDED":
-                            self._created.add(event["object"]["metadata"]["name"])
+                        handle(json.loads(line))
             except (aiohttp.ClientError, ValueError):
                 await asyncio.sleep(0.2)
 
+    def _child_event(self, event: dict) -> None:
+        if event.get("type") == "ADDED":
+            self._created.add(event["object"]["metadata"]["name"])
+
+    def _job_event(self, event: dict) -> None:
+        obj = event.get("object") or {}
+        step = ((obj.get("status") or {}).get("progress") or {}).get("step")
+        if step is not None:
+            self._steps[obj["metadata"]["name"]] = step
+
+    def progress_step(self, name: str) -> int:
+        return self._steps.get(name, 0)
+
+    async def request_counts(self) -> dict[str, float]:
+        """The API server's own request counters by verb, for what the operators touch."""
+        totals: dict[str, float] = {}
+        async with self._session.get(f"{self.url}/metrics", ssl=False) as resp:
+            text = await resp.text()
+        for line in text.splitlines():
+            if not line.startswith("apiserver_request_total{"):
+                continue
+            labels, value = line[len("apiserver_request_total{"):].rsplit("} ", 1)
+            fields = dict(part.split("=", 1) for part in labels.split(",") if "=" in part)
+            if fields.get("resource", "").strip('"') in COUNTED:
+                verb = fields.get("verb", "").strip('"')
+                totals[verb] = totals.get(verb, 0) + float(value)
+        return totals
+
     async def __aexit__(self, *exc):
-        self._watch.cancel()
+        for task in self._watches:
+            task.cancel()
         await self._session.close()
         await asyncio.to_thread(self._cm.__exit__, None, None, None)
 
@@ -237,7 +290,148 @@ class ControlPlane:
             return (await resp.json())["status"]["token"]
 
 
-async def run_one(which: str, n: int, progress_samples: int, backend_cls) -> dict:
+PEERS = ("kubetune", "kopf", "loop")
+# What the operators under test touch; the control plane's own controllers and the driver's
+# pods and tokens are left out of the request counts (the driver's own calls are subtracted).
+COUNTED = {"finetunejobs", "pytorchjobs", "configmaps", "events", "pods", "tokenreviews",
+           "subjectaccessreviews"}
+
+
+def _operator_cmd(which: str, live: int, template: Path) -> list[str]:
+    if which == "loop":
+        return [sys.executable, str(REPO / "bench" / "loop_peer.py"), "--template",
+                str(template), "--liveness", str(live)]
+    module = "kubetune_operator.handlers" if which == "kubetune" else "bench_peer"
+    return [sys.executable, "-m", "kopf", "run", "--standalone", "-A", "--quiet",
+            f"--liveness=http://127.0.0.1:{live}/healthz", "-m", module]
+
+
+def _template(path: Path) -> Path:
+    """The children kubetune makes for the bench job, for the hand-written loop to copy."""
+    job = REPO / "examples" / "assistant-identity.yaml"
+    out = subprocess.run([sys.executable, "-m", "kubetune.cli", "render", str(job)],
+                         check=True, capture_output=True, text=True).stdout
+    path.write_text(out)
+    return path
+
+
+class Driver:
+    """The bench's own API calls, counted by verb so that they can be taken out of the
+    server's totals."""
+
+    def __init__(self, http: aiohttp.ClientSession, backend) -> None:
+        self.http, self.backend = http, backend
+        self.calls: dict[str, int] = {}
+
+    def count(self, verb: str) -> None:
+        self.calls[verb] = self.calls.get(verb, 0) + 1
+
+    async def apply(self, i: int) -> str:
+        body = _job(i, isinstance(self.backend, Emulator))
+        path = f"{self.backend.url}/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs"
+        self.count("POST")
+        async with self.http.post(path, json=body, ssl=self.backend.ssl) as resp:
+            if resp.status >= 300:
+                raise RuntimeError(f"apply: {resp.status} {await resp.text()}")
+        return body["metadata"]["name"]
+
+
+async def _created_times(backend, applied: dict[str, float], expected: int,
+                         timeout: float) -> dict[str, float]:
+    """Watch for the children of `applied` (filled while this runs) until `expected` exist."""
+    created: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(created) < expected and time.monotonic() < deadline:
+        now = time.monotonic()
+        for name in backend.created() & applied.keys() - created.keys():
+            created[name] = now - applied[name]
+        await asyncio.sleep(0.005)
+    return created
+
+
+async def _burst(driver: Driver, n: int) -> list[float]:
+    applied: dict[str, float] = {}
+    seen = asyncio.create_task(_created_times(driver.backend, applied, n, 60 + n * 0.2))
+    for i in range(n):
+        applied[f"job-{i:05d}"] = time.monotonic()
+        await driver.apply(i)
+    return list((await seen).values())
+
+
+async def _steady(driver: Driver, first: int, rate: float, seconds: float) -> list[float]:
+    """Jobs applied one at a time at `rate` per second while the operator already holds the
+    burst's jobs; each job's latency is measured alone."""
+    applied: dict[str, float] = {}
+    count = int(rate * seconds)
+    seen = asyncio.create_task(_created_times(driver.backend, applied, count, seconds + 60))
+    t0 = time.monotonic()
+    for k in range(count):
+        await asyncio.sleep(max(0.0, t0 + k / rate - time.monotonic()))
+        applied[f"job-{first + k:05d}"] = time.monotonic()
+        await driver.apply(first + k)
+    return list((await seen).values())
+
+
+async def _progress(driver: Driver, n: int, every: float, seconds: float, port: int
+                    ) -> list[float]:
+    """Every job reports a step every `every` seconds (staggered) for `seconds`; the lag is
+    report → the step seen in the FineTuneJob's status, for every report."""
+    backend, http = driver.backend, driver.http
+    tokens = {}
+    for i in range(n):
+        name = f"job-{i:05d}"
+        tokens[name] = await backend.progress_token(http, name)
+        driver.count("GET"), driver.count("POST"), driver.count("POST")
+    lags: list[float] = []
+    sent: list[tuple[str, int, float]] = []
+
+    async def report(name: str, offset: float) -> None:
+        await asyncio.sleep(offset)
+        step = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            step += 1
+            t = time.monotonic()
+            async with http.post(
+                    f"http://127.0.0.1:{port}/v1/namespaces/{NS}/finetunejobs/{name}/status",
+                    headers={"Authorization": f"Bearer {tokens[name]}"},
+                    json={"trainerStatus": {"metrics": [
+                        {"name": "current_step", "value": str(step)}]}}) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"progress report refused: {r.status}")
+            sent.append((name, step, t))
+            await asyncio.sleep(max(0.0, t + every - time.monotonic()))
+
+    async def observe() -> None:
+        pending = 0
+        while True:
+            now = time.monotonic()
+            for name, step, t in sent[pending:]:
+                if backend.progress_step(name) >= step:
+                    lags.append(now - t)
+                    pending += 1
+                else:
+                    break
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(observe())
+    await asyncio.gather(*(report(f"job-{i:05d}", every * i / n) for i in range(n)))
+    deadline = time.monotonic() + 30
+    while len(lags) < len(sent) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    watcher.cancel()
+    return lags + [float("inf")] * (len(sent) - len(lags))  # never seen: unbounded lag
+
+
+def _rates(before: dict[str, float] | None, after: dict[str, float] | None,
+           driver: dict[str, int], seconds: float) -> dict[str, float]:
+    if before is None or after is None:
+        return {}
+    return {verb: (after[verb] - before.get(verb, 0) - driver.get(verb, 0)) / seconds
+            for verb in sorted(after) if after[verb] - before.get(verb, 0) > driver.get(verb, 0)}
+
+
+async def run_one(which: str, n: int, args, backend_cls, template: Path) -> dict:
     async with backend_cls() as backend:
         port = 18000 + (os.getpid() % 1000)
         with tempfile.TemporaryDirectory() as tmp:
@@ -245,55 +439,39 @@ async def run_one(which: str, n: int, progress_samples: int, backend_cls) -> dic
                    "KUBETUNE_PROGRESS_PORT": str(port), "KUBETUNE_PROGRESS_HOST": "127.0.0.1",
                    "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{port}/v1",
                    "KUBETUNE_PROGRESS_FLUSH_SECONDS": "1", "KUBETUNE_RECHECK_SECONDS": "600",
-                   "PYTHONWARNINGS": "ignore"}
-            module = "kubetune_operator.handlers" if which == "kubetune" else "bench_peer"
+                   "PYTHONWARNINGS": "ignore",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [
+                       str(REPO / "bench"), os.environ.get("PYTHONPATH")]))}
             live = port + 1
-            cmd = [sys.executable, "-m", "kopf", "run", "--standalone", "-A", "--quiet",
-                   f"--liveness=http://127.0.0.1:{live}/healthz", "-m", module]
             log = open(Path(tmp) / "operator.log", "w")  # noqa: SIM115
-            proc = subprocess.Popen(cmd, env={**env, "PYTHONPATH": str(REPO / "bench")},
-                                    stdout=subprocess.DEVNULL, stderr=log)
+            proc = subprocess.Popen(_operator_cmd(which, live, template), env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
+            result: dict = {"which": which, "n": n}
             try:
-                applied: dict[str, float] = {}
                 async with aiohttp.ClientSession(headers=backend.headers) as http:
+                    driver = Driver(http, backend)
                     await _wait_live(http, f"http://127.0.0.1:{live}/healthz")
-                    path = f"{backend.url}/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs"
-                    for i in range(n):
-                        body = _job(i, backend_cls is Emulator)
-                        applied[body["metadata"]["name"]] = time.monotonic()
-                        async with http.post(path, json=body, ssl=backend.ssl) as resp:
-                            if resp.status >= 300:
-                                raise RuntimeError(f"apply: {resp.status} {await resp.text()}")
-                    created: dict[str, float] = {}
-                    deadline = time.monotonic() + 60 + n * 0.2
-                    while len(created) < n and time.monotonic() < deadline:
-                        now = time.monotonic()
-                        for name in backend.created() - created.keys():
-                            created[name] = now
-                        await asyncio.sleep(0.01)
-                    latencies = [created[k] - applied[k] for k in created if k in applied]
-                    lags: list[float] = []
-                    if which == "kubetune":
-                        for i in range(min(progress_samples, n)):
-                            name = f"job-{i:05d}"
-                            token = await backend.progress_token(http, name)
-                            step = 1000 + i
-                            t0 = time.monotonic()
-                            async with http.post(
-                                    f"http://127.0.0.1:{port}/v1/namespaces/{NS}/finetunejobs/"
-                                    f"{name}/status",
-                                    headers={"Authorization": f"Bearer {token}"},
-                                    json={"trainerStatus": {"metrics": [
-                                        {"name": "current_step", "value": str(step)}]}}) as r:
-                                if r.status != 200:
-                                    raise RuntimeError(f"progress report refused: {r.status}")
-                            while time.monotonic() - t0 < 30:
-                                status = await backend.status(http, name)
-                                if status.get("progress", {}).get("step") == step:
-                                    lags.append(time.monotonic() - t0)
-                                    break
-                                await asyncio.sleep(0.01)
-                rss = _rss_mib(proc.pid)
+                    before, t0 = await backend.request_counts(), time.monotonic()
+                    burst = await _burst(driver, n)
+                    steady = (await _steady(driver, n, args.rate, args.steady_seconds)
+                              if args.steady_seconds else [])
+                    result["writes"] = _rates(before, await backend.request_counts(),
+                                              driver.calls, time.monotonic() - t0)
+                    result.update(created=len(burst), p50=_pct(burst, 0.5),
+                                  p99=_pct(burst, 0.99), steady_p99=_pct(steady, 0.99),
+                                  steady_n=len(steady), rss=_rss_mib(proc.pid))
+                    if which == "kubetune" and args.report_seconds:
+                        driver.calls.clear()
+                        before, t0 = await backend.request_counts(), time.monotonic()
+                        lags = await _progress(driver, n, args.report_every,
+                                               args.report_seconds, port)
+                        result["progress_writes"] = _rates(
+                            before, await backend.request_counts(), driver.calls,
+                            time.monotonic() - t0)
+                        result.update(lag_p50=_pct(lags, 0.5), lag_p99=_pct(lags, 0.99),
+                                      lag_max=max(lags, default=float("nan")),
+                                      reports=len(lags))
+                    result["rss"] = _rss_mib(proc.pid)
             finally:
                 log.close()
                 if os.environ.get("KUBETUNE_BENCH_LOG"):
@@ -303,36 +481,58 @@ async def run_one(which: str, n: int, progress_samples: int, backend_cls) -> dic
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    return {"which": which, "n": n, "created": len(latencies),
-            "p50": _pct(latencies, 0.5), "p99": _pct(latencies, 0.99),
-            "lag_p50": _pct(lags, 0.5), "lag_max": max(lags) if lags else float("nan"),
-            "rss": rss}
+    return result
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.2f}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, nargs="+", default=[20, 100],
-                   help="job counts (kmock slows down super-linearly: 1000 takes very long)")
-    p.add_argument("--progress-samples", type=int, default=20)
+                   help="burst sizes (kmock slows down super-linearly: 1000 takes very long)")
+    p.add_argument("--rate", type=float, default=10.0, help="steady-state jobs per second")
+    p.add_argument("--steady-seconds", type=float, default=10.0,
+                   help="how long to apply jobs at --rate after the burst (0: no steady phase)")
+    p.add_argument("--report-every", type=float, default=5.0,
+                   help="seconds between one job's progress reports")
+    p.add_argument("--report-seconds", type=float, default=20.0,
+                   help="how long every job reports progress (0: no progress phase)")
+    p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     p.add_argument("--cluster", action="store_true",
                    help="a fresh local control plane per run instead of kmock (needs "
                         "tests/e2e/build_kube.sh's binaries)")
     args = p.parse_args()
     backend = ControlPlane if args.cluster else Emulator
     print(f"operator benchmark on {backend.name}; {os.cpu_count()} cores shared with it")
+    print("burst: apply → PyTorchJob created; steady: one job at a time at "
+          f"{args.rate:g}/s for {args.steady_seconds:g} s after the burst; lag: progress "
+          f"report → status, every job reporting every {args.report_every:g} s")
     print(f"{'operator':9} {'jobs':>5} {'created':>8} {'p50 s':>7} {'p99 s':>7} "
-          f"{'lag p50 s':>10} {'lag max s':>10} {'RSS MiB':>8}")
-    for n in args.jobs:
-        rows = {}
-        for which in ("kubetune", "peer"):
-            r = asyncio.run(run_one(which, n, args.progress_samples, backend))
-            rows[which] = r
-            print(f"{which:9} {n:5d} {r['created']:8d} {r['p50']:7.2f} {r['p99']:7.2f} "
-                  f"{r['lag_p50']:10.2f} {r['lag_max']:10.2f} {r['rss']:8.0f}", flush=True)
-        k, b = rows["kubetune"], rows["peer"]
-        print(f"  ratio kubetune/peer at {n}: p50 {k['p50'] / b['p50']:.2f}x, "
-              f"p99 {k['p99'] / b['p99']:.2f}x, RSS {k['rss'] / b['rss']:.2f}x")
+          f"{'steady p99 s':>13} {'lag p50 s':>10} {'lag p99 s':>10} {'RSS MiB':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        template = _template(Path(tmp) / "children.yaml")
+        for n in args.jobs:
+            rows = {}
+            for which in args.peers:
+                r = asyncio.run(run_one(which, n, args, backend, template))
+                rows[which] = r
+                print(f"{which:9} {n:5d} {r['created']:8d} {_fmt(r['p50']):>7} "
+                      f"{_fmt(r['p99']):>7} {_fmt(r['steady_p99']):>13} "
+                      f"{_fmt(r.get('lag_p50')):>10} {_fmt(r.get('lag_p99')):>10} "
+                      f"{r['rss']:8.0f}", flush=True)
+                for key in ("writes", "progress_writes"):
+                    if r.get(key):
+                        print(f"  {which} API requests/s by verb ({key.replace('_', ' ')}): "
+                              + ", ".join(f"{v} {x:.1f}" for v, x in r[key].items()))
+            k = rows.get("kubetune")
+            for peer in ("kopf", "loop"):
+                b = rows.get(peer)
+                if k and b:
+                    print(f"  ratio kubetune/{peer} at {n}: p50 {k['p50'] / b['p50']:.2f}x, "
+                          f"p99 {k['p99'] / b['p99']:.2f}x, RSS {k['rss'] / b['rss']:.2f}x")
 
 
 if __name__ == "__main__":

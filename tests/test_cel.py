@@ -212,6 +212,8 @@ CASES = {
     "spec.resources": [
         {}, {"nodes": 2}, {"nodes": 2, "gpusPerNode": 0}, {"nodes": 1, "gpusPerNode": 0},
         {"gpusPerNode": 8, "nodes": 4},
+        {"gpuMemory": "80Gi"}, {"gpuMemory": "80Gi", "gpusPerNode": 0},
+        {"gpuMemory": "24G", "gpusPerNode": 2, "strategy": "zero3-offload"},
     ],
 }
 

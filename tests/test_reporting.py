@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -212,6 +213,25 @@ async def test_flusher_patches_each_dirty_job_once_and_retries_failures():
     assert await flusher.run_once() == 1  # b retried
     assert await flusher.run_once() == 0  # nothing new
     assert sorted(patched) == [("team-a", "a"), ("team-a", "b")]
+
+
+async def test_the_flusher_patches_jobs_concurrently_within_its_rate():
+    store, running, most = ProgressStore(), set(), [0]
+    release = asyncio.Event()
+
+    async def patch(ns, name, snap):
+        running.add(name)
+        most[0] = max(most[0], len(running))
+        if len(running) == 4:
+            release.set()
+        await release.wait()  # a slow API server: each patch waits for the others
+        running.discard(name)
+
+    for i in range(12):
+        store.update("team-a", f"job-{i}", KEP_BODY)
+    flusher = Flusher(store, patch, interval=0, rate=1000, concurrency=4)
+    assert await asyncio.wait_for(flusher.run_once(), 5) == 12
+    assert most[0] == 4  # four at a time, never more
 
 
 async def test_a_refused_patch_does_not_block_later_reports():

@@ -17,7 +17,7 @@ from kubetune_operator import metrics
 from kubetune_operator import reconcile as rc
 from kubetune_operator.builders import JOB_LABEL, OperatorConfig
 from kubetune_operator.reporting import Flusher, ProgressStore, TokenChecker, make_app
-from kubetune_operator.status import TERMINAL, progress_patch
+from kubetune_operator.status import TERMINAL, progress_fields, progress_patch
 
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 RECHECK_SECONDS = float(os.environ.get("KUBETUNE_RECHECK_SECONDS", "60"))
@@ -90,11 +90,21 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
     async def review(token: str, audience: str) -> dict[str, Any]:
         return await loop.run_in_executor(None, kube.token_review, token, audience)
 
+    # What each job's last flush wrote of checkpoints and outputs: while they stay the same,
+    # a flush only replaces status.progress (one merge patch, no read first).
+    merged: dict[tuple[str, str], tuple[Any, Any]] = memo.setdefault("progress_merged", {})
+
     async def patch(ns: str, name: str, snap: dict[str, Any]) -> None:
         def write() -> bool:
-            # In turn with converges, and against the status as it is now: another replica
-            # (replicaCount > 1) may have written newer progress or other checkpoints.
-            with memo.locks.setdefault((ns, name), threading.Lock()):
+            key, extras = (ns, name), (snap.get("checkpoints"), snap.get("outputs"))
+            if merged.get(key) == extras:
+                fields = progress_fields(snap)
+                if fields:
+                    kube.patch_status(ns, name, {"progress": fields})
+                return bool(fields)
+            # New checkpoints or outputs: in turn with converges, and merged with the status
+            # as it is now (another replica may have written newer progress or checkpoints).
+            with memo.locks.setdefault(key, threading.Lock()):
                 job = kube.get_finetunejob(ns, name)
                 if job is None:
                     raise Gone(ns, name)
@@ -102,6 +112,7 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
                 status = progress_patch(snap, job.get("status") or {}, keep)
                 if status:  # a conflict (409) leaves the report dirty for the next round
                     kube.patch_status(ns, name, status, job["metadata"].get("resourceVersion"))
+                merged[key] = extras
                 return bool(status)
 
         try:
@@ -171,7 +182,8 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
         memo.active.add((ns, name))
     for what in outcome.created:
         metrics.CHILDREN_CREATED.labels(what.split("/")[0]).inc()
-        kopf.info(body, reason="Created", message=f"created {what}")
+    if outcome.created:  # one Event for all of them: Events are API writes too
+        kopf.info(body, reason="Created", message="created " + ", ".join(outcome.created))
     if outcome.phase_changed:
         phase = outcome.status["phase"]
         ready = next(c for c in outcome.status["conditions"] if c["type"] == "Ready")
@@ -184,17 +196,21 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def converge(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
-    _converge_by_name(memo, meta["namespace"], meta["name"])
+def converge(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, reason: kopf.Reason,
+             **_: Any) -> None:
+    # A job never reconciled (no status) is as fresh as a read: no GET first.
+    fresh = dict(body) if reason == kopf.Reason.CREATE and not body.get("status") else None
+    _converge_by_name(memo, meta["namespace"], meta["name"], fresh)
 
 
-def _converge_by_name(memo: kopf.Memo, ns: str, name: str) -> None:
+def _converge_by_name(memo: kopf.Memo, ns: str, name: str,
+                      parent: dict[str, Any] | None = None) -> None:
     """The one way a job is converged and its status written (kopf's handlers, events on
     children, the re-check): one at a time per job, each from a fresh read, so no converge
     works from a status another one has already replaced (transition times, the suspend
     annotation and the Workload's spec.active stay consistent)."""
     with memo.locks.setdefault((ns, name), threading.Lock()):
-        parent = memo.kube.get_finetunejob(ns, name)
+        parent = parent or memo.kube.get_finetunejob(ns, name)
         if parent is None:
             memo.active.discard((ns, name))
             return
@@ -240,21 +256,23 @@ def dependents(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> Any:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def upstream_changed(body: kopf.Body, memo: kopf.Memo, dependents: kopf.Index,
-                     type: str | None, **_: Any) -> None:
+async def upstream_changed(body: kopf.Body, memo: kopf.Memo, dependents: kopf.Index,
+                           type: str | None, **_: Any) -> None:
     """A job appeared, or finished: the jobs that start from it wait no longer (or stall)."""
     meta = body["metadata"]
     phase = (body.get("status") or {}).get("phase")
     if type not in ("ADDED", "MODIFIED") or (type == "MODIFIED" and phase not in TERMINAL):
         return
-    for dependent in dependents.get((meta["namespace"], meta["name"]), []):
-        _converge_by_name(memo, meta["namespace"], dependent)
+    # Read on the event loop, where kopf updates its indices (a thread could see it change).
+    for dependent in list(dependents.get((meta["namespace"], meta["name"]), [])):
+        await asyncio.to_thread(_converge_by_name, memo, meta["namespace"], dependent)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 def forget(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     """Children go by owner references; outputs on volumes stay. Drop in-memory progress."""
     memo.store.forget(meta["namespace"], meta["name"])
+    memo.get("progress_merged", {}).pop((meta["namespace"], meta["name"]), None)
     memo.active.discard((meta["namespace"], meta["name"]))
     memo.locks.pop((meta["namespace"], meta["name"]), None)
     metrics.observe_phase(meta["namespace"], meta["name"], None)

@@ -74,7 +74,8 @@ class Kube:
         ns = obj["metadata"]["namespace"]
         try:
             if obj["kind"] == "ConfigMap":
-                self.core.create_namespaced_config_map(ns, obj)
+                # No client-side model of the answer (we do not read it): less CPU per job.
+                self.core.create_namespaced_config_map(ns, obj, _preload_content=False)
                 return obj, True
             group, version = obj["apiVersion"].split("/")
             made = self.custom.create_namespaced_custom_object(
@@ -262,7 +263,9 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
                          "applies to a job in flight: create a new FineTuneJob for other changes")
             queued = KUEUE_QUEUE_LABEL in (child.get("metadata", {}).get("labels") or {})
             child, workload = _apply_suspend(kube, ns, name, child, job.spec.suspend, queued)
-            if queued and workload is None and BACKEND.suspend_flag(child):
+            # Kueue makes the Workload after the child: none to look for in the same pass.
+            just_made = f"{BACKEND.kind}/{name}" in created
+            if queued and workload is None and BACKEND.suspend_flag(child) and not just_made:
                 workload = kube.workload(ns, child["metadata"].get("uid", ""))  # why it waits
             if child.get("status"):  # no status yet: the training operator made no pods yet
                 pods = kube.pods(ns, name)

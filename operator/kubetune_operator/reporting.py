@@ -441,38 +441,50 @@ REFUSED = frozenset({400, 413, 422})
 
 
 class Flusher:
-    """Patches dirty progress into statuses: every ``interval`` s, ≤ ``rate`` patches/s."""
+    """Patches dirty progress into statuses: every ``interval`` s, at most ``rate`` patches/s,
+    ``concurrency`` at a time (a thousand jobs reporting every few seconds need hundreds of
+    patches a second; one at a time, each waiting on the API server, would fall behind)."""
 
     def __init__(self, store: ProgressStore,
                  patch: Callable[[str, str, dict[str, Any]], Awaitable[None]],
-                 interval: float = 2.0, rate: float = 50.0) -> None:
+                 interval: float = 2.0, rate: float = 250.0, concurrency: int = 8) -> None:
         self.store, self.patch, self.interval, self.rate = store, patch, interval, rate
+        self.concurrency = concurrency
 
     async def run_once(self) -> int:
-        done = 0
-        for ns, name in self.store.take_dirty():
-            snap = self.store.get(ns, name)
-            if snap is None:
-                continue
-            job = self.store.jobs.get((ns, name))
-            try:
-                await self.patch(ns, name, snap)
-                done += 1
+        slots = asyncio.Semaphore(self.concurrency)
+        start = time.monotonic()
+
+        async def one(i: int, ns: str, name: str) -> int:
+            await asyncio.sleep(max(0.0, start + i / self.rate - time.monotonic()))
+            async with slots:
+                return await self._flush(ns, name)
+
+        done = await asyncio.gather(*(one(i, ns, name) for i, (ns, name)
+                                      in enumerate(self.store.take_dirty())))
+        return sum(done)
+
+    async def _flush(self, ns: str, name: str) -> int:
+        snap = self.store.get(ns, name)
+        if snap is None:
+            return 0
+        job = self.store.jobs.get((ns, name))
+        try:
+            await self.patch(ns, name, snap)
+        except Exception as err:
+            code = getattr(err, "status", None)
+            if code == 404:  # the job is gone
+                self.store.forget(ns, name)
+            elif code in REFUSED and job is not None:
+                self._drop_refused(ns, name, job, code)
+            else:  # a conflict, throttling, the API server away: try again next round
+                log.warning("progress patch for %s/%s failed", ns, name, exc_info=True)
                 if job is not None:
-                    job.refused = 0
-            except Exception as err:
-                code = getattr(err, "status", None)
-                if code == 404:  # the job is gone
-                    self.store.forget(ns, name)
-                    continue
-                if code in REFUSED and job is not None:
-                    self._drop_refused(ns, name, job, code)
-                else:  # a conflict, throttling, the API server away: try again next round
-                    log.warning("progress patch for %s/%s failed", ns, name, exc_info=True)
-                    if job is not None:
-                        job.dirty = True
-            await asyncio.sleep(1.0 / self.rate)
-        return done
+                    job.dirty = True
+            return 0
+        if job is not None:
+            job.refused = 0
+        return 1
 
     @staticmethod
     def _drop_refused(ns: str, name: str, job: JobProgress, code: int) -> None:

@@ -59,9 +59,11 @@ from kubetune.api.v1alpha1.preference import (
     PreferenceSpec,
 )
 from kubetune.api.v1alpha1.resources import (
+    GPU_MEMORY,
     ResourcesSpec,
     RunPolicySpec,
     SchedulingSpec,
+    Strategy,
     Toleration,
 )
 from kubetune.api.v1alpha1.rl import (
@@ -129,6 +131,7 @@ __all__ = [
     "FineTuneJobSpec",
     "FineTuneJobStatus",
     "FreezeSpec",
+    "GPU_MEMORY",
     "GROUP",
     "GRPO_LOSSES",
     "GrpoSpec",
@@ -174,6 +177,7 @@ __all__ = [
     "SOURCE_PATTERN",
     "Stage",
     "STAGE_MESSAGE",
+    "Strategy",
     "StrMap",
     "TEMPLATES",
     "TEXT",

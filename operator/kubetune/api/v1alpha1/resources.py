@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import enum
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 
 from kubetune.api.v1alpha1._base import (
+    _ENUM,
     DNS_SUBDOMAIN,
     INT32_MAX,
     LABEL_VALUE,
@@ -24,12 +26,32 @@ from kubetune.api.v1alpha1._base import (
 # --------------------------------------------------------------------------- where it runs
 
 
+class Strategy(enum.StrEnum):
+    """How the training processes share the model (see kubetune_trainer/launch.py)."""
+
+    ddp = "ddp"  # every process holds the whole model, gradients and optimizer state
+    zero2 = "zero2"  # DeepSpeed ZeRO stage 2: gradients and optimizer state sharded
+    zero2_offload = "zero2-offload"  # ... and the optimizer state in CPU memory
+    zero3 = "zero3"  # ZeRO stage 3: the weights sharded too
+    zero3_offload = "zero3-offload"  # ... and weights and optimizer state in CPU memory
+    fsdp2 = "fsdp2"  # PyTorch FSDP2 (fully_shard): weights, gradients, optimizer sharded
+
+
+# A GPU's memory: a positive Kubernetes quantity with a unit (a bare "80" would be 80 bytes).
+GPU_MEMORY = r"^[1-9][0-9]*(\.[0-9]+)?(M|G|T|Mi|Gi|Ti)$"
+
 _RESOURCE_RULES = (
     Rule(
         cel="!has(self.nodes) || self.nodes == 1 || !has(self.gpusPerNode) "
         "|| self.gpusPerNode > 0",
         message="resources.nodes > 1 needs resources.gpusPerNode > 0",
         check=lambda r: r.nodes == 1 or r.gpus_per_node > 0,
+    ),
+    Rule(
+        cel="!has(self.gpuMemory) || !has(self.gpusPerNode) || self.gpusPerNode > 0",
+        message="resources.gpuMemory needs resources.gpusPerNode > 0 (it is the memory of "
+        "one GPU)",
+        check=lambda r: r.gpu_memory is None or r.gpus_per_node > 0,
     ),
 )
 
@@ -47,6 +69,22 @@ class ResourcesSpec(_Spec):
         int, Field(ge=0, le=64, description="GPUs per machine; one training process each.",
                    json_schema_extra=immutable("spec.resources.gpusPerNode"))
     ] = 1
+    strategy: Annotated[
+        Strategy,
+        Field(description="How the processes share the model: ddp (each holds all of it), "
+              "zero2 (DeepSpeed ZeRO-2: gradients and optimizer state sharded), zero2-offload "
+              "(optimizer state in CPU memory), zero3 (weights sharded too), zero3-offload "
+              "(weights and optimizer state in CPU memory) or fsdp2 (PyTorch FSDP2, like "
+              "zero3). Checkpoints are in the strategy's format: it cannot change.",
+              json_schema_extra=immutable("spec.resources.strategy"), **_ENUM),
+    ] = Strategy.ddp
+    gpu_memory: Annotated[
+        str | None,
+        Field(pattern=GPU_MEMORY, max_length=64,
+              description="Memory of one GPU, e.g. 80Gi (default: the operator's setting for "
+              "the GPU type). A job whose estimate does not fit is refused before any pod "
+              "starts."),
+    ] = None
     cpu: Annotated[
         str | None, Field(pattern=QUANTITY, max_length=64,
                           description="CPU request and limit per node.")
