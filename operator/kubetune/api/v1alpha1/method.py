@@ -237,6 +237,9 @@ _NO_GPU = ("(has(self.resources) && has(self.resources.gpusPerNode) "
            "&& self.resources.gpusPerNode == 0)")
 _MANY = ("(has(self.resources) && ((has(self.resources.nodes) && self.resources.nodes > 1) "
          "|| (has(self.resources.gpusPerNode) && self.resources.gpusPerNode > 1)))")
+_STRATEGY = "(has(self.resources) && has(self.resources.strategy) && self.resources.strategy"
+_DEEPSPEED = ("zero2", "zero2-offload", "zero3", "zero3-offload")
+_SHARDED = ("zero3", "zero3-offload", "fsdp2")  # the weights themselves are split
 _NOT_LORA_PLUS = ("galore", "galore_8bit", "apollo", "badam", "lomo", "adalomo")
 _OFFLOAD_STAGES = ("sft", "pt", "rm", "dpo", "kto")  # TRL configs with activation_offloading
 
@@ -279,10 +282,46 @@ _METHOD_SPEC_RULES = (
         check=lambda s: not s.training.optimizer.layerwise or _processes(s) == 1,
     ),
     Rule(
-        cel=f"!{_OPT} && self.training.optimizer.name == 'badam') || !{_MANY}",
-        message="training.optimizer badam runs in one process here: resources.nodes 1 and "
-        "gpusPerNode at most 1",
-        check=lambda s: s.training.optimizer.name != "badam" or _processes(s) == 1,
+        cel=f"!{_OPT} && self.training.optimizer.name == 'badam') || !{_MANY} "
+        f"|| {_STRATEGY} in ['zero3', 'zero3-offload'])",
+        message="training.optimizer badam on more than one GPU needs resources.strategy zero3 "
+        "(or zero3-offload)",
+        check=lambda s: s.training.optimizer.name != "badam" or _processes(s) == 1
+        or s.resources.strategy in ("zero3", "zero3-offload"),
+    ),
+    Rule(
+        cel=f"!{_OPT} && self.training.optimizer.name in ['galore', 'galore_8bit', 'apollo']) "
+        f"|| !{_STRATEGY} != 'ddp')",
+        message="training.optimizer galore, galore_8bit and apollo do not work with DeepSpeed "
+        "or FSDP: resources.strategy ddp",
+        check=lambda s: s.training.optimizer.name not in ("galore", "galore_8bit", "apollo")
+        or s.resources.strategy == "ddp",
+    ),
+    Rule(
+        cel="!has(self.method) || !has(self.method.lora) || !has(self.method.lora.init) "
+        f"|| !(self.method.lora.init in {_cel_list(BASE_CHANGING_INITS)}) "
+        f"|| !{_STRATEGY} in {_cel_list(_SHARDED)})",
+        message="method.lora.init pissa, olora and loftq decompose whole weights: not with "
+        "resources.strategy zero3, zero3-offload or fsdp2",
+        check=lambda s: s.method.lora is None or s.method.lora.init not in BASE_CHANGING_INITS
+        or s.resources.strategy not in _SHARDED,
+    ),
+    Rule(
+        cel="!has(self.method) || !has(self.method.quantization) "
+        "|| !has(self.method.quantization.bits) || self.method.quantization.bits == 4 "
+        f"|| !{_STRATEGY} in {_cel_list(_SHARDED)})",
+        message="method.quantization bits 8 cannot be sharded: with resources.strategy zero3, "
+        "zero3-offload or fsdp2 use bits 4",
+        check=lambda s: s.method.quantization is None or s.method.quantization.bits == 4
+        or s.resources.strategy not in _SHARDED,
+    ),
+    Rule(
+        cel=f"!{_OPT} && self.training.optimizer.name in ['lomo', 'adalomo']) "
+        f"|| !{_STRATEGY} in {_cel_list(_DEEPSPEED)})",
+        message="training.optimizer lomo and adalomo update inside the backward pass, which "
+        "DeepSpeed owns: resources.strategy ddp or fsdp2",
+        check=lambda s: s.training.optimizer.name not in ("lomo", "adalomo")
+        or s.resources.strategy not in _DEEPSPEED,
     ),
     Rule(
         cel=f"!{_BOOST}liger) && self.training.boosters.liger) || !{_NO_GPU}",
