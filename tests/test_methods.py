@@ -154,6 +154,25 @@ def test_lora_variant_reaches_peft_and_the_saved_adapter_applies_to_the_original
     assert not torch.allclose(trained, pristine, atol=1e-3)  # and it did learn something
 
 
+def test_pissa_restarts_on_the_same_residual_base(tiny_model, tmp_path, seen):
+    """A restarted PiSSA run makes the same initial adapter (so the same residual base) as
+    the first start: its checkpoints stay valid and the converted adapter stays right."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    spec = _spec(tiny_model, out, method={"type": "lora", "lora": {**LORA, "init": "pissa"}},
+                 training={"maxSteps": 5, "saveSteps": 3})
+    _run(tmp_path, spec)
+    first = load_file(out / "adapter-init" / "adapter_model.safetensors")
+    spec["training"]["maxSteps"] = 6  # resumes from checkpoint-5, one more step
+    result = _run(tmp_path, spec)
+    assert result["resumed_from"].endswith("checkpoint-5") and result["global_step"] == 6
+    again = load_file(out / "adapter-init" / "adapter_model.safetensors")
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
 # ------------------------------------------------------------------------------ QLoRA
 
 

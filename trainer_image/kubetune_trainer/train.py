@@ -198,6 +198,12 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     progress = ProgressLog(out.progress, echo=not sys.stderr.isatty())
     if main:
         callbacks.append(progress)
+    # Seeded here, before the model and its adapter are made: a new head, LoRA's A and PiSSA's
+    # randomized SVD come out the same after a restart (PiSSA's residual base must, or the
+    # resumed adapter would sit on a different base).
+    from transformers import set_seed
+
+    set_seed(spec.training.seed)
     trainer = rec.build(Build(
         spec=spec, model=load_model(path, spec, head=rec.HEAD,
                                     pad_token_id=tokenizer.pad_token_id),
