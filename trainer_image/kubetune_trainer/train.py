@@ -383,6 +383,11 @@ def _quiet_libraries(*, bars: bool) -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    # bitsandbytes on CPU says it could not fetch an optional kernel from a hub (the `kernels`
+    # package, deliberately absent): it falls back to its own, so it is not news.
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if not bars:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
