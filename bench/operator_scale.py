@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -248,9 +249,12 @@ class ControlPlane:
                 continue
             labels, value = line[len("apiserver_request_total{"):].rsplit("} ", 1)
             fields = dict(part.split("=", 1) for part in labels.split(",") if "=" in part)
-            if fields.get("resource", "").strip('"') in COUNTED:
-                verb = fields.get("verb", "").strip('"')
-                totals[verb] = totals.get(verb, 0) + float(value)
+            resource = fields.get("resource", "").strip('"')
+            if resource in COUNTED:
+                subresource = fields.get("subresource", "").strip('"')
+                key = f"{fields.get('verb', '').strip(chr(34))} {resource}" + (
+                    f"/{subresource}" if subresource else "")
+                totals[key] = totals.get(key, 0) + float(value)
         return totals
 
     async def __aexit__(self, *exc):
@@ -323,13 +327,13 @@ class Driver:
         self.http, self.backend = http, backend
         self.calls: dict[str, int] = {}
 
-    def count(self, verb: str) -> None:
-        self.calls[verb] = self.calls.get(verb, 0) + 1
+    def count(self, what: str) -> None:
+        self.calls[what] = self.calls.get(what, 0) + 1
 
     async def apply(self, i: int) -> str:
         body = _job(i, isinstance(self.backend, Emulator))
         path = f"{self.backend.url}/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs"
-        self.count("POST")
+        self.count("POST finetunejobs")
         async with self.http.post(path, json=body, ssl=self.backend.ssl) as resp:
             if resp.status >= 300:
                 raise RuntimeError(f"apply: {resp.status} {await resp.text()}")
@@ -381,7 +385,7 @@ async def _progress(driver: Driver, n: int, every: float, seconds: float, port: 
     for i in range(n):
         name = f"job-{i:05d}"
         tokens[name] = await backend.progress_token(http, name)
-        driver.count("GET"), driver.count("POST"), driver.count("POST")
+        driver.count("GET pytorchjobs"), driver.count("POST pods")
     lags: list[float] = []
     sent: list[tuple[str, int, float]] = []
 
@@ -447,10 +451,17 @@ async def run_one(which: str, n: int, args, backend_cls, template: Path) -> dict
             proc = subprocess.Popen(_operator_cmd(which, live, template), env=env,
                                     stdout=log, stderr=subprocess.STDOUT)
             result: dict = {"which": which, "n": n}
+            profiler = None
             try:
                 async with aiohttp.ClientSession(headers=backend.headers) as http:
                     driver = Driver(http, backend)
                     await _wait_live(http, f"http://127.0.0.1:{live}/healthz")
+                    if args.profile:  # py-spy's collapsed stacks, for flamegraph tools
+                        args.profile.mkdir(parents=True, exist_ok=True)
+                        profiler = subprocess.Popen(
+                            ["py-spy", "record", "--format", "raw", "--nonblocking",
+                             "--pid", str(proc.pid), "-o", str(args.profile / f"{which}-{n}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     before, t0 = await backend.request_counts(), time.monotonic()
                     burst = await _burst(driver, n)
                     steady = (await _steady(driver, n, args.rate, args.steady_seconds)
@@ -473,6 +484,9 @@ async def run_one(which: str, n: int, args, backend_cls, template: Path) -> dict
                                       reports=len(lags))
                     result["rss"] = _rss_mib(proc.pid)
             finally:
+                if profiler is not None:
+                    profiler.send_signal(signal.SIGINT)
+                    profiler.wait(30)
                 log.close()
                 if os.environ.get("KUBETUNE_BENCH_LOG"):
                     print((Path(tmp) / "operator.log").read_text()[-3000:], file=sys.stderr)
@@ -500,6 +514,8 @@ def main() -> None:
                    help="seconds between one job's progress reports")
     p.add_argument("--report-seconds", type=float, default=20.0,
                    help="how long every job reports progress (0: no progress phase)")
+    p.add_argument("--profile", type=Path, help="a directory for py-spy profiles of each "
+                   "operator (needs py-spy on PATH)")
     p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     p.add_argument("--cluster", action="store_true",
                    help="a fresh local control plane per run instead of kmock (needs "
@@ -525,7 +541,8 @@ def main() -> None:
                       f"{r['rss']:8.0f}", flush=True)
                 for key in ("writes", "progress_writes"):
                     if r.get(key):
-                        print(f"  {which} API requests/s by verb ({key.replace('_', ' ')}): "
+                        phase = key.replace("_", " ")
+                        print(f"  {which} API requests/s ({phase}): "
                               + ", ".join(f"{v} {x:.1f}" for v, x in r[key].items()))
             k = rows.get("kubetune")
             for peer in ("kopf", "loop"):

@@ -50,7 +50,12 @@ def api_client() -> Any:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    conf = client.Configuration.get_default_copy()
+    # One pooled connection per thread that may call at once (kopf's workers and asyncio's
+    # executor): with fewer, urllib3 drops connections and every new one costs a TLS
+    # handshake that loads the CA store (measured: 40 % of the operator's CPU at 200 jobs).
+    conf.connection_pool_maxsize = max(conf.connection_pool_maxsize or 0, 64)
+    return client.ApiClient(conf)
 
 
 @kopf.on.startup()

@@ -74,8 +74,10 @@ class Kube:
         ns = obj["metadata"]["namespace"]
         try:
             if obj["kind"] == "ConfigMap":
-                # No client-side model of the answer (we do not read it): less CPU per job.
-                self.core.create_namespaced_config_map(ns, obj, _preload_content=False)
+                # Raw JSON, no client-side model: less CPU per job. (Read to the end, so that
+                # the connection goes back to the pool.)
+                resp = self.core.create_namespaced_config_map(ns, obj, _preload_content=False)
+                resp.read()
                 return obj, True
             group, version = obj["apiVersion"].split("/")
             made = self.custom.create_namespaced_custom_object(

@@ -33,6 +33,7 @@ from kubetune_operator.status import MAX_CHECKPOINTS
 log = logging.getLogger("kubetune.reporting")
 
 ROUTE = "/v1/namespaces/{namespace}/finetunejobs/{name}/status"
+OWNER_TTL = 60.0  # seconds a pod's verified ownership is trusted, as long as a token review
 MAX_BODY = 64 * 1024
 
 _METRIC_MAP = {"current_step": "step", "total_steps": "totalSteps", "loss": "loss",
@@ -391,6 +392,23 @@ def make_app(store: ProgressStore, checker: TokenChecker,
         metrics.PROGRESS_REPORTS.labels(str(response.status)).inc()
         return response
 
+    # A pod's uid and owner do not change: a yes is kept as long as a token review (one GET
+    # of the pod per pod and minute, not per report).
+    owners_seen: dict[tuple[str, str, str], float] = {}
+
+    async def owned(ident: dict[str, Any], ns: str, name: str) -> bool:
+        extra = ident.get("extra") or {}
+        key = (ns, name, repr((extra.get(_POD_NAME), extra.get(_POD_UID))))
+        seen = owners_seen.get(key)
+        if seen is not None and time.monotonic() - seen < OWNER_TTL:
+            return True
+        if not await pod_belongs(ident, ns, name, pod_lookup):
+            return False
+        if len(owners_seen) > 10_000:
+            owners_seen.clear()
+        owners_seen[key] = time.monotonic()
+        return True
+
     async def _post(request: web.Request) -> web.Response:
         ns, name = request.match_info["namespace"], request.match_info["name"]
         auth = request.headers.get("Authorization", "")
@@ -402,7 +420,7 @@ def make_app(store: ProgressStore, checker: TokenChecker,
         if ident is None:
             return web.json_response({"error": "token not accepted"}, status=401)
         if not allowed(ident, ns, name) or (
-                pod_lookup is not None and not await pod_belongs(ident, ns, name, pod_lookup)):
+                pod_lookup is not None and not await owned(ident, ns, name)):
             log.warning("refused a report for %s/%s from %s", ns, name, ident.get("username"))
             return web.json_response({"error": "not a pod of this job"}, status=403)
         if (request.content_length or 0) > MAX_BODY:
