@@ -190,6 +190,7 @@ def test_qlora_trains_in_4_bits_and_merges_to_full_precision(tiny_model, tmp_pat
     _trained_steps(result)
     q = seen.trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert type(q).__name__ == "Linear4bit" and q.weight.quant_type == "nf4"
+    assert q.compute_dtype == torch.float32  # computeDtype auto: the training precision
     assert seen.trainer.model.config.quantization_config.bnb_4bit_use_double_quant
 
     merged_dir = Path(result["merged_model"])
@@ -202,6 +203,25 @@ def test_qlora_trains_in_4_bits_and_merges_to_full_precision(tiny_model, tmp_pat
     with torch.no_grad():
         gen = merged.generate(**ids, max_new_tokens=8, do_sample=False)
     assert gen.shape[1] == ids["input_ids"].shape[1] + 8
+
+
+def test_quantization_settings_map_to_bitsandbytes(tiny_model):
+    import torch
+    from kubetune.api.v1alpha1 import FineTuneJobSpec
+    from kubetune_trainer.model import quantization_config
+
+    def config(quant, **resources):
+        spec = FineTuneJobSpec.model_validate(_spec(tiny_model, Path("o"), method={
+            "type": "lora", "quantization": quant}, resources={"gpusPerNode": 2, **resources}))
+        return quantization_config(spec, torch.float32)
+
+    c = config({"bits": 4, "type": "fp4", "doubleQuant": False, "computeDtype": "bf16"})
+    assert c.load_in_4bit and c.bnb_4bit_quant_type == "fp4"
+    assert not c.bnb_4bit_use_double_quant and c.bnb_4bit_compute_dtype == torch.bfloat16
+    assert c.bnb_4bit_quant_storage == torch.uint8
+    # sharded weights (ZeRO-3 / FSDP2): the packed 4-bit weights stored in the compute dtype
+    assert config({}, strategy="zero3").bnb_4bit_quant_storage == torch.float32
+    assert config({"bits": 8}).load_in_8bit
 
 
 def test_8_bit_base_with_fp4_is_refused_and_8_bit_trains(tiny_model, tmp_path, seen):
@@ -339,11 +359,13 @@ def test_attention_auto_is_sdpa_on_cpu(tiny_model, tmp_path):
     assert load_model(tiny_model, spec).config._attn_implementation == "sdpa"
 
 
+@pytest.mark.slow  # inductor's first compile on CPU: minutes (seconds once cached)
 def test_torch_compile_trains(tiny_model, tmp_path, seen):
     result = _run(tmp_path, _spec(tiny_model, tmp_path / "out",
                                   training={"boosters": {"torchCompile": True}}))
     _trained_steps(result)
     assert seen.trainer.args.torch_compile
+    assert type(seen.trainer.model_wrapped).__name__ == "OptimizedModule"  # compiled
 
 
 # ------------------------------------------------------------------------------ refusals
