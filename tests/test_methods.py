@@ -406,3 +406,28 @@ def test_estimate_reads_quantization_and_spectrum():
                                                 "spectrum": {"topFraction": 0.25}}))
     full = estimate(LLAMA2_7B, _spec(method={"type": "full"}))
     assert 0.2 * full.trainable < quarter.trainable < 0.26 * full.trainable
+
+
+@pytest.mark.slow
+def test_pissa_and_lora_plus_in_two_processes(tiny_model, tmp_path):
+    """Under torchrun (DDP, gloo): rank 0 keeps the initial adapter, LoRA+'s optimizer is
+    the one DDP steps, and the converted adapter is written once."""
+    import os
+    import subprocess
+    import sys
+
+    from test_launch import _env
+
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", _spec(tiny_model, out, method={
+        "type": "lora", "lora": {**LORA, "init": "pissa", "loraPlusLrRatio": 16.0}},
+        training={"batchSizePerDevice": 2}))
+    env = {**os.environ, **_env(1, 0, 2), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29541",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "kubetune-launch"), str(job)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and result["global_step"] == 5
+    saved = json.loads(Path(result["adapter"], "adapter_config.json").read_text())
+    assert saved["r"] == 16 and (out / "adapter-init" / "adapter_model.safetensors").exists()
