@@ -250,6 +250,7 @@ OPTIMIZER_CASES = {  # spec, method, the optimizer class's module and name
     "badam": ({"name": "badam", "switchEvery": 2, "switchMode": "ascending"}, "full",
               "badam.block_optim.BlockOptimizer"),
     "lomo": ({"name": "lomo"}, "full", "lomo_optim.lomo.Lomo"),
+    "muon": ({"name": "muon"}, "full", "kubetune_trainer.muon.MuonWithAdamW"),
 }
 
 
@@ -431,3 +432,22 @@ def test_pissa_and_lora_plus_in_two_processes(tiny_model, tmp_path):
     assert result["world_size"] == 2 and result["global_step"] == 5
     saved = json.loads(Path(result["adapter"], "adapter_config.json").read_text())
     assert saved["r"] == 16 and (out / "adapter-init" / "adapter_model.safetensors").exists()
+
+
+def test_muon_optimizer_state_survives_a_restart(tiny_model, tmp_path, seen):
+    """Muon + AdamW save one state dict and a restarted run loads it back into both."""
+    out = tmp_path / "out"
+    spec = _spec(tiny_model, out, method={"type": "full"},
+                 training={"optimizer": {"name": "muon"}, "maxSteps": 3, "saveSteps": 3,
+                           "learningRate": 1e-3})
+    _run(tmp_path, spec)
+    first = seen.trainer.optimizer.optimizer
+    assert first.muon.state and first.adamw.state  # both halves stepped
+    spec["training"]["maxSteps"] = 5
+    result = _run(tmp_path, spec)
+    assert result["resumed_from"].endswith("checkpoint-3") and result["global_step"] == 5
+    opt = seen.trainer.optimizer.optimizer
+    assert {id(g) for g in opt.param_groups} == {
+        id(g) for g in [*opt.muon.param_groups, *opt.adamw.param_groups]}
+    muon_params = [p for g in opt.muon.param_groups for p in g["params"]]
+    assert all(p.ndim == 2 for p in muon_params) and len(muon_params) == 14  # 7 per layer

@@ -224,7 +224,7 @@ def initial_adapter_dir(root: Path) -> Path:
 
 def finish_setup(trainer: Any, spec: FineTuneJobSpec, root: Path, *, main: bool) -> None:
     """What needs the trainer's model: EVA's data-driven init, the PiSSA/OLoRA initial adapter
-    (rank 0 saves it), and the LoRA+ / BAdam optimizers."""
+    (rank 0 saves it), and the LoRA+ / BAdam / Muon optimizers."""
     lo = spec.method.lora
     if method(spec).adapter and lo is not None and lo.init == "eva":
         from peft import initialize_lora_eva_weights
@@ -245,6 +245,17 @@ def finish_setup(trainer: Any, spec: FineTuneJobSpec, root: Path, *, main: bool)
             **kwargs)
     elif opt.name == "badam":
         trainer.optimizer = _badam(trainer, opt)
+    elif opt.name == "muon":
+        from transformers import Trainer
+
+        from kubetune_trainer.muon import MuonWithAdamW
+
+        _, kwargs = Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+        kwargs.pop("lr", None)
+        trainer.optimizer = MuonWithAdamW(
+            list(trainer.model.named_parameters()), lr=trainer.args.learning_rate,
+            weight_decay=trainer.args.weight_decay, adamw=kwargs,
+            decay=set(trainer.get_decay_parameter_names(trainer.model)))
 
 
 def _badam(trainer: Any, opt: Any) -> Any:

@@ -240,7 +240,7 @@ _MANY = ("(has(self.resources) && ((has(self.resources.nodes) && self.resources.
 _STRATEGY = "(has(self.resources) && has(self.resources.strategy) && self.resources.strategy"
 _DEEPSPEED = ("zero2", "zero2-offload", "zero3", "zero3-offload")
 _SHARDED = ("zero3", "zero3-offload", "fsdp2")  # the weights themselves are split
-_NOT_LORA_PLUS = ("galore", "galore_8bit", "apollo", "badam", "lomo", "adalomo")
+_NOT_LORA_PLUS = ("galore", "galore_8bit", "apollo", "badam", "lomo", "adalomo", "muon")
 _OFFLOAD_STAGES = ("sft", "pt", "rm", "dpo", "kto")  # TRL configs with activation_offloading
 
 
@@ -257,6 +257,14 @@ _METHOD_SPEC_RULES = (
         f"training.optimizer {', '.join(_NOT_LORA_PLUS)}",
         check=lambda s: s.method.lora is None or s.method.lora.lora_plus_lr_ratio is None
         or s.training.optimizer.name not in _NOT_LORA_PLUS,
+    ),
+    Rule(
+        cel=f"!{_OPT} && self.training.optimizer.name == 'muon') || (!{_LORA} "
+        f"&& !{_STRATEGY} != 'ddp'))",
+        message="training.optimizer muon orthogonalises whole weight matrices: method.type "
+        "full or freeze, resources.strategy ddp",
+        check=lambda s: s.training.optimizer.name != "muon"
+        or (s.method.type != "lora" and s.resources.strategy == "ddp"),
     ),
     Rule(
         cel=f"!{_OPT} && self.training.optimizer.name in ['galore', 'galore_8bit', 'apollo']) "

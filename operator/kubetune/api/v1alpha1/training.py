@@ -36,6 +36,7 @@ class OptimizerName(enum.StrEnum):
     galore_8bit = "galore_8bit"
     apollo = "apollo"  # apollo-torch
     badam = "badam"  # badam: one block of layers at a time
+    muon = "muon"  # torch.optim.Muon for hidden matrices, AdamW for the rest
     lomo = "lomo"  # lomo-optim: the update fused into the backward pass
     adalomo = "adalomo"
 
@@ -45,6 +46,7 @@ OPTIM_NAMES = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit",
                "paged_adamw_8bit": "paged_adamw_8bit", "paged_adamw_32bit": "paged_adamw_32bit",
                "adafactor": "adafactor", "galore": "galore_adamw",
                "galore_8bit": "galore_adamw_8bit", "apollo": "apollo_adamw", "badam": "adamw_torch",
+               "muon": "adamw_torch",
                "lomo": "lomo", "adalomo": "adalomo"}
 FUSED_OPTIMIZERS = ("lomo", "adalomo")  # step inside backward: no gradient accumulation
 LOW_RANK_OPTIMIZERS = ("galore", "galore_8bit", "apollo")
@@ -85,7 +87,8 @@ class OptimizerSpec(_Spec):
     name: Annotated[OptimizerName, Field(
         description="adamw; adamw_8bit, paged_adamw_8bit, paged_adamw_32bit (bitsandbytes); "
         "adafactor; galore, galore_8bit, apollo (low-rank gradient projection of "
-        "targetModules); badam (full fine-tuning one block of layers at a time); lomo, adalomo "
+        "targetModules); badam (full fine-tuning one block of layers at a time); muon (torch's "
+        "Muon for the layers' weight matrices, AdamW for the rest); lomo, adalomo "
         "(the update fused into the backward pass: no optimizer states).", **_ENUM)
     ] = OptimizerName.adamw
     target_modules: Annotated[list[Annotated[str, _str()]] | None, Field(
