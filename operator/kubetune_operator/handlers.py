@@ -67,7 +67,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kubetune.io", key="last-handled-configuration")
     settings.posting.level = logging.INFO
-    settings.execution.max_workers = int(os.environ.get("KUBETUNE_WORKERS", "16"))
+    # Handlers block on the API server (the client is synchronous), not on the CPU: enough
+    # threads that a burst of new jobs is not queued behind a few round trips.
+    settings.execution.max_workers = int(os.environ.get("KUBETUNE_WORKERS", "64"))
     # Watching exact namespaces (the chart's watchNamespaces): no cluster-wide namespace and CRD
     # scanning, so the operator needs no cluster-scope read of namespaces.
     settings.scanning.disabled = os.environ.get("KUBETUNE_SCANNING", "true").lower() == "false"
@@ -91,9 +93,14 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
         return
     loop = asyncio.get_running_loop()
     kube: rc.Kube = memo.kube
+    # Progress writes get threads of their own (asyncio's default pool has cpu + 4): a
+    # thousand jobs reporting every 5 s need ~200 patches/s, each waiting on the API server.
+    from concurrent.futures import ThreadPoolExecutor
+
+    writers = ThreadPoolExecutor(max_workers=32, thread_name_prefix="progress")
 
     async def review(token: str, audience: str) -> dict[str, Any]:
-        return await loop.run_in_executor(None, kube.token_review, token, audience)
+        return await loop.run_in_executor(writers, kube.token_review, token, audience)
 
     # What each job's last flush wrote of checkpoints and outputs: while they stay the same,
     # a flush only replaces status.progress (one merge patch, no read first).
@@ -121,7 +128,7 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
                 return bool(status)
 
         try:
-            wrote = await loop.run_in_executor(None, write)
+            wrote = await loop.run_in_executor(writers, write)
         except Exception:
             metrics.STATUS_PATCHES.labels("error").inc()
             raise
@@ -130,7 +137,7 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
 
     store: ProgressStore = memo.store
     async def pod_lookup(ns: str, pod: str) -> dict[str, Any] | None:
-        return await loop.run_in_executor(None, kube.pod, ns, pod)
+        return await loop.run_in_executor(writers, kube.pod, ns, pod)
 
     app = make_app(store, TokenChecker(review), pod_lookup=pod_lookup)
     from aiohttp import web
@@ -149,7 +156,8 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
                        port=port, ssl_context=ssl_ctx)
     await site.start()
     interval = float(os.environ.get("KUBETUNE_PROGRESS_FLUSH_SECONDS", "2"))
-    memo.flusher_task = asyncio.create_task(Flusher(store, patch, interval=interval).run())
+    memo.flusher_task = asyncio.create_task(
+        Flusher(store, patch, interval=interval, concurrency=32).run())
     memo.progress_runner = runner
     log.info("progress endpoint on port %s (%s)", port, "https" if ssl_ctx else "http")
 
@@ -189,7 +197,9 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
         metrics.CHILDREN_CREATED.labels(what.split("/")[0]).inc()
     if outcome.created:  # one Event for all of them: Events are API writes too
         kopf.info(body, reason="Created", message="created " + ", ".join(outcome.created))
-    if outcome.phase_changed:
+    # Phase changes as Events; a new job's Pending is said by "Created" already.
+    if outcome.phase_changed and ((parent.get("status") or {}).get("phase")
+                                  or outcome.status.get("phase") != "Pending"):
         phase = outcome.status["phase"]
         ready = next(c for c in outcome.status["conditions"] if c["type"] == "Ready")
         post = kopf.warn if phase == "Failed" else kopf.info
