@@ -362,11 +362,14 @@ def test_attention_auto_is_sdpa_on_cpu(tiny_model, tmp_path):
 
 @pytest.mark.slow  # inductor's first compile on CPU: minutes (seconds once cached)
 def test_torch_compile_trains(tiny_model, tmp_path, seen):
+    import torch._dynamo
+
+    torch._dynamo.utils.counters.clear()
     result = _run(tmp_path, _spec(tiny_model, tmp_path / "out",
                                   training={"boosters": {"torchCompile": True}}))
     _trained_steps(result)
     assert seen.trainer.args.torch_compile
-    assert type(seen.trainer.model_wrapped).__name__ == "OptimizedModule"  # compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo compiled
 
 
 # ------------------------------------------------------------------------------ refusals
