@@ -217,3 +217,17 @@ def test_tolerations_render_as_the_pod_spec_writes_them(pytorchjob_schema):
     pod = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert pod["tolerations"] == [{"key": "k", "operator": "Equal", "value": "v",
                                    "effect": "NoExecute", "tolerationSeconds": 30}]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero2-offload", "zero3", "zero3-offload",
+                                      "fsdp2"])
+def test_the_strategy_reaches_the_launcher_on_every_node(strategy, pytorchjob_schema):
+    obj = builders.pytorchjob(job=_job(resources={"nodes": 2, "gpusPerNode": 8,
+                                                  "strategy": strategy}),
+                              config=OperatorConfig())
+    jsonschema.validate(obj, pytorchjob_schema)
+    for role in ("Master", "Worker"):
+        c = _container(obj, role)
+        assert c["command"] == ["kubetune-launch"]
+        assert c["args"] == ["/etc/kubetune/job.yaml", "--pvc-root", "/mnt/pvc"] + (
+            [] if strategy == "ddp" else ["--strategy", strategy])

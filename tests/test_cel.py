@@ -26,6 +26,7 @@ MODELS = {
     "spec.preference": api.PreferenceSpec,
     "spec.rewards[]": api.RewardSpec,
     "spec.resources": api.ResourcesSpec,
+    "spec.output": api.OutputSpec,
 }
 SPEC_BASE = {"model": {"source": "m"}, "datasets": [{"source": "d.json"}]}
 _S = {**SPEC_BASE, "output": {"uri": "o"}}
@@ -58,6 +59,8 @@ METHOD_SPEC_CASES = [  # the method/optimizer/booster rules across sections, bot
     {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "lomo"}},
      "resources": {"strategy": "zero2"}},
     {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "muon"}}},
+    {**_S, "method": {"type": "freeze", "spectrum": {}}, "resources": {"strategy": "zero3"}},
+    {**_S, "method": {"type": "freeze", "spectrum": {}}, "resources": {"strategy": "fsdp2"}},
     {**_S, "training": {"optimizer": {"name": "muon"}}},
     {**_S, "method": {"type": "freeze"}, "training": {"optimizer": {"name": "muon"}},
      "resources": {"strategy": "fsdp2"}},
@@ -182,6 +185,22 @@ CASES = {
         {}, {"lossType": ["sigmoid"]}, {"lossWeights": [1.0]},
         {"lossType": ["sigmoid", "sft"], "lossWeights": [1.0]},
         {"lossType": ["sigmoid", "sft"], "lossWeights": [1.0, 0.2]},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {"lmEval": {"tasks": ["t"]}}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {"lmEval": {"tasks": ["t"]}},
+         "stage": "rm"},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {}, "stage": "rm"},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {"predict": True},
+         "evalDatasets": [{"source": "e.json"}]},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evalDatasets": [{"source": "e.json"}],
+         "training": {"evalSplit": 0.1}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evalDatasets": [{"source": "e.json"}],
+         "training": {"evalSplit": 0.0}},
+    ],
+    "spec.output": [
+        {"uri": "o"}, {"uri": "s3://bkt/o", "secretRef": {"name": "s"}},
+        {"uri": "pvc://c/o", "secretRef": {"name": "s"}},
+        {"uri": "hf://org/name", "secretRef": {"name": "s", "key": "token"}},
+        {"uri": "gs://bkt/o"},
     ],
     "spec.datasets[]": [
         {"source": "d.json"},
@@ -234,6 +253,8 @@ CASES = {
         {"gpusPerNode": 8, "nodes": 4},
         {"gpuMemory": "80Gi"}, {"gpuMemory": "80Gi", "gpusPerNode": 0},
         {"gpuMemory": "24G", "gpusPerNode": 2, "strategy": "zero3-offload"},
+        {"strategy": "fsdp2"}, {"strategy": "fsdp2", "gpusPerNode": 0},
+        {"strategy": "zero3", "gpusPerNode": 0},
     ],
 }
 

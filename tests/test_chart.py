@@ -26,6 +26,8 @@ VALUE_SETS = {
                          "--set", "defaults.queueName=shared",
                          "--set", "defaults.priorityClassName=batch"],
     "no-progress": ["--set", "progress.enabled=false"],
+    "gpu-memory": ["--set", "gpuMemory.default=80Gi",
+                   "--set", "gpuMemory.NVIDIA-A100-SXM4-40GB=40Gi"],
     "servicemonitor": ["--set", "metrics.serviceMonitor.enabled=true",
                        "--set", "metrics.serviceMonitor.labels.release=prom"],
     "no-metrics": ["--set", "metrics.enabled=false", "--set", "progress.enabled=false"],
@@ -237,3 +239,18 @@ def test_peering_crds_install_before_the_peering_objects(helm_bin):
     assert len(peering) == 2
     for crd in peering:
         kubernetes_validate.validate(crd, K8S_VERSION, strict=True)
+
+
+def test_the_gpu_memory_table_reaches_the_operators_memory_check(helm_bin, monkeypatch):
+    from kubetune_operator.handlers import operator_config
+
+    dep = next(d for d in render(helm_bin, *VALUE_SETS["gpu-memory"])
+               if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0][
+        "env"]}
+    monkeypatch.setenv("KUBETUNE_GPU_MEMORY", env["KUBETUNE_GPU_MEMORY"])
+    assert dict(operator_config().gpu_memory) == {"default": "80Gi",
+                                                  "NVIDIA-A100-SXM4-40GB": "40Gi"}
+    out = subprocess.run([helm_bin, "template", "rel", str(CHART), "--set",
+                          "gpuMemory.default=80GB"], capture_output=True, text=True)
+    assert out.returncode != 0 and "gpuMemory" in out.stderr  # the values schema refuses it

@@ -106,8 +106,9 @@ def cluster(kmock):
 
 
 class Operator:
-    def __init__(self, cluster):
+    def __init__(self, cluster, gpu_memory=()):
         self.cluster = cluster
+        self.gpu_memory = gpu_memory  # the chart's gpuMemory table
         cfg = kubernetes.client.Configuration(host=str(cluster.url))
         self.api = kubernetes.client.ApiClient(cfg)  # the test's own calls
         self.operator_api = kubernetes.client.ApiClient(cfg)
@@ -125,7 +126,8 @@ class Operator:
         memo = kopf.Memo(
             kube=rc.Kube(self.operator_api), store=ProgressStore(), progress_port=self.port,
             config=OperatorConfig(trainer_image="reg/trainer:1",
-                                  progress_url=f"http://127.0.0.1:{self.port}/v1"))
+                                  progress_url=f"http://127.0.0.1:{self.port}/v1",
+                                  gpu_memory=self.gpu_memory))
         self.stop_flag = threading.Event()
         ready = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(kopf.operator(
@@ -603,3 +605,42 @@ def test_rendered_children_match_what_the_operator_creates():
     a = builders.children(job=job, config=OperatorConfig(), uid="u")
     b = builders.children(job=job, config=OperatorConfig(), uid="u")
     assert a == b
+
+
+async def test_a_job_that_cannot_fit_its_gpus_is_refused_before_any_child(cluster, hub):
+    """The issue's example: a 72B full fine-tune, batch 64 × 32k tokens, on one GPU. Refused
+    with the numbers and the fixes, whether the job says its GPU's memory or the chart does;
+    once fixed, it gets its children."""
+    op = Operator(cluster, gpu_memory=(("default", "80Gi"),))
+    await op.start()
+    try:
+        big = {"method": {"type": "full"}, "model": {"source": "hf://Qwen/Qwen2-72B"},
+               "training": {"batchSizePerDevice": 64, "cutoffLen": 32768, "packing": False},
+               "output": {"uri": "pvc://outputs/big"}}
+        await op.create(_job(name="own", **big, resources={"gpusPerNode": 1,
+                                                            "gpuMemory": "141Gi"}))
+        await op.create(_job(name="chart", **big))
+        for name, limit in (("own", "141 GiB"), ("chart", "80 GiB")):
+            await eventually(lambda n=name: _assert(_phase(cluster, n) == "Failed"))
+            stalled = next(c for c in _status(cluster, name)["conditions"]
+                           if c["type"] == "Stalled")
+            assert stalled["status"] == "True" and stalled["reason"] == "InsufficientGPUMemory"
+            msg = stalled["message"]
+            assert msg.startswith("spec.resources: about ") and f"does not fit in {limit}" \
+                in msg, msg
+            assert "cheapest fixes: training.gradientCheckpointing: true" in msg
+            assert "resources.strategy: zero3-offload" in msg and "(QLoRA: " in msg
+        assert not _children(cluster, PTJ) and not _children(cluster, CM)
+
+        # Fixed (QLoRA, one row of 4k tokens, checkpointing): the job gets its children.
+        await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                                "v1alpha1", NS, "finetunejobs", "own", {
+                                    "metadata": {"generation": 2},
+                                    "spec": {"method": {"type": "qlora"}, "training": {
+                                        "batchSizePerDevice": 1, "cutoffLen": 4096,
+                                        "gradientCheckpointing": True}}})
+        await eventually(lambda: cluster.objects[PTJ, NS, "own"])
+        await eventually(lambda: _assert(_phase(cluster, "own") == "Queued"))
+        assert (PTJ, NS, "chart") not in cluster.objects
+    finally:
+        await op.stop()

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from kubetune import credentials
 from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
+from kubetune.strategy import launcher_args
 
 from kubetune_operator.backends import PYTORCHJOB, Backend
 
@@ -43,6 +45,9 @@ class OperatorConfig:
     default_priority_class: str | None = None  # for jobs that name none
     default_queue: str | None = None  # Kueue queue for jobs without the queue label
     failure_log_tail: bool = True  # status.failure.logTail (visible to the job's readers)
+    # Memory of one GPU by product label value ("default": jobs that select none); a job's
+    # resources.gpuMemory wins. Jobs whose estimate does not fit get no children.
+    gpu_memory: tuple[tuple[str, str], ...] = ()
 
 
 def child_name(job: FineTuneJob) -> str:
@@ -115,14 +120,7 @@ def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
         {"name": "KUBETUNE_JOB", "value": job.metadata.name},
     ]
-    if spec.model.secret_ref:
-        ref = spec.model.secret_ref
-        env.append({"name": "HF_TOKEN",
-                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    for i, ds in enumerate(spec.datasets):
-        if ds.secret_ref:
-            env.append({"name": f"KUBETUNE_DATASET_{i}_TOKEN", "valueFrom": {
-                "secretKeyRef": {"name": ds.secret_ref.name, "key": ds.secret_ref.key}}})
+    env += credentials.k8s_env(spec)  # every secretRef, per source (kubetune.credentials)
     if config.progress_url:
         # Kubeflow KEP-2779: transformers' KubeflowCallback posts progress here by itself.
         namespace = job.metadata.namespace or "default"
@@ -197,7 +195,8 @@ def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str) -> dict
         "name": "pytorch",  # PyTorchJob requires this name
         "image": image,
         "command": ["kubetune-launch"],  # accelerate, topology from the PET_* variables
-        "args": [f"{CONFIG_DIR}/{CONFIG_KEY}", "--pvc-root", PVC_ROOT],
+        "args": [f"{CONFIG_DIR}/{CONFIG_KEY}", "--pvc-root", PVC_ROOT,
+                 *launcher_args(spec)],  # resources.strategy: DeepSpeed / FSDP
         "env": _env(job, config),
         "ports": [{"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT,
                    "protocol": "TCP"}],

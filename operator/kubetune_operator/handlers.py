@@ -33,7 +33,29 @@ def operator_config() -> OperatorConfig:
         default_priority_class=env.get("KUBETUNE_DEFAULT_PRIORITY_CLASS") or None,
         default_queue=env.get("KUBETUNE_DEFAULT_QUEUE") or None,
         failure_log_tail=env.get("KUBETUNE_FAILURE_LOG_TAIL", "true").lower() != "false",
+        gpu_memory=gpu_memory_table(env.get("KUBETUNE_GPU_MEMORY")),
     )
+
+
+def gpu_memory_table(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """The chart's gpuMemory (JSON: GPU product → quantity); a bad entry is logged, skipped."""
+    import json
+
+    from kubetune.estimate import parse_quantity
+
+    try:
+        table = json.loads(raw or "{}") or {}
+    except ValueError:
+        log.error("KUBETUNE_GPU_MEMORY is not JSON; no GPU memory is known")
+        return ()
+    out = []
+    for product, quantity in sorted(table.items()):
+        try:
+            parse_quantity(str(quantity))
+            out.append((str(product), str(quantity)))
+        except ValueError as err:
+            log.error("gpuMemory[%s]: %s; ignored", product, err)
+    return tuple(out)
 
 
 class Gone(Exception):

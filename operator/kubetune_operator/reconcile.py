@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -224,6 +226,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     if job is not None and (job.spec.model.from_job
                             or any(r.from_job for r in job.spec.rewards or [])):
         job, waiting, invalid = _from_job(kube, ns, name, job)
+    unfit = memory_refusal(job, config) if job is not None else None
     created: list[str] = []
     blocked: str | None = None
     drift: str | None = None
@@ -243,6 +246,11 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         # admitted by Kueue before its Workload is deactivated).
         if job.spec.suspend and not finished and (fresh or kube.get(objs[-1]) is None):
             objs = []
+        # Would not fit its GPUs: nothing is created (a child made earlier runs on).
+        if unfit and objs and not finished and (fresh or kube.get(objs[-1]) is None):
+            objs = []
+        else:
+            unfit = None
         for obj in objs:
             current = None if fresh else kube.get(obj)
             if current is None and not finished:  # a finished job's cleaned-up child stays gone
@@ -277,6 +285,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         spec_suspend=bool((body.get("spec") or {}).get("suspend")),
         queue_name=labels.get(KUEUE_QUEUE_LABEL) or config.default_queue,
         invalid=invalid,
+        unfit=unfit,
         blocked=blocked,
         drift=drift,
         keep_checkpoints=job.spec.training.save_total_limit if job else None,
@@ -289,6 +298,68 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     )
     status = reduce_status(observed, old, now())
     return Outcome(status, created, status.get("phase") != old.get("phase"))
+
+
+# ------------------------------------------------------------------------ memory
+
+
+def memory_verdict(job: FineTuneJob, config: OperatorConfig) -> Any:
+    """The memory estimate against the job's GPUs (``kubetune.estimate.Verdict``; its
+    ``fits`` is None when the GPU's memory is unknown), or None when the model's shape is
+    unknown here (only an hf:// model's config.json is read)."""
+    from kubetune.estimate import fits, gpu_memory_for
+
+    shape = model_config(job.spec.model.source, job.spec.model.revision)
+    if shape is None:
+        return None
+    try:
+        return fits(shape, job.spec, gpu_memory_for(job.spec, dict(config.gpu_memory)))
+    except ValueError as err:  # a config.json kubetune cannot read: no estimate, no refusal
+        log.info("%s: memory not estimated (%s)", job.metadata.name, err)
+        return None
+
+
+def memory_refusal(job: FineTuneJob, config: OperatorConfig) -> str | None:
+    """Why the job cannot fit its GPUs (the estimate, the numbers and the cheapest fixes), or
+    None: it fits, or the GPU's memory or the model's shape is unknown here."""
+    if not job.spec.resources.gpus_per_node:
+        return None
+    if not job.spec.resources.gpu_memory and not config.gpu_memory:
+        return None  # nothing to compare with: no need to fetch the model's config
+    verdict = memory_verdict(job, config)
+    if verdict is None or verdict.fits is not False:
+        return None
+    return f"spec.resources: {verdict.message()}"
+
+
+_CONFIGS: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+CONFIG_TTL = 300.0  # seconds a fetched (or missing) config.json is reused
+
+
+def model_config(source: str | None, revision: str | None) -> dict[str, Any] | None:
+    """The config.json of an hf:// model, fetched alone from the Hub (HF_ENDPOINT) and
+    cached; None for other sources (the operator does not mount volumes), gated or private
+    models (the operator holds no token), offline (HF_HUB_OFFLINE) or any error."""
+    import urllib.request
+
+    if not source or not source.startswith("hf://") or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None
+    parts = source[len("hf://"):].split("/")
+    repo, sub = "/".join(parts[:2]), "/".join(p for p in parts[2:] if p)
+    key = (source, revision or "main")
+    hit = _CONFIGS.get(key)
+    if hit and time.monotonic() - hit[0] < CONFIG_TTL:
+        return hit[1]
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/{repo}/resolve/{revision or 'main'}/{sub + '/' if sub else ''}config.json"
+    shape: dict[str, Any] | None = None
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (https or set)
+            shape = json.loads(resp.read(1 << 20))
+    except (OSError, ValueError) as err:
+        log.info("%s: config.json not read (%s): memory not checked", source, err)
+    _CONFIGS[key] = (time.monotonic(), shape if isinstance(shape, dict) else None)
+    return _CONFIGS[key][1]
 
 
 def _from_job(kube: Kube, ns: str, name: str, job: FineTuneJob

@@ -16,6 +16,7 @@ from typing import Any
 from kubetune_operator.backends import PYTORCHJOB, Backend
 
 TERMINAL = ("Succeeded", "Failed")
+REFUSED = ("InvalidSpec", "InsufficientGPUMemory")  # stalled before any child was made
 PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
 MAX_CHECKPOINTS = 10  # in status; older ones are usually rotated away by saveTotalLimit
 LOG_TAIL_CHARS = 2000
@@ -29,6 +30,7 @@ class Observed:
     spec_suspend: bool = False
     queue_name: str | None = None  # Kueue queue label on the job
     invalid: str | None = None  # a spec error the schema could not catch (names the field)
+    unfit: str | None = None  # the memory estimate exceeds the GPU's memory (and why)
     blocked: str | None = None  # something else holds the children's names
     waiting: str | None = None  # spec.model.fromJob: that job has not succeeded yet
     drift: str | None = None  # the spec changed after the children were made
@@ -118,7 +120,7 @@ def _diagnose_termination(pod: str | None, term: dict[str, Any]) -> Diagnosis:
 
 def was_invalid(status: dict[str, Any]) -> bool:
     """The job stalled on its spec (and so never had children)."""
-    return any(c.get("type") == "Stalled" and c.get("reason") == "InvalidSpec"
+    return any(c.get("type") == "Stalled" and c.get("reason") in REFUSED
                for c in status.get("conditions") or [])
 
 
@@ -201,6 +203,8 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> dict[str, Any]:
 def _phase(obs: Observed) -> tuple[str, str, str]:
     if obs.invalid:
         return "Failed", "InvalidSpec", obs.invalid
+    if obs.unfit:
+        return "Failed", "InsufficientGPUMemory", obs.unfit
     if obs.blocked:
         return "Pending", "Conflict", obs.blocked
     if obs.waiting:

@@ -148,9 +148,11 @@ def quantization_config(spec: FineTuneJobSpec, dtype: Any) -> Any:
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = dtype if q.compute_dtype == "auto" else {
         "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[q.compute_dtype]
-    # Sharded (ZeRO-3/FSDP2) QLoRA: the packed 4-bit weights stored in a float dtype, so they
-    # can be flattened and split like the others (transformers' FSDP-QLoRA recipe).
-    sharded = spec.resources.strategy in ("zero3", "zero3-offload", "fsdp2")
+    from kubetune.strategy import STRATEGIES, strategy_of
+
+    # ZeRO-3 and FSDP shard the 4-bit weights too: stored in the compute dtype's words
+    # (transformers' FSDP-QLoRA recipe).
+    sharded = STRATEGIES[strategy_of(spec)].shard_weights
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type(),
                               bnb_4bit_use_double_quant=q.double(),
                               bnb_4bit_compute_dtype=compute,

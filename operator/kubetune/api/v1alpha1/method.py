@@ -315,6 +315,14 @@ _METHOD_SPEC_RULES = (
         or s.resources.strategy not in _SHARDED,
     ),
     Rule(
+        cel="!has(self.method) || !has(self.method.spectrum) "
+        f"|| !{_STRATEGY} in ['zero3', 'zero3-offload'])",
+        message="method.spectrum scans whole weight matrices, which ZeRO-3 loads already "
+        "split: resources.strategy ddp, zero2 or fsdp2",
+        check=lambda s: s.method.spectrum is None
+        or s.resources.strategy not in ("zero3", "zero3-offload"),
+    ),
+    Rule(
         cel="!has(self.method) || !has(self.method.quantization) "
         "|| !has(self.method.quantization.bits) || self.method.quantization.bits == 4 "
         f"|| !{_STRATEGY} in {_cel_list(_SHARDED)})",
