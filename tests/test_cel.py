@@ -94,6 +94,14 @@ METHOD_SPEC_CASES = [  # the method/optimizer/booster rules across sections, bot
 CASES = {
     "spec": [
         {**SPEC_BASE, "output": {"uri": "o"}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "serve": {}},
+        {**SPEC_BASE, "output": {"uri": "o", "merge": True}, "serve": {}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "serve": {"weights": "model"},
+         "method": {"type": "full"}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "serve": {"weights": "adapter"}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "serve": {"weights": "adapter"},
+         "method": {"type": "freeze"}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "serve": {"weights": "adapter"}, "method": {}},
         {**SPEC_BASE, "output": {"uri": "o", "merge": True}},
         {**SPEC_BASE, "output": {"uri": "o", "merge": True}, "method": {}},
         {**SPEC_BASE, "output": {"uri": "o", "merge": True}, "method": {"type": "full"}},

@@ -73,6 +73,7 @@ from kubetune.api.v1alpha1.rl import (
     RewardSpec,
     RewardType,
 )
+from kubetune.api.v1alpha1.serve import ServeCheck, ServeSpec
 from kubetune.api.v1alpha1.sources import (
     DatasetFormat,
     DatasetSpec,
@@ -87,11 +88,13 @@ from kubetune.api.v1alpha1.spec import (
 )
 from kubetune.api.v1alpha1.status import (
     Checkpoint,
+    CheckResult,
     Condition,
     Failure,
     FineTuneJobStatus,
     Outputs,
     Progress,
+    Serving,
 )
 from kubetune.api.v1alpha1.tracking import (
     Tracker,
@@ -121,7 +124,11 @@ __all__ = [
     "BaseModel",
     "BoostersSpec",
     "Checkpoint",
+    "CheckResult",
     "Condition",
+    "ServeCheck",
+    "ServeSpec",
+    "Serving",
     "CPO_LOSSES",
     "DatasetFormat",
     "DatasetSpec",

@@ -15,6 +15,7 @@ from kubetune.api.v1alpha1.output import OutputSpec
 from kubetune.api.v1alpha1.preference import _PREFERENCE_SPEC_RULES, PreferenceSpec
 from kubetune.api.v1alpha1.resources import ResourcesSpec, RunPolicySpec, SchedulingSpec
 from kubetune.api.v1alpha1.rl import _RL_SPEC_RULES, GrpoSpec, RewardSpec
+from kubetune.api.v1alpha1.serve import SERVE_SPEC_RULE, ServeSpec
 from kubetune.api.v1alpha1.sources import DatasetSpec, ModelSpec
 from kubetune.api.v1alpha1.trainer import TrainerSpec
 from kubetune.api.v1alpha1.training import TrainingSpec
@@ -52,6 +53,7 @@ _SPEC_RULES = (
         "model)",
         check=lambda s: not s.output.merge or s.method.type == "lora",
     ),
+    SERVE_SPEC_RULE,
 )
 
 
@@ -107,6 +109,11 @@ class FineTuneJobSpec(_Spec):
         bool, Field(description="Stop the pods; set back to false to resume from the last "
                     "checkpoint.")
     ] = False
+    serve: Annotated[
+        ServeSpec | None,
+        Field(description="After success: serve the trained model (OpenAI-compatible) and "
+              "check it; unset to remove the server."),
+    ] = None
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Any:
