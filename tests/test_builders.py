@@ -314,9 +314,18 @@ def test_trainjob_with_kubeflows_status_endpoint_leaves_the_reporting_variables_
                             backend="TrainJob", trainer_status=True)
     obj = _trainjob(_job(), config=config)
     jsonschema.validate(obj, trainjob_schema)
-    assert not [e for e in obj["spec"]["trainer"]["env"]
-                if e["name"].startswith("KUBEFLOW_TRAINER_SERVER")]
-    assert "kubetune-token" not in {v["name"] for v in _patched_pod(obj)["spec"]["volumes"]}
+    env = {e["name"]: e["value"] for e in obj["spec"]["trainer"]["env"] if "value" in e}
+    assert not [n for n in env if n.startswith("KUBEFLOW_TRAINER_SERVER")]
+    # kubetune's own reports (checkpoints, outputs) still go to kubetune's endpoint, with
+    # kubetune's token: status.checkpoints/outputs, spec.serve and fromJob depend on them.
+    assert env["KUBETUNE_PROGRESS_URL"] == (
+        "https://k/v1/namespaces/team-a/finetunejobs/assistant-identity/status")
+    assert env["KUBETUNE_PROGRESS_TOKEN"] == "/var/run/secrets/kubetune/token"
+    pod = _patched_pod(obj)
+    (token,) = [v for v in pod["spec"]["volumes"] if v["name"] == "kubetune-token"]
+    assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "kubetune"
+    assert {"name": "kubetune-token", "mountPath": "/var/run/secrets/kubetune",
+            "readOnly": True} in pod["spec"]["containers"][0]["volumeMounts"]
 
 
 def test_trainjob_suspend_and_runtime_name():

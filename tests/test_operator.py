@@ -734,7 +734,10 @@ async def test_trainjob_backend_mirrors_trainer_status_and_explains_a_failure(cl
         await op.create(body)
         child = await eventually(lambda: cluster.objects[TJ, NS, "ident"])
         assert child["spec"]["suspend"] is False
-        assert "KUBEFLOW_TRAINER_SERVER_URL" not in str(child["spec"]["trainer"]["env"])
+        env = {e["name"]: e.get("value") for e in child["spec"]["trainer"]["env"]}
+        assert not [n for n in env if n.startswith("KUBEFLOW_TRAINER_SERVER")]
+        url = f"http://127.0.0.1:{op.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+        assert env["KUBETUNE_PROGRESS_URL"] == url  # kubetune's own reports still come here
         await _patch_trainjob(op, "ident", {"status": {
             "jobsStatus": _jobs_status(active=1, ready=1),
             "trainerStatus": {"progressPercentage": 30, "estimatedRemainingSeconds": 120,
@@ -744,11 +747,26 @@ async def test_trainjob_backend_mirrors_trainer_status_and_explains_a_failure(cl
         cluster.objects["v1/pods", NS, "ident-node-0-0-x7k2p"] = {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "ident-node-0-0-x7k2p", "namespace": NS,
-                         "resourceVersion": "1", "labels": {"kubetune.io/job": "ident"}},
+                         "resourceVersion": "1", "uid": "pod-uid-tj",
+                         "labels": {"kubetune.io/job": "ident",
+                                    "jobset.sigs.k8s.io/jobset-name": "ident"},
+                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",
+                                              "name": "ident-node-0", "uid": "job-uid",
+                                              "controller": True}]},
             "status": {"phase": "Failed", "containerStatuses": [{
                 "name": "node", "image": "reg/trainer:1", "imageID": "", "ready": False,
                 "restartCount": 0, "state": {"terminated": {"exitCode": 137,
                                                            "reason": "OOMKilled"}}}]}}
+        # The trainer's checkpoint report, to kubetune's endpoint: it lands in the status
+        # beside the progress mirrored from Kubeflow's trainerStatus.
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(url, json={"kubetune": {"checkpoint": {
+                "step": 3, "loss": 0.5, "uri": "pvc://outputs/ident/checkpoints/checkpoint-3"}}},
+                headers={"Authorization": "Bearer trainjob-pod-token"})
+            assert resp.status == 200
+        await eventually(lambda: _assert(_status(cluster).get("checkpoints")), timeout=10)
+        assert _status(cluster)["checkpoints"][0]["step"] == 3
+        assert _status(cluster)["progress"]["percent"] == 30.0
         await _patch_trainjob(op, "ident", {"status": {"conditions": [
             {"type": "Failed", "status": "True", "reason": "JobsFailed", "message": "f"}],
             "jobsStatus": _jobs_status(failed=1)}}, status=True)

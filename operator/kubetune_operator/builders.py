@@ -106,18 +106,22 @@ def _env(job: FineTuneJob, config: OperatorConfig, progress: bool = True
         {"name": "KUBETUNE_JOB", "value": job.metadata.name},
     ]
     env += credentials.k8s_env(spec)  # every secretRef, per source (kubetune.credentials)
-    if config.progress_url and progress:
-        # Kubeflow KEP-2779: transformers' KubeflowCallback posts progress here by itself.
+    if config.progress_url:
+        # kubetune's endpoint: the trainer posts its own reports (checkpoints, outputs) here,
+        # whichever endpoint gets the training progress.
         namespace = job.metadata.namespace or "default"
-        env += [
-            {"name": "KUBEFLOW_TRAINER_SERVER_URL",
-             "value": f"{config.progress_url.rstrip('/')}/namespaces/{namespace}"
-                      f"/{PLURAL}/{job.metadata.name}/status"},
-            {"name": "KUBEFLOW_TRAINER_SERVER_TOKEN", "value": f"{TOKEN_DIR}/token"},
-        ]
+        url = (f"{config.progress_url.rstrip('/')}/namespaces/{namespace}"
+               f"/{PLURAL}/{job.metadata.name}/status")
+        reporting = [("URL", url), ("TOKEN", f"{TOKEN_DIR}/token")]
         if config.progress_ca_configmap:
-            env.append({"name": "KUBEFLOW_TRAINER_SERVER_CA_CERT",
-                        "value": f"{TOKEN_DIR}/ca.crt"})
+            reporting.append(("CA_CERT", f"{TOKEN_DIR}/ca.crt"))
+        env += [{"name": f"KUBETUNE_PROGRESS_{k}", "value": v} for k, v in reporting]
+        if progress:
+            # Kubeflow KEP-2779, to kubetune's endpoint too: transformers' KubeflowCallback
+            # posts the training progress here by itself. A backend with its own endpoint
+            # (Trainer v2 with its TrainJobStatus gate) sets these variables itself.
+            env += [{"name": f"KUBEFLOW_TRAINER_SERVER_{k}", "value": v}
+                    for k, v in reporting]
     # The job's own variables, in its order; a credential only as a Secret reference. The API
     # refuses names kubetune sets above, so nothing here replaces one of them.
     for var in (spec.trainer.env or []) if spec.trainer else []:
@@ -142,7 +146,7 @@ def _resources(job: FineTuneJob) -> dict[str, Any]:
     return {"limits": dict(amounts), "requests": dict(amounts)} if amounts else {}
 
 
-def _volumes(job: FineTuneJob, config: OperatorConfig, progress: bool = True
+def _volumes(job: FineTuneJob, config: OperatorConfig
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_name(job)}},
@@ -160,7 +164,7 @@ def _volumes(job: FineTuneJob, config: OperatorConfig, progress: bool = True
             "claimName": claim, "readOnly": not writable}})
         mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}",
                        "readOnly": not writable})
-    if config.progress_url and progress:
+    if config.progress_url:  # kubetune's token, whichever endpoint gets the progress
         sources: list[dict[str, Any]] = [{"serviceAccountToken": {
             "audience": PROGRESS_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]
         if config.progress_ca_configmap:
@@ -173,10 +177,11 @@ def _volumes(job: FineTuneJob, config: OperatorConfig, progress: bool = True
 
 def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str, container: str,
                  progress: bool = True) -> dict[str, Any]:
-    """The trainer pod, whichever backend runs it. ``progress``: point the pods at kubetune's
-    progress endpoint (a backend with its own, Trainer v2's, passes False)."""
+    """The trainer pod, whichever backend runs it. ``progress``: point transformers' KEP-2779
+    reports at kubetune's endpoint too (a backend with its own, Trainer v2's, passes False;
+    kubetune's own reports always go to kubetune's endpoint)."""
     spec = job.spec
-    volumes, mounts = _volumes(job, config, progress)
+    volumes, mounts = _volumes(job, config)
     image = (spec.trainer.image if spec.trainer and spec.trainer.image
              else config.trainer_image)
     main: dict[str, Any] = {

@@ -390,7 +390,8 @@ def plot_loss(progress_file: Path, png: Path) -> Path | None:
 
 class OperatorReport(TrainerCallback):
     """Tells the operator about checkpoints (progress itself goes through transformers'
-    KubeflowCallback). Same endpoint, token and CA; failures never stop training."""
+    KubeflowCallback, to Kubeflow's endpoint when Trainer v2 has its own); failures never
+    stop training."""
 
     def __init__(self, output_uri: str) -> None:
         self.output_uri = output_uri.rstrip("/")
@@ -403,15 +404,19 @@ class OperatorReport(TrainerCallback):
 
 
 def post_to_operator(kubetune: dict[str, Any]) -> bool:
+    """POST ``{"kubetune": ...}`` to kubetune's own endpoint (``KUBETUNE_PROGRESS_URL``, with
+    the token and CA beside it), never to ``KUBEFLOW_TRAINER_SERVER_URL``: with Trainer v2's
+    TrainJobStatus gate on, that one is Kubeflow's, which knows nothing of checkpoints or
+    outputs. False when there is no endpoint or it did not take the report."""
     import os
     import ssl
     import urllib.request
 
-    url = os.environ.get("KUBEFLOW_TRAINER_SERVER_URL")
-    token_file = os.environ.get("KUBEFLOW_TRAINER_SERVER_TOKEN")
+    url = os.environ.get("KUBETUNE_PROGRESS_URL")
+    token_file = os.environ.get("KUBETUNE_PROGRESS_TOKEN")
     if not url or not token_file or not os.path.exists(token_file):
         return False
-    ca = os.environ.get("KUBEFLOW_TRAINER_SERVER_CA_CERT")
+    ca = os.environ.get("KUBETUNE_PROGRESS_CA_CERT")
     ctx = ssl.create_default_context(cafile=ca) if ca and url.startswith("https") else None
     with open(token_file) as f:
         token = f.read().strip()

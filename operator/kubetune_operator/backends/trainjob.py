@@ -41,7 +41,8 @@ class TrainJobBackend(Backend):
         r = spec.resources
         passed = builders.kueue_labels(labels, config)
         # Kubeflow's own progress endpoint (KEP-2779) when its TrainJobStatus gate is on:
-        # Trainer v2 sets the KUBEFLOW_TRAINER_SERVER_* variables itself.
+        # Trainer v2 sets the KUBEFLOW_TRAINER_SERVER_* variables itself. kubetune's own
+        # reports (checkpoints, outputs) still go to kubetune's (KUBETUNE_PROGRESS_*).
         pod = builders.pod_template(job=job, config=config, role=NODE, container=NODE,
                                     progress=not config.trainer_status)
         c = pod["spec"]["containers"][0]
