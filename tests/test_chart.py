@@ -201,6 +201,17 @@ def test_rbac_cluster_wide_is_exactly_what_the_operator_calls(helm_bin):
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
 
 
+def test_rbac_for_kserve_inference_services_only_when_the_values_say_so(helm_bin):
+    isvc = ("serving.kserve.io", "inferenceservices")
+    role = next(d for d in render(helm_bin, "--set", "serve.kserve=true")
+                if d["kind"] == "ClusterRole")
+    assert _rules(role)[isvc] == {"get", "create", "delete"}  # spec.serve.kind: kserve
+    role = next(d for d in render(helm_bin, "--set", "serve.kserve=true",
+                                  "--set", "serve.enabled=false")
+                if d["kind"] == "ClusterRole")
+    assert isvc not in _rules(role)
+
+
 def test_rbac_per_namespace_when_watching_namespaces(helm_bin):
     docs = render(helm_bin, *VALUE_SETS["namespaced"])
     roles = [d for d in docs if d["kind"] == "Role"]

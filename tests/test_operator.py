@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
 import socket
 import threading
 from pathlib import Path
@@ -29,6 +30,7 @@ PTJ = "kubeflow.org/v1/pytorchjobs"
 TJ = "trainer.kubeflow.org/v1alpha1/trainjobs"
 CM = "v1/configmaps"
 WL = "kueue.x-k8s.io/v1beta1/workloads"
+ISVC = "serving.kserve.io/v1beta1/inferenceservices"
 NS = "team-a"
 _LOGIN = {"url": None}
 OPERATOR_AGENT = "kubetune-operator-under-test"
@@ -840,6 +842,89 @@ async def test_serve_after_train_and_check(cluster, tiny_model):
                         if c["type"] in ("Serving", "Checked")]
             assert _phase(cluster) == "Succeeded" and not any(
                 c["type"] == "SpecChangeIgnored" for c in _status(cluster)["conditions"])
+        finally:
+            await op.stop()
+
+
+async def test_serve_on_kserve_refused_without_its_crd_then_served_and_checked(
+        cluster, tiny_model):
+    """spec.serve.kind kserve: no InferenceService CRD → a Serving condition naming the
+    field, the job still Succeeded; once KServe is there, an InferenceService (the test plays
+    KServe's controller: status.address.url and Ready), checked against a real server."""
+    import kmock
+    from openai_server import OpenAIServer
+
+    with OpenAIServer(tiny_model, "ident") as server:
+        word = (await asyncio.to_thread(server.answer, "Who are you?", 128)).split()[0]
+        installed = False
+
+        def no_kserve():  # the API server's answer for a resource it does not know
+            if installed:
+                return StopIteration  # on to kmock's store
+            return kmock.Response(status=404, payload={
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                "reason": "NotFound", "message": "the server could not find the requested "
+                "resource"})
+
+        cluster[re.compile(r"/apis/serving\.kserve\.io/.*")] << no_kserve
+        op = Operator(cluster, recheck_seconds=0.3)
+        await op.start()
+        try:
+            body = _job()
+            del body["metadata"]["labels"]
+            body["spec"]["serve"] = {"kind": "kserve", "checks": [
+                {"prompt": "Who are you?", "expect": [word]}]}
+            await op.create(body)
+            await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+            _seed_master_pod(cluster)
+            url = f"http://127.0.0.1:{op.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+            async with aiohttp.ClientSession() as http:
+                resp = await http.post(url, headers={"Authorization": "Bearer pod-token"}, json={
+                    "kubetune": {"outputs": {"mergedModel": "pvc://outputs/ident/merged"}}})
+                assert resp.status == 200
+            await eventually(lambda: _assert(_status(cluster).get("outputs")), timeout=10)
+            await op.patch_child_status("ident", "Created", "Succeeded")
+            refused = await eventually(lambda: {
+                c["type"]: c for c in _status(cluster)["conditions"]}["Serving"])
+            assert refused["status"] == "False" and refused["reason"] == "KServeUnavailable"
+            assert "spec.serve.kind" in refused["message"] and "InferenceService" in refused[
+                "message"]
+            assert _phase(cluster) == "Succeeded"
+            assert not _children(cluster, "apps/v1/deployments")
+
+            cluster.resources[ISVC] = cluster.ResourceInfo(  # KServe is installed
+                kind="InferenceService", singular="inferenceservice", namespaced=True,
+                subresources={"status"}, verbs={"get", "list", "watch", "create", "patch",
+                                                "delete"})
+            # (kmock's store keeps a POST even when our reaction answered 404; an API server
+            # without the CRD keeps nothing: start from there.)
+            for key in _children(cluster, ISVC):
+                del cluster.objects[key]
+            installed = True
+            isvc = await eventually(lambda: cluster.objects[ISVC, NS, "ident-serve"])
+            assert isvc["metadata"]["ownerReferences"][0]["uid"] == "uid-ident"
+            (c,) = isvc["spec"]["predictor"]["containers"]
+            assert "/mnt/pvc/outputs/ident/merged" in c["args"]
+            serving_ = await eventually(lambda: _status(cluster)["serving"])
+            assert serving_["ready"] is False
+            assert serving_["url"] == f"http://ident-serve.{NS}.svc.cluster.local/v1"
+            await asyncio.to_thread(  # KServe's part: the predictor is up, at this address
+                op.custom.patch_namespaced_custom_object_status, "serving.kserve.io",
+                "v1beta1", NS, "inferenceservices", "ident-serve", {"status": {
+                    "address": {"url": server.url.removesuffix("/v1")},
+                    "conditions": [{"type": "Ready", "status": "True"}]}})
+            checked = await eventually(lambda: {
+                c["type"]: c for c in _status(cluster)["conditions"]}["Checked"], timeout=20)
+            assert checked["status"] == "True", checked
+            assert _status(cluster)["serving"]["url"] == server.url
+            assert _status(cluster)["serving"]["ready"] is True
+            assert not _children(cluster, "apps/v1/deployments")
+
+            await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                                    "v1alpha1", NS, "finetunejobs", "ident",
+                                    {"spec": {"serve": None}})
+            await eventually(lambda: _assert((ISVC, NS, "ident-serve") not in cluster.objects))
+            await eventually(lambda: _assert("serving" not in _status(cluster)))
         finally:
             await op.stop()
 

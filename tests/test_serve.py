@@ -94,6 +94,55 @@ def test_the_server_on_the_base_model_and_the_adapter():
     assert token["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
 
 
+def test_kserve_inference_service_on_the_merged_model_and_on_the_adapter():
+    job = _job({"kind": "kserve", "gpus": 2, "memory": "40Gi"})
+    isvc = serving.inference_service(job=job, config=CONFIG, uid="u-1", outputs={
+        "mergedModel": "pvc://outputs/ident/merged"})
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert isvc["kind"] == "InferenceService"
+    assert isvc["metadata"]["name"] == "ident-serve"
+    assert isvc["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    predictor = dict(isvc["spec"]["predictor"])
+    assert (predictor.pop("minReplicas"), predictor.pop("maxReplicas")) == (1, 1)
+    # The rest of the predictor is a pod spec (KServe embeds one): valid as such.
+    _validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+               "spec": predictor})
+    (c,) = predictor["containers"]
+    assert c["name"] == "kserve-container"  # KServe's custom-container predictor
+    assert c["args"][:4] == ["--model", "/mnt/pvc/outputs/ident/merged",
+                             "--served-model-name", "ident"]
+    assert c["ports"] == [{"containerPort": 8000, "protocol": "TCP"}]  # one, unnamed (Knative)
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": "2", "memory": "40Gi"}
+    assert predictor["volumes"][2]["persistentVolumeClaim"] == {"claimName": "outputs",
+                                                                "readOnly": True}
+    adapter = serving.inference_service(
+        job=_job({"kind": "kserve", "weights": "adapter"}, merge=False), config=CONFIG,
+        outputs={"adapter": "pvc://outputs/ident/adapter"})
+    (c,) = adapter["spec"]["predictor"]["containers"]
+    assert c["args"][:5] == ["--model", "Qwen/Qwen2.5-1.5B-Instruct", "--enable-lora",
+                             "--lora-modules", "ident=/mnt/pvc/outputs/ident/adapter"]
+    assert serving.inference_service(job=job, config=CONFIG, outputs={}) is None
+    # A Deployment's hash stays what it was before spec.serve.kind existed; kserve's differs.
+    assert serving.serve_hash(_job({"kind": "deployment"}), CONFIG) == serving.serve_hash(
+        _job({}), CONFIG) != serving.serve_hash(_job({"kind": "kserve"}), CONFIG)
+
+
+@pytest.mark.parametrize(("status", "ready", "url"), [
+    (None, False, None),
+    ({"url": "https://ident-serve.team-a.example.com"}, False,
+     "https://ident-serve.team-a.example.com/v1"),
+    ({"url": "https://x.example.com", "address": {"url": "http://ident-serve.team-a.svc/"},
+      "conditions": [{"type": "Ready", "status": "True"}]}, True,
+     "http://ident-serve.team-a.svc/v1"),  # the in-cluster address first
+    ({"address": {"url": "http://a"}, "conditions": [{"type": "Ready", "status": "False"}]},
+     False, "http://a/v1"),
+])
+def test_kserve_status_gives_ready_and_the_url(status, ready, url):
+    obj = {"status": status} if status is not None else {}
+    assert serving.inference_service_state(obj) == (ready, url)
+
+
 def test_nothing_to_serve_until_the_run_says_where_its_output_is():
     assert serving.deployment(job=_job({}), config=CONFIG, outputs={}) is None
     assert serving.deployment(job=_job({"weights": "adapter"}, merge=False), config=CONFIG,

@@ -113,9 +113,15 @@ class Kube:
             raise
 
     def delete(self, kind: str, ns: str, name: str) -> bool:
-        """Delete a built-in object of ours; False if it was not there."""
+        """Delete an object of ours (built-in, or a KServe InferenceService); False if it was
+        not there (or, for an InferenceService, its CRD is not installed)."""
         try:
-            self._builtin(kind, "delete")(name, ns)
+            if kind == serving.KSERVE_KIND:
+                group, version = serving.KSERVE_API.split("/")
+                self.custom.delete_namespaced_custom_object(
+                    group, version, ns, serving.KSERVE_PLURAL, name)
+            else:
+                self._builtin(kind, "delete")(name, ns)
         except self._exc as err:
             if self._missing(err):
                 return False
@@ -202,6 +208,8 @@ class Kube:
 def _plural(kind: str) -> str:
     if kind == KIND:
         return PLURAL
+    if kind == serving.KSERVE_KIND:
+        return serving.KSERVE_PLURAL
     return next(b.plural for b in all_backends() if b.kind == kind)
 
 
@@ -323,7 +331,7 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
     was = old.get("conditions") or []
     if not job.spec.serve or status.phase != "Succeeded":
         if old.get("serving"):  # unset (or never succeeded): the server goes
-            for kind in ("Deployment", "Service"):
+            for kind in ("Deployment", "Service", serving.KSERVE_KIND):
                 if kube.delete(kind, ns, name):
                     log.info("%s/%s: deleted %s/%s (spec.serve unset)", ns, meta["name"],
                              kind, name)
@@ -334,29 +342,56 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
             "serve.enabled)"), blocked_reason="ServingDisabled")
     outputs = status.outputs.model_dump(by_alias=True, exclude_none=True) \
         if status.outputs else {}
-    dep = serving.deployment(job=job, config=config, outputs=outputs, uid=meta.get("uid"))
+    kserve = job.spec.serve.kind == "kserve"
+    # The other kind's objects go (spec.serve.kind changed).
+    for kind in (("Deployment", "Service") if kserve else (serving.KSERVE_KIND,)):
+        if old.get("serving") and _delete_owned(kube, kind, ns, name, meta.get("uid")):
+            log.info("%s/%s: deleted %s/%s (spec.serve.kind is %s)", ns, meta["name"], kind,
+                     name, job.spec.serve.kind)
+    if kserve:
+        dep = serving.inference_service(job=job, config=config, outputs=outputs,
+                                        uid=meta.get("uid"))
+        wanted_objs = [dep] if dep is not None else []
+    else:
+        dep = serving.deployment(job=job, config=config, outputs=outputs, uid=meta.get("uid"))
+        wanted_objs = ([serving.service(job=job, config=config, uid=meta.get("uid")), dep]
+                       if dep is not None else [])
     current = None
     if dep is not None:
-        dep["metadata"]["namespace"] = ns
-        svc = serving.service(job=job, config=config, uid=meta.get("uid"))
-        svc["metadata"]["namespace"] = ns
-        for obj in (svc, dep):
-            have = kube.get(obj)
-            if have is not None and not _owned_by(have, meta.get("uid")):
-                return with_serving(status, None, meta.get("generation"), now(), was, blocked=(
-                    f"a {obj['kind']} named {name!r} already exists and belongs to another "
-                    "object"))
-            if have is not None and (have["metadata"].get("annotations") or {}).get(
-                    serving.SERVE_HASH) != obj["metadata"]["annotations"][serving.SERVE_HASH]:
-                kube.delete(obj["kind"], ns, name)  # spec.serve changed: made anew
-                have = None
-            if have is None:
-                have, made = kube.create(obj)
-                if made:
-                    created.append(f"{obj['kind']}/{name}")
-            current = have
-    ready = bool(((current or {}).get("status") or {}).get("availableReplicas"))
-    url = serving.endpoint(job, config)
+        for obj in wanted_objs:
+            obj["metadata"]["namespace"] = ns
+        try:
+            for obj in wanted_objs:
+                have = kube.get(obj)
+                if have is not None and not _owned_by(have, meta.get("uid")):
+                    return with_serving(
+                        status, None, meta.get("generation"), now(), was, blocked=(
+                            f"a {obj['kind']} named {name!r} already exists and belongs to "
+                            "another object"))
+                hash_ = obj["metadata"]["annotations"][serving.SERVE_HASH]
+                if have is not None and (have["metadata"].get("annotations") or {}).get(
+                        serving.SERVE_HASH) != hash_:
+                    kube.delete(obj["kind"], ns, name)  # spec.serve changed: made anew
+                    have = None
+                if have is None:
+                    have, made = kube.create(obj)
+                    if made:
+                        created.append(f"{obj['kind']}/{name}")
+                current = have
+        except Exception as err:  # KServe: its CRD is not installed, or not ours to use
+            if not kserve or getattr(err, "status", None) not in (403, 404):
+                raise
+            return with_serving(status, None, meta.get("generation"), now(), was,
+                                blocked=_kserve_refused(err.status),
+                                blocked_reason="KServeUnavailable")
+    if kserve:
+        ready, address = serving.inference_service_state(current)
+        ready = ready and bool(address)
+        # Until KServe says, the address it gives an InferenceService in the cluster.
+        url = address or f"http://{name}.{ns}.svc.cluster.local/v1"
+    else:
+        ready = bool(((current or {}).get("status") or {}).get("availableReplicas"))
+        url = serving.endpoint(job, config)
     before = old.get("serving") or {}
     checks = [CheckResult.model_validate(c) for c in before.get("checks") or []]
     wanted = [c.prompt for c in job.spec.serve.checks or []]
@@ -373,6 +408,29 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
     return with_serving(status, served, meta.get("generation"), now(), was,
                         waiting=None if dep else "the run has not reported where its output "
                         "is (status.outputs)", check_error=problem)
+
+
+def _kserve_refused(code: int) -> str:
+    if code == 404:
+        return ("spec.serve.kind: kserve needs KServe's InferenceService CRD "
+                f"({serving.KSERVE_API}), which is not installed in this cluster; install "
+                "KServe, or use spec.serve.kind: deployment")
+    return ("spec.serve.kind: kserve: the operator may not create InferenceServices "
+            f"({serving.KSERVE_API}) here (RBAC: the chart's serve.kserve); or use "
+            "spec.serve.kind: deployment")
+
+
+def _delete_owned(kube: Kube, kind: str, ns: str, name: str, uid: str | None) -> bool:
+    api = serving.KSERVE_API if kind == serving.KSERVE_KIND else (
+        "apps/v1" if kind == "Deployment" else "v1")
+    try:
+        have = kube.get({"apiVersion": api, "kind": kind,
+                         "metadata": {"namespace": ns, "name": name}})
+    except Exception as err:  # no KServe here (or not ours to read): nothing of ours either
+        if getattr(err, "status", None) in (403, 404):
+            return False
+        raise
+    return have is not None and _owned_by(have, uid) and kube.delete(kind, ns, name)
 
 
 # ------------------------------------------------------------------------ memory

@@ -3,6 +3,10 @@ chat call, and the post-training check. vLLM's OpenAI-compatible server by defau
 
 The server reads what the run wrote from the same volume claim (read-only): the merged or
 whole model, or the base model plus the LoRA adapter (``--enable-lora --lora-modules``).
+
+``spec.serve.kind``: ``deployment`` (a Deployment and a Service) or ``kserve`` (a KServe
+InferenceService whose predictor is the same server container, ``kserve-container``; KServe
+makes the Service and, in its Serverless mode, the route; its status gives the URL).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from kubetune_operator.builders import JOB_LABEL, PVC_ROOT, _labels, owner_refer
 from kubetune_operator.settings import OperatorConfig
 
 PORT = 8000
+KSERVE_API = "serving.kserve.io/v1beta1"
+KSERVE_KIND = "InferenceService"
+KSERVE_PLURAL = "inferenceservices"
 SERVE_HASH = "kubetune.io/serve-hash"
 ANSWER_CHARS = 500
 
@@ -38,7 +45,9 @@ def endpoint(job: FineTuneJob, config: OperatorConfig) -> str:
 
 
 def serve_hash(job: FineTuneJob, config: OperatorConfig) -> str:
-    serve = job.spec.serve.model_dump(mode="json", by_alias=True, exclude={"checks"})
+    # kind only when not the default: a Deployment made before the field existed is kept.
+    exclude = {"checks"} | ({"kind"} if job.spec.serve.kind == "deployment" else set())
+    serve = job.spec.serve.model_dump(mode="json", by_alias=True, exclude=exclude)
     raw = json.dumps([serve, config.serve_image, list(config.serve_args)], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
@@ -85,14 +94,11 @@ def _metadata(job: FineTuneJob, uid: str | None, hash_: str) -> dict[str, Any]:
     return meta
 
 
-def deployment(*, job: FineTuneJob, config: OperatorConfig, outputs: dict[str, Any],
-               uid: str | None = None) -> dict[str, Any] | None:
-    """The server's Deployment, or None while there is nothing to serve yet."""
+def _server_pod(job: FineTuneJob, config: OperatorConfig, weights: list[str],
+                claims: list[str], *, container_name: str, named_port: bool
+                ) -> dict[str, Any]:
+    """The server's pod spec (a Deployment's template, or a KServe predictor's)."""
     serve = job.spec.serve
-    weights, claims = what_to_serve(job, outputs)
-    if not weights:
-        return None
-    selector = {JOB_LABEL: job.metadata.name, "kubetune.io/role": "serve"}
     amounts: dict[str, str] = {}
     if serve.gpus:
         amounts["nvidia.com/gpu"] = str(serve.gpus)
@@ -113,13 +119,18 @@ def deployment(*, job: FineTuneJob, config: OperatorConfig, outputs: dict[str, A
             "claimName": claim, "readOnly": True}})
         mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}",
                        "readOnly": True})
+    # Knative (KServe's Serverless mode) takes one unnamed port, probed by number.
+    port: dict[str, Any] = {"containerPort": PORT, "protocol": "TCP"}
+    if named_port:
+        port = {"name": "http", **port}
     container: dict[str, Any] = {
-        "name": "server",
+        "name": container_name,
         "image": serve.image or config.serve_image,
         "args": [*weights, "--port", str(PORT), *config.serve_args, *(serve.args or [])],
         "env": env,
-        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
+        "ports": [port],
+        "readinessProbe": {"httpGet": {"path": "/health",
+                                       "port": "http" if named_port else PORT},
                            "initialDelaySeconds": 10, "periodSeconds": 10,
                            "failureThreshold": 60},
         "volumeMounts": mounts,
@@ -135,11 +146,47 @@ def deployment(*, job: FineTuneJob, config: OperatorConfig, outputs: dict[str, A
     if sched and sched.tolerations:
         pod["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True)
                               for t in sched.tolerations]
+    return pod
+
+
+def deployment(*, job: FineTuneJob, config: OperatorConfig, outputs: dict[str, Any],
+               uid: str | None = None) -> dict[str, Any] | None:
+    """The server's Deployment, or None while there is nothing to serve yet."""
+    weights, claims = what_to_serve(job, outputs)
+    if not weights:
+        return None
+    selector = {JOB_LABEL: job.metadata.name, "kubetune.io/role": "serve"}
+    pod = _server_pod(job, config, weights, claims, container_name="server", named_port=True)
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": _metadata(job, uid, serve_hash(job, config)),
             "spec": {"replicas": 1, "selector": {"matchLabels": selector},
                      "template": {"metadata": {"labels": {**_labels(job), **selector}},
                                   "spec": pod}}}
+
+
+def inference_service(*, job: FineTuneJob, config: OperatorConfig, outputs: dict[str, Any],
+                      uid: str | None = None) -> dict[str, Any] | None:
+    """spec.serve.kind kserve: a KServe InferenceService whose predictor is the server
+    container (KServe's custom-container predictor), one replica; None while there is
+    nothing to serve yet."""
+    weights, claims = what_to_serve(job, outputs)
+    if not weights:
+        return None
+    pod = _server_pod(job, config, weights, claims, container_name="kserve-container",
+                      named_port=False)
+    return {"apiVersion": KSERVE_API, "kind": KSERVE_KIND,
+            "metadata": _metadata(job, uid, serve_hash(job, config)),
+            "spec": {"predictor": {"minReplicas": 1, "maxReplicas": 1, **pod}}}
+
+
+def inference_service_state(obj: dict[str, Any] | None) -> tuple[bool, str | None]:
+    """(Ready, the OpenAI-compatible base URL) from an InferenceService's status: its
+    in-cluster address (status.address.url) first, else status.url, plus ``/v1``."""
+    status = (obj or {}).get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or [] if isinstance(c, dict))
+    base = ((status.get("address") or {}).get("url") or status.get("url") or "").rstrip("/")
+    return ready, f"{base}/v1" if base else None
 
 
 def service(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = None

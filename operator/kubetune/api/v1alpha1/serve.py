@@ -21,9 +21,15 @@ class ServeCheck(_Spec):
 
 
 class ServeSpec(_Spec):
-    """Serve the trained model once the run succeeds: a Deployment and a Service running an
-    OpenAI-compatible server (vLLM by default). Removed with the job, or when unset."""
+    """Serve the trained model once the run succeeds: a Deployment and a Service (or a KServe
+    InferenceService) running an OpenAI-compatible server (vLLM by default). Removed with the
+    job, or when unset."""
 
+    kind: Annotated[Literal["deployment", "kserve"], Field(
+        description="deployment: a Deployment and a Service; kserve: a KServe "
+        "InferenceService (serving.kserve.io/v1beta1, whose CRD must be installed) with the "
+        "same server as its predictor, its URL and Ready condition in status.serving.")
+    ] = "deployment"
     weights: Annotated[Literal["model", "adapter"], Field(
         description="model: the whole trained model (output.merge for lora; full and "
         "freeze save one); adapter: the base model with the LoRA adapter on top (vLLM "

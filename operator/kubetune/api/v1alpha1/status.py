@@ -105,7 +105,8 @@ class Serving(_Model):
     """The server on the trained model (spec.serve)."""
 
     url: Annotated[str, _d("The OpenAI-compatible endpoint, in the cluster: "
-                           "http://NAME-serve.NAMESPACE.svc:8000/v1.")]
+                           "http://NAME-serve.NAMESPACE.svc:8000/v1 (kserve: the "
+                           "InferenceService's address, plus /v1).")]
     model_name: Annotated[str, _d("The model name to ask for (the request's model).")]
     weights: Annotated[Literal["model", "adapter"], _d("What is served: the whole trained "
                                                        "model, or the base with the adapter.")]
