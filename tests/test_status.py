@@ -295,11 +295,11 @@ def test_a_progress_patch_never_goes_back_or_drops_what_another_replica_wrote():
                "outputs": {"adapter": "pvc://o/adapter"}}
     older = {"step": 40, "percent": 40.0,
              "checkpoints": [{"step": 45, "uri": "pvc://o/checkpoint-45"}],
-             "outputs": {"merged": "pvc://o/merged"}}
+             "outputs": {"mergedModel": "pvc://o/merged"}}
     patch = progress_patch(older, current)
     assert "progress" not in patch  # step 40 < 50: stale
     assert [c["step"] for c in patch["checkpoints"]] == [40, 45]
-    assert patch["outputs"] == {"adapter": "pvc://o/adapter", "merged": "pvc://o/merged"}
+    assert patch["outputs"] == {"adapter": "pvc://o/adapter", "mergedModel": "pvc://o/merged"}
     newer = progress_patch({"step": 60, "percent": 60.0}, current)
     assert newer == {"progress": {"step": 60, "percent": 60.0}}
     assert progress_patch({"checkpoints": current["checkpoints"]}, current) == {}

@@ -17,6 +17,8 @@ def fetch(name: str, namespace: str | None) -> dict[str, Any]:
     import yaml
     from kubernetes import client, config
 
+    from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION
+
     kubeconfig = os.environ.get("KUBECONFIG") or None  # read now, not at import
     try:
         config.load_kube_config(config_file=kubeconfig)
@@ -32,8 +34,7 @@ def fetch(name: str, namespace: str | None) -> dict[str, Any]:
         ns = namespace or "default"
     api = client.CustomObjectsApi()
     try:
-        return api.get_namespaced_custom_object("kubetune.io", "v1alpha1", ns,
-                                                "finetunejobs", name)
+        return api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
     except client.exceptions.ApiException as err:
         if err.status == 404:
             raise KubetuneError(f"no FineTuneJob {name!r} in namespace {ns!r}") from None

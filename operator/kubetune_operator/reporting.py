@@ -27,13 +27,13 @@ from typing import Any
 
 from aiohttp import web
 from kubetune.api.stages import FINAL_METRIC_PATTERN, MAX_STAGE_METRICS, STAGE_METRIC_PATTERN
-from kubetune.api.v1alpha1 import PLURAL
+from kubetune.api.v1alpha1 import PLURAL, Checkpoint, Outputs
 
 from kubetune_operator import metrics
 from kubetune_operator.backends import Backend
 from kubetune_operator.backends.pytorchjob import PYTORCHJOB
 from kubetune_operator.builders import PROGRESS_AUDIENCE
-from kubetune_operator.status import MAX_CHECKPOINTS
+from kubetune_operator.status import MAX_CHECKPOINTS, as_api
 
 log = logging.getLogger("kubetune.reporting")
 
@@ -233,10 +233,7 @@ def _checkpoint(value: Any, clean: _Clean) -> dict[str, Any] | None:
         return None
     if why:  # NaN or infinite: a diverged run's checkpoint is still a checkpoint
         clean.drop("checkpoint.loss", why)
-    cp: dict[str, Any] = {"step": step, "uri": uri}
-    if loss is not None:
-        cp["loss"] = loss
-    return cp
+    return as_api(Checkpoint(step=step, uri=uri, loss=loss))
 
 
 def _outputs(value: Any, clean: _Clean) -> dict[str, Any]:
@@ -262,7 +259,7 @@ def _outputs(value: Any, clean: _Clean) -> dict[str, Any]:
         outs["metrics"] = kept or None
     elif final is not None:
         clean.drop("outputs.metrics", "type")
-    return {k: v for k, v in outs.items() if v is not None}
+    return as_api(Outputs.model_validate({k: v for k, v in outs.items() if v is not None}))
 
 
 def _stage_metrics(named: dict[str, Any], clean: _Clean) -> dict[str, float]:

@@ -199,7 +199,7 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
             if c.type in ("Ready", "Reconciling"):
                 c.reason, c.message = waiting
 
-    progress = progress_fields(obs.progress, old.get("progress"), phase)
+    progress = progress_model(obs.progress, old.get("progress"), phase)
     outputs = dict(old.get("outputs") or {})
     if obs.progress and obs.progress.get("outputs"):
         outputs.update(obs.progress["outputs"])
@@ -210,7 +210,7 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
     return FineTuneJobStatus(
         phase=phase, observed_generation=gen,
         conditions=_keep_transition_times(conds, old.get("conditions") or [], now),
-        progress=Progress.model_validate(progress) if progress else None,
+        progress=progress,
         checkpoints=[Checkpoint.model_validate(c) for c in merge_checkpoints(
             obs.progress, old.get("checkpoints") or [], keep=obs.keep_checkpoints)],
         outputs=Outputs.model_validate(outputs) if outputs else None,
@@ -323,24 +323,42 @@ def _keep_transition_times(new: list[Condition], old: list[dict[str, Any]], now:
     return new
 
 
+PROGRESS_REPORTED = ("step", "totalSteps", "percent", "etaSeconds", "loss", "learningRate",
+                     "tokensPerSecond", "epoch", "metrics", "updatedAt")
+
+
+def progress_model(report: dict[str, Any] | None, old: dict[str, Any] | None = None,
+                   phase: str | None = None) -> Progress | None:
+    """status.progress from a (cleaned) report, with what ``kubectl get`` shows; the old one
+    when the report has nothing."""
+    p = Progress.model_validate({k: report[k] for k in PROGRESS_REPORTED
+                                 if report.get(k) is not None}) if report else Progress()
+    if phase == "Succeeded" and report:
+        p.percent, p.eta_seconds = 100.0, 0
+        if p.total_steps is not None:
+            p.step = p.total_steps
+    # What `kubectl get` shows (a printer column reads one field: no arithmetic there).
+    if p.step is not None and p.total_steps is not None:
+        p.steps = f"{p.step}/{p.total_steps}"
+    if p.eta_seconds is not None:
+        p.eta = duration_text(p.eta_seconds)
+    if as_api(p):
+        return p
+    return Progress.model_validate(old) if old else None
+
+
+def as_api(model: Any) -> dict[str, Any]:
+    """A status part as the API has it: by alias, unset fields left out; a float that is not
+    finite is left out too (the report's cleaning drops them first; never into a patch)."""
+    return {k: v for k, v in model.model_dump(mode="json", by_alias=True,
+                                               exclude_none=True).items() if v is not None}
+
+
 def progress_fields(report: dict[str, Any] | None, old: dict[str, Any] | None = None,
                     phase: str | None = None) -> dict[str, Any] | None:
-    if not report:
-        return old
-    p = {k: report[k] for k in ("step", "totalSteps", "percent", "etaSeconds", "loss",
-                                "learningRate", "tokensPerSecond", "epoch", "metrics",
-                                "updatedAt")
-         if report.get(k) is not None}
-    if phase == "Succeeded":
-        p["percent"], p["etaSeconds"] = 100.0, 0
-        if p.get("totalSteps") is not None:
-            p["step"] = p["totalSteps"]
-    # What `kubectl get` shows (a printer column reads one field: no arithmetic there).
-    if p.get("step") is not None and p.get("totalSteps") is not None:
-        p["steps"] = f"{p['step']}/{p['totalSteps']}"
-    if p.get("etaSeconds") is not None:
-        p["eta"] = duration_text(p["etaSeconds"])
-    return p or old
+    """``progress_model`` as the patch's body."""
+    p = progress_model(report, old, phase)
+    return as_api(p) if p is not None else None
 
 
 def duration_text(seconds: float) -> str:
@@ -363,11 +381,13 @@ def progress_patch(report: dict[str, Any], current: dict[str, Any],
                      and prog["step"] < have):
         patch["progress"] = prog
     if report.get("checkpoints"):
-        merged = merge_checkpoints(report, current.get("checkpoints") or [], keep=keep)
+        merged = [as_api(Checkpoint.model_validate(c)) for c in merge_checkpoints(
+            report, current.get("checkpoints") or [], keep=keep)]
         if merged != current.get("checkpoints"):
             patch["checkpoints"] = merged
     if report.get("outputs"):
-        outputs = {**(current.get("outputs") or {}), **report["outputs"]}
+        outputs = as_api(Outputs.model_validate({**(current.get("outputs") or {}),
+                                                  **report["outputs"]}))
         if outputs != current.get("outputs"):
             patch["outputs"] = outputs
     return patch
