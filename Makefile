@@ -83,8 +83,18 @@ lint: install
 	$(BIN)/ruff check operator trainer_image tests bench charts
 	$(BIN)/hadolint --config .hadolint.yaml trainer_image/Dockerfile operator/Dockerfile
 
-bench: install
-	OMP_NUM_THREADS=1 $(BIN)/python bench/data_prep.py
+# LLaMA-Factory, the data-prep peer, in its own venv (it pins other transformers/datasets);
+# it imports torchaudio (a CUDA build on PyPI) but its text pipeline never uses it: a stub.
+BENCH_LF ?= $(HOME)/.cache/kubetune/bench-lf
+
+$(BENCH_LF)/bin/llamafactory-cli:
+	test -x $(BENCH_LF)/bin/python || $(PYTHON) -m venv $(BENCH_LF)
+	$(BENCH_LF)/bin/pip install --quiet torch==2.13.0 llamafactory==0.9.5
+	$(BENCH_LF)/bin/pip uninstall --quiet -y torchvision  # a build that fails against CPU torch
+	mkdir -p $(BENCH_LF)/stub/torchaudio && touch $(BENCH_LF)/stub/torchaudio/__init__.py
+
+bench: install $(BENCH_LF)/bin/llamafactory-cli
+	OMP_NUM_THREADS=1 KUBETUNE_BENCH_LF=$(BENCH_LF) $(BIN)/python bench/data_prep.py
 
 bench-operator: install
 	$(BIN)/python bench/operator_scale.py

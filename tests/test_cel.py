@@ -24,6 +24,7 @@ MODELS = {
     "spec.preference": api.PreferenceSpec,
     "spec.rewards[]": api.RewardSpec,
     "spec.resources": api.ResourcesSpec,
+    "spec.output": api.OutputSpec,
 }
 SPEC_BASE = {"model": {"source": "m"}, "datasets": [{"source": "d.json"}]}
 CASES = {
@@ -118,6 +119,22 @@ CASES = {
         {}, {"lossType": ["sigmoid"]}, {"lossWeights": [1.0]},
         {"lossType": ["sigmoid", "sft"], "lossWeights": [1.0]},
         {"lossType": ["sigmoid", "sft"], "lossWeights": [1.0, 0.2]},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {"lmEval": {"tasks": ["t"]}}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {"lmEval": {"tasks": ["t"]}},
+         "stage": "rm"},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {}, "stage": "rm"},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {"predict": True},
+         "evalDatasets": [{"source": "e.json"}]},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evalDatasets": [{"source": "e.json"}],
+         "training": {"evalSplit": 0.1}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evalDatasets": [{"source": "e.json"}],
+         "training": {"evalSplit": 0.0}},
+    ],
+    "spec.output": [
+        {"uri": "o"}, {"uri": "s3://bkt/o", "secretRef": {"name": "s"}},
+        {"uri": "pvc://c/o", "secretRef": {"name": "s"}},
+        {"uri": "hf://org/name", "secretRef": {"name": "s", "key": "token"}},
+        {"uri": "gs://bkt/o"},
     ],
     "spec.datasets[]": [
         {"source": "d.json"},

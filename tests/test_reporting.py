@@ -106,6 +106,12 @@ async def test_checkpoints_and_outputs_from_the_trainer(client):
     snap = client.store.get("team-a", "ident")
     assert [c["step"] for c in snap["checkpoints"]] == [10, 20]
     assert snap["outputs"] == {"adapter": "pvc://o/adapter", "mergedModel": "pvc://o/merged"}
+    await client.post(URL, headers=auth, json={"kubetune": {"outputs": {
+        "adapter": "s3://b/o/adapter", "trackingUrl": "http://mlflow/#/experiments/1/runs/a",
+        "metrics": {"lmeval_kubetune_tiny_acc": 0.5, "lmeval_x y": 1.0, "train_loss": 1.0}}}})
+    snap = client.store.get("team-a", "ident")
+    assert snap["outputs"]["trackingUrl"] == "http://mlflow/#/experiments/1/runs/a"
+    assert snap["outputs"]["metrics"] == {"lmeval_kubetune_tiny_acc": 0.5, "train_loss": 1.0}
 
 
 async def test_a_forged_token_is_refused_the_same_way_twice():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from kubetune import credentials
 from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
 from kubetune.strategy import launcher_args
 
@@ -119,14 +120,7 @@ def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
         {"name": "KUBETUNE_JOB", "value": job.metadata.name},
     ]
-    if spec.model.secret_ref:
-        ref = spec.model.secret_ref
-        env.append({"name": "HF_TOKEN",
-                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    for i, ds in enumerate(spec.datasets):
-        if ds.secret_ref:
-            env.append({"name": f"KUBETUNE_DATASET_{i}_TOKEN", "valueFrom": {
-                "secretKeyRef": {"name": ds.secret_ref.name, "key": ds.secret_ref.key}}})
+    env += credentials.k8s_env(spec)  # every secretRef, per source (kubetune.credentials)
     if config.progress_url:
         # Kubeflow KEP-2779: transformers' KubeflowCallback posts progress here by itself.
         namespace = job.metadata.namespace or "default"

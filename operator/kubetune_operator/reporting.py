@@ -39,7 +39,7 @@ MAX_BODY = 64 * 1024
 _METRIC_MAP = {"current_step": "step", "total_steps": "totalSteps", "loss": "loss",
                "learning_rate": "learningRate", "current_epoch": "epoch", "epoch": "epoch"}
 _TOKENS = "num_input_tokens_seen"
-_OUTPUTS = ("adapter", "mergedModel", "model")
+_OUTPUTS = ("adapter", "mergedModel", "model", "trackingUrl")
 _STAGE_METRIC = re.compile(STAGE_METRIC_PATTERN)
 _FINAL_METRIC = re.compile(FINAL_METRIC_PATTERN + "|" + STAGE_METRIC_PATTERN)
 

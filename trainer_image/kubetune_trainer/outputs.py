@@ -65,10 +65,17 @@ class Layout:
 
 
 def output_root(spec: FineTuneJobSpec, ctx: RunContext) -> Path:
+    """The output directory on this machine: the output itself, or, for s3://, gs:// and
+    hf:// outputs, where they are staged before upload (``storage``)."""
+    from kubetune_trainer.storage import is_remote, staging_root
+
     scheme, _ = split_uri(spec.output.uri)
+    if is_remote(spec.output.uri):
+        return staging_root(spec.output.uri, ctx)
     if scheme not in ("", "file", "pvc"):
-        raise KubetuneError(f"{scheme}:// outputs are not supported yet; use a local path or "
-                            "pvc://CLAIM/path", field="spec.output.uri")
+        raise KubetuneError(f"{scheme}:// outputs are not supported; use a local path, "
+                            "pvc://CLAIM/path, s3://, gs:// or hf://ORG/NAME",
+                            field="spec.output.uri")
     return resolve(spec.output.uri, ctx, field="spec.output.uri", kind="output")
 
 
@@ -204,10 +211,19 @@ def write_json(path: Path, data: Any) -> None:
     tmp.rename(path)
 
 
-def save_whole_model(trainer: Any, out: Layout, *, adapter: bool = False) -> None:
+def save_whole_model(trainer: Any, out: Layout, *, adapter: bool = False,
+                     max_shard_size: str = "5GB") -> None:
     """Every rank calls this (ZeRO-3/FSDP gather the weights); rank 0 writes the staging dir:
-    the whole model, or (``adapter``, with sharded weights) the adapter alone."""
-    trainer.save_model(str(staging(out.adapter if adapter else out.model)))
+    the whole model, or (``adapter``, with sharded weights) the adapter alone. One process:
+    safetensors shards of at most ``max_shard_size`` (output.maxShardSize); distributed,
+    transformers' own gathering save (its default shard size)."""
+    target = staging(out.adapter if adapter else out.model)
+    if trainer.accelerator.num_processes == 1 and not (trainer.is_deepspeed_enabled
+                                                       or trainer.is_fsdp_enabled):
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.save_pretrained(str(target), max_shard_size=max_shard_size)
+    else:
+        trainer.save_model(str(target))
     trainer.accelerator.wait_for_everyone()
 
 
@@ -220,8 +236,8 @@ def save(trainer: Any, tokenizer: Any, spec: FineTuneJobSpec, out: Layout, *, ad
     model.config.use_cache = True
     written: dict[str, str] = {}
 
-    def with_tokenizer(obj: Any) -> Callable[[Path], None]:
-        return lambda p: (obj.save_pretrained(p), tokenizer.save_pretrained(p))
+    def with_tokenizer(obj: Any, **kw: Any) -> Callable[[Path], None]:
+        return lambda p: (obj.save_pretrained(p, **kw), tokenizer.save_pretrained(p))
 
     if adapter:
         if gathered:  # this rank's model holds only its shard: the adapter is on disk
@@ -233,7 +249,8 @@ def save(trainer: Any, tokenizer: Any, spec: FineTuneJobSpec, out: Layout, *, ad
         if spec.output.merge:
             merged = _merge_full_precision(model, head, out.adapter if gathered else None) \
                 if spec.method.type == "qlora" or gathered else model.merge_and_unload()
-            written["merged_model"] = str(replace_dir(out.merged, with_tokenizer(merged)))
+            written["merged_model"] = str(replace_dir(out.merged, with_tokenizer(
+                merged, max_shard_size=spec.output.max_shard_size)))
     else:
         tokenizer.save_pretrained(staging(out.model))
         swap_in(staging(out.model), out.model)
@@ -269,6 +286,9 @@ def _merge_full_precision(model: Any, head: str, saved: Path | None = None) -> A
 def status_outputs(spec: FineTuneJobSpec, written: dict[str, str]) -> dict[str, str]:
     """The same outputs as URIs under spec.output.uri, keyed as in the FineTuneJob status."""
     base = spec.output.uri.rstrip("/")
+    if base.startswith("hf://"):  # one model at the repository's root (hub.plan)
+        pushed = next(k for k in ("merged_model", "adapter", "model") if k in written)
+        return {STATUS_KEYS[pushed]: base}
     return {STATUS_KEYS[k]: f"{base}/{Path(v).name}" for k, v in written.items()}
 
 

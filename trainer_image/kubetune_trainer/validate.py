@@ -26,7 +26,10 @@ def preflight_all(job: FineTuneJob, ctx: RunContext, gpu_memory: float | None = 
 
     spec = job.spec
     rec = preflight(spec)
-    yield f"output: {output_root(spec, ctx)}"
+    from kubetune_trainer.storage import Store
+
+    store = Store.for_output(spec)
+    yield store.check() if store else f"output: {output_root(spec, ctx)}"
     lines: list[str] = []
     path = model_path(spec, ctx, light=True)  # an hf:// model's weights stay on the Hub
     tokenizer = load_tokenizer(path, spec)

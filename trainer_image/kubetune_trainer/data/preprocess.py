@@ -1,9 +1,12 @@
 """Normalized examples → token ids and labels: chat template, loss mask, cut-off, packing.
 
 The loss mask comes from rendering each conversation with the chat template and finding the
-character span of every assistant turn (render the prefix up to the turn, then up to its end),
-so it works with any prefix-stable template, with no special markers in it. Tokens whose first
-character falls inside an assistant span are trained on.
+character span of every assistant turn (the prefix up to the turn with the generation prompt,
+and up to its end; the last turn ends where the text ends), so it works with any
+prefix-stable template, with no special markers in it. Tokens whose first character falls
+inside an assistant span are trained on: two token look-ups per span, not a walk over every
+token's offsets. Texts are tokenized in batches, by tiktoken when it reproduces the tokenizer
+(``fastbpe``), and rows leave as Arrow tables assembled with numpy (packed or not).
 """
 
 from __future__ import annotations
@@ -66,16 +69,24 @@ class Renderer:
             return [first, *messages[1:]], None
         return [{"role": "system", "content": note}, *messages], None
 
-    def render(self, example: dict[str, Any]) -> tuple[str, list[tuple[int, int]]]:
-        """The whole conversation as text, and the character spans of assistant turns."""
+    def render(self, example: dict[str, Any], spans: str = "all"
+               ) -> tuple[str, list[tuple[int, int]]]:
+        """The whole conversation as text, and the character spans of assistant turns:
+        ``spans`` "all", "last" (the last turn only) or "none" (no renders beyond the text).
+        """
         messages, tools = self._with_tools(example)
         text = self._render(messages, tools, False)
-        spans = []
-        for i, msg in enumerate(messages):
-            if msg["role"] != "assistant":
-                continue
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if spans == "none":
+            turns = []
+        elif spans == "last":
+            turns = turns[-1:]
+        out = []
+        for i in turns:
             before = self._render(messages[:i], tools, True) if i else ""
-            upto = self._render(messages[: i + 1], tools, False)
+            # The conversation up to the end of this turn; for its last turn that is `text`.
+            upto = text if i == len(messages) - 1 else self._render(messages[: i + 1], tools,
+                                                                    False)
             # Templates that rewrite earlier turns (e.g. drop reasoning) would put the span
             # on the wrong characters: refuse them instead of training on the wrong tokens.
             if not (upto.startswith(before) and text.startswith(upto)):
@@ -83,9 +94,8 @@ class Renderer:
                     "the chat template does not render a conversation as a prefix of its "
                     "continuation, so answers cannot be located; use a named template "
                     f"({', '.join(NAMED_TEMPLATES)})", field="spec.template")
-            spans.append((len(before), len(upto)))
-        return text, spans
-
+            out.append((len(before), len(upto)))
+        return text, out
 
     def prompt(self, example: dict[str, Any]) -> str:
         """The conversation up to the assistant's generation prompt (grpo's prompts)."""
@@ -145,27 +155,97 @@ class Tokenized:
         self.stats.add(other.stats)
 
 
+def _starts(offsets: Any) -> np.ndarray:
+    return np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
+
+
+def mask_from_offsets(ids: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int]]
+                      ) -> np.ndarray:
+    """Labels: a token is trained on when its first character falls inside a span."""
+    bounds = np.asarray(spans, dtype=np.int64).ravel()
+    inside = (np.searchsorted(bounds, starts, side="right") % 2).astype(bool)
+    return np.where(inside, ids, IGNORE).astype(np.int32)
+
+
+def _tokens_before(enc: Any, char: int, n_chars: int) -> int | None:
+    """How many tokens start before ``char`` (None: the encoding cannot say cheaply)."""
+    if char >= n_chars:
+        return len(enc.ids)
+    t = enc.char_to_token(char)
+    if t is None:  # e.g. whitespace a normalizer dropped: walk the offsets instead
+        return None
+    start, _ = enc.token_to_chars(t)
+    return t if start >= char else t + 1
+
+
+def _mask(ids: np.ndarray, enc: Any, n_chars: int, spans: list[tuple[int, int]],
+          offsets: Any = None) -> np.ndarray:
+    """The same labels as ``mask_from_offsets``, from two look-ups per span instead of
+    a Python walk over every token's offsets (token starts are non-decreasing)."""
+    if enc is not None:
+        labels = np.full(len(ids), IGNORE, dtype=np.int32)
+        for s, e in spans:
+            lo, hi = _tokens_before(enc, s, n_chars), _tokens_before(enc, e, n_chars)
+            if lo is None or hi is None:
+                break
+            labels[lo:hi] = ids[lo:hi]
+        else:
+            return labels
+        offsets = enc.offsets
+    return mask_from_offsets(ids, _starts(offsets), spans)
+
+
+def _nbytes(text: str, chars: int) -> int:
+    return len(text[:chars].encode("utf-8", "surrogatepass"))
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
+    """Token ids of each text and, from a Rust tokenizer, its Encoding (offsets stay on the
+    Rust side until asked for); a Python tokenizer gives its offset lists instead."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens",
+                                                              False))):
+        # What tokenizer(texts) runs, minus building Python lists we do not need.
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], encodings
+    enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
+    if getattr(enc, "encodings", None):  # the first call turns off a truncation set in
+        return enc["input_ids"], enc.encodings  # tokenizer.json: the fast path from then on
+    enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                    return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
 def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: str | None,
-                    opts: Options) -> Tokenized:
+                    opts: Options, fast: Any = None) -> Tokenized:
     out = Tokenized()
     out.stats.examples = len(examples)
     texts: list[str] = []
     spans: list[list[tuple[int, int]] | None] = []  # None: train on every token
     renderer = Renderer(tokenizer, template) if template else None
+    trained_all = opts.train_on_prompt or opts.stage == "pt"
+    which = "none" if trained_all else "last" if opts.mask_history else "all"
     for ex in examples:
         if "text" in ex:
             texts.append(ex["text"])
             spans.append(None)
             continue
         assert renderer is not None
-        text, sp = renderer.render(ex)
+        text, sp = renderer.render(ex, which)
         texts.append(text)
-        trained = opts.train_on_prompt or opts.stage == "pt"
-        spans.append(None if trained else sp[-1:] if opts.mask_history else sp)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        spans.append(None if trained_all else sp)
+    if fast is not None:  # tiktoken: ids and byte starts; spans in bytes to match
+        encoded = fast.encode(texts)
+        all_ids = [ids for ids, _ in encoded]
+        encodings = [starts for _, starts in encoded]
+        spans = [None if sp is None else [(_nbytes(t, a), _nbytes(t, b)) for a, b in sp]
+                 for t, sp in zip(texts, spans, strict=True)]
+    else:
+        all_ids, encodings = _encode(tokenizer, texts)
     eos = tokenizer.eos_token_id
-    for n, (ex, ids, offsets, sp) in enumerate(zip(examples, enc["input_ids"],
-                                                   enc["offset_mapping"], spans, strict=True)):
+    for n, (ex, ids, enc, text, sp) in enumerate(zip(examples, all_ids, encodings, texts,
+                                                     spans, strict=True)):
         if "text" in ex:  # plain text: eos at the end, long texts cut into cutoffLen blocks
             arr = np.asarray([*ids, eos] if eos is not None else ids, dtype=np.int32)
             for start in range(0, len(arr), opts.cutoff_len):
@@ -181,11 +261,12 @@ def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: st
         ids = np.asarray(ids, dtype=np.int32)
         if sp is None:
             labels = ids
+        elif isinstance(enc, np.ndarray):  # byte starts from tiktoken
+            labels = mask_from_offsets(ids, enc, sp)
+        elif isinstance(enc, list):  # offsets from a Python tokenizer
+            labels = mask_from_offsets(ids, _starts(enc), sp)
         else:
-            starts = np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
-            bounds = np.asarray(sp, dtype=np.int64).ravel()
-            inside = (np.searchsorted(bounds, starts, side="right") % 2).astype(bool)
-            labels = np.where(inside, ids, IGNORE).astype(np.int32)
+            labels = _mask(ids, enc, len(text), sp)
         if len(ids) > opts.cutoff_len:
             out.stats.truncated += 1
             ids, labels = ids[: opts.cutoff_len], labels[: opts.cutoff_len]
@@ -205,13 +286,37 @@ def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: st
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer: Any, template: str | None, opts: Options) -> None:
+def _init_worker(tokenizer: Any, template: str | None, opts: Options, fast: Any) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(tokenizer=tokenizer, template=template, opts=opts)
+    _WORKER.update(tokenizer=tokenizer, template=template, opts=opts, fast=fast)
 
 
 def _work(chunk: list[dict[str, Any]]) -> Tokenized:
-    return _tokenize_chunk(chunk, _WORKER["tokenizer"], _WORKER["template"], _WORKER["opts"])
+    return _tokenize_chunk(chunk, _WORKER["tokenizer"], _WORKER["template"], _WORKER["opts"],
+                           _WORKER["fast"])
+
+
+def _same(a: Tokenized, b: Tokenized) -> bool:
+    return a.sources == b.sources and all(
+        np.array_equal(x, y) for x, y in zip(a.input_ids + a.labels, b.input_ids + b.labels,
+                                             strict=True))
+
+
+def _fast_encoder(chunk: list[dict[str, Any]], tokenizer: Any, template: str | None,
+                  opts: Options) -> tuple[Any, Tokenized]:
+    """tiktoken for this tokenizer when it gives exactly the tokenizer's own ids and labels
+    on the first chunk (else None), and that chunk tokenized."""
+    from kubetune_trainer.data import fastbpe
+
+    reference = _tokenize_chunk(chunk, tokenizer, template, opts)
+    fast = fastbpe.for_tokenizer(tokenizer)
+    if fast is not None:
+        try:
+            same = _same(reference, _tokenize_chunk(chunk, tokenizer, template, opts, fast))
+        except (UnicodeError, ValueError, IndexError):
+            same = False
+        fast = fast if same else None
+    return fast, reference
 
 
 def tokenize(examples: list[dict[str, Any]], tokenizer: Any, template: str | None,
@@ -219,19 +324,45 @@ def tokenize(examples: list[dict[str, Any]], tokenizer: Any, template: str | Non
     """Tokenize and mask every example; ``workers`` > 1 spreads chunks over processes."""
     chunks = [examples[i: i + CHUNK] for i in range(0, len(examples), CHUNK)]
     result = Tokenized()
-    if workers <= 1 or len(chunks) <= 1:
-        for k, chunk in enumerate(chunks):
-            result.extend(_tokenize_chunk(chunk, tokenizer, template, opts), k * CHUNK)
+    fast, first = _fast_encoder(chunks[0], tokenizer, template, opts) if chunks else (None, None)
+    if first is not None:
+        result.extend(first)
+    rest = chunks[1:]
+    if workers <= 1 or len(rest) <= 1:
+        for k, chunk in enumerate(rest, 1):
+            result.extend(_tokenize_chunk(chunk, tokenizer, template, opts, fast), k * CHUNK)
     else:
         ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(workers, _init_worker, (tokenizer, template, opts)) as pool:
-            for k, part in enumerate(pool.imap(_work, chunks)):
+        with ctx.Pool(workers, _init_worker, (tokenizer, template, opts, fast)) as pool:
+            for k, part in enumerate(pool.imap(_work, rest), 1):
                 result.extend(part, k * CHUNK)
     if not result.input_ids:
         raise DataError(
             f"no example keeps a trained token within training.cutoffLen={opts.cutoff_len}; "
             "raise cutoffLen")
     return result
+
+
+def bins(lengths: np.ndarray, max_len: int) -> list[list[int]]:
+    """Best-fit decreasing: sample indices per row of at most ``max_len`` tokens."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    out: list[list[int]] = []
+    by_free: list[list[int]] = [[] for _ in range(max_len + 1)]  # free space -> bin ids
+    has = np.zeros(max_len + 1, dtype=bool)  # by_free[f] is not empty
+    for i in order.tolist():
+        n = int(lengths[i])
+        f = n + int(np.argmax(has[n:]))  # the tightest bin that still fits
+        if has[f]:
+            b = by_free[f].pop()
+            has[f] = bool(by_free[f])
+        else:
+            b, f = len(out), max_len
+            out.append([])
+        out[b].append(i)
+        if f - n:
+            by_free[f - n].append(b)
+            has[f - n] = True
+    return out
 
 
 def pack(input_ids: list, labels: list, max_len: int) -> dict[str, list[np.ndarray]]:
@@ -242,33 +373,52 @@ def pack(input_ids: list, labels: list, max_len: int) -> dict[str, list[np.ndarr
     The first token of every sample is not a target (it would be predicted from the previous
     sample).
     """
-    order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]), reverse=True)
-    bins: list[list[int]] = []
-    by_free: list[list[int]] = [[] for _ in range(max_len + 1)]  # free space -> bin ids
-    has = np.zeros(max_len + 1, dtype=bool)  # by_free[f] is not empty
-    for i in order:
-        n = len(input_ids[i])
-        f = n + int(np.argmax(has[n:]))  # the tightest bin that still fits
-        if has[f]:
-            b = by_free[f].pop()
-            has[f] = bool(by_free[f])
-        else:
-            b, f = len(bins), max_len
-            bins.append([])
-        bins[b].append(i)
-        if f - n:
-            by_free[f - n].append(b)
-            has[f - n] = True
-    rows: dict[str, list[np.ndarray]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for members in bins:
-        rows["input_ids"].append(np.concatenate([np.asarray(input_ids[i], np.int32)
-                                                 for i in members]))
-        labs = np.concatenate([np.asarray(labels[i], np.int32) for i in members])
-        pos = np.concatenate([np.arange(len(input_ids[i]), dtype=np.int32) for i in members])
-        labs[pos == 0] = IGNORE
-        rows["labels"].append(labs)
-        rows["position_ids"].append(pos)
-    return rows
+    table = packed_table(input_ids, labels, max_len)
+    return {k: [np.asarray(x, np.int32) for x in table.column(k).to_numpy(zero_copy_only=False)]
+            for k in ("input_ids", "labels", "position_ids")}
+
+
+def _lists(values: np.ndarray, lengths: np.ndarray) -> Any:
+    import pyarrow as pa
+
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)) \
+        if offsets[-1] >= 2**31 else \
+        pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+def table(input_ids: list, labels: list) -> Any:
+    """One row per sequence, as an Arrow table (one copy of the tokens, no Python lists)."""
+    import pyarrow as pa
+
+    lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+    flat = (np.concatenate(input_ids) if input_ids else np.zeros(0, np.int32)).astype(np.int32)
+    labs = (np.concatenate(labels) if labels else np.zeros(0, np.int32)).astype(np.int32)
+    return pa.table({"input_ids": _lists(flat, lengths), "labels": _lists(labs, lengths)})
+
+
+def packed_table(input_ids: list, labels: list, max_len: int) -> Any:
+    """``pack`` as an Arrow table: bins chosen from the lengths, rows assembled with numpy."""
+    import pyarrow as pa
+
+    lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+    members = bins(lengths, max_len)
+    order = [i for row in members for i in row]
+    seq_len = lengths[order]
+    flat = np.concatenate([np.asarray(input_ids[i], np.int32) for i in order]) \
+        if order else np.zeros(0, np.int32)
+    labs = np.concatenate([np.asarray(labels[i], np.int32) for i in order]) \
+        if order else np.zeros(0, np.int32)
+    index = np.int32 if len(flat) < 2**31 else np.int64  # 4 bytes a token, not 8
+    pos = np.arange(len(flat), dtype=index)
+    pos -= np.repeat((np.cumsum(seq_len) - seq_len).astype(index), seq_len)
+    pos = pos.astype(np.int32, copy=False)
+    labs[pos == 0] = IGNORE
+    row_len = np.fromiter((lengths[row].sum() for row in members), dtype=np.int64,
+                          count=len(members))
+    return pa.table({"input_ids": _lists(flat, row_len), "labels": _lists(labs, row_len),
+                     "position_ids": _lists(pos, row_len)})
 
 
 def default_workers() -> int:

@@ -35,6 +35,7 @@ from kubetune.api.v1alpha1._base import (
 )
 from kubetune.api.v1alpha1.evaluation import (
     EvaluationSpec,
+    LmEvalSpec,
 )
 from kubetune.api.v1alpha1.job import (
     ALL_RULES,
@@ -90,6 +91,10 @@ from kubetune.api.v1alpha1.status import (
     Outputs,
     Progress,
 )
+from kubetune.api.v1alpha1.tracking import (
+    Tracker,
+    TrackingSpec,
+)
 from kubetune.api.v1alpha1.trainer import (
     NOT_SECRET_ENV,
     RESERVED_ENV,
@@ -134,6 +139,7 @@ __all__ = [
     "INT32_MAX",
     "KIND",
     "LABEL_VALUE",
+    "LmEvalSpec",
     "LoraSpec",
     "LrScheduler",
     "MethodSpec",
@@ -174,6 +180,8 @@ __all__ = [
     "TEMPLATES",
     "TEXT",
     "Toleration",
+    "Tracker",
+    "TrackingSpec",
     "TrainerSpec",
     "TrainingSpec",
     "URL_SECRET_QUERY",

@@ -63,6 +63,10 @@ class FineTuneJobSpec(_Spec):
     datasets: Annotated[list[DatasetSpec], Field(
         min_length=1, max_length=64, description="The training data: every data set's rows, "
         "mixed (evalSplit holds some out).")]
+    eval_datasets: Annotated[list[DatasetSpec] | None, Field(
+        min_length=1, max_length=64, description="Held-out data for eval loss/perplexity "
+        "(and evaluation.predict) instead of training.evalSplit: read, templated and "
+        "tokenized like datasets, never trained on.")] = None
     stage: Annotated[
         Stage,
         Field(description="What to train: " + "; ".join(
@@ -82,7 +86,7 @@ class FineTuneJobSpec(_Spec):
     grpo: Annotated[GrpoSpec | None, Field(description="grpo: generation and loss.")] = None
     evaluation: Annotated[
         EvaluationSpec | None, Field(description="After the last step: answers to held-out "
-                                     "prompts, scored (predict).")
+                                     "prompts, scored (predict); lm-eval benchmarks (lmEval).")
     ] = None
     method: MethodSpec = MethodSpec()
     template: Annotated[

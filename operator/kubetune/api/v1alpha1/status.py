@@ -70,11 +70,14 @@ class Outputs(_Model):
     merged_model: Annotated[str | None, _d("Base + adapter merged into one model "
                                            "(output.merge).")] = None
     model: Annotated[str | None, Field(description="The whole model (full, freeze).")] = None
+    tracking_url: Annotated[str | None, Field(description="The run in the tracker "
+                                              "(training.reportTo: MLflow, W&B).")] = None
     metrics: Annotated[
         dict[str, float] | None,
         Field(description="Final metrics of the run: train_loss, eval_loss, eval_perplexity, "
               "the stage's eval metrics (e.g. eval_accuracy for rm, eval_rewards/accuracies "
-              "for dpo) and with evaluation.predict predict_rouge1/2/L and predict_bleu4."),
+              "for dpo), with evaluation.predict predict_rouge1/2/L and predict_bleu4, and with "
+              "evaluation.lmEval lmeval_TASK_METRIC."),
     ] = None
 
 

@@ -1,0 +1,91 @@
+"""Prepared sft data is cached by content hash: a second run (or rank) does not tokenize."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from conftest import tiny_spec
+from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune_trainer.config import RunContext
+from kubetune_trainer.data import preprocess
+from kubetune_trainer.recipes import recipe
+from kubetune_trainer.train import prepare_data
+
+ROWS = [{"instruction": f"Say {i}.", "output": f"{i} it is."} for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """How many times the real tokenize ran."""
+    calls = []
+    real = preprocess.tokenize
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "tokenize", counting)
+    return calls
+
+
+def _spec(tiny_model, tmp_path, **training):
+    return FineTuneJobSpec.model_validate(tiny_spec(
+        tiny_model, [{"source": str(tmp_path / "d.json")}], tmp_path / "out",
+        training={"packing": True, "evalSplit": 0.1, **training}))
+
+
+def _prepare(spec, tmp_path, tok, lines=None):
+    ctx = RunContext(base_dir=tmp_path, cache_dir=tmp_path / "cache")
+    return prepare_data(spec, ctx, tok, recipe(spec.stage),
+                        log=(lines.append if lines is not None else lambda *_: None))
+
+
+def test_second_run_loads_the_prepared_rows_instead_of_tokenizing(tiny_model, tmp_path, tok,
+                                                                 counted):
+    (tmp_path / "d.json").write_text(json.dumps(ROWS))
+    spec = _spec(tiny_model, tmp_path)
+    first_log, second_log = [], []
+    first = _prepare(spec, tmp_path, tok, first_log)
+    second = _prepare(spec, tmp_path, tok, second_log)
+    assert len(counted) == 1
+    assert first.stats["cached"] is False and second.stats["cached"] is True
+    assert first.train[:] == second.train[:] and first.eval[:] == second.eval[:]
+    assert second.eval_examples == first.eval_examples and second.template == first.template
+    assert second_log[:-1] == first_log  # the same report, then where it came from
+    assert second_log[-1].startswith("data: prepared rows loaded from the cache")
+
+
+@pytest.mark.parametrize("change", ["data", "cutoff", "masking", "packing"])
+def test_what_the_rows_depend_on_is_in_the_key(tiny_model, tmp_path, tok, counted, change):
+    (tmp_path / "d.json").write_text(json.dumps(ROWS))
+    _prepare(_spec(tiny_model, tmp_path), tmp_path, tok)
+    training = {"cutoff": {"cutoffLen": 64}, "masking": {"trainOnPrompt": True},
+                "packing": {"packing": False}}.get(change, {})
+    if change == "data":
+        (tmp_path / "d.json").write_text(json.dumps(ROWS[:-1]))
+    again = _prepare(_spec(tiny_model, tmp_path, **training), tmp_path, tok)
+    assert len(counted) == 2 and again.stats["cached"] is False
+
+
+def test_concurrent_ranks_prepare_once(tiny_model, tmp_path, tok, counted):
+    (tmp_path / "d.json").write_text(json.dumps(ROWS))
+    spec = _spec(tiny_model, tmp_path)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(_prepare(spec, tmp_path, tok)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(counted) == 1
+    assert sorted(r.stats["cached"] for r in results) == [False, True, True]
+    assert all(r.train[:] == results[0].train[:] for r in results)

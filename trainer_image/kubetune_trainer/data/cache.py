@@ -1,0 +1,129 @@
+"""Prepared (tokenized, masked, packed) sft/pt data, cached by content hash.
+
+The key hashes everything the prepared rows depend on: the data files' bytes and how they are
+read (spec.datasets), the tokenizer (its full definition and chat template), the template,
+stage, cutoff, packing, masking options, split, seed, and this package's data code. A run whose
+key is cached loads the Arrow files (memory-mapped) instead of reading and tokenizing again:
+a restarted run, and every rank after the first (train.py prepares under
+``main_process_first``; a file lock keeps two processes from building the same key at once).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.v1alpha1 import FineTuneJobSpec
+
+CACHED_STAGES = ("sft", "pt")
+VERSION = 1  # bump when the layout on disk changes
+_CODE = [Path(__file__).parent / name for name in ("cache.py", "formats.py", "loading.py",
+                                                    "preprocess.py")] + \
+    [Path(__file__).parents[1] / "recipes" / name for name in ("__init__.py", "sft.py")]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+@functools.cache
+def code_digest() -> list[str]:
+    """The data code this process runs (read once: what was imported, not later edits)."""
+    return [_file_digest(p) for p in _CODE]
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else
+             json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps([tokenizer.chat_template, tokenizer.special_tokens_map,
+                         getattr(tokenizer, "eos_token_id", None)], sort_keys=True,
+                        default=str).encode())
+    return h.hexdigest()
+
+
+def key(spec: FineTuneJobSpec, ctx: Any, tokenizer: Any, limit: int | None) -> str | None:
+    """The cache key of this run's prepared data, or None when it is not cached (stages
+    other than sft/pt)."""
+    from kubetune_trainer.data.loading import plan
+
+    if spec.stage not in CACHED_STAGES or limit is not None:  # a validation sample: cheap
+        return None
+    t = spec.training
+    files = [(str(p), p.stat().st_size, _file_digest(p))
+             for part in plan(spec.datasets, ctx) for p in part.paths]
+    parts = {
+        "version": VERSION,
+        "code": code_digest(),
+        "datasets": [d.model_dump(mode="json") for d in spec.datasets],
+        "files": files,
+        "tokenizer": tokenizer_digest(tokenizer),
+        "stage": spec.stage, "template": spec.template, "limit": limit,
+        "training": {k: getattr(t, k) for k in (
+            "cutoff_len", "packing", "train_on_prompt", "mask_history", "eval_split", "seed",
+            "max_invalid_fraction")},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _dir(ctx: Any, digest: str) -> Path:
+    return Path(ctx.cache_dir) / "prepared" / digest[:32]
+
+
+def load(ctx: Any, digest: str) -> tuple[Any, list[str]] | None:
+    """The cached Data for this key and the lines preparing it logged, or None."""
+    import datasets
+
+    from kubetune_trainer.recipes import Data
+
+    root = _dir(ctx, digest)
+    meta_file = root / "meta.json"
+    if not meta_file.exists():
+        return None
+    meta = json.loads(meta_file.read_text())
+    return Data(train=datasets.load_from_disk(str(root / "train")),
+                eval=datasets.load_from_disk(str(root / "eval")) if meta["has_eval"] else None,
+                stats={**meta["stats"], "cached": True},
+                eval_examples=meta["eval_examples"], template=meta["template"]), meta["log"]
+
+
+def save(ctx: Any, digest: str, data: Any, lines: list[str]) -> Path | None:
+    """Write ``data`` under its key (atomically: a crash leaves no half-written entry)."""
+    import datasets
+
+    if not isinstance(data.train, datasets.Dataset) or not (
+            data.eval is None or isinstance(data.eval, datasets.Dataset)):
+        return None
+    root = _dir(ctx, digest)
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    data.train.save_to_disk(str(tmp / "train"))
+    if data.eval is not None:
+        data.eval.save_to_disk(str(tmp / "eval"))
+    (tmp / "meta.json").write_text(json.dumps({
+        "has_eval": data.eval is not None, "stats": data.stats,
+        "eval_examples": data.eval_examples, "template": data.template, "log": lines}))
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return root
+
+
+def lock(ctx: Any, digest: str) -> Any:
+    """A lock for building this key (a file lock: works across processes and pods sharing
+    the cache directory)."""
+    from filelock import FileLock
+
+    root = _dir(ctx, digest)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(root) + ".lock")
