@@ -42,7 +42,8 @@ def test_full_fp32_adam_is_16_bytes_per_parameter_and_bf16_half_of_it():
 def test_lora_trains_a_fraction_and_qlora_loads_the_base_in_4_bits():
     lora = estimate(LLAMA2_7B, _spec(method={"type": "lora", "lora": {"rank": 16}}))
     assert lora.trainable == pytest.approx(40.0e6, rel=0.01)  # r16 on all 7 linears, 32 layers
-    qlora = estimate(LLAMA2_7B, _spec(method={"type": "qlora", "lora": {"rank": 16}}))
+    qlora = estimate(LLAMA2_7B, _spec(method={"type": "lora", "quantization": {"bits": 4},
+                                              "lora": {"rank": 16}}))
     assert qlora.parts["weights"] < lora.parts["weights"] / 3.5
     assert qlora.total < lora.total < estimate(LLAMA2_7B, _spec(method={"type": "full"})).total
 

@@ -40,6 +40,18 @@ def test_one_node_eight_gpus():
     assert cmd[cmd.index("kubetune_trainer.train") + 1:] == ["job.yaml"]
 
 
+def test_a_trainjob_node_reads_trainer_v2s_master_variables():
+    # What Kubeflow Trainer v2's torch plugin injects: PET_* only, no MASTER_ADDR/PORT.
+    env = {"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_NPROC_PER_NODE": "4",
+           "PET_MASTER_ADDR": "ident-node-0-0.ident", "PET_MASTER_PORT": "29400"}
+    topo = topology(env, gpus=4)
+    assert (topo.master_addr, topo.master_port, topo.nnodes, topo.node_rank) == (
+        "ident-node-0-0.ident", 29400, 2, 1)
+    cmd = command(topo, ["job.yaml"], python="py")
+    assert _flag(cmd, "--master_addr") == "ident-node-0-0.ident"
+    assert _flag(cmd, "--master_port") == "29400"
+
+
 def test_four_nodes_of_eight_gpus_without_deepspeed():
     cmd = command(topology(_env(4, 2, 8), gpus=8), ["job.yaml"], python="py")
     assert (_flag(cmd, "--nnodes"), _flag(cmd, "--node_rank"),

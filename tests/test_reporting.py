@@ -201,6 +201,36 @@ def test_allowed_matches_only_this_jobs_pods():
     assert not allowed(user, "team-b", "ident")
 
 
+async def test_a_trainjob_pod_is_recognised_by_its_name_and_its_owner():
+    """Trainer v2: a JobSet's Job ``<job>-node-<i>`` owns pods ``<job>-node-<i>-<n>-xxxxx``;
+    a PyTorchJob's pod name or owner does not pass, nor does another job's."""
+    from kubetune_operator.backends.trainjob import TRAINJOB
+    from kubetune_operator.reporting import pod_belongs
+
+    def ident(pod):
+        return {"username": "system:serviceaccount:team-a:default", "extra": {
+            "authentication.kubernetes.io/pod-name": [pod],
+            "authentication.kubernetes.io/pod-uid": ["uid-1"]}}
+
+    assert allowed(ident("ident-node-0-0-x7k2p"), "team-a", "ident", TRAINJOB)
+    assert not allowed(ident("ident-master-0"), "team-a", "ident", TRAINJOB)
+    assert not allowed(ident("ident-node-0-0-x7k2p"), "team-a", "ident")  # PyTorchJob's names
+    assert not allowed(ident("identx-node-0-0-x7k2p"), "team-a", "ident", TRAINJOB)
+
+    def pod(owner_kind, owner, jobset="ident"):
+        async def lookup(ns, name):
+            return {"metadata": {"name": name, "uid": "uid-1", "labels": {
+                "jobset.sigs.k8s.io/jobset-name": jobset}, "ownerReferences": [
+                    {"kind": owner_kind, "name": owner, "uid": "j"}]}}
+        return lookup
+
+    who = ident("ident-node-0-0-x7k2p")
+    assert await pod_belongs(who, "team-a", "ident", pod("Job", "ident-node-0"), TRAINJOB)
+    assert not await pod_belongs(who, "team-a", "ident", pod("PyTorchJob", "ident"), TRAINJOB)
+    assert not await pod_belongs(who, "team-a", "ident", pod("Job", "ident-node-0", "other"),
+                                 TRAINJOB)
+
+
 async def test_flusher_patches_each_dirty_job_once_and_retries_failures():
     store = ProgressStore()
     patched: list[tuple[str, str]] = []

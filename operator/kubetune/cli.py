@@ -227,11 +227,32 @@ def validate(job_file: JobFile, pvc_root: PvcRoot = None,
 
 @app.command()
 def ask(
-    model: Annotated[str, typer.Argument(help="A model directory or embedded://NAME.")],
-    question: Annotated[str, typer.Argument(help="What to ask.")],
+    model: Annotated[str | None, typer.Argument(
+        help="A model directory or embedded://NAME (with --endpoint: the question).")] = None,
+    question: Annotated[str | None, typer.Argument(help="What to ask.")] = None,
     max_new_tokens: int = 60,
+    endpoint: Annotated[str | None, typer.Option(
+        help="An OpenAI-compatible server's URL (e.g. status.serving.url) instead of a "
+        "local model.")] = None,
+    model_name: Annotated[str | None, typer.Option(
+        help="With --endpoint: the model to ask for (default: the first it lists).")] = None,
 ) -> None:
     """Ask a model one question (greedy decoding) and print its answer."""
+    if endpoint:
+        from kubetune_operator.serving import EndpointError, chat
+
+        question = question or model
+        if not question:
+            _fail(KubetuneError("give the question: kubetune ask --endpoint URL QUESTION"))
+            return
+        try:
+            print(chat(endpoint, model_name, question, max_tokens=max_new_tokens))
+        except EndpointError as e:
+            _fail(KubetuneError(str(e), field="--endpoint"))
+        return
+    if not model or not question:
+        _fail(KubetuneError("give a model and a question (or --endpoint URL and a question)"))
+        return
     from kubetune_trainer.chat import answer
 
     _offline_defaults()
@@ -249,13 +270,17 @@ def render(
     progress_url: Annotated[str | None, typer.Option(help="The operator's progress endpoint.")
                             ] = None,
     namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+    backend: Annotated[str, typer.Option(
+        help="The operator's backend: PyTorchJob or TrainJob (Kubeflow Trainer v2).")
+    ] = "PyTorchJob",
     gpu_memory: GpuMemory = None,
 ) -> None:
     """Print the exact objects the operator would create for a job (for review, GitOps diffs);
     none when it would refuse the job (an invalid spec, or more memory than its GPUs have)."""
     import yaml
+    from kubetune_operator.backends import backend_named
     from kubetune_operator.builders import OperatorConfig, children
-    from kubetune_operator.reconcile import validate as cluster_validate
+    from kubetune_operator.validation import cluster_problem
 
     from kubetune.jobfile import load_job
 
@@ -263,10 +288,14 @@ def render(
         job = load_job(job_file)
         if namespace:
             job.metadata.namespace = namespace
-        _, problem = cluster_validate(job.model_dump(mode="json", by_alias=True))
+        try:
+            chosen = backend_named(backend)
+        except ValueError as bad:
+            raise KubetuneError(str(bad), field="--backend") from None
+        problem = cluster_problem(job, chosen)
         if problem:  # the operator would create nothing and say this in a condition
             raise KubetuneError(problem)
-        config = OperatorConfig(**{k: v for k, v in {
+        config = OperatorConfig(backend=chosen.kind, **{k: v for k, v in {
             "trainer_image": image, "progress_url": progress_url,
             "gpu_memory": (("default", f"{_gpu_memory(gpu_memory) or 0:.0f}"),)
             if gpu_memory else None}.items() if v})

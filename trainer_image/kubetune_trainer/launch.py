@@ -1,7 +1,8 @@
 """The trainer image's entrypoint: one launcher per node, topology from the pod.
 
 A PyTorchJob injects PET_NNODES, PET_NODE_RANK (or RANK), PET_NPROC_PER_NODE, MASTER_ADDR
-and MASTER_PORT. ``--strategy`` is the job's resources.strategy (``kubetune.strategy``): ddp
+and MASTER_PORT (a Kubeflow Trainer v2 TrainJob: PET_MASTER_ADDR and PET_MASTER_PORT).
+``--strategy`` is the job's resources.strategy (``kubetune.strategy``): ddp
 runs one process directly, more through torchrun; the DeepSpeed ZeRO strategies and fsdp2 go
 through `accelerate launch` with a config from ``deepspeed/`` (kept as data files), even for a
 single process (ZeRO-3 offload on one GPU).
@@ -47,7 +48,7 @@ def _int(env: Mapping[str, str], *names: str, default: int) -> int:
 
 
 def topology(env: Mapping[str, str], gpus: int) -> Topology:
-    """Where this node sits in the job, from the PyTorchJob's environment."""
+    """Where this node sits in the job, from the PyTorchJob's or the TrainJob's environment."""
     per_node = env.get("PET_NPROC_PER_NODE", "auto")
     if per_node in ("auto", "gpu"):
         nproc = max(gpus, 1)
@@ -59,8 +60,8 @@ def topology(env: Mapping[str, str], gpus: int) -> Topology:
         nnodes=_int(env, "PET_NNODES", default=1),
         node_rank=_int(env, "PET_NODE_RANK", "RANK", default=0),
         nproc_per_node=nproc,
-        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=_int(env, "MASTER_PORT", default=29500),
+        master_addr=env.get("MASTER_ADDR") or env.get("PET_MASTER_ADDR") or "127.0.0.1",
+        master_port=_int(env, "MASTER_PORT", "PET_MASTER_PORT", default=29500),
         gpus=gpus,
     )
 

@@ -48,6 +48,8 @@ from kubetune.api.v1alpha1.method import (
     LoraSpec,
     MethodSpec,
     MethodType,
+    QuantizationSpec,
+    SpectrumSpec,
 )
 from kubetune.api.v1alpha1.output import (
     OutputSpec,
@@ -71,6 +73,7 @@ from kubetune.api.v1alpha1.rl import (
     RewardSpec,
     RewardType,
 )
+from kubetune.api.v1alpha1.serve import ServeCheck, ServeSpec
 from kubetune.api.v1alpha1.sources import (
     DatasetFormat,
     DatasetSpec,
@@ -85,11 +88,13 @@ from kubetune.api.v1alpha1.spec import (
 )
 from kubetune.api.v1alpha1.status import (
     Checkpoint,
+    CheckResult,
     Condition,
     Failure,
     FineTuneJobStatus,
     Outputs,
     Progress,
+    Serving,
 )
 from kubetune.api.v1alpha1.tracking import (
     Tracker,
@@ -106,7 +111,9 @@ from kubetune.api.v1alpha1.trainer import (
 )
 from kubetune.api.v1alpha1.training import (
     PACKED_CUTOFF_MAX,
+    BoostersSpec,
     LrScheduler,
+    OptimizerSpec,
     Precision,
     TrainingSpec,
 )
@@ -115,8 +122,13 @@ __all__ = [
     "ALL_RULES",
     "API_VERSION",
     "BaseModel",
+    "BoostersSpec",
     "Checkpoint",
+    "CheckResult",
     "Condition",
+    "ServeCheck",
+    "ServeSpec",
+    "Serving",
     "CPO_LOSSES",
     "DatasetFormat",
     "DatasetSpec",
@@ -151,11 +163,13 @@ __all__ = [
     "ObjectMeta",
     "OUTPUT_PATTERN",
     "Outputs",
+    "OptimizerSpec",
     "OutputSpec",
     "PACKED_CUTOFF_MAX",
     "PLURAL",
     "Precision",
     "PreferenceSpec",
+    "QuantizationSpec",
     "Progress",
     "QUALIFIED_NAME",
     "QUANTITY",
@@ -167,6 +181,7 @@ __all__ = [
     "Rule",
     "RunPolicySpec",
     "SchedulingSpec",
+    "SpectrumSpec",
     "SECRET_ENV_NAME",
     "SecretKeyRef",
     "SHORT_NAMES",

@@ -10,11 +10,12 @@ from pydantic import ConfigDict, Field, model_validator
 from kubetune.api.stages import IMPLEMENTED_STAGES, STAGES
 from kubetune.api.v1alpha1._base import _ENUM, TEMPLATES, Rule, _enforce, _rules, _Spec, immutable
 from kubetune.api.v1alpha1.evaluation import _EVALUATION_SPEC_RULES, EvaluationSpec
-from kubetune.api.v1alpha1.method import MethodSpec
+from kubetune.api.v1alpha1.method import _METHOD_SPEC_RULES, MethodSpec
 from kubetune.api.v1alpha1.output import OutputSpec
 from kubetune.api.v1alpha1.preference import _PREFERENCE_SPEC_RULES, PreferenceSpec
 from kubetune.api.v1alpha1.resources import ResourcesSpec, RunPolicySpec, SchedulingSpec
 from kubetune.api.v1alpha1.rl import _RL_SPEC_RULES, GrpoSpec, RewardSpec
+from kubetune.api.v1alpha1.serve import SERVE_SPEC_RULE, ServeSpec
 from kubetune.api.v1alpha1.sources import DatasetSpec, ModelSpec
 from kubetune.api.v1alpha1.trainer import TrainerSpec
 from kubetune.api.v1alpha1.training import TrainingSpec
@@ -44,13 +45,15 @@ _SPEC_RULES = (
     *_EVALUATION_SPEC_RULES,
     *_PREFERENCE_SPEC_RULES,
     *_RL_SPEC_RULES,
+    *_METHOD_SPEC_RULES,
     Rule(
         cel="!has(self.output.merge) || !self.output.merge || !has(self.method) "
-        "|| !has(self.method.type) || self.method.type in ['lora', 'qlora']",
-        message="output.merge needs method.type lora or qlora (full and freeze already "
-        "save a whole model)",
-        check=lambda s: not s.output.merge or s.method.type in ("lora", "qlora"),
+        "|| !has(self.method.type) || self.method.type == 'lora'",
+        message="output.merge needs method.type lora (full and freeze already save a whole "
+        "model)",
+        check=lambda s: not s.output.merge or s.method.type == "lora",
     ),
+    SERVE_SPEC_RULE,
 )
 
 
@@ -106,6 +109,11 @@ class FineTuneJobSpec(_Spec):
         bool, Field(description="Stop the pods; set back to false to resume from the last "
                     "checkpoint.")
     ] = False
+    serve: Annotated[
+        ServeSpec | None,
+        Field(description="After success: serve the trained model (OpenAI-compatible) and "
+              "check it; unset to remove the server."),
+    ] = None
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Any:

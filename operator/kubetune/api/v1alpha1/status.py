@@ -66,7 +66,7 @@ class Checkpoint(_Model):
 class Outputs(_Model):
     """What the run produced, as URIs under spec.output.uri."""
 
-    adapter: Annotated[str | None, _d("The LoRA adapter (lora, qlora).")] = None
+    adapter: Annotated[str | None, _d("The LoRA adapter (method.type lora).")] = None
     merged_model: Annotated[str | None, _d("Base + adapter merged into one model "
                                            "(output.merge).")] = None
     model: Annotated[str | None, Field(description="The whole model (full, freeze).")] = None
@@ -92,6 +92,27 @@ class Failure(_Model):
     log_tail: Annotated[str | None, Field(description="Last lines of the failing log.")] = None
 
 
+class CheckResult(_Model):
+    """One post-training check (spec.serve.checks[]) as asked of the served model."""
+
+    prompt: Annotated[str, _d("What was asked.")]
+    passed: Annotated[bool, _d("The answer held every expected substring.")]
+    answer: Annotated[str | None, _d("The answer (its first 500 characters).")] = None
+    missing: Annotated[list[str], _d("Expected substrings the answer lacked.")] = []
+
+
+class Serving(_Model):
+    """The server on the trained model (spec.serve)."""
+
+    url: Annotated[str, _d("The OpenAI-compatible endpoint, in the cluster: "
+                           "http://NAME-serve.NAMESPACE.svc:8000/v1.")]
+    model_name: Annotated[str, _d("The model name to ask for (the request's model).")]
+    weights: Annotated[Literal["model", "adapter"], _d("What is served: the whole trained "
+                                                       "model, or the base with the adapter.")]
+    ready: Annotated[bool, _d("The server answers its readiness probe.")] = False
+    checks: Annotated[list[CheckResult], _d("spec.serve.checks as answered, once ready.")] = []
+
+
 class FineTuneJobStatus(_Model):
     """What the operator observed; written only by the operator."""
 
@@ -110,3 +131,5 @@ class FineTuneJobStatus(_Model):
     outputs: Annotated[Outputs | None, _d("What the run produced.")] = None
     failure: Annotated[Failure | None, _d("Why the run failed, kept after its pods are gone."
                                           )] = None
+    serving: Annotated[Serving | None, _d("The server on the trained model (spec.serve).")
+                       ] = None
