@@ -444,6 +444,7 @@ async def run_one(which: str, n: int, args, backend_cls, template: Path) -> dict
                    "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{port}/v1",
                    "KUBETUNE_PROGRESS_FLUSH_SECONDS": "1", "KUBETUNE_RECHECK_SECONDS": "600",
                    "PYTHONWARNINGS": "ignore",
+                   "MALLOC_ARENA_MAX": "2",  # as operator/Dockerfile sets it (for every peer)
                    "PYTHONPATH": os.pathsep.join(filter(None, [
                        str(REPO / "bench"), os.environ.get("PYTHONPATH")]))}
             live = port + 1

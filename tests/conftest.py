@@ -121,3 +121,36 @@ def kill_after_checkpoint(cmd: list[str], out: Path, step: int, total: int) -> l
                   for p in out.glob("checkpoints/checkpoint-*/" + COMPLETE_MARKER))
     assert done and done[-1] < total, "the run finished before it was killed"
     return done
+
+
+# Qwen2-72B's published config.json (72.7 B parameters).
+QWEN2_72B = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 8192,
+             "intermediate_size": 29568, "num_attention_heads": 64, "num_hidden_layers": 80,
+             "num_key_value_heads": 8, "vocab_size": 152064, "tie_word_embeddings": False,
+             "torch_dtype": "bfloat16"}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A real HTTP server answering the Hub's resolve URLs for hf://Qwen/Qwen2-72B's
+    config.json (what the operator and `kubetune render` read of an hf:// model)."""
+    import functools
+    import http.server
+    import threading
+
+    from kubetune_operator import reconcile
+
+    root = tmp_path / "hub"
+    (root / "Qwen" / "Qwen2-72B" / "resolve" / "main").mkdir(parents=True)
+    (root / "Qwen" / "Qwen2-72B" / "resolve" / "main" / "config.json").write_text(
+        json.dumps(QWEN2_72B))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    reconcile._CONFIGS.clear()
+    yield root
+    server.shutdown()
+    reconcile._CONFIGS.clear()

@@ -151,8 +151,7 @@ def test_identity_fields_are_immutable_but_suspend_is_not():
         for r in node.get("x-kubernetes-validations", []) if r["rule"] == "self == oldSelf")
     assert immutable == ["spec.method.type", "spec.model.fromJob", "spec.model.source",
                          "spec.output.uri",
-                         "spec.resources.gpusPerNode", "spec.resources.nodes",
-                         "spec.resources.strategy", "spec.stage"]
+                         "spec.resources.gpusPerNode", "spec.resources.nodes", "spec.stage"]
     assert "x-kubernetes-validations" not in schema["properties"]["spec"]["properties"][
         "suspend"]
 

@@ -11,6 +11,7 @@ import yaml
 from conftest import CONFORMANCE
 from kubetune.jobfile import load_job, parse_job
 from kubetune_operator import builders
+from kubetune_operator.backends.pytorchjob import PYTORCHJOB
 from kubetune_operator.builders import OperatorConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def _container(obj, role="Master"):
 @pytest.mark.parametrize(("nodes", "gpus"), [(1, 1), (1, 8), (4, 8), (1, 0)])
 def test_pytorchjob_topology_is_valid_against_the_real_crd(nodes, gpus, pytorchjob_schema):
     job = _job(resources={"nodes": nodes, "gpusPerNode": gpus})
-    obj = builders.pytorchjob(job=job, config=CONFIG, uid="u-1")
+    obj = PYTORCHJOB.render(job=job, config=CONFIG, uid="u-1")
     jsonschema.validate(obj, pytorchjob_schema)
     specs = obj["spec"]["pytorchReplicaSpecs"]
     assert specs["Master"]["replicas"] == 1
@@ -91,7 +92,7 @@ def test_pytorchjob_golden(pytorchjob_schema):
                runPolicy={"backoffLimit": 2, "activeDeadlineSeconds": 36000,
                           "ttlSecondsAfterFinished": 600},
                resources={"gpusPerNode": 2, "memory": "64Gi", "cpu": "8"})
-    obj = builders.pytorchjob(job=job, config=CONFIG, uid="u-1",
+    obj = PYTORCHJOB.render(job=job, config=CONFIG, uid="u-1",
                               labels={"kueue.x-k8s.io/queue-name": "team-a", "other": "x"})
     jsonschema.validate(obj, pytorchjob_schema)
     meta = obj["metadata"]
@@ -135,7 +136,7 @@ def test_pytorchjob_golden(pytorchjob_schema):
 def test_secrets_only_by_reference():
     job = _job()
     cm = builders.config_map(job=job, uid="u")
-    text = yaml.safe_dump(cm) + yaml.safe_dump(builders.pytorchjob(job=job, config=CONFIG))
+    text = yaml.safe_dump(cm) + yaml.safe_dump(PYTORCHJOB.render(job=job, config=CONFIG))
     assert "secretKeyRef" in text and "hf-token" in text
     assert "value: hf_" not in text  # no literal token anywhere
 
@@ -153,13 +154,13 @@ def test_rendering_is_deterministic_and_hash_tracks_the_spec():
     a = builders.children(job=_job(), config=CONFIG, uid="u")
     b = builders.children(job=_job(), config=CONFIG, uid="u")
     assert a == b
-    changed = builders.pytorchjob(job=_job(stage="pt"), config=CONFIG, uid="u")
+    changed = PYTORCHJOB.render(job=_job(stage="pt"), config=CONFIG, uid="u")
     assert changed["metadata"]["annotations"][builders.SPEC_HASH] != \
         a[1]["metadata"]["annotations"][builders.SPEC_HASH]
 
 
 def test_suspend_renders_a_suspended_pytorchjob():
-    obj = builders.pytorchjob(job=_job(suspend=True), config=CONFIG)
+    obj = PYTORCHJOB.render(job=_job(suspend=True), config=CONFIG)
     assert obj["spec"]["runPolicy"]["suspend"] is True
 
 
@@ -172,7 +173,7 @@ def test_examples_render_valid_children(path, pytorchjob_schema):
 
 
 def test_the_strict_schema_catches_a_field_the_crd_does_not_know(pytorchjob_schema):
-    obj = builders.pytorchjob(job=_job(), config=CONFIG)
+    obj = PYTORCHJOB.render(job=_job(), config=CONFIG)
     obj["spec"]["pytorchReplicaSpecs"]["Master"]["replica"] = 1  # typo of `replicas`
     with pytest.raises(jsonschema.ValidationError, match="'replica' was unexpected"):
         jsonschema.validate(obj, pytorchjob_schema)
@@ -180,12 +181,12 @@ def test_the_strict_schema_catches_a_field_the_crd_does_not_know(pytorchjob_sche
 
 def test_operator_defaults_for_priority_class_and_kueue_queue():
     config = OperatorConfig(default_priority_class="batch-low", default_queue="shared")
-    obj = builders.pytorchjob(job=_job(), config=config)
+    obj = PYTORCHJOB.render(job=_job(), config=config)
     assert obj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "shared"
     assert obj["spec"]["runPolicy"]["suspend"] is True  # Kueue admits it
     pod = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert pod["priorityClassName"] == "batch-low"
-    own = builders.pytorchjob(job=_job(scheduling={"priorityClassName": "urgent"}),
+    own = PYTORCHJOB.render(job=_job(scheduling={"priorityClassName": "urgent"}),
                               config=config, labels={"kueue.x-k8s.io/queue-name": "mine"})
     assert own["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "mine"
     assert own["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
@@ -196,7 +197,7 @@ def test_trainer_env_secret_keys_render_as_references_only(pytorchjob_schema):
     job = _job(trainer={"env": [
         {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "k"}}},
         {"name": "WANDB_MODE", "value": "offline"}]})
-    obj = builders.pytorchjob(job=job, config=CONFIG)
+    obj = PYTORCHJOB.render(job=job, config=CONFIG)
     jsonschema.validate(obj, pytorchjob_schema)
     env = _container(obj)["env"]
     assert env[-2:] == [
@@ -212,8 +213,182 @@ def test_trainer_env_secret_keys_render_as_references_only(pytorchjob_schema):
 def test_tolerations_render_as_the_pod_spec_writes_them(pytorchjob_schema):
     job = _job(scheduling={"tolerations": [{"key": "k", "operator": "Equal", "value": "v",
                                             "effect": "NoExecute", "tolerationSeconds": 30}]})
-    obj = builders.pytorchjob(job=job, config=CONFIG)
+    obj = PYTORCHJOB.render(job=job, config=CONFIG)
     jsonschema.validate(obj, pytorchjob_schema)
     pod = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert pod["tolerations"] == [{"key": "k", "operator": "Equal", "value": "v",
                                    "effect": "NoExecute", "tolerationSeconds": 30}]
+
+
+# ------------------------------------------------------------------ Kubeflow Trainer v2 TrainJob
+
+TRAINER_V2 = CONFORMANCE / "kubeflow-trainer-v2"
+TRAINJOB_CONFIG = OperatorConfig(trainer_image="registry.example/kubetune/trainer:1",
+                                 progress_url="https://kubetune.kubetune-system.svc:8443/v1",
+                                 backend="TrainJob", training_runtime="kubetune")
+
+
+@pytest.fixture(scope="module")
+def trainjob_schema():
+    crd = TRAINER_V2 / "trainer.kubeflow.org_trainjobs.yaml"
+    if not crd.exists():
+        pytest.skip(f"{crd} not found")
+    return _strict(yaml.safe_load(crd.read_text())["spec"]["versions"][0]["schema"][
+        "openAPIV3Schema"])
+
+
+def _trainjob(job, config=TRAINJOB_CONFIG, **kw):
+    from kubetune_operator.backends.trainjob import TRAINJOB
+
+    return TRAINJOB.render(job=job, config=config, **kw)
+
+
+def _patched_pod(obj):
+    """The pod template our runtimePatches entry applies to the runtime's trainer job."""
+    (patch,) = obj["spec"]["runtimePatches"]
+    assert patch["manager"] == "kubetune.io/operator"
+    (rj,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert rj["name"] == "node"
+    return rj["template"]["spec"]["template"]
+
+
+@pytest.mark.parametrize(("nodes", "gpus"), [(1, 1), (1, 8), (4, 8), (1, 0)])
+def test_trainjob_topology_is_valid_against_the_real_crd(nodes, gpus, trainjob_schema):
+    obj = _trainjob(_job(resources={"nodes": nodes, "gpusPerNode": gpus}), uid="u-1")
+    jsonschema.validate(obj, trainjob_schema)
+    assert obj["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and obj["kind"] == "TrainJob"
+    trainer = obj["spec"]["trainer"]
+    assert trainer["numNodes"] == nodes and trainer["numProcPerNode"] == (gpus or 1)
+    limits = trainer.get("resourcesPerNode", {}).get("limits", {})
+    assert limits.get("nvidia.com/gpu") == (str(gpus) if gpus else None)
+
+
+def test_trainjob_golden(trainjob_schema):
+    job = _job(scheduling={"nodeSelector": {"gpu": "h100"},
+                           "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                            "effect": "NoSchedule"}]},
+               runPolicy={"activeDeadlineSeconds": 36000},
+               resources={"gpusPerNode": 2, "memory": "64Gi", "cpu": "8"},
+               trainer={"serviceAccountName": "trainer", "env": [
+                   {"name": "WANDB_API_KEY",
+                    "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "k"}}}]})
+    obj = _trainjob(job, uid="u-1", labels={"kueue.x-k8s.io/queue-name": "team-a", "x": "y"})
+    jsonschema.validate(obj, trainjob_schema)
+    meta = obj["metadata"]
+    assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and "x" not in meta["labels"]
+    assert meta["ownerReferences"][0]["uid"] == "u-1"
+    spec = obj["spec"]
+    assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org",
+                                  "kind": "ClusterTrainingRuntime", "name": "kubetune"}
+    assert spec["suspend"] is True  # queued: Kueue unsuspends it
+    assert spec["activeDeadlineSeconds"] == 36000
+    trainer = spec["trainer"]
+    assert trainer["image"] == "registry.example/kubetune/trainer:1"
+    assert trainer["command"] == ["kubetune-launch"]
+    assert trainer["args"] == ["/etc/kubetune/job.yaml", "--pvc-root", "/mnt/pvc"]
+    assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "2", "cpu": "8",
+                                                     "memory": "64Gi"}
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "wandb"
+    # Gate off: the pods report to kubetune's endpoint, with kubetune's token.
+    assert env["KUBEFLOW_TRAINER_SERVER_URL"]["value"].endswith(
+        "/namespaces/team-a/finetunejobs/assistant-identity/status")
+    pod = _patched_pod(obj)
+    assert pod["metadata"]["labels"]["kubetune.io/job"] == "assistant-identity"
+    ps = pod["spec"]
+    assert ps["nodeSelector"] == {"gpu": "h100"} and ps["serviceAccountName"] == "trainer"
+    assert ps["tolerations"][0]["key"] == "nvidia.com/gpu"
+    (c,) = ps["containers"]
+    assert c["name"] == "node"
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/mnt/pvc/outputs"]["readOnly"] is False and "/etc/kubetune" in mounts
+    volumes = {v["name"]: v for v in ps["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "assistant-identity-config"
+    assert "kubetune-token" in volumes
+
+
+def test_trainjob_with_kubeflows_status_endpoint_leaves_the_reporting_variables_to_it(
+        trainjob_schema):
+    config = OperatorConfig(trainer_image="t:1", progress_url="https://k/v1",
+                            backend="TrainJob", trainer_status=True)
+    obj = _trainjob(_job(), config=config)
+    jsonschema.validate(obj, trainjob_schema)
+    assert not [e for e in obj["spec"]["trainer"]["env"]
+                if e["name"].startswith("KUBEFLOW_TRAINER_SERVER")]
+    assert "kubetune-token" not in {v["name"] for v in _patched_pod(obj)["spec"]["volumes"]}
+
+
+def test_trainjob_suspend_and_runtime_name():
+    config = OperatorConfig(backend="TrainJob", training_runtime="team-torch")
+    obj = _trainjob(_job(suspend=True), config=config)
+    assert obj["spec"]["suspend"] is True
+    assert obj["spec"]["runtimeRef"]["name"] == "team-torch"
+    assert _trainjob(_job(), config=config)["spec"]["suspend"] is False
+
+
+def test_the_backend_setting_picks_the_training_object():
+    kinds = [o["kind"] for o in builders.children(job=_job(), config=TRAINJOB_CONFIG)]
+    assert kinds == ["ConfigMap", "TrainJob"]
+    assert builders.children(job=_job(), config=CONFIG)[1]["kind"] == "PyTorchJob"
+    from kubetune_operator.backends import backend_named
+
+    with pytest.raises(ValueError, match="backend 'mpijob' is not known; expected one of "
+                                         "PyTorchJob, TrainJob"):
+        backend_named("mpijob")
+
+
+def test_trainjob_refuses_a_per_job_priority_class():
+    from kubetune_operator.backends.trainjob import TRAINJOB
+    from kubetune_operator.validation import cluster_problem
+
+    job = _job(scheduling={"priorityClassName": "urgent"})
+    assert cluster_problem(job, TRAINJOB).startswith("spec.scheduling.priorityClassName: ")
+    assert cluster_problem(job, PYTORCHJOB) is None
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_render_valid_trainjobs(path, trainjob_schema):
+    job = load_job(path)
+    for obj in builders.children(job=job, config=TRAINJOB_CONFIG, uid="u"):
+        if obj["kind"] == "TrainJob":
+            jsonschema.validate(obj, trainjob_schema)
+
+
+def test_the_strict_trainjob_schema_catches_an_unknown_field(trainjob_schema):
+    obj = _trainjob(_job())
+    obj["spec"]["trainer"]["numProcsPerNode"] = 1  # typo
+    with pytest.raises(jsonschema.ValidationError, match="'numProcsPerNode' was unexpected"):
+        jsonschema.validate(obj, trainjob_schema)
+
+
+def test_kubetune_render_backend_prints_what_the_trainjob_operator_would_create(
+        trainjob_schema):
+    from kubetune.cli import app
+    from typer.testing import CliRunner
+
+    path = REPO / "examples" / "assistant-identity.yaml"
+    result = CliRunner().invoke(app, ["render", str(path), "--backend", "TrainJob", "-n", "a"])
+    assert result.exit_code == 0, result.output
+    docs = list(yaml.safe_load_all(result.stdout))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "TrainJob"]
+    jsonschema.validate(docs[1], trainjob_schema)
+    assert docs[1] == builders.children(job=load_job(path).model_copy(update={
+        "metadata": load_job(path).metadata.model_copy(update={"namespace": "a"})}),
+        config=OperatorConfig(backend="TrainJob"), labels=load_job(path).metadata.labels)[1]
+    bad = CliRunner().invoke(app, ["render", str(path), "--backend", "MPIJob"])
+    assert bad.exit_code == 2 and "--backend: backend 'MPIJob' is not known" in bad.output
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero2-offload", "zero3", "zero3-offload",
+                                      "fsdp2"])
+def test_the_strategy_reaches_the_launcher_on_every_node(strategy, pytorchjob_schema):
+    obj = PYTORCHJOB.render(job=_job(resources={"nodes": 2, "gpusPerNode": 8,
+                                                "strategy": strategy}),
+                            config=OperatorConfig())
+    jsonschema.validate(obj, pytorchjob_schema)
+    for role in ("Master", "Worker"):
+        c = _container(obj, role)
+        assert c["command"] == ["kubetune-launch"]
+        assert c["args"] == ["/etc/kubetune/job.yaml", "--pvc-root", "/mnt/pvc"] + (
+            [] if strategy == "ddp" else ["--strategy", strategy])

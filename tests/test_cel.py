@@ -24,11 +24,20 @@ MODELS = {
     "spec.preference": api.PreferenceSpec,
     "spec.rewards[]": api.RewardSpec,
     "spec.resources": api.ResourcesSpec,
+    "spec.output": api.OutputSpec,
 }
 SPEC_BASE = {"model": {"source": "m"}, "datasets": [{"source": "d.json"}]}
 CASES = {
     "spec": [
         {**SPEC_BASE, "output": {"uri": "o"}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "serve": {}},
+        {**SPEC_BASE, "output": {"uri": "o", "merge": True}, "serve": {}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "serve": {"weights": "model"},
+         "method": {"type": "full"}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "serve": {"weights": "adapter"}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "serve": {"weights": "adapter"},
+         "method": {"type": "freeze"}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "serve": {"weights": "adapter"}, "method": {}},
         {**SPEC_BASE, "output": {"uri": "o", "merge": True}},
         {**SPEC_BASE, "output": {"uri": "o", "merge": True}, "method": {}},
         {**SPEC_BASE, "output": {"uri": "o", "merge": True}, "method": {"type": "full"}},
@@ -118,6 +127,22 @@ CASES = {
         {}, {"lossType": ["sigmoid"]}, {"lossWeights": [1.0]},
         {"lossType": ["sigmoid", "sft"], "lossWeights": [1.0]},
         {"lossType": ["sigmoid", "sft"], "lossWeights": [1.0, 0.2]},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {"lmEval": {"tasks": ["t"]}}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {"lmEval": {"tasks": ["t"]}},
+         "stage": "rm"},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {}, "stage": "rm"},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {"predict": True},
+         "evalDatasets": [{"source": "e.json"}]},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evalDatasets": [{"source": "e.json"}],
+         "training": {"evalSplit": 0.1}},
+        {**SPEC_BASE, "output": {"uri": "o"}, "evalDatasets": [{"source": "e.json"}],
+         "training": {"evalSplit": 0.0}},
+    ],
+    "spec.output": [
+        {"uri": "o"}, {"uri": "s3://bkt/o", "secretRef": {"name": "s"}},
+        {"uri": "pvc://c/o", "secretRef": {"name": "s"}},
+        {"uri": "hf://org/name", "secretRef": {"name": "s", "key": "token"}},
+        {"uri": "gs://bkt/o"},
     ],
     "spec.datasets[]": [
         {"source": "d.json"},
@@ -144,6 +169,8 @@ CASES = {
         {"gpusPerNode": 8, "nodes": 4},
         {"gpuMemory": "80Gi"}, {"gpuMemory": "80Gi", "gpusPerNode": 0},
         {"gpuMemory": "24G", "gpusPerNode": 2, "strategy": "zero3-offload"},
+        {"strategy": "fsdp2"}, {"strategy": "fsdp2", "gpusPerNode": 0},
+        {"strategy": "zero3", "gpusPerNode": 0},
     ],
 }
 

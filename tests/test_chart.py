@@ -26,9 +26,13 @@ VALUE_SETS = {
                          "--set", "defaults.queueName=shared",
                          "--set", "defaults.priorityClassName=batch"],
     "no-progress": ["--set", "progress.enabled=false"],
+    "gpu-memory": ["--set", "gpuMemory.default=80Gi",
+                   "--set", "gpuMemory.NVIDIA-A100-SXM4-40GB=40Gi"],
     "servicemonitor": ["--set", "metrics.serviceMonitor.enabled=true",
                        "--set", "metrics.serviceMonitor.labels.release=prom"],
     "no-metrics": ["--set", "metrics.enabled=false", "--set", "progress.enabled=false"],
+    "trainjob": ["--set", "backend=TrainJob", "--set", "defaults.priorityClassName=batch"],
+    "trainjob-namespaced": ["--set", "backend=TrainJob", "--set", "watchNamespaces={team-a}"],
 }
 
 
@@ -64,6 +68,9 @@ def test_every_rendered_object_is_valid(helm_bin, name):
         if doc["apiVersion"].startswith("kopf.dev/"):
             assert set(doc) <= {"apiVersion", "kind", "metadata"}
             continue
+        if doc["kind"] == "ClusterTrainingRuntime":  # Kubeflow Trainer v2's kind: its schema
+            _trainer_v2_schema_validate(doc)
+            continue
         if doc["kind"] == "ServiceMonitor":  # prometheus-operator's kind: check its shape
             assert doc["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics",
                                                  "interval": "30s"}]
@@ -73,6 +80,63 @@ def test_every_rendered_object_is_valid(helm_bin, name):
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as err:
             pytest.fail(f"{name}: {doc['kind']}/{doc['metadata']['name']}: {err}")
+
+
+def _trainer_v2_schema_validate(doc):
+    import jsonschema
+    from conftest import CONFORMANCE
+    from test_builders import _strict
+
+    crd = CONFORMANCE / "kubeflow-trainer-v2" / "trainer.kubeflow.org_clustertrainingruntimes.yaml"
+    schema = yaml.safe_load(crd.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    jsonschema.validate(doc, _strict(schema))
+
+
+def test_the_trainjob_backend_ships_its_runtime_and_its_rbac_only(helm_bin):
+    docs = render(helm_bin, *VALUE_SETS["trainjob"])
+    (runtime,) = [d for d in docs if d["kind"] == "ClusterTrainingRuntime"]
+    _trainer_v2_schema_validate(runtime)
+    assert runtime["metadata"]["name"] == "kubetune"
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 1, "torch": {}}
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node"  # what the operator's runtimePatches and pod checks expect
+    assert node["template"]["metadata"]["labels"] == {
+        "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["name"] == "node"
+    assert pod["containers"][0]["image"] == "ghcr.io/kubetune/trainer:0.1.0"
+    assert pod["priorityClassName"] == "batch"  # a TrainJob cannot carry it per job
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    trainjob_rules = {k: v for k, v in NAMESPACED.items() if k != ("kubeflow.org", "pytorchjobs")}
+    trainjob_rules[("trainer.kubeflow.org", "trainjobs")] = {"get", "list", "watch", "create",
+                                                             "patch"}
+    assert _rules(role) == {**trainjob_rules,
+                            ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch",
+                                                                 "patch"},
+                            ("apiextensions.k8s.io", "customresourcedefinitions"): {
+                                "list", "watch"},
+                            ("authentication.k8s.io", "tokenreviews"): {"create"}}
+    env = {e["name"]: e.get("value") for e in next(
+        d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["env"]}
+    assert (env["KUBETUNE_BACKEND"], env["KUBETUNE_TRAINING_RUNTIME"],
+            env["KUBETUNE_TRAINER_STATUS"]) == ("TrainJob", "kubetune", "false")
+    # Namespaced: the TrainJob rules in each Role, the runtime still cluster-wide.
+    docs = render(helm_bin, *VALUE_SETS["trainjob-namespaced"])
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert ("trainer.kubeflow.org", "trainjobs") in _rules(role)
+    assert ("kubeflow.org", "pytorchjobs") not in _rules(role)
+    # The PyTorchJob backend (the default) ships no runtime; a user-named runtime, none either.
+    assert not [d for d in render(helm_bin) if d["kind"] == "ClusterTrainingRuntime"]
+    assert not [d for d in render(helm_bin, "--set", "backend=TrainJob", "--set",
+                                  "trainJob.createRuntime=false")
+                if d["kind"] == "ClusterTrainingRuntime"]
+
+
+def test_an_unknown_backend_fails(helm_bin):
+    out = subprocess.run([helm_bin, "template", "rel", str(CHART), "--set", "backend=MPIJob"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "backend" in out.stderr
 
 
 def test_crds_in_the_chart_are_the_generated_ones(helm_bin):
@@ -117,6 +181,8 @@ NAMESPACED = {
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
     ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch"},
     ("", "configmaps"): {"get", "create"},
+    ("apps", "deployments"): {"get", "create", "delete"},  # spec.serve
+    ("", "services"): {"get", "create", "delete"},
     ("", "pods"): {"get", "list"},
     ("", "events"): {"create"},
     ("kueue.x-k8s.io", "workloads"): {"list", "patch"},
@@ -237,3 +303,18 @@ def test_peering_crds_install_before_the_peering_objects(helm_bin):
     assert len(peering) == 2
     for crd in peering:
         kubernetes_validate.validate(crd, K8S_VERSION, strict=True)
+
+
+def test_the_gpu_memory_table_reaches_the_operators_memory_check(helm_bin, monkeypatch):
+    from kubetune_operator.settings import OperatorConfig
+
+    dep = next(d for d in render(helm_bin, *VALUE_SETS["gpu-memory"])
+               if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0][
+        "env"]}
+    monkeypatch.setenv("KUBETUNE_GPU_MEMORY", env["KUBETUNE_GPU_MEMORY"])
+    assert dict(OperatorConfig.from_env().gpu_memory) == {"default": "80Gi",
+                                                  "NVIDIA-A100-SXM4-40GB": "40Gi"}
+    out = subprocess.run([helm_bin, "template", "rel", str(CHART), "--set",
+                          "gpuMemory.default=80GB"], capture_output=True, text=True)
+    assert out.returncode != 0 and "gpuMemory" in out.stderr  # the values schema refuses it

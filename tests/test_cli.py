@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import LF_DATA, tiny_spec, write_job
+from conftest import LF_DATA, QWEN2_72B, tiny_spec, write_job
 from kubetune.cli import app
 from typer.testing import CliRunner
 
@@ -264,3 +264,61 @@ def test_the_pipeline_example_renders_and_its_later_jobs_name_the_first(tmp_path
         names[doc["metadata"]["name"]] = doc["spec"]["model"].get("fromJob")
     assert names == {"assistant-sft": None, "assistant-dpo": "assistant-sft",
                      "assistant-grpo": "assistant-sft"}
+
+
+def _big_job(tmp_path, tiny_model, **resources):
+    """The issue's example: Qwen2-72B (its config.json, with the tiny model's tokenizer: no
+    weights are read), full fine-tune, batch 64 × 32k tokens, one GPU."""
+    import shutil
+
+    model = tmp_path / "qwen2-72b"
+    model.mkdir()
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, model / f.name)
+    (model / "config.json").write_text(json.dumps(QWEN2_72B))
+    return write_job(tmp_path / "big.yaml", tiny_spec(
+        model, [{"source": str(LF_DATA / "identity.json")}], tmp_path / "out",
+        method={"type": "full"}, resources={"gpusPerNode": 1, **resources},
+        training={"batchSizePerDevice": 64, "cutoffLen": 32768}))
+
+
+@pytest.mark.usefixtures("lf_data")
+def test_validate_refuses_a_job_that_cannot_fit_its_gpu(tmp_path, tiny_model):
+    job = _big_job(tmp_path, tiny_model, gpuMemory="80Gi")
+    for args in ([], ["--no-data"]):
+        res = runner.invoke(app, ["validate", str(job), *args])
+        assert res.exit_code == 2, res.output
+        assert "spec.resources: about " in res.output and "does not fit in 80 GiB" in res.output
+        assert "cheapest fixes: training.gradientCheckpointing: true → " in res.output
+    # Without resources.gpuMemory: --gpu-memory (the chart's value for the GPU type) decides.
+    (tmp_path / "b").mkdir()
+    job = _big_job(tmp_path / "b", tiny_model)
+    res = runner.invoke(app, ["validate", str(job), "--no-data"])
+    assert res.exit_code == 0 and "the GPU's memory is unknown" in res.output, res.output
+    res = runner.invoke(app, ["validate", str(job), "--no-data", "--gpu-memory", "141Gi"])
+    assert res.exit_code == 2 and "does not fit in 141 GiB" in res.output, res.output
+    res = runner.invoke(app, ["estimate", str(job), "--gpu-memory", "80"])
+    assert res.exit_code == 2 and "activations" in res.output, res.output
+
+
+def test_render_refuses_what_the_operator_would_refuse_for_memory(tmp_path, hub):
+    import yaml
+
+    doc = yaml.safe_load((REPO / "examples" / "assistant-identity.yaml").read_text())
+    doc["spec"].update(model={"source": "hf://Qwen/Qwen2-72B"}, method={"type": "full"},
+                       output={"uri": "pvc://outputs/big"},
+                       training={"batchSizePerDevice": 64, "cutoffLen": 32768},
+                       resources={"gpusPerNode": 1, "gpuMemory": "80Gi"})
+    job = tmp_path / "big.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    res = runner.invoke(app, ["render", str(job)])
+    assert res.exit_code == 2 and "does not fit in 80 GiB" in res.output, res.output
+    assert "kind: PyTorchJob" not in res.output
+    doc["spec"]["resources"] = {"nodes": 4, "gpusPerNode": 8, "strategy": "zero3"}
+    doc["spec"]["training"] = {"batchSizePerDevice": 1, "cutoffLen": 4096,
+                               "gradientCheckpointing": True}
+    job.write_text(yaml.safe_dump(doc))
+    res = runner.invoke(app, ["render", str(job), "--gpu-memory", "80Gi"])
+    assert res.exit_code == 0, res.output
+    assert "--strategy" in res.output and "zero3" in res.output

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_spec, write_job
 from kubetune.api.v1alpha1 import FineTuneJobSpec
 from kubetune.cli import app
-from kubetune.estimate import GIB, estimate, parameters
+from kubetune.estimate import GIB, estimate, fits, gpu_memory_for, parameters, parse_quantity
 from typer.testing import CliRunner
 
 # Llama-2-7B's config (published): 6.74 B parameters.
@@ -68,6 +68,116 @@ def test_kubetune_estimate_refuses_what_does_not_fit_with_fixes(tiny_model, tmp_
         training={"batchSizePerDevice": 8, "cutoffLen": 4096}))
     res = runner.invoke(app, ["estimate", str(full), "--config", str(big), "--gpu-memory", "24"])
     assert res.exit_code == 2
-    assert "does not fit in 24 GiB" in res.output and "method.type: lora" in res.output
+    assert "does not fit in 24 GiB" in res.output and "(QLoRA: " in res.output
     assert "training.gradientCheckpointing: true" in res.output
     assert estimate(LLAMA2_7B, _spec()).total / GIB < 24  # LoRA by default fits
+
+
+def _model_states(est) -> float:
+    return est.parts["weights"] + est.parts.get("gathered", 0) + est.parts["gradients"] \
+        + est.parts["optimizer"]
+
+
+# A 7.5 B-parameter decoder, the ZeRO paper's running example (Rajbhandari et al. 2020,
+# figure 1): Llama-2-7B's layers, 36 of them, and a 51200-token tied vocabulary.
+ZERO_7_5B = {**LLAMA2_7B, "num_hidden_layers": 36, "vocab_size": 51200,
+             "tie_word_embeddings": True}
+
+
+def test_zero_paper_figures_for_7_5b_parameters_on_64_gpus():
+    """Mixed-precision Adam is 16 bytes per parameter (2 weights + 2 gradients + 12 fp32
+    master copy and moments): 120 GB for 7.5 B under data parallelism; ZeRO-2 (P_os+g) keeps
+    2Ψ + 14Ψ/N = 16.6 GB, ZeRO-3 (P_os+g+p) 16Ψ/N = 1.9 GB, on N = 64 (GB = 1e9)."""
+    psi, _ = parameters(ZERO_7_5B)
+    assert psi == pytest.approx(7.5e9, rel=0.001)
+    on_64 = {"nodes": 8, "gpusPerNode": 8}
+
+    def states(strategy: str) -> float:
+        est = estimate(ZERO_7_5B, _spec(method={"type": "full"}, training={"precision": "bf16"},
+                                        resources={**on_64, "strategy": strategy}))
+        assert est.world_size == 64
+        return (_model_states(est) - est.parts.get("gathered", 0)) / psi
+
+    ddp = estimate(ZERO_7_5B, _spec(method={"type": "full"}, training={"precision": "bf16"},
+                                    resources={**on_64, "strategy": "zero2"}))
+    assert ddp.parts["optimizer"] * 64 / psi == pytest.approx(12)  # K = 12 for mixed precision
+    assert states("zero2") == pytest.approx(2 + 14 / 64)
+    assert states("zero2") * 7.5 == pytest.approx(16.6, abs=0.1)  # the paper's 16.6 GB
+    assert states("zero3") == pytest.approx(16 / 64)
+    assert states("zero3") * 7.5 == pytest.approx(1.9, abs=0.05)  # the paper's 1.9 GB
+    # One process: ZeRO shards nothing, so mixed-precision Adam is the whole 16 bytes.
+    one = estimate(ZERO_7_5B, _spec(method={"type": "full"}, training={"precision": "bf16"},
+                                    resources={"strategy": "zero2"}))
+    assert _model_states(one) / psi == pytest.approx(16)
+
+
+def test_offload_moves_optimizer_state_and_weights_to_cpu_and_fsdp2_shards_like_zero3():
+    full = {"method": {"type": "full"}, "training": {"precision": "bf16"}}
+    z2 = estimate(LLAMA2_7B, _spec(**full, resources={"gpusPerNode": 8, "strategy": "zero2"}))
+    z2o = estimate(LLAMA2_7B, _spec(**full, resources={"gpusPerNode": 8,
+                                                        "strategy": "zero2-offload"}))
+    # ZeRO-Offload: optimizer state and gradients in CPU memory, the 16-bit weights on the GPU
+    assert z2o.parts["optimizer"] == 0 and z2o.parts["gradients"] == 0
+    assert z2o.offloaded == pytest.approx(z2.parts["optimizer"] + z2.parts["gradients"])
+    assert z2o.parts["weights"] == z2.parts["weights"]
+    z3o = estimate(LLAMA2_7B, _spec(**full, resources={"strategy": "zero3-offload"}))
+    total, per_layer = parameters(LLAMA2_7B)
+    assert z3o.parts["weights"] == 0 and z3o.parts["optimizer"] == 0
+    assert z3o.parts["gathered"] == pytest.approx(2 * per_layer * 2)  # two layers in bf16
+    assert z3o.offloaded == pytest.approx(total * 16)  # one GPU: all of it in CPU RAM
+    fsdp = estimate(LLAMA2_7B, _spec(**full, resources={"gpusPerNode": 8, "strategy": "fsdp2"}))
+    ddp = estimate(LLAMA2_7B, _spec(**full, resources={"gpusPerNode": 8}))
+    for part in ("weights", "gradients", "optimizer"):
+        assert fsdp.parts[part] == pytest.approx(ddp.parts[part] / 8)
+    assert fsdp.parts["activations"] == ddp.parts["activations"]  # not sharded by any
+
+
+def test_72b_full_fine_tune_of_64_by_32k_on_one_gpu_is_refused_with_fixes_that_fit():
+    """The issue's example: refused, with the numbers, and the fixes computed for this job."""
+    qwen2_72b = {"hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+                 "num_key_value_heads": 8, "intermediate_size": 29568, "vocab_size": 152064,
+                 "tie_word_embeddings": False}
+    assert parameters(qwen2_72b)[0] == pytest.approx(72.7e9, rel=0.001)  # published: 72.7 B
+    spec = _spec(method={"type": "full"}, training={"batchSizePerDevice": 64,
+                                                    "cutoffLen": 32768})
+    verdict = fits(qwen2_72b, spec, parse_quantity("80Gi"))
+    assert verdict.fits is False and verdict.estimate.total > 1000 * GIB
+    msg = verdict.message()
+    assert "does not fit in 80 GiB" in msg and "weights 135.4" in msg  # 72.7 B × 2 bytes
+    assert verdict.fixes[0].startswith("training.gradientCheckpointing: true → ")
+    assert verdict.fixes[-1].startswith("all of these together → ")
+    # A sharded one on 4 × 8 H100s with checkpointing fits.
+    fixed = _spec(method={"type": "full"}, training={"batchSizePerDevice": 1,
+                                                     "cutoffLen": 4096,
+                                                     "gradientCheckpointing": True},
+                  resources={"nodes": 4, "gpusPerNode": 8, "strategy": "zero3"})
+    assert fits(qwen2_72b, fixed, parse_quantity("80Gi")).fits is True
+    assert fits(qwen2_72b, fixed, None).fits is None  # unknown memory: no verdict
+
+
+def test_eight_bit_adam_keeps_2_bytes_of_state_per_parameter():
+    class Training:  # training.optimizer comes with the methods API; read by name
+        def __init__(self, base, optimizer):
+            self.__dict__.update(base.__dict__)
+            self.optimizer = optimizer
+
+    spec = _spec(method={"type": "full"}, training={"precision": "bf16"})
+    total, _ = parameters(LLAMA2_7B)
+    adam = estimate(LLAMA2_7B, spec)
+    spec8 = spec.model_copy(update={"training": Training(spec.training, "adamw_8bit")})
+    assert estimate(LLAMA2_7B, spec8).parts["optimizer"] == pytest.approx(2 * total)
+    assert adam.parts["optimizer"] == pytest.approx(4 * total)  # two bf16 moments
+
+
+def test_gpu_memory_comes_from_the_job_then_the_operators_table_by_product():
+    table = {"default": "80Gi", "NVIDIA-A100-SXM4-40GB": "40Gi"}
+    assert gpu_memory_for(_spec(), table) == 80 * GIB
+    assert gpu_memory_for(_spec(resources={"gpuMemory": "141Gi"}), table) == 141 * GIB
+    a100 = _spec(scheduling={"nodeSelector": {"nvidia.com/gpu.product":
+                                              "NVIDIA-A100-SXM4-40GB"}})
+    assert gpu_memory_for(a100, table) == 40 * GIB
+    assert gpu_memory_for(_spec(), {}) is None  # unknown: no refusal
+    assert gpu_memory_for(_spec(resources={"gpusPerNode": 0}), table) is None  # CPU only
+    assert parse_quantity("40G") == 40e9 and parse_quantity("81920Mi") == 80 * GIB
+    with pytest.raises(ValueError, match="not a quantity"):
+        parse_quantity("80 GB")

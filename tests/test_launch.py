@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LF_DATA, tiny_spec, write_job
+from kubetune.strategy import STRATEGIES
 from kubetune_trainer.launch import DEEPSPEED_DIR, command, topology
 
 
@@ -37,6 +38,18 @@ def test_one_node_eight_gpus():
     assert _flag(cmd, "--nproc_per_node") == "8" and _flag(cmd, "--nnodes") == "1"
     assert _flag(cmd, "--master_addr") == "job-master-0"
     assert cmd[cmd.index("kubetune_trainer.train") + 1:] == ["job.yaml"]
+
+
+def test_a_trainjob_node_reads_trainer_v2s_master_variables():
+    # What Kubeflow Trainer v2's torch plugin injects: PET_* only, no MASTER_ADDR/PORT.
+    env = {"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_NPROC_PER_NODE": "4",
+           "PET_MASTER_ADDR": "ident-node-0-0.ident", "PET_MASTER_PORT": "29400"}
+    topo = topology(env, gpus=4)
+    assert (topo.master_addr, topo.master_port, topo.nnodes, topo.node_rank) == (
+        "ident-node-0-0.ident", 29400, 2, 1)
+    cmd = command(topo, ["job.yaml"], python="py")
+    assert _flag(cmd, "--master_addr") == "ident-node-0-0.ident"
+    assert _flag(cmd, "--master_port") == "29400"
 
 
 def test_four_nodes_of_eight_gpus_without_deepspeed():
@@ -67,11 +80,53 @@ def test_auto_processes_follow_the_gpus_and_elastic_node_counts_are_read():
 
 def test_deepspeed_configs_are_data_files():
     names = sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))
-    assert names == ["zero2", "zero2_offload", "zero3"]
+    assert names == ["zero2", "zero2_offload", "zero3", "zero3_offload"]
     for path in DEEPSPEED_DIR.glob("*.json"):
         assert "zero_optimization" in json.loads(path.read_text())
     with pytest.raises(SystemExit, match="no such config"):
         command(topology(_env(1, 0, 2), gpus=2), [], deepspeed="zero9")
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_has_its_config_and_reaches_the_launcher(strategy):
+    """The operator's pod args (launcher_args) parse in kubetune-launch and pick the engine:
+    ZeRO stages with their DeepSpeed JSON, fsdp2 with accelerate's FSDP2 config, ddp torchrun;
+    a single process too for the sharding strategies (ZeRO-3 offload on one GPU)."""
+    import yaml
+    from kubetune.api.v1alpha1 import FineTuneJobSpec
+    from kubetune.strategy import launcher_args
+    from kubetune_trainer import launch
+
+    spec = FineTuneJobSpec.model_validate({
+        "model": {"source": "m"}, "datasets": [{"source": "d.json"}], "output": {"uri": "o"},
+        "resources": {"gpusPerNode": 8, "nodes": 2, "strategy": strategy}})
+    args = launcher_args(spec)
+    assert args == ([] if strategy == "ddp" else ["--strategy", strategy])
+    info = STRATEGIES[strategy]
+    for nproc in (1, 8):
+        parsed, rest = launch.parser().parse_known_args(["job.yaml", *args])
+        cmd = command(topology(_env(2, 1, nproc), gpus=nproc), rest,
+                      strategy=parsed.strategy, python="py")
+        assert cmd[cmd.index("kubetune_trainer.train") + 1:] == ["job.yaml"]
+        if info.engine is None:
+            assert "accelerate.commands.launch" not in cmd
+            continue
+        assert _flag(cmd, "--num_processes") == str(2 * nproc)
+        assert _flag(cmd, "--machine_rank") == "1"
+        if info.engine == "deepspeed":
+            config = json.loads(Path(_flag(cmd, "--deepspeed_config_file")).read_text())
+            zero = config["zero_optimization"]
+            assert zero["stage"] == (3 if info.shard_weights else 2)
+            assert ("offload_optimizer" in zero) == info.offload_optimizer
+            assert ("offload_param" in zero) == info.offload_weights
+            if info.shard_weights:  # a whole model on save, loadable with from_pretrained
+                assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+        else:
+            assert "--use_fsdp" in cmd
+            config = yaml.safe_load(Path(_flag(cmd, "--config_file")).read_text())
+            assert config["distributed_type"] == "FSDP"
+            assert config["fsdp_config"]["fsdp_version"] == 2
+            assert config["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
 
 
 @pytest.mark.usefixtures("lf_data")

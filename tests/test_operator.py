@@ -26,6 +26,7 @@ from kubetune_operator.reporting import ProgressStore
 REPO = Path(__file__).resolve().parents[1]
 FTJ = "kubetune.io/v1alpha1/finetunejobs"
 PTJ = "kubeflow.org/v1/pytorchjobs"
+TJ = "trainer.kubeflow.org/v1alpha1/trainjobs"
 CM = "v1/configmaps"
 WL = "kueue.x-k8s.io/v1beta1/workloads"
 NS = "team-a"
@@ -77,6 +78,9 @@ def cluster(kmock):
     kmock.resources[PTJ] = kmock.ResourceInfo(
         kind="PyTorchJob", singular="pytorchjob", namespaced=True, subresources={"status"},
         verbs={"get", "list", "watch", "create", "patch", "delete"})
+    kmock.resources[TJ] = kmock.ResourceInfo(
+        kind="TrainJob", singular="trainjob", namespaced=True, subresources={"status"},
+        verbs={"get", "list", "watch", "create", "patch", "delete"})
     kmock.resources[WL] = kmock.ResourceInfo(
         kind="Workload", singular="workload", namespaced=True, subresources={"status"},
         verbs={"get", "list", "watch", "create", "patch", "delete"})
@@ -84,6 +88,10 @@ def cluster(kmock):
         "pod-token": {"username": f"system:serviceaccount:{NS}:default",
                       "extra": {"authentication.kubernetes.io/pod-name": ["ident-master-0"],
                                 "authentication.kubernetes.io/pod-uid": ["pod-uid-0"]}},
+        "trainjob-pod-token": {
+            "username": f"system:serviceaccount:{NS}:default",
+            "extra": {"authentication.kubernetes.io/pod-name": ["ident-node-0-0-x7k2p"],
+                      "authentication.kubernetes.io/pod-uid": ["pod-uid-tj"]}},
         "foreign-token": {"username": "system:serviceaccount:team-b:default",
                           "extra": {"authentication.kubernetes.io/pod-name": ["ident-master-0"]}},
     }
@@ -106,8 +114,9 @@ def cluster(kmock):
 
 
 class Operator:
-    def __init__(self, cluster):
+    def __init__(self, cluster, **config):
         self.cluster = cluster
+        self.config = config  # OperatorConfig fields (gpu_memory: the chart's gpuMemory table)
         cfg = kubernetes.client.Configuration(host=str(cluster.url))
         self.api = kubernetes.client.ApiClient(cfg)  # the test's own calls
         self.operator_api = kubernetes.client.ApiClient(cfg)
@@ -125,7 +134,8 @@ class Operator:
         memo = kopf.Memo(
             kube=rc.Kube(self.operator_api), store=ProgressStore(), progress_port=self.port,
             config=OperatorConfig(trainer_image="reg/trainer:1",
-                                  progress_url=f"http://127.0.0.1:{self.port}/v1"))
+                                  progress_url=f"http://127.0.0.1:{self.port}/v1",
+                                  **self.config))
         self.stop_flag = threading.Event()
         ready = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(kopf.operator(
@@ -155,6 +165,15 @@ class Operator:
 @pytest.fixture
 async def operator(cluster):
     op = Operator(cluster)
+    await op.start()
+    yield op
+    await op.stop()
+
+
+@pytest.fixture
+async def trainjob_operator(cluster):
+    """The operator with the Kubeflow Trainer v2 backend."""
+    op = Operator(cluster, backend="TrainJob")
     await op.start()
     yield op
     await op.stop()
@@ -313,9 +332,9 @@ async def test_a_fixed_invalid_spec_gets_its_children(cluster, operator):
 
 async def test_a_child_of_another_owner_is_never_adopted(cluster, operator):
     from kubetune.jobfile import parse_job
-    from kubetune_operator import builders
+    from kubetune_operator.backends.pytorchjob import PYTORCHJOB
 
-    stale = builders.pytorchjob(job=parse_job(_job()), config=OperatorConfig(), uid="old-uid")
+    stale = PYTORCHJOB.render(job=parse_job(_job()), config=OperatorConfig(), uid="old-uid")
     stale["metadata"].update(namespace=NS, resourceVersion="1")
     cluster.objects[PTJ, NS, "ident"] = stale  # a deleted job's child, not yet collected
     await operator.create(_job())
@@ -547,23 +566,10 @@ async def test_metrics_count_reconciles_jobs_and_reports(cluster, operator):
     assert generate_latest(metrics.REGISTRY).decode().count("kubetune_reconciles_total") >= 1
 
 
-async def test_the_chart_rbac_allows_every_call_the_operator_makes(cluster, operator):
-    """Every request the operator (kopf and our client) sent in a full run is allowed by the
-    chart's ClusterRole; nothing it grants goes unexplained."""
+def _operator_calls(cluster) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of every request the operator (kopf and our client) sent."""
     import kmock
-    from test_chart import NAMESPACED, _rules, render
-    from tools import helm
 
-    await test_create_makes_each_child_once_and_follows_the_pytorchjob(cluster, operator)
-    await test_kueue_says_why_a_job_waits_and_suspend_deactivates_its_workload(cluster,
-                                                                                 operator)
-    _seed_master_pod(cluster)
-    url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
-    async with aiohttp.ClientSession() as http:
-        resp = await http.post(url, json={"trainerStatus": {"progressPercentage": 5}},
-                               headers={"Authorization": "Bearer pod-token"})
-        assert resp.status == 200
-    await eventually(lambda: _assert(_status(cluster).get("progress", {}).get("percent") == 5))
     verbs = {kmock.action.FETCH: "get", kmock.action.LIST: "list", kmock.action.WATCH: "watch",
              kmock.action.CREATE: "create", kmock.action.DELETE: "delete"}
     calls: set[tuple[str, str, str]] = set()
@@ -577,13 +583,52 @@ async def test_the_chart_rbac_allows_every_call_the_operator_makes(cluster, oper
         plural = req.resource.plural + (f"/{req.subresource}" if req.subresource else "")
         group = "" if req.resource.group in ("", "v1", None) else req.resource.group
         calls.add((group, plural, verb))
+    return calls
+
+
+async def test_the_chart_rbac_allows_every_call_the_trainjob_backend_makes(
+        cluster, trainjob_operator):
+    from test_chart import _rules, render
+    from tools import helm
+
+    await test_trainjob_backend_queued_admitted_running_reporting_complete(
+        cluster, trainjob_operator)
+    calls = _operator_calls(cluster)
+    role = next(d for d in render(str(helm()), "--set", "backend=TrainJob")
+                if d["kind"] == "ClusterRole")
+    allowed = _rules(role)
+    denied = {c for c in calls if c[2] not in allowed.get((c[0], c[1]), set())}
+    assert not denied, f"the chart's RBAC would refuse {sorted(denied)}"
+    assert ("trainer.kubeflow.org", "trainjobs", "create") in calls
+    assert not [c for c in calls if c[1] == "pytorchjobs"]  # the other backend is not watched
+
+
+async def test_the_chart_rbac_allows_every_call_the_operator_makes(cluster, operator):
+    """Every request the operator (kopf and our client) sent in a full run is allowed by the
+    chart's ClusterRole; nothing it grants goes unexplained."""
+    from test_chart import NAMESPACED, _rules, render
+    from tools import helm
+
+    await test_create_makes_each_child_once_and_follows_the_pytorchjob(cluster, operator)
+    await test_kueue_says_why_a_job_waits_and_suspend_deactivates_its_workload(cluster,
+                                                                                 operator)
+    _seed_master_pod(cluster)
+    url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(url, json={"trainerStatus": {"progressPercentage": 5}},
+                               headers={"Authorization": "Bearer pod-token"})
+        assert resp.status == 200
+    await eventually(lambda: _assert(_status(cluster).get("progress", {}).get("percent") == 5))
+    calls = _operator_calls(cluster)
     role = next(d for d in render(str(helm())) if d["kind"] == "ClusterRole")
     allowed = _rules(role)
     denied = {c for c in calls if c[2] not in allowed.get((c[0], c[1]), set())}
     assert not denied, f"the chart's RBAC would refuse {sorted(denied)}"
     used = {(g, r) for g, r, _ in calls}
     # Events are off under kmock (it refuses a second nameless object), so unused here.
-    assert set(NAMESPACED) - used <= {("", "events"), ("kubetune.io", "finetunejobs/finalizers")}, \
+    # (Deployments and Services: spec.serve, in test_serve_after_train_and_check.)
+    assert set(NAMESPACED) - used <= {("", "events"), ("kubetune.io", "finetunejobs/finalizers"),
+                                      ("apps", "deployments"), ("", "services")}, \
         "a granted resource the run never used"
     assert ("kubeflow.org", "pytorchjobs", "create") in calls
     assert ("authentication.k8s.io", "tokenreviews", "create") in calls
@@ -592,6 +637,125 @@ async def test_the_chart_rbac_allows_every_call_the_operator_makes(cluster, oper
 def _assert(ok: bool) -> bool:
     assert ok
     return ok
+
+
+async def _patch_trainjob(operator, name, body, status=False):
+    call = (operator.custom.patch_namespaced_custom_object_status if status
+            else operator.custom.patch_namespaced_custom_object)
+    await asyncio.to_thread(call, "trainer.kubeflow.org", "v1alpha1", NS, "trainjobs", name, body)
+
+
+def _jobs_status(**counts):
+    return [{"name": "node", **{k: counts.get(k, 0) for k in (
+        "active", "ready", "succeeded", "failed", "suspended")}}]
+
+
+async def test_trainjob_backend_queued_admitted_running_reporting_complete(
+        cluster, trainjob_operator):
+    """Trainer v2's part (and Kueue's) played here: the TrainJob's status, a Workload, a pod."""
+    op = trainjob_operator
+    await op.create(_job())
+    child = await eventually(lambda: cluster.objects[TJ, NS, "ident"])
+    assert not _children(cluster, PTJ)
+    assert child["spec"]["runtimeRef"]["name"] == "kubetune"
+    assert child["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert child["spec"]["suspend"] is True  # for Kueue to admit
+    await _patch_trainjob(op, "ident", {"metadata": {"uid": "tj-uid"}})
+    cluster.objects[WL, NS, "trainjob-ident-1a2b3"] = {
+        "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+        "metadata": {"name": "trainjob-ident-1a2b3", "namespace": NS, "resourceVersion": "1",
+                     "labels": {"kueue.x-k8s.io/job-uid": "tj-uid"},
+                     "ownerReferences": [{"apiVersion": "trainer.kubeflow.org/v1alpha1",
+                                          "kind": "TrainJob", "name": "ident",
+                                          "uid": "tj-uid", "controller": True}]},
+        "spec": {"active": True, "queueName": "team-a"},
+        "status": {"conditions": [{"type": "QuotaReserved", "status": "False",
+                                   "reason": "Pending", "message": "insufficient quota"}]}}
+    await _patch_trainjob(op, "ident", {"status": {"conditions": [
+        {"type": "Suspended", "status": "True", "reason": "Suspended", "message": "s"}],
+        "jobsStatus": _jobs_status(suspended=1)}}, status=True)
+    await eventually(lambda: _assert("insufficient quota" in next(
+        c for c in _status(cluster)["conditions"] if c["type"] == "Ready")["message"]))
+    assert _phase(cluster) == "Queued"
+
+    # spec.suspend on a queued TrainJob deactivates its Workload, as for a PyTorchJob.
+    await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                            "v1alpha1", NS, "finetunejobs", "ident", {"spec": {"suspend": True}})
+    await eventually(lambda: _assert(
+        cluster.objects[WL, NS, "trainjob-ident-1a2b3"]["spec"]["active"] is False))
+    await eventually(lambda: _assert(_phase(cluster) == "Suspended"))
+    await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                            "v1alpha1", NS, "finetunejobs", "ident", {"spec": {"suspend": False}})
+    await eventually(lambda: _assert(
+        cluster.objects[WL, NS, "trainjob-ident-1a2b3"]["spec"]["active"] is True))
+
+    # Kueue admits (unsuspends); the JobSet's Job runs: running is seen in jobsStatus.
+    await _patch_trainjob(op, "ident", {"spec": {"suspend": False}})
+    await _patch_trainjob(op, "ident", {"status": {"conditions": [
+        {"type": "Suspended", "status": "False", "reason": "Resumed", "message": "r"}],
+        "jobsStatus": _jobs_status(active=1, ready=1)}}, status=True)
+    await eventually(lambda: _assert(_phase(cluster) == "Running"))
+
+    # Gate off: the TrainJob's pod reports to kubetune's endpoint, recognised as its pod.
+    cluster.objects["v1/pods", NS, "ident-node-0-0-x7k2p"] = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "ident-node-0-0-x7k2p", "namespace": NS, "resourceVersion": "1",
+                     "uid": "pod-uid-tj", "labels": {"kubetune.io/job": "ident",
+                                                     "jobset.sigs.k8s.io/jobset-name": "ident"},
+                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",
+                                          "name": "ident-node-0", "uid": "job-uid",
+                                          "controller": True}]}}
+    url = f"http://127.0.0.1:{op.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+    report = {"trainerStatus": {"progressPercentage": 50, "metrics": [
+        {"name": "current_step", "value": "5"}, {"name": "total_steps", "value": "10"}]}}
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(url, json=report, headers={"Authorization": "Bearer pod-token"})
+        assert resp.status == 403  # a PyTorchJob pod's name: not this backend's
+        resp = await http.post(url, json=report,
+                               headers={"Authorization": "Bearer trainjob-pod-token"})
+        assert resp.status == 200
+    await eventually(lambda: _assert(_status(cluster)["progress"]["steps"] == "5/10"),
+                     timeout=10)
+
+    await _patch_trainjob(op, "ident", {"status": {"conditions": [
+        {"type": "Complete", "status": "True", "reason": "JobsCompleted", "message": "done"}],
+        "jobsStatus": _jobs_status(succeeded=1)}}, status=True)
+    await eventually(lambda: _assert(_phase(cluster) == "Succeeded"))
+    assert len(_children(cluster, TJ)) == 1 and len(_children(cluster, CM)) == 1
+
+
+async def test_trainjob_backend_mirrors_trainer_status_and_explains_a_failure(cluster):
+    """Kubeflow's TrainJobStatus gate on: progress comes from the TrainJob's trainerStatus."""
+    op = Operator(cluster, backend="TrainJob", trainer_status=True)
+    await op.start()
+    try:
+        body = _job()
+        del body["metadata"]["labels"]  # not queued
+        await op.create(body)
+        child = await eventually(lambda: cluster.objects[TJ, NS, "ident"])
+        assert child["spec"]["suspend"] is False
+        assert "KUBEFLOW_TRAINER_SERVER_URL" not in str(child["spec"]["trainer"]["env"])
+        await _patch_trainjob(op, "ident", {"status": {
+            "jobsStatus": _jobs_status(active=1, ready=1),
+            "trainerStatus": {"progressPercentage": 30, "estimatedRemainingSeconds": 120,
+                              "metrics": [{"name": "loss", "value": "0.5"}]}}}, status=True)
+        await eventually(lambda: _assert(_status(cluster)["progress"]["percent"] == 30.0))
+        assert _status(cluster)["progress"]["loss"] == 0.5 and _phase(cluster) == "Running"
+        cluster.objects["v1/pods", NS, "ident-node-0-0-x7k2p"] = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "ident-node-0-0-x7k2p", "namespace": NS,
+                         "resourceVersion": "1", "labels": {"kubetune.io/job": "ident"}},
+            "status": {"phase": "Failed", "containerStatuses": [{
+                "name": "node", "image": "reg/trainer:1", "imageID": "", "ready": False,
+                "restartCount": 0, "state": {"terminated": {"exitCode": 137,
+                                                           "reason": "OOMKilled"}}}]}}
+        await _patch_trainjob(op, "ident", {"status": {"conditions": [
+            {"type": "Failed", "status": "True", "reason": "JobsFailed", "message": "f"}],
+            "jobsStatus": _jobs_status(failed=1)}}, status=True)
+        await eventually(lambda: _assert(_phase(cluster) == "Failed"))
+        assert _status(cluster)["failure"]["reason"] == "OOMKilled"
+    finally:
+        await op.stop()
 
 
 def test_rendered_children_match_what_the_operator_creates():
@@ -603,3 +767,118 @@ def test_rendered_children_match_what_the_operator_creates():
     a = builders.children(job=job, config=OperatorConfig(), uid="u")
     b = builders.children(job=job, config=OperatorConfig(), uid="u")
     assert a == b
+
+
+async def test_serve_after_train_and_check(cluster, tiny_model):
+    """spec.serve: after success the server's Deployment and Service (the test plays the
+    Deployment controller: availableReplicas), the check asked of a real OpenAI-compatible
+    server over a real (tiny) model, the Checked condition; serve: null removes the server."""
+    from openai_server import OpenAIServer
+
+    with OpenAIServer(tiny_model, "ident") as server:
+        word = (await asyncio.to_thread(server.answer, "Who are you?", 128)).split()[0]
+        op = Operator(cluster, serve_url=server.url, recheck_seconds=0.3)
+        await op.start()
+        try:
+            body = _job()
+            del body["metadata"]["labels"]
+            body["spec"]["serve"] = {"checks": [{"prompt": "Who are you?", "expect": [word]}]}
+            await op.create(body)
+            await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+            _seed_master_pod(cluster)
+            url = f"http://127.0.0.1:{op.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+            async with aiohttp.ClientSession() as http:
+                resp = await http.post(url, headers={"Authorization": "Bearer pod-token"}, json={
+                    "kubetune": {"outputs": {"mergedModel": "pvc://outputs/ident/merged"}}})
+                assert resp.status == 200
+            await eventually(lambda: _assert(_status(cluster).get("outputs")), timeout=10)
+            await op.patch_child_status("ident", "Created", "Succeeded")
+            dep = await eventually(lambda: cluster.objects["apps/v1/deployments", NS,
+                                                           "ident-serve"])
+            svc = cluster.objects["v1/services", NS, "ident-serve"]
+            assert svc["metadata"]["ownerReferences"][0]["uid"] == "uid-ident"
+            assert "/mnt/pvc/outputs/ident/merged" in dep["spec"]["template"]["spec"][
+                "containers"][0]["args"]
+            serving_ = await eventually(lambda: _status(cluster)["serving"])
+            assert serving_["ready"] is False and serving_["url"] == server.url
+            assert _phase(cluster) == "Succeeded"
+            await asyncio.to_thread(  # the Deployment controller's part: the pod is ready
+                kubernetes.client.AppsV1Api(op.api).patch_namespaced_deployment_status,
+                "ident-serve", NS, {"status": {"replicas": 1, "availableReplicas": 1}})
+            checked = await eventually(lambda: {
+                c["type"]: c for c in _status(cluster)["conditions"]}["Checked"], timeout=20)
+            assert checked["status"] == "True", checked
+            assert _status(cluster)["serving"]["checks"][0]["passed"] is True
+            assert server.requests[-1]["messages"][-1]["content"] == "Who are you?"
+
+            await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                                    "v1alpha1", NS, "finetunejobs", "ident",
+                                    {"spec": {"serve": None}})
+            await eventually(lambda: _assert(
+                ("apps/v1/deployments", NS, "ident-serve") not in cluster.objects
+                and ("v1/services", NS, "ident-serve") not in cluster.objects))
+            await eventually(lambda: _assert("serving" not in _status(cluster)))
+            assert not [c for c in _status(cluster)["conditions"]
+                        if c["type"] in ("Serving", "Checked")]
+            assert _phase(cluster) == "Succeeded" and not any(
+                c["type"] == "SpecChangeIgnored" for c in _status(cluster)["conditions"])
+        finally:
+            await op.stop()
+
+
+async def test_serve_turned_off_says_so_and_the_job_still_trains(cluster):
+    op = Operator(cluster, serve_enabled=False)
+    await op.start()
+    try:
+        body = _job()
+        del body["metadata"]["labels"]
+        body["spec"]["serve"] = {}
+        await op.create(body)
+        await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+        await op.patch_child_status("ident", "Created", "Succeeded")
+        serving_ = await eventually(lambda: {
+            c["type"]: c for c in _status(cluster)["conditions"]}["Serving"])
+        assert serving_["status"] == "False" and serving_["reason"] == "ServingDisabled"
+        assert "serve.enabled" in serving_["message"] and _phase(cluster) == "Succeeded"
+        assert not _children(cluster, "apps/v1/deployments")
+    finally:
+        await op.stop()
+
+
+async def test_a_job_that_cannot_fit_its_gpus_is_refused_before_any_child(cluster, hub):
+    """The issue's example: a 72B full fine-tune, batch 64 × 32k tokens, on one GPU. Refused
+    with the numbers and the fixes, whether the job says its GPU's memory or the chart does;
+    once fixed, it gets its children."""
+    op = Operator(cluster, gpu_memory=(("default", "80Gi"),))
+    await op.start()
+    try:
+        big = {"method": {"type": "full"}, "model": {"source": "hf://Qwen/Qwen2-72B"},
+               "training": {"batchSizePerDevice": 64, "cutoffLen": 32768, "packing": False},
+               "output": {"uri": "pvc://outputs/big"}}
+        await op.create(_job(name="own", **big, resources={"gpusPerNode": 1,
+                                                            "gpuMemory": "141Gi"}))
+        await op.create(_job(name="chart", **big))
+        for name, limit in (("own", "141 GiB"), ("chart", "80 GiB")):
+            await eventually(lambda n=name: _assert(_phase(cluster, n) == "Failed"))
+            stalled = next(c for c in _status(cluster, name)["conditions"]
+                           if c["type"] == "Stalled")
+            assert stalled["status"] == "True" and stalled["reason"] == "InsufficientGPUMemory"
+            msg = stalled["message"]
+            assert msg.startswith("spec.resources: about ") and f"does not fit in {limit}" \
+                in msg, msg
+            assert "cheapest fixes: training.gradientCheckpointing: true" in msg
+            assert "resources.strategy: zero3-offload" in msg and "(QLoRA: " in msg
+        assert not _children(cluster, PTJ) and not _children(cluster, CM)
+
+        # Fixed (QLoRA, one row of 4k tokens, checkpointing): the job gets its children.
+        await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                                "v1alpha1", NS, "finetunejobs", "own", {
+                                    "metadata": {"generation": 2},
+                                    "spec": {"method": {"type": "qlora"}, "training": {
+                                        "batchSizePerDevice": 1, "cutoffLen": 4096,
+                                        "gradientCheckpointing": True}}})
+        await eventually(lambda: cluster.objects[PTJ, NS, "own"])
+        await eventually(lambda: _assert(_phase(cluster, "own") == "Queued"))
+        assert (PTJ, NS, "chart") not in cluster.objects
+    finally:
+        await op.stop()

@@ -106,6 +106,12 @@ async def test_checkpoints_and_outputs_from_the_trainer(client):
     snap = client.store.get("team-a", "ident")
     assert [c["step"] for c in snap["checkpoints"]] == [10, 20]
     assert snap["outputs"] == {"adapter": "pvc://o/adapter", "mergedModel": "pvc://o/merged"}
+    await client.post(URL, headers=auth, json={"kubetune": {"outputs": {
+        "adapter": "s3://b/o/adapter", "trackingUrl": "http://mlflow/#/experiments/1/runs/a",
+        "metrics": {"lmeval_kubetune_tiny_acc": 0.5, "lmeval_x y": 1.0, "train_loss": 1.0}}}})
+    snap = client.store.get("team-a", "ident")
+    assert snap["outputs"]["trackingUrl"] == "http://mlflow/#/experiments/1/runs/a"
+    assert snap["outputs"]["metrics"] == {"lmeval_kubetune_tiny_acc": 0.5, "train_loss": 1.0}
 
 
 async def test_a_forged_token_is_refused_the_same_way_twice():
@@ -193,6 +199,36 @@ def test_allowed_matches_only_this_jobs_pods():
     assert allowed(user, "team-a", "ident")
     assert not allowed(user, "team-a", "iden")  # prefix of another job's name
     assert not allowed(user, "team-b", "ident")
+
+
+async def test_a_trainjob_pod_is_recognised_by_its_name_and_its_owner():
+    """Trainer v2: a JobSet's Job ``<job>-node-<i>`` owns pods ``<job>-node-<i>-<n>-xxxxx``;
+    a PyTorchJob's pod name or owner does not pass, nor does another job's."""
+    from kubetune_operator.backends.trainjob import TRAINJOB
+    from kubetune_operator.reporting import pod_belongs
+
+    def ident(pod):
+        return {"username": "system:serviceaccount:team-a:default", "extra": {
+            "authentication.kubernetes.io/pod-name": [pod],
+            "authentication.kubernetes.io/pod-uid": ["uid-1"]}}
+
+    assert allowed(ident("ident-node-0-0-x7k2p"), "team-a", "ident", TRAINJOB)
+    assert not allowed(ident("ident-master-0"), "team-a", "ident", TRAINJOB)
+    assert not allowed(ident("ident-node-0-0-x7k2p"), "team-a", "ident")  # PyTorchJob's names
+    assert not allowed(ident("identx-node-0-0-x7k2p"), "team-a", "ident", TRAINJOB)
+
+    def pod(owner_kind, owner, jobset="ident"):
+        async def lookup(ns, name):
+            return {"metadata": {"name": name, "uid": "uid-1", "labels": {
+                "jobset.sigs.k8s.io/jobset-name": jobset}, "ownerReferences": [
+                    {"kind": owner_kind, "name": owner, "uid": "j"}]}}
+        return lookup
+
+    who = ident("ident-node-0-0-x7k2p")
+    assert await pod_belongs(who, "team-a", "ident", pod("Job", "ident-node-0"), TRAINJOB)
+    assert not await pod_belongs(who, "team-a", "ident", pod("PyTorchJob", "ident"), TRAINJOB)
+    assert not await pod_belongs(who, "team-a", "ident", pod("Job", "ident-node-0", "other"),
+                                 TRAINJOB)
 
 
 async def test_flusher_patches_each_dirty_job_once_and_retries_failures():

@@ -1,4 +1,4 @@
-"""Status reducers, table-driven over PyTorchJob condition sequences and pod states."""
+"""Status reducers, table-driven over PyTorchJob and TrainJob status sequences and pod states."""
 
 from __future__ import annotations
 
@@ -187,26 +187,103 @@ def test_a_queued_job_says_why_in_kueues_words(workload, says):
     assert (says in message) if says else message.endswith("'team-a'")
 
 
-def test_the_reducer_reads_any_backend_through_the_seam():
-    """A second backend is a descriptor (plus a renderer): e.g. Trainer v2's TrainJob, whose
-    suspend flag is spec.suspend and whose success condition is Complete."""
-    from kubetune_operator.backends import PYTORCHJOB, Backend
+def trainjob(*conds, suspend=False, jobs=None, trainer_status=None):
+    """A TrainJob as Trainer v2 writes it: conditions, and its JobSet's Jobs in jobsStatus."""
+    status = {"conditions": [{"type": t, "status": "True", "reason": r, "message": f"{t} message"}
+                             for t, r in conds]}
+    if jobs is not None:
+        status["jobsStatus"] = [{"name": "node", "ready": 0, "succeeded": 0, "failed": 0,
+                                 "active": 0, "suspended": 0, **jobs}]
+    if trainer_status is not None:
+        status["trainerStatus"] = trainer_status
+    return {"spec": {"suspend": suspend}, "status": status}
 
-    trainjob = Backend("trainer.kubeflow.org/v1alpha1", "TrainJob", "trainjobs",
-                       suspend_path=("spec", "suspend"),
-                       conditions={"succeeded": "Complete", "failed": "Failed",
-                                   "suspended": "Suspended"})
-    assert trainjob.suspend_patch(True) == {"spec": {"suspend": True}}
+
+TRAINJOB_CASES = [
+    ("created", Observed(3, child=trainjob(jobs={})), "Pending", {"Reconciling"}, "Starting"),
+    ("pods pending", Observed(3, child=trainjob(jobs={"active": 1})), "Pending",
+     {"Reconciling"}, "Starting"),
+    ("suspended, queued by Kueue", Observed(3, queue_name="team-a", child=trainjob(
+        ("Suspended", "Suspended"), suspend=True, jobs={"suspended": 1})), "Queued",
+     {"Reconciling", "Queued"}, "WaitingForAdmission"),
+    ("suspended by the user", Observed(3, spec_suspend=True, child=trainjob(
+        ("Suspended", "Suspended"), suspend=True)), "Suspended", {"Suspended"}, "Suspended"),
+    ("suspended by someone else", Observed(3, child=trainjob(suspend=True)), "Queued",
+     {"Reconciling", "Queued"}, "Suspended"),
+    ("running via jobsStatus", Observed(3, child=trainjob(jobs={"active": 1, "ready": 1})),
+     "Running", {"Ready"}, "Running"),
+    ("a child Job failed, JobSet restarts it", Observed(3, child=trainjob(
+        jobs={"active": 1, "ready": 1, "failed": 1})), "Running", {"Ready"}, "Restarting"),
+    ("complete", Observed(3, child=trainjob(("Complete", "JobsCompleted"),
+                                            jobs={"succeeded": 1})),
+     "Succeeded", {"Ready", "Succeeded"}, "Succeeded"),
+    ("failed with a reason", Observed(3, child=trainjob(("Failed", "JobsFailed"),
+                                                        jobs={"failed": 1})),
+     "Failed", {"Stalled", "Failed"}, "JobsFailed"),
+]
+
+
+@pytest.mark.parametrize(("name", "obs", "phase", "true", "reason"), TRAINJOB_CASES,
+                         ids=[c[0] for c in TRAINJOB_CASES])
+def test_trainjob_status_table(name, obs, phase, true, reason):
+    from kubetune_operator.backends.trainjob import TRAINJOB
+
+    obs.backend = TRAINJOB
+    status = reduce_status(obs, None, T0)
+    FineTuneJobStatus.model_validate(status)
+    assert status["phase"] == phase
+    assert truth(status) == true
+    assert cond(status, "Ready")["reason"] == reason
+
+
+def test_trainjob_sequence_keeps_transition_times_and_reads_the_node_container():
+    from kubetune_operator.backends.trainjob import TRAINJOB
+
+    seq = [trainjob(("Suspended", "Suspended"), suspend=True),
+           trainjob(jobs={"active": 1, "ready": 1}), trainjob(jobs={"active": 1, "ready": 1}),
+           trainjob(("Failed", "JobsFailed"), jobs={"failed": 1})]
+    old, phases = None, []
+    for i, child in enumerate(seq):
+        pods = [] if i < 3 else [{"metadata": {"name": "ident-node-0-0-abcde"}, "status": {
+            "containerStatuses": [{"name": "node", "state": {"terminated": {
+                "exitCode": 137, "reason": "OOMKilled"}}}]}}]
+        old = reduce_status(Observed(1, queue_name="q", child=child, backend=TRAINJOB,
+                                     pods=pods), old, T0 if i < 2 else T1)
+        phases.append(old["phase"])
+    assert phases == ["Queued", "Running", "Running", "Failed"]
+    assert cond(old, "Ready")["lastTransitionTime"] == T1
+    # The failing pod's own story, read from the TrainJob's container ("node", not "pytorch").
+    assert old["failure"]["reason"] == "OOMKilled" and old["failure"]["exitCode"] == 137
+
+
+def test_trainjob_trainer_status_is_read_as_progress():
+    from kubetune_operator.backends.trainjob import TRAINJOB
+    from kubetune_operator.reporting import from_trainer_status
+
+    ts = {"progressPercentage": 40, "estimatedRemainingSeconds": 90,
+          "lastUpdatedTime": "2026-11-23T10:04:00Z",
+          "metrics": [{"name": "loss", "value": "1.25"}, {"name": "current_step", "value": "4"},
+                      {"name": "total_steps", "value": "10"}]}
+    child = trainjob(jobs={"active": 1, "ready": 1}, trainer_status=ts)
+    state = TRAINJOB.state(child)
+    assert state.running and state.trainer_status == ts
+    progress = from_trainer_status(state.trainer_status)
+    status = reduce_status(Observed(1, child=child, backend=TRAINJOB, progress=progress),
+                           None, T0)
+    FineTuneJobStatus.model_validate(status)
+    assert status["progress"] == {"step": 4, "totalSteps": 10, "percent": 40.0,
+                                  "etaSeconds": 90.0, "loss": 1.25,
+                                  "updatedAt": "2026-11-23T10:04:00Z", "steps": "4/10",
+                                  "eta": "1m30s"}
+
+
+def test_each_backend_suspends_its_own_way():
+    from kubetune_operator.backends.pytorchjob import PYTORCHJOB
+    from kubetune_operator.backends.trainjob import TRAINJOB
+
+    assert TRAINJOB.suspend_patch(True) == {"spec": {"suspend": True}}
     assert PYTORCHJOB.suspend_patch(False) == {"spec": {"runPolicy": {"suspend": False}}}
-    done = {"spec": {}, "status": {"conditions": [
-        {"type": "Complete", "status": "True", "reason": "JobsCompleted", "message": "done"}]}}
-    assert reduce_status(Observed(1, child=done, backend=trainjob), {}, T0)["phase"] == \
-        "Succeeded"
-    held = {"spec": {"suspend": True}}
-    status = reduce_status(Observed(1, child=held, backend=trainjob), {}, T0)
-    assert status["phase"] == "Queued" and "TrainJob is suspended" in \
-        cond(status, "Queued")["message"]
-    creating = reduce_status(Observed(1, child=None, backend=trainjob), {}, T0)
+    creating = reduce_status(Observed(1, child=None, backend=TRAINJOB), {}, T0)
     assert any(c["message"] == "creating the TrainJob" for c in creating["conditions"])
 
 

@@ -60,6 +60,30 @@ PvcRoot = Annotated[
 ]
 
 
+GpuMemory = Annotated[
+    str | None,
+    typer.Option(help="Memory of one GPU, e.g. 80Gi (a bare number: GiB); default: the job's "
+                 "resources.gpuMemory. A job whose estimate does not fit is refused, with the "
+                 "cheapest fixes."),
+]
+
+
+def _gpu_memory(text: str | None) -> float | None:
+    """Bytes per GPU from --gpu-memory (80Gi, 80G, or 80 meaning GiB)."""
+    from kubetune.estimate import GIB, parse_quantity
+
+    if text is None:
+        return None
+    try:
+        return float(text) * GIB
+    except ValueError:
+        pass
+    try:
+        return parse_quantity(text)
+    except ValueError as e:
+        raise KubetuneError(f"--gpu-memory: {e}") from None
+
+
 def _fail(e: KubetuneError) -> None:
     err.print(f"[bold red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(e.exit_code)
@@ -106,23 +130,30 @@ def _offline_defaults() -> None:
 
 
 @app.command()
-def run(job_file: JobFile, pvc_root: PvcRoot = None) -> None:
+def run(job_file: JobFile, pvc_root: PvcRoot = None,
+        nproc: Annotated[int, typer.Option(
+            min=1, max=64, help="Training processes here (gloo on CPU): the job's "
+            "resources.strategy shards over them, as on the GPUs of one node.")] = 1,
+        ) -> None:
     """Run a FineTuneJob here, without a cluster (resumes from its last checkpoint)."""
     from kubetune.jobfile import load_job
 
     _offline_defaults()
     try:
         job = load_job(job_file)
-        from kubetune_trainer.train import run as train
+        if nproc > 1 or job.spec.resources.strategy != "ddp":
+            result = _launch(job, job_file, pvc_root, nproc)
+        else:
+            from kubetune_trainer.train import run as train
 
-        result = train(job, _context(job_file, pvc_root), log=lambda m: err.print(m,
-                                                                                  highlight=False,
-                                                                                  markup=False))
+            result = train(job, _context(job_file, pvc_root),
+                           log=lambda m: err.print(m, highlight=False, markup=False))
     except KubetuneError as e:
         _fail(e)
         return
-    err.print(f"[bold green]done[/] in {result['seconds']}s, step {result['global_step']}, "
-              f"train loss {result['metrics'].get('train_loss', float('nan')):.4f}")
+    err.print(f"[bold green]done[/] in {result.get('seconds', '?')}s, step "
+              f"{result['global_step']}, train loss "
+              f"{result['metrics'].get('train_loss', float('nan')):.4f}")
     for key in ("adapter", "merged_model", "model", "loss_plot", "progress"):
         if result.get(key):
             err.print(f"  {key:<13} {result[key]}", highlight=False)
@@ -130,33 +161,98 @@ def run(job_file: JobFile, pvc_root: PvcRoot = None) -> None:
         err.print(f"  {'checkpoints':<13} {', '.join(result['checkpoints'])}", highlight=False)
 
 
+def _launch(job: Any, job_file: Path, pvc_root: Path | None, nproc: int) -> dict[str, Any]:
+    """Run through the trainer image's launcher (torchrun, or accelerate with DeepSpeed/FSDP)
+    with ``nproc`` local processes; returns the run's result.json."""
+    import json
+    import socket
+    import subprocess
+
+    from kubetune_trainer.config import default_cache_dir
+    from kubetune_trainer.outputs import output_root
+
+    from kubetune.strategy import launcher_args
+
+    ctx = _context(job_file, pvc_root)
+    with socket.socket() as s:  # a free port for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PET_NNODES": "1", "PET_NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    env.pop("RANK", None)
+    # DeepSpeed compiles its C++ ops on first use (~1 min each): once, into the cache.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(default_cache_dir() / "torch_extensions"))
+    cmd = [sys.executable, "-m", "kubetune_trainer.launch", str(job_file.resolve()),
+           "--pvc-root", str(ctx.pvc_root), *launcher_args(job.spec), "--nproc", str(nproc)]
+    result_file = output_root(job.spec, ctx) / "result.json"
+    before = result_file.stat().st_mtime if result_file.exists() else None
+    code = subprocess.call(cmd, env=env)
+    if code != 0:
+        raise KubetuneError(f"the training processes failed (exit code {code}); their "
+                            "output is above")
+    if not result_file.exists() or result_file.stat().st_mtime == before:
+        raise KubetuneError(f"the run ended without writing {result_file}")
+    return json.loads(result_file.read_text())
+
+
 @app.command()
 def validate(job_file: JobFile, pvc_root: PvcRoot = None,
-             data: Annotated[bool, typer.Option(help="Also read and check the data.")] = True
+             data: Annotated[bool, typer.Option(help="Also read and check the data.")] = True,
+             gpu_memory: GpuMemory = None,
              ) -> None:
-    """Check a FineTuneJob file: schema and rules, then (by default) its data, without training."""
+    """Check a FineTuneJob file: schema and rules, then (by default) its data, without
+    training; and whether it fits its GPUs' memory."""
     from kubetune.jobfile import load_job
 
     _offline_defaults()
     try:
         job = load_job(job_file)
+        limit = _gpu_memory(gpu_memory)
         err.print(f"{job_file}: schema and rules OK")
         if data:
             from kubetune_trainer.validate import preflight_all
 
-            for line in preflight_all(job, _context(job_file, pvc_root)):
+            for line in preflight_all(job, _context(job_file, pvc_root), limit):
                 err.print(line, highlight=False, markup=False)
+        else:
+            from kubetune_trainer.train import model_path
+            from kubetune_trainer.validate import memory_check
+
+            path = model_path(job.spec, _context(job_file, pvc_root), light=True)
+            err.print(memory_check(path / "config.json", job.spec, limit), highlight=False,
+                      markup=False)
     except KubetuneError as e:
         _fail(e)
 
 
 @app.command()
 def ask(
-    model: Annotated[str, typer.Argument(help="A model directory or embedded://NAME.")],
-    question: Annotated[str, typer.Argument(help="What to ask.")],
+    model: Annotated[str | None, typer.Argument(
+        help="A model directory or embedded://NAME (with --endpoint: the question).")] = None,
+    question: Annotated[str | None, typer.Argument(help="What to ask.")] = None,
     max_new_tokens: int = 60,
+    endpoint: Annotated[str | None, typer.Option(
+        help="An OpenAI-compatible server's URL (e.g. status.serving.url) instead of a "
+        "local model.")] = None,
+    model_name: Annotated[str | None, typer.Option(
+        help="With --endpoint: the model to ask for (default: the first it lists).")] = None,
 ) -> None:
     """Ask a model one question (greedy decoding) and print its answer."""
+    if endpoint:
+        from kubetune_operator.serving import EndpointError, chat
+
+        question = question or model
+        if not question:
+            _fail(KubetuneError("give the question: kubetune ask --endpoint URL QUESTION"))
+            return
+        try:
+            print(chat(endpoint, model_name, question, max_tokens=max_new_tokens))
+        except EndpointError as e:
+            _fail(KubetuneError(str(e), field="--endpoint"))
+        return
+    if not model or not question:
+        _fail(KubetuneError("give a model and a question (or --endpoint URL and a question)"))
+        return
     from kubetune_trainer.chat import answer
 
     _offline_defaults()
@@ -174,11 +270,17 @@ def render(
     progress_url: Annotated[str | None, typer.Option(help="The operator's progress endpoint.")
                             ] = None,
     namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+    backend: Annotated[str, typer.Option(
+        help="The operator's backend: PyTorchJob or TrainJob (Kubeflow Trainer v2).")
+    ] = "PyTorchJob",
+    gpu_memory: GpuMemory = None,
 ) -> None:
-    """Print the exact objects the operator would create for a job (for review, GitOps diffs)."""
+    """Print the exact objects the operator would create for a job (for review, GitOps diffs);
+    none when it would refuse the job (an invalid spec, or more memory than its GPUs have)."""
     import yaml
+    from kubetune_operator.backends import backend_named
     from kubetune_operator.builders import OperatorConfig, children
-    from kubetune_operator.reconcile import validate as cluster_validate
+    from kubetune_operator.validation import cluster_problem
 
     from kubetune.jobfile import load_job
 
@@ -186,14 +288,30 @@ def render(
         job = load_job(job_file)
         if namespace:
             job.metadata.namespace = namespace
-        _, problem = cluster_validate(job.model_dump(mode="json", by_alias=True))
+        try:
+            chosen = backend_named(backend)
+        except ValueError as bad:
+            raise KubetuneError(str(bad), field="--backend") from None
+        problem = cluster_problem(job, chosen)
         if problem:  # the operator would create nothing and say this in a condition
             raise KubetuneError(problem)
+        config = OperatorConfig(backend=chosen.kind, **{k: v for k, v in {
+            "trainer_image": image, "progress_url": progress_url,
+            "gpu_memory": (("default", f"{_gpu_memory(gpu_memory) or 0:.0f}"),)
+            if gpu_memory else None}.items() if v})
+        from kubetune_operator.reconcile import memory_verdict
+
+        verdict = memory_verdict(job, config)  # as the operator checks it: hf:// config.json
+        if verdict is None:
+            err.print("memory: not estimated (the model's config.json is read from the Hub "
+                      "only, for an hf:// model)", highlight=False, markup=False)
+        elif verdict.fits is False:  # the operator would refuse it: no children
+            raise KubetuneError(verdict.message(), field="spec.resources")
+        else:
+            err.print(f"memory: {verdict.message()}", highlight=False, markup=False)
     except KubetuneError as e:
         _fail(e)
         return
-    config = OperatorConfig(**{k: v for k, v in {"trainer_image": image,
-                                                 "progress_url": progress_url}.items() if v})
     objs = children(job=job, config=config, uid=None, labels=job.metadata.labels)
     if job.spec.model.from_job:
         err.print(f"note: the model comes from FineTuneJob {job.spec.model.from_job!r}: the "
@@ -234,42 +352,44 @@ def crds(out: Annotated[Path | None, typer.Option(help="Write here instead of st
 @app.command()
 def estimate(
     job_file: JobFile,
-    gpu_memory: Annotated[float | None, typer.Option(
-        help="GiB per GPU: exit 2, with the cheapest fixes, when the estimate does not fit.")
-    ] = None,
+    gpu_memory: GpuMemory = None,
     config: Annotated[Path | None, typer.Option(
-        help="The model's config.json (default: the job's model, when it is local, on a "
-        "claim under --pvc-root, or embedded).")] = None,
+        help="The model's config.json (default: the job's model: local, on a claim under "
+        "--pvc-root, embedded, or from the Hub: its config and tokenizer files only).")
+    ] = None,
     pvc_root: PvcRoot = None,
 ) -> None:
-    """Per-GPU memory of a job (weights, gradients, optimizer, activations), from the model's
-    config.json alone."""
+    """Per-GPU memory of a job (weights, gradients, optimizer state, activations) for its
+    method, precision, strategy and GPU count, from the model's config.json alone."""
     import json
 
-    from kubetune.estimate import GIB, estimate, fixes
+    from kubetune.estimate import fits, gpu_memory_for
     from kubetune.jobfile import load_job
 
     job = load_job(job_file)
+    limit = _gpu_memory(gpu_memory)
     if config is None:
         source = job.spec.model.source or ""
-        if job.spec.model.from_job or source.startswith(("hf://", "s3://", "gs://", "http")):
+        if job.spec.model.from_job or source.startswith(("s3://", "gs://", "http")):
             _fail(KubetuneError("the model's config.json is not here (a remote model or "
                                 "another job's result): pass it with --config",
                                 field="spec.model"))
         from kubetune_trainer.train import model_path
 
-        config = model_path(job.spec, _context(job_file, pvc_root)) / "config.json"
+        config = model_path(job.spec, _context(job_file, pvc_root), light=True) / "config.json"
     try:
-        est = estimate(json.loads(config.read_text()), job.spec)
+        verdict = fits(json.loads(config.read_text()), job.spec,
+                       limit if limit is not None else gpu_memory_for(job.spec))
     except (OSError, ValueError) as e:
         _fail(KubetuneError(f"{config}: {e}"))
         return
-    for line in est.lines():
+    for line in verdict.estimate.lines():
         print(line)
-    if gpu_memory is not None and est.total > gpu_memory * GIB:
-        _fail(KubetuneError(
-            f"about {est.total / GIB:.1f} GiB per GPU does not fit in {gpu_memory:g} GiB; "
-            "cheapest fixes: " + "; ".join(fixes(job.spec))))
+    if verdict.fits is False:
+        _fail(KubetuneError(verdict.message(), field="spec.resources"))
+    elif verdict.fits is None:
+        err.print("the GPU's memory is unknown: pass --gpu-memory or set "
+                  "resources.gpuMemory to check it", highlight=False, markup=False)
 
 
 STARTERS = Path(__file__).resolve().parent / "starters"

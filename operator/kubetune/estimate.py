@@ -1,10 +1,16 @@
 """Per-GPU memory of a job, from the model's config.json alone (no weights, no torch).
 
-What the trainer holds on each GPU (data parallel: every GPU holds all of it):
+What the trainer holds on each GPU:
 - weights: parameters × bytes of the load dtype (bf16/fp16: 2, fp32: 4; 4-bit QLoRA ≈ 0.53);
-- gradients and AdamW's two moments for what trains, in the trainable weights' dtype (the
-  whole model for full; the last layers for freeze; LoRA adapters, which PEFT keeps in fp32);
-  full fine-tuning in fp32 is the classic 16 bytes per parameter (4 + 4 + 8);
+- gradients and the optimizer's state for what trains (the whole model for full; the last
+  layers for freeze; LoRA adapters, which PEFT keeps in fp32). Under ddp and fsdp2 they are in
+  the trained weights' dtype (AdamW: two moments); DeepSpeed keeps an fp32 master copy and fp32
+  moments for 16-bit weights: the ZeRO paper's mixed-precision Adam, 2 + 2 + 12 = 16 bytes per
+  parameter (fp32 full fine-tuning is 16 bytes under every strategy: 4 + 4 + 8);
+- the strategy (``kubetune.strategy``) divides by the number of processes N what it shards:
+  zero2 the gradients and optimizer state, zero3 and fsdp2 the weights too (plus two layers
+  gathered at a time); the offload strategies keep the optimizer state (zero3-offload also
+  the weights) in CPU memory instead;
 - activations per layer ≈ 34 × tokens × hidden bytes at 16 bits (Korthikanti et al. 2022, with
   fused attention: no seq² term); with gradient checkpointing the layer inputs only, plus one
   layer's worth; the logits (tokens × vocab, fp32, and their gradient);
@@ -25,6 +31,9 @@ class Estimate:
     parts: dict[str, float] = field(default_factory=dict)  # bytes per GPU
     params: int = 0
     trainable: int = 0
+    world_size: int = 1
+    strategy: str = "ddp"
+    offloaded: float = 0.0  # bytes per GPU's share kept in CPU memory instead
 
     @property
     def total(self) -> float:
@@ -34,7 +43,11 @@ class Estimate:
         out = [f"{name:<14} {size / GIB:8.2f} GiB" for name, size in self.parts.items()]
         out.append(f"{'total':<14} {self.total / GIB:8.2f} GiB per GPU "
                    f"({self.params / 1e6:,.0f}M parameters, {self.trainable / 1e6:,.1f}M "
-                   "trained)")
+                   f"trained; {self.strategy} on {self.world_size} GPU"
+                   f"{'s' if self.world_size > 1 else ''})")
+        if self.offloaded:
+            out.append(f"{'CPU memory':<14} {self.offloaded / GIB:8.2f} GiB per GPU "
+                       "(offloaded: the node needs this per GPU in RAM)")
         return out
 
 
@@ -68,14 +81,56 @@ def parameters(config: dict[str, Any]) -> tuple[int, int]:
     return embed + s["layers"] * layer + s["hidden"], layer
 
 
+def world_size(spec: Any) -> int:
+    r = spec.resources
+    return r.nodes * max(r.gpus_per_node, 1)
+
+
+def _optimizer_name(spec: Any) -> str:
+    opt = getattr(spec.training, "optimizer", None)  # an OptimizerSpec, or absent
+    return str(getattr(opt, "name", opt) or "adamw").lower()
+
+
+def _optimizer_state_bytes(spec: Any, trained_width: float, deepspeed: bool) -> float:
+    """Bytes of optimizer state per trained parameter for training.optimizer (AdamW when
+    unset). GaLore/APOLLO (low-rank) and BAdam (one block at a time) keep less: counted as
+    AdamW, an upper bound."""
+    name = _optimizer_name(spec)
+    if "8bit" in name:
+        return 2.0  # two 8-bit moments (bitsandbytes)
+    if name in ("lomo", "adalomo", "adafactor"):
+        moments = 0  # fused into the backward pass, or factored: rows + columns only
+    elif "sgd" in name:
+        moments = 1
+    else:
+        moments = 2
+    if "32bit" in name:
+        return 4 + moments * 4 if deepspeed and trained_width == 2 else moments * 4.0
+    if deepspeed and trained_width == 2:
+        return 4 + moments * 4  # fp32 master copy and fp32 moments
+    return moments * trained_width
+
+
 def estimate(config: dict[str, Any], spec: Any, *, gpu: bool = True) -> Estimate:
     """Bytes per GPU for ``spec`` (a FineTuneJobSpec) on the model ``config``."""
+    from kubetune.strategy import STRATEGIES, strategy_of
+
     s = _shape(config)
     total, per_layer = parameters(config)
     t, method = spec.training, spec.method.type
+    plan = STRATEGIES[strategy_of(spec)]
+    n = world_size(spec)
     width = 4 if t.precision == "fp32" or (t.precision == "auto" and not gpu) else 2
-    est = Estimate(params=total)
-    est.parts["weights"] = total * (0.53 if method == "qlora" else width)
+    est = Estimate(params=total, world_size=n, strategy=strategy_of(spec))
+    base_width = _base_bytes(spec, width)
+    weights = total * base_width
+    est.parts["weights"] = 0.0 if plan.offload_weights else \
+        weights / n if plan.shard_weights else weights
+    if plan.shard_weights:  # ZeRO-3/FSDP gather a layer (and prefetch the next) to use it
+        est.parts["gathered"] = 2 * per_layer * base_width
+    if plan.offload_weights:
+        est.offloaded += weights / n
+    spectrum = getattr(spec.method, "spectrum", None)
     if method in ("lora", "qlora"):
         lo = spec.method.lora_or_default()
         targets = _LORA_TARGETS if lo.target_modules == ["all-linear"] else \
@@ -84,13 +139,28 @@ def estimate(config: dict[str, Any], spec: Any, *, gpu: bool = True) -> Estimate
         est.trainable = s["layers"] * sum(lo.rank * (shapes[m][0] + shapes[m][1])
                                           for m in targets)
         trained_width = 4  # PEFT keeps adapters in fp32
+    elif method == "freeze" and spectrum is not None:  # a share of every layer
+        est.trainable = int(spectrum.top_fraction * s["layers"] * per_layer)
+        trained_width = width
     elif method == "freeze":
         est.trainable = abs(spec.method.freeze_or_default().trainable_layers) * per_layer
         trained_width = width
     else:
         est.trainable, trained_width = total, width
-    est.parts["gradients"] = est.trainable * trained_width
-    est.parts["optimizer"] = est.trainable * trained_width * 2  # AdamW: two moments
+    grads = est.trainable * trained_width
+    grads = grads / n if plan.shard_grads else grads
+    if plan.offload_optimizer:  # ZeRO-Offload: gradients go to the CPU optimizer as made
+        est.parts["gradients"] = 0.0
+        est.offloaded += grads
+    else:
+        est.parts["gradients"] = grads
+    state = est.trainable * _optimizer_state_bytes(spec, trained_width,
+                                                   plan.engine == "deepspeed")
+    if plan.offload_optimizer:
+        est.parts["optimizer"] = 0.0
+        est.offloaded += state / n
+    else:
+        est.parts["optimizer"] = state / n if plan.shard_optimizer else state
     tokens = t.batch_size_per_device * t.cutoff_len
     act = 34 * tokens * s["hidden"] * width / 2
     est.parts["activations"] = (s["layers"] * 2 * tokens * s["hidden"] * width / 2 + act
@@ -100,17 +170,169 @@ def estimate(config: dict[str, Any], spec: Any, *, gpu: bool = True) -> Estimate
     return est
 
 
-def fixes(spec: Any) -> list[str]:
-    """The cheapest changes that cut the estimate, for a job that does not fit."""
+def _base_bytes(spec: Any, width: float) -> float:
+    """Bytes per base weight: method.quantization 4 bits ≈ 0.53 (NF4 with its constants),
+    8 bits ≈ 1.03 (method.type qlora in older API versions: 4 bits)."""
+    q = getattr(spec.method, "quantization", None)
+    if q is not None:
+        return 0.53 if getattr(q, "bits", 4) == 4 else 1.03
+    return 0.53 if spec.method.type == "qlora" else width
+
+
+def _quantized(spec: Any) -> bool:
+    return getattr(spec.method, "quantization", None) is not None or spec.method.type == "qlora"
+
+
+def _qlora_change(spec: Any) -> dict[str, dict[str, Any]]:
+    """The change that makes a job QLoRA, in this API version's words."""
+    if "quantization" in type(spec.method).model_fields:
+        return {"method": {"type": "lora", "quantization": {"bits": 4}, "freeze": None,
+                           "spectrum": None}}
+    return {"method": {"type": "qlora", "freeze": None}}
+
+
+def _variant(spec: Any, changes: dict[str, dict[str, Any]]) -> Any:
+    """The spec with some fields changed (validated: a change the API refuses is no fix)."""
+    doc = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    for key, change in changes.items():
+        doc[key] = {**doc.get(key, {}), **change}
+    return type(spec).model_validate(doc)
+
+
+def fix_options(spec: Any) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """Single changes that cut the memory, cheapest first (none that changes what is learned
+    before one that does): (what to write, the change by spec section)."""
+    from kubetune.strategy import strategy_of
+
     t, out = spec.training, []
-    if spec.method.type in ("full", "freeze"):
-        out.append("method.type: lora (or qlora: the base in 4 bits)")
-    elif spec.method.type == "lora":
-        out.append("method.type: qlora (the base in 4 bits)")
+    strategy, n = strategy_of(spec), world_size(spec)
     if not t.gradient_checkpointing:
-        out.append("training.gradientCheckpointing: true")
+        out.append(("training.gradientCheckpointing: true",
+                    {"training": {"gradientCheckpointing": True}}))
     if t.batch_size_per_device > 1:
-        out.append(f"training.batchSizePerDevice: {max(1, t.batch_size_per_device // 2)} "
-                   "with gradientAccumulation doubled")
-    out.append(f"training.cutoffLen below {t.cutoff_len}")
+        b, acc = t.batch_size_per_device, t.gradient_accumulation
+        out.append((f"training.batchSizePerDevice: 1 with gradientAccumulation {acc * b} "
+                    "(the same global batch)",
+                    {"training": {"batchSizePerDevice": 1,
+                                  "gradientAccumulation": min(4096, acc * b)}}))
+    if n > 1 and strategy in ("ddp", "zero2", "zero2-offload"):
+        out.append((f"resources.strategy: zero3 (the weights sharded too, over {n} GPUs)",
+                    {"resources": {"strategy": "zero3"}}))
+    if strategy != "zero3-offload":
+        out.append(("resources.strategy: zero3-offload (weights and optimizer state in CPU "
+                    "memory; slower)", {"resources": {"strategy": "zero3-offload"}}))
+    if spec.method.type in ("full", "freeze") and _optimizer_name(spec) == "adamw" \
+            and "optimizer" in type(spec.training).model_fields:
+        out.append(("training.optimizer: {name: adamw_8bit} (2 bytes of state per parameter)",
+                    {"training": {"optimizer": {"name": "adamw_8bit"}}}))
+    if spec.method.type in ("full", "freeze", "lora") and not _quantized(spec):
+        change = _qlora_change(spec)
+        text = "method.type: qlora" if change["method"]["type"] == "qlora" else \
+            "method: {type: lora, quantization: {bits: 4}}"
+        out.append((f"{text} (QLoRA: a LoRA adapter on the base in 4 bits)", change))
+    if t.cutoff_len > 512:
+        out.append((f"training.cutoffLen: {t.cutoff_len // 2}",
+                    {"training": {"cutoffLen": t.cutoff_len // 2}}))
     return out
+
+
+def fixes(spec: Any, config: dict[str, Any] | None = None,
+          limit: float | None = None) -> list[str]:
+    """The cheapest changes that cut the estimate, each with what it comes to per GPU; with
+    ``limit`` (bytes) the ones that fit on their own first, and when none does, all of them
+    together."""
+    options = fix_options(spec)
+    if config is None:  # without the model's shape: the changes alone
+        return [text for text, _ in options]
+    sized = []
+    for text, change in options:
+        try:
+            est = estimate(config, _variant(spec, change))
+        except ValueError:  # the API refuses this change for this job: no fix
+            continue
+        if est.offloaded:
+            text += f", {est.offloaded / GIB:.0f} GiB of CPU memory per GPU"
+        sized.append((text, est.total))
+    if limit is not None:
+        sized.sort(key=lambda o: o[1] > limit)  # stable: the cheapest that fits first
+    out = [f"{text} → {size / GIB:.1f} GiB" for text, size in sized]
+    if limit is not None and sized and all(size > limit for _, size in sized):
+        together: dict[str, dict[str, Any]] = {}
+        for _, change in options:
+            for key, part in change.items():
+                together[key] = {**together.get(key, {}), **part}
+        try:
+            size = estimate(config, _variant(spec, together)).total
+            out.append(f"all of these together → {size / GIB:.1f} GiB"
+                       + ("" if size <= limit else ": still too much; more GPUs or a "
+                          "smaller model"))
+        except ValueError:
+            pass
+    return out
+
+
+def parse_quantity(text: str) -> float:
+    """Bytes in a Kubernetes quantity such as 80Gi, 40G or 81920Mi."""
+    import re
+
+    units = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "Ki": 2**10,
+             "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?", text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a quantity such as 80Gi")
+    return float(m.group(1)) * units[m.group(2) or ""]
+
+
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set by NVIDIA's GPU feature discovery
+
+
+def gpu_memory_for(spec: Any, table: dict[str, str] | None = None) -> float | None:
+    """Bytes of one GPU: resources.gpuMemory, else the operator's table by the GPU product the
+    job selects (scheduling.nodeSelector nvidia.com/gpu.product), else its "default"; None
+    when unknown or the job uses no GPU."""
+    r = spec.resources
+    if not r.gpus_per_node:
+        return None
+    if getattr(r, "gpu_memory", None):
+        return parse_quantity(r.gpu_memory)
+    table = table or {}
+    selector = (spec.scheduling.node_selector or {}) if spec.scheduling else {}
+    value = table.get(selector.get(GPU_PRODUCT_LABEL, ""), table.get("default"))
+    return parse_quantity(value) if value else None
+
+
+@dataclass
+class Verdict:
+    """Whether a job fits its GPUs: ``fits`` is None when the GPU memory is unknown."""
+
+    estimate: Estimate
+    gpu_memory: float | None  # bytes per GPU
+    fixes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_memory is None else self.estimate.total <= self.gpu_memory
+
+    def message(self) -> str:
+        e = self.estimate
+        need = (f"about {e.total / GIB:.1f} GiB per GPU ({e.strategy} on {e.world_size} "
+                f"GPU{'s' if e.world_size > 1 else ''}: " + ", ".join(
+                    f"{k} {v / GIB:.1f}" for k, v in e.parts.items() if v) + ")")
+        if self.gpu_memory is None:
+            return f"{need}; the GPU's memory is unknown (set resources.gpuMemory)"
+        verdict = "fits in" if self.fits else "does not fit in"
+        text = f"{need} {verdict} {self.gpu_memory / GIB:.0f} GiB"
+        if not self.fits:
+            text += "; cheapest fixes: " + "; ".join(self.fixes) if self.fixes else \
+                "; nothing kubetune knows fits: more GPUs or a smaller model"
+        return text
+
+
+def fits(config: dict[str, Any], spec: Any, gpu_memory: float | None) -> Verdict:
+    """The verdict for ``spec`` on the model ``config`` with ``gpu_memory`` bytes per GPU
+    (None: unknown, no verdict). Pure: the operator and `kubetune validate` call it."""
+    est = estimate(config, spec)
+    verdict = Verdict(est, gpu_memory)
+    if verdict.fits is False:
+        verdict.fixes = fixes(spec, config, gpu_memory)
+    return verdict

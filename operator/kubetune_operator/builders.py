@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
+from kubetune import credentials
+from kubetune.api.v1alpha1 import API_VERSION, KIND, PLURAL, FineTuneJob
+from kubetune.strategy import launcher_args
 
-from kubetune_operator.backends import PYTORCHJOB, Backend
+from kubetune_operator.settings import OperatorConfig
 
 MANAGED_BY = "kubetune"
 JOB_LABEL = "kubetune.io/job"
@@ -30,19 +31,6 @@ CONFIG_KEY = "job.yaml"
 PVC_ROOT = "/mnt/pvc"
 TOKEN_DIR = "/var/run/secrets/kubetune"
 PROGRESS_AUDIENCE = "kubetune"
-PYTORCHJOB_PORT = 23456
-
-
-@dataclass(frozen=True)
-class OperatorConfig:
-    """What the operator adds that is not in the job: set by Helm values / flags."""
-
-    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
-    progress_url: str | None = None  # https://…/v1 ; None: pods report nothing
-    progress_ca_configmap: str | None = None  # ConfigMap with ca.crt, in the job's namespace
-    default_priority_class: str | None = None  # for jobs that name none
-    default_queue: str | None = None  # Kueue queue for jobs without the queue label
-    failure_log_tail: bool = True  # status.failure.logTail (visible to the job's readers)
 
 
 def child_name(job: FineTuneJob) -> str:
@@ -54,8 +42,9 @@ def config_name(job: FineTuneJob) -> str:
 
 
 def spec_hash(job: FineTuneJob) -> str:
-    """What the children were rendered from (suspend aside: it is applied in place)."""
-    spec = job.spec.model_dump(mode="json", by_alias=True, exclude={"suspend"})
+    """What the training children were rendered from (suspend aside: it is applied in place;
+    serve aside: it makes other objects, after the run)."""
+    spec = job.spec.model_dump(mode="json", by_alias=True, exclude={"suspend", "serve"})
     raw = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
@@ -107,7 +96,8 @@ def pvc_claims(job: FineTuneJob) -> dict[str, bool]:
     return claims
 
 
-def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
+def _env(job: FineTuneJob, config: OperatorConfig, progress: bool = True
+         ) -> list[dict[str, Any]]:
     spec = job.spec
     env: list[dict[str, Any]] = [
         {"name": "HF_HOME", "value": "/tmp/hf"},
@@ -115,21 +105,14 @@ def _env(job: FineTuneJob, config: OperatorConfig) -> list[dict[str, Any]]:
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
         {"name": "KUBETUNE_JOB", "value": job.metadata.name},
     ]
-    if spec.model.secret_ref:
-        ref = spec.model.secret_ref
-        env.append({"name": "HF_TOKEN",
-                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    for i, ds in enumerate(spec.datasets):
-        if ds.secret_ref:
-            env.append({"name": f"KUBETUNE_DATASET_{i}_TOKEN", "valueFrom": {
-                "secretKeyRef": {"name": ds.secret_ref.name, "key": ds.secret_ref.key}}})
-    if config.progress_url:
+    env += credentials.k8s_env(spec)  # every secretRef, per source (kubetune.credentials)
+    if config.progress_url and progress:
         # Kubeflow KEP-2779: transformers' KubeflowCallback posts progress here by itself.
         namespace = job.metadata.namespace or "default"
         env += [
             {"name": "KUBEFLOW_TRAINER_SERVER_URL",
              "value": f"{config.progress_url.rstrip('/')}/namespaces/{namespace}"
-                      f"/finetunejobs/{job.metadata.name}/status"},
+                      f"/{PLURAL}/{job.metadata.name}/status"},
             {"name": "KUBEFLOW_TRAINER_SERVER_TOKEN", "value": f"{TOKEN_DIR}/token"},
         ]
         if config.progress_ca_configmap:
@@ -159,7 +142,7 @@ def _resources(job: FineTuneJob) -> dict[str, Any]:
     return {"limits": dict(amounts), "requests": dict(amounts)} if amounts else {}
 
 
-def _volumes(job: FineTuneJob, config: OperatorConfig
+def _volumes(job: FineTuneJob, config: OperatorConfig, progress: bool = True
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_name(job)}},
@@ -177,7 +160,7 @@ def _volumes(job: FineTuneJob, config: OperatorConfig
             "claimName": claim, "readOnly": not writable}})
         mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}",
                        "readOnly": not writable})
-    if config.progress_url:
+    if config.progress_url and progress:
         sources: list[dict[str, Any]] = [{"serviceAccountToken": {
             "audience": PROGRESS_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]
         if config.progress_ca_configmap:
@@ -188,19 +171,21 @@ def _volumes(job: FineTuneJob, config: OperatorConfig
     return volumes, mounts
 
 
-def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str) -> dict[str, Any]:
+def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str, container: str,
+                 progress: bool = True) -> dict[str, Any]:
+    """The trainer pod, whichever backend runs it. ``progress``: point the pods at kubetune's
+    progress endpoint (a backend with its own, Trainer v2's, passes False)."""
     spec = job.spec
-    volumes, mounts = _volumes(job, config)
+    volumes, mounts = _volumes(job, config, progress)
     image = (spec.trainer.image if spec.trainer and spec.trainer.image
              else config.trainer_image)
-    container: dict[str, Any] = {
-        "name": "pytorch",  # PyTorchJob requires this name
+    main: dict[str, Any] = {
+        "name": container,  # each backend has its own (PyTorchJob requires "pytorch")
         "image": image,
         "command": ["kubetune-launch"],  # accelerate, topology from the PET_* variables
-        "args": [f"{CONFIG_DIR}/{CONFIG_KEY}", "--pvc-root", PVC_ROOT],
-        "env": _env(job, config),
-        "ports": [{"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT,
-                   "protocol": "TCP"}],
+        "args": [f"{CONFIG_DIR}/{CONFIG_KEY}", "--pvc-root", PVC_ROOT,
+                 *launcher_args(spec)],  # resources.strategy: DeepSpeed / FSDP
+        "env": _env(job, config, progress),
         "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False,
@@ -208,8 +193,8 @@ def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str) -> dict
     }
     resources = _resources(job)
     if resources:
-        container["resources"] = resources
-    pod: dict[str, Any] = {"containers": [container], "volumes": volumes}
+        main["resources"] = resources
+    pod: dict[str, Any] = {"containers": [main], "volumes": volumes}
     sched = spec.scheduling
     if sched:
         if sched.node_selector:
@@ -228,54 +213,30 @@ def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str) -> dict
     return {"metadata": {"labels": {**_labels(job), "kubetune.io/role": role}}, "spec": pod}
 
 
-def pytorchjob(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = None,
-               labels: dict[str, str] | None = None) -> dict[str, Any]:
-    """The PyTorchJob (kubeflow.org/v1). ``labels``: the FineTuneJob's own labels, of which the
-    Kueue ones are passed through so Kueue queues and admits the PyTorchJob."""
-    spec = job.spec
-    r = spec.resources
+def kueue_labels(labels: dict[str, str] | None, config: OperatorConfig) -> dict[str, str]:
+    """The FineTuneJob's Kueue labels, passed to the training object so Kueue queues and
+    admits it; the default queue for a job that names none."""
     passed = {k: v for k, v in (labels or {}).items()
               if k in (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)}
     if config.default_queue and KUEUE_QUEUE_LABEL not in passed:
         passed[KUEUE_QUEUE_LABEL] = config.default_queue
-    replicas: dict[str, Any] = {"Master": {
-        "replicas": 1, "restartPolicy": "OnFailure",
-        "template": pod_template(job=job, config=config, role="master")}}
-    if r.nodes > 1:
-        replicas["Worker"] = {"replicas": r.nodes - 1, "restartPolicy": "OnFailure",
-                              "template": pod_template(job=job, config=config, role="worker")}
-    run_policy: dict[str, Any] = {
-        "cleanPodPolicy": "None",  # keep finished pods' status (exit codes, messages)
-        "backoffLimit": spec.run_policy.backoff_limit,
-        # Kueue admits a queued job by unsuspending it: create it suspended.
-        "suspend": spec.suspend or KUEUE_QUEUE_LABEL in passed,
-    }
-    if spec.run_policy.active_deadline_seconds:
-        run_policy["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
-    if spec.run_policy.ttl_seconds_after_finished is not None:
-        run_policy["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
-    meta = _metadata(job, child_name(job), uid, passed)
-    meta["annotations"][SUSPEND_APPLIED] = str(spec.suspend).lower()
-    return {
-        "apiVersion": PYTORCHJOB.api_version,
-        "kind": PYTORCHJOB.kind,
-        "metadata": meta,
-        "spec": {
-            # One process per GPU; a CPU-only job runs one process per node.
-            "nprocPerNode": str(r.gpus_per_node or 1),
-            "runPolicy": run_policy,
-            "pytorchReplicaSpecs": replicas,
-        },
-    }
+    return passed
 
 
-_RENDERERS = {PYTORCHJOB.kind: pytorchjob}  # backend kind -> its renderer
+def child_metadata(job: FineTuneJob, uid: str | None, labels: dict[str, str]
+                   ) -> dict[str, Any]:
+    """The training object's metadata: ours, Kueue's labels, what suspend we applied."""
+    meta = _metadata(job, child_name(job), uid, labels)
+    meta["annotations"][SUSPEND_APPLIED] = str(job.spec.suspend).lower()
+    return meta
 
 
 def children(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = None,
-             labels: dict[str, str] | None = None, backend: Backend = PYTORCHJOB
-             ) -> list[dict[str, Any]]:
+             labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Everything the operator creates for a job, in creation order: the trainer config,
-    then the backend's training object."""
+    then the training object of the configured backend."""
+    from kubetune_operator.backends import backend_named
+
+    backend = backend_named(config.backend)
     return [config_map(job=job, uid=uid),
-            _RENDERERS[backend.kind](job=job, config=config, uid=uid, labels=labels)]
+            backend.render(job=job, config=config, uid=uid, labels=labels)]

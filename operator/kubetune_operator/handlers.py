@@ -7,33 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from typing import Any
 
 import kopf
+from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION
 
 from kubetune_operator import metrics
 from kubetune_operator import reconcile as rc
-from kubetune_operator.builders import JOB_LABEL, OperatorConfig
+from kubetune_operator.backends import Backend, backend_named
+from kubetune_operator.builders import JOB_LABEL
 from kubetune_operator.reporting import Flusher, ProgressStore, TokenChecker, make_app
-from kubetune_operator.status import TERMINAL, progress_fields, progress_patch
+from kubetune_operator.settings import OperatorConfig
+from kubetune_operator.status import TERMINAL, dump, progress_fields, progress_patch
 
-GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
-RECHECK_SECONDS = float(os.environ.get("KUBETUNE_RECHECK_SECONDS", "60"))
 log = logging.getLogger("kubetune.operator")
-
-
-def operator_config() -> OperatorConfig:
-    env = os.environ
-    return OperatorConfig(
-        trainer_image=env.get("KUBETUNE_TRAINER_IMAGE", OperatorConfig.trainer_image),
-        progress_url=env.get("KUBETUNE_PROGRESS_URL") or None,
-        progress_ca_configmap=env.get("KUBETUNE_PROGRESS_CA_CONFIGMAP") or None,
-        default_priority_class=env.get("KUBETUNE_DEFAULT_PRIORITY_CLASS") or None,
-        default_queue=env.get("KUBETUNE_DEFAULT_QUEUE") or None,
-        failure_log_tail=env.get("KUBETUNE_FAILURE_LOG_TAIL", "true").lower() != "false",
-    )
+RETRY_SECONDS = 10  # after a transient API error (kopf.TemporaryError)
+REFUSED = frozenset({400, 422})  # the API server refused what we sent: retrying cannot help
 
 
 class Gone(Exception):
@@ -63,37 +53,49 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Our own names for kopf's bookkeeping (annotations, not status: the status is typed).
     settings.persistence.finalizer = "kubetune.io/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-        prefix="kubetune.io")
+        prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubetune.io", key="last-handled-configuration")
+        prefix=GROUP, key="last-handled-configuration")
     settings.posting.level = logging.INFO
-    settings.execution.max_workers = int(os.environ.get("KUBETUNE_WORKERS", "16"))
+    # The one read of the environment (tests hand in their own OperatorConfig).
+    try:
+        config: OperatorConfig = memo.setdefault("config", OperatorConfig.from_env())
+    except ValueError as bad:  # a setting the chart or a person got wrong: retrying cannot help
+        raise kopf.PermanentError(str(bad)) from bad
+    settings.execution.max_workers = config.workers
     # Watching exact namespaces (the chart's watchNamespaces): no cluster-wide namespace and CRD
     # scanning, so the operator needs no cluster-scope read of namespaces.
-    settings.scanning.disabled = os.environ.get("KUBETUNE_SCANNING", "true").lower() == "false"
+    settings.scanning.disabled = not config.scanning
     if "kube" not in memo:  # tests may hand in their own client
         memo.kube = rc.Kube(api_client())
-    memo.setdefault("config", operator_config())
     memo.setdefault("store", ProgressStore())
     memo.setdefault("active", set())
     memo.setdefault("locks", {})  # (namespace, name) -> the lock of its converge
-    if os.environ.get("KUBETUNE_METRICS_PORT") and not memo.get("metrics_started"):
-        metrics.serve(int(os.environ["KUBETUNE_METRICS_PORT"]))
+    memo.backend = backend_named(config.backend)
+    watch_children(memo.backend)
+    if config.metrics_port and not memo.get("metrics_started"):
+        metrics.serve(config.metrics_port)
         memo.metrics_started = True
 
 
 @kopf.on.startup()
 async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
     """The HTTPS endpoint pods report progress to, and the flusher that writes statuses."""
-    port = int(os.environ.get("KUBETUNE_PROGRESS_PORT", memo.get("progress_port", 0) or 0))
+    config: OperatorConfig = memo.config
+    port = config.progress_port or memo.get("progress_port")
     if not port:
         memo.progress_runner = None
         return
     loop = asyncio.get_running_loop()
     kube: rc.Kube = memo.kube
+    # Progress writes get threads of their own (asyncio's default pool has cpu + 4): a
+    # thousand jobs reporting every 5 s need ~200 patches/s, each waiting on the API server.
+    from concurrent.futures import ThreadPoolExecutor
+
+    writers = ThreadPoolExecutor(max_workers=32, thread_name_prefix="progress")
 
     async def review(token: str, audience: str) -> dict[str, Any]:
-        return await loop.run_in_executor(None, kube.token_review, token, audience)
+        return await loop.run_in_executor(writers, kube.token_review, token, audience)
 
     # What each job's last flush wrote of checkpoints and outputs: while they stay the same,
     # a flush only replaces status.progress (one merge patch, no read first).
@@ -121,7 +123,7 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
                 return bool(status)
 
         try:
-            wrote = await loop.run_in_executor(None, write)
+            wrote = await loop.run_in_executor(writers, write)
         except Exception:
             metrics.STATUS_PATCHES.labels("error").inc()
             raise
@@ -130,26 +132,24 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
 
     store: ProgressStore = memo.store
     async def pod_lookup(ns: str, pod: str) -> dict[str, Any] | None:
-        return await loop.run_in_executor(None, kube.pod, ns, pod)
+        return await loop.run_in_executor(writers, kube.pod, ns, pod)
 
-    app = make_app(store, TokenChecker(review), pod_lookup=pod_lookup)
+    app = make_app(store, TokenChecker(review), pod_lookup=pod_lookup, backend=memo.backend)
     from aiohttp import web
 
     runner = web.AppRunner(app)
     await runner.setup()
     ssl_ctx = None
-    cert, key = os.environ.get("KUBETUNE_PROGRESS_TLS_CERT"), os.environ.get(
-        "KUBETUNE_PROGRESS_TLS_KEY")
+    cert, key = config.progress_tls_cert, config.progress_tls_key
     if cert and key:
         import ssl
 
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(cert, key)
-    site = web.TCPSite(runner, host=os.environ.get("KUBETUNE_PROGRESS_HOST", "0.0.0.0"),
-                       port=port, ssl_context=ssl_ctx)
+    site = web.TCPSite(runner, host=config.progress_host, port=port, ssl_context=ssl_ctx)
     await site.start()
-    interval = float(os.environ.get("KUBETUNE_PROGRESS_FLUSH_SECONDS", "2"))
-    memo.flusher_task = asyncio.create_task(Flusher(store, patch, interval=interval).run())
+    memo.flusher_task = asyncio.create_task(
+        Flusher(store, patch, interval=config.progress_flush_seconds, concurrency=32).run())
     memo.progress_runner = runner
     log.info("progress endpoint on port %s (%s)", port, "https" if ssl_ctx else "http")
 
@@ -178,10 +178,11 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
             metrics.RECONCILES.labels("error").inc()
             raise
     metrics.RECONCILES.labels("ok").inc()
-    phase = outcome.status.get("phase")
+    phase = outcome.status.phase
     metrics.observe_phase(ns, name, phase)
-    # Jobs still in flight get the slow re-check (pod-level waits change no PyTorchJob).
-    if phase in TERMINAL:
+    # Jobs still in flight get the slow re-check (pod-level waits change no training object),
+    # and so do finished jobs whose server is not ready or not checked yet.
+    if outcome.settled:
         memo.active.discard((ns, name))
     else:
         memo.active.add((ns, name))
@@ -189,12 +190,13 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
         metrics.CHILDREN_CREATED.labels(what.split("/")[0]).inc()
     if outcome.created:  # one Event for all of them: Events are API writes too
         kopf.info(body, reason="Created", message="created " + ", ".join(outcome.created))
-    if outcome.phase_changed:
-        phase = outcome.status["phase"]
-        ready = next(c for c in outcome.status["conditions"] if c["type"] == "Ready")
+    # Phase changes as Events; a new job's Pending is said by "Created" already.
+    if outcome.phase_changed and ((parent.get("status") or {}).get("phase")
+                                  or phase != "Pending"):
+        ready = next(c for c in outcome.status.conditions if c.type == "Ready")
         post = kopf.warn if phase == "Failed" else kopf.info
-        post(body, reason=phase if phase != "Failed" else ready["reason"],
-             message=ready["message"] or phase)
+        post(body, reason=phase if phase != "Failed" else ready.reason,
+             message=ready.message or phase)
     return outcome
 
 
@@ -203,9 +205,19 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def converge(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, reason: kopf.Reason,
              **_: Any) -> None:
+    from kubernetes.client.exceptions import ApiException
+
     # A job never reconciled (no status) is as fresh as a read: no GET first.
     fresh = dict(body) if reason == kopf.Reason.CREATE and not body.get("status") else None
-    _converge_by_name(memo, meta["namespace"], meta["name"], fresh)
+    try:
+        _converge_by_name(memo, meta["namespace"], meta["name"], fresh)
+    except ApiException as err:
+        # Retry intent, stated: what the API server refused stays refused; anything else
+        # (a conflict, throttling, the server away) is retried after a pause.
+        what = f"the API server answered {err.status} {err.reason}"
+        if err.status in REFUSED:
+            raise kopf.PermanentError(f"{what}: {err.body}") from err
+        raise kopf.TemporaryError(what, delay=RETRY_SECONDS) from err
 
 
 def _converge_by_name(memo: kopf.Memo, ns: str, name: str,
@@ -220,17 +232,21 @@ def _converge_by_name(memo: kopf.Memo, ns: str, name: str,
             memo.active.discard((ns, name))
             return
         outcome = _converge(parent, memo)
-        if outcome.status != (parent.get("status") or {}):
-            memo.kube.patch_status(ns, name, outcome.status)
+        before = parent.get("status") or {}
+        status = dump(outcome.status)  # the one place the typed status becomes JSON
+        if status != before:
+            # A merge patch: a field the new status no longer has (serving) is removed by null.
+            gone = {k: None for k in before if k not in status}
+            memo.kube.patch_status(ns, name, {**gone, **status})
 
 
 @kopf.on.startup()
 async def start_rechecks(memo: kopf.Memo, **_: Any) -> None:
-    """One task re-checks jobs in flight every RECHECK_SECONDS. (A per-object kopf timer
+    """One task re-checks jobs in flight every ``config.recheck_seconds``. (A per-object kopf timer
     would put a finalizer on every job: no job could be deleted while the operator is down.)"""
     async def loop() -> None:
         while True:
-            await asyncio.sleep(RECHECK_SECONDS)
+            await asyncio.sleep(memo.config.recheck_seconds)
             for ns, name in sorted(memo.active):
                 try:
                     await asyncio.to_thread(_converge_by_name, memo, ns, name)
@@ -241,8 +257,24 @@ async def start_rechecks(memo: kopf.Memo, **_: Any) -> None:
     memo.recheck_task = asyncio.create_task(loop())
 
 
-@kopf.on.event(rc.BACKEND.group, rc.BACKEND.version, rc.BACKEND.plural,
-               labels={JOB_LABEL: kopf.PRESENT})
+def _child_handler_id(backend: Backend) -> str:
+    return f"child_changed/{backend.kind}"
+
+
+def watch_children(backend: Backend) -> None:
+    """Watch the configured backend's objects, and only those (the chart gives RBAC for that
+    one alone). Registered at startup, before kopf scans for the resources to watch; another
+    backend's watch (an earlier operator run in this process) is dropped."""
+    watching = kopf.get_default_registry()._watching  # kopf has no public unregister
+    watching._handlers = [h for h in watching._handlers
+                          if not (h.id.startswith("child_changed/")
+                                  and h.id != _child_handler_id(backend))]
+    if any(h.id == _child_handler_id(backend) for h in watching._handlers):
+        return
+    kopf.on.event(backend.group, backend.version, backend.plural,
+                  id=_child_handler_id(backend), labels={JOB_LABEL: kopf.PRESENT})(child_changed)
+
+
 def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     """The training object changed (its operator, Kueue): bring its FineTuneJob's status."""
     if type != "MODIFIED" or not body.get("status"):

@@ -10,16 +10,26 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
-from kubetune.jobfile import format_validation_error, validate_job
-from pydantic import ValidationError
+from kubetune.api.v1alpha1 import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    CheckResult,
+    FineTuneJob,
+    FineTuneJobStatus,
+    Serving,
+)
 
-from kubetune_operator import builders
-from kubetune_operator.backends import BACKENDS, PYTORCHJOB, Backend
+from kubetune_operator import builders, serving
+from kubetune_operator.backends import Backend, all_backends, backend_named
 from kubetune_operator.builders import (
     JOB_LABEL,
     KUEUE_GROUP,
@@ -30,12 +40,17 @@ from kubetune_operator.builders import (
     SUSPEND_APPLIED,
     OperatorConfig,
 )
-from kubetune_operator.status import TERMINAL, Observed, reduce_status, was_invalid
+from kubetune_operator.status import (
+    TERMINAL,
+    Observed,
+    reduce,
+    serving_settled,
+    was_invalid,
+    with_serving,
+)
+from kubetune_operator.validation import validate
 
 log = logging.getLogger("kubetune.reconcile")
-BACKEND = PYTORCHJOB  # the training object the operator makes (see backends.py)
-
-
 
 def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -49,18 +64,26 @@ class Kube:
 
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
         self.auth = client.AuthenticationV1Api(api_client)
         self._exc = client.exceptions.ApiException
 
     def _missing(self, err: Exception) -> bool:
         return isinstance(err, self._exc) and err.status == 404
 
+    def _builtin(self, kind: str, verb: str) -> Any:
+        """The typed client's call for a built-in kind (ConfigMap, Service, Deployment)."""
+        snake = {"ConfigMap": "config_map", "Service": "service", "Deployment": "deployment"}
+        if kind not in snake:
+            return None
+        api = self.apps if kind == "Deployment" else self.core
+        return getattr(api, f"{verb}_namespaced_{snake[kind]}")
+
     def get(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
-            if obj["kind"] == "ConfigMap":  # raw JSON: the API's field names
-                resp = self.core.read_namespaced_config_map(name, ns, _preload_content=False)
-                return json.loads(resp.data)
+            if read := self._builtin(obj["kind"], "read"):  # raw JSON: the API's field names
+                return json.loads(read(name, ns, _preload_content=False).data)
             group, version = obj["apiVersion"].split("/")
             return self.custom.get_namespaced_custom_object(
                 group, version, ns, _plural(obj["kind"]), name)
@@ -73,11 +96,10 @@ class Kube:
         """Create, or return what is already there (never a second one)."""
         ns = obj["metadata"]["namespace"]
         try:
-            if obj["kind"] == "ConfigMap":
+            if create := self._builtin(obj["kind"], "create"):
                 # Raw JSON, no client-side model: less CPU per job. (Read to the end, so that
                 # the connection goes back to the pool.)
-                resp = self.core.create_namespaced_config_map(ns, obj, _preload_content=False)
-                resp.read()
+                create(ns, obj, _preload_content=False).read()
                 return obj, True
             group, version = obj["apiVersion"].split("/")
             made = self.custom.create_namespaced_custom_object(
@@ -89,6 +111,16 @@ class Kube:
                 if existing is not None:
                     return existing, False
             raise
+
+    def delete(self, kind: str, ns: str, name: str) -> bool:
+        """Delete a built-in object of ours; False if it was not there."""
+        try:
+            self._builtin(kind, "delete")(name, ns)
+        except self._exc as err:
+            if self._missing(err):
+                return False
+            raise
+        return True
 
     def patch_child(self, backend: Backend, ns: str, name: str, patch: dict[str, Any]
                     ) -> dict[str, Any]:
@@ -145,12 +177,12 @@ class Kube:
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         self.custom.patch_namespaced_custom_object_status(
-            "kubetune.io", "v1alpha1", ns, "finetunejobs", name, body)
+            GROUP, VERSION, ns, PLURAL, name, body)
 
     def get_finetunejob(self, ns: str, name: str) -> dict[str, Any] | None:
         try:
             return self.custom.get_namespaced_custom_object(
-                "kubetune.io", "v1alpha1", ns, "finetunejobs", name)
+                GROUP, VERSION, ns, PLURAL, name)
         except self._exc as err:
             if self._missing(err):
                 return None
@@ -168,38 +200,9 @@ class Kube:
 
 
 def _plural(kind: str) -> str:
-    return "finetunejobs" if kind == "FineTuneJob" else BACKENDS[kind].plural
-
-
-# ------------------------------------------------------------------------ validation
-
-
-def validate(body: dict[str, Any]) -> tuple[FineTuneJob | None, str | None]:
-    """Parse with the API models and add what only matters in a cluster.
-
-    Returns (job, None) or (None, message naming the field).
-    """
-    doc = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-           "metadata": {"name": body["metadata"]["name"],
-                        "namespace": body["metadata"].get("namespace")},
-           "spec": body.get("spec") or {}}
-    try:
-        job = validate_job(doc)  # as the CLI reads a file: camelCase only, strict
-    except ValidationError as err:
-        return None, format_validation_error(err)
-    spec = job.spec
-    cluster_sources = ("pvc://", "hf://", "https://", "http://", "s3://", "gs://",
-                       "embedded://")
-    fields = [("spec.model.source", spec.model.source)] * bool(spec.model.source) + [
-        (f"spec.datasets[{i}].source", d.source) for i, d in enumerate(spec.datasets)]
-    for field, uri in fields:
-        if not uri.startswith(cluster_sources):
-            return None, (f"{field}: {uri!r} is a local path, which has no meaning in a "
-                          "cluster; use pvc://CLAIM/path, hf://, https://, s3:// or gs://")
-    if not spec.output.uri.startswith("pvc://"):
-        return None, (f"spec.output.uri: {spec.output.uri!r}: in a cluster outputs go to a "
-                      "volume claim, pvc://CLAIM/path")
-    return job, None
+    if kind == KIND:
+        return PLURAL
+    return next(b.plural for b in all_backends() if b.kind == kind)
 
 
 # ------------------------------------------------------------------------ reconcile
@@ -207,9 +210,10 @@ def validate(body: dict[str, Any]) -> tuple[FineTuneJob | None, str | None]:
 
 @dataclass
 class Outcome:
-    status: dict[str, Any]
+    status: FineTuneJobStatus  # typed; dumped once, at the patch
     created: list[str]
     phase_changed: bool
+    settled: bool = False  # nothing left to watch for: finished, and served and checked
 
 
 def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
@@ -219,11 +223,13 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     ns, name = meta["namespace"], meta["name"]
     old = body.get("status") or {}
     labels = meta.get("labels") or {}
-    job, invalid = validate(body)
+    backend = backend_named(config.backend)
+    job, invalid = validate(body, backend)
     waiting: str | None = None
     if job is not None and (job.spec.model.from_job
                             or any(r.from_job for r in job.spec.rewards or [])):
         job, waiting, invalid = _from_job(kube, ns, name, job)
+    unfit = memory_refusal(job, config) if job is not None else None
     created: list[str] = []
     blocked: str | None = None
     drift: str | None = None
@@ -231,8 +237,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     workload: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = []
     if job is not None:
-        objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels,
-                                 backend=BACKEND)
+        objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels)
         # A finished run's cleaned-up child stays gone; a spec that was invalid and is now
         # fixed never had children, so it gets them.
         finished = old.get("phase") in TERMINAL and not was_invalid(old)
@@ -243,6 +248,11 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         # admitted by Kueue before its Workload is deactivated).
         if job.spec.suspend and not finished and (fresh or kube.get(objs[-1]) is None):
             objs = []
+        # Would not fit its GPUs: nothing is created (a child made earlier runs on).
+        if unfit and objs and not finished and (fresh or kube.get(objs[-1]) is None):
+            objs = []
+        else:
+            unfit = None
         for obj in objs:
             current = None if fresh else kube.get(obj)
             if current is None and not finished:  # a finished job's cleaned-up child stays gone
@@ -256,39 +266,175 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
                            "and belongs to another object; waiting for it to go")
                 child = None
                 break
-            if obj["kind"] == BACKEND.kind:
+            if obj["kind"] == backend.kind:
                 child = current
         if child is not None:
             rendered = (child.get("metadata", {}).get("annotations") or {}).get(SPEC_HASH)
             if rendered and rendered != builders.spec_hash(job):
-                drift = (f"the spec changed after the {BACKEND.kind} was made; only suspend "
+                drift = (f"the spec changed after the {backend.kind} was made; only suspend "
                          "applies to a job in flight: create a new FineTuneJob for other changes")
             queued = KUEUE_QUEUE_LABEL in (child.get("metadata", {}).get("labels") or {})
-            child, workload = _apply_suspend(kube, ns, name, child, job.spec.suspend, queued)
+            child, workload = _apply_suspend(kube, backend, ns, name, child,
+                                             job.spec.suspend, queued)
             # Kueue makes the Workload after the child: none to look for in the same pass.
-            just_made = f"{BACKEND.kind}/{name}" in created
-            if queued and workload is None and BACKEND.suspend_flag(child) and not just_made:
+            just_made = f"{backend.kind}/{name}" in created
+            if queued and workload is None and backend.suspend_flag(child) and not just_made:
                 workload = kube.workload(ns, child["metadata"].get("uid", ""))  # why it waits
             if child.get("status"):  # no status yet: the training operator made no pods yet
                 pods = kube.pods(ns, name)
+                mirrored = backend.state(child).trainer_status
+                if mirrored and config.trainer_status:  # Kubeflow's KEP-2779 endpoint
+                    from kubetune_operator.reporting import from_trainer_status
+
+                    progress = {**(progress or {}), **from_trainer_status(mirrored)}
     observed = Observed(
         waiting=waiting,
         generation=meta.get("generation"),
         spec_suspend=bool((body.get("spec") or {}).get("suspend")),
         queue_name=labels.get(KUEUE_QUEUE_LABEL) or config.default_queue,
         invalid=invalid,
+        unfit=unfit,
         blocked=blocked,
         drift=drift,
         keep_checkpoints=job.spec.training.save_total_limit if job else None,
         child=child,
-        backend=BACKEND,
+        backend=backend,
         workload=workload,
         log_tail=config.failure_log_tail,
         pods=pods,
         progress=progress,
     )
-    status = reduce_status(observed, old, now())
-    return Outcome(status, created, status.get("phase") != old.get("phase"))
+    status = reduce(observed, old, now())
+    if job is not None and (job.spec.serve or old.get("serving")):
+        status = _serve(kube, config, job, meta, status, old, created)
+    settled = status.phase in TERMINAL and (
+        job is None or not job.spec.serve or status.phase != "Succeeded"
+        or serving_settled(job, status.serving))
+    return Outcome(status, created, status.phase != old.get("phase"), settled)
+
+
+def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str, Any],
+           status: FineTuneJobStatus, old: dict[str, Any], created: list[str]
+           ) -> FineTuneJobStatus:
+    """spec.serve: the server once the run succeeded (and the check once it is ready); gone
+    when spec.serve is unset."""
+    ns = meta["namespace"]
+    name = serving.serve_name(job)
+    was = old.get("conditions") or []
+    if not job.spec.serve or status.phase != "Succeeded":
+        if old.get("serving"):  # unset (or never succeeded): the server goes
+            for kind in ("Deployment", "Service"):
+                if kube.delete(kind, ns, name):
+                    log.info("%s/%s: deleted %s/%s (spec.serve unset)", ns, meta["name"],
+                             kind, name)
+        return with_serving(status, None, meta.get("generation"), now(), was)
+    if not config.serve_enabled:  # no RBAC for it: say so, and train all the same
+        return with_serving(status, None, meta.get("generation"), now(), was, blocked=(
+            "spec.serve: serving is turned off in this installation (the chart's "
+            "serve.enabled)"), blocked_reason="ServingDisabled")
+    outputs = status.outputs.model_dump(by_alias=True, exclude_none=True) \
+        if status.outputs else {}
+    dep = serving.deployment(job=job, config=config, outputs=outputs, uid=meta.get("uid"))
+    current = None
+    if dep is not None:
+        dep["metadata"]["namespace"] = ns
+        svc = serving.service(job=job, config=config, uid=meta.get("uid"))
+        svc["metadata"]["namespace"] = ns
+        for obj in (svc, dep):
+            have = kube.get(obj)
+            if have is not None and not _owned_by(have, meta.get("uid")):
+                return with_serving(status, None, meta.get("generation"), now(), was, blocked=(
+                    f"a {obj['kind']} named {name!r} already exists and belongs to another "
+                    "object"))
+            if have is not None and (have["metadata"].get("annotations") or {}).get(
+                    serving.SERVE_HASH) != obj["metadata"]["annotations"][serving.SERVE_HASH]:
+                kube.delete(obj["kind"], ns, name)  # spec.serve changed: made anew
+                have = None
+            if have is None:
+                have, made = kube.create(obj)
+                if made:
+                    created.append(f"{obj['kind']}/{name}")
+            current = have
+    ready = bool(((current or {}).get("status") or {}).get("availableReplicas"))
+    url = serving.endpoint(job, config)
+    before = old.get("serving") or {}
+    checks = [CheckResult.model_validate(c) for c in before.get("checks") or []]
+    wanted = [c.prompt for c in job.spec.serve.checks or []]
+    if [c.prompt for c in checks] != wanted or before.get("url") != url:
+        checks = []  # asked anew for these prompts
+    problem = None
+    if ready and wanted and not checks:
+        try:
+            checks = serving.run_checks(url, serving.model_name(job), job.spec.serve.checks)
+        except serving.EndpointError as err:
+            problem = str(err)
+    served = Serving(url=url, model_name=serving.model_name(job),
+                     weights=job.spec.serve.weights, ready=ready, checks=checks)
+    return with_serving(status, served, meta.get("generation"), now(), was,
+                        waiting=None if dep else "the run has not reported where its output "
+                        "is (status.outputs)", check_error=problem)
+
+
+# ------------------------------------------------------------------------ memory
+
+
+def memory_verdict(job: FineTuneJob, config: OperatorConfig) -> Any:
+    """The memory estimate against the job's GPUs (``kubetune.estimate.Verdict``; its
+    ``fits`` is None when the GPU's memory is unknown), or None when the model's shape is
+    unknown here (only an hf:// model's config.json is read)."""
+    from kubetune.estimate import fits, gpu_memory_for
+
+    shape = model_config(job.spec.model.source, job.spec.model.revision)
+    if shape is None:
+        return None
+    try:
+        return fits(shape, job.spec, gpu_memory_for(job.spec, dict(config.gpu_memory)))
+    except ValueError as err:  # a config.json kubetune cannot read: no estimate, no refusal
+        log.info("%s: memory not estimated (%s)", job.metadata.name, err)
+        return None
+
+
+def memory_refusal(job: FineTuneJob, config: OperatorConfig) -> str | None:
+    """Why the job cannot fit its GPUs (the estimate, the numbers and the cheapest fixes), or
+    None: it fits, or the GPU's memory or the model's shape is unknown here."""
+    if not job.spec.resources.gpus_per_node:
+        return None
+    if not job.spec.resources.gpu_memory and not config.gpu_memory:
+        return None  # nothing to compare with: no need to fetch the model's config
+    verdict = memory_verdict(job, config)
+    if verdict is None or verdict.fits is not False:
+        return None
+    return f"spec.resources: {verdict.message()}"
+
+
+_CONFIGS: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+CONFIG_TTL = 300.0  # seconds a fetched (or missing) config.json is reused
+
+
+def model_config(source: str | None, revision: str | None) -> dict[str, Any] | None:
+    """The config.json of an hf:// model, fetched alone from the Hub (HF_ENDPOINT) and
+    cached; None for other sources (the operator does not mount volumes), gated or private
+    models (the operator holds no token), offline (HF_HUB_OFFLINE) or any error."""
+    import urllib.request
+
+    if not source or not source.startswith("hf://") or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None
+    parts = source[len("hf://"):].split("/")
+    repo, sub = "/".join(parts[:2]), "/".join(p for p in parts[2:] if p)
+    key = (source, revision or "main")
+    hit = _CONFIGS.get(key)
+    if hit and time.monotonic() - hit[0] < CONFIG_TTL:
+        return hit[1]
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/{repo}/resolve/{revision or 'main'}/{sub + '/' if sub else ''}config.json"
+    shape: dict[str, Any] | None = None
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (https or set)
+            shape = json.loads(resp.read(1 << 20))
+    except (OSError, ValueError) as err:
+        log.info("%s: config.json not read (%s): memory not checked", source, err)
+    _CONFIGS[key] = (time.monotonic(), shape if isinstance(shape, dict) else None)
+    return _CONFIGS[key][1]
 
 
 def _from_job(kube: Kube, ns: str, name: str, job: FineTuneJob
@@ -349,9 +495,9 @@ def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
     return uid is None or any(r.get("uid") == uid for r in refs)
 
 
-def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: bool,
-                   queued: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Carry a *user's* change of spec.suspend to the PyTorchJob; returns it and, for a
+def _apply_suspend(kube: Kube, backend: Backend, ns: str, name: str, child: dict[str, Any],
+                   want: bool, queued: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Carry a *user's* change of spec.suspend to the training object; returns it and, for a
     Kueue-managed job, its Workload when it was read.
 
     We compare with what we last applied (an annotation on the child), never with the child's
@@ -366,9 +512,9 @@ def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: 
         return child, None
     note = {"metadata": {"annotations": {SUSPEND_APPLIED: wanted}}}
     if not queued:
-        log.info("%s/%s: spec.suspend=%s applied to the PyTorchJob", ns, name, wanted)
-        return kube.patch_child(BACKEND, ns, name,
-                                _merged(note, BACKEND.suspend_patch(want))), None
+        log.info("%s/%s: spec.suspend=%s applied to the %s", ns, name, wanted, backend.kind)
+        return kube.patch_child(backend, ns, name,
+                                _merged(note, backend.suspend_patch(want))), None
     workload = kube.workload(ns, child["metadata"].get("uid", ""))
     if workload is None:  # Kueue has not made it yet: the next re-check tries again
         return child, None
@@ -377,4 +523,4 @@ def _apply_suspend(kube: Kube, ns: str, name: str, child: dict[str, Any], want: 
                                        {"spec": {"active": not want}})
         log.info("%s/%s: spec.suspend=%s applied to Kueue Workload %s (spec.active)", ns, name,
                  wanted, workload["metadata"]["name"])
-    return kube.patch_child(BACKEND, ns, name, note), workload
+    return kube.patch_child(backend, ns, name, note), workload

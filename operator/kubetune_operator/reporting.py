@@ -3,8 +3,10 @@
 Pods POST ``{"trainerStatus": {...}}`` (transformers' KubeflowCallback does it by itself when
 ``KUBEFLOW_TRAINER_SERVER_URL`` is set) with a projected service-account token whose audience
 is ``kubetune``. We check the token with a TokenReview and accept it only from a pod of that
-very job: same namespace, pod name ``<job>-master-N`` / ``<job>-worker-N``. Pods get no RBAC
-on the Kubernetes API. kubetune's trainer adds ``{"kubetune": {"checkpoint"|"outputs"}}``.
+very job: same namespace, a pod name its backend gives (``<job>-master-N`` for a
+PyTorchJob, ``<job>-node-N-M-xxxxx`` for a TrainJob), owned as that backend owns its
+pods. Pods get no RBAC on the Kubernetes API. kubetune's trainer adds
+``{"kubetune": {"checkpoint"|"outputs"}}``.
 
 Reports land in a ``ProgressStore``; a flusher patches statuses at most every few seconds per
 job and at most ``max_patches_per_second`` overall, so a thousand jobs do not flood the API.
@@ -25,21 +27,24 @@ from typing import Any
 
 from aiohttp import web
 from kubetune.api.stages import FINAL_METRIC_PATTERN, MAX_STAGE_METRICS, STAGE_METRIC_PATTERN
+from kubetune.api.v1alpha1 import PLURAL
 
 from kubetune_operator import metrics
+from kubetune_operator.backends import Backend
+from kubetune_operator.backends.pytorchjob import PYTORCHJOB
 from kubetune_operator.builders import PROGRESS_AUDIENCE
 from kubetune_operator.status import MAX_CHECKPOINTS
 
 log = logging.getLogger("kubetune.reporting")
 
-ROUTE = "/v1/namespaces/{namespace}/finetunejobs/{name}/status"
+ROUTE = f"/v1/namespaces/{{namespace}}/{PLURAL}/{{name}}/status"
 OWNER_TTL = 60.0  # seconds a pod's verified ownership is trusted, as long as a token review
 MAX_BODY = 64 * 1024
 
 _METRIC_MAP = {"current_step": "step", "total_steps": "totalSteps", "loss": "loss",
                "learning_rate": "learningRate", "current_epoch": "epoch", "epoch": "epoch"}
 _TOKENS = "num_input_tokens_seen"
-_OUTPUTS = ("adapter", "mergedModel", "model")
+_OUTPUTS = ("adapter", "mergedModel", "model", "trackingUrl")
 _STAGE_METRIC = re.compile(STAGE_METRIC_PATTERN)
 _FINAL_METRIC = re.compile(FINAL_METRIC_PATTERN + "|" + STAGE_METRIC_PATTERN)
 
@@ -138,6 +143,12 @@ def _finite(value: Any) -> tuple[float | None, str | None]:
     except OverflowError:  # an int past float's range
         return None, "range"
     return (f, None) if math.isfinite(f) else (None, "nonfinite")
+
+
+def from_trainer_status(ts: dict[str, Any]) -> dict[str, Any]:
+    """A TrainJob's ``status.trainerStatus`` (Kubeflow's own KEP-2779 endpoint wrote it) as
+    kubetune's progress report, cleaned the same way as a report to kubetune's endpoint."""
+    return _from_trainer_status(ts, JobProgress(), _Clean()) if isinstance(ts, dict) else {}
 
 
 class _Clean:
@@ -354,15 +365,16 @@ class TokenChecker:
         return ident
 
 
-def allowed(identity: dict[str, Any], namespace: str, name: str) -> bool:
-    """Only a pod of this job, in its namespace, may report for it."""
+def allowed(identity: dict[str, Any], namespace: str, name: str,
+            backend: Backend = PYTORCHJOB) -> bool:
+    """Only a pod of this job, in its namespace, may report for it (its name as the backend
+    names its pods)."""
     username = identity.get("username") or ""
     if not username.startswith(f"system:serviceaccount:{namespace}:"):
         return False
     extra = identity.get("extra") or {}
     pods = extra.get(_POD_NAME) or []
-    pattern = re.compile(rf"^{re.escape(name)}-(master|worker)-\d+$")
-    return any(pattern.match(p) for p in pods)
+    return any(isinstance(p, str) and backend.pod_name_matches(p, name) for p in pods)
 
 
 _POD_UID = "authentication.kubernetes.io/pod-uid"
@@ -370,23 +382,22 @@ PodLookup = Callable[[str, str], Awaitable[dict[str, Any] | None]]
 
 
 async def pod_belongs(identity: dict[str, Any], namespace: str, name: str,
-                      lookup: PodLookup) -> bool:
-    """The token's pod is the live pod of this job's PyTorchJob (same uid): a pod someone
-    else made with the right name does not pass."""
+                      lookup: PodLookup, backend: Backend = PYTORCHJOB) -> bool:
+    """The token's pod is the live pod of this job's training object (same uid, owned as the
+    backend owns its pods): a pod someone else made with the right name does not pass."""
     extra = identity.get("extra") or {}
     pods, uids = extra.get(_POD_NAME) or [], extra.get(_POD_UID) or []
     if not pods or not uids:
         return False
     pod = await lookup(namespace, pods[0])
     meta = (pod or {}).get("metadata") or {}
-    owners = meta.get("ownerReferences") or []
-    return meta.get("uid") == uids[0] and any(
-        o.get("kind") == "PyTorchJob" and o.get("name") == name for o in owners)
+    return meta.get("uid") == uids[0] and backend.owns_pod(pod or {}, name)
 
 
 def make_app(store: ProgressStore, checker: TokenChecker,
              on_report: Callable[[str, str], None] | None = None,
-             pod_lookup: PodLookup | None = None) -> web.Application:
+             pod_lookup: PodLookup | None = None,
+             backend: Backend = PYTORCHJOB) -> web.Application:
     async def post(request: web.Request) -> web.Response:
         response = await _post(request)
         metrics.PROGRESS_REPORTS.labels(str(response.status)).inc()
@@ -402,7 +413,7 @@ def make_app(store: ProgressStore, checker: TokenChecker,
         seen = owners_seen.get(key)
         if seen is not None and time.monotonic() - seen < OWNER_TTL:
             return True
-        if not await pod_belongs(ident, ns, name, pod_lookup):
+        if not await pod_belongs(ident, ns, name, pod_lookup, backend):
             return False
         if len(owners_seen) > 10_000:
             owners_seen.clear()
@@ -419,7 +430,7 @@ def make_app(store: ProgressStore, checker: TokenChecker,
         ident = await checker.identity(token) if token.isascii() else None
         if ident is None:
             return web.json_response({"error": "token not accepted"}, status=401)
-        if not allowed(ident, ns, name) or (
+        if not allowed(ident, ns, name, backend) or (
                 pod_lookup is not None and not await owned(ident, ns, name)):
             log.warning("refused a report for %s/%s from %s", ns, name, ident.get("username"))
             return web.json_response({"error": "not a pod of this job"}, status=403)

@@ -13,9 +13,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune_operator.backends import PYTORCHJOB, Backend
+from kubetune.api.v1alpha1 import (
+    Checkpoint,
+    Condition,
+    Failure,
+    FineTuneJobStatus,
+    Outputs,
+    Progress,
+    Serving,
+)
+
+from kubetune_operator.backends import Backend
+from kubetune_operator.backends.pytorchjob import PYTORCHJOB
 
 TERMINAL = ("Succeeded", "Failed")
+REFUSED = ("InvalidSpec", "InsufficientGPUMemory")  # stalled before any child was made
 PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
 MAX_CHECKPOINTS = 10  # in status; older ones are usually rotated away by saveTotalLimit
 LOG_TAIL_CHARS = 2000
@@ -29,6 +41,7 @@ class Observed:
     spec_suspend: bool = False
     queue_name: str | None = None  # Kueue queue label on the job
     invalid: str | None = None  # a spec error the schema could not catch (names the field)
+    unfit: str | None = None  # the memory estimate exceeds the GPU's memory (and why)
     blocked: str | None = None  # something else holds the children's names
     waiting: str | None = None  # spec.model.fromJob: that job has not succeeded yet
     drift: str | None = None  # the spec changed after the children were made
@@ -54,63 +67,64 @@ _PATTERNS = [
 ]
 
 
-@dataclass(frozen=True)
-class Diagnosis:
-    reason: str
-    message: str
-    exit_code: int | None = None
-    pod: str | None = None
-    log_tail: str | None = None
+Waiting = tuple[str, str]  # (reason, message): why the pods wait
 
 
-def diagnose_pods(pods: list[dict[str, Any]]) -> tuple[Diagnosis | None, Diagnosis | None]:
-    """(why it failed, why it waits) from pod status alone: no pods/log rights needed."""
-    failure: Diagnosis | None = None
-    waiting: Diagnosis | None = None
+def diagnose_pods(pods: list[dict[str, Any]], container: str = PYTORCHJOB.container
+                  ) -> tuple[Failure | None, Waiting | None]:
+    """(why it failed, why it waits) from pod status alone: no pods/log rights needed.
+    ``container``: the trainer container's name (each backend has its own)."""
+    failure: Failure | None = None
+    waiting: Waiting | None = None
     for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("name", "")):
         name = pod.get("metadata", {}).get("name")
         status = pod.get("status", {}) or {}
         for cond in status.get("conditions", []) or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
                     and cond.get("reason") == "Unschedulable":
-                waiting = waiting or Diagnosis(
+                waiting = waiting or (
                     "Unschedulable", f"pod {name} cannot be scheduled: "
-                    f"{cond.get('message', '')}".strip(), pod=name)
+                    f"{cond.get('message', '')}".strip())
         for cs in status.get("containerStatuses", []) or []:
-            if cs.get("name") != "pytorch":
+            if cs.get("name") != container:
                 continue
             state = cs.get("state", {}) or {}
             last = cs.get("lastState", {}) or {}
             w = state.get("waiting") or {}
             if w.get("reason") in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
-                waiting = waiting or Diagnosis(
+                waiting = waiting or (
                     "ImagePull", f"pod {name} cannot pull its image: {w.get('message', '')}"
-                    .strip(), pod=name)
+                    .strip())
             term = state.get("terminated") or last.get("terminated")
             if term and term.get("exitCode", 0) != 0 and failure is None:
                 failure = _diagnose_termination(name, term)
     return failure, waiting
 
 
-def _diagnose_termination(pod: str | None, term: dict[str, Any]) -> Diagnosis:
+def _failure(reason: str, message: str, code: int | None, pod: str | None,
+             tail: str | None) -> Failure:
+    return Failure(reason=reason, message=message, exit_code=code, pod=pod, log_tail=tail)
+
+
+def _diagnose_termination(pod: str | None, term: dict[str, Any]) -> Failure:
     code = term.get("exitCode")
     message = (term.get("message") or "").strip()
     tail = message[-LOG_TAIL_CHARS:] if message else None
     if term.get("reason") == "OOMKilled":
-        return Diagnosis("OOMKilled", f"pod {pod} ran out of memory (OOMKilled): raise "
-                         "resources.memory or lower batchSizePerDevice", code, pod, tail)
+        return _failure("OOMKilled", f"pod {pod} ran out of memory (OOMKilled): raise "
+                        "resources.memory or lower batchSizePerDevice", code, pod, tail)
     try:  # the trainer's own structured reason (/dev/termination-log)
         data = json.loads(message)
         if isinstance(data, dict) and "reason" in data:
             where = f"{data['field']}: " if data.get("field") else ""
-            return Diagnosis(data["reason"], f"{where}{data.get('message', '')}", code, pod,
-                             None)
+            return _failure(str(data["reason"]), f"{where}{data.get('message', '')}", code,
+                            pod, None)
     except (json.JSONDecodeError, TypeError):
         pass
     for pattern, reason, explanation in _PATTERNS:
         if pattern.search(message):
-            return Diagnosis(reason, explanation, code, pod, tail)
-    return Diagnosis("TrainerError", f"pod {pod} exited with code {code}", code, pod, tail)
+            return _failure(reason, explanation, code, pod, tail)
+    return _failure("TrainerError", f"pod {pod} exited with code {code}", code, pod, tail)
 
 
 # ----------------------------------------------------------------------- the reducer
@@ -118,35 +132,46 @@ def _diagnose_termination(pod: str | None, term: dict[str, Any]) -> Diagnosis:
 
 def was_invalid(status: dict[str, Any]) -> bool:
     """The job stalled on its spec (and so never had children)."""
-    return any(c.get("type") == "Stalled" and c.get("reason") == "InvalidSpec"
+    return any(c.get("type") == "Stalled" and c.get("reason") in REFUSED
                for c in status.get("conditions") or [])
 
 
 def _condition(type_: str, status: bool, reason: str, message: str,
-               generation: int | None) -> dict[str, Any]:
-    return {"type": type_, "status": "True" if status else "False", "reason": reason,
-            "message": message, "observedGeneration": generation}
+               generation: int | None) -> Condition:
+    return Condition(type=type_, status="True" if status else "False", reason=reason,
+                     message=message, observed_generation=generation)
+
+
+def dump(status: FineTuneJobStatus) -> dict[str, Any]:
+    """The status as the API has it: by alias, unset fields left out. The one place a typed
+    status becomes the patch's body."""
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def reduce_status(obs: Observed, old: dict[str, Any] | None, now: str) -> dict[str, Any]:
+    """The whole new status, as the API has it (see ``reduce`` for the typed one)."""
+    return dump(reduce(obs, old, now))
+
+
+def reduce(obs: Observed, old: dict[str, Any] | None, now: str) -> FineTuneJobStatus:
     """The whole new status. ``old`` keeps transition times, checkpoints and outputs."""
     status = _reduce(obs, old or {}, now)
-    if not obs.log_tail and "logTail" in (status.get("failure") or {}):
+    if not obs.log_tail and status.failure is not None and status.failure.log_tail:
         # failureLogTail off: a new failure's, and one recorded before it was turned off
-        status["failure"] = {k: v for k, v in status["failure"].items() if k != "logTail"}
+        status.failure = status.failure.model_copy(update={"log_tail": None})
     return status
 
 
-def _reduce(obs: Observed, old: dict[str, Any], now: str) -> dict[str, Any]:
+def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
     gen = obs.generation
     if obs.child is None and obs.invalid is None and old.get("phase") in TERMINAL \
             and not was_invalid(old):
         # Finished, and the training object is gone (ttlSecondsAfterFinished): the record stays.
-        return {**old, "observedGeneration": gen}
+        return FineTuneJobStatus.model_validate({**old, "observedGeneration": gen})
     phase, reason, message = _phase(obs)
-    failure, waiting = diagnose_pods(obs.pods)
+    failure, waiting = diagnose_pods(obs.pods, obs.backend.container)
 
-    conds: list[dict[str, Any]] = []
+    conds: list[Condition] = []
     ready = phase in ("Running", "Succeeded")
     conds.append(_condition("Ready", ready, reason, message, gen))
     stalled = phase == "Failed" or obs.invalid is not None
@@ -167,40 +192,36 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> dict[str, Any]:
 
     if phase == "Failed" and failure and obs.invalid is None:  # e.g. PyTorchJobFailed
         for c in conds:
-            if c["type"] in ("Ready", "Stalled", "Failed", "Succeeded"):
-                c["reason"], c["message"] = failure.reason, failure.message
+            if c.type in ("Ready", "Stalled", "Failed", "Succeeded"):
+                c.reason, c.message = failure.reason, failure.message
     if phase == "Pending" and waiting:
         for c in conds:
-            if c["type"] in ("Ready", "Reconciling"):
-                c["reason"], c["message"] = waiting.reason, waiting.message
+            if c.type in ("Ready", "Reconciling"):
+                c.reason, c.message = waiting
 
-    status: dict[str, Any] = {
-        "phase": phase,
-        "observedGeneration": gen,
-        "conditions": _keep_transition_times(conds, old.get("conditions") or [], now),
-    }
     progress = progress_fields(obs.progress, old.get("progress"), phase)
-    if progress:
-        status["progress"] = progress
-    status["checkpoints"] = merge_checkpoints(obs.progress, old.get("checkpoints") or [],
-                                              keep=obs.keep_checkpoints)
     outputs = dict(old.get("outputs") or {})
     if obs.progress and obs.progress.get("outputs"):
         outputs.update(obs.progress["outputs"])
-    if outputs:
-        status["outputs"] = outputs
-    if phase == "Failed" and failure:
-        status["failure"] = {k: v for k, v in {
-            "reason": failure.reason, "message": failure.message, "exitCode": failure.exit_code,
-            "pod": failure.pod, "logTail": failure.log_tail}.items() if v is not None}
-    elif phase == "Failed" and old.get("failure"):
-        status["failure"] = old["failure"]  # the pods are gone; keep what they told us
-    return status
+    if phase != "Failed":
+        failure = None
+    elif failure is None and old.get("failure"):
+        failure = Failure.model_validate(old["failure"])  # the pods are gone; keep what they said
+    return FineTuneJobStatus(
+        phase=phase, observed_generation=gen,
+        conditions=_keep_transition_times(conds, old.get("conditions") or [], now),
+        progress=Progress.model_validate(progress) if progress else None,
+        checkpoints=[Checkpoint.model_validate(c) for c in merge_checkpoints(
+            obs.progress, old.get("checkpoints") or [], keep=obs.keep_checkpoints)],
+        outputs=Outputs.model_validate(outputs) if outputs else None,
+        failure=failure)
 
 
 def _phase(obs: Observed) -> tuple[str, str, str]:
     if obs.invalid:
         return "Failed", "InvalidSpec", obs.invalid
+    if obs.unfit:
+        return "Failed", "InsufficientGPUMemory", obs.unfit
     if obs.blocked:
         return "Pending", "Conflict", obs.blocked
     if obs.waiting:
@@ -211,11 +232,12 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
             return "Suspended", "Suspended", "suspended before it started: nothing is " \
                 "created until spec.suspend is false"
         return "Pending", "Creating", f"creating the {b.kind}"
-    if c := b.condition(child, "succeeded"):
-        return "Succeeded", "Succeeded", c.get("message") or "training finished"
-    if c := b.condition(child, "failed"):
-        return "Failed", c.get("reason") or "Failed", c.get("message") or "training failed"
-    if b.suspended(child):
+    state = b.state(child)
+    if state.succeeded is not None:
+        return "Succeeded", "Succeeded", state.succeeded
+    if state.failed is not None:
+        return "Failed", *state.failed
+    if state.suspended:
         if obs.spec_suspend:
             return "Suspended", "Suspended", "suspended by spec.suspend; set it to false to " \
                 "resume from the last checkpoint"
@@ -225,12 +247,53 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
                 f"waiting for Kueue to admit it from queue {obs.queue_name!r}"
                 + (f": {why}" if why else ""))
         return "Queued", "Suspended", f"the {b.kind} is suspended by another controller"
-    if b.condition(child, "restarting"):
+    if state.restarting:
         return "Running", "Restarting", "a pod failed and is restarting; training resumes " \
             "from the last checkpoint"
-    if b.condition(child, "running"):
+    if state.running:
         return "Running", "Running", "training"
     return "Pending", "Starting", "waiting for the training pods to start"
+
+
+def with_serving(status: FineTuneJobStatus, served: Serving | None, generation: int | None,
+                 now: str, old_conditions: list[dict[str, Any]], *,
+                 waiting: str | None = None, blocked: str | None = None,
+                 blocked_reason: str = "Conflict", check_error: str | None = None
+                 ) -> FineTuneJobStatus:
+    """The status with spec.serve's part: status.serving and the Serving and Checked
+    conditions (none of them when nothing is served)."""
+    kept = [c for c in status.conditions if c.type not in ("Serving", "Checked")]
+    conds: list[Condition] = []
+    shown: Serving | None = None
+    if blocked:
+        conds.append(_condition("Serving", False, blocked_reason, blocked, generation))
+    elif served is not None and waiting:
+        conds.append(_condition("Serving", False, "WaitingForOutput", waiting, generation))
+    elif served is not None:
+        shown = served
+        conds.append(_condition(
+            "Serving", served.ready, "ServerReady" if served.ready else "ServerStarting",
+            f"{served.model_name} at {served.url}" if served.ready else
+            "waiting for the server to pass its readiness probe", generation))
+        if check_error:
+            conds.append(_condition("Checked", False, "CheckError", check_error, generation))
+        elif served.checks:
+            failed = [c for c in served.checks if not c.passed]
+            conds.append(_condition(
+                "Checked", not failed, "ChecksFailed" if failed else "ChecksPassed",
+                "; ".join(f"{c.prompt!r}: the answer lacks {', '.join(map(repr, c.missing))}"
+                          for c in failed)
+                or f"{len(served.checks)} of {len(served.checks)} checks passed", generation))
+    return status.model_copy(update={
+        "serving": shown,
+        "conditions": kept + _keep_transition_times(conds, old_conditions, now)})
+
+
+def serving_settled(job: Any, served: Serving | None) -> bool:
+    """Served, ready, and checked (when the job has checks): nothing more to wait for."""
+    if served is None or not served.ready:
+        return False
+    return not job.spec.serve.checks or bool(served.checks)
 
 
 def kueue_reason(workload: dict[str, Any] | None) -> str | None:
@@ -250,13 +313,13 @@ def kueue_reason(workload: dict[str, Any] | None) -> str | None:
     return None
 
 
-def _keep_transition_times(new: list[dict[str, Any]], old: list[dict[str, Any]], now: str
-                           ) -> list[dict[str, Any]]:
+def _keep_transition_times(new: list[Condition], old: list[dict[str, Any]], now: str
+                           ) -> list[Condition]:
     before = {c.get("type"): c for c in old}
     for c in new:
-        prev = before.get(c["type"])
-        same = prev is not None and prev.get("status") == c["status"]
-        c["lastTransitionTime"] = prev.get("lastTransitionTime", now) if same else now
+        prev = before.get(c.type)
+        same = prev is not None and prev.get("status") == c.status
+        c.last_transition_time = prev.get("lastTransitionTime", now) if same else now
     return new
 
 

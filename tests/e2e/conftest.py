@@ -8,7 +8,7 @@ import uuid
 import pytest
 import yaml
 
-from e2e.util import CRDS, wait
+from e2e.util import CRDS, KUEUE_CRDS, TRAINER_V2_CRDS, install_crd, wait
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +56,20 @@ def namespace(kube, crds):
     core.create_namespace({"metadata": {"name": name}})
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def trainer_v2_crds(kube):
+    """Kubeflow Trainer v2's and Kueue's real CRDs; {file name: how it was installed}."""
+    paths = TRAINER_V2_CRDS + KUEUE_CRDS
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        pytest.skip(f"CRD files missing (KUBETUNE_CONFORMANCE?): {missing}")
+    installed = {}
+    for path in paths:
+        try:
+            installed[path.name] = install_crd(kube, path)
+        except kube.exceptions.ApiException as err:
+            pytest.skip(f"this API server cannot take {path.name}: {err.status} "
+                        f"{err.body[:300]}")
+    return installed

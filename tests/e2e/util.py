@@ -15,6 +15,80 @@ REPO = Path(__file__).resolve().parents[2]
 CONFORMANCE = Path(os.environ.get("KUBETUNE_CONFORMANCE", REPO.parent / "shared" / "conformance"))
 CRDS = [REPO / "crds" / "kubetune.io_finetunejobs.yaml",
         CONFORMANCE / "kubeflow" / "kubeflow.org_pytorchjobs.yaml"]
+# Kubeflow Trainer v2 (v2.3.0) and Kueue (v0.19.2): the real CRDs, for the TrainJob backend.
+TRAINER_V2_CRDS = [CONFORMANCE / "kubeflow-trainer-v2" / f"trainer.kubeflow.org_{name}.yaml"
+                   for name in ("trainjobs", "clustertrainingruntimes")]
+KUEUE_CRDS = [CONFORMANCE / "kueue" / f"kueue.x-k8s.io_{name}.yaml"
+              for name in ("workloads", "localqueues", "clusterqueues", "resourceflavors")]
+
+
+def compat_for_old_servers(crd: dict) -> dict:
+    """The CRD less what an old API server (1.20) cannot take, and nothing else.
+
+    Newer controller-gen writes ``default: ""`` on optional ``name`` fields of embedded core
+    types; kube-apiserver 1.20 decodes that default as null and refuses the whole CRD. The
+    empty defaults go; a list-map key (``imagePullSecrets[].name``), which 1.20 requires to
+    have a default or be required, becomes required. Every type, enum, bound and field stays,
+    so objects are still validated and pruned by the real schema.
+    """
+    import copy
+
+    crd = copy.deepcopy(crd)
+
+    def walk(node):
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        items = node.get("items") if isinstance(node.get("items"), dict) else {}
+        for key in node.get("x-kubernetes-list-map-keys") or []:
+            prop = (items.get("properties") or {}).get(key)
+            if isinstance(prop, dict) and prop.get("default") == "":
+                del prop["default"]
+                if key not in items.setdefault("required", []):
+                    items["required"].append(key)
+        for prop in (node.get("properties") or {}).values():
+            if isinstance(prop, dict) and prop.get("default") == "":
+                del prop["default"]
+        for value in node.values():
+            walk(value)
+
+    walk(crd)
+    return crd
+
+
+def install_crd(kube, path: Path) -> str:
+    """Create (or replace) a CRD as shipped; on a server too old for it, the compat copy.
+    Returns "as shipped" or "compat (…)"; raises what the server said otherwise."""
+    import yaml
+
+    ext = kube.ApiextensionsV1Api()
+    shipped = yaml.safe_load(path.read_text())
+    how = "as shipped"
+    for crd in (shipped, compat_for_old_servers(shipped)):
+        name = crd["metadata"]["name"]
+        try:
+            try:
+                ext.create_custom_resource_definition(crd)
+            except kube.exceptions.ApiException as err:
+                if err.status != 409:
+                    raise
+                crd["metadata"]["resourceVersion"] = \
+                    ext.read_custom_resource_definition(name).metadata.resource_version
+                ext.replace_custom_resource_definition(name, crd)
+            break
+        except kube.exceptions.ApiException as err:
+            # (the body is JSON: the value's quotes come escaped)
+            if crd is not shipped or err.status != 422 or \
+                    ".default: Invalid value: \\\"null\\\"" not in err.body:
+                raise
+            how = 'compat (this server decodes default: "" as null)'
+    wait(lambda: any(c.type == "Established" and c.status == "True"
+                     for c in ext.read_custom_resource_definition(name).status.conditions
+                     or []))
+    return how
 
 
 def wait(check, timeout=60.0, every=0.5):

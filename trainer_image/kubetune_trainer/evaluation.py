@@ -87,3 +87,74 @@ def predict(model: Any, tokenizer: Any, template: str, examples: list[dict[str, 
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     tmp.rename(out)
     return {**scores(pairs), "predict_samples": float(len(pairs))}
+
+
+def lm_eval(settings: Any, written: dict[str, str], ctx: Any, root: Path, *, log=print
+            ) -> dict[str, float]:
+    """evaluation.lmEval: lm-evaluation-harness on the final model (the merged or whole
+    model, else base + adapter), its tasks found in ``include`` (run from that directory, so
+    a task's relative ``data_files`` are read from there). Scores as lmeval_TASK_METRIC; the
+    full results in lm_eval_results.json."""
+    import contextlib
+    import os
+
+    from kubetune.errors import KubetuneError
+
+    from kubetune_trainer.sources import resolve
+
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise KubetuneError(f"needs the lm-eval package in the trainer ({err})",
+                            field="spec.evaluation.lmEval") from None
+    model_args: dict[str, Any] = {"dtype": "float32"}
+    if path := written.get("merged_model") or written.get("model"):
+        model_args["pretrained"] = path
+    else:
+        adapter = Path(written["adapter"])
+        base = json.loads((adapter / "adapter_config.json").read_text())
+        model_args.update(pretrained=base["base_model_name_or_path"], peft=str(adapter),
+                          tokenizer=str(adapter))
+    include = None
+    if settings.include:
+        include = resolve(settings.include, ctx, field="spec.evaluation.lmEval.include",
+                          kind="dataset")
+        if not include.is_dir():
+            raise KubetuneError(f"{settings.include} is not a directory of task YAML files",
+                                field="spec.evaluation.lmEval.include")
+    manager = None
+    if include:  # only the given directory when it has every task: indexing lm-eval's
+        manager = TaskManager(include_path=str(include), include_defaults=False)  # own ~20 s
+        if any(not manager.match_tasks([t]) for t in settings.tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=str(include) if include else None)
+    unknown = [t for t in settings.tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise KubetuneError(f"unknown lm-eval task {', '.join(unknown)}" + (
+            f" (not in {settings.include} nor built in)" if include else
+            " (give include: a directory with its YAML)"), field="spec.evaluation.lmEval.tasks")
+    log(f"evaluation: lm-eval {', '.join(settings.tasks)}")
+    import torch
+
+    with contextlib.chdir(include or os.getcwd()):
+        out = simple_evaluate(
+            model="hf", model_args=model_args, tasks=list(settings.tasks),
+            task_manager=manager, limit=settings.limit, num_fewshot=settings.num_fewshot,
+            batch_size=settings.batch_size, device="cuda" if torch.cuda.is_available()
+            else "cpu", log_samples=False, verbosity="ERROR")
+    results = out["results"] if out else {}
+    tmp = root / "lm_eval_results.json.tmp"
+    tmp.write_text(json.dumps({"results": results, "configs": out.get("configs") if out
+                               else None}, indent=2, default=str))
+    tmp.rename(root / "lm_eval_results.json")
+    scores_: dict[str, float] = {}
+    for task, metrics in results.items():
+        for name, value in metrics.items():
+            metric, _, filt = name.partition(",")
+            if not isinstance(value, int | float) or isinstance(value, bool) or \
+                    not math.isfinite(value) or metric in ("alias", "sample_len"):
+                continue
+            key = "_".join(p for p in (task, metric, "" if filt == "none" else filt) if p)
+            scores_["lmeval_" + re.sub(r"[^A-Za-z0-9_.-]", "_", key)[:96]] = float(value)
+    return scores_

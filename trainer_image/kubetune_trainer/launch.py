@@ -1,11 +1,13 @@
 """The trainer image's entrypoint: one launcher per node, topology from the pod.
 
 A PyTorchJob injects PET_NNODES, PET_NODE_RANK (or RANK), PET_NPROC_PER_NODE, MASTER_ADDR
-and MASTER_PORT. One node with one process runs the trainer directly; more processes go
-through torchrun, or through accelerate with DeepSpeed when ``--deepspeed`` names a config
-from ``deepspeed/`` (kept as data files).
+and MASTER_PORT (a Kubeflow Trainer v2 TrainJob: PET_MASTER_ADDR and PET_MASTER_PORT).
+``--strategy`` is the job's resources.strategy (``kubetune.strategy``): ddp
+runs one process directly, more through torchrun; the DeepSpeed ZeRO strategies and fsdp2 go
+through `accelerate launch` with a config from ``deepspeed/`` (kept as data files), even for a
+single process (ZeRO-3 offload on one GPU).
 
-    kubetune-launch /etc/kubetune/job.yaml --pvc-root /mnt/pvc [--deepspeed zero2]
+    kubetune-launch /etc/kubetune/job.yaml --pvc-root /mnt/pvc [--strategy zero3]
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from kubetune.strategy import STRATEGIES
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 
@@ -44,7 +48,7 @@ def _int(env: Mapping[str, str], *names: str, default: int) -> int:
 
 
 def topology(env: Mapping[str, str], gpus: int) -> Topology:
-    """Where this node sits in the job, from the PyTorchJob's environment."""
+    """Where this node sits in the job, from the PyTorchJob's or the TrainJob's environment."""
     per_node = env.get("PET_NPROC_PER_NODE", "auto")
     if per_node in ("auto", "gpu"):
         nproc = max(gpus, 1)
@@ -56,29 +60,35 @@ def topology(env: Mapping[str, str], gpus: int) -> Topology:
         nnodes=_int(env, "PET_NNODES", default=1),
         node_rank=_int(env, "PET_NODE_RANK", "RANK", default=0),
         nproc_per_node=nproc,
-        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=_int(env, "MASTER_PORT", default=29500),
+        master_addr=env.get("MASTER_ADDR") or env.get("PET_MASTER_ADDR") or "127.0.0.1",
+        master_port=_int(env, "MASTER_PORT", "PET_MASTER_PORT", default=29500),
         gpus=gpus,
     )
 
 
-def command(topo: Topology, trainer_args: list[str], *, deepspeed: str | None = None,
-            python: str = sys.executable) -> list[str]:
+def command(topo: Topology, trainer_args: list[str], *, strategy: str = "ddp",
+            deepspeed: str | None = None, python: str = sys.executable) -> list[str]:
     """The command line that starts this node's training processes.
 
-    Plain data parallel goes through torchrun (NCCL on GPUs, gloo on CPU); DeepSpeed through
-    `accelerate launch`, which writes DeepSpeed's own launch settings.
+    ddp goes through torchrun (NCCL on GPUs, gloo on CPU); DeepSpeed and FSDP through
+    `accelerate launch`, which writes their launch settings. ``deepspeed`` names any config
+    file in ``deepspeed/`` (without .json) instead of a strategy's own.
     """
     train = ["-m", "kubetune_trainer.train", *trainer_args]
-    if topo.world_size == 1 and not deepspeed:
-        return [python, *train]
-    if not deepspeed:
+    if strategy not in STRATEGIES:
+        raise SystemExit(f"--strategy {strategy}: unknown; known: {sorted(STRATEGIES)}")
+    info = STRATEGIES[strategy]
+    engine, config_name = ("deepspeed", f"{deepspeed}.json") if deepspeed else \
+        (info.engine, info.config)
+    if engine is None:
+        if topo.world_size == 1:
+            return [python, *train]
         return [python, "-m", "torch.distributed.run",
                 "--nnodes", str(topo.nnodes), "--node_rank", str(topo.node_rank),
                 "--nproc_per_node", str(topo.nproc_per_node),
                 "--master_addr", topo.master_addr, "--master_port", str(topo.master_port),
                 *train]
-    config = DEEPSPEED_DIR / f"{deepspeed}.json"
+    config = DEEPSPEED_DIR / str(config_name)
     if not config.exists():
         known = sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))
         raise SystemExit(f"--deepspeed {deepspeed}: no such config; known: {known}")
@@ -89,8 +99,11 @@ def command(topo: Topology, trainer_args: list[str], *, deepspeed: str | None = 
            "--main_process_ip", topo.master_addr,
            "--main_process_port", str(topo.master_port),
            "--mixed_precision", "no",  # the trainer picks bf16/fp16 from the job
-           "--dynamo_backend", "no",
-           "--use_deepspeed", "--deepspeed_config_file", str(config)]
+           "--dynamo_backend", "no"]
+    if engine == "deepspeed":
+        cmd += ["--use_deepspeed", "--deepspeed_config_file", str(config)]
+    else:  # fsdp: accelerate's own config file (FSDP2 settings); the topology above wins
+        cmd += ["--config_file", str(config), "--use_fsdp"]
     if topo.nnodes > 1:
         cmd += ["--same_network", "--rdzv_backend", "static"]
     return cmd + train
@@ -105,14 +118,27 @@ def gpu_count() -> int:
         return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """kubetune-launch's own options; the rest go to the trainer."""
     p = argparse.ArgumentParser(prog="kubetune-launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--deepspeed", help="a config in kubetune_trainer/deepspeed/ (e.g. zero2)")
+    p.add_argument("--strategy", default="ddp", choices=sorted(STRATEGIES),
+                   help="the job's resources.strategy (default ddp)")
+    p.add_argument("--deepspeed", help="a DeepSpeed config in kubetune_trainer/deepspeed/ "
+                   "(e.g. zero2), instead of the strategy's")
+    p.add_argument("--nproc", type=int, help="processes on this node (default: "
+                   "PET_NPROC_PER_NODE, else one per GPU, else one)")
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
-    args, trainer_args = p.parse_known_args(argv)
-    topo = topology(os.environ, gpu_count())
-    cmd = command(topo, trainer_args, deepspeed=args.deepspeed)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, trainer_args = parser().parse_known_args(argv)
+    env = dict(os.environ)
+    if args.nproc:
+        env["PET_NPROC_PER_NODE"] = str(args.nproc)
+    topo = topology(env, gpu_count())
+    cmd = command(topo, trainer_args, strategy=args.strategy, deepspeed=args.deepspeed)
     print("kubetune-launch:", " ".join(cmd), file=sys.stderr, flush=True)
     if args.dry_run:
         return

@@ -124,11 +124,15 @@ def load_model(model_path: Path, spec: FineTuneJobSpec, *, head: str = "causal",
     kwargs: dict[str, Any] = {"trust_remote_code": spec.model.trust_remote_code}
     kwargs["dtype"] = torch.bfloat16 if precision(spec)["bf16"] else torch.float32
     if m.quantized:
+        from kubetune.strategy import STRATEGIES, strategy_of
         from transformers import BitsAndBytesConfig
 
+        # ZeRO-3 and FSDP shard the 4-bit weights too: stored in the compute dtype's words.
+        storage = kwargs["dtype"] if STRATEGIES[strategy_of(spec)].shard_weights else None
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=kwargs["dtype"])
+            bnb_4bit_compute_dtype=kwargs["dtype"],
+            **({"bnb_4bit_quant_storage": storage} if storage is not None else {}))
     if head == "reward":
         model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1,
                                                                    **kwargs)

@@ -65,10 +65,17 @@ class Layout:
 
 
 def output_root(spec: FineTuneJobSpec, ctx: RunContext) -> Path:
+    """The output directory on this machine: the output itself, or, for s3://, gs:// and
+    hf:// outputs, where they are staged before upload (``storage``)."""
+    from kubetune_trainer.storage import is_remote, staging_root
+
     scheme, _ = split_uri(spec.output.uri)
+    if is_remote(spec.output.uri):
+        return staging_root(spec.output.uri, ctx)
     if scheme not in ("", "file", "pvc"):
-        raise KubetuneError(f"{scheme}:// outputs are not supported yet; use a local path or "
-                            "pvc://CLAIM/path", field="spec.output.uri")
+        raise KubetuneError(f"{scheme}:// outputs are not supported; use a local path, "
+                            "pvc://CLAIM/path, s3://, gs:// or hf://ORG/NAME",
+                            field="spec.output.uri")
     return resolve(spec.output.uri, ctx, field="spec.output.uri", kind="output")
 
 
@@ -204,29 +211,46 @@ def write_json(path: Path, data: Any) -> None:
     tmp.rename(path)
 
 
-def save_whole_model(trainer: Any, out: Layout) -> None:
-    """Every rank calls this (ZeRO-3/FSDP gather the weights); rank 0 writes the staging dir."""
-    trainer.save_model(str(staging(out.model)))
+def save_whole_model(trainer: Any, out: Layout, *, adapter: bool = False,
+                     max_shard_size: str = "5GB") -> None:
+    """Every rank calls this (ZeRO-3/FSDP gather the weights); rank 0 writes the staging dir:
+    the whole model, or (``adapter``, with sharded weights) the adapter alone. One process:
+    safetensors shards of at most ``max_shard_size`` (output.maxShardSize); distributed,
+    transformers' own gathering save (its default shard size)."""
+    target = staging(out.adapter if adapter else out.model)
+    if trainer.accelerator.num_processes == 1 and not (trainer.is_deepspeed_enabled
+                                                       or trainer.is_fsdp_enabled):
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.save_pretrained(str(target), max_shard_size=max_shard_size)
+    else:
+        trainer.save_model(str(target))
     trainer.accelerator.wait_for_everyone()
 
 
 def save(trainer: Any, tokenizer: Any, spec: FineTuneJobSpec, out: Layout, *, adapter: bool,
-         head: str) -> dict[str, str]:
-    """Rank 0, after ``save_whole_model`` on every rank for whole-model methods. Returns what
-    was written: adapter (+ merged_model), or model."""
+         head: str, gathered: bool = False) -> dict[str, str]:
+    """Rank 0, after ``save_whole_model`` on every rank for whole-model methods (and for
+    adapters when the weights are sharded: ``gathered``). Returns what was written: adapter
+    (+ merged_model), or model."""
     model = trainer.model
     model.config.use_cache = True
     written: dict[str, str] = {}
 
-    def with_tokenizer(obj: Any) -> Callable[[Path], None]:
-        return lambda p: (obj.save_pretrained(p), tokenizer.save_pretrained(p))
+    def with_tokenizer(obj: Any, **kw: Any) -> Callable[[Path], None]:
+        return lambda p: (obj.save_pretrained(p, **kw), tokenizer.save_pretrained(p))
 
     if adapter:
-        written["adapter"] = str(replace_dir(out.adapter, with_tokenizer(model)))
+        if gathered:  # this rank's model holds only its shard: the adapter is on disk
+            tokenizer.save_pretrained(staging(out.adapter))
+            swap_in(staging(out.adapter), out.adapter)
+        else:
+            replace_dir(out.adapter, with_tokenizer(model))
+        written["adapter"] = str(out.adapter)
         if spec.output.merge:
-            merged = _merge_full_precision(model, head) if spec.method.type == "qlora" \
-                else model.merge_and_unload()
-            written["merged_model"] = str(replace_dir(out.merged, with_tokenizer(merged)))
+            merged = _merge_full_precision(model, head, out.adapter if gathered else None) \
+                if spec.method.type == "qlora" or gathered else model.merge_and_unload()
+            written["merged_model"] = str(replace_dir(out.merged, with_tokenizer(
+                merged, max_shard_size=spec.output.max_shard_size)))
     else:
         tokenizer.save_pretrained(staging(out.model))
         swap_in(staging(out.model), out.model)
@@ -234,16 +258,24 @@ def save(trainer: Any, tokenizer: Any, spec: FineTuneJobSpec, out: Layout, *, ad
     return written
 
 
-def _merge_full_precision(model: Any, head: str) -> Any:
-    """QLoRA: merge the adapter into an unquantized copy of the base model."""
+def _merge_full_precision(model: Any, head: str, saved: Path | None = None) -> Any:
+    """QLoRA, or sharded weights: merge the adapter (``saved`` there already, or saved from
+    ``model``) into a fresh, unquantized copy of the base model."""
     import tempfile
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.integrations import unset_hf_deepspeed_config
 
+    # Rank 0 alone loads this copy, whole: not through ZeRO-3's collective, partitioned
+    # loading (the run's last load; the trainer is done with it).
+    unset_hf_deepspeed_config()
     base_path = model.peft_config["default"].base_model_name_or_path
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        if saved is None:
+            model.save_pretrained(tmp)
+        else:
+            tmp = str(saved)
         if head == "reward":
             base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1)
         else:
@@ -254,6 +286,9 @@ def _merge_full_precision(model: Any, head: str) -> Any:
 def status_outputs(spec: FineTuneJobSpec, written: dict[str, str]) -> dict[str, str]:
     """The same outputs as URIs under spec.output.uri, keyed as in the FineTuneJob status."""
     base = spec.output.uri.rstrip("/")
+    if base.startswith("hf://"):  # one model at the repository's root (hub.plan)
+        pushed = next(k for k in ("merged_model", "adapter", "model") if k in written)
+        return {STATUS_KEYS[pushed]: base}
     return {STATUS_KEYS[k]: f"{base}/{Path(v).name}" for k, v in written.items()}
 
 

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from kubetune.credentials import SourceSecret
 from kubetune.errors import SourceError
 
 from kubetune_trainer.config import RunContext
@@ -68,11 +69,16 @@ def resolve(
     kind: str = "model",
     revision: str | None = None,
     token_env: str = "HF_TOKEN",
+    light: bool = False,
+    secret: SourceSecret | None = None,
 ) -> Path:
     """Return a local path for ``uri``; downloads (hf, s3, gs, https) land in the cache.
 
-    ``token_env`` names the variable holding this source's token (the operator sets one per
-    secretRef: HF_TOKEN for the model, KUBETUNE_DATASET_<i>_TOKEN for data set i).
+    ``secret``: this source's secretRef (``kubetune.credentials``): a bearer token for hf://
+    and https://, S3 keys/endpoint/region for s3://, a service-account key for gs://.
+    Without it, ``token_env`` names a variable holding the token.
+    ``light``: of an hf:// model only config and tokenizer files, never the weights
+    (validate, estimate).
     """
     scheme, rest = split_uri(uri)
     if scheme == "":
@@ -90,18 +96,26 @@ def resolve(
 
         return materialize(rest, ctx.cache_dir, field=field)
     if scheme == "hf":
+        token = secret.require() if secret else None
         return _hf_download(rest, ctx, field=field, kind=kind, revision=revision,
-                            token=os.environ.get(token_env) or os.environ.get("HF_TOKEN"))
+                            token=token or os.environ.get(token_env)
+                            or os.environ.get("HF_TOKEN"), light=light)
     if scheme in FSSPEC_SCHEMES:
-        # HF_TOKEN is for the Hub: only a source's own secretRef goes to another host.
-        token = os.environ.get(token_env) if token_env != "HF_TOKEN" else None
-        return _fsspec_download(uri, ctx, field=field, token=token)
+        if secret is not None:
+            token = secret.require() if scheme in ("http", "https") else None
+        else:  # HF_TOKEN is for the Hub: only a source's own secretRef goes to another host.
+            token = os.environ.get(token_env) if token_env != "HF_TOKEN" else None
+        return _fsspec_download(uri, ctx, field=field, token=token, secret=secret)
     raise SourceError(f"unsupported scheme {scheme}://", field=field)
+
+
+# What describes a model without its weights: config, tokenizer, chat template.
+LIGHT_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 
 def _hf_download(
     rest: str, ctx: RunContext, *, field: str, kind: str, revision: str | None,
-    token: str | None,
+    token: str | None, light: bool = False,
 ) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -115,6 +129,7 @@ def _hf_download(
             revision=revision,
             token=token or None,
             cache_dir=ctx.cache_dir / "hf",
+            allow_patterns=LIGHT_PATTERNS if light and kind == "model" else None,
         )
     except LocalEntryNotFoundError:
         raise SourceError(
@@ -127,8 +142,8 @@ def _hf_download(
     return Path(root) / sub
 
 
-def _fsspec_download(uri: str, ctx: RunContext, *, field: str, token: str | None = None
-                     ) -> Path:
+def _fsspec_download(uri: str, ctx: RunContext, *, field: str, token: str | None = None,
+                     secret: SourceSecret | None = None) -> Path:
     """Download into the cache, once. ``token``: sent as ``Authorization: Bearer`` to https://
     (and loopback http://) sources. Nothing printed or stored carries the URL's credentials:
     messages show ``redact(uri)``, the cache directory is a hash, the file is named by its
@@ -139,7 +154,9 @@ def _fsspec_download(uri: str, ctx: RunContext, *, field: str, token: str | None
     target = ctx.cache_dir / "downloads" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if (target / ".complete").exists():
         return target / (target / ".complete").read_text().strip()
-    options: dict = {}
+    from kubetune_trainer.storage import source_error, storage_options
+
+    options: dict = storage_options(uri, secret)
     if token and uri.startswith(("http://", "https://")):
         if not _may_send_token(uri):
             raise SourceError(f"{shown}: a secretRef token is only sent over https://",
@@ -159,9 +176,13 @@ def _fsspec_download(uri: str, ctx: RunContext, *, field: str, token: str | None
         else:  # not fs.get: it reads `?` in a URL's query as a glob
             with fs.open(path, "rb") as src, open(fetched, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-    except FileNotFoundError:
+    except FileNotFoundError as err:
+        if "bucket" in str(err).lower():
+            raise source_error(err, shown, field=field, secret=secret) from None
         raise SourceError(f"{shown}: not found", field=field) from None
     except Exception as err:  # network and auth errors come in many types
+        if uri.startswith(("s3://", "gs://")):
+            raise source_error(err, shown, field=field, secret=secret) from None
         raise SourceError(f"{shown}: download failed: {redact(str(err))}", field=field) from None
     name = _file_name(uri, fetched if fetched.is_file() else None)
     fetched.rename(tmp / name)

@@ -23,33 +23,45 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
+from kubetune.credentials import model_secret
 from kubetune.errors import KubetuneError
+from kubetune.strategy import STRATEGIES, strategy_of
 
-from kubetune_trainer import evaluation, outputs
+from kubetune_trainer import evaluation, outputs, tracking
 from kubetune_trainer.config import RunContext
 from kubetune_trainer.outputs import Layout, output_root
 from kubetune_trainer.recipes import Build, Data, recipe
 from kubetune_trainer.sources import resolve
+from kubetune_trainer.storage import Store, uploader
 
 
 def preflight(spec: FineTuneJobSpec) -> Any:
     """Checks that need no data or model. Returns the stage's recipe."""
-    rec = recipe(spec.stage)
-    if spec.method.type == "qlora":
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise KubetuneError("method.type qlora needs the bitsandbytes package in the "
-                                "trainer (pip install bitsandbytes)", field="spec.method.type")
+    rec = recipe(spec.stage)
+    needs = [(t, t, "spec.training.reportTo") for t in spec.training.report_to or []]
+    if spec.evaluation and spec.evaluation.lm_eval:
+        needs.append(("evaluation.lmEval", "lm_eval", "spec.evaluation.lmEval"))
+    for what, module, field in needs:
+        if importlib.util.find_spec(module) is None:
+            raise KubetuneError(f"{what} needs the {module} package in the trainer (pip "
+                                "install 'kubetune[trackers,lmeval]', or the trainer image)",
+                                field=field)
+    if spec.method.type == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise KubetuneError("method.type qlora needs the bitsandbytes package in the "
+                            "trainer (pip install bitsandbytes)", field="spec.method.type")
     return rec
 
 
-def model_path(spec: FineTuneJobSpec, ctx: RunContext) -> Path:
+def model_path(spec: FineTuneJobSpec, ctx: RunContext, *, light: bool = False) -> Path:
+    """The model's directory; ``light``: an hf:// model's config and tokenizer only."""
     if spec.model.from_job:
         path, field = outputs.upstream_model_path(spec.model.from_job, ctx), "spec.model.fromJob"
     else:
         field = "spec.model.source"
-        path = resolve(spec.model.source, ctx, field=field, revision=spec.model.revision)
+        path = resolve(spec.model.source, ctx, field=field, revision=spec.model.revision,
+                       light=light, secret=model_secret(spec))
     if not (path / "config.json").exists():
         raise KubetuneError(f"no model at {path} (config.json missing)", field=field)
     return path
@@ -100,10 +112,21 @@ def _prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: A
     template = resolve_template(tokenizer, spec.template) if chat else None
     data = rec.prepare(examples, tokenizer, template, spec, log)
     data.stats.update(bad_rows=report.bad, rows=report.total)
+    if spec.eval_datasets:  # held out by the job, not by evalSplit: prepared the same way
+        held, held_report = load_examples(
+            spec.eval_datasets, spec.stage, ctx, at="spec.evalDatasets",
+            max_invalid_fraction=spec.training.max_invalid_fraction)
+        log(f"eval data: {held_report.summary()}")
+        plain = spec.model_copy(update={"training": spec.training.model_copy(
+            update={"packing": False, "eval_split": 0.0})})
+        data.eval = rec.prepare(held, tokenizer, template, plain, _quiet).train
+        data.eval_examples = held
+        data.stats.update(eval_rows=len(data.eval))
     return data
 
 
-def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool) -> dict[str, Any]:
+def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool,
+                  run_name: str | None = None) -> dict[str, Any]:
     """TrainingArguments fields every stage shares; a recipe adds its own and picks the
     TRL config class."""
     from kubetune_trainer.model import has_cuda, precision
@@ -133,7 +156,8 @@ def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool) -> dict
         eval_steps=t.eval_steps or t.save_steps if has_eval else None,
         seed=t.seed,
         data_seed=t.seed,
-        report_to="none",
+        report_to=list(t.report_to or []) or "none",  # settings: tracking.session
+        run_name=run_name,
         disable_tqdm=not sys.stderr.isatty(),
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
@@ -146,9 +170,18 @@ def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool) -> dict
 
 def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     """Train to the end (resuming from the newest complete checkpoint) and write outputs."""
+    with tracking.session(job.spec, job.metadata.name, output_root(job.spec, ctx)) as trackers:
+        return _run(job, ctx, trackers, log=log)
+
+
+def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=print
+         ) -> dict[str, Any]:
     spec = job.spec
     out = Layout(output_root(spec, ctx))
     outputs.check_writable(out.root)  # first, before torch: a read-only output fails now
+    store = Store.for_output(spec)  # s3:// or gs://: staged in out.root, uploaded
+    if store is not None and os.environ.get("RANK", "0") == "0":
+        log(store.check())  # unreachable, no bucket, refused credentials: fail now
     _quiet_libraries(bars=sys.stderr.isatty())
 
     from accelerate import PartialState
@@ -176,6 +209,11 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     if main:
         for stale in outputs.clean_partial(out):
             log(f"removed {stale.name}, left half-written by an earlier run")
+    if store is not None and state.is_local_main_process:  # each node stages its own copy
+        store.restore(out, log if main else _quiet)  # a fresh pod: the newest checkpoint
+    if main:
+        trackers.start(out.root)  # MLflow/W&B runs: new, or continued from tracking.json
+    state.wait_for_everyone()
     started = time.time()
     with state.local_main_process_first():  # one download/conversion per node, not per rank
         path = model_path(spec, ctx)
@@ -185,16 +223,22 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
     with state.main_process_first():
         data = prepare_data(spec, ctx, tokenizer, rec, log=log if main else _quiet)
 
-    callbacks = [CheckpointMarker(), OperatorReport(spec.output.uri)]
+    callbacks = [CheckpointMarker(), *([uploader(store, out)] if store else []),
+                 OperatorReport(spec.output.uri)]
     progress = ProgressLog(out.progress, echo=not sys.stderr.isatty())
     if main:
         callbacks.append(progress)
+    args = training_args(spec, out, has_eval=data.eval is not None, run_name=trackers.run_name)
+    sharded = _sharded_loading(spec, args)  # kept alive until the trainer is built
+    model = load_model(path, spec, head=rec.HEAD, pad_token_id=tokenizer.pad_token_id)
+    if sharded is not None and main:
+        log(f"{strategy_of(spec)}: the weights loaded sharded over {state.num_processes} "
+            "processes")
     trainer = rec.build(Build(
-        spec=spec, model=load_model(path, spec, head=rec.HEAD,
-                                    pad_token_id=tokenizer.pad_token_id),
-        tokenizer=tokenizer, data=data,
-        args=training_args(spec, out, has_eval=data.eval is not None),
+        spec=spec, model=model, tokenizer=tokenizer, data=data, args=args,
         callbacks=callbacks, peft_config=peft_config(spec, head=rec.HEAD), ctx=ctx))
+    del sharded
+    _check_strategy(trainer, spec)
     _check_kept(trainer, data, spec, log if main else _quiet)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -236,8 +280,10 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
             result["metrics"].update(_final_eval(trainer))
             result["metrics"].update(evaluation.perplexity(result["metrics"]))
         adapter = method(spec).adapter
-        if not adapter:
-            outputs.save_whole_model(trainer, out)
+        gathered = STRATEGIES[strategy_of(spec)].shard_weights  # a rank holds a shard only
+        if not adapter or gathered:
+            outputs.save_whole_model(trainer, out, adapter=adapter,
+                                     max_shard_size=spec.output.max_shard_size)
         if main and spec.evaluation and spec.evaluation.predict and data.eval_examples:
             log(f"evaluation: answering up to {spec.evaluation.max_samples} held-out prompts")
             result["metrics"].update(evaluation.predict(
@@ -248,14 +294,30 @@ def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
             result["predictions"] = str(out.root / evaluation.PREDICTIONS_FILE)
         if main:
             written = outputs.save(trainer, tokenizer, spec, out, adapter=adapter,
-                                   head=rec.HEAD)
+                                   head=rec.HEAD, gathered=gathered)
             result.update(written)
-            post_to_operator({"outputs": {**outputs.status_outputs(spec, written),
-                                          "metrics": _final_metrics(result["metrics"])}})
+            if spec.evaluation and spec.evaluation.lm_eval:
+                result["metrics"].update(evaluation.lm_eval(
+                    spec.evaluation.lm_eval, written, ctx, out.root, log=log))
             png = plot_loss(out.progress, out.root / "loss.png")
             result["loss_plot"] = str(png) if png else None
+            status = outputs.status_outputs(spec, written)
+            if url := trackers.finish(result["metrics"]):
+                result["tracking_url"] = status["trackingUrl"] = url
+            result["output_uri"] = spec.output.uri
             result["seconds"] = round(time.time() - started, 1)
             outputs.write_json(out.result, result)
+            if store is not None:  # the status points at the store once all is there
+                log(f"output: uploading to {store.uri}")
+                store.upload_outputs(out, [Path(p).name for p in written.values()] + [
+                    evaluation.PREDICTIONS_FILE, "loss.png", "runs", out.progress.name,
+                    out.result.name])
+            elif spec.output.uri.startswith("hf://"):
+                from kubetune_trainer import hub
+
+                hub.push(hub.plan(spec, out, result, written), spec=spec, log=log)
+            post_to_operator({"outputs": {**status,
+                                          "metrics": _final_metrics(result["metrics"])}})
     return result
 
 
@@ -338,6 +400,40 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
 
+def _sharded_loading(spec: FineTuneJobSpec, args: dict[str, Any]) -> Any:
+    """With ZeRO-3 the training arguments come before the model: they tell transformers to
+    load the weights already partitioned (deepspeed.zero.Init), not whole on every process.
+    Returns what must stay alive while the model loads (None without ZeRO-3)."""
+    info = STRATEGIES[strategy_of(spec)]
+    if info.engine != "deepspeed" or not info.shard_weights:
+        return None
+    from transformers import TrainingArguments
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    made = TrainingArguments(**args)
+    return made if is_deepspeed_zero3_enabled() else None
+
+
+def _check_strategy(trainer: Any, spec: FineTuneJobSpec) -> None:
+    """resources.strategy is what the trainer really runs: a trainer started without
+    kubetune-launch, or FSDP on CPU (accelerate runs FSDP on GPUs only), would otherwise
+    train as plain data parallel, and run out of memory where the estimate said it fits."""
+    from kubetune_trainer.model import has_cuda
+
+    strategy = strategy_of(spec)
+    want = STRATEGIES[strategy].engine
+    got = "deepspeed" if trainer.is_deepspeed_enabled else \
+        "fsdp" if trainer.is_fsdp_enabled else None
+    if want is None or want == got:
+        return
+    if want == "fsdp" and not has_cuda():
+        raise KubetuneError("fsdp2 needs CUDA GPUs (accelerate runs FSDP on GPUs only); on "
+                            "CPU use zero3", field="spec.resources.strategy")
+    raise KubetuneError(f"{strategy}: this trainer runs {got or 'plain data parallel'}; start "
+                        f"it with kubetune-launch --strategy {strategy} (as the operator and "
+                        "kubetune run do)", field="spec.resources.strategy")
+
+
 def _distributed_state(partial_state: Any) -> Any:
     """The process group, made before the trainer's arguments so they use it.
 
@@ -402,8 +498,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _termination_message(err: KubetuneError) -> None:
     """A short structured reason the operator reads from the pod status."""
-    path = Path("/dev/termination-log")
-    if path.exists() and os.access(path, os.W_OK):
+    path = Path(os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log"))
+    if path.parent.is_dir() and os.access(path if path.exists() else path.parent, os.W_OK):
         path.write_text(json.dumps({"reason": err.reason, "field": err.field,
                                     "message": err.message[:1500]}))
 

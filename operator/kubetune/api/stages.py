@@ -45,7 +45,8 @@ STAGE_METRIC_PATTERN = (r"^(eval_)?(rewards/\w+(/(mean|std))?|logps/\w+|kl|accur
 MAX_STAGE_METRICS = 32
 # The run's final metrics kept in status.outputs.metrics (with the stage's, above).
 FINAL_METRIC_PATTERN = (r"^(train_loss|eval_loss|eval_perplexity|predict_rouge1|predict_rouge2|"
-                        r"predict_rougeL|predict_bleu4|predict_samples)$")
+                        r"predict_rougeL|predict_bleu4|predict_samples|"
+                        r"lmeval_[A-Za-z0-9_.-]{1,96})$")
 
 IMPLEMENTED_STAGES = frozenset(s for s, i in STAGES.items() if i.implemented)
 PREFERENCE_STAGES = frozenset(s for s, i in STAGES.items() if i.rows in ("pairs", "unpaired"))

@@ -10,6 +10,7 @@ from typing import Any
 
 from kubetune.api.stages import STAGES
 from kubetune.api.v1alpha1 import DatasetSpec
+from kubetune.credentials import dataset_env_prefix, source_secret
 from kubetune.errors import DataError
 
 from kubetune_trainer.config import RunContext
@@ -249,13 +250,17 @@ def _registry_entry_problem(info: dict[str, Any]) -> str | None:
     return None
 
 
-def plan(specs: list[DatasetSpec], ctx: RunContext) -> list[Part]:
-    """Resolve every source and decide how each file is read (no rows read yet)."""
+def plan(specs: list[DatasetSpec], ctx: RunContext, *, at: str = "spec.datasets"
+         ) -> list[Part]:
+    """Resolve every source and decide how each file is read (no rows read yet). ``at``:
+    where the list is in the spec (spec.datasets, spec.evalDatasets)."""
     parts: list[Part] = []
     for i, spec in enumerate(specs):
-        field = f"spec.datasets[{i}]"
+        field = f"{at}[{i}]"
+        secret = source_secret(spec.source, spec.secret_ref, prefix=dataset_env_prefix(at, i),
+                               field=f"{field}.secretRef")
         path = resolve(spec.source, ctx, field=f"{field}.source", kind="dataset",
-                       revision=spec.revision, token_env=f"KUBETUNE_DATASET_{i}_TOKEN")
+                       revision=spec.revision, secret=secret)
         if spec.entries:
             if path.is_dir():
                 path = path / "dataset_info.json"
@@ -290,13 +295,14 @@ def _layout_for(part: Part, rows: list[Any], spec_fields: tuple) -> Layout:
 
 
 def load_examples(
-    specs: list[DatasetSpec], stage: str, ctx: RunContext, *, max_invalid_fraction: float
+    specs: list[DatasetSpec], stage: str, ctx: RunContext, *, max_invalid_fraction: float,
+    at: str = "spec.datasets",
 ) -> tuple[list[dict[str, Any]], Report]:
     """Read, convert and check every row. Fails (naming reasons and rows) when too many are bad."""
     report = Report()
     examples: list[dict[str, Any]] = []
     prompts_only = STAGES[stage].rows == "prompts"
-    for part in plan(specs, ctx):
+    for part in plan(specs, ctx, at=at):
         spec = part.spec
         kept_before, total_before = report.kept, report.total
         remaining = part.max_samples  # across all files of this source

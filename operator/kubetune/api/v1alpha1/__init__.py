@@ -35,6 +35,7 @@ from kubetune.api.v1alpha1._base import (
 )
 from kubetune.api.v1alpha1.evaluation import (
     EvaluationSpec,
+    LmEvalSpec,
 )
 from kubetune.api.v1alpha1.job import (
     ALL_RULES,
@@ -70,6 +71,7 @@ from kubetune.api.v1alpha1.rl import (
     RewardSpec,
     RewardType,
 )
+from kubetune.api.v1alpha1.serve import ServeCheck, ServeSpec
 from kubetune.api.v1alpha1.sources import (
     DatasetFormat,
     DatasetSpec,
@@ -84,11 +86,17 @@ from kubetune.api.v1alpha1.spec import (
 )
 from kubetune.api.v1alpha1.status import (
     Checkpoint,
+    CheckResult,
     Condition,
     Failure,
     FineTuneJobStatus,
     Outputs,
     Progress,
+    Serving,
+)
+from kubetune.api.v1alpha1.tracking import (
+    Tracker,
+    TrackingSpec,
 )
 from kubetune.api.v1alpha1.trainer import (
     NOT_SECRET_ENV,
@@ -111,7 +119,11 @@ __all__ = [
     "API_VERSION",
     "BaseModel",
     "Checkpoint",
+    "CheckResult",
     "Condition",
+    "ServeCheck",
+    "ServeSpec",
+    "Serving",
     "CPO_LOSSES",
     "DatasetFormat",
     "DatasetSpec",
@@ -134,6 +146,7 @@ __all__ = [
     "INT32_MAX",
     "KIND",
     "LABEL_VALUE",
+    "LmEvalSpec",
     "LoraSpec",
     "LrScheduler",
     "MethodSpec",
@@ -174,6 +187,8 @@ __all__ = [
     "TEMPLATES",
     "TEXT",
     "Toleration",
+    "Tracker",
+    "TrackingSpec",
     "TrainerSpec",
     "TrainingSpec",
     "URL_SECRET_QUERY",

@@ -34,7 +34,9 @@ ENV_NAME = "^[-._a-zA-Z][-._a-zA-Z0-9]*$"  # what Kubernetes accepts as a variab
 # Where a model or data set comes from. A bare path is local (relative to the job file).
 SOURCE_PATTERN = (f"^(pvc://{_CLAIM}(/[^{_SPACE}]*)?|(hf|s3|gs|https?|file|embedded)://"
                   f"[^{_SPACE}]+|[^:{_SPACE}]+)$")
-OUTPUT_PATTERN = f"^(pvc://{_CLAIM}(/[^{_SPACE}]*)?|file://[^{_SPACE}]+|[^:{_SPACE}]+)$"
+OUTPUT_PATTERN = (f"^(pvc://{_CLAIM}(/[^{_SPACE}]*)?|file://[^{_SPACE}]+|(s3|gs)://[a-z0-9][-a-z0-9._]"
+                  f"{{1,62}}(/[^{_SPACE}]*)?|hf://[A-Za-z0-9][-A-Za-z0-9_.]{{0,95}}/"
+                  f"[A-Za-z0-9][-A-Za-z0-9_.]{{0,95}}|[^:{_SPACE}]+)$")
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
 # Credentials written into a URL: user-info, or a token/signature in the query.
 URL_USERINFO = "^[A-Za-z0-9+.-]+://[^/?#]*@"

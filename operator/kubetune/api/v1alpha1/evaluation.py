@@ -6,9 +6,30 @@ from typing import Annotated
 
 from pydantic import Field
 
-from kubetune.api.v1alpha1._base import Rule, _Spec
+from kubetune.api.v1alpha1._base import NO_CONTROL, Rule, _Spec
+from kubetune.api.v1alpha1.sources import Source
 
 # --------------------------------------------------------------------------- evaluation
+
+
+class LmEvalSpec(_Spec):
+    """Benchmarks of the final model with lm-evaluation-harness (PyPI lm-eval)."""
+
+    tasks: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128, pattern=NO_CONTROL)]],
+        Field(min_length=1, max_length=32, description="lm-eval task (or group) names, e.g. "
+              "arc_easy, or tasks defined in include."),
+    ]
+    include: Annotated[
+        Source | None,
+        Field(description="A directory of lm-eval task YAML files (and their data), e.g. "
+              "pvc://CLAIM/tasks: tasks whose data is there need no download."),
+    ] = None
+    limit: Annotated[int | None, Field(ge=1, le=10**7, description="Rows per task at most "
+                                       "(all when unset).")] = None
+    num_fewshot: Annotated[int | None, Field(ge=0, le=128, description="Few-shot examples "
+                                             "(the task's own default when unset).")] = None
+    batch_size: Annotated[int, Field(ge=1, le=1024, description="Rows per forward pass.")] = 8
 
 
 class EvaluationSpec(_Spec):
@@ -25,16 +46,36 @@ class EvaluationSpec(_Spec):
     max_new_tokens: Annotated[
         int, Field(ge=1, le=32768, description="Tokens generated per answer at most.")
     ] = 256
+    lm_eval: Annotated[
+        LmEvalSpec | None,
+        Field(description="After training, score the final model (merged, or base + adapter) "
+              "on lm-eval tasks; scores go to result.json and status.outputs.metrics as "
+              "lmeval_TASK_METRIC."),
+    ] = None
 
 
 _EVALUATION_SPEC_RULES = (
     Rule(
         cel="!has(self.evaluation) || !has(self.evaluation.predict) || "
-        "!self.evaluation.predict || (has(self.training) && has(self.training.evalSplit) && "
-        "self.training.evalSplit > 0.0 && (!has(self.stage) || self.stage == 'sft'))",
-        message="evaluation.predict needs stage sft and training.evalSplit > 0 (the held-out "
-        "conversations it answers)",
+        "!self.evaluation.predict || (((has(self.training) && has(self.training.evalSplit) && "
+        "self.training.evalSplit > 0.0) || has(self.evalDatasets)) && "
+        "(!has(self.stage) || self.stage == 'sft'))",
+        message="evaluation.predict needs stage sft and held-out conversations to answer: "
+        "training.evalSplit > 0 or evalDatasets",
         check=lambda s: s.evaluation is None or not s.evaluation.predict or (
-            s.training.eval_split > 0 and s.stage == "sft"),
+            (s.training.eval_split > 0 or s.eval_datasets is not None) and s.stage == "sft"),
+    ),
+    Rule(
+        cel="!has(self.evalDatasets) || !has(self.training) || !has(self.training.evalSplit) "
+        "|| self.training.evalSplit == 0.0",
+        message="evalDatasets and training.evalSplit are two ways to hold rows out for "
+        "evaluation: use one",
+        check=lambda s: s.eval_datasets is None or s.training.eval_split == 0,
+    ),
+    Rule(
+        cel="!has(self.evaluation) || !has(self.evaluation.lmEval) || !has(self.stage) || "
+        "self.stage != 'rm'",
+        message="evaluation.lmEval scores a language model; stage rm trains a reward model",
+        check=lambda s: s.evaluation is None or s.evaluation.lm_eval is None or s.stage != "rm",
     ),
 )

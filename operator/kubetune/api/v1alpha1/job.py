@@ -16,6 +16,7 @@ from kubetune.api.v1alpha1._base import (
     _Model,
 )
 from kubetune.api.v1alpha1.method import _METHOD_RULES
+from kubetune.api.v1alpha1.output import _OUTPUT_RULES
 from kubetune.api.v1alpha1.preference import _PREFERENCE_RULES
 from kubetune.api.v1alpha1.resources import _RESOURCE_RULES, _SCHEDULING_RULES, _TOLERATION_RULES
 from kubetune.api.v1alpha1.rl import _REWARD_RULES
@@ -82,4 +83,5 @@ ALL_RULES = {
     "spec.rewards[]": _REWARD_RULES,
     "spec.training": _TRAINING_RULES,
     "spec.resources": _RESOURCE_RULES,
+    "spec.output": _OUTPUT_RULES,
 }

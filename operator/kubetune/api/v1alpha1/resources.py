@@ -53,6 +53,13 @@ _RESOURCE_RULES = (
         "one GPU)",
         check=lambda r: r.gpu_memory is None or r.gpus_per_node > 0,
     ),
+    Rule(
+        cel="!has(self.strategy) || self.strategy != 'fsdp2' || !has(self.gpusPerNode) "
+        "|| self.gpusPerNode > 0",
+        message="resources.strategy fsdp2 needs resources.gpusPerNode > 0 (FSDP runs on GPUs "
+        "only; zero3 shards the same way on CPU too)",
+        check=lambda r: r.strategy != "fsdp2" or r.gpus_per_node > 0,
+    ),
 )
 
 
@@ -75,8 +82,7 @@ class ResourcesSpec(_Spec):
               "zero2 (DeepSpeed ZeRO-2: gradients and optimizer state sharded), zero2-offload "
               "(optimizer state in CPU memory), zero3 (weights sharded too), zero3-offload "
               "(weights and optimizer state in CPU memory) or fsdp2 (PyTorch FSDP2, like "
-              "zero3). Checkpoints are in the strategy's format: it cannot change.",
-              json_schema_extra=immutable("spec.resources.strategy"), **_ENUM),
+              "zero3).", **_ENUM),
     ] = Strategy.ddp
     gpu_memory: Annotated[
         str | None,

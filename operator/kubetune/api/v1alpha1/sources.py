@@ -37,6 +37,12 @@ class SecretKeyRef(_Spec):
                               description="Key inside the Secret.")] = "token"
 
 
+SECRET_REF_HELP = (
+    "Credentials, by Secret reference. hf:// and https://: key holds a bearer token. s3://: "
+    "the Secret's keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (optionally "
+    "AWS_ENDPOINT_URL, AWS_REGION, AWS_SESSION_TOKEN); key is not used. gs://: key holds a "
+    "service-account JSON key.")
+
 Source = Annotated[
     str,
     Field(
@@ -100,7 +106,7 @@ class ModelSpec(_Spec):
     ] = None
     secret_ref: Annotated[
         SecretKeyRef | None,
-        Field(description="Secret holding an access token (hf://, s3://, gs://, https://)."),
+        Field(description=SECRET_REF_HELP),
     ] = None
     trust_remote_code: Annotated[
         bool, Field(description="Allow the model repository's own Python code to run.")
@@ -176,7 +182,7 @@ class DatasetSpec(_Spec):
         Field(description="Replace {{key}} with the value in every text, e.g. name, author."),
     ] = None
     revision: Annotated[str | None, _str(description="Revision for hf:// data sets.")] = None
-    secret_ref: Annotated[SecretKeyRef | None, Field(description="Access token Secret.")] = None
+    secret_ref: Annotated[SecretKeyRef | None, Field(description=SECRET_REF_HELP)] = None
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Any:

@@ -15,6 +15,7 @@ from kubetune.api.v1alpha1.output import OutputSpec
 from kubetune.api.v1alpha1.preference import _PREFERENCE_SPEC_RULES, PreferenceSpec
 from kubetune.api.v1alpha1.resources import ResourcesSpec, RunPolicySpec, SchedulingSpec
 from kubetune.api.v1alpha1.rl import _RL_SPEC_RULES, GrpoSpec, RewardSpec
+from kubetune.api.v1alpha1.serve import SERVE_SPEC_RULE, ServeSpec
 from kubetune.api.v1alpha1.sources import DatasetSpec, ModelSpec
 from kubetune.api.v1alpha1.trainer import TrainerSpec
 from kubetune.api.v1alpha1.training import TrainingSpec
@@ -51,6 +52,7 @@ _SPEC_RULES = (
         "save a whole model)",
         check=lambda s: not s.output.merge or s.method.type in ("lora", "qlora"),
     ),
+    SERVE_SPEC_RULE,
 )
 
 
@@ -63,6 +65,10 @@ class FineTuneJobSpec(_Spec):
     datasets: Annotated[list[DatasetSpec], Field(
         min_length=1, max_length=64, description="The training data: every data set's rows, "
         "mixed (evalSplit holds some out).")]
+    eval_datasets: Annotated[list[DatasetSpec] | None, Field(
+        min_length=1, max_length=64, description="Held-out data for eval loss/perplexity "
+        "(and evaluation.predict) instead of training.evalSplit: read, templated and "
+        "tokenized like datasets, never trained on.")] = None
     stage: Annotated[
         Stage,
         Field(description="What to train: " + "; ".join(
@@ -82,7 +88,7 @@ class FineTuneJobSpec(_Spec):
     grpo: Annotated[GrpoSpec | None, Field(description="grpo: generation and loss.")] = None
     evaluation: Annotated[
         EvaluationSpec | None, Field(description="After the last step: answers to held-out "
-                                     "prompts, scored (predict).")
+                                     "prompts, scored (predict); lm-eval benchmarks (lmEval).")
     ] = None
     method: MethodSpec = MethodSpec()
     template: Annotated[
@@ -102,6 +108,11 @@ class FineTuneJobSpec(_Spec):
         bool, Field(description="Stop the pods; set back to false to resume from the last "
                     "checkpoint.")
     ] = False
+    serve: Annotated[
+        ServeSpec | None,
+        Field(description="After success: serve the trained model (OpenAI-compatible) and "
+              "check it; unset to remove the server."),
+    ] = None
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Any:

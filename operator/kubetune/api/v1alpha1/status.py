@@ -70,11 +70,14 @@ class Outputs(_Model):
     merged_model: Annotated[str | None, _d("Base + adapter merged into one model "
                                            "(output.merge).")] = None
     model: Annotated[str | None, Field(description="The whole model (full, freeze).")] = None
+    tracking_url: Annotated[str | None, Field(description="The run in the tracker "
+                                              "(training.reportTo: MLflow, W&B).")] = None
     metrics: Annotated[
         dict[str, float] | None,
         Field(description="Final metrics of the run: train_loss, eval_loss, eval_perplexity, "
               "the stage's eval metrics (e.g. eval_accuracy for rm, eval_rewards/accuracies "
-              "for dpo) and with evaluation.predict predict_rouge1/2/L and predict_bleu4."),
+              "for dpo), with evaluation.predict predict_rouge1/2/L and predict_bleu4, and with "
+              "evaluation.lmEval lmeval_TASK_METRIC."),
     ] = None
 
 
@@ -87,6 +90,27 @@ class Failure(_Model):
     exit_code: Annotated[int | None, _d("The training container's exit code.")] = None
     pod: Annotated[str | None, _d("The pod that failed.")] = None
     log_tail: Annotated[str | None, Field(description="Last lines of the failing log.")] = None
+
+
+class CheckResult(_Model):
+    """One post-training check (spec.serve.checks[]) as asked of the served model."""
+
+    prompt: Annotated[str, _d("What was asked.")]
+    passed: Annotated[bool, _d("The answer held every expected substring.")]
+    answer: Annotated[str | None, _d("The answer (its first 500 characters).")] = None
+    missing: Annotated[list[str], _d("Expected substrings the answer lacked.")] = []
+
+
+class Serving(_Model):
+    """The server on the trained model (spec.serve)."""
+
+    url: Annotated[str, _d("The OpenAI-compatible endpoint, in the cluster: "
+                           "http://NAME-serve.NAMESPACE.svc:8000/v1.")]
+    model_name: Annotated[str, _d("The model name to ask for (the request's model).")]
+    weights: Annotated[Literal["model", "adapter"], _d("What is served: the whole trained "
+                                                       "model, or the base with the adapter.")]
+    ready: Annotated[bool, _d("The server answers its readiness probe.")] = False
+    checks: Annotated[list[CheckResult], _d("spec.serve.checks as answered, once ready.")] = []
 
 
 class FineTuneJobStatus(_Model):
@@ -107,3 +131,5 @@ class FineTuneJobStatus(_Model):
     outputs: Annotated[Outputs | None, _d("What the run produced.")] = None
     failure: Annotated[Failure | None, _d("Why the run failed, kept after its pods are gone."
                                           )] = None
+    serving: Annotated[Serving | None, _d("The server on the trained model (spec.serve).")
+                       ] = None

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, model_validator
 
 from kubetune.api.v1alpha1._base import _ENUM, Rule, _enforce, _rules, _Spec
+from kubetune.api.v1alpha1.tracking import Tracker, TrackingSpec
 
 # --------------------------------------------------------------------------- training
 
@@ -116,6 +117,14 @@ class TrainingSpec(_Spec):
         int | None, Field(ge=1, le=1024,
                           description="Processes for data preparation (default: CPUs).")
     ] = None
+    report_to: Annotated[
+        list[Annotated[Tracker, Field(**_ENUM)]] | None,
+        Field(max_length=3, description="Experiment trackers that get the run's metrics and "
+              "hyper-parameters: tensorboard (event files under the output's runs/), wandb, "
+              "mlflow; settings and credentials in tracking."),
+    ] = None
+    tracking: Annotated[TrackingSpec | None, Field(
+        description="Settings of the trackers in reportTo.")] = None
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Any:

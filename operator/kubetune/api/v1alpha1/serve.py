@@ -1,0 +1,56 @@
+"""spec.serve: after a successful run, an OpenAI-compatible server on what it produced, and a
+post-training check of a few prompts against it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from kubetune.api.v1alpha1._base import NO_CONTROL, QUANTITY, TEXT, Rule, _Spec, _str
+
+
+class ServeCheck(_Spec):
+    """One prompt and what its answer must contain (the seeds' "who are you?", generalised)."""
+
+    prompt: Annotated[str, Field(min_length=1, max_length=4096, pattern=TEXT,
+                                 description="What to ask the served model (one user turn).")]
+    expect: Annotated[list[Annotated[str, _str(TEXT, 1024, min_length=1)]], Field(
+        min_length=1, max_length=16, description="Substrings the answer must all contain "
+        "(case-insensitive).")]
+
+
+class ServeSpec(_Spec):
+    """Serve the trained model once the run succeeds: a Deployment and a Service running an
+    OpenAI-compatible server (vLLM by default). Removed with the job, or when unset."""
+
+    weights: Annotated[Literal["model", "adapter"], Field(
+        description="model: the whole trained model (output.merge for lora/qlora; full and "
+        "freeze save one); adapter: the base model with the LoRA adapter on top (vLLM "
+        "serves LoRA adapters natively).")] = "model"
+    model_name: Annotated[str | None, _str(NO_CONTROL, 253, description=(
+        "The model name clients ask for; default: the job's name."))] = None
+    image: Annotated[str | None, _str(NO_CONTROL, 512, description=(
+        "The server's image; default: the operator's (vLLM's OpenAI-compatible server)."))
+    ] = None
+    args: Annotated[list[Annotated[str, _str(TEXT, 1024)]] | None, Field(
+        max_length=64, description="Extra server arguments, e.g. --max-model-len 4096.")] = None
+    gpus: Annotated[int, Field(ge=0, le=64, description="GPUs the server requests.")] = 1
+    memory: Annotated[str | None, Field(pattern=QUANTITY, max_length=32, description=(
+        "Memory the server requests, e.g. 32Gi."))] = None
+    checks: Annotated[list[ServeCheck] | None, Field(
+        min_length=1, max_length=16, description="Prompts asked once the server is ready; "
+        "the result is the Checked condition.")] = None
+
+
+SERVE_SPEC_RULE = Rule(
+    cel="!has(self.serve) || (has(self.serve.weights) && self.serve.weights == 'adapter' ? "
+        "(!has(self.method) || !has(self.method.type) || self.method.type in ['lora', "
+        "'qlora']) : ((has(self.method) && has(self.method.type) && self.method.type in "
+        "['full', 'freeze']) || (has(self.output.merge) && self.output.merge)))",
+    message="serve.weights: model needs a whole model (output.merge for lora and qlora; "
+    "full and freeze save one); adapter needs method.type lora or qlora",
+    check=lambda s: s.serve is None or (
+        s.method.type in ("lora", "qlora") if s.serve.weights == "adapter"
+        else s.method.type in ("full", "freeze") or s.output.merge),
+)

@@ -1,0 +1,204 @@
+"""Serve after train (spec.serve): the server's objects (pure builders), the OpenAI-compatible
+chat call, and the post-training check. vLLM's OpenAI-compatible server by default.
+
+The server reads what the run wrote from the same volume claim (read-only): the merged or
+whole model, or the base model plus the LoRA adapter (``--enable-lora --lora-modules``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from kubetune.api.v1alpha1 import CheckResult, FineTuneJob
+
+from kubetune_operator.builders import JOB_LABEL, PVC_ROOT, _labels, owner_reference
+from kubetune_operator.settings import OperatorConfig
+
+PORT = 8000
+SERVE_HASH = "kubetune.io/serve-hash"
+ANSWER_CHARS = 500
+
+
+def serve_name(job: FineTuneJob) -> str:
+    return f"{job.metadata.name}-serve"
+
+
+def model_name(job: FineTuneJob) -> str:
+    serve = job.spec.serve
+    return (serve.model_name if serve and serve.model_name else None) or job.metadata.name
+
+
+def endpoint(job: FineTuneJob, config: OperatorConfig) -> str:
+    ns = job.metadata.namespace or "default"
+    return config.serve_url.format(name=serve_name(job), namespace=ns, port=PORT)
+
+
+def serve_hash(job: FineTuneJob, config: OperatorConfig) -> str:
+    serve = job.spec.serve.model_dump(mode="json", by_alias=True, exclude={"checks"})
+    raw = json.dumps([serve, config.serve_image, list(config.serve_args)], sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _path(uri: str) -> tuple[str, str | None]:
+    """Where the server finds ``uri``: (path or hub id, volume claim to mount or None)."""
+    if uri.startswith("pvc://"):
+        claim = uri[6:].split("/", 1)[0]
+        return f"{PVC_ROOT}/{uri[6:]}", claim
+    if uri.startswith("hf://"):
+        return uri[5:], None
+    return uri, None
+
+
+def what_to_serve(job: FineTuneJob, outputs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(server arguments naming the weights, claims to mount); empty arguments while the run
+    has not said where its output is."""
+    serve, name = job.spec.serve, model_name(job)
+    if serve.weights == "adapter":
+        adapter = outputs.get("adapter")
+        base = job.spec.model.source
+        if not adapter or not base:
+            return [], []
+        base_path, base_claim = _path(base)
+        adapter_path, claim = _path(adapter)
+        claims = [c for c in (base_claim, claim) if c]
+        return (["--model", base_path, "--enable-lora", "--lora-modules",
+                 f"{name}={adapter_path}"], claims)
+    model = outputs.get("mergedModel") or outputs.get("model")
+    if not model:
+        return [], []
+    path, claim = _path(model)
+    return ["--model", path, "--served-model-name", name], [claim] if claim else []
+
+
+def _metadata(job: FineTuneJob, uid: str | None, hash_: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": serve_name(job),
+                            "labels": {**_labels(job), "kubetune.io/role": "serve"},
+                            "annotations": {SERVE_HASH: hash_}}
+    if job.metadata.namespace:
+        meta["namespace"] = job.metadata.namespace
+    if uid:
+        meta["ownerReferences"] = [owner_reference(name=job.metadata.name, uid=uid)]
+    return meta
+
+
+def deployment(*, job: FineTuneJob, config: OperatorConfig, outputs: dict[str, Any],
+               uid: str | None = None) -> dict[str, Any] | None:
+    """The server's Deployment, or None while there is nothing to serve yet."""
+    serve = job.spec.serve
+    weights, claims = what_to_serve(job, outputs)
+    if not weights:
+        return None
+    selector = {JOB_LABEL: job.metadata.name, "kubetune.io/role": "serve"}
+    amounts: dict[str, str] = {}
+    if serve.gpus:
+        amounts["nvidia.com/gpu"] = str(serve.gpus)
+    if serve.memory:
+        amounts["memory"] = serve.memory
+    env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": "/tmp/hf"}]
+    if job.spec.model.secret_ref and serve.weights == "adapter":
+        ref = job.spec.model.secret_ref
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name,
+                                                                       "key": ref.key}}})
+    volumes: list[dict[str, Any]] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "scratch", "emptyDir": {}}]
+    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"},
+                                    {"name": "scratch", "mountPath": "/tmp"}]
+    for i, claim in enumerate(sorted(set(claims))):
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {
+            "claimName": claim, "readOnly": True}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}",
+                       "readOnly": True})
+    container: dict[str, Any] = {
+        "name": "server",
+        "image": serve.image or config.serve_image,
+        "args": [*weights, "--port", str(PORT), *config.serve_args, *(serve.args or [])],
+        "env": env,
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
+                           "initialDelaySeconds": 10, "periodSeconds": 10,
+                           "failureThreshold": 60},
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+    if amounts:
+        container["resources"] = {"requests": dict(amounts), "limits": dict(amounts)}
+    pod: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    sched = job.spec.scheduling
+    if sched and sched.node_selector:
+        pod["nodeSelector"] = dict(sched.node_selector)
+    if sched and sched.tolerations:
+        pod["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True)
+                              for t in sched.tolerations]
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": _metadata(job, uid, serve_hash(job, config)),
+            "spec": {"replicas": 1, "selector": {"matchLabels": selector},
+                     "template": {"metadata": {"labels": {**_labels(job), **selector}},
+                                  "spec": pod}}}
+
+
+def service(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = None
+            ) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(job, uid, serve_hash(job, config)),
+            "spec": {"selector": {JOB_LABEL: job.metadata.name, "kubetune.io/role": "serve"},
+                     "ports": [{"name": "http", "port": PORT, "targetPort": "http",
+                                "protocol": "TCP"}]}}
+
+
+# ------------------------------------------------------------------ talking to the server
+
+
+class EndpointError(Exception):
+    """The server did not answer as an OpenAI-compatible one does."""
+
+
+def chat(url: str, model: str | None, prompt: str, *, max_tokens: int = 128,
+         timeout: float = 60.0) -> str:
+    """One user turn to an OpenAI-compatible ``/chat/completions`` (greedy); the answer.
+    ``model`` None: the first model the server lists."""
+    base = url.rstrip("/")
+    if model is None:
+        models = _call(f"{base}/models", None, timeout).get("data") or []
+        if not models or not isinstance(models[0], dict) or "id" not in models[0]:
+            raise EndpointError(f"{base}/models lists no model")
+        model = models[0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0}
+    reply = _call(f"{base}/chat/completions", body, timeout)
+    try:
+        return reply["choices"][0]["message"]["content"] or ""
+    except (KeyError, IndexError, TypeError):
+        raise EndpointError(f"{base}/chat/completions answered without "
+                            "choices[0].message.content") from None
+
+
+def _call(url: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        raise EndpointError(f"{url}: HTTP {err.code}: {err.read()[:300].decode(errors='replace')}"
+                            ) from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise EndpointError(f"{url}: {err}") from None
+
+
+def run_checks(url: str, model: str, checks: list[Any]) -> list[CheckResult]:
+    """Ask each check's prompt; an answer passes when it holds every expected substring
+    (case-insensitive). Results as status.serving.checks."""
+    results = []
+    for check in checks:
+        answer = chat(url, model, check.prompt)
+        missing = [e for e in check.expect if e.lower() not in answer.lower()]
+        results.append(CheckResult(prompt=check.prompt, passed=not missing,
+                                   answer=answer[:ANSWER_CHARS], missing=missing))
+    return results

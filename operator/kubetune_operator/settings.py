@@ -1,0 +1,130 @@
+"""The operator's settings: one object, read once from the environment at startup.
+
+The chart sets these variables (values.yaml documents each); tests build ``OperatorConfig``
+directly. Nothing else in the operator reads the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+log = logging.getLogger("kubetune.operator")
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """What the operator adds that is not in the job, and how it runs."""
+
+    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    progress_url: str | None = None  # https://…/v1 ; None: pods report nothing to kubetune
+    progress_ca_configmap: str | None = None  # ConfigMap with ca.crt, in the job's namespace
+    default_priority_class: str | None = None  # for jobs that name none
+    default_queue: str | None = None  # Kueue queue for jobs without the queue label
+    failure_log_tail: bool = True  # status.failure.logTail (visible to the job's readers)
+    # Memory of one GPU by product label value ("default": jobs that select none); a job's
+    # resources.gpuMemory wins. Jobs whose estimate does not fit get no children.
+    gpu_memory: tuple[tuple[str, str], ...] = ()
+    # The training backend (backends/): "PyTorchJob" (Training Operator v1) or "TrainJob"
+    # (Kubeflow Trainer v2).
+    backend: str = "PyTorchJob"
+    training_runtime: str = "kubetune"  # TrainJob: the ClusterTrainingRuntime it refers to
+    # TrainJob: Kubeflow's TrainJobStatus gate is on, so Trainer v2 gives the pods its own
+    # progress endpoint (KEP-2779) and kubetune mirrors status.trainerStatus instead.
+    trainer_status: bool = False
+    # Serving (spec.serve): allowed here (RBAC for Deployments and Services), the
+    # OpenAI-compatible server's image and extra arguments.
+    serve_enabled: bool = True
+    serve_image: str = "vllm/vllm-openai:v0.11.0"
+    serve_args: tuple[str, ...] = ()
+    # Where the operator reaches a job's server (checks): the Service's cluster DNS name.
+    serve_url: str = "http://{name}.{namespace}.svc:{port}/v1"
+    # How the operator runs.
+    recheck_seconds: float = 60.0
+    # Handlers block on the API server (the client is synchronous), not on the CPU: enough
+    # threads that a burst of new jobs is not queued behind a few round trips.
+    workers: int = 64
+    scanning: bool = True
+    metrics_port: int | None = None
+    progress_port: int | None = None
+    progress_host: str = "0.0.0.0"
+    progress_tls_cert: str | None = None
+    progress_tls_key: str | None = None
+    progress_flush_seconds: float = 2.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        """From the KUBETUNE_* variables; a bad value fails startup naming the variable."""
+        env = os.environ if env is None else env
+
+        def text(name: str) -> str | None:
+            return env.get(name) or None
+
+        def number(name: str, kind: type, default):
+            raw = env.get(name)
+            if not raw:
+                return default
+            try:
+                return kind(raw)
+            except ValueError:
+                what = "an integer" if kind is int else "a number"
+                raise ValueError(f"{name}={raw!r}: expected {what}") from None
+
+        def flag(name: str, default: bool) -> bool:
+            raw = (env.get(name) or str(default)).lower()
+            if raw not in ("true", "false"):
+                raise ValueError(f"{name}={raw!r}: expected true or false")
+            return raw == "true"
+
+        from kubetune_operator.backends import backend_named
+
+        backend = backend_named(env.get("KUBETUNE_BACKEND") or cls.backend).kind
+        return cls(
+            trainer_image=text("KUBETUNE_TRAINER_IMAGE") or cls.trainer_image,
+            progress_url=text("KUBETUNE_PROGRESS_URL"),
+            progress_ca_configmap=text("KUBETUNE_PROGRESS_CA_CONFIGMAP"),
+            default_priority_class=text("KUBETUNE_DEFAULT_PRIORITY_CLASS"),
+            default_queue=text("KUBETUNE_DEFAULT_QUEUE"),
+            failure_log_tail=flag("KUBETUNE_FAILURE_LOG_TAIL", True),
+            gpu_memory=gpu_memory_table(env.get("KUBETUNE_GPU_MEMORY")),
+            backend=backend,
+            training_runtime=text("KUBETUNE_TRAINING_RUNTIME") or cls.training_runtime,
+            trainer_status=flag("KUBETUNE_TRAINER_STATUS", False),
+            serve_enabled=flag("KUBETUNE_SERVE_ENABLED", True),
+            serve_image=text("KUBETUNE_SERVE_IMAGE") or cls.serve_image,
+            serve_args=tuple((env.get("KUBETUNE_SERVE_ARGS") or "").split()),
+            serve_url=text("KUBETUNE_SERVE_URL") or cls.serve_url,
+            recheck_seconds=number("KUBETUNE_RECHECK_SECONDS", float, cls.recheck_seconds),
+            workers=number("KUBETUNE_WORKERS", int, cls.workers),
+            scanning=flag("KUBETUNE_SCANNING", True),
+            metrics_port=number("KUBETUNE_METRICS_PORT", int, None),
+            progress_port=number("KUBETUNE_PROGRESS_PORT", int, None),
+            progress_host=text("KUBETUNE_PROGRESS_HOST") or cls.progress_host,
+            progress_tls_cert=text("KUBETUNE_PROGRESS_TLS_CERT"),
+            progress_tls_key=text("KUBETUNE_PROGRESS_TLS_KEY"),
+            progress_flush_seconds=number("KUBETUNE_PROGRESS_FLUSH_SECONDS", float,
+                                          cls.progress_flush_seconds),
+        )
+
+
+def gpu_memory_table(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """The chart's gpuMemory (JSON: GPU product → quantity); a bad entry is logged, skipped."""
+    import json
+
+    from kubetune.estimate import parse_quantity
+
+    try:
+        table = json.loads(raw or "{}") or {}
+    except ValueError:
+        log.error("KUBETUNE_GPU_MEMORY is not JSON; no GPU memory is known")
+        return ()
+    out = []
+    for product, quantity in sorted(table.items()):
+        try:
+            parse_quantity(str(quantity))
+            out.append((str(product), str(quantity)))
+        except ValueError as err:
+            log.error("gpuMemory[%s]: %s; ignored", product, err)
+    return tuple(out)

@@ -1,0 +1,50 @@
+"""What only matters in a cluster, on top of the API's own rules. Pure: no I/O.
+
+The reconciler turns a problem into the ``Stalled``/``InvalidSpec`` condition (and makes no
+children); ``kubetune render`` refuses the same job with the same message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.jobfile import format_validation_error, validate_job
+from pydantic import ValidationError
+
+from kubetune_operator.backends import Backend
+
+CLUSTER_SOURCES = ("pvc://", "hf://", "https://", "http://", "s3://", "gs://", "embedded://")
+
+
+def cluster_problem(job: FineTuneJob, backend: Backend | None = None) -> str | None:
+    """Why ``job`` cannot run in a cluster (naming the field), or None."""
+    spec = job.spec
+    fields = [("spec.model.source", spec.model.source)] * bool(spec.model.source) + [
+        (f"spec.datasets[{i}].source", d.source) for i, d in enumerate(spec.datasets)]
+    for field, uri in fields:
+        if not uri.startswith(CLUSTER_SOURCES):
+            return (f"{field}: {uri!r} is a local path, which has no meaning in a "
+                    "cluster; use pvc://CLAIM/path, hf://, https://, s3:// or gs://")
+    if not spec.output.uri.startswith("pvc://"):
+        return (f"spec.output.uri: {spec.output.uri!r}: in a cluster outputs go to a "
+                "volume claim, pvc://CLAIM/path")
+    return backend.refuses(job) if backend is not None else None
+
+
+def validate(body: dict[str, Any], backend: Backend | None = None
+             ) -> tuple[FineTuneJob | None, str | None]:
+    """Parse a FineTuneJob as read from the API with the API models, then the cluster rules.
+
+    Returns (job, None) or (None, message naming the field).
+    """
+    doc = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+           "metadata": {"name": body["metadata"]["name"],
+                        "namespace": body["metadata"].get("namespace")},
+           "spec": body.get("spec") or {}}
+    try:
+        job = validate_job(doc)  # as the CLI reads a file: camelCase only, strict
+    except ValidationError as err:
+        return None, format_validation_error(err)
+    problem = cluster_problem(job, backend)
+    return (None, problem) if problem else (job, None)

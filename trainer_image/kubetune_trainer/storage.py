@@ -1,0 +1,289 @@
+"""Outputs in an object store (s3://, gs://): staged on local disk, uploaded as each part is
+complete, resumed from the store.
+
+The run writes under a local staging directory exactly as it writes a local output (every
+guarantee of ``outputs`` holds there). Each checkpoint is uploaded once its complete marker is
+written, the marker last, so a checkpoint in the store without its marker is never resumed
+from; checkpoints that training.saveTotalLimit rotated away are removed from the store too. A
+restarted run (a fresh pod: empty staging) downloads the newest complete checkpoint from the
+store and resumes from it. At the end the adapter / merged model / model, predictions, loss
+plot, progress and (last) result.json are uploaded; the status then points at the store.
+
+Any failure of the store (unreachable, missing bucket, refused credentials, forbidden upload)
+ends the run with one line naming the field; what was uploaded stays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.credentials import SourceSecret, output_secret
+from kubetune.errors import KubetuneError, OutputError, SourceError
+
+from kubetune_trainer.config import RunContext
+
+STORE_SCHEMES = ("s3", "gs")
+CHECKPOINTS = "checkpoints"
+RUNS_FILE = "tracking.json"  # tracking.RUNS_FILE (not imported: it pulls no more than this)
+
+
+def scheme(uri: str) -> str:
+    return uri.partition("://")[0] if "://" in uri else ""
+
+
+def is_store(uri: str) -> bool:
+    return scheme(uri) in STORE_SCHEMES
+
+
+def is_remote(uri: str) -> bool:
+    """Written elsewhere than this machine's disk: an object store or the Hub."""
+    return scheme(uri) in (*STORE_SCHEMES, "hf")
+
+
+def staging_root(uri: str, ctx: RunContext) -> Path:
+    """Where a remote output is staged on this machine (the pod's scratch volume)."""
+    return ctx.cache_dir / "staging" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def storage_options(uri: str, secret: SourceSecret | None) -> dict[str, Any]:
+    """fsspec options carrying ``secret`` for ``uri``: S3 keys, endpoint and region; a GCS
+    service-account key. Without a secret: the libraries' own defaults (environment,
+    workload identity)."""
+    s = scheme(uri)
+    opts: dict[str, Any] = {}
+    if s == "s3":
+        # Fail in seconds, not minutes, when the endpoint does not answer.
+        opts["config_kwargs"] = {"connect_timeout": 10, "read_timeout": 60,
+                                 "retries": {"max_attempts": 3, "mode": "standard"}}
+        if secret is not None:
+            opts["key"] = secret.require("AWS_ACCESS_KEY_ID")
+            opts["secret"] = secret.require("AWS_SECRET_ACCESS_KEY")
+            if token := secret.get("AWS_SESSION_TOKEN"):
+                opts["token"] = token
+            if endpoint := secret.get("AWS_ENDPOINT_URL"):
+                opts["endpoint_url"] = endpoint
+            if region := secret.get("AWS_REGION"):
+                opts["client_kwargs"] = {"region_name": region}
+    elif s == "gs" and secret is not None:
+        import json
+
+        raw = secret.require()
+        try:
+            opts["token"] = json.loads(raw)
+        except ValueError:
+            raise KubetuneError("the Secret's key does not hold a service-account JSON key",
+                                field=secret.field) from None
+    return opts
+
+
+def store_error(exc: BaseException, where: str, *, field: str, secret_field: str | None,
+                cls: type[KubetuneError] = OutputError) -> KubetuneError:
+    """One line for a store failure, naming the field to fix."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    low = text.lower()
+    name = type(exc).__name__
+    if any(s in low for s in ("access key id", "invalidaccesskeyid", "signaturedoesnotmatch",
+                              "security token", "invalid_grant", "invalid credentials",
+                              "unable to locate credentials", "no credentials")):
+        return cls(f"{where}: the store refused the credentials ({text})",
+                   field=secret_field or field)
+    if "bucket does not exist" in low or "nosuchbucket" in low:
+        return cls(f"{where}: the bucket does not exist ({text})", field=field)
+    if isinstance(exc, PermissionError) or "accessdenied" in low or "forbidden" in low:
+        return cls(f"{where}: forbidden ({text}); the credentials need read and write "
+                   "access there", field=secret_field or field)
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionError",
+                "ClientConnectorError", "ConnectionRefusedError", "ReadTimeoutError") or \
+            "could not connect" in low or "connection refused" in low:
+        return cls(f"{where}: the store cannot be reached ({text})", field=field)
+    return cls(f"{where}: {name}: {text}", field=field)
+
+
+@dataclass
+class Store:
+    """The output location in an object store."""
+
+    uri: str
+    fs: Any
+    root: str  # bucket/prefix, as the file system names it
+    secret_field: str | None
+
+    FIELD = "spec.output.uri"
+
+    @classmethod
+    def for_output(cls, spec: Any) -> Store | None:
+        uri = spec.output.uri.rstrip("/")
+        if not is_store(uri):
+            return None
+        import fsspec
+
+        secret = output_secret(spec)
+        try:
+            fs, root = fsspec.core.url_to_fs(
+                uri, use_listings_cache=False, **storage_options(uri, secret))
+        except ImportError as err:
+            raise OutputError(f"{uri}: needs an extra package ({err})", field=cls.FIELD
+                              ) from None
+        return cls(uri, fs, root.rstrip("/"), secret.field if secret else None)
+
+    def _fault(self, exc: BaseException, doing: str) -> KubetuneError:
+        return store_error(exc, f"{doing} {self.uri}", field=self.FIELD,
+                           secret_field=self.secret_field)
+
+    def _call(self, doing: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except KubetuneError:
+            raise
+        except Exception as exc:  # botocore, aiohttp, google-auth errors: many types
+            raise self._fault(exc, doing) from None
+
+    def check(self) -> str:
+        """Before the model loads: the store answers, the bucket exists, and it takes a file
+        (written and removed)."""
+        probe = f"{self.root}/.kubetune-write-check-{os.getpid()}"
+        try:
+            self.fs.pipe_file(probe, b"ok")
+        except FileNotFoundError as exc:  # writing a new object: only its bucket can be missing
+            bucket = self.root.split("/", 1)[0]
+            raise OutputError(f"writing to {self.uri}: the bucket {bucket!r} does not exist "
+                              f"({' '.join(str(exc).split())})", field=self.FIELD) from None
+        except Exception as exc:
+            raise self._fault(exc, "writing to") from None
+        self._call("writing to", self.fs.rm_file, probe)
+        return f"output: {self.uri} writable (staged locally, uploaded as each part is done)"
+
+    # ----------------------------------------------------------------- upload
+
+    def put_dir(self, local: Path, rel: str, *, last: str | None = None) -> None:
+        """Upload every file under ``local`` to ``rel``; the file named ``last`` after the
+        others (a complete marker: its presence in the store means the rest is there)."""
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name == last)
+        for p in files:
+            self.put_file(p, f"{rel}/{p.relative_to(local).as_posix()}")
+
+    def put_file(self, local: Path, rel: str) -> None:
+        self._call("uploading to", self.fs.put_file, str(local), f"{self.root}/{rel}")
+
+    def remove(self, rel: str) -> None:
+        self._call("removing from", self.fs.rm, f"{self.root}/{rel}", recursive=True)
+
+    # ----------------------------------------------------------------- resume
+
+    def checkpoints(self) -> list[tuple[int, str]]:
+        """Checkpoints in the store with their complete marker, oldest first."""
+        from kubetune_trainer.progress import COMPLETE_MARKER
+
+        base = f"{self.root}/{CHECKPOINTS}"
+        if not self._call("listing", self.fs.exists, base):
+            return []
+        found = []
+        for entry in self._call("listing", self.fs.ls, base, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            step = name.removeprefix("checkpoint-")
+            if name.startswith("checkpoint-") and step.isdigit() and self._call(
+                    "listing", self.fs.exists, f"{base}/{name}/{COMPLETE_MARKER}"):
+                found.append((int(step), name))
+        return sorted(found)
+
+    def get_dir(self, rel: str, local: Path) -> None:
+        """Download ``rel`` into ``local`` (written beside it, then renamed)."""
+        tmp = local.with_name(f".download-{local.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        src = f"{self.root}/{rel}"
+        for remote in self._call("listing", self.fs.find, src):
+            target = tmp / remote[len(src):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._call("downloading from", self.fs.get_file, remote, str(target))
+        shutil.rmtree(local, ignore_errors=True)
+        tmp.rename(local)
+
+    def get_file(self, rel: str, local: Path) -> bool:
+        remote = f"{self.root}/{rel}"
+        if not self._call("listing", self.fs.exists, remote):
+            return False
+        tmp = local.with_name(local.name + ".tmp")
+        self._call("downloading from", self.fs.get_file, remote, str(tmp))
+        tmp.rename(local)
+        return True
+
+    def restore(self, out: Any, log: Any) -> None:
+        """Bring the newest complete checkpoint in the store (and progress.jsonl) into the
+        staging directory when it is newer than what is staged here already."""
+        from kubetune_trainer.progress import find_resume
+
+        remote = self.checkpoints()
+        if not remote:
+            return
+        step, name = remote[-1]
+        local = find_resume(out.checkpoints).path
+        if local is not None and int(local.name.rsplit("-", 1)[-1]) >= step:
+            return
+        out.checkpoints.mkdir(parents=True, exist_ok=True)
+        log(f"output: downloading {name} from {self.uri} to resume from it")
+        self.get_dir(f"{CHECKPOINTS}/{name}", out.checkpoints / name)
+        self.get_file(out.progress.name, out.progress)
+        self.get_file(RUNS_FILE, out.root / RUNS_FILE)  # continue the trackers' runs
+
+    # ----------------------------------------------------------------- during the run
+
+    def upload_checkpoint(self, out: Any, step: int) -> None:
+        """The checkpoint just marked complete, then progress.jsonl; checkpoints no longer
+        kept locally (saveTotalLimit) are removed from the store."""
+        from kubetune_trainer.progress import COMPLETE_MARKER
+
+        name = f"checkpoint-{step}"
+        ckpt = out.checkpoints / name
+        if not (ckpt / COMPLETE_MARKER).exists():
+            return
+        self.put_dir(ckpt, f"{CHECKPOINTS}/{name}", last=COMPLETE_MARKER)
+        for extra in (out.progress, out.root / RUNS_FILE):
+            if extra.exists():
+                self.put_file(extra, extra.name)
+        kept = {p.name for p in out.checkpoints.glob("checkpoint-*")}
+        for old_step, old in self.checkpoints():
+            if old not in kept and old_step < step:
+                self.remove(f"{CHECKPOINTS}/{old}")
+
+    def upload_outputs(self, out: Any, names: list[str]) -> dict[str, str]:
+        """Upload the named entries of the staging directory (directories whole), result.json
+        last. Returns name -> URI in the store."""
+        uris = {}
+        for name in sorted(names, key=lambda n: n == out.result.name):
+            p = out.root / name
+            if p.is_dir():
+                self.put_dir(p, name)
+            elif p.is_file():
+                self.put_file(p, name)
+            else:
+                continue
+            uris[name] = f"{self.uri}/{name}"
+        return uris
+
+
+def uploader(store: Store, out: Any) -> Any:
+    """A callback (after CheckpointMarker) that uploads each checkpoint once it is marked
+    complete (rank 0; the other ranks go on)."""
+    from transformers import TrainerCallback
+
+    from kubetune_trainer.progress import rank_zero
+
+    class Uploader(TrainerCallback):
+        def on_save(self, args, state, control, **_: Any) -> None:
+            if rank_zero():
+                store.upload_checkpoint(out, state.global_step)
+
+    return Uploader()
+
+
+def source_error(exc: BaseException, shown: str, *, field: str,
+                 secret: SourceSecret | None) -> KubetuneError:
+    """A download's failure, as one line naming the source or its secretRef."""
+    return store_error(exc, shown, field=field, secret_field=secret.field if secret else None,
+                       cls=SourceError)
