@@ -20,6 +20,8 @@ MODELS = {
     "spec.trainer.env[]": api.EnvVar,
     "spec.datasets[]": api.DatasetSpec,
     "spec.method": api.MethodSpec,
+    "spec.method.quantization": api.QuantizationSpec,
+    "spec.training.optimizer": api.OptimizerSpec,
     "spec.training": api.TrainingSpec,
     "spec.preference": api.PreferenceSpec,
     "spec.rewards[]": api.RewardSpec,
@@ -27,6 +29,68 @@ MODELS = {
     "spec.output": api.OutputSpec,
 }
 SPEC_BASE = {"model": {"source": "m"}, "datasets": [{"source": "d.json"}]}
+_S = {**SPEC_BASE, "output": {"uri": "o"}}
+_CPU, _TWO = {"gpusPerNode": 0}, {"gpusPerNode": 2}
+METHOD_SPEC_CASES = [  # the method/optimizer/booster rules across sections, both ways
+    {**_S, "method": {"lora": {"loraPlusLrRatio": 16.0}}},
+    {**_S, "method": {"lora": {"loraPlusLrRatio": 16.0}},
+     "training": {"optimizer": {"name": "galore"}}},
+    {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "galore"}}},
+    {**_S, "method": {"type": "freeze"}, "training": {"optimizer": {"name": "apollo"}}},
+    {**_S, "training": {"optimizer": {"name": "apollo"}}},
+    {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "badam"}}},
+    {**_S, "method": {"type": "freeze"}, "training": {"optimizer": {"name": "badam"}}},
+    {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "badam"}},
+     "resources": _TWO},
+    {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "badam"}},
+     "resources": {"nodes": 2, "gpusPerNode": 1}},
+    {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "badam"}},
+     "resources": {"gpusPerNode": 2, "strategy": "zero3"}},
+    {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "galore"}},
+     "resources": {"gpusPerNode": 2, "strategy": "zero2"}},
+    {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "apollo"}},
+     "resources": {"gpusPerNode": 2, "strategy": "ddp"}},
+    {**_S, "method": {"lora": {"init": "pissa"}}, "resources": {"strategy": "zero3"}},
+    {**_S, "method": {"lora": {"init": "olora"}}, "resources": {"strategy": "zero2"}},
+    {**_S, "method": {"lora": {"init": "default"}}, "resources": {"strategy": "fsdp2"}},
+    {**_S, "method": {"quantization": {"bits": 8}}, "resources": {"strategy": "fsdp2"}},
+    {**_S, "method": {"quantization": {"bits": 4}}, "resources": {"strategy": "zero3"}},
+    {**_S, "method": {"quantization": {}}, "resources": {"strategy": "zero3-offload"}},
+    {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "lomo"}},
+     "resources": {"strategy": "zero2"}},
+    {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "muon"}}},
+    {**_S, "method": {"type": "freeze", "spectrum": {}}, "resources": {"strategy": "zero3"}},
+    {**_S, "method": {"type": "freeze", "spectrum": {}}, "resources": {"strategy": "fsdp2"}},
+    {**_S, "training": {"optimizer": {"name": "muon"}}},
+    {**_S, "method": {"type": "freeze"}, "training": {"optimizer": {"name": "muon"}},
+     "resources": {"strategy": "fsdp2"}},
+    {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "lomo"}},
+     "resources": {"strategy": "fsdp2"}},
+    {**_S, "method": {"type": "full"}, "resources": _TWO,
+     "training": {"optimizer": {"name": "galore", "layerwise": True}}},
+    {**_S, "method": {"type": "full"}, "resources": {"gpusPerNode": 1},
+     "training": {"optimizer": {"name": "galore", "layerwise": True}}},
+    {**_S, "training": {"boosters": {"liger": True}}},
+    {**_S, "training": {"boosters": {"liger": True}}, "resources": _CPU},
+    {**_S, "training": {"boosters": {"liger": False}}, "resources": _CPU},
+    {**_S, "training": {"boosters": {"attention": "flash_attention_2"}}, "resources": _CPU},
+    {**_S, "training": {"boosters": {"attention": "sdpa"}}, "resources": _CPU},
+    {**_S, "method": {"lora": {"init": "loftq"}}, "resources": _CPU},
+    {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "adalomo"}},
+     "resources": _CPU},
+    {**_S, "method": {"type": "full"}, "training": {"optimizer": {"name": "lomo"}},
+     "resources": _CPU},
+    {**_S, "method": {"lora": {"init": "loftq"}}},
+    {**_S, "method": {"lora": {"init": "pissa"}}, "resources": _CPU},
+    {**_S, "resources": _CPU, "training": {"boosters": {"activationOffload": True},
+                                           "gradientCheckpointing": True}},
+    {**_S, "stage": "cpo", "training": {"boosters": {"activationOffload": True},
+                                        "gradientCheckpointing": True}},
+    {**_S, "stage": "dpo", "training": {"boosters": {"activationOffload": True},
+                                        "gradientCheckpointing": True}},
+    {**_S, "training": {"boosters": {"activationOffload": True},
+                        "gradientCheckpointing": True}},
+]
 CASES = {
     "spec": [
         {**SPEC_BASE, "output": {"uri": "o"}},
@@ -42,7 +106,8 @@ CASES = {
         {**SPEC_BASE, "output": {"uri": "o", "merge": True}, "method": {}},
         {**SPEC_BASE, "output": {"uri": "o", "merge": True}, "method": {"type": "full"}},
         {**SPEC_BASE, "output": {"uri": "o", "merge": False}, "method": {"type": "freeze"}},
-        {**SPEC_BASE, "output": {"uri": "o", "merge": True}, "method": {"type": "qlora"}},
+        {**SPEC_BASE, "output": {"uri": "o", "merge": True},
+         "method": {"type": "lora", "quantization": {}}},
         {**SPEC_BASE, "output": {"uri": "o"}, "stage": "ppo"},
         {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {"predict": True}},
         {**SPEC_BASE, "output": {"uri": "o"}, "evaluation": {"predict": True},
@@ -80,6 +145,7 @@ CASES = {
          "training": {"batchSizePerDevice": 1}},
         {**SPEC_BASE, "output": {"uri": "o"}, "stage": "sft",
          "training": {"batchSizePerDevice": 1}},
+        *METHOD_SPEC_CASES,
     ],
     "spec.model": [
         {"source": "hf://a/b"}, {"source": "https://me:pw@host/m"},
@@ -156,13 +222,39 @@ CASES = {
     "spec.method": [
         {}, {"type": "lora"}, {"lora": {"rank": 4}}, {"type": "full", "lora": {"rank": 4}},
         {"type": "freeze", "freeze": {}}, {"freeze": {}}, {"type": "lora", "freeze": {}},
-        {"type": "qlora", "lora": {}},
+        {"type": "lora", "quantization": {"bits": 4}},
+        {"type": "full", "quantization": {}}, {"quantization": {}}, {"spectrum": {}},
+        {"type": "freeze", "spectrum": {"topFraction": 0.5}},
+        {"type": "freeze", "spectrum": {}, "freeze": {}},
+        {"quantization": {}, "lora": {"init": "pissa"}}, {"lora": {"init": "pissa"}},
+        {"quantization": {}, "lora": {"init": "eva"}}, {"quantization": {}, "lora": {}},
+        {"type": "lora", "quantization": {"bits": 8}, "lora": {"init": "loftq"}},
+    ],
+    "spec.method.quantization": [
+        {}, {"bits": 8}, {"bits": 4, "type": "fp4", "doubleQuant": False},
+        {"bits": 8, "type": "nf4"}, {"bits": 8, "doubleQuant": True}, {"type": "nf4"},
+    ],
+    "spec.training.optimizer": [
+        {}, {"name": "adamw"}, {"name": "galore", "targetModules": ["attn"], "rank": 8,
+                                "updateInterval": 2, "scale": 0.5, "layerwise": True},
+        {"name": "apollo", "rank": 4}, {"rank": 4}, {"name": "adamw", "layerwise": False},
+        {"name": "badam", "switchMode": "random", "switchEvery": 2}, {"switchEvery": 2},
+        {"name": "galore", "switchMode": "fixed"}, {"name": "badam", "scale": 0.5},
     ],
     "spec.training": [
         {}, {"evalSteps": 5}, {"evalSteps": 5, "evalSplit": 0.1},
         {"evalSteps": 5, "evalSplit": 0.0}, {"evalSplit": 0.1},
         {"packing": True, "cutoffLen": 131072}, {"packing": True, "cutoffLen": 131073},
         {"packing": False, "cutoffLen": 131073}, {"packing": True},
+        {"boosters": {"activationOffload": True}},
+        {"boosters": {"activationOffload": True}, "gradientCheckpointing": True},
+        {"boosters": {"activationOffload": False}, "gradientCheckpointing": False},
+        {"optimizer": {"name": "galore", "layerwise": True}, "gradientAccumulation": 2},
+        {"optimizer": {"name": "galore", "layerwise": True}, "gradientAccumulation": 1},
+        {"optimizer": {"name": "galore", "layerwise": True}},
+        {"optimizer": {"name": "galore", "layerwise": False}, "gradientAccumulation": 4},
+        {"optimizer": {"name": "lomo"}, "gradientAccumulation": 4},
+        {"optimizer": {"name": "adalomo"}, "gradientAccumulation": 1}, {"optimizer": {}},
     ],
     "spec.resources": [
         {}, {"nodes": 2}, {"nodes": 2, "gpusPerNode": 0}, {"nodes": 1, "gpusPerNode": 0},
@@ -203,6 +295,17 @@ def test_cel_and_python_agree(path):
             assert got == _python_verdict(path, obj, rule), f"{rule.cel} on {obj}"
             verdicts.add(got)
     assert verdicts == {True, False}, "the cases never exercise both outcomes"
+
+
+NEW_RULES = [(path, rule) for path, rules in api.ALL_RULES.items() for rule in rules
+             if any(w in rule.message for w in ("method.", "training.optimizer",
+                                                 "training.boosters"))]
+
+
+@pytest.mark.parametrize(("path", "rule"), NEW_RULES, ids=[r.message[:40] for _, r in NEW_RULES])
+def test_each_method_rule_is_exercised_both_ways(path, rule):
+    got = {cel.evaluate(rule.cel, {"self": _cel_value(obj)}) for obj in CASES[path]}
+    assert got == {True, False}, rule.message
 
 
 def test_transition_rules_refuse_changes_and_allow_the_same_value():

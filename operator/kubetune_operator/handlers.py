@@ -203,14 +203,14 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def converge(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, reason: kopf.Reason,
-             **_: Any) -> None:
+def converge(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     from kubernetes.client.exceptions import ApiException
 
-    # A job never reconciled (no status) is as fresh as a read: no GET first.
-    fresh = dict(body) if reason == kopf.Reason.CREATE and not body.get("status") else None
+    # Always from a fresh read, even on create: after a restart kopf may call the create
+    # handler with a body older than the status already written (a finished job whose child
+    # was cleaned up would get it back).
     try:
-        _converge_by_name(memo, meta["namespace"], meta["name"], fresh)
+        _converge_by_name(memo, meta["namespace"], meta["name"])
     except ApiException as err:
         # Retry intent, stated: what the API server refused stays refused; anything else
         # (a conflict, throttling, the server away) is retried after a pause.
@@ -220,14 +220,13 @@ def converge(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, reason: kopf.Rea
         raise kopf.TemporaryError(what, delay=RETRY_SECONDS) from err
 
 
-def _converge_by_name(memo: kopf.Memo, ns: str, name: str,
-                      parent: dict[str, Any] | None = None) -> None:
+def _converge_by_name(memo: kopf.Memo, ns: str, name: str) -> None:
     """The one way a job is converged and its status written (kopf's handlers, events on
     children, the re-check): one at a time per job, each from a fresh read, so no converge
     works from a status another one has already replaced (transition times, the suspend
     annotation and the Workload's spec.active stay consistent)."""
     with memo.locks.setdefault((ns, name), threading.Lock()):
-        parent = parent or memo.kube.get_finetunejob(ns, name)
+        parent = memo.kube.get_finetunejob(ns, name)
         if parent is None:
             memo.active.discard((ns, name))
             return

@@ -59,7 +59,7 @@ class Observed:
 _PATTERNS = [
     (re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED"),
      "CUDAOutOfMemory", "the GPU ran out of memory: lower batchSizePerDevice or cutoffLen, "
-     "or use gradientCheckpointing, lora/qlora or more GPUs"),
+     "or use gradientCheckpointing, lora (with quantization: QLoRA) or more GPUs"),
     (re.compile(r"NCCL.*(timeout|Timeout|timed out)|Watchdog caught collective operation "
                 r"timeout"),
      "NCCLTimeout", "a collective operation between GPUs timed out (a rank died, hung, or the "

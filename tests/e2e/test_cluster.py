@@ -84,7 +84,7 @@ def test_cel_rules_are_enforced_by_the_api_server(kube, namespace, server_minor)
     with pytest.raises(kube.exceptions.ApiException) as err:
         _create(kube, namespace, bad)
     assert err.value.status == 422
-    assert "output.merge needs method.type lora or qlora" in err.value.body
+    assert "output.merge needs method.type lora" in err.value.body
 
 
 def test_schema_types_and_enums_are_enforced_by_the_api_server(kube, namespace):

@@ -244,11 +244,11 @@ def save(trainer: Any, tokenizer: Any, spec: FineTuneJobSpec, out: Layout, *, ad
             tokenizer.save_pretrained(staging(out.adapter))
             swap_in(staging(out.adapter), out.adapter)
         else:
-            replace_dir(out.adapter, with_tokenizer(model))
+            replace_dir(out.adapter, _adapter_writer(model, spec, out, tokenizer))
         written["adapter"] = str(out.adapter)
         if spec.output.merge:
             merged = _merge_full_precision(model, head, out.adapter if gathered else None) \
-                if spec.method.type == "qlora" or gathered else model.merge_and_unload()
+                if spec.method.qlora or gathered else model.merge_and_unload()
             written["merged_model"] = str(replace_dir(out.merged, with_tokenizer(
                 merged, max_shard_size=spec.output.max_shard_size)))
     else:
@@ -258,9 +258,23 @@ def save(trainer: Any, tokenizer: Any, spec: FineTuneJobSpec, out: Layout, *, ad
     return written
 
 
+def _adapter_writer(model: Any, spec: FineTuneJobSpec, out: Layout,
+                    tokenizer: Any) -> Callable[[Path], None]:
+    """PiSSA/OLoRA trained on a rewritten base: the adapter is saved converted (PEFT, rank
+    2r) so that it applies to the original base like any LoRA."""
+    from kubetune_trainer.model import CONVERTED_INITS, initial_adapter_dir
+
+    init = initial_adapter_dir(out.root)
+    lo = spec.method.lora
+    kwargs = {}
+    if lo is not None and lo.init in CONVERTED_INITS and init.exists():
+        kwargs["path_initial_model_for_weight_conversion"] = str(init)
+    return lambda p: (model.save_pretrained(p, **kwargs), tokenizer.save_pretrained(p))
+
+
 def _merge_full_precision(model: Any, head: str, saved: Path | None = None) -> Any:
     """QLoRA, or sharded weights: merge the adapter (``saved`` there already, or saved from
-    ``model``) into a fresh, unquantized copy of the base model."""
+    ``model``) into a fresh, unquantized copy of the base model (full precision, not 4/8-bit)."""
     import tempfile
 
     from peft import PeftModel

@@ -48,10 +48,48 @@ def preflight(spec: FineTuneJobSpec) -> Any:
             raise KubetuneError(f"{what} needs the {module} package in the trainer (pip "
                                 "install 'kubetune[trackers,lmeval]', or the trainer image)",
                                 field=field)
-    if spec.method.type == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-        raise KubetuneError("method.type qlora needs the bitsandbytes package in the "
-                            "trainer (pip install bitsandbytes)", field="spec.method.type")
+    _needs_gpu(spec)
+    for needed, package, field in _needs(spec):
+        if needed and importlib.util.find_spec(package) is None:
+            raise KubetuneError(f"{field} needs the {package} package in the trainer image "
+                                f"(pip install {package})", field=field)
     return rec
+
+
+def _needs_gpu(spec: FineTuneJobSpec) -> None:
+    """Options that only run on a GPU (the API refuses them with gpusPerNode 0; a local run on
+    a machine without one ends here)."""
+    from kubetune_trainer.model import has_cuda
+
+    lo, b = spec.method.lora, spec.training.boosters
+    for wanted, field, what in (
+            (lo is not None and lo.init == "loftq", "spec.method.lora.init", "loftq"),
+            (b.liger, "spec.training.boosters.liger", "liger"),
+            (spec.training.optimizer.name == "adalomo", "spec.training.optimizer.name",
+             "adalomo"),
+            (b.activation_offload, "spec.training.boosters.activationOffload",
+             "activation offload"),
+            (b.attention == "flash_attention_2", "spec.training.boosters.attention",
+             "flash_attention_2")):
+        if wanted and not has_cuda():
+            raise KubetuneError(f"{field}: {what} needs a CUDA GPU and this machine has none",
+                                field=field)
+
+
+def _needs(spec: FineTuneJobSpec) -> list[tuple[bool, str, str]]:
+    """(wanted, Python package, field) for the options that need an optional package."""
+    opt, b = spec.training.optimizer.name, spec.training.boosters
+    return [
+        (spec.method.quantization is not None, "bitsandbytes", "spec.method.quantization"),
+        (opt in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "galore_8bit"),
+         "bitsandbytes", "spec.training.optimizer.name"),
+        (opt in ("galore", "galore_8bit"), "galore_torch", "spec.training.optimizer.name"),
+        (opt == "apollo", "apollo_torch", "spec.training.optimizer.name"),
+        (opt == "badam", "badam", "spec.training.optimizer.name"),
+        (opt in ("lomo", "adalomo"), "lomo_optim", "spec.training.optimizer.name"),
+        (b.liger, "liger_kernel", "spec.training.boosters.liger"),
+        (b.attention == "flash_attention_2", "flash_attn", "spec.training.boosters.attention"),
+    ]
 
 
 def model_path(spec: FineTuneJobSpec, ctx: RunContext, *, light: bool = False) -> Path:
@@ -129,7 +167,7 @@ def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool,
                   run_name: str | None = None) -> dict[str, Any]:
     """TrainingArguments fields every stage shares; a recipe adds its own and picks the
     TRL config class."""
-    from kubetune_trainer.model import has_cuda, precision
+    from kubetune_trainer.model import booster_args, has_cuda, optimizer_args, precision
 
     t = spec.training
     return dict(
@@ -144,7 +182,6 @@ def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool,
         per_device_train_batch_size=t.batch_size_per_device,
         per_device_eval_batch_size=t.batch_size_per_device,
         gradient_accumulation_steps=t.gradient_accumulation,
-        activation_checkpointing=t.gradient_checkpointing,  # TRL defaults it on
         dataloader_pin_memory=has_cuda(),
         use_cpu=not has_cuda(),
         save_strategy="steps",
@@ -165,6 +202,8 @@ def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool,
         # Use the process group made in run() (gloo on CPU) instead of making a new one.
         accelerator_config={"use_configured_state": True},
         **precision(spec),
+        **optimizer_args(spec),
+        **booster_args(spec),
     )
 
 
@@ -188,6 +227,7 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
 
     from kubetune_trainer.model import (
         checkpoint_bytes,
+        finish_setup,
         load_model,
         load_tokenizer,
         method,
@@ -230,6 +270,12 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
         callbacks.append(progress)
     args = training_args(spec, out, has_eval=data.eval is not None, run_name=trackers.run_name)
     sharded = _sharded_loading(spec, args)  # kept alive until the trainer is built
+    # Seeded here, before the model and its adapter are made: a new head, LoRA's A and PiSSA's
+    # randomized SVD come out the same after a restart (PiSSA's residual base must, or the
+    # resumed adapter would sit on a different base).
+    from transformers import set_seed
+
+    set_seed(spec.training.seed)
     model = load_model(path, spec, head=rec.HEAD, pad_token_id=tokenizer.pad_token_id)
     if sharded is not None and main:
         log(f"{strategy_of(spec)}: the weights loaded sharded over {state.num_processes} "
@@ -240,6 +286,7 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
     del sharded
     _check_strategy(trainer, spec)
     _check_kept(trainer, data, spec, log if main else _quiet)
+    finish_setup(trainer, spec, out.root, main=main)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints one readable line instead
@@ -410,7 +457,8 @@ def _sharded_loading(spec: FineTuneJobSpec, args: dict[str, Any]) -> Any:
     from transformers import TrainingArguments
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    made = TrainingArguments(**args)
+    fields = TrainingArguments.__dataclass_fields__  # not TRL's own (activation_offloading)
+    made = TrainingArguments(**{k: v for k, v in args.items() if k in fields})
     return made if is_deepspeed_zero3_enabled() else None
 
 
@@ -463,6 +511,11 @@ def _quiet_libraries(*, bars: bool) -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    # bitsandbytes on CPU says it could not fetch an optional kernel from a hub (the `kernels`
+    # package, deliberately absent): it falls back to its own, so it is not news.
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if not bars:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()

@@ -48,6 +48,8 @@ from kubetune.api.v1alpha1.method import (
     LoraSpec,
     MethodSpec,
     MethodType,
+    QuantizationSpec,
+    SpectrumSpec,
 )
 from kubetune.api.v1alpha1.output import (
     OutputSpec,
@@ -109,7 +111,9 @@ from kubetune.api.v1alpha1.trainer import (
 )
 from kubetune.api.v1alpha1.training import (
     PACKED_CUTOFF_MAX,
+    BoostersSpec,
     LrScheduler,
+    OptimizerSpec,
     Precision,
     TrainingSpec,
 )
@@ -118,6 +122,7 @@ __all__ = [
     "ALL_RULES",
     "API_VERSION",
     "BaseModel",
+    "BoostersSpec",
     "Checkpoint",
     "CheckResult",
     "Condition",
@@ -158,11 +163,13 @@ __all__ = [
     "ObjectMeta",
     "OUTPUT_PATTERN",
     "Outputs",
+    "OptimizerSpec",
     "OutputSpec",
     "PACKED_CUTOFF_MAX",
     "PLURAL",
     "Precision",
     "PreferenceSpec",
+    "QuantizationSpec",
     "Progress",
     "QUALIFIED_NAME",
     "QUANTITY",
@@ -174,6 +181,7 @@ __all__ = [
     "Rule",
     "RunPolicySpec",
     "SchedulingSpec",
+    "SpectrumSpec",
     "SECRET_ENV_NAME",
     "SecretKeyRef",
     "SHORT_NAMES",

@@ -15,7 +15,7 @@ from kubetune.api.v1alpha1._base import (
     _enforce,
     _Model,
 )
-from kubetune.api.v1alpha1.method import _METHOD_RULES
+from kubetune.api.v1alpha1.method import _METHOD_RULES, _QUANT_RULES
 from kubetune.api.v1alpha1.output import _OUTPUT_RULES
 from kubetune.api.v1alpha1.preference import _PREFERENCE_RULES
 from kubetune.api.v1alpha1.resources import _RESOURCE_RULES, _SCHEDULING_RULES, _TOLERATION_RULES
@@ -24,7 +24,7 @@ from kubetune.api.v1alpha1.sources import _DATASET_RULES, _MODEL_RULES
 from kubetune.api.v1alpha1.spec import _SPEC_RULES, FineTuneJobSpec
 from kubetune.api.v1alpha1.status import FineTuneJobStatus
 from kubetune.api.v1alpha1.trainer import _ENV_VAR_RULES, _TRAINER_RULES
-from kubetune.api.v1alpha1.training import _TRAINING_RULES
+from kubetune.api.v1alpha1.training import _OPTIMIZER_RULES, _TRAINING_RULES
 
 NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _NAME_RULES = (
@@ -79,9 +79,11 @@ ALL_RULES = {
     "spec.trainer": _TRAINER_RULES,
     "spec.trainer.env[]": _ENV_VAR_RULES,
     "spec.method": _METHOD_RULES,
+    "spec.method.quantization": _QUANT_RULES,
     "spec.preference": _PREFERENCE_RULES,
     "spec.rewards[]": _REWARD_RULES,
     "spec.training": _TRAINING_RULES,
+    "spec.training.optimizer": _OPTIMIZER_RULES,
     "spec.resources": _RESOURCE_RULES,
     "spec.output": _OUTPUT_RULES,
 }

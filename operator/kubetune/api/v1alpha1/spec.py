@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Field, model_validator
 from kubetune.api.stages import IMPLEMENTED_STAGES, STAGES
 from kubetune.api.v1alpha1._base import _ENUM, TEMPLATES, Rule, _enforce, _rules, _Spec, immutable
 from kubetune.api.v1alpha1.evaluation import _EVALUATION_SPEC_RULES, EvaluationSpec
-from kubetune.api.v1alpha1.method import MethodSpec
+from kubetune.api.v1alpha1.method import _METHOD_SPEC_RULES, MethodSpec
 from kubetune.api.v1alpha1.output import OutputSpec
 from kubetune.api.v1alpha1.preference import _PREFERENCE_SPEC_RULES, PreferenceSpec
 from kubetune.api.v1alpha1.resources import ResourcesSpec, RunPolicySpec, SchedulingSpec
@@ -45,12 +45,13 @@ _SPEC_RULES = (
     *_EVALUATION_SPEC_RULES,
     *_PREFERENCE_SPEC_RULES,
     *_RL_SPEC_RULES,
+    *_METHOD_SPEC_RULES,
     Rule(
         cel="!has(self.output.merge) || !self.output.merge || !has(self.method) "
-        "|| !has(self.method.type) || self.method.type in ['lora', 'qlora']",
-        message="output.merge needs method.type lora or qlora (full and freeze already "
-        "save a whole model)",
-        check=lambda s: not s.output.merge or s.method.type in ("lora", "qlora"),
+        "|| !has(self.method.type) || self.method.type == 'lora'",
+        message="output.merge needs method.type lora (full and freeze already save a whole "
+        "model)",
+        check=lambda s: not s.output.merge or s.method.type == "lora",
     ),
     SERVE_SPEC_RULE,
 )

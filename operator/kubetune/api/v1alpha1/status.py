@@ -66,7 +66,7 @@ class Checkpoint(_Model):
 class Outputs(_Model):
     """What the run produced, as URIs under spec.output.uri."""
 
-    adapter: Annotated[str | None, _d("The LoRA adapter (lora, qlora).")] = None
+    adapter: Annotated[str | None, _d("The LoRA adapter (method.type lora).")] = None
     merged_model: Annotated[str | None, _d("Base + adapter merged into one model "
                                            "(output.merge).")] = None
     model: Annotated[str | None, Field(description="The whole model (full, freeze).")] = None

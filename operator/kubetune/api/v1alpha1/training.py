@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, model_validator
 
-from kubetune.api.v1alpha1._base import _ENUM, Rule, _enforce, _rules, _Spec
+from kubetune.api.v1alpha1._base import _ENUM, Rule, _cel_list, _enforce, _rules, _Spec, _str
 from kubetune.api.v1alpha1.tracking import Tracker, TrackingSpec
 
 # --------------------------------------------------------------------------- training
@@ -27,6 +27,120 @@ class LrScheduler(enum.StrEnum):
     constant_with_warmup = "constant_with_warmup"
 
 
+class OptimizerName(enum.StrEnum):
+    adamw = "adamw"
+    adamw_8bit = "adamw_8bit"  # bitsandbytes
+    paged_adamw_8bit = "paged_adamw_8bit"
+    paged_adamw_32bit = "paged_adamw_32bit"
+    adafactor = "adafactor"
+    galore = "galore"  # galore-torch
+    galore_8bit = "galore_8bit"
+    apollo = "apollo"  # apollo-torch
+    badam = "badam"  # badam: one block of layers at a time
+    muon = "muon"  # torch.optim.Muon for hidden matrices, AdamW for the rest
+    lomo = "lomo"  # lomo-optim: the update fused into the backward pass
+    adalomo = "adalomo"
+
+
+# transformers' ``optim`` name of each (badam: its own BlockOptimizer around AdamW)
+OPTIM_NAMES = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit",
+               "paged_adamw_8bit": "paged_adamw_8bit", "paged_adamw_32bit": "paged_adamw_32bit",
+               "adafactor": "adafactor", "galore": "galore_adamw",
+               "galore_8bit": "galore_adamw_8bit", "apollo": "apollo_adamw", "badam": "adamw_torch",
+               "muon": "adamw_torch",
+               "lomo": "lomo", "adalomo": "adalomo"}
+FUSED_OPTIMIZERS = ("lomo", "adalomo")  # step inside backward: no gradient accumulation
+LOW_RANK_OPTIMIZERS = ("galore", "galore_8bit", "apollo")
+
+
+class BadamSwitch(enum.StrEnum):
+    ascending = "ascending"
+    descending = "descending"
+    random = "random"
+    fixed = "fixed"
+
+
+_OPTIMIZER_RULES = (
+    Rule(
+        cel=f"(has(self.name) && self.name in {_cel_list(LOW_RANK_OPTIMIZERS)}) || "
+        "(!has(self.targetModules) && !has(self.rank) && !has(self.updateInterval) "
+        "&& !has(self.scale) && !has(self.layerwise))",
+        message="training.optimizer targetModules, rank, updateInterval, scale and layerwise "
+        "are only used by galore, galore_8bit and apollo",
+        check=lambda o: o.name in LOW_RANK_OPTIMIZERS or (
+            o.target_modules is None and o.rank is None and o.update_interval is None
+            and o.scale is None and o.layerwise is None),
+    ),
+    Rule(
+        cel="(has(self.name) && self.name == 'badam') || "
+        "(!has(self.switchMode) && !has(self.switchEvery))",
+        message="training.optimizer switchMode and switchEvery are only used by badam",
+        check=lambda o: o.name == "badam" or (o.switch_mode is None and o.switch_every is None),
+    ),
+)
+
+
+class OptimizerSpec(_Spec):
+    """The optimizer. Every name is one transformers/PyPI already implements."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(*_OPTIMIZER_RULES))
+
+    name: Annotated[OptimizerName, Field(
+        description="adamw; adamw_8bit, paged_adamw_8bit, paged_adamw_32bit (bitsandbytes); "
+        "adafactor; galore, galore_8bit, apollo (low-rank gradient projection of "
+        "targetModules); badam (full fine-tuning one block of layers at a time); muon (torch's "
+        "Muon for the layers' weight matrices, AdamW for the rest); lomo, adalomo "
+        "(the update fused into the backward pass: no optimizer states).", **_ENUM)
+    ] = OptimizerName.adamw
+    target_modules: Annotated[list[Annotated[str, _str()]] | None, Field(
+        min_length=1, max_length=256, description='galore/apollo: modules whose gradients are '
+        'projected (names or regexes; default ["attn", "mlp"]).')] = None
+    rank: Annotated[int | None, Field(ge=1, le=65536, description="galore/apollo: the "
+                                      "projection's rank (default 16).")] = None
+    update_interval: Annotated[int | None, Field(ge=1, le=10**6, description="galore/apollo: "
+                                                 "steps between projection updates (default "
+                                                 "200).")] = None
+    scale: Annotated[float | None, Field(gt=0, le=1000, description="galore/apollo: scale of "
+                                         "the projected update (default 0.25 / 32).")] = None
+    layerwise: Annotated[bool | None, Field(
+        description="galore/apollo: one optimizer per layer, stepped during the backward pass "
+        "(less memory; one process, no gradient accumulation).")] = None
+    switch_mode: Annotated[BadamSwitch | None, Field(
+        description="badam: order of the blocks (default ascending).", **_ENUM)] = None
+    switch_every: Annotated[int | None, Field(ge=1, le=10**6, description="badam: steps per "
+                                              "block (default 50).")] = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _OPTIMIZER_RULES)
+
+
+class Attention(enum.StrEnum):
+    auto = "auto"  # flash_attention_2 when installed and on a GPU, else sdpa
+    sdpa = "sdpa"
+    flash_attention_2 = "flash_attention_2"
+    eager = "eager"
+
+
+class BoostersSpec(_Spec):
+    """Speed and memory switches that leave the result the same (neftune aside)."""
+
+    attention: Annotated[Attention, Field(
+        description="Attention kernel: auto (flash_attention_2 where flash-attn is installed "
+        "and a GPU runs, else sdpa), sdpa, flash_attention_2 (GPU) or eager.", **_ENUM)
+    ] = Attention.auto
+    liger: Annotated[bool, Field(description="Liger kernels (GPU; fused RMSNorm, RoPE, SwiGLU "
+                                 "and cross-entropy).")] = False
+    neftune_alpha: Annotated[float | None, Field(
+        gt=0, le=1000, description="NEFTune: noise of this scale on the input embeddings "
+        "while training (5 in the paper).")] = None
+    torch_compile: Annotated[bool, Field(description="torch.compile the model (slow first "
+                                         "steps, faster after).")] = False
+    activation_offload: Annotated[bool, Field(
+        description="With gradientCheckpointing: keep the saved activations in CPU memory "
+        "(GPU; stages sft, pt, rm, dpo, kto).")] = False
+
+
 PACKED_CUTOFF_MAX = 131072
 _TRAINING_RULES = (
     Rule(
@@ -41,6 +155,30 @@ _TRAINING_RULES = (
         "packed row is that long)",
         check=lambda t: not t.packing or t.cutoff_len <= PACKED_CUTOFF_MAX,
         field_path=".cutoffLen",
+    ),
+    Rule(
+        cel="!has(self.boosters) || !has(self.boosters.activationOffload) "
+        "|| !self.boosters.activationOffload "
+        "|| (has(self.gradientCheckpointing) && self.gradientCheckpointing)",
+        message="training.boosters.activationOffload needs training.gradientCheckpointing",
+        check=lambda t: not t.boosters.activation_offload or t.gradient_checkpointing,
+    ),
+    Rule(
+        cel="!has(self.optimizer) || !has(self.optimizer.layerwise) || "
+        "!self.optimizer.layerwise || !has(self.gradientAccumulation) "
+        "|| self.gradientAccumulation == 1",
+        message="training.optimizer.layerwise steps during the backward pass: "
+        "gradientAccumulation must be 1",
+        check=lambda t: not t.optimizer.layerwise or t.gradient_accumulation == 1,
+    ),
+    Rule(
+        cel="!has(self.optimizer) || !has(self.optimizer.name) || "
+        f"!(self.optimizer.name in {_cel_list(FUSED_OPTIMIZERS)}) "
+        "|| !has(self.gradientAccumulation) || self.gradientAccumulation == 1",
+        message="training.optimizer lomo and adalomo update during the backward pass: "
+        "gradientAccumulation must be 1",
+        check=lambda t: t.optimizer.name not in FUSED_OPTIMIZERS
+        or t.gradient_accumulation == 1,
     ),
 )
 
@@ -64,7 +202,7 @@ class TrainingSpec(_Spec):
         "constant_with_warmup.", **_ENUM)] = LrScheduler.cosine
     warmup_ratio: Annotated[float, Field(ge=0, lt=1, description="Fraction of the steps spent "
                                          "raising the learning rate from 0.")] = 0.0
-    weight_decay: Annotated[float, Field(ge=0, le=10, description="AdamW weight decay.")] = 0.0
+    weight_decay: Annotated[float, Field(ge=0, le=10, description="Weight decay.")] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0, le=10000, description="Gradients are clipped "
                                           "to this norm.")] = 1.0
     batch_size_per_device: Annotated[int, Field(ge=1, le=4096, description="Rows per GPU (or "
@@ -113,6 +251,11 @@ class TrainingSpec(_Spec):
     gradient_checkpointing: Annotated[bool, Field(
         description="Recompute activations in the backward pass: less memory, ~20 % slower."
     )] = False
+    optimizer: Annotated[OptimizerSpec, Field(
+        description="The optimizer (default adamw).")] = OptimizerSpec()
+    boosters: Annotated[BoostersSpec, Field(
+        description="Attention kernel, Liger, NEFTune, torch.compile, activation offload.")
+    ] = BoostersSpec()
     preprocessing_workers: Annotated[
         int | None, Field(ge=1, le=1024,
                           description="Processes for data preparation (default: CPUs).")
