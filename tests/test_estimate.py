@@ -157,15 +157,11 @@ def test_72b_full_fine_tune_of_64_by_32k_on_one_gpu_is_refused_with_fixes_that_f
 
 
 def test_eight_bit_adam_keeps_2_bytes_of_state_per_parameter():
-    class Training:  # training.optimizer comes with the methods API; read by name
-        def __init__(self, base, optimizer):
-            self.__dict__.update(base.__dict__)
-            self.optimizer = optimizer
-
     spec = _spec(method={"type": "full"}, training={"precision": "bf16"})
     total, _ = parameters(LLAMA2_7B)
     adam = estimate(LLAMA2_7B, spec)
-    spec8 = spec.model_copy(update={"training": Training(spec.training, "adamw_8bit")})
+    spec8 = _spec(method={"type": "full"}, training={"precision": "bf16",
+                                                     "optimizer": {"name": "adamw_8bit"}})
     assert estimate(LLAMA2_7B, spec8).parts["optimizer"] == pytest.approx(2 * total)
     assert adam.parts["optimizer"] == pytest.approx(4 * total)  # two bf16 moments
 

@@ -87,8 +87,8 @@ def world_size(spec: Any) -> int:
 
 
 def _optimizer_name(spec: Any) -> str:
-    opt = getattr(spec.training, "optimizer", None)  # an OptimizerSpec, or absent
-    return str(getattr(opt, "name", opt) or "adamw").lower()
+    opt = spec.training.optimizer
+    return str(opt.name if opt is not None else "adamw").lower()
 
 
 def _optimizer_state_bytes(spec: Any, trained_width: float, deepspeed: bool) -> float:
@@ -130,8 +130,8 @@ def estimate(config: dict[str, Any], spec: Any, *, gpu: bool = True) -> Estimate
         est.parts["gathered"] = 2 * per_layer * base_width
     if plan.offload_weights:
         est.offloaded += weights / n
-    spectrum = getattr(spec.method, "spectrum", None)
-    if method in ("lora", "qlora"):
+    spectrum = spec.method.spectrum
+    if method == "lora":
         lo = spec.method.lora_or_default()
         targets = _LORA_TARGETS if lo.target_modules == ["all-linear"] else \
             tuple(m for m in lo.target_modules if m in _LORA_TARGETS)
@@ -172,23 +172,19 @@ def estimate(config: dict[str, Any], spec: Any, *, gpu: bool = True) -> Estimate
 
 def _base_bytes(spec: Any, width: float) -> float:
     """Bytes per base weight: method.quantization 4 bits ≈ 0.53 (NF4 with its constants),
-    8 bits ≈ 1.03 (method.type qlora in older API versions: 4 bits)."""
-    q = getattr(spec.method, "quantization", None)
+    8 bits ≈ 1.03."""
+    q = spec.method.quantization
     if q is not None:
-        return 0.53 if getattr(q, "bits", 4) == 4 else 1.03
-    return 0.53 if spec.method.type == "qlora" else width
+        return 0.53 if q.bits == 4 else 1.03
+    return width
 
 
 def _quantized(spec: Any) -> bool:
-    return getattr(spec.method, "quantization", None) is not None or spec.method.type == "qlora"
+    return spec.method.quantization is not None
 
 
-def _qlora_change(spec: Any) -> dict[str, dict[str, Any]]:
-    """The change that makes a job QLoRA, in this API version's words."""
-    if "quantization" in type(spec.method).model_fields:
-        return {"method": {"type": "lora", "quantization": {"bits": 4}, "freeze": None,
-                           "spectrum": None}}
-    return {"method": {"type": "qlora", "freeze": None}}
+_QLORA = {"method": {"type": "lora", "quantization": {"bits": 4}, "freeze": None,
+                     "spectrum": None}}
 
 
 def _variant(spec: Any, changes: dict[str, dict[str, Any]]) -> Any:
@@ -221,15 +217,12 @@ def fix_options(spec: Any) -> list[tuple[str, dict[str, dict[str, Any]]]]:
     if strategy != "zero3-offload":
         out.append(("resources.strategy: zero3-offload (weights and optimizer state in CPU "
                     "memory; slower)", {"resources": {"strategy": "zero3-offload"}}))
-    if spec.method.type in ("full", "freeze") and _optimizer_name(spec) == "adamw" \
-            and "optimizer" in type(spec.training).model_fields:
+    if spec.method.type in ("full", "freeze") and _optimizer_name(spec) == "adamw":
         out.append(("training.optimizer: {name: adamw_8bit} (2 bytes of state per parameter)",
                     {"training": {"optimizer": {"name": "adamw_8bit"}}}))
     if spec.method.type in ("full", "freeze", "lora") and not _quantized(spec):
-        change = _qlora_change(spec)
-        text = "method.type: qlora" if change["method"]["type"] == "qlora" else \
-            "method: {type: lora, quantization: {bits: 4}}"
-        out.append((f"{text} (QLoRA: a LoRA adapter on the base in 4 bits)", change))
+        out.append(("method: {type: lora, quantization: {bits: 4}} (QLoRA: a LoRA adapter on "
+                    "the base in 4 bits)", _QLORA))
     if t.cutoff_len > 512:
         out.append((f"training.cutoffLen: {t.cutoff_len // 2}",
                     {"training": {"cutoffLen": t.cutoff_len // 2}}))

@@ -25,7 +25,7 @@ class ServeSpec(_Spec):
     OpenAI-compatible server (vLLM by default). Removed with the job, or when unset."""
 
     weights: Annotated[Literal["model", "adapter"], Field(
-        description="model: the whole trained model (output.merge for lora/qlora; full and "
+        description="model: the whole trained model (output.merge for lora; full and "
         "freeze save one); adapter: the base model with the LoRA adapter on top (vLLM "
         "serves LoRA adapters natively).")] = "model"
     model_name: Annotated[str | None, _str(NO_CONTROL, 253, description=(
@@ -45,12 +45,12 @@ class ServeSpec(_Spec):
 
 SERVE_SPEC_RULE = Rule(
     cel="!has(self.serve) || (has(self.serve.weights) && self.serve.weights == 'adapter' ? "
-        "(!has(self.method) || !has(self.method.type) || self.method.type in ['lora', "
-        "'qlora']) : ((has(self.method) && has(self.method.type) && self.method.type in "
+        "(!has(self.method) || !has(self.method.type) || self.method.type == 'lora') : "
+        "((has(self.method) && has(self.method.type) && self.method.type in "
         "['full', 'freeze']) || (has(self.output.merge) && self.output.merge)))",
-    message="serve.weights: model needs a whole model (output.merge for lora and qlora; "
-    "full and freeze save one); adapter needs method.type lora or qlora",
+    message="serve.weights: model needs a whole model (output.merge for lora; full and "
+    "freeze save one); adapter needs method.type lora",
     check=lambda s: s.serve is None or (
-        s.method.type in ("lora", "qlora") if s.serve.weights == "adapter"
+        s.method.type == "lora" if s.serve.weights == "adapter"
         else s.method.type in ("full", "freeze") or s.output.merge),
 )
