@@ -17,10 +17,11 @@ from pathlib import Path
 import aiohttp
 import kopf
 import kubernetes
-import kubetune_operator.handlers  # noqa: F401  (registers the handlers)
+import kubetune_operator.handlers
 import pytest
 import yaml
 from kubetune_operator import reconcile as rc
+from kubetune_operator.backends import backend_named
 from kubetune_operator.builders import OperatorConfig
 from kubetune_operator.reporting import ProgressStore
 
@@ -133,16 +134,19 @@ class Operator:
         whose tasks kopf would cancel on stop)."""
         settings = kopf.OperatorSettings()
         settings.posting.enabled = False  # kmock refuses a second Event (generateName)
-        memo = kopf.Memo(
-            kube=rc.Kube(self.operator_api), store=ProgressStore(), progress_port=self.port,
-            config=OperatorConfig(trainer_image="reg/trainer:1",
-                                  progress_url=f"http://127.0.0.1:{self.port}/v1",
-                                  **self.config))
+        config = OperatorConfig(trainer_image="reg/trainer:1",
+                                progress_url=f"http://127.0.0.1:{self.port}/v1", **self.config)
+        memo = kopf.Memo(kube=rc.Kube(self.operator_api), store=ProgressStore(),
+                         progress_port=self.port, config=config)
+        # Each operator its own registry: it watches its own backend's kind only.
+        registry = kubetune_operator.handlers.register(kopf.OperatorRegistry(),
+                                                       backend_named(config.backend))
+        kopf.on.login(registry=registry)(_login_to_the_emulator)
         self.stop_flag = threading.Event()
         ready = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(kopf.operator(
-            settings=settings, memo=memo, clusterwide=True, standalone=True,
-            stop_flag=self.stop_flag, ready_flag=ready)), daemon=True)
+            registry=registry, settings=settings, memo=memo, clusterwide=True,
+            standalone=True, stop_flag=self.stop_flag, ready_flag=ready)), daemon=True)
         self.thread.start()
         assert await asyncio.to_thread(ready.wait, 15), "the operator did not start"
 

@@ -1,12 +1,17 @@
-"""kopf handlers: every decorator of the operator, each a thin shim into ``reconcile``.
+"""kopf handlers: every handler of the operator, each a thin shim into ``reconcile``.
 
-Run with ``kopf run -m kubetune_operator.handlers`` (or ``kubetune-operator``).
+Run with ``kopf run -m kubetune_operator.handlers`` (or ``kubetune-operator``): importing this
+module registers the handlers in kopf's default registry, watching the children of the backend
+``KUBETUNE_BACKEND`` names. ``register`` builds the same into another registry (tests,
+embedding: ``kopf.operator(registry=...)``, ``KopfRunner(registry=...)``), so that each
+operator watches its own backend's kind only (kopf has no public way to drop a handler).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from typing import Any
 
@@ -48,7 +53,6 @@ def api_client() -> Any:
     return client.ApiClient(conf)
 
 
-@kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Our own names for kopf's bookkeeping (annotations, not status: the status is typed).
     settings.persistence.finalizer = "kubetune.io/finalizer"
@@ -72,13 +76,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.setdefault("active", set())
     memo.setdefault("locks", {})  # (namespace, name) -> the lock of its converge
     memo.backend = backend_named(config.backend)
-    watch_children(memo.backend)
     if config.metrics_port and not memo.get("metrics_started"):
         metrics.serve(config.metrics_port)
         memo.metrics_started = True
 
 
-@kopf.on.startup()
 async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
     """The HTTPS endpoint pods report progress to, and the flusher that writes statuses."""
     config: OperatorConfig = memo.config
@@ -154,7 +156,6 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
     log.info("progress endpoint on port %s (%s)", port, "https" if ssl_ctx else "http")
 
 
-@kopf.on.cleanup()
 async def stop_progress_server(memo: kopf.Memo, **_: Any) -> None:
     if memo.get("recheck_task"):
         memo.recheck_task.cancel()
@@ -200,9 +201,6 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
     return outcome
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def converge(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     from kubernetes.client.exceptions import ApiException
 
@@ -239,7 +237,6 @@ def _converge_by_name(memo: kopf.Memo, ns: str, name: str) -> None:
             memo.kube.patch_status(ns, name, {**gone, **status})
 
 
-@kopf.on.startup()
 async def start_rechecks(memo: kopf.Memo, **_: Any) -> None:
     """One task re-checks jobs in flight every ``config.recheck_seconds``. (A per-object kopf timer
     would put a finalizer on every job: no job could be deleted while the operator is down.)"""
@@ -256,24 +253,6 @@ async def start_rechecks(memo: kopf.Memo, **_: Any) -> None:
     memo.recheck_task = asyncio.create_task(loop())
 
 
-def _child_handler_id(backend: Backend) -> str:
-    return f"child_changed/{backend.kind}"
-
-
-def watch_children(backend: Backend) -> None:
-    """Watch the configured backend's objects, and only those (the chart gives RBAC for that
-    one alone). Registered at startup, before kopf scans for the resources to watch; another
-    backend's watch (an earlier operator run in this process) is dropped."""
-    watching = kopf.get_default_registry()._watching  # kopf has no public unregister
-    watching._handlers = [h for h in watching._handlers
-                          if not (h.id.startswith("child_changed/")
-                                  and h.id != _child_handler_id(backend))]
-    if any(h.id == _child_handler_id(backend) for h in watching._handlers):
-        return
-    kopf.on.event(backend.group, backend.version, backend.plural,
-                  id=_child_handler_id(backend), labels={JOB_LABEL: kopf.PRESENT})(child_changed)
-
-
 def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     """The training object changed (its operator, Kueue): bring its FineTuneJob's status."""
     if type != "MODIFIED" or not body.get("status"):
@@ -282,7 +261,6 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) 
     _converge_by_name(memo, meta["namespace"], meta["labels"][JOB_LABEL])
 
 
-@kopf.index(GROUP, VERSION, PLURAL)
 def dependents(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> Any:
     """(namespace, job) -> the jobs whose spec.model.fromJob names it."""
     upstreams = [((spec or {}).get("model") or {}).get("fromJob"),
@@ -291,7 +269,6 @@ def dependents(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> Any:
     return {(namespace, u): name for u in upstreams if u} or None
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
 async def upstream_changed(body: kopf.Body, memo: kopf.Memo, dependents: kopf.Index,
                            type: str | None, **_: Any) -> None:
     """A job appeared, or finished: the jobs that start from it wait no longer (or stall)."""
@@ -304,7 +281,6 @@ async def upstream_changed(body: kopf.Body, memo: kopf.Memo, dependents: kopf.In
         await asyncio.to_thread(_converge_by_name, memo, meta["namespace"], dependent)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 def forget(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     """Children go by owner references; outputs on volumes stay. Drop in-memory progress."""
     memo.store.forget(meta["namespace"], meta["name"])
@@ -312,3 +288,50 @@ def forget(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     memo.active.discard((meta["namespace"], meta["name"]))
     memo.locks.pop((meta["namespace"], meta["name"]), None)
     metrics.observe_phase(meta["namespace"], meta["name"], None)
+
+
+# ------------------------------------------------------------------------ registration
+
+
+def _watching(kind: str) -> Any:
+    def same_backend(memo: kopf.Memo, **_: Any) -> None:
+        """The registry watches one backend's kind; the settings must name that one."""
+        if memo.backend.kind != kind:
+            raise kopf.PermanentError(
+                f"this operator's handlers watch {kind} objects, its settings name the "
+                f"{memo.backend.kind} backend: build them with register(registry, backend)")
+    return same_backend
+
+
+def register(registry: kopf.OperatorRegistry, backend: Backend) -> kopf.OperatorRegistry:
+    """Every handler, into ``registry``; children of ``backend``'s kind alone are watched
+    (the chart gives RBAC for that one). Startup handlers run in this order. A new
+    ``kopf.OperatorRegistry()`` has none of kopf's default login handlers: add one
+    (``kopf.on.login(registry=...)(kopf.login_via_client)``)."""
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.startup(registry=registry, id="same_backend")(_watching(backend.kind))
+    kopf.on.startup(registry=registry)(start_progress_server)
+    kopf.on.startup(registry=registry)(start_rechecks)
+    kopf.on.cleanup(registry=registry)(stop_progress_server)
+    for on in (kopf.on.resume, kopf.on.create):
+        on(GROUP, VERSION, PLURAL, registry=registry)(converge)
+    kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)(converge)
+    kopf.index(GROUP, VERSION, PLURAL, registry=registry)(dependents)
+    kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(upstream_changed)
+    kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, registry=registry)(forget)
+    kopf.on.event(backend.group, backend.version, backend.plural, registry=registry,
+                  id=f"child_changed/{backend.kind}",
+                  labels={JOB_LABEL: kopf.PRESENT})(child_changed)
+    return registry
+
+
+def _backend_at_import() -> Backend:
+    """The backend the environment names (what ``configure`` reads again at startup; a
+    wrong name is its PermanentError, so the default here)."""
+    try:
+        return backend_named(os.environ.get("KUBETUNE_BACKEND") or OperatorConfig.backend)
+    except ValueError:
+        return backend_named(OperatorConfig.backend)
+
+
+register(kopf.get_default_registry(), _backend_at_import())

@@ -83,8 +83,17 @@ def trainjob_operator(namespace, trainer_v2_crds):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
+        import kopf
+        from kubetune_operator.backends.trainjob import TRAINJOB
+        from kubetune_operator.handlers import register
+
+        # Its own registry: this process's default one watches PyTorchJobs (test_cluster).
+        # (A new registry has none of kopf's default login handlers: the kubeconfig's here.)
+        registry = register(kopf.OperatorRegistry(), TRAINJOB)
+        kopf.on.login(registry=registry)(kopf.login_via_client)
         with KopfRunner(["run", "--standalone", "--namespace", namespace, "-m",
-                         "kubetune_operator.handlers"], timeout=60) as runner:
+                         "kubetune_operator.handlers"], timeout=60,
+                        registry=registry) as runner:
             time.sleep(3)
             yield runner
     finally:
