@@ -991,3 +991,16 @@ async def test_a_job_that_cannot_fit_its_gpus_is_refused_before_any_child(cluste
         assert (PTJ, NS, "chart") not in cluster.objects
     finally:
         await op.stop()
+
+
+def test_a_registry_refuses_settings_that_name_another_backend():
+    """register() watches one backend's kind; settings naming another stop the operator at
+    startup with a clear error (it would watch the wrong children)."""
+    from kubetune_operator.backends.pytorchjob import PYTORCHJOB
+    from kubetune_operator.backends.trainjob import TRAINJOB
+    from kubetune_operator.handlers import _watching
+
+    _watching(PYTORCHJOB.kind)(memo=kopf.Memo(backend=PYTORCHJOB))
+    with pytest.raises(kopf.PermanentError, match="watch PyTorchJob objects, its settings "
+                       "name the TrainJob backend"):
+        _watching(PYTORCHJOB.kind)(memo=kopf.Memo(backend=TRAINJOB))
