@@ -144,11 +144,6 @@ class BoostersSpec(_Spec):
 PACKED_CUTOFF_MAX = 131072
 _TRAINING_RULES = (
     Rule(
-        cel="!has(self.evalSteps) || (has(self.evalSplit) && self.evalSplit > 0.0)",
-        message="training.evalSteps needs training.evalSplit > 0 (there is nothing to evaluate)",
-        check=lambda t: t.eval_steps is None or t.eval_split > 0,
-    ),
-    Rule(
         cel="!has(self.packing) || !self.packing || !has(self.cutoffLen) "
         f"|| self.cutoffLen <= {PACKED_CUTOFF_MAX}",
         message=f"training.cutoffLen with packing is at most {PACKED_CUTOFF_MAX} tokens (every "
