@@ -230,7 +230,8 @@ class TrainingSpec(_Spec):
         float, Field(ge=0, lt=1, description="Fraction of rows held out for evaluation.")
     ] = 0.0
     eval_steps: Annotated[int | None, Field(ge=1, le=10**9, description="Evaluate every N "
-                                            "steps (default: saveSteps); needs evalSplit.")] = None
+                                            "steps (default: saveSteps); needs evalSplit or "
+                                            "evalDatasets.")] = None
     save_steps: Annotated[int, Field(ge=1, le=10**9,
                                      description="Checkpoint every N steps.")] = 100
     save_total_limit: Annotated[
