@@ -89,3 +89,16 @@ def test_concurrent_ranks_prepare_once(tiny_model, tmp_path, tok, counted):
     assert len(counted) == 1
     assert sorted(r.stats["cached"] for r in results) == [False, True, True]
     assert all(r.train[:] == results[0].train[:] for r in results)
+
+
+def test_held_out_data_sets_are_in_the_key(tiny_model, tmp_path, tok, counted):
+    (tmp_path / "d.json").write_text(json.dumps(ROWS))
+    (tmp_path / "e.json").write_text(json.dumps(ROWS[:5]))
+    spec = FineTuneJobSpec.model_validate(tiny_spec(
+        tiny_model, [{"source": str(tmp_path / "d.json")}], tmp_path / "out",
+        evalDatasets=[{"source": str(tmp_path / "e.json")}]))
+    first = _prepare(spec, tmp_path, tok)
+    (tmp_path / "e.json").write_text(json.dumps(ROWS[5:12]))
+    again = _prepare(spec, tmp_path, tok)
+    assert again.stats["cached"] is False and len(again.eval) == 7 and len(first.eval) == 5
+    assert _prepare(spec, tmp_path, tok).stats["cached"] is True

@@ -178,3 +178,80 @@ def test_gpu_memory_comes_from_the_job_then_the_operators_table_by_product():
     assert parse_quantity("40G") == 40e9 and parse_quantity("81920Mi") == 80 * GIB
     with pytest.raises(ValueError, match="not a quantity"):
         parse_quantity("80 GB")
+
+
+@pytest.fixture
+def weights_hub(tmp_path, monkeypatch):
+    """A real HTTP server answering the Hub's API for one model repository (config,
+    tokenizer and a weights file), recording every request."""
+    import hashlib
+    import http.server
+    import threading
+
+    from conftest import QWEN2_72B
+
+    files = {"config.json": json.dumps(QWEN2_72B).encode(), "tokenizer_config.json": b"{}",
+             "model-00001-of-00031.safetensors": b"\0" * 4096}
+    sha, seen = "c" * 40, []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self, head: bool) -> None:
+            seen.append(self.path)
+            path = self.path.split("?")[0]
+            headers = {"Content-Type": "application/json"}
+            if "/tree/" in path:
+                body = json.dumps([{"type": "file", "path": f, "size": len(b),
+                                    "oid": hashlib.sha1(b).hexdigest()}
+                                   for f, b in files.items()]).encode()
+            elif path.startswith("/api/models/"):
+                body = json.dumps({"id": "Qwen/Qwen2-72B", "sha": sha, "siblings": [
+                    {"rfilename": f} for f in files]}).encode()
+            elif "/resolve/" in path and path.rsplit("/", 1)[1] in files:
+                body = files[path.rsplit("/", 1)[1]]
+                headers = {"X-Repo-Commit": sha,
+                           "ETag": f'"{hashlib.sha1(body).hexdigest()}"'}
+            else:
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def do_GET(self):
+            self._answer(False)
+
+        def do_HEAD(self):
+            self._answer(True)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    from huggingface_hub import constants  # read from the environment when first imported
+
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path / "cache"))
+    yield seen
+    server.shutdown()
+
+
+def test_estimate_of_an_hf_model_fetches_its_config_never_its_weights(tmp_path, weights_hub):
+    job = write_job(tmp_path / "big.yaml", {
+        "model": {"source": "hf://Qwen/Qwen2-72B"}, "datasets": [{"source": "d.json"}],
+        "method": {"type": "full"}, "resources": {"gpusPerNode": 1, "gpuMemory": "80Gi"},
+        "training": {"batchSizePerDevice": 64, "cutoffLen": 32768}, "output": {"uri": "o"}})
+    res = CliRunner().invoke(app, ["estimate", str(job)])
+    assert res.exit_code == 2, res.output
+    assert "does not fit in 80 GiB" in res.output and "weights          135.42 GiB" in res.output
+    fetched = [p for p in weights_hub if "/resolve/" in p]
+    assert any(p.endswith("/config.json") for p in fetched)
+    assert not any("safetensors" in p for p in fetched), fetched

@@ -115,6 +115,9 @@ def test_every_strategy_has_its_config_and_reaches_the_launcher(strategy):
         assert _flag(cmd, "--num_processes") == str(2 * nproc)
         assert _flag(cmd, "--machine_rank") == "1"
         if info.engine == "deepspeed":
+            # Every pod runs its own launcher: accelerate's default for several machines is
+            # pdsh over SSH, which a PyTorchJob's pods do not have.
+            assert _flag(cmd, "--deepspeed_multinode_launcher") == "standard"
             config = json.loads(Path(_flag(cmd, "--deepspeed_config_file")).read_text())
             zero = config["zero_optimization"]
             assert zero["stage"] == (3 if info.shard_weights else 2)

@@ -874,9 +874,11 @@ async def test_a_job_that_cannot_fit_its_gpus_is_refused_before_any_child(cluste
         await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
                                 "v1alpha1", NS, "finetunejobs", "own", {
                                     "metadata": {"generation": 2},
-                                    "spec": {"method": {"type": "qlora"}, "training": {
-                                        "batchSizePerDevice": 1, "cutoffLen": 4096,
-                                        "gradientCheckpointing": True}}})
+                                    "spec": {"method": {"type": "lora",
+                                                        "quantization": {"bits": 4}},
+                                             "training": {"batchSizePerDevice": 1,
+                                                          "cutoffLen": 4096,
+                                                          "gradientCheckpointing": True}}})
         await eventually(lambda: cluster.objects[PTJ, NS, "own"])
         await eventually(lambda: _assert(_phase(cluster, "own") == "Queued"))
         assert (PTJ, NS, "chart") not in cluster.objects

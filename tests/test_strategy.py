@@ -115,3 +115,44 @@ def test_fsdp2_on_cpu_is_refused_not_run_as_ddp(tiny_model, tmp_path):
 
     with pytest.raises(ValidationError, match="fsdp2 needs resources.gpusPerNode > 0"):
         ResourcesSpec.model_validate({"strategy": "fsdp2", "gpusPerNode": 0})
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("lf_data")
+def test_two_nodes_run_zero3_from_the_pods_command(tiny_model, tmp_path):
+    """What each pod of a 2-node PyTorchJob runs, as the operator renders it (kubetune-launch
+    JOB --pvc-root … --strategy zero3, topology from the PET_* variables), here as two local
+    "nodes" of one process: one DeepSpeed job over both (accelerate's default for several
+    machines, pdsh over SSH, would fail in pods)."""
+    import os
+    import subprocess
+    import sys
+
+    from kubetune.jobfile import load_job
+    from kubetune_operator.builders import OperatorConfig, children
+
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", tiny_spec(
+        tiny_model, [{"source": str(LF_DATA / "identity.json")}], out, method={"type": "full"},
+        resources={"gpusPerNode": 0, "strategy": "zero3"},
+        training={"maxSteps": 2, "saveSteps": 2, "batchSizePerDevice": 2, "precision": "fp32"}))
+    # The pods' command for the same job on 2 nodes of 1 GPU (a CPU job runs on one node).
+    on_gpus = load_job(job)
+    on_gpus.spec.resources = on_gpus.spec.resources.model_copy(
+        update={"nodes": 2, "gpus_per_node": 1})
+    pod = children(job=on_gpus, config=OperatorConfig())[1]["spec"][
+        "pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    args = [str(job) if a.endswith("job.yaml") else str(tmp_path / "pvc") if a == "/mnt/pvc"
+            else a for a in pod["args"]]
+    assert args[-2:] == ["--strategy", "zero3"]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "kubetune_trainer.launch", *args],
+        env={**os.environ, "PET_NNODES": "2", "PET_NODE_RANK": str(rank), "RANK": str(rank),
+             "PET_NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "--deepspeed_multinode_launcher standard" in outputs[0]
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and result["global_step"] == 2
+    assert (Path(result["model"]) / "model.safetensors").exists()

@@ -102,7 +102,7 @@ def command(topo: Topology, trainer_args: list[str], *, strategy: str = "ddp",
            "--dynamo_backend", "no"]
     if engine == "deepspeed":
         cmd += ["--use_deepspeed", "--deepspeed_config_file", str(config)]
-        if topo.nnodes > 1:  # torchrun on each node; accelerate's default (pdsh) needs ssh
+        if topo.nnodes > 1:  # one launcher per pod (torchrun), not pdsh over SSH (the default)
             cmd += ["--deepspeed_multinode_launcher", "standard"]
     else:  # fsdp: accelerate's own config file (FSDP2 settings); the topology above wins
         cmd += ["--config_file", str(config), "--use_fsdp"]

@@ -1,8 +1,9 @@
 """Prepared (tokenized, masked, packed) sft/pt data, cached by content hash.
 
 The key hashes everything the prepared rows depend on: the data files' bytes and how they are
-read (spec.datasets), the tokenizer (its full definition and chat template), the template,
-stage, cutoff, packing, masking options, split, seed, and this package's data code. A run whose
+read (spec.datasets, spec.evalDatasets), the tokenizer (its full definition and chat
+template), the template, stage, cutoff, packing, masking options, split, seed, and this
+package's data code. A run whose
 key is cached loads the Arrow files (memory-mapped) instead of reading and tokenizing again:
 a restarted run, and every rank after the first (train.py prepares under
 ``main_process_first``; a file lock keeps two processes from building the same key at once).
@@ -60,12 +61,16 @@ def key(spec: FineTuneJobSpec, ctx: Any, tokenizer: Any, limit: int | None) -> s
     if spec.stage not in CACHED_STAGES or limit is not None:  # a validation sample: cheap
         return None
     t = spec.training
+    held = spec.eval_datasets or []
     files = [(str(p), p.stat().st_size, _file_digest(p))
-             for part in plan(spec.datasets, ctx) for p in part.paths]
+             for part in plan(spec.datasets, ctx) + (
+                 plan(held, ctx, at="spec.evalDatasets") if held else [])
+             for p in part.paths]
     parts = {
         "version": VERSION,
         "code": code_digest(),
         "datasets": [d.model_dump(mode="json") for d in spec.datasets],
+        "eval_datasets": [d.model_dump(mode="json") for d in held],
         "files": files,
         "tokenizer": tokenizer_digest(tokenizer),
         "stage": spec.stage, "template": spec.template, "limit": limit,

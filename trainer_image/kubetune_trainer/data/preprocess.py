@@ -398,6 +398,16 @@ def table(input_ids: list, labels: list) -> Any:
     return pa.table({"input_ids": _lists(flat, lengths), "labels": _lists(labs, lengths)})
 
 
+def dataset(arrow: Any) -> Any:
+    """A datasets.Dataset over the table as it is. Without a fingerprint datasets would hash
+    the whole table to make one: a transient copy as large as the data."""
+    import secrets
+
+    import datasets
+
+    return datasets.Dataset(arrow, fingerprint=secrets.token_hex(8))
+
+
 def packed_table(input_ids: list, labels: list, max_len: int) -> Any:
     """``pack`` as an Arrow table: bins chosen from the lengths, rows assembled with numpy."""
     import pyarrow as pa

@@ -16,10 +16,10 @@ HEAD = "causal"
 def prepare(examples: list[dict[str, Any]], tokenizer: Any, template: str | None,
             spec: FineTuneJobSpec, log=print) -> Data:
     """Template, tokenize, mask, split and (optionally) pack."""
-    import datasets
 
     from kubetune_trainer.data.preprocess import (
         Options,
+        dataset,
         default_workers,
         packed_table,
         table,
@@ -37,15 +37,15 @@ def prepare(examples: list[dict[str, Any]], tokenizer: Any, template: str | None
     train_idx, eval_idx = split(len(tok.input_ids), t.eval_split, t.seed)
     eval_ds = None
     if eval_idx:
-        eval_ds = datasets.Dataset(table([tok.input_ids[i] for i in eval_idx],
-                                         [tok.labels[i] for i in eval_idx]))
+        eval_ds = dataset(table([tok.input_ids[i] for i in eval_idx],
+                                [tok.labels[i] for i in eval_idx]))
     train_ids = [tok.input_ids[i] for i in train_idx]
     train_labels = [tok.labels[i] for i in train_idx]
     if t.packing:
-        train = datasets.Dataset(packed_table(train_ids, train_labels, t.cutoff_len))
+        train = dataset(packed_table(train_ids, train_labels, t.cutoff_len))
         log(f"data: packed into {len(train)} rows of at most {t.cutoff_len} tokens")
     else:
-        train = datasets.Dataset(table(train_ids, train_labels))
+        train = dataset(table(train_ids, train_labels))
     # For predict-with-generate: the held-out conversations (tokenized rows keep the order of
     # the examples that kept a trained token; the rest were dropped and are not in the split).
     return Data(train, eval_ds, asdict(st),
