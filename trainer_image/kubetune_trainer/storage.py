@@ -4,9 +4,12 @@ complete, resumed from the store.
 The run writes under a local staging directory exactly as it writes a local output (every
 guarantee of ``outputs`` holds there). Each checkpoint is uploaded once its complete marker is
 written, the marker last, so a checkpoint in the store without its marker is never resumed
-from; checkpoints that training.saveTotalLimit rotated away are removed from the store too. A
-restarted run (a fresh pod: empty staging) downloads the newest complete checkpoint from the
-store and resumes from it. At the end the adapter / merged model / model, predictions, loss
+from; checkpoints that training.saveTotalLimit rotated away are removed from the store too.
+On several nodes each node stages the files its own ranks write (DeepSpeed's optimizer
+partitions, RNG states): every node's local main process uploads its node's part, all
+processes wait, then global rank 0 uploads the marker. A restarted run (fresh pods: empty
+staging) downloads the newest complete checkpoint from the store on every node and resumes
+from it. At the end the adapter / merged model / model, predictions, loss
 plot, progress and (last) result.json are uploaded; the status then points at the store.
 
 Any failure of the store (unreachable, missing bucket, refused credentials, forbidden upload)
