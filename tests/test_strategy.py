@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import LF_DATA, tiny_spec, write_job
+from conftest import LF_DATA, free_port, tiny_spec, write_job
 from kubetune.cli import app
 from typer.testing import CliRunner
 
@@ -145,10 +145,11 @@ def test_two_nodes_run_zero3_from_the_pods_command(tiny_model, tmp_path):
     args = [str(job) if a.endswith("job.yaml") else str(tmp_path / "pvc") if a == "/mnt/pvc"
             else a for a in pod["args"]]
     assert args[-2:] == ["--strategy", "zero3"]
+    port = free_port()  # both "nodes" meet there
     procs = [subprocess.Popen(
         [sys.executable, "-m", "kubetune_trainer.launch", *args],
         env={**os.environ, "PET_NNODES": "2", "PET_NODE_RANK": str(rank), "RANK": str(rank),
-             "PET_NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571"},
+             "PET_NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
