@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo demo-dpo fuzz test test-fast e2e e2e-local kube crds chart lint bench bench-operator bench-operator-cluster clean
+.PHONY: install demo demo-dpo fuzz test test-fast e2e e2e-local kube crds chart lint bench bench-operator bench-operator-cluster bench-train clean
 
 install: $(STAMP)
 
@@ -98,6 +98,10 @@ bench: install $(BENCH_LF)/bin/llamafactory-cli
 
 bench-operator: install
 	$(BIN)/python bench/operator_scale.py
+
+# Training speed (tokens/s, MFU, peak memory) against TRL's SFTTrainer: a ~1B model on a GPU.
+bench-train: install
+	$(BIN)/python bench/train_speed.py
 
 # The same on a fresh local control plane per run (real API server), 100 and 1,000 jobs.
 bench-operator-cluster: install kube

@@ -93,7 +93,7 @@ def _job(**spec):
          "output.merge needs method.type lora"),
         ({"training": {"batchSizePerDevice": 0}},
          "spec.training.batchSizePerDevice: Input should be greater than or equal to 1"),
-        ({"training": {"evalSteps": 10}}, "training.evalSteps needs training.evalSplit > 0"),
+        ({"training": {"evalSteps": 10}}, "training.evalSteps needs held-out rows to evaluate"),
         ({"resources": {"nodes": 2, "gpusPerNode": 0}}, "resources.nodes > 1 needs"),
         ({"datasets": []}, "spec.datasets: List should have at least 1 item"),
         ({"model": {"source": "ftp://x/y"}}, "spec.model.source: 'ftp://x/y' is not a source"),

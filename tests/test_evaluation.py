@@ -112,7 +112,8 @@ def test_lm_eval_names_an_unknown_task(tiny_model, tmp_path):
 
 
 def test_eval_datasets_are_held_out_as_given(tiny_model, tmp_path):
-    """evalDatasets: eval loss and perplexity on a separate file, none of it trained on."""
+    """evalDatasets: eval loss and perplexity on a separate file, none of it trained on,
+    evaluated every training.evalSteps steps too."""
     rows = json.loads((LF_DATA / "identity.json").read_text())
     (tmp_path / "train.json").write_text(json.dumps(rows[:-6]))
     (tmp_path / "held.json").write_text(json.dumps(rows[-6:]))
@@ -120,10 +121,12 @@ def test_eval_datasets_are_held_out_as_given(tiny_model, tmp_path):
         return {"placeholders": {"name": "Kubey", "author": "Ops"}}
     out = tmp_path / "out"
     spec = tiny_spec(tiny_model, [{"source": "train.json", **ph()}], out,
-                     training={"maxSteps": 2, "saveSteps": 2},
+                     training={"maxSteps": 2, "saveSteps": 2, "evalSteps": 1},
                      evalDatasets=[{"source": "held.json", **ph()}])
     result = run(load_job(write_job(tmp_path / "j.yaml", spec)), RunContext(base_dir=tmp_path),
                  log=lambda *_: None)
     assert result["data"]["eval_rows"] == 6 and result["data"]["rows"] == len(rows) - 6
     assert result["metrics"]["eval_perplexity"] == pytest.approx(
         math.exp(result["metrics"]["eval_loss"]))
+    records = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in records if "eval_loss" in r and "event" not in r} == {1, 2}

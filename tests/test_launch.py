@@ -68,6 +68,7 @@ def test_four_nodes_of_eight_gpus_with_deepspeed(rank):
     assert _flag(cmd, "--main_process_port") == "23456"
     assert _flag(cmd, "--deepspeed_config_file") == str(DEEPSPEED_DIR / "zero3.json")
     assert "--same_network" in cmd
+    assert _flag(cmd, "--deepspeed_multinode_launcher") == "standard"  # not pdsh over ssh
     assert cmd[-3:] == ["job.yaml", "--pvc-root", "/mnt/pvc"]
 
 

@@ -454,3 +454,45 @@ def test_muon_optimizer_state_survives_a_restart(tiny_model, tmp_path, seen):
         id(g) for g in [*opt.muon.param_groups, *opt.adamw.param_groups]}
     muon_params = [p for g in opt.muon.param_groups for p in g["params"]]
     assert all(p.ndim == 2 for p in muon_params) and len(muon_params) == 14  # 7 per layer
+
+
+def test_checkpoint_size_counts_what_spectrum_and_modules_to_save_train(tiny_model, tmp_path,
+                                                                        monkeypatch):
+    """The pre-flight's checkpoint size: all weights plus AdamW's two states for the matrices
+    Spectrum really trains (not a freeze's share of layers); LoRA's adapter plus a whole copy
+    (and its states) of every lora.modulesToSave module, a tied lm_head included."""
+    import math
+
+    from kubetune.api.v1alpha1 import FineTuneJobSpec
+    from kubetune_trainer.model import checkpoint_bytes, weight_shapes
+    from kubetune_trainer.spectrum import apply_spectrum
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path / "cache"))
+    params = sum(math.prod(s) for s in weight_shapes(tiny_model).values())
+    tokenizer = sum(f.stat().st_size for f in tiny_model.glob("tokenizer*"))
+
+    def spec(method: dict) -> FineTuneJobSpec:
+        return FineTuneJobSpec.model_validate({
+            "model": {"source": str(tiny_model)}, "datasets": [{"source": "d.json"}],
+            "output": {"uri": "o"}, "method": method, "training": {"precision": "fp32"}})
+
+    sp = spec({"type": "freeze", "spectrum": {"topFraction": 0.5}})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    apply_spectrum(model, sp, log=lambda *_: None)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert checkpoint_bytes(tiny_model, sp) == params * 4 + trained * 4 * 2 + tokenizer
+    assert checkpoint_bytes(tiny_model, spec({"type": "freeze"})) != \
+        checkpoint_bytes(tiny_model, sp)
+
+    plain = spec({"type": "lora", "lora": {"rank": 8, "targetModules": ["q_proj", "v_proj"]}})
+    saving = spec({"type": "lora", "lora": {"rank": 8, "targetModules": ["q_proj", "v_proj"],
+                                            "modulesToSave": ["embed_tokens", "lm_head"]}})
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(
+        r=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"]))
+    copies = sum(p.numel() for n, p in peft.named_parameters()
+                 if p.requires_grad and "modules_to_save" in n)
+    assert copies > 0
+    assert checkpoint_bytes(tiny_model, saving) - checkpoint_bytes(tiny_model, plain) == \
+        copies * 4 * 3

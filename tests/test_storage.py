@@ -293,3 +293,65 @@ def test_a_full_staging_disk_stops_the_run_and_a_fresh_pod_resumes_from_the_stor
         assert result["resumed_from"].endswith("checkpoint-3") and result["global_step"] == 6
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _two_nodes(job: Path, tmp_path: Path, pods: str) -> list[subprocess.CompletedProcess]:
+    """The job on 2 "nodes": two `kubetune-launch` processes (1 process each, node ranks 0 and
+    1, as a PyTorchJob's Master and Worker pods get them), each with its own scratch disk
+    (KUBETUNE_CACHE: staging is per node)."""
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PET_NNODES": "2", "PET_NODE_RANK": str(rank),
+               "PET_NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "KUBETUNE_CACHE": str(tmp_path / f"{pods}-node{rank}"),
+               "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "kubetune" /
+                                           "torch_extensions")}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "kubetune_trainer.launch", str(job), "--strategy", "zero2"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    done = []
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out))
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("secrets")
+def test_two_nodes_zero2_upload_every_nodes_part_and_resume_from_the_store(tiny_model,
+                                                                         tmp_path, s3):
+    """ZeRO-2 over 2 nodes: each rank writes its optimizer partition into its own node's
+    staging. Both parts reach the store before the marker, and two fresh pods resume from it
+    (each node downloads the whole checkpoint: DeepSpeed loads its own rank's partition)."""
+    uri = f"s3://{BUCKET}/jobs/nodes"
+    spec = tiny_spec(tiny_model, [{"source": str(LF_DATA / "identity.json")}], tmp_path / "x",
+                     method={"type": "full"}, resources={"gpusPerNode": 0, "strategy": "zero2"},
+                     training={"maxSteps": 2, "saveSteps": 2, "batchSizePerDevice": 2,
+                               "precision": "fp32"})
+    spec["output"] = {"uri": uri, "secretRef": {"name": "s3-creds"}}
+    job = write_job(tmp_path / "job.yaml", spec)
+    for run in _two_nodes(job, tmp_path, "first"):
+        assert run.returncode == 0, run.stdout[-3000:]
+    keys = _keys(s3, "jobs/nodes/checkpoints/checkpoint-2/")
+    assert "kubetune-complete.json" in keys
+    parts = sorted(k for k in keys if "optim_states" in k)
+    assert len(parts) == 2 and any("rank_1" in k for k in parts), keys  # node 1's part too
+    staged1 = next((tmp_path / "first-node1").rglob("checkpoint-2"))
+    assert not (staged1 / "kubetune-complete.json").exists()  # only node 0 writes the marker
+    assert any("rank_1" in p.name for p in staged1.rglob("*optim_states*"))
+    assert not any("rank_1" in p.name for p in next(
+        (tmp_path / "first-node0").rglob("checkpoint-2")).rglob("*optim_states*"))
+
+    spec["training"]["maxSteps"] = 4
+    write_job(job, spec)
+    for run in _two_nodes(job, tmp_path, "second"):  # fresh pods: empty scratch disks
+        assert run.returncode == 0, run.stdout[-3000:]
+    result = json.loads(s3["client"].get_object(Bucket=BUCKET, Key="jobs/nodes/result.json")
+                        ["Body"].read())
+    assert result["resumed_from"].endswith("checkpoint-2") and result["global_step"] == 4
+    assert result["world_size"] == 2
+    for rank in (0, 1):  # each node downloaded the whole checkpoint, both partitions
+        got = next((tmp_path / f"second-node{rank}").rglob("checkpoint-2"))
+        assert len(list(got.rglob("*optim_states*"))) == 2
+    assert "checkpoint-4/kubetune-complete.json" in _keys(s3, "jobs/nodes/checkpoints/")

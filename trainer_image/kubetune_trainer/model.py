@@ -351,6 +351,9 @@ def checkpoint_bytes(model_path: Path, spec: FineTuneJobSpec) -> int | None:
     kind = spec.method.type
     if kind == "full":
         return params * width * (1 + ADAM_STATES) + tokenizer
+    if kind == "freeze" and spec.method.spectrum is not None:
+        return params * width + _spectrum_params(shapes, spec.method.spectrum.top_fraction) \
+            * width * ADAM_STATES + tokenizer
     if kind == "freeze":
         layers = max(1, int(_config(model_path).get("num_hidden_layers") or 1))
         share = min(1.0, abs(spec.method.freeze_or_default().trainable_layers) / layers)
@@ -369,7 +372,43 @@ def checkpoint_bytes(model_path: Path, spec: FineTuneJobSpec) -> int | None:
             hit = module in targets
         if hit:
             adapter += lo.rank * (shape[0] + shape[1])
-    return adapter * 4 * (1 + ADAM_STATES) + tokenizer
+    saved = _modules_params(shapes, lo.modules_to_save, _config(model_path))
+    return adapter * 4 * (1 + ADAM_STATES) + saved * width * (1 + ADAM_STATES) + tokenizer
+
+
+def _spectrum_params(shapes: dict[str, list[int]], top_fraction: float) -> int:
+    """Parameters Spectrum trains: of each module type's decoder-layer weight matrices the
+    top fraction (at least one, as ``spectrum.select`` picks), counted at the largest."""
+    import math
+
+    from kubetune_trainer.spectrum import _LAYER
+
+    by_type: dict[str, list[int]] = {}
+    for name, shape in shapes.items():
+        m = _LAYER.match(name)
+        if m is not None and len(shape) == 2:
+            by_type.setdefault(m["module"], []).append(math.prod(shape))
+    return sum(sum(sorted(sizes, reverse=True)[:max(1, round(top_fraction * len(sizes)))])
+               for sizes in by_type.values())
+
+
+def _modules_params(shapes: dict[str, list[int]], modules: list[str],
+                    config: dict[str, Any]) -> int:
+    """Parameters of lora.modulesToSave: PEFT trains and saves a whole copy of each module
+    whose name ends with one of them (a tied lm_head: a copy of the embeddings' size)."""
+    import math
+
+    total, found = 0, set()
+    for name, shape in shapes.items():
+        module = name.rsplit(".", 1)[0]
+        for target in modules:
+            if module == target or module.endswith(f".{target}"):
+                total += math.prod(shape)
+                found.add(target)
+    if "lm_head" in modules and "lm_head" not in found and config.get("tie_word_embeddings",
+                                                                      True):
+        total += sum(math.prod(s) for n, s in shapes.items() if n.endswith("embed_tokens.weight"))
+    return total
 
 
 def _config(model_path: Path) -> dict[str, Any]:

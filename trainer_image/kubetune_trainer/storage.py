@@ -4,9 +4,12 @@ complete, resumed from the store.
 The run writes under a local staging directory exactly as it writes a local output (every
 guarantee of ``outputs`` holds there). Each checkpoint is uploaded once its complete marker is
 written, the marker last, so a checkpoint in the store without its marker is never resumed
-from; checkpoints that training.saveTotalLimit rotated away are removed from the store too. A
-restarted run (a fresh pod: empty staging) downloads the newest complete checkpoint from the
-store and resumes from it. At the end the adapter / merged model / model, predictions, loss
+from; checkpoints that training.saveTotalLimit rotated away are removed from the store too.
+On several nodes each node stages the files its own ranks write (DeepSpeed's optimizer
+partitions, RNG states): every node's local main process uploads its node's part, all
+processes wait, then global rank 0 uploads the marker. A restarted run (fresh pods: empty
+staging) downloads the newest complete checkpoint from the store on every node and resumes
+from it. At the end the adapter / merged model / model, predictions, loss
 plot, progress and (last) result.json are uploaded; the status then points at the store.
 
 Any failure of the store (unreachable, missing bucket, refused credentials, forbidden upload)
@@ -233,16 +236,30 @@ class Store:
 
     # ----------------------------------------------------------------- during the run
 
-    def upload_checkpoint(self, out: Any, step: int) -> None:
-        """The checkpoint just marked complete, then progress.jsonl; checkpoints no longer
-        kept locally (saveTotalLimit) are removed from the store."""
+    def upload_node_part(self, out: Any, step: int) -> None:
+        """This node's files of checkpoint ``step``, all but the complete marker. On several
+        nodes each stages its own part (DeepSpeed's per-rank optimizer partitions, RNG
+        states); every node's local main process uploads its part."""
+        from kubetune_trainer.progress import COMPLETE_MARKER
+
+        ckpt = out.checkpoints / f"checkpoint-{step}"
+        if not ckpt.is_dir():
+            return
+        for p in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+            if p.name != COMPLETE_MARKER:
+                self.put_file(p, f"{CHECKPOINTS}/{ckpt.name}/{p.relative_to(ckpt).as_posix()}")
+
+    def commit_checkpoint(self, out: Any, step: int) -> None:
+        """Global rank 0, once every node's part is in the store: the complete marker (when
+        the checkpoint was marked), then progress.jsonl; checkpoints no longer kept locally
+        (saveTotalLimit) are removed from the store."""
         from kubetune_trainer.progress import COMPLETE_MARKER
 
         name = f"checkpoint-{step}"
-        ckpt = out.checkpoints / name
-        if not (ckpt / COMPLETE_MARKER).exists():
+        marker = out.checkpoints / name / COMPLETE_MARKER
+        if not marker.exists():
             return
-        self.put_dir(ckpt, f"{CHECKPOINTS}/{name}", last=COMPLETE_MARKER)
+        self.put_file(marker, f"{CHECKPOINTS}/{name}/{COMPLETE_MARKER}")
         for extra in (out.progress, out.root / RUNS_FILE):
             if extra.exists():
                 self.put_file(extra, extra.name)
@@ -250,6 +267,11 @@ class Store:
         for old_step, old in self.checkpoints():
             if old not in kept and old_step < step:
                 self.remove(f"{CHECKPOINTS}/{old}")
+
+    def upload_checkpoint(self, out: Any, step: int) -> None:
+        """One process alone: the checkpoint's files, the marker last."""
+        self.upload_node_part(out, step)
+        self.commit_checkpoint(out, step)
 
     def upload_outputs(self, out: Any, names: list[str]) -> dict[str, str]:
         """Upload the named entries of the staging directory (directories whole), result.json
@@ -269,17 +291,57 @@ class Store:
 
 def uploader(store: Store, out: Any) -> Any:
     """A callback (after CheckpointMarker) that uploads each checkpoint once it is marked
-    complete (rank 0; the other ranks go on)."""
+    complete: every node's local main process uploads what its node staged, all processes
+    wait, then global rank 0 uploads the marker last. A failure on any node stops every
+    process with that node's message (none is left waiting at a barrier)."""
     from transformers import TrainerCallback
 
     from kubetune_trainer.progress import rank_zero
 
     class Uploader(TrainerCallback):
         def on_save(self, args, state, control, **_: Any) -> None:
-            if rank_zero():
-                store.upload_checkpoint(out, state.global_step)
+            from accelerate import PartialState
+
+            ps = PartialState()
+            step = state.global_step
+            _together(ps, ps.is_local_main_process, store.upload_node_part, out, step)
+            _together(ps, rank_zero(), store.commit_checkpoint, out, step)
+            if ps.is_local_main_process and not rank_zero():
+                # transformers rotates (saveTotalLimit) on rank 0's node only: drop here what
+                # the store no longer keeps.
+                prune_to(out, {name for _, name in store.checkpoints()}, step)
 
     return Uploader()
+
+
+def _together(ps: Any, mine: bool, fn: Any, *args: Any) -> None:
+    """``fn`` where ``mine``; then every process learns whether it failed anywhere and raises
+    the first failure (its message and field)."""
+    failure = own = None
+    if mine:
+        try:
+            fn(*args)
+        except KubetuneError as err:
+            failure, own = (err.message, err.field), err
+    if ps.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failures = [f for f in gather_object([failure]) if f is not None]
+    else:
+        failures = [failure] if failure else []
+    if own is not None:
+        raise own
+    if failures:
+        message, field = failures[0]
+        raise OutputError(message, field=field)
+
+
+def prune_to(out: Any, stored: set[str], step: int) -> None:
+    """Remove this node's staged checkpoints older than ``step`` that are not in ``stored``."""
+    for ckpt in out.checkpoints.glob("checkpoint-*"):
+        old = ckpt.name.removeprefix("checkpoint-")
+        if old.isdigit() and int(old) < step and ckpt.name not in stored:
+            shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def source_error(exc: BaseException, shown: str, *, field: str,

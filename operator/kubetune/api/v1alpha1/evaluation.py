@@ -56,6 +56,14 @@ class EvaluationSpec(_Spec):
 
 _EVALUATION_SPEC_RULES = (
     Rule(
+        cel="!has(self.training) || !has(self.training.evalSteps) || has(self.evalDatasets) "
+        "|| (has(self.training.evalSplit) && self.training.evalSplit > 0.0)",
+        message="training.evalSteps needs held-out rows to evaluate: training.evalSplit > 0 "
+        "or evalDatasets",
+        check=lambda s: s.training.eval_steps is None or s.eval_datasets is not None
+        or s.training.eval_split > 0,
+    ),
+    Rule(
         cel="!has(self.evaluation) || !has(self.evaluation.predict) || "
         "!self.evaluation.predict || (((has(self.training) && has(self.training.evalSplit) && "
         "self.training.evalSplit > 0.0) || has(self.evalDatasets)) && "

@@ -144,11 +144,6 @@ class BoostersSpec(_Spec):
 PACKED_CUTOFF_MAX = 131072
 _TRAINING_RULES = (
     Rule(
-        cel="!has(self.evalSteps) || (has(self.evalSplit) && self.evalSplit > 0.0)",
-        message="training.evalSteps needs training.evalSplit > 0 (there is nothing to evaluate)",
-        check=lambda t: t.eval_steps is None or t.eval_split > 0,
-    ),
-    Rule(
         cel="!has(self.packing) || !self.packing || !has(self.cutoffLen) "
         f"|| self.cutoffLen <= {PACKED_CUTOFF_MAX}",
         message=f"training.cutoffLen with packing is at most {PACKED_CUTOFF_MAX} tokens (every "
@@ -235,7 +230,8 @@ class TrainingSpec(_Spec):
         float, Field(ge=0, lt=1, description="Fraction of rows held out for evaluation.")
     ] = 0.0
     eval_steps: Annotated[int | None, Field(ge=1, le=10**9, description="Evaluate every N "
-                                            "steps (default: saveSteps); needs evalSplit.")] = None
+                                            "steps (default: saveSteps); needs evalSplit or "
+                                            "evalDatasets.")] = None
     save_steps: Annotated[int, Field(ge=1, le=10**9,
                                      description="Checkpoint every N steps.")] = 100
     save_total_limit: Annotated[
