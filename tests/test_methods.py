@@ -360,16 +360,16 @@ def test_attention_auto_is_sdpa_on_cpu(tiny_model, tmp_path):
     assert load_model(tiny_model, spec).config._attn_implementation == "sdpa"
 
 
-@pytest.mark.slow  # inductor's first compile on CPU: minutes (seconds once cached)
-def test_torch_compile_trains(tiny_model, tmp_path, seen):
-    import torch._dynamo
+def test_torch_compile_reaches_the_training_arguments(tiny_model, tmp_path):
+    """The flag reaches transformers (which compiles the model as it prepares it). Compiling
+    for real is tests/gpu's: inductor's first compile of even the tiny model takes minutes
+    on 2 CPU cores."""
+    from kubetune.api.v1alpha1 import FineTuneJobSpec
+    from kubetune_trainer.model import booster_args
 
-    torch._dynamo.utils.counters.clear()
-    result = _run(tmp_path, _spec(tiny_model, tmp_path / "out",
-                                  training={"boosters": {"torchCompile": True}}))
-    _trained_steps(result)
-    assert seen.trainer.args.torch_compile
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo compiled
+    spec = FineTuneJobSpec.model_validate(_spec(tiny_model, tmp_path / "out",
+                                                training={"boosters": {"torchCompile": True}}))
+    assert booster_args(spec)["torch_compile"] is True
 
 
 # ------------------------------------------------------------------------------ refusals

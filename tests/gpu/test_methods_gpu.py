@@ -1,5 +1,6 @@
 """Method options that only run on a CUDA GPU (skipped elsewhere, with the reason):
-flash-attention 2, Liger kernels, LoftQ initialisation, AdaLomo and TRL's activation offload.
+flash-attention 2, Liger kernels, LoftQ initialisation, AdaLomo, TRL's activation offload, and
+torch.compile (possible on CPU, but inductor's first compile takes minutes there).
 
     pytest -m gpu tests/gpu/test_methods_gpu.py
 """
@@ -84,3 +85,14 @@ def test_activation_offload_trains(tiny_model, tmp_path, seen):
     _run(tiny_model, tmp_path, training={"gradientCheckpointing": True,
                                          "boosters": {"activationOffload": True}})
     assert seen["trainer"].args.activation_offloading
+
+
+def test_torch_compile_trains(tiny_model, tmp_path, seen):
+    """training.boosters.torchCompile: dynamo compiles the model and it trains."""
+    import torch._dynamo
+
+    torch._dynamo.utils.counters.clear()
+    _run(tiny_model, tmp_path, training={"precision": "bf16",
+                                         "boosters": {"torchCompile": True}})
+    assert seen["trainer"].args.torch_compile
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
