@@ -74,6 +74,16 @@ _EVALUATION_SPEC_RULES = (
             (s.training.eval_split > 0 or s.eval_datasets is not None) and s.stage == "sft"),
     ),
     Rule(
+        cel="!has(self.evaluation) || !has(self.evaluation.predict) || "
+        "!self.evaluation.predict || !has(self.resources) || !has(self.resources.strategy) || "
+        "!(self.resources.strategy in ['zero3', 'zero3-offload', 'fsdp2'])",
+        message="evaluation.predict generates on one process from the whole model: not with "
+        "resources.strategy zero3, zero3-offload or fsdp2, which shard the weights (use "
+        "evaluation.lmEval, or predict from a separate job)",
+        check=lambda s: s.evaluation is None or not s.evaluation.predict
+        or s.resources.strategy not in ("zero3", "zero3-offload", "fsdp2"),
+    ),
+    Rule(
         cel="!has(self.evalDatasets) || !has(self.training) || !has(self.training.evalSplit) "
         "|| self.training.evalSplit == 0.0",
         message="evalDatasets and training.evalSplit are two ways to hold rows out for "
