@@ -401,3 +401,12 @@ def test_the_strategy_reaches_the_launcher_on_every_node(strategy, pytorchjob_sc
         assert c["command"] == ["kubetune-launch"]
         assert c["args"] == ["/etc/kubetune/job.yaml", "--pvc-root", "/mnt/pvc"] + (
             [] if strategy == "ddp" else ["--strategy", strategy])
+
+
+def test_the_spec_hash_ignores_defaults_and_sees_changes():
+    """A field written out at its default (as a newer API version adds one) is no change to a
+    job in flight; a real change is."""
+    plain = builders.spec_hash(_job())
+    assert builders.spec_hash(_job(resources={"strategy": "ddp"},
+                                   training={"learningRate": None})) == plain
+    assert builders.spec_hash(_job(resources={"strategy": "zero3"})) != plain

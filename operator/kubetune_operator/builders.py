@@ -43,8 +43,10 @@ def config_name(job: FineTuneJob) -> str:
 
 def spec_hash(job: FineTuneJob) -> str:
     """What the training children were rendered from (suspend aside: it is applied in place;
-    serve aside: it makes other objects, after the run)."""
-    spec = job.spec.model_dump(mode="json", by_alias=True, exclude={"suspend", "serve"})
+    serve aside: it makes other objects, after the run). Defaults are left out, so that a
+    field a newer operator adds with a default does not read as a change to jobs in flight."""
+    spec = job.spec.model_dump(mode="json", by_alias=True, exclude={"suspend", "serve"},
+                               exclude_defaults=True)
     raw = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
