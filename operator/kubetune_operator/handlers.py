@@ -104,13 +104,19 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
     merged: dict[tuple[str, str], tuple[Any, Any]] = memo.setdefault("progress_merged", {})
 
     async def patch(ns: str, name: str, snap: dict[str, Any]) -> None:
+        key, extras = (ns, name), (snap.get("checkpoints"), snap.get("outputs"))
+        if merged.get(key) == extras:  # progress only: one patch on the event loop
+            fields = progress_fields(snap)
+            if fields:
+                try:
+                    await kube.patch_status_async(ns, name, {"progress": fields})
+                except Exception:
+                    metrics.STATUS_PATCHES.labels("error").inc()
+                    raise
+                metrics.STATUS_PATCHES.labels("ok").inc()
+            return
+
         def write() -> bool:
-            key, extras = (ns, name), (snap.get("checkpoints"), snap.get("outputs"))
-            if merged.get(key) == extras:
-                fields = progress_fields(snap)
-                if fields:
-                    kube.patch_status(ns, name, {"progress": fields})
-                return bool(fields)
             # New checkpoints or outputs: in turn with converges, and merged with the status
             # as it is now (another replica may have written newer progress or checkpoints).
             with memo.locks.setdefault(key, threading.Lock()):
@@ -163,6 +169,8 @@ async def stop_progress_server(memo: kopf.Memo, **_: Any) -> None:
         memo.flusher_task.cancel()
     if memo.get("progress_runner"):
         await memo.progress_runner.cleanup()
+    if memo.get("kube") is not None and hasattr(memo.kube, "close_async"):
+        await memo.kube.close_async()
 
 
 def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
