@@ -90,14 +90,15 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
         return
     loop = asyncio.get_running_loop()
     kube: rc.Kube = memo.kube
-    # Progress writes get threads of their own (asyncio's default pool has cpu + 4): a
-    # thousand jobs reporting every 5 s need ~200 patches/s, each waiting on the API server.
+    # Token reviews, pod reads and progress-only patches run on the event loop; the rarer
+    # merge of new checkpoints and outputs (a read, then a patch, under the job's lock) gets
+    # threads of its own (asyncio's default pool has cpu + 4).
     from concurrent.futures import ThreadPoolExecutor
 
-    writers = ThreadPoolExecutor(max_workers=32, thread_name_prefix="progress")
+    writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="progress")
 
     async def review(token: str, audience: str) -> dict[str, Any]:
-        return await loop.run_in_executor(writers, kube.token_review, token, audience)
+        return await kube.token_review_async(token, audience)
 
     # What each job's last flush wrote of checkpoints and outputs: while they stay the same,
     # a flush only replaces status.progress (one merge patch, no read first).
@@ -140,7 +141,7 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
 
     store: ProgressStore = memo.store
     async def pod_lookup(ns: str, pod: str) -> dict[str, Any] | None:
-        return await loop.run_in_executor(writers, kube.pod, ns, pod)
+        return await kube.pod_async(ns, pod)
 
     app = make_app(store, TokenChecker(review), pod_lookup=pod_lookup, backend=memo.backend)
     from aiohttp import web

@@ -74,9 +74,9 @@ class Kube:
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
-        self.auth = client.AuthenticationV1Api(api_client)
         self._exc = client.exceptions.ApiException
         self._conf = api_client.configuration
+        self._agent = api_client.user_agent  # the same on both paths (audit logs, tests)
         self._session: Any = None  # aiohttp, for the progress hot path (patch_status_async)
 
     def _missing(self, err: Exception) -> bool:
@@ -177,15 +177,6 @@ class Kube:
         return [p for p in items if (p.get("metadata", {}).get("labels") or {}).get(
             JOB_LABEL) == job]
 
-    def pod(self, ns: str, name: str) -> dict[str, Any] | None:
-        try:
-            resp = self.core.read_namespaced_pod(name, ns, _preload_content=False)
-        except self._exc as err:
-            if self._missing(err):
-                return None
-            raise
-        return json.loads(resp.data)
-
     def patch_status(self, ns: str, name: str, status: dict[str, Any],
                      resource_version: str | None = None) -> None:
         """Merge-patch the status; with ``resource_version`` only if the job has not changed
@@ -200,20 +191,47 @@ class Kube:
         """The same merge patch on the event loop, with the same credentials: the progress
         flusher's hot path (hundreds a second at a thousand jobs; one thread per request, as
         the synchronous client needs, does not keep up). Raises ``ApiError`` with the status."""
+        await self._request_async(
+            "PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{name}/status",
+            {"status": status}, content_type="application/merge-patch+json")
+
+    async def token_review_async(self, token: str, audience: str) -> dict[str, Any]:
+        """``token_review`` on the event loop (a thousand pods' first reports at once)."""
+        return await self._request_async("POST", "/apis/authentication.k8s.io/v1/tokenreviews", {
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "metadata": {"name": f"kubetune-{uuid.uuid4().hex[:16]}"},
+            "spec": {"token": token, "audiences": [audience]}}) or {}
+
+    async def pod_async(self, ns: str, name: str) -> dict[str, Any] | None:
+        """``pod`` on the event loop; None when there is no such pod."""
+        try:
+            return await self._request_async("GET", f"/api/v1/namespaces/{ns}/pods/{name}")
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    async def _request_async(self, method: str, path: str, body: Any = None, *,
+                             content_type: str = "application/json") -> Any:
+        """One API call on the event loop (the API server's own field names, no client
+        models). The review's name is ignored by the API server; a unique one keeps emulators
+        that store every create (kmock) from refusing the second review."""
         import aiohttp
 
         session = await self._async_session()
-        url = (f"{self._conf.host}/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{name}"
-               "/status")
-        headers = {"Content-Type": "application/merge-patch+json"}
-        token = self._conf.get_api_key_with_prefix("authorization")  # refreshes a rotated one
-        if token:
-            headers["Authorization"] = token
+        headers = {"Content-Type": content_type, "Accept": "application/json",
+                   "User-Agent": self._agent}
+        # The client's own auth settings (a bearer token, refreshed when it rotates): the same
+        # credentials as every synchronous call.
+        for auth in self._conf.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
         try:
-            async with session.patch(url, json={"status": status}, headers=headers) as resp:
+            async with session.request(method, self._conf.host + path, json=body,
+                                       headers=headers) as resp:
                 if resp.status >= 300:
                     raise ApiError(resp.status, (await resp.text())[:500])
-                await resp.read()
+                return await resp.json(content_type=None)
         except aiohttp.ClientError as err:
             raise ApiError(0, str(err)) from err
 
@@ -252,16 +270,6 @@ class Kube:
             if self._missing(err):
                 return None
             raise
-
-    def token_review(self, token: str, audience: str) -> dict[str, Any]:
-        from kubernetes import client
-
-        # The API server ignores a review's name; a unique one keeps API emulators that store
-        # every create (kmock) from refusing the second review as a duplicate.
-        review = client.V1TokenReview(
-            metadata=client.V1ObjectMeta(name=f"kubetune-{uuid.uuid4().hex[:16]}"),
-            spec=client.V1TokenReviewSpec(token=token, audiences=[audience]))
-        return self.auth.create_token_review(review).to_dict()
 
 
 def _plural(kind: str) -> str:
