@@ -13,7 +13,9 @@ PyTorchJob, one status patch; bench/loop_peer.py). Printed per operator:
 - peak RSS with all jobs live;
 - kubetune only: every job reports progress every --report-every seconds (as pods do, with
   pod-bound tokens on a real server) → the step seen in the status, p50/p99;
-- API requests per second by verb (real server only; the driver's own calls taken out);
+- API requests by verb and resource (real server only; the driver's own calls taken out):
+  per job for the burst and steady phases, per second while jobs report progress;
+- the operator's CPU time per job in the burst;
 - ratios of kubetune to each peer.
 The driver and the server share the machine's cores with the operator: compare ratios.
 """
@@ -82,6 +84,15 @@ def _rss_mib(pid: int) -> float:
     except FileNotFoundError:
         pass
     return float("nan")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -353,13 +364,16 @@ async def _created_times(backend, applied: dict[str, float], expected: int,
     return created
 
 
-async def _burst(driver: Driver, n: int) -> list[float]:
+async def _burst(driver: Driver, n: int) -> tuple[list[float], float]:
+    """The latencies, and how long applying the burst took."""
     applied: dict[str, float] = {}
     seen = asyncio.create_task(_created_times(driver.backend, applied, n, 60 + n * 0.2))
+    t0 = time.monotonic()
     for i in range(n):
         applied[f"job-{i:05d}"] = time.monotonic()
         await driver.apply(i)
-    return list((await seen).values())
+    took = time.monotonic() - t0
+    return list((await seen).values()), took
 
 
 async def _steady(driver: Driver, first: int, rate: float, seconds: float) -> list[float]:
@@ -385,7 +399,8 @@ async def _progress(driver: Driver, n: int, every: float, seconds: float, port: 
     for i in range(n):
         name = f"job-{i:05d}"
         tokens[name] = await backend.progress_token(http, name)
-        driver.count("GET pytorchjobs"), driver.count("POST pods")
+        # (kube-apiserver 1.20 counts a GET of a custom resource as LIST: so does the driver)
+        driver.count("LIST pytorchjobs"), driver.count("POST pods")
     lags: list[float] = []
     sent: list[tuple[str, int, float]] = []
 
@@ -429,6 +444,8 @@ async def _progress(driver: Driver, n: int, every: float, seconds: float, port: 
 
 def _rates(before: dict[str, float] | None, after: dict[str, float] | None,
            driver: dict[str, int], seconds: float) -> dict[str, float]:
+    """Requests by verb and resource, less the driver's own, divided by ``seconds`` (or by
+    any other count)."""
     if before is None or after is None:
         return {}
     return {verb: (after[verb] - before.get(verb, 0) - driver.get(verb, 0)) / seconds
@@ -464,11 +481,17 @@ async def run_one(which: str, n: int, args, backend_cls, template: Path) -> dict
                              "--pid", str(proc.pid), "-o", str(args.profile / f"{which}-{n}.txt")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     before, t0 = await backend.request_counts(), time.monotonic()
-                    burst = await _burst(driver, n)
+                    cpu0 = _cpu_seconds(proc.pid)
+                    burst, applying = await _burst(driver, n)
+                    # The operator's CPU for the burst: wait until it is done with it.
+                    await asyncio.sleep(1.0)
+                    result.update(cpu_ms=(_cpu_seconds(proc.pid) - cpu0) * 1000 / n,
+                                  apply_rate=n / applying)
                     steady = (await _steady(driver, n, args.rate, args.steady_seconds)
                               if args.steady_seconds else [])
+                    # Per job created (burst and steady): requests are what each job costs.
                     result["writes"] = _rates(before, await backend.request_counts(),
-                                              driver.calls, time.monotonic() - t0)
+                                              driver.calls, n + len(steady))
                     result.update(created=len(burst), p50=_pct(burst, 0.5),
                                   p99=_pct(burst, 0.99), steady_p99=_pct(steady, 0.99),
                                   steady_n=len(steady), rss=_rss_mib(proc.pid))
@@ -482,7 +505,8 @@ async def run_one(which: str, n: int, args, backend_cls, template: Path) -> dict
                             time.monotonic() - t0)
                         result.update(lag_p50=_pct(lags, 0.5), lag_p99=_pct(lags, 0.99),
                                       lag_max=max(lags, default=float("nan")),
-                                      reports=len(lags))
+                                      reports=sum(lag != float("inf") for lag in lags),
+                                      sent=len(lags))
                     result["rss"] = _rss_mib(proc.pid)
             finally:
                 if profiler is not None:
@@ -528,7 +552,8 @@ def main() -> None:
           f"{args.rate:g}/s for {args.steady_seconds:g} s after the burst; lag: progress "
           f"report → status, every job reporting every {args.report_every:g} s")
     print(f"{'operator':9} {'jobs':>5} {'created':>8} {'p50 s':>7} {'p99 s':>7} "
-          f"{'steady p99 s':>13} {'lag p50 s':>10} {'lag p99 s':>10} {'RSS MiB':>8}")
+          f"{'steady p99 s':>13} {'lag p50 s':>10} {'lag p99 s':>10} {'RSS MiB':>8} "
+          f"{'CPU ms/job':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         template = _template(Path(tmp) / "children.yaml")
         for n in args.jobs:
@@ -539,18 +564,25 @@ def main() -> None:
                 print(f"{which:9} {n:5d} {r['created']:8d} {_fmt(r['p50']):>7} "
                       f"{_fmt(r['p99']):>7} {_fmt(r['steady_p99']):>13} "
                       f"{_fmt(r.get('lag_p50')):>10} {_fmt(r.get('lag_p99')):>10} "
-                      f"{r['rss']:8.0f}", flush=True)
-                for key in ("writes", "progress_writes"):
+                      f"{r['rss']:8.0f} {_fmt(r.get('cpu_ms')):>11}", flush=True)
+                print(f"  {which}: burst applied at {r['apply_rate']:.0f} jobs/s"
+                      + (f"; progress reports seen {r['reports']}/{r['sent']}, lag max "
+                         f"{_fmt(r['lag_max'])} s" if "reports" in r else ""))
+                for key, what in (("writes", "API requests per job (burst + steady)"),
+                                  ("progress_writes", "API requests/s (progress)")):
                     if r.get(key):
-                        phase = key.replace("_", " ")
-                        print(f"  {which} API requests/s ({phase}): "
-                              + ", ".join(f"{v} {x:.1f}" for v, x in r[key].items()))
+                        print(f"  {which} {what}: "
+                              + ", ".join(f"{v} {x:.2f}" for v, x in r[key].items()))
             k = rows.get("kubetune")
             for peer in ("kopf", "loop"):
                 b = rows.get(peer)
                 if k and b:
                     print(f"  ratio kubetune/{peer} at {n}: p50 {k['p50'] / b['p50']:.2f}x, "
-                          f"p99 {k['p99'] / b['p99']:.2f}x, RSS {k['rss'] / b['rss']:.2f}x")
+                          f"p99 {k['p99'] / b['p99']:.2f}x, RSS {k['rss'] / b['rss']:.2f}x, "
+                          f"CPU/job {k['cpu_ms'] / b['cpu_ms']:.2f}x")
+    if args.cluster:
+        print("(kube-apiserver 1.20 counts a GET of one custom resource as LIST: 'LIST "
+              "finetunejobs' are reads of single jobs; the watches are WATCH)")
 
 
 if __name__ == "__main__":

@@ -362,6 +362,54 @@ async def test_a_spec_change_in_flight_is_reported_not_silently_ignored(cluster,
         for c in _status(cluster)["conditions"])))
 
 
+def _requests_for(cluster, name, agent=OPERATOR_AGENT):
+    """(method, path) of the operator's requests about the FineTuneJob ``name``."""
+    return [(req.method.value, req.url.path) for req in list(cluster)
+            if req.headers.get("User-Agent", "").startswith(agent)
+            and f"/finetunejobs/{name}" in req.url.path]
+
+
+async def test_a_new_job_costs_its_creates_and_one_status_write(cluster, operator):
+    """At a thousand jobs every request counts: a new job is converged from the watch
+    event's body (no read first), and kopf keeps no state in annotations (no patch of the
+    job, no last-handled-configuration copy of its spec)."""
+    await operator.create(_job())
+    await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+    await asyncio.sleep(0.5)  # anything that would follow the status write
+    ours = _requests_for(cluster, "ident") + _requests_for(cluster, "ident", agent="kopf/")
+    assert ours == [("PATCH", f"/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs/"
+                              "ident/status")], ours
+    annotations = cluster.objects[FTJ, NS, "ident"]["metadata"].get("annotations") or {}
+    assert not [a for a in annotations if a.startswith("kubetune.io/")], annotations
+    assert not cluster.objects[FTJ, NS, "ident"]["metadata"].get("finalizers")
+
+
+async def test_a_failed_create_is_retried(cluster, operator, monkeypatch):
+    monkeypatch.setattr(kubetune_operator.handlers, "RETRY_SECONDS", 0.5)
+    cluster[f"post /apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs"][:1] << 500
+    await operator.create(_job())
+    child = await eventually(lambda: cluster.objects[PTJ, NS, "ident"], timeout=10)
+    assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-ident"
+    await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+    assert len(_children(cluster, PTJ)) == 1 and len(_children(cluster, CM)) == 1
+
+
+async def test_a_job_deleted_and_made_again_gets_new_children(cluster, operator):
+    await operator.create(_job())
+    await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+    await asyncio.to_thread(operator.custom.delete_namespaced_custom_object, "kubetune.io",
+                            "v1alpha1", NS, "finetunejobs", "ident")
+    await eventually(lambda: _assert((FTJ, NS, "ident") not in cluster.objects))
+    for kind, name in ((PTJ, "ident"), (CM, "ident-config")):  # the garbage collector's part
+        del cluster.objects[kind, NS, name]
+    again = _job()
+    again["metadata"]["uid"] = "uid-ident-2"  # the same name and spec, a new object
+    await operator.create(again)
+    child = await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+    assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-ident-2"
+    await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+
+
 async def test_restart_midway_never_duplicates(cluster, operator):
     # A crash after the ConfigMap and before the PyTorchJob: the ConfigMap is already there.
     from kubetune.jobfile import parse_job

@@ -10,6 +10,9 @@ operator watches its own backend's kind only (kopf has no public way to drop a h
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -53,13 +56,27 @@ def api_client() -> Any:
     return client.ApiClient(conf)
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf's last-handled state, for operators with no create/update/resume handlers (ours:
+    event handlers only). kopf builds it on every event all the same, a deep copy of the
+    body each time; here nothing is copied, kept or written."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return {}
+
+    def fetch(self, *, body: kopf.Body) -> None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        pass
+
+
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Our own names for kopf's bookkeeping (annotations, not status: the status is typed).
     settings.persistence.finalizer = "kubetune.io/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = logging.INFO
     # The one read of the environment (tests hand in their own OperatorConfig).
     try:
@@ -67,6 +84,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     except ValueError as bad:  # a setting the chart or a person got wrong: retrying cannot help
         raise kopf.PermanentError(str(bad)) from bad
     settings.execution.max_workers = config.workers
+    # A per-object worker holds the last event's body while it idles (5 s by default): at a
+    # thousand jobs reporting progress, a thousand bodies. Idle workers go after 0.5 s.
+    settings.queueing.idle_timeout = 0.5
     # Watching exact namespaces (the chart's watchNamespaces): no cluster-wide namespace and CRD
     # scanning, so the operator needs no cluster-scope read of namespaces.
     settings.scanning.disabled = not config.scanning
@@ -75,6 +95,17 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.setdefault("store", ProgressStore())
     memo.setdefault("active", set())
     memo.setdefault("locks", {})  # (namespace, name) -> the lock of its converge
+    # (namespace, name) -> the version of the spec last converged by this process: an event
+    # whose spec matches needs nothing (our own status writes, progress); a new or changed
+    # spec, or one this process has not seen since it started, is converged.
+    memo.setdefault("converged", {})
+    memo.setdefault("dependents", {})  # (namespace, job) -> the jobs that start from it
+    memo.setdefault("upstreams", {})  # (namespace, job) -> the jobs it starts from
+    if memo.get("executor") is None:  # converges that read first run in threads of their own
+        from concurrent.futures import ThreadPoolExecutor
+
+        memo.executor = ThreadPoolExecutor(max_workers=config.workers,
+                                           thread_name_prefix="converge")
     memo.backend = backend_named(config.backend)
     if config.metrics_port and not memo.get("metrics_started"):
         metrics.serve(config.metrics_port)
@@ -90,9 +121,9 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
         return
     loop = asyncio.get_running_loop()
     kube: rc.Kube = memo.kube
-    # Token reviews, pod reads and progress-only patches run on the event loop; the rarer
-    # merge of new checkpoints and outputs (a read, then a patch, under the job's lock) gets
-    # threads of its own (asyncio's default pool has cpu + 4).
+    # Token reviews, pod reads and status patches run on the event loop; a merge of new
+    # checkpoints and outputs (a read, then a patch, under the job's lock) waits for a
+    # converge holding that lock in threads of its own (asyncio's default pool has cpu + 4).
     from concurrent.futures import ThreadPoolExecutor
 
     writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="progress")
@@ -117,22 +148,38 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
                 metrics.STATUS_PATCHES.labels("ok").inc()
             return
 
+        def merge(job: dict[str, Any] | None) -> dict[str, Any]:
+            if job is None:
+                raise Gone(ns, name)
+            keep = ((job.get("spec") or {}).get("training") or {}).get("saveTotalLimit")
+            return progress_patch(snap, job.get("status") or {}, keep)
+
         def write() -> bool:
             # New checkpoints or outputs: in turn with converges, and merged with the status
             # as it is now (another replica may have written newer progress or checkpoints).
             with memo.locks.setdefault(key, threading.Lock()):
                 job = kube.get_finetunejob(ns, name)
-                if job is None:
-                    raise Gone(ns, name)
-                keep = ((job.get("spec") or {}).get("training") or {}).get("saveTotalLimit")
-                status = progress_patch(snap, job.get("status") or {}, keep)
+                status = merge(job)
                 if status:  # a conflict (409) leaves the report dirty for the next round
                     kube.patch_status(ns, name, status, job["metadata"].get("resourceVersion"))
                 merged[key] = extras
                 return bool(status)
 
+        lock = memo.locks.setdefault(key, threading.Lock())
         try:
-            wrote = await loop.run_in_executor(writers, write)
+            if lock.acquire(blocking=False):  # the same on the event loop, the job's lock free
+                try:
+                    job = await kube.get_finetunejob_async(ns, name)
+                    status = merge(job)
+                    if status:
+                        await kube.patch_status_async(
+                            ns, name, status, job["metadata"].get("resourceVersion"))
+                    merged[key] = extras
+                    wrote = bool(status)
+                finally:
+                    lock.release()
+            else:  # a converge holds it: wait for it in a thread
+                wrote = await loop.run_in_executor(writers, write)
         except Exception:
             metrics.STATUS_PATCHES.labels("error").inc()
             raise
@@ -175,7 +222,6 @@ async def stop_progress_server(memo: kopf.Memo, **_: Any) -> None:
 
 
 def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
-    body = kopf.Body(parent)  # for kopf's Events
     meta = parent["metadata"]
     ns, name = meta["namespace"], meta["name"]
     memo.store.remember_checkpoints(ns, name, (parent.get("status") or {}).get("checkpoints")
@@ -187,6 +233,15 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
         except Exception:
             metrics.RECONCILES.labels("error").inc()
             raise
+    _account(parent, outcome, memo)
+    return outcome
+
+
+def _account(parent: dict[str, Any], outcome: rc.Outcome, memo: kopf.Memo) -> None:
+    """After a converge: metrics, the re-check set, and Events."""
+    body = kopf.Body(parent)  # for kopf's Events
+    meta = parent["metadata"]
+    ns, name = meta["namespace"], meta["name"]
     metrics.RECONCILES.labels("ok").inc()
     phase = outcome.status.phase
     metrics.observe_phase(ns, name, phase)
@@ -207,36 +262,158 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
         post = kopf.warn if phase == "Failed" else kopf.info
         post(body, reason=phase if phase != "Failed" else ready.reason,
              message=ready.message or phase)
+
+
+def _version(body: dict[str, Any]) -> str:
+    """What a converge is of: a digest of the spec. (Not metadata.generation: emulators
+    leave it as it is, and the digest costs a few microseconds.)"""
+    raw = json.dumps(body.get("spec"), sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(raw.encode(), digest_size=16).hexdigest()
+
+
+def _upstreams(spec: dict[str, Any] | None) -> frozenset[str]:
+    """The jobs a spec starts from: spec.model.fromJob and rewards[].fromJob."""
+    spec = spec or {}
+    names = [(spec.get("model") or {}).get("fromJob"),
+             *(r.get("fromJob") for r in spec.get("rewards") or [] if isinstance(r, dict))]
+    return frozenset(n for n in names if n and isinstance(n, str))
+
+
+def _track_upstreams(memo: kopf.Memo, ns: str, name: str, now: frozenset[str]) -> None:
+    """Keep (namespace, job) -> the jobs that start from it. (Ours, not a kopf index: kopf
+    calls an index on every event of every job, progress included, for the few pipelines.)"""
+    before = memo.upstreams.get((ns, name), frozenset())
+    if now == before:
+        return
+    for upstream in before - now:
+        waiting = memo.dependents.get((ns, upstream), set())
+        waiting.discard(name)
+        if not waiting:
+            memo.dependents.pop((ns, upstream), None)
+    for upstream in now - before:
+        memo.dependents.setdefault((ns, upstream), set()).add(name)
+    if now:
+        memo.upstreams[(ns, name)] = now
+    else:
+        memo.upstreams.pop((ns, name), None)
+
+
+async def job_event(event: dict[str, Any], memo: kopf.Memo, type: str | None, **_: Any
+                    ) -> None:
+    """Every event of a FineTuneJob (the listing at start, then the watch). A job is
+    converged when this process has not converged its spec yet: new, changed, or seen for
+    the first time since start. Our own status writes and progress change no spec and cost
+    nothing here. (kopf's create/update/resume handlers would keep a copy of every job in an
+    annotation, patch it after each change and deep-copy each body: a write and a copy per
+    event at a thousand jobs.) Then the jobs that start from this one, if it appeared or
+    finished."""
+    raw = event["object"]  # the API's JSON as it came
+    meta = raw["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    if type == "DELETED":
+        forget(ns, name, memo)
+        return
+    _track_upstreams(memo, ns, name, _upstreams(raw.get("spec")))
+    version = _version(raw)
+    if memo.converged.get((ns, name)) != version:
+        await _converge_job(memo, raw, version)
+    phase = (raw.get("status") or {}).get("phase")
+    if type in (None, "ADDED") or phase in TERMINAL:
+        for dependent in sorted(memo.dependents.get((ns, name), ())):
+            await _converge_named(memo, ns, dependent)
+
+
+async def _converge_job(memo: kopf.Memo, raw: dict[str, Any], version: str) -> None:
+    """A new job (no status, never converged here): created on the event loop from the
+    event's body, nothing read first. Anything else: from a fresh read (after a restart the
+    watch may hand over a body older than the status already written: a finished job whose
+    child was cleaned up would get it back)."""
+    meta = raw["metadata"]
+    key = (meta["namespace"], meta["name"])
+    lock = memo.locks.setdefault(key, threading.Lock())
+    fresh = not raw.get("status") and key not in memo.converged
+    if fresh and lock.acquire(blocking=False):
+        try:
+            memo.converged[key] = None  # touched: a later event never takes this path again
+            outcome = await _first_converge(memo, raw)
+        except Exception as err:
+            _retry_later(memo, key, err, version)
+            return
+        finally:
+            lock.release()
+        if outcome is not None:
+            memo.converged[key] = version
+            return
+    await _converge_named(memo, *key, version=version)
+
+
+async def _first_converge(memo: kopf.Memo, raw: dict[str, Any]) -> rc.Outcome | None:
+    with metrics.RECONCILE_SECONDS.time():
+        try:
+            outcome = await rc.reconcile_new(raw, memo.kube, memo.config)
+        except Exception:
+            metrics.RECONCILES.labels("error").inc()
+            raise
+    if outcome is None:
+        return None
+    meta = raw["metadata"]
+    status = dump(outcome.status)
+    await memo.kube.patch_status_async(meta["namespace"], meta["name"], status)
+    _account(raw, outcome, memo)
     return outcome
 
 
-def converge(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
-    from kubernetes.client.exceptions import ApiException
-
-    # Always from a fresh read, even on create: after a restart kopf may call the create
-    # handler with a body older than the status already written (a finished job whose child
-    # was cleaned up would get it back).
+async def _converge_named(memo: kopf.Memo, ns: str, name: str, version: str | None = None
+                          ) -> None:
+    """``_converge_by_name`` in a thread; a refusal is said once, anything else retried."""
+    loop = asyncio.get_running_loop()
     try:
-        _converge_by_name(memo, meta["namespace"], meta["name"])
-    except ApiException as err:
-        # Retry intent, stated: what the API server refused stays refused; anything else
-        # (a conflict, throttling, the server away) is retried after a pause.
-        what = f"the API server answered {err.status} {err.reason}"
-        if err.status in REFUSED:
-            raise kopf.PermanentError(f"{what}: {err.body}") from err
-        raise kopf.TemporaryError(what, delay=RETRY_SECONDS) from err
+        # In kopf's context (its Events are posted through context variables).
+        parent = await loop.run_in_executor(memo.executor, contextvars.copy_context().run,
+                                            _converge_by_name, memo, ns, name)
+    except Exception as err:
+        _retry_later(memo, (ns, name), err, version)
+        return
+    if parent is not None:  # what was converged (a newer spec's event converges again)
+        memo.converged[(ns, name)] = _version(parent)
 
 
-def _converge_by_name(memo: kopf.Memo, ns: str, name: str) -> None:
+def _retry_later(memo: kopf.Memo, key: tuple[str, str], err: Exception,
+                 version: str | None) -> None:
+    """Retry intent, stated: what the API server refused stays refused (until the spec
+    changes); anything else (a conflict, throttling, the server away) is retried after a
+    pause, from a fresh read."""
+    code = getattr(err, "status", None)
+    if code in REFUSED:
+        log.error("%s/%s: the API server refused the change (%s): %s", *key, code, err)
+        if version is not None:
+            memo.converged[key] = version
+        return
+    log.warning("%s/%s: converge failed (%s); retrying in %ss", *key, err, RETRY_SECONDS,
+                exc_info=code is None)
+    memo.converged[key] = None  # any later event converges again too
+    loop = asyncio.get_running_loop()
+    retries: set[asyncio.Task[None]] = memo.setdefault("retries", set())
+
+    def retry() -> None:
+        task = loop.create_task(_converge_named(memo, *key))
+        retries.add(task)
+        task.add_done_callback(retries.discard)
+
+    loop.call_later(RETRY_SECONDS, retry)
+
+
+def _converge_by_name(memo: kopf.Memo, ns: str, name: str) -> dict[str, Any] | None:
     """The one way a job is converged and its status written (kopf's handlers, events on
     children, the re-check): one at a time per job, each from a fresh read, so no converge
     works from a status another one has already replaced (transition times, the suspend
-    annotation and the Workload's spec.active stay consistent)."""
+    annotation and the Workload's spec.active stay consistent). Returns the job as read
+    (None: it is gone)."""
     with memo.locks.setdefault((ns, name), threading.Lock()):
         parent = memo.kube.get_finetunejob(ns, name)
         if parent is None:
             memo.active.discard((ns, name))
-            return
+            return None
         outcome = _converge(parent, memo)
         before = parent.get("status") or {}
         status = dump(outcome.status)  # the one place the typed status becomes JSON
@@ -244,6 +421,7 @@ def _converge_by_name(memo: kopf.Memo, ns: str, name: str) -> None:
             # A merge patch: a field the new status no longer has (serving) is removed by null.
             gone = {k: None for k in before if k not in status}
             memo.kube.patch_status(ns, name, {**gone, **status})
+        return parent
 
 
 async def start_rechecks(memo: kopf.Memo, **_: Any) -> None:
@@ -253,50 +431,31 @@ async def start_rechecks(memo: kopf.Memo, **_: Any) -> None:
         while True:
             await asyncio.sleep(memo.config.recheck_seconds)
             for ns, name in sorted(memo.active):
-                try:
-                    await asyncio.to_thread(_converge_by_name, memo, ns, name)
-                except Exception:
-                    log.warning("re-check of %s/%s failed", ns, name, exc_info=True)
+                await _converge_named(memo, ns, name)
                 await asyncio.sleep(0.02)  # spread the load
 
     memo.recheck_task = asyncio.create_task(loop())
 
 
-def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
+async def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     """The training object changed (its operator, Kueue): bring its FineTuneJob's status."""
     if type != "MODIFIED" or not body.get("status"):
         return  # the listing (resume covers it), our own creation, or nothing to report yet
     meta = body["metadata"]
-    _converge_by_name(memo, meta["namespace"], meta["labels"][JOB_LABEL])
+    await _converge_named(memo, meta["namespace"], meta["labels"][JOB_LABEL])
 
 
-def dependents(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> Any:
-    """(namespace, job) -> the jobs whose spec.model.fromJob names it."""
-    upstreams = [((spec or {}).get("model") or {}).get("fromJob"),
-                 *(r.get("fromJob") for r in (spec or {}).get("rewards") or []
-                   if isinstance(r, dict))]
-    return {(namespace, u): name for u in upstreams if u} or None
-
-
-async def upstream_changed(body: kopf.Body, memo: kopf.Memo, dependents: kopf.Index,
-                           type: str | None, **_: Any) -> None:
-    """A job appeared, or finished: the jobs that start from it wait no longer (or stall)."""
-    meta = body["metadata"]
-    phase = (body.get("status") or {}).get("phase")
-    if type not in ("ADDED", "MODIFIED") or (type == "MODIFIED" and phase not in TERMINAL):
-        return
-    # Read on the event loop, where kopf updates its indices (a thread could see it change).
-    for dependent in list(dependents.get((meta["namespace"], meta["name"]), [])):
-        await asyncio.to_thread(_converge_by_name, memo, meta["namespace"], dependent)
-
-
-def forget(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
-    """Children go by owner references; outputs on volumes stay. Drop in-memory progress."""
-    memo.store.forget(meta["namespace"], meta["name"])
-    memo.get("progress_merged", {}).pop((meta["namespace"], meta["name"]), None)
-    memo.active.discard((meta["namespace"], meta["name"]))
-    memo.locks.pop((meta["namespace"], meta["name"]), None)
-    metrics.observe_phase(meta["namespace"], meta["name"], None)
+def forget(ns: str, name: str, memo: kopf.Memo) -> None:
+    """Deleted: children go by owner references; outputs on volumes stay. Drop what is kept
+    in memory of the job."""
+    key = (ns, name)
+    memo.store.forget(ns, name)
+    memo.get("progress_merged", {}).pop(key, None)
+    memo.active.discard(key)
+    memo.locks.pop(key, None)
+    memo.converged.pop(key, None)
+    _track_upstreams(memo, ns, name, frozenset())
+    metrics.observe_phase(ns, name, None)
 
 
 # ------------------------------------------------------------------------ registration
@@ -322,12 +481,9 @@ def register(registry: kopf.OperatorRegistry, backend: Backend) -> kopf.Operator
     kopf.on.startup(registry=registry)(start_progress_server)
     kopf.on.startup(registry=registry)(start_rechecks)
     kopf.on.cleanup(registry=registry)(stop_progress_server)
-    for on in (kopf.on.resume, kopf.on.create):
-        on(GROUP, VERSION, PLURAL, registry=registry)(converge)
-    kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)(converge)
-    kopf.index(GROUP, VERSION, PLURAL, registry=registry)(dependents)
-    kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(upstream_changed)
-    kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, registry=registry)(forget)
+    # Only an event handler on FineTuneJobs: no kopf state in annotations, no finalizer (a
+    # job can be deleted while the operator is down).
+    kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(job_event)
     kopf.on.event(backend.group, backend.version, backend.plural, registry=registry,
                   id=f"child_changed/{backend.kind}",
                   labels={JOB_LABEL: kopf.PRESENT})(child_changed)

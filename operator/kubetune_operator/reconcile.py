@@ -78,6 +78,7 @@ class Kube:
         self._conf = api_client.configuration
         self._agent = api_client.user_agent  # the same on both paths (audit logs, tests)
         self._session: Any = None  # aiohttp, for the progress hot path (patch_status_async)
+        self._auth: tuple[float, dict[str, str]] = (-1e9, {})
 
     def _missing(self, err: Exception) -> bool:
         return isinstance(err, self._exc) and err.status == 404
@@ -187,13 +188,27 @@ class Kube:
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, ns, PLURAL, name, body)
 
-    async def patch_status_async(self, ns: str, name: str, status: dict[str, Any]) -> None:
+    async def patch_status_async(self, ns: str, name: str, status: dict[str, Any],
+                                 resource_version: str | None = None) -> None:
         """The same merge patch on the event loop, with the same credentials: the progress
         flusher's hot path (hundreds a second at a thousand jobs; one thread per request, as
         the synchronous client needs, does not keep up). Raises ``ApiError`` with the status."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         await self._request_async(
             "PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{name}/status",
-            {"status": status}, content_type="application/merge-patch+json")
+            body, content_type="application/merge-patch+json", answer=False)
+
+    async def get_finetunejob_async(self, ns: str, name: str) -> dict[str, Any] | None:
+        """``get_finetunejob`` on the event loop."""
+        try:
+            return await self._request_async(
+                "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{name}")
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
 
     async def token_review_async(self, token: str, audience: str) -> dict[str, Any]:
         """``token_review`` on the event loop (a thousand pods' first reports at once)."""
@@ -212,7 +227,8 @@ class Kube:
             raise
 
     async def _request_async(self, method: str, path: str, body: Any = None, *,
-                             content_type: str = "application/json") -> Any:
+                             content_type: str = "application/json", answer: bool = True
+                             ) -> Any:
         """One API call on the event loop (the API server's own field names, no client
         models). The review's name is ignored by the API server; a unique one keeps emulators
         that store every create (kmock) from refusing the second review."""
@@ -221,19 +237,32 @@ class Kube:
         session = await self._async_session()
         headers = {"Content-Type": content_type, "Accept": "application/json",
                    "User-Agent": self._agent}
-        # The client's own auth settings (a bearer token, refreshed when it rotates): the same
-        # credentials as every synchronous call.
-        for auth in self._conf.auth_settings().values():
-            if auth.get("in") == "header" and auth.get("value"):
-                headers[auth["key"]] = auth["value"]
+        headers.update(self._auth_headers())
         try:
             async with session.request(method, self._conf.host + path, json=body,
                                        headers=headers) as resp:
                 if resp.status >= 300:
                     raise ApiError(resp.status, (await resp.text())[:500])
+                if not answer:  # read to the end all the same: the connection is reused
+                    await resp.read()
+                    return None
                 return await resp.json(content_type=None)
         except aiohttp.ClientError as err:
             raise ApiError(0, str(err)) from err
+
+    AUTH_SECONDS = 10.0  # how long the client's auth headers are reused on the asyncio path
+
+    def _auth_headers(self) -> dict[str, str]:
+        """The client's own auth settings (a bearer token, refreshed when it rotates): the
+        same credentials as every synchronous call. Asked again every few seconds, not per
+        request: with a kubeconfig, the client reloads it on every ask."""
+        at, headers = self._auth
+        if time.monotonic() - at > self.AUTH_SECONDS:
+            headers = {auth["key"]: auth["value"]
+                       for auth in self._conf.auth_settings().values()
+                       if auth.get("in") == "header" and auth.get("value")}
+            self._auth = (time.monotonic(), headers)
+        return headers
 
     async def _async_session(self) -> Any:
         import asyncio
@@ -261,6 +290,23 @@ class Kube:
         if self._session is not None:
             await self._session[1].close()
             self._session = None
+
+    async def create_async(self, obj: dict[str, Any]) -> bool:
+        """``create`` on the event loop: True when made, False when one of that name is
+        already there (409: nothing is read back here)."""
+        ns = obj["metadata"]["namespace"]
+        if obj["kind"] in ("ConfigMap", "Service"):
+            path = f"/api/v1/namespaces/{ns}/{obj['kind'].lower()}s"
+        else:
+            prefix = "/apis/" + obj["apiVersion"]
+            path = f"{prefix}/namespaces/{ns}/{_plural(obj['kind'])}"
+        try:
+            await self._request_async("POST", path, obj, answer=False)
+        except ApiError as err:
+            if err.status == 409:
+                return False
+            raise
+        return True
 
     def get_finetunejob(self, ns: str, name: str) -> dict[str, Any] | None:
         try:
@@ -362,6 +408,51 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
                     from kubetune_operator.reporting import from_trainer_status
 
                     progress = {**(progress or {}), **from_trainer_status(mirrored)}
+    return _conclude(kube, config, body, job, backend, created, waiting=waiting,
+                     invalid=invalid, unfit=unfit, blocked=blocked, drift=drift, child=child,
+                     workload=workload, pods=pods, progress=progress)
+
+
+async def reconcile_new(body: dict[str, Any], kube: Kube, config: OperatorConfig
+                        ) -> Outcome | None:
+    """The first converge of a job never reconciled (no status yet): its children made on the
+    event loop, create first and nothing read. None when it needs more than that (invalid,
+    suspended, fromJob, the memory check, a child already there): ``reconcile`` then, which
+    reads what is there first."""
+    meta = body["metadata"]
+    if body.get("status"):
+        return None
+    backend = backend_named(config.backend)
+    job, _ = validate(body, backend)
+    if job is None or job.spec.suspend or job.spec.model.from_job or any(
+            r.from_job for r in job.spec.rewards or []):
+        return None
+    if job.spec.resources.gpus_per_node and (job.spec.resources.gpu_memory
+                                             or config.gpu_memory):
+        return None  # the memory estimate may read the model's config.json (blocking I/O)
+    ns, name = meta["namespace"], meta["name"]
+    objs = builders.children(job=job, config=config, uid=meta.get("uid"),
+                             labels=meta.get("labels") or {})
+    created: list[str] = []
+    for obj in objs:
+        obj["metadata"]["namespace"] = ns
+        if not await kube.create_async(obj):
+            return None  # already there (ours, or someone else's): the general path looks
+        created.append(f"{obj['kind']}/{name}")
+    return _conclude(kube, config, body, job, backend, created, child=objs[-1])
+
+
+def _conclude(kube: Kube, config: OperatorConfig, body: dict[str, Any],
+              job: FineTuneJob | None, backend: Backend, created: list[str], *,
+              waiting: str | None = None, invalid: str | None = None, unfit: str | None = None,
+              blocked: str | None = None, drift: str | None = None,
+              child: dict[str, Any] | None = None, workload: dict[str, Any] | None = None,
+              pods: list[dict[str, Any]] | None = None, progress: dict[str, Any] | None = None
+              ) -> Outcome:
+    """What was observed → the status the job should have."""
+    meta = body["metadata"]
+    old = body.get("status") or {}
+    labels = meta.get("labels") or {}
     observed = Observed(
         waiting=waiting,
         generation=meta.get("generation"),
@@ -376,7 +467,7 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         backend=backend,
         workload=workload,
         log_tail=config.failure_log_tail,
-        pods=pods,
+        pods=pods or [],
         progress=progress,
     )
     status = reduce(observed, old, now())
