@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import signal
@@ -422,15 +423,18 @@ async def _progress(driver: Driver, n: int, every: float, seconds: float, port: 
             await asyncio.sleep(max(0.0, t + every - time.monotonic()))
 
     async def observe() -> None:
-        pending = 0
+        # Each job's reports on their own: one job behind must not hold up the others' lags.
+        pending: dict[str, collections.deque[tuple[int, float]]] = {}
+        taken = 0
         while True:
+            for name, step, t in sent[taken:]:
+                pending.setdefault(name, collections.deque()).append((step, t))
+            taken = len(sent)
             now = time.monotonic()
-            for name, step, t in sent[pending:]:
-                if backend.progress_step(name) >= step:
-                    lags.append(now - t)
-                    pending += 1
-                else:
-                    break
+            for name in [k for k, q in pending.items() if q]:
+                have, queue = backend.progress_step(name), pending[name]
+                while queue and have >= queue[0][0]:
+                    lags.append(now - queue.popleft()[1])
             await asyncio.sleep(0.01)
 
     watcher = asyncio.create_task(observe())
