@@ -42,11 +42,14 @@ class FastBPE:
     def __init__(self, definition: dict[str, Any]) -> None:
         import tiktoken
 
-        dec = _byte_decoder()
+        # Stand-in characters to the bytes they stand for (as latin-1 characters); any other
+        # character becomes one latin-1 cannot encode, so a stray one fails loudly.
+        table = {i: chr(256) for i in range(256)}
+        table.update({ord(ch): chr(b) for ch, b in _byte_decoder().items()})
         model = definition["model"]
 
         def raw(token: str) -> bytes:
-            return bytes(dec[ch] for ch in token)
+            return token.translate(table).encode("latin-1")
 
         ranks = {bytes([b]): b for b in range(256)}
         for i, merge in enumerate(model["merges"]):
@@ -64,6 +67,7 @@ class FastBPE:
                 raise ValueError(f"vocab token {token!r} has no merge")
             self.to_id[r], self.nbytes[r] = i, len(raw(token))
         self.added = added
+        self.added_bytes = {i: len(t.encode()) for t, i in added.items()}
         self.enc = tiktoken.Encoding(
             "kubetune-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
             special_tokens={t: _SPECIAL + i for t, i in added.items()})
@@ -81,8 +85,7 @@ class FastBPE:
         ids = np.where(special, r - _SPECIAL, self.to_id[plain]).astype(np.int32)
         lengths = self.nbytes[plain]
         if special.any():
-            lengths[special] = [len(self._added_text(i).encode()) for i in r[special]
-                                - _SPECIAL]
+            lengths[special] = [self.added_bytes[i] for i in (r[special] - _SPECIAL).tolist()]
         ends = np.cumsum(lengths)
         starts = ends - lengths
         first = np.cumsum(counts) - counts  # each text's first token
@@ -92,8 +95,6 @@ class FastBPE:
         cuts = np.cumsum(counts)[:-1]
         return list(zip(np.split(ids, cuts), np.split(starts, cuts), strict=True))
 
-    def _added_text(self, i: int) -> str:
-        return next(t for t, j in self.added.items() if j == i)
 
 
 def for_tokenizer(tokenizer: Any) -> FastBPE | None:

@@ -71,20 +71,32 @@ class Renderer:
         self.takes_tools = "tools" in self.template
         self._compiled = _compiled(self.template)
         self._checks = CHECKED_RENDERS
-        self._specials = dict(getattr(self.tokenizer, "special_tokens_map", {}) or {})
+        if self._compiled is not None:
+            # What Template.render puts in every context, flattened once (it copies a
+            # ChainMap per call), and the special tokens apply_chat_template passes.
+            self._context = {**self._compiled.globals,
+                             **(getattr(self.tokenizer, "special_tokens_map", None) or {})}
 
     def _render(self, messages: list[dict[str, str]], tools: list | None, gen: bool) -> str:
-        if self._compiled is not None:
-            # The template transformers compiled, rendered without apply_chat_template's
-            # per-call conversions (half the time); the first renders are checked against it.
-            text = self._compiled.render(messages=messages, tools=tools, documents=None,
-                                         add_generation_prompt=gen, **self._specials)
-            if self._checks <= 0:
-                return text
-            self._checks -= 1
-            if text == self._apply(messages, tools, gen):
-                return text
-            self._compiled = None
+        """The template transformers compiled, rendered without apply_chat_template's
+        per-call conversions (a third of the time); the first renders are checked against
+        apply_chat_template, and anything unusual (an error) goes through it."""
+        compiled = self._compiled
+        if compiled is None:
+            return self._apply(messages, tools, gen)
+        try:
+            ctx = compiled.new_context({**self._context, "messages": messages, "tools": tools,
+                                        "documents": None, "add_generation_prompt": gen},
+                                       shared=True)
+            text = compiled.environment.concat(compiled.root_render_func(ctx))
+        except Exception:  # noqa: BLE001 - apply_chat_template says it properly
+            return self._apply(messages, tools, gen)
+        if self._checks <= 0:
+            return text
+        self._checks -= 1
+        if text == self._apply(messages, tools, gen):
+            return text
+        self._compiled = None
         return self._apply(messages, tools, gen)
 
     def _apply(self, messages: list[dict[str, str]], tools: list | None, gen: bool) -> str:
