@@ -25,15 +25,15 @@ def tok(tiny_model):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """How many times the real tokenize ran."""
+    """How many times the real tokenizing ran."""
     calls = []
-    real = preprocess.tokenize
+    real = preprocess.tokenize_to_files
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(preprocess, "tokenize", counting)
+    monkeypatch.setattr(preprocess, "tokenize_to_files", counting)
     return calls
 
 

@@ -235,3 +235,61 @@ def test_tokenizers_tiktoken_cannot_reproduce_keep_their_own_encoder(tiny_model,
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.backend_tokenizer.normalizer = normalizers.Lowercase()
     assert fastbpe.for_tokenizer(tok) is None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_streamed_rows_equal_the_in_memory_rows_and_read_ahead_is_bounded(
+        tok, lf_data, tmp_path, workers):
+    """tokenize_to_files + write_rows (what sft runs) give the rows tokenize + pack/table
+    give in memory, while reading at most a few chunks of examples ahead of what is written."""
+    import numpy as np
+    import pyarrow as pa
+    from kubetune.api.v1alpha1 import DatasetSpec
+    from kubetune_trainer.config import RunContext
+    from kubetune_trainer.data import preprocess
+    from kubetune_trainer.data.loading import load_examples
+
+    ds = DatasetSpec(source=str(lf_data / "dataset_info.json"),
+                     entries=["alpaca_en_demo", "alpaca_zh_demo", "glaive_toolcall_en_demo"])
+    examples, _ = load_examples([ds], "sft", RunContext(), max_invalid_fraction=0)
+    assert len(examples) > 4 * preprocess.CHUNK
+    tmpl, opts = resolve_template(tok, "auto"), Options("sft", 256)
+    written = []  # bytes of token ids on disk when each example is read
+
+    def stream():
+        for ex in examples:
+            path = tmp_path / "sequences.ids"
+            written.append(path.stat().st_size if path.exists() else 0)
+            yield ex
+
+    seqs = preprocess.tokenize_to_files(stream(), tok, tmpl, opts, tmp_path, workers=workers)
+    # Chunks are written while later ones are read: not every example first, then the rows.
+    assert written[4 * preprocess.CHUNK] > 0
+    want = tokenize(examples, tok, tmpl, opts)
+    assert seqs.stats == want.stats and seqs.sources.tolist() == want.sources
+    order = np.random.default_rng(0).permutation(len(want.input_ids))
+    for pack_to in (None, 256):
+        preprocess.write_rows(seqs, order, tmp_path / "rows.arrow", pack_to=pack_to)
+        got = pa.ipc.open_stream(pa.memory_map(str(tmp_path / "rows.arrow"))).read_all()
+        ids, labels = [want.input_ids[i] for i in order], [want.labels[i] for i in order]
+        expected = preprocess.packed_table(ids, labels, 256) if pack_to else \
+            preprocess.table(ids, labels)
+        assert got.to_pydict() == expected.to_pydict()
+
+
+def test_compiled_template_falls_back_to_transformers_when_they_differ(tok):
+    """The compiled template renders without apply_chat_template's conversions; where those
+    matter (apply_chat_template drops keys that are None) the renderer uses apply_chat_template."""
+    from kubetune_trainer.data.preprocess import Renderer
+
+    template = ("{% for m in messages %}{{ m.role }}{% if m.name is defined %}({{ m.name }})"
+                "{% endif %}: {{ m.content }}\n{% endfor %}")
+    plain = Renderer(tok, template)
+    plain.render({"messages": CONV["messages"]})
+    assert plain._compiled is not None  # same text: the compiled path stays
+    named = Renderer(tok, template)
+    messages = [{"role": "user", "content": "Hi", "name": None},
+                {"role": "assistant", "content": "Hello"}]
+    text, _ = named.render({"messages": messages})
+    assert text == "user: Hi\nassistant: Hello\n"
+    assert named._compiled is None

@@ -113,7 +113,13 @@ def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: An
 
     digest = cache.key(spec, ctx, tokenizer, limit)
     if digest is None:
-        return _prepare_data(spec, ctx, tokenizer, rec, log=log, limit=limit)
+        if not getattr(rec, "STREAMS", False):
+            return _prepare_data(spec, ctx, tokenizer, rec, log=log, limit=limit)
+        work = cache.scratch(ctx)  # removed when the data sets are let go
+        data = _prepare_data(spec, ctx, tokenizer, rec, log=log, limit=limit,
+                             workdir=Path(work.name))
+        data.keep = work
+        return data
     with cache.lock(ctx, digest):
         hit = cache.load(ctx, digest)
         if hit is not None:
@@ -128,36 +134,52 @@ def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: An
             lines.append(line)
             log(line)
 
-        data = _prepare_data(spec, ctx, tokenizer, rec, log=keep, limit=limit)
+        with cache.building(ctx, digest) as work:
+            data = _prepare_data(spec, ctx, tokenizer, rec, log=keep, limit=limit,
+                                 workdir=work)
+            cache.save(work, data, lines)
+        data = cache.load(ctx, digest)[0]  # memory-mapped, as every other rank's
         data.stats["cached"] = False
-        if cache.save(ctx, digest, data, lines):
-            data = cache.load(ctx, digest)[0]  # memory-mapped, as every other rank's
-            data.stats["cached"] = False
     return data
 
 
 def _prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: Any, *,
-                  log=print, limit: int | None = None) -> Data:
-    from kubetune_trainer.data.loading import load_examples
+                  log=print, limit: int | None = None, workdir: Path | None = None) -> Data:
+    """Recipes that stream (sft, pt) read the rows as they tokenize them and write the
+    prepared rows under ``workdir``; the others get every example as a list."""
+    from kubetune_trainer.data.loading import Examples
     from kubetune_trainer.data.preprocess import resolve_template
 
-    examples, report = load_examples(spec.datasets, spec.stage, ctx,
-                                     max_invalid_fraction=spec.training.max_invalid_fraction)
+    def rows(specs: list, at: str) -> Examples:
+        return Examples(specs, spec.stage, ctx, spec.training.max_invalid_fraction, at)
+
+    examples = rows(spec.datasets, "spec.datasets")
+    if workdir is not None:
+        # A tokenizer without a chat template is an error only if a conversation comes.
+        try:
+            template = resolve_template(tokenizer, spec.template)
+        except KubetuneError:
+            template = None
+        source = examples if limit is None else list(examples)[:limit]
+        data = rec.prepare(source, tokenizer, template, spec, log, workdir=workdir)
+    else:
+        source = list(examples)[:limit] if limit is not None else list(examples)
+        chat = any("messages" in ex for ex in source)
+        template = resolve_template(tokenizer, spec.template) if chat else None
+        data = rec.prepare(source, tokenizer, template, spec, log)
+    report = examples.report
     log(f"data: {report.summary()}")
-    if limit is not None:
-        examples = examples[:limit]
-    chat = any("messages" in ex for ex in examples)
-    template = resolve_template(tokenizer, spec.template) if chat else None
-    data = rec.prepare(examples, tokenizer, template, spec, log)
     data.stats.update(bad_rows=report.bad, rows=report.total)
     if spec.eval_datasets:  # held out by the job, not by evalSplit: prepared the same way
-        held, held_report = load_examples(
-            spec.eval_datasets, spec.stage, ctx, at="spec.evalDatasets",
-            max_invalid_fraction=spec.training.max_invalid_fraction)
-        log(f"eval data: {held_report.summary()}")
+        held_rows = rows(spec.eval_datasets, "spec.evalDatasets")
+        held = list(held_rows)
+        log(f"eval data: {held_rows.report.summary()}")
         plain = spec.model_copy(update={"training": spec.training.model_copy(
             update={"packing": False, "eval_split": 0.0})})
-        data.eval = rec.prepare(held, tokenizer, template, plain, _quiet).train
+        more = {"workdir": workdir / "held"} if workdir is not None else {}
+        if more:
+            more["workdir"].mkdir()
+        data.eval = rec.prepare(held, tokenizer, template, plain, _quiet, **more).train
         data.eval_examples = held
         data.stats.update(eval_rows=len(data.eval))
     return data

@@ -7,24 +7,28 @@ package's data code. A run whose
 key is cached loads the Arrow files (memory-mapped) instead of reading and tokenizing again:
 a restarted run, and every rank after the first (train.py prepares under
 ``main_process_first``; a file lock keeps two processes from building the same key at once).
+An entry is a directory: the recipe's Arrow files (written there as rows are prepared) and
+meta.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec
 
 CACHED_STAGES = ("sft", "pt")
-VERSION = 1  # bump when the layout on disk changes
-_CODE = [Path(__file__).parent / name for name in ("cache.py", "formats.py", "loading.py",
-                                                    "preprocess.py")] + \
+VERSION = 2  # bump when the layout on disk changes
+_CODE = [Path(__file__).parent / name for name in ("cache.py", "fastbpe.py", "formats.py",
+                                                    "loading.py", "preprocess.py")] + \
     [Path(__file__).parents[1] / "recipes" / name for name in ("__init__.py", "sft.py")]
 
 
@@ -86,7 +90,8 @@ def _dir(ctx: Any, digest: str) -> Path:
 
 
 def load(ctx: Any, digest: str) -> tuple[Any, list[str]] | None:
-    """The cached Data for this key and the lines preparing it logged, or None."""
+    """The cached Data for this key (its Arrow files memory-mapped) and the lines preparing
+    it logged, or None."""
     import datasets
 
     from kubetune_trainer.recipes import Data
@@ -96,32 +101,49 @@ def load(ctx: Any, digest: str) -> tuple[Any, list[str]] | None:
     if not meta_file.exists():
         return None
     meta = json.loads(meta_file.read_text())
-    return Data(train=datasets.load_from_disk(str(root / "train")),
-                eval=datasets.load_from_disk(str(root / "eval")) if meta["has_eval"] else None,
-                stats={**meta["stats"], "cached": True},
+    files = {k: datasets.Dataset.from_file(str(root / name)) if name else None
+             for k, name in meta["files"].items()}
+    return Data(train=files["train"], eval=files["eval"], stats={**meta["stats"], "cached": True},
                 eval_examples=meta["eval_examples"], template=meta["template"]), meta["log"]
 
 
-def save(ctx: Any, digest: str, data: Any, lines: list[str]) -> Path | None:
-    """Write ``data`` under its key (atomically: a crash leaves no half-written entry)."""
-    import datasets
-
-    if not isinstance(data.train, datasets.Dataset) or not (
-            data.eval is None or isinstance(data.eval, datasets.Dataset)):
-        return None
+@contextlib.contextmanager
+def building(ctx: Any, digest: str) -> Iterator[Path]:
+    """A scratch directory for this key's files, put in its place when the block ends
+    (atomically: a crash leaves no half-written entry, and no scratch)."""
     root = _dir(ctx, digest)
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    data.train.save_to_disk(str(tmp / "train"))
-    if data.eval is not None:
-        data.eval.save_to_disk(str(tmp / "eval"))
-    (tmp / "meta.json").write_text(json.dumps({
-        "has_eval": data.eval is not None, "stats": data.stats,
-        "eval_examples": data.eval_examples, "template": data.template, "log": lines}))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
-    return root
+
+
+def save(work: Path, data: Any, lines: list[str]) -> None:
+    """The description of ``data``, whose data sets are Arrow files under ``work``."""
+    def name(ds: Any) -> str | None:
+        if ds is None:
+            return None
+        return str(Path(ds.cache_files[0]["filename"]).relative_to(work))
+
+    (work / "meta.json").write_text(json.dumps({
+        "files": {"train": name(data.train), "eval": name(data.eval)},
+        "stats": data.stats, "eval_examples": data.eval_examples, "template": data.template,
+        "log": lines}))
+
+
+def scratch(ctx: Any) -> Any:
+    """A temporary directory beside the cache for prepared rows that are not cached."""
+    import tempfile
+
+    root = Path(ctx.cache_dir) / "prepared"
+    root.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=root, prefix="scratch-")
 
 
 def lock(ctx: Any, digest: str) -> Any:

@@ -11,6 +11,7 @@ keeps the tokenizer when anything differs. Without tiktoken installed, nothing c
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from typing import Any
 
@@ -41,11 +42,14 @@ class FastBPE:
     def __init__(self, definition: dict[str, Any]) -> None:
         import tiktoken
 
-        dec = _byte_decoder()
+        # Stand-in characters to the bytes they stand for (as latin-1 characters); any other
+        # character becomes one latin-1 cannot encode, so a stray one fails loudly.
+        table = {i: chr(256) for i in range(256)}
+        table.update({ord(ch): chr(b) for ch, b in _byte_decoder().items()})
         model = definition["model"]
 
         def raw(token: str) -> bytes:
-            return bytes(dec[ch] for ch in token)
+            return token.translate(table).encode("latin-1")
 
         ranks = {bytes([b]): b for b in range(256)}
         for i, merge in enumerate(model["merges"]):
@@ -63,29 +67,34 @@ class FastBPE:
                 raise ValueError(f"vocab token {token!r} has no merge")
             self.to_id[r], self.nbytes[r] = i, len(raw(token))
         self.added = added
+        self.added_bytes = {i: len(t.encode()) for t, i in added.items()}
         self.enc = tiktoken.Encoding(
             "kubetune-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
             special_tokens={t: _SPECIAL + i for t, i in added.items()})
         self.size = size
 
     def encode(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per text: token ids (int32) and each token's first byte (int64)."""
-        out = []
-        for ranks in self.enc.encode_batch(texts, allowed_special="all", num_threads=1):
-            r = np.asarray(ranks, dtype=np.int64)
-            special = r >= _SPECIAL
-            ids = np.where(special, r - _SPECIAL, self.to_id[np.where(special, 0, r)])
-            lengths = self.nbytes[np.where(special, 0, r)]
-            if special.any():
-                lengths[special] = [len(self._added_text(i).encode()) for i in r[special]
-                                    - _SPECIAL]
-            starts = np.zeros(len(r), dtype=np.int64)
-            np.cumsum(lengths[:-1], out=starts[1:])
-            out.append((ids.astype(np.int32), starts))
-        return out
+        """Per text: token ids (int32) and each token's first byte (int64), mapped for the
+        whole batch at once (views into two arrays)."""
+        ranks = [self.enc.encode(t, allowed_special="all") for t in texts]
+        counts = np.fromiter(map(len, ranks), dtype=np.int64, count=len(ranks))
+        r = np.fromiter(itertools.chain.from_iterable(ranks), dtype=np.int64,
+                        count=int(counts.sum()))
+        special = r >= _SPECIAL
+        plain = np.where(special, 0, r)
+        ids = np.where(special, r - _SPECIAL, self.to_id[plain]).astype(np.int32)
+        lengths = self.nbytes[plain]
+        if special.any():
+            lengths[special] = [self.added_bytes[i] for i in (r[special] - _SPECIAL).tolist()]
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        first = np.cumsum(counts) - counts  # each text's first token
+        base = np.where(counts > 0, starts[np.minimum(first, max(len(r) - 1, 0))], 0) \
+            if len(r) else np.zeros(len(counts), np.int64)
+        starts -= np.repeat(base, counts)
+        cuts = np.cumsum(counts)[:-1]
+        return list(zip(np.split(ids, cuts), np.split(starts, cuts), strict=True))
 
-    def _added_text(self, i: int) -> str:
-        return next(t for t, j in self.added.items() if j == i)
 
 
 def for_tokenizer(tokenizer: Any) -> FastBPE | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,7 +118,9 @@ def _read_json(path: Path) -> Any:
     return data
 
 
-def _read_file(path: Path) -> list[Any]:
+def _rows(path: Path) -> Iterator[Any]:
+    """The rows of one file, read as they are asked for (JSONL line by line, CSV and Parquet
+    batch by batch); a JSON document is parsed whole."""
     suffix = path.suffix.lower()
     if suffix == ".json":
         data = _read_json(path)
@@ -126,43 +130,44 @@ def _read_file(path: Path) -> list[Any]:
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a list of rows (or an object), got "
                             f"{type(data).__name__}")
-        return data
-    if suffix == ".jsonl":
-        rows: list[Any] = []
+        yield from data
+    elif suffix == ".jsonl":
         with path.open("rb") as f:
             for n, raw in enumerate(f, 1):
                 line = _decode(raw, path, n).strip() if raw.strip() else ""
                 if not line:
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    yield json.loads(line)
                 except json.JSONDecodeError as err:
-                    rows.append(_Unparsable(f"line {n} is not JSON: {err.msg}", line))
+                    yield _Unparsable(f"line {n} is not JSON: {err.msg}", line)
                 except RecursionError:
-                    rows.append(_Unparsable(f"line {n} is nested too deeply", line))
+                    yield _Unparsable(f"line {n} is nested too deeply", line)
                 except ValueError as err:
-                    rows.append(_Unparsable(f"line {n}: {_cut(str(err), 80)}", line))
-        return rows
-    if suffix == ".txt":
+                    yield _Unparsable(f"line {n}: {_cut(str(err), 80)}", line)
+    elif suffix == ".txt":
         text = _decode(path.read_bytes(), path).replace("\r\n", "\n").replace("\r", "\n")
-        return [{"text": line} for line in text.split("\n") if line.strip()]
-    if suffix in (".csv", ".parquet"):
-        return _read_table(path, suffix[1:])
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(SUFFIXES)}")
+        yield from ({"text": line} for line in text.split("\n") if line.strip())
+    elif suffix in (".csv", ".parquet"):
+        yield from _read_table(path, suffix[1:])
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of "
+                        f"{sorted(SUFFIXES)}")
 
 
-def _read_table(path: Path, kind: str) -> list[Any]:
+def _read_table(path: Path, kind: str) -> Any:
+    """A CSV or Parquet file as a memory-mapped datasets.Dataset (rows are read when
+    iterated)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:  # noqa: BLE001 - a parser's own errors: say what it says
         while err.__cause__ is not None or err.__context__ is not None:
             err = err.__cause__ or err.__context__
         what = " ".join(str(err).split()) or type(err).__name__
         raise DataError(f"{path}: not a readable {kind.upper()} file: {_cut(what, 200)}") \
             from None
-    return list(ds)
 
 
 @dataclass
@@ -294,74 +299,121 @@ def _layout_for(part: Part, rows: list[Any], spec_fields: tuple) -> Layout:
     return Layout.build(fmt, columns, tags, ranking)
 
 
+PEEK = 100  # rows read ahead of converting a file: its layout and columns come from them
+
+
+@dataclass
+class Examples:
+    """Every example of some data sets, read and checked as it is iterated, so that memory
+    stays flat however many rows there are. Each pass reads the files again; a pass that
+    finishes leaves its ``report`` and fails, naming reasons and rows, when too many are bad."""
+
+    specs: list[DatasetSpec]
+    stage: str
+    ctx: RunContext
+    max_invalid_fraction: float
+    at: str = "spec.datasets"
+    report: Report | None = None
+
+    def __post_init__(self) -> None:
+        self.parts = plan(self.specs, self.ctx, at=self.at)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        report = Report()
+        kept = 0
+        for part in self.parts:
+            kept_before, total_before = report.kept, report.total
+            remaining = part.max_samples  # across all files of this source
+            for path in part.paths:
+                if remaining is not None and remaining <= 0:
+                    break
+                read_before = report.total
+                for ex in self._file(part, path, report, remaining):
+                    kept += 1
+                    yield ex
+                if remaining is not None:
+                    remaining -= report.total - read_before
+            report.per_source[part.name] = (report.kept - kept_before,
+                                            report.total - total_before)
+        for name, (_, total) in report.per_source.items():
+            if total == 0:
+                raise DataError(f"{name} has no rows")
+        if not kept:
+            raise DataError("no usable rows in any data set:\n" + report.summary())
+        if report.bad / report.total > self.max_invalid_fraction:
+            raise DataError(
+                f"{report.bad / report.total:.1%} of rows do not fit their format, more than "
+                f"training.maxInvalidFraction ({self.max_invalid_fraction:.1%}):\n"
+                + report.summary())
+        self.report = report
+
+    def _file(self, part: Part, path: Path, report: Report, remaining: int | None
+              ) -> Iterator[dict[str, Any]]:
+        spec = part.spec
+        prompts_only = STAGES[self.stage].rows == "prompts"
+        try:
+            rows = _rows(path)
+            if remaining is not None:
+                rows = itertools.islice(rows, remaining)
+            head = list(itertools.islice(rows, PEEK))
+        except DataError as err:
+            raise DataError(err.message, field=f"{part.field}.source") from None
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read {path}: {err}", field=f"{part.field}.source") \
+                from None
+        if not head:
+            raise DataError(f"{part.name}: {path} has no rows", field=f"{part.field}.source")
+        layout = _layout_for(part, head, (spec.columns, spec.tags, spec.ranking))
+        convert = CONVERTERS[layout.format]
+        missing = _missing_column(head, layout)
+        if missing:
+            raise DataError(missing, field=f"{part.field}.columns")
+        rows = itertools.chain(head, rows)
+        n = -1
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except DataError as err:  # e.g. a line further down that is not UTF-8
+                raise DataError(err.message, field=f"{part.field}.source") from None
+            n += 1
+            report.total += 1
+            try:
+                if isinstance(row, _Unparsable):
+                    raise BadRow(row.reason)
+                if not isinstance(row, dict):
+                    raise BadRow(f"a row must be an object, got {type(row).__name__}")
+                if part.placeholders:
+                    row = fill_placeholders(row, part.placeholders)
+                shaped = check_for_stage(convert(row, layout), self.stage)
+                if prompts_only:
+                    shaped = [with_columns(ex, row, layout) for ex in shaped]
+            except BadRow as err:
+                report.add_bad(f"{part.name} ({path.name})", n, str(err), row)
+                continue
+            except RecursionError:
+                report.add_bad(f"{part.name} ({path.name})", n, "nested too deeply", row)
+                continue
+            except (TypeError, AttributeError, KeyError, IndexError, ValueError) as err:
+                # Defence in depth: a shape no check foresaw is a bad row, not a crash.
+                report.add_bad(f"{part.name} ({path.name})", n,
+                               f"{UNEXPECTED} ({type(err).__name__})", row)
+                continue
+            report.kept += 1
+            yield from shaped
+
+
 def load_examples(
     specs: list[DatasetSpec], stage: str, ctx: RunContext, *, max_invalid_fraction: float,
     at: str = "spec.datasets",
 ) -> tuple[list[dict[str, Any]], Report]:
-    """Read, convert and check every row. Fails (naming reasons and rows) when too many are bad."""
-    report = Report()
-    examples: list[dict[str, Any]] = []
-    prompts_only = STAGES[stage].rows == "prompts"
-    for part in plan(specs, ctx, at=at):
-        spec = part.spec
-        kept_before, total_before = report.kept, report.total
-        remaining = part.max_samples  # across all files of this source
-        for path in part.paths:
-            if remaining is not None and remaining <= 0:
-                break
-            try:
-                rows = _read_file(path)
-            except DataError as err:
-                raise DataError(err.message, field=f"{part.field}.source") from None
-            except (OSError, ValueError) as err:
-                raise DataError(f"cannot read {path}: {err}", field=f"{part.field}.source") \
-                    from None
-            if not rows:
-                raise DataError(f"{part.name}: {path} has no rows", field=f"{part.field}.source")
-            if remaining is not None:
-                rows = rows[:remaining]
-                remaining -= len(rows)
-            layout = _layout_for(part, rows, (spec.columns, spec.tags, spec.ranking))
-            convert = CONVERTERS[layout.format]
-            missing = _missing_column(rows, layout)
-            if missing:
-                raise DataError(missing, field=f"{part.field}.columns")
-            for n, row in enumerate(rows):
-                report.total += 1
-                try:
-                    if isinstance(row, _Unparsable):
-                        raise BadRow(row.reason)
-                    if not isinstance(row, dict):
-                        raise BadRow(f"a row must be an object, got {type(row).__name__}")
-                    if part.placeholders:
-                        row = fill_placeholders(row, part.placeholders)
-                    shaped = check_for_stage(convert(row, layout), stage)
-                    if prompts_only:
-                        shaped = [with_columns(ex, row, layout) for ex in shaped]
-                except BadRow as err:
-                    report.add_bad(f"{part.name} ({path.name})", n, str(err), row)
-                    continue
-                except RecursionError:
-                    report.add_bad(f"{part.name} ({path.name})", n, "nested too deeply", row)
-                    continue
-                except (TypeError, AttributeError, KeyError, IndexError, ValueError) as err:
-                    # Defence in depth: a shape no check foresaw is a bad row, not a crash.
-                    report.add_bad(f"{part.name} ({path.name})", n,
-                                   f"{UNEXPECTED} ({type(err).__name__})", row)
-                    continue
-                examples += shaped
-                report.kept += 1
-        report.per_source[part.name] = (report.kept - kept_before, report.total - total_before)
-    for name, (_, total) in report.per_source.items():
-        if total == 0:
-            raise DataError(f"{name} has no rows")
-    if not examples:
-        raise DataError("no usable rows in any data set:\n" + report.summary())
-    if report.bad / report.total > max_invalid_fraction:
-        raise DataError(
-            f"{report.bad / report.total:.1%} of rows do not fit their format, more than "
-            f"training.maxInvalidFraction ({max_invalid_fraction:.1%}):\n" + report.summary())
-    return examples, report
+    """Read, convert and check every row, into a list. Fails (naming reasons and rows) when
+    too many are bad."""
+    examples = Examples(specs, stage, ctx, max_invalid_fraction, at)
+    rows = list(examples)
+    assert examples.report is not None
+    return rows, examples.report
 
 
 def _missing_column(rows: list[Any], layout: Layout) -> str | None:

@@ -11,9 +11,12 @@ token's offsets. Texts are tokenized in batches, by tiktoken when it reproduces 
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import multiprocessing
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,19 +30,36 @@ NAMED_TEMPLATES = ("chatml", "llama3", "alpaca")
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
 
+def _no_template() -> KubetuneError:
+    return KubetuneError("the model's tokenizer has no chat template; name one: "
+                         + ", ".join(NAMED_TEMPLATES), field="spec.template")
+
+
 def resolve_template(tokenizer: Any, name: str) -> str:
     """The Jinja chat template to use: the tokenizer's own ("auto") or a named one."""
     if name == "auto":
         template = getattr(tokenizer, "chat_template", None)
         if not template:
-            raise KubetuneError(
-                "the model's tokenizer has no chat template; name one: "
-                + ", ".join(NAMED_TEMPLATES), field="spec.template")
+            raise _no_template()
         return template if isinstance(template, str) else template.get("default")
     if name not in NAMED_TEMPLATES:
         raise KubetuneError(f"unknown template {name!r}; use auto or one of "
                             + ", ".join(NAMED_TEMPLATES), field="spec.template")
     return (TEMPLATES / f"{name}.jinja").read_text()
+
+
+CHECKED_RENDERS = 32  # compiled renders compared with apply_chat_template's
+
+
+def _compiled(template: str) -> Any:
+    """transformers' own compiled Jinja template (its sandbox, filters and globals), or None
+    when this transformers has no such function."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        return _compile_jinja_template(template)
+    except Exception:  # noqa: BLE001 - another transformers: apply_chat_template it is
+        return None
 
 
 @dataclass
@@ -49,8 +69,37 @@ class Renderer:
 
     def __post_init__(self) -> None:
         self.takes_tools = "tools" in self.template
+        self._compiled = _compiled(self.template)
+        self._checks = CHECKED_RENDERS
+        if self._compiled is not None:
+            # What Template.render puts in every context, flattened once (it copies a
+            # ChainMap per call), and the special tokens apply_chat_template passes.
+            self._context = {**self._compiled.globals,
+                             **(getattr(self.tokenizer, "special_tokens_map", None) or {})}
 
     def _render(self, messages: list[dict[str, str]], tools: list | None, gen: bool) -> str:
+        """The template transformers compiled, rendered without apply_chat_template's
+        per-call conversions (a third of the time); the first renders are checked against
+        apply_chat_template, and anything unusual (an error) goes through it."""
+        compiled = self._compiled
+        if compiled is None:
+            return self._apply(messages, tools, gen)
+        try:
+            ctx = compiled.new_context({**self._context, "messages": messages, "tools": tools,
+                                        "documents": None, "add_generation_prompt": gen},
+                                       shared=True)
+            text = compiled.environment.concat(compiled.root_render_func(ctx))
+        except Exception:  # noqa: BLE001 - apply_chat_template says it properly
+            return self._apply(messages, tools, gen)
+        if self._checks <= 0:
+            return text
+        self._checks -= 1
+        if text == self._apply(messages, tools, gen):
+            return text
+        self._compiled = None
+        return self._apply(messages, tools, gen)
+
+    def _apply(self, messages: list[dict[str, str]], tools: list | None, gen: bool) -> str:
         return self.tokenizer.apply_chat_template(
             messages, tools=tools, chat_template=self.template, tokenize=False,
             add_generation_prompt=gen)
@@ -231,7 +280,8 @@ def _tokenize_chunk(examples: list[dict[str, Any]], tokenizer: Any, template: st
             texts.append(ex["text"])
             spans.append(None)
             continue
-        assert renderer is not None
+        if renderer is None:  # a conversation, and no template to render it with
+            raise _no_template()
         text, sp = renderer.render(ex, which)
         texts.append(text)
         spans.append(None if trained_all else sp)
@@ -319,28 +369,164 @@ def _fast_encoder(chunk: list[dict[str, Any]], tokenizer: Any, template: str | N
     return fast, reference
 
 
-def tokenize(examples: list[dict[str, Any]], tokenizer: Any, template: str | None,
-             opts: Options, *, workers: int = 1) -> Tokenized:
-    """Tokenize and mask every example; ``workers`` > 1 spreads chunks over processes."""
-    chunks = [examples[i: i + CHUNK] for i in range(0, len(examples), CHUNK)]
-    result = Tokenized()
-    fast, first = _fast_encoder(chunks[0], tokenizer, template, opts) if chunks else (None, None)
-    if first is not None:
-        result.extend(first)
-    rest = chunks[1:]
-    if workers <= 1 or len(rest) <= 1:
+def _parts(examples: Iterable[dict[str, Any]], tokenizer: Any, template: str | None,
+           opts: Options, workers: int) -> Iterator[tuple[Tokenized, int]]:
+    """The examples tokenized CHUNK at a time, in order, each part with the index of its first
+    example. Examples are read as they are needed: with ``workers`` > 1 a process pool takes
+    the chunks, at most two per worker in flight, so memory does not grow with the data."""
+    it = iter(examples)
+    chunks = iter(lambda: list(itertools.islice(it, CHUNK)), [])
+    first = next(chunks, None)
+    if first is None:
+        return
+    fast, done = _fast_encoder(first, tokenizer, template, opts)
+    yield done, 0
+    ahead = list(itertools.islice(chunks, 2))  # one chunk left is not worth a pool
+    rest = itertools.chain(ahead, chunks)
+    if workers <= 1 or len(ahead) < 2:
         for k, chunk in enumerate(rest, 1):
-            result.extend(_tokenize_chunk(chunk, tokenizer, template, opts, fast), k * CHUNK)
-    else:
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(workers, _init_worker, (tokenizer, template, opts, fast)) as pool:
-            for k, part in enumerate(pool.imap(_work, rest), 1):
-                result.extend(part, k * CHUNK)
+            yield _tokenize_chunk(chunk, tokenizer, template, opts, fast), k * CHUNK
+        return
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(workers, _init_worker, (tokenizer, template, opts, fast)) as pool:
+        pending: collections.deque = collections.deque()
+        for k, chunk in enumerate(rest, 1):
+            pending.append((pool.apply_async(_work, (chunk,)), k * CHUNK))
+            if len(pending) >= 2 * workers:
+                result, offset = pending.popleft()
+                yield result.get(), offset
+        while pending:
+            result, offset = pending.popleft()
+            yield result.get(), offset
+
+
+def _none_kept(opts: Options) -> DataError:
+    return DataError(
+        f"no example keeps a trained token within training.cutoffLen={opts.cutoff_len}; "
+        "raise cutoffLen")
+
+
+def tokenize(examples: Iterable[dict[str, Any]], tokenizer: Any, template: str | None,
+             opts: Options, *, workers: int = 1) -> Tokenized:
+    """Tokenize and mask every example, in memory; ``workers`` > 1 spreads chunks over
+    processes."""
+    result = Tokenized()
+    for part, offset in _parts(examples, tokenizer, template, opts, workers):
+        result.extend(part, offset)
     if not result.input_ids:
-        raise DataError(
-            f"no example keeps a trained token within training.cutoffLen={opts.cutoff_len}; "
-            "raise cutoffLen")
+        raise _none_kept(opts)
     return result
+
+
+@dataclass
+class Sequences:
+    """Tokenized sequences as two flat int32 files (ids, labels), end to end in the order of
+    their examples; only each sequence's length and source example are held in memory."""
+
+    ids: Path
+    labels: Path
+    lengths: np.ndarray
+    sources: np.ndarray  # each sequence's example index
+    stats: Stats
+
+    def __post_init__(self) -> None:
+        self.starts = np.cumsum(self.lengths) - self.lengths
+
+    def gather(self, picked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ids and labels of the ``picked`` sequences, end to end, read into a fresh
+        buffer (not mapped: pages of the files do not stay in this process's memory)."""
+        lengths = self.lengths[picked]
+        at = (np.cumsum(lengths) - lengths).tolist()
+        spans = list(zip((self.starts[picked] * 4).tolist(), at, lengths.tolist(),
+                         strict=True))
+        out = []
+        for path in (self.ids, self.labels):
+            buf = np.empty(int(lengths.sum()), dtype=np.int32)
+            view = memoryview(buf).cast("B")
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for offset, a, n in spans:
+                    if os.preadv(fd, [view[4 * a: 4 * (a + n)]], offset) != 4 * n:
+                        raise OSError(f"{path}: short read (the file changed?)")
+            finally:
+                os.close(fd)
+            out.append(buf)
+        return out[0], out[1]
+
+
+def tokenize_to_files(examples: Iterable[dict[str, Any]], tokenizer: Any,
+                      template: str | None, opts: Options, workdir: Path, *,
+                      workers: int = 1) -> Sequences:
+    """``tokenize``, streamed: each chunk's tokens are appended to files under ``workdir`` as
+    they are made, so memory stays flat in the number of examples."""
+    lengths, sources, stats = [], [], Stats()
+    ids_path, labels_path = workdir / "sequences.ids", workdir / "sequences.labels"
+    with ids_path.open("wb") as ids_file, labels_path.open("wb") as labels_file:
+        for part, offset in _parts(examples, tokenizer, template, opts, workers):
+            stats.add(part.stats)
+            if not part.input_ids:
+                continue
+            np.concatenate(part.input_ids).astype(np.int32, copy=False).tofile(ids_file)
+            np.concatenate(part.labels).astype(np.int32, copy=False).tofile(labels_file)
+            lengths.append(np.fromiter(map(len, part.input_ids), dtype=np.int64,
+                                       count=len(part.input_ids)))
+            sources.append(np.asarray(part.sources, dtype=np.int64) + offset)
+    if not lengths:
+        raise _none_kept(opts)
+    return Sequences(ids_path, labels_path, np.concatenate(lengths), np.concatenate(sources),
+                     stats)
+
+
+ROWS_PER_WRITE = 1024
+
+
+def write_rows(seqs: Sequences, order: np.ndarray, path: Path, *,
+               pack_to: int | None = None) -> None:
+    """The sequences ``order`` picks, in that order, to an Arrow file (packed into rows of at
+    most ``pack_to`` tokens when given), a batch of rows at a time."""
+    import pyarrow as pa
+
+    order = np.asarray(order, dtype=np.int64)
+    if pack_to:
+        members = bins(seqs.lengths[order], pack_to)
+        flat = order[np.fromiter(itertools.chain.from_iterable(members), dtype=np.int64,
+                                 count=len(order))]
+        per_row = np.fromiter(map(len, members), dtype=np.int64, count=len(members))
+    else:
+        flat, per_row = order, np.ones(len(order), dtype=np.int64)
+    first = np.zeros(len(per_row) + 1, dtype=np.int64)
+    np.cumsum(per_row, out=first[1:])  # each row's first sequence in `flat`
+    names = ("input_ids", "labels", "position_ids")[: 3 if pack_to else 2]
+    schema = pa.schema([(n, pa.list_(pa.int32())) for n in names])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as out:
+        for r in range(0, len(per_row), ROWS_PER_WRITE):
+            end = min(r + ROWS_PER_WRITE, len(per_row))
+            picked = flat[first[r]: first[end]]
+            ids, labs = seqs.gather(picked)
+            seq_len = seqs.lengths[picked]
+            if pack_to:
+                out.write_table(_packed(ids, labs, seq_len,
+                                        np.add.reduceat(seq_len, first[r:end] - first[r])))
+            else:
+                out.write_table(pa.table({"input_ids": _lists(ids, seq_len),
+                                          "labels": _lists(labs, seq_len)}, schema=schema))
+
+
+def _packed(ids: np.ndarray, labs: np.ndarray, seq_len: np.ndarray, row_len: np.ndarray
+            ) -> Any:
+    """Rows of ``row_len`` tokens from sequences laid end to end: positions restart at each
+    sequence, whose first token is not a target."""
+    import pyarrow as pa
+
+    index = np.int32 if len(ids) < 2**31 else np.int64  # 4 bytes a token, not 8
+    pos = np.arange(len(ids), dtype=index)
+    pos -= np.repeat((np.cumsum(seq_len) - seq_len).astype(index), seq_len)
+    pos = pos.astype(np.int32, copy=False)
+    labs = np.array(labs, dtype=np.int32)  # our own copy to change
+    labs[pos == 0] = IGNORE
+    ids = np.asarray(ids, dtype=np.int32)
+    return pa.table({"input_ids": _lists(ids, row_len), "labels": _lists(labs, row_len),
+                     "position_ids": _lists(pos, row_len)})
 
 
 def bins(lengths: np.ndarray, max_len: int) -> list[list[int]]:
@@ -410,25 +596,16 @@ def dataset(arrow: Any) -> Any:
 
 def packed_table(input_ids: list, labels: list, max_len: int) -> Any:
     """``pack`` as an Arrow table: bins chosen from the lengths, rows assembled with numpy."""
-    import pyarrow as pa
-
     lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
     members = bins(lengths, max_len)
     order = [i for row in members for i in row]
-    seq_len = lengths[order]
     flat = np.concatenate([np.asarray(input_ids[i], np.int32) for i in order]) \
         if order else np.zeros(0, np.int32)
     labs = np.concatenate([np.asarray(labels[i], np.int32) for i in order]) \
         if order else np.zeros(0, np.int32)
-    index = np.int32 if len(flat) < 2**31 else np.int64  # 4 bytes a token, not 8
-    pos = np.arange(len(flat), dtype=index)
-    pos -= np.repeat((np.cumsum(seq_len) - seq_len).astype(index), seq_len)
-    pos = pos.astype(np.int32, copy=False)
-    labs[pos == 0] = IGNORE
     row_len = np.fromiter((lengths[row].sum() for row in members), dtype=np.int64,
                           count=len(members))
-    return pa.table({"input_ids": _lists(flat, row_len), "labels": _lists(labs, row_len),
-                     "position_ids": _lists(pos, row_len)})
+    return _packed(flat, labs, lengths[order], row_len)
 
 
 def default_workers() -> int:

@@ -1,9 +1,10 @@
 """One recipe per stage: the rows it needs, the head it trains, its data and its TRL trainer.
 
 A recipe module defines ``HEAD`` ("causal" or "reward"), ``prepare(examples, tokenizer,
-template, spec, log) -> Data`` and ``build(Build) -> Trainer``. The shell (``train.py``) does
-everything else the same way for every stage. Which stages exist is the API's
-``kubetune.api.stages`` registry; ``recipe`` maps an implemented stage to its module.
+template, spec, log) -> Data`` and ``build(Build) -> Trainer``; a recipe with ``STREAMS =
+True`` takes the examples as an iterable, and a ``workdir`` for its Arrow files. The shell
+(``train.py``) does everything else the same way for every stage. Which stages exist is the
+API's ``kubetune.api.stages`` registry; ``recipe`` maps an implemented stage to its module.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Data:
     stats: dict[str, Any] = field(default_factory=dict)
     eval_examples: list[dict[str, Any]] | None = None  # the held-out rows, as conversations
     template: str | None = None  # the chat template they were rendered with
+    keep: Any = None  # what must live as long as the data sets (their scratch directory)
 
 
 @dataclass

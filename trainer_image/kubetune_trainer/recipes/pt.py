@@ -4,8 +4,8 @@ path and trainer are sft's, with every token a target."""
 
 from __future__ import annotations
 
-from kubetune_trainer.recipes.sft import build, prepare
+from kubetune_trainer.recipes.sft import STREAMS, build, prepare
 
 HEAD = "causal"
 
-__all__ = ["HEAD", "build", "prepare"]
+__all__ = ["HEAD", "STREAMS", "build", "prepare"]

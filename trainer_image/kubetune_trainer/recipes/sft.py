@@ -3,7 +3,9 @@ trainOnPrompt), optional packing; TRL's SFTTrainer on rows we tokenize and mask 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec
@@ -13,44 +15,59 @@ from kubetune_trainer.recipes import Build, Data, split
 HEAD = "causal"
 
 
-def prepare(examples: list[dict[str, Any]], tokenizer: Any, template: str | None,
-            spec: FineTuneJobSpec, log=print) -> Data:
-    """Template, tokenize, mask, split and (optionally) pack."""
+STREAMS = True  # prepare reads the examples as it tokenizes them, into Arrow files
+
+
+def prepare(examples: Iterable[dict[str, Any]], tokenizer: Any, template: str | None,
+            spec: FineTuneJobSpec, log=print, *, workdir: Path) -> Data:
+    """Template, tokenize, mask, split and (optionally) pack, streaming: the examples are
+    read as they are tokenized into scratch files under ``workdir``, then written as the
+    train and eval Arrow files the data sets memory-map: memory stays flat in the data's
+    size."""
+    import datasets
+    import numpy as np
 
     from kubetune_trainer.data.preprocess import (
         Options,
-        dataset,
         default_workers,
-        packed_table,
-        table,
-        tokenize,
+        tokenize_to_files,
+        write_rows,
     )
 
     t = spec.training
     opts = Options(stage=spec.stage, cutoff_len=t.cutoff_len, train_on_prompt=t.train_on_prompt,
                    mask_history=t.mask_history)
-    tok = tokenize(examples, tokenizer, template, opts,
-                   workers=t.preprocessing_workers or default_workers())
-    st = tok.stats
+    seqs = tokenize_to_files(examples, tokenizer, template, opts, workdir,
+                             workers=t.preprocessing_workers or default_workers())
+    st = seqs.stats
     log(f"data: {st.sequences} sequences, {st.tokens} tokens ({st.trained_tokens} trained); "
         f"{st.truncated} cut at cutoffLen, {st.dropped_too_long} dropped (no answer left)")
-    train_idx, eval_idx = split(len(tok.input_ids), t.eval_split, t.seed)
+    train_idx, eval_idx = split(len(seqs.lengths), t.eval_split, t.seed)
     eval_ds = None
     if eval_idx:
-        eval_ds = dataset(table([tok.input_ids[i] for i in eval_idx],
-                                [tok.labels[i] for i in eval_idx]))
-    train_ids = [tok.input_ids[i] for i in train_idx]
-    train_labels = [tok.labels[i] for i in train_idx]
+        write_rows(seqs, np.asarray(eval_idx), workdir / "eval.arrow")
+        eval_ds = datasets.Dataset.from_file(str(workdir / "eval.arrow"))
+    write_rows(seqs, np.asarray(train_idx), workdir / "train.arrow",
+               pack_to=t.cutoff_len if t.packing else None)
+    train = datasets.Dataset.from_file(str(workdir / "train.arrow"))
     if t.packing:
-        train = dataset(packed_table(train_ids, train_labels, t.cutoff_len))
         log(f"data: packed into {len(train)} rows of at most {t.cutoff_len} tokens")
-    else:
-        train = dataset(table(train_ids, train_labels))
-    # For predict-with-generate: the held-out conversations (tokenized rows keep the order of
-    # the examples that kept a trained token; the rest were dropped and are not in the split).
-    return Data(train, eval_ds, asdict(st),
-                eval_examples=[examples[tok.sources[i]] for i in eval_idx],
+    sources = seqs.sources[eval_idx].tolist() if eval_idx else []
+    seqs.ids.unlink()
+    seqs.labels.unlink()
+    return Data(train, eval_ds, asdict(st), eval_examples=_conversations(examples, sources),
                 template=template)
+
+
+def _conversations(examples: Iterable[dict[str, Any]], wanted: list[int]
+                   ) -> list[dict[str, Any]]:
+    """The held-out examples that are conversations (what predict-with-generate asks for),
+    one per held-out sequence, read in a second pass."""
+    if not wanted:
+        return []
+    need = set(wanted)
+    found = {i: ex for i, ex in enumerate(examples) if i in need and "messages" in ex}
+    return [found[i] for i in wanted if i in found]
 
 
 class Collator:
