@@ -532,9 +532,13 @@ class Flusher:
             job.dirty = job.dirty or bool(job.checkpoints or job.outputs)
 
     async def run(self) -> None:
+        # Rounds start every ``interval`` s (at once after one that took longer): a pause after
+        # each round instead would let a round of a thousand jobs at ``rate`` stretch the time
+        # between one job's writes to interval / (1 - reports per second / rate).
         while True:
+            started = time.monotonic()
             try:
                 await self.run_once()
             except Exception:  # never let one bad round stop progress for every job
                 log.exception("progress flush failed")
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(max(0.0, started + self.interval - time.monotonic()))
