@@ -71,9 +71,12 @@ class Kube:
     def __init__(self, api_client: Any) -> None:
         from kubernetes import client
 
+        # Custom objects through the typed client; built-in kinds (ConfigMap, Service,
+        # Deployment, Pod) as raw requests through the same ApiClient: the typed CoreV1Api
+        # and AppsV1Api build a validator for each of their hundreds of methods on first use
+        # (24 MiB of the operator's memory for the five calls made here).
         self.custom = client.CustomObjectsApi(api_client)
-        self.core = client.CoreV1Api(api_client)
-        self.apps = client.AppsV1Api(api_client)
+        self._api = api_client
         self._exc = client.exceptions.ApiException
         self._conf = api_client.configuration
         self._agent = api_client.user_agent  # the same on both paths (audit logs, tests)
@@ -83,19 +86,36 @@ class Kube:
     def _missing(self, err: Exception) -> bool:
         return isinstance(err, self._exc) and err.status == 404
 
-    def _builtin(self, kind: str, verb: str) -> Any:
-        """The typed client's call for a built-in kind (ConfigMap, Service, Deployment)."""
-        snake = {"ConfigMap": "config_map", "Service": "service", "Deployment": "deployment"}
-        if kind not in snake:
+    def _raw(self, method: str, path: str, body: Any = None,
+             query: list[tuple[str, str]] | None = None) -> Any:
+        """One request through the synchronous client (its pool, TLS and credentials), the
+        answer as the API's own JSON; ApiException as the typed calls raise it."""
+        api = self._api
+        method, url, headers, body, _ = api.param_serialize(
+            method, path, query_params=query, body=body, auth_settings=["BearerToken"],
+            header_params={"Accept": "application/json", "Content-Type": "application/json"})
+        resp = api.call_api(method, url, header_params=headers, body=body)
+        resp.read()  # to the end: the connection goes back to the pool
+        if not 200 <= resp.status <= 299:
+            raise self._exc.from_response(http_resp=resp, body=resp.data.decode(errors="replace"),
+                                          data=None)
+        return json.loads(resp.data) if resp.data else None
+
+    @staticmethod
+    def _builtin_path(kind: str, ns: str, name: str | None = None) -> str | None:
+        """The path of a built-in kind's objects (ConfigMap, Service, Deployment)."""
+        plural = {"ConfigMap": "configmaps", "Service": "services",
+                  "Deployment": "deployments"}.get(kind)
+        if plural is None:
             return None
-        api = self.apps if kind == "Deployment" else self.core
-        return getattr(api, f"{verb}_namespaced_{snake[kind]}")
+        base = "/apis/apps/v1" if kind == "Deployment" else "/api/v1"
+        return f"{base}/namespaces/{ns}/{plural}" + (f"/{name}" if name else "")
 
     def get(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
-            if read := self._builtin(obj["kind"], "read"):  # raw JSON: the API's field names
-                return json.loads(read(name, ns, _preload_content=False).data)
+            if path := self._builtin_path(obj["kind"], ns, name):
+                return self._raw("GET", path)
             group, version = obj["apiVersion"].split("/")
             return self.custom.get_namespaced_custom_object(
                 group, version, ns, _plural(obj["kind"]), name)
@@ -108,10 +128,8 @@ class Kube:
         """Create, or return what is already there (never a second one)."""
         ns = obj["metadata"]["namespace"]
         try:
-            if create := self._builtin(obj["kind"], "create"):
-                # Raw JSON, no client-side model: less CPU per job. (Read to the end, so that
-                # the connection goes back to the pool.)
-                create(ns, obj, _preload_content=False).read()
+            if path := self._builtin_path(obj["kind"], ns):
+                self._raw("POST", path, obj)
                 return obj, True
             group, version = obj["apiVersion"].split("/")
             made = self.custom.create_namespaced_custom_object(
@@ -133,7 +151,7 @@ class Kube:
                 self.custom.delete_namespaced_custom_object(
                     group, version, ns, serving.KSERVE_PLURAL, name)
             else:
-                self._builtin(kind, "delete")(name, ns)
+                self._raw("DELETE", self._builtin_path(kind, ns, name))
         except self._exc as err:
             if self._missing(err):
                 return False
@@ -171,9 +189,9 @@ class Kube:
 
     def pods(self, ns: str, job: str) -> list[dict[str, Any]]:
         # Raw JSON: the API's own field names, and no client-side model to trip over.
-        resp = self.core.list_namespaced_pod(ns, label_selector=f"{JOB_LABEL}={job}",
-                                             _preload_content=False)
-        items = json.loads(resp.data).get("items") or []
+        resp = self._raw("GET", f"/api/v1/namespaces/{ns}/pods",
+                         query=[("labelSelector", f"{JOB_LABEL}={job}")])
+        items = (resp or {}).get("items") or []
         # Filter here too: selectors are the API server's job, but cheap to double-check.
         return [p for p in items if (p.get("metadata", {}).get("labels") or {}).get(
             JOB_LABEL) == job]
