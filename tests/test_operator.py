@@ -384,6 +384,22 @@ async def test_a_new_job_costs_its_creates_and_one_status_write(cluster, operato
     assert not cluster.objects[FTJ, NS, "ident"]["metadata"].get("finalizers")
 
 
+async def test_a_progress_report_is_one_status_write_without_a_read(cluster, operator):
+    """A report with no checkpoints or outputs replaces status.progress: one patch, nothing
+    read first, from the first report on (a thousand jobs start reporting at once)."""
+    await operator.create(_job())
+    await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+    _seed_master_pod(cluster)
+    url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(url, json={"trainerStatus": {"progressPercentage": 5}},
+                               headers={"Authorization": "Bearer pod-token"})
+        assert resp.status == 200
+    await eventually(lambda: _assert(_status(cluster).get("progress", {}).get("percent") == 5))
+    status = f"/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs/ident/status"
+    assert _requests_for(cluster, "ident") == [("PATCH", status), ("PATCH", status)]
+
+
 async def test_a_failed_create_is_retried(cluster, operator, monkeypatch):
     monkeypatch.setattr(kubetune_operator.handlers, "RETRY_SECONDS", 0.5)
     cluster[f"post /apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs"][:1] << 500

@@ -131,13 +131,14 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
     async def review(token: str, audience: str) -> dict[str, Any]:
         return await kube.token_review_async(token, audience)
 
-    # What each job's last flush wrote of checkpoints and outputs: while they stay the same,
-    # a flush only replaces status.progress (one merge patch, no read first).
+    # What each job's last flush wrote of checkpoints and outputs: while they stay the same
+    # (or there are none yet), a flush only replaces status.progress (one merge patch, no
+    # read first: a thousand jobs' first reports cost no thousand reads).
     merged: dict[tuple[str, str], tuple[Any, Any]] = memo.setdefault("progress_merged", {})
 
     async def patch(ns: str, name: str, snap: dict[str, Any]) -> None:
         key, extras = (ns, name), (snap.get("checkpoints"), snap.get("outputs"))
-        if merged.get(key) == extras:  # progress only: one patch on the event loop
+        if merged.get(key, (None, None)) == extras:  # progress only: one patch
             fields = progress_fields(snap)
             if fields:
                 try:
