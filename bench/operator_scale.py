@@ -391,10 +391,11 @@ async def _steady(driver: Driver, first: int, rate: float, seconds: float) -> li
     return list((await seen).values())
 
 
-async def _progress(driver: Driver, n: int, every: float, seconds: float, port: int
-                    ) -> list[float]:
+async def _progress(driver: Driver, n: int, every: float, seconds: float, port: int,
+                    cpu) -> tuple[list[float], float]:
     """Every job reports a step every `every` seconds (staggered) for `seconds`; the lag is
-    report → the step seen in the FineTuneJob's status, for every report."""
+    report → the step seen in the FineTuneJob's status, for every report. Also the
+    operator's CPU (`cpu()`: its seconds so far) while the jobs report, in cores."""
     backend, http = driver.backend, driver.http
     tokens = {}
     for i in range(n):
@@ -438,12 +439,15 @@ async def _progress(driver: Driver, n: int, every: float, seconds: float, port: 
             await asyncio.sleep(0.01)
 
     watcher = asyncio.create_task(observe())
+    cpu0, t0 = cpu(), time.monotonic()
     await asyncio.gather(*(report(f"job-{i:05d}", every * i / n) for i in range(n)))
+    cores = (cpu() - cpu0) / (time.monotonic() - t0)
     deadline = time.monotonic() + 30
     while len(lags) < len(sent) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     watcher.cancel()
-    return lags + [float("inf")] * (len(sent) - len(lags))  # never seen: unbounded lag
+    # Never seen: unbounded lag.
+    return lags + [float("inf")] * (len(sent) - len(lags)), cores
 
 
 def _rates(before: dict[str, float] | None, after: dict[str, float] | None,
@@ -502,11 +506,12 @@ async def run_one(which: str, n: int, args, backend_cls, template: Path) -> dict
                     if which == "kubetune" and args.report_seconds:
                         driver.calls.clear()
                         before, t0 = await backend.request_counts(), time.monotonic()
-                        lags = await _progress(driver, n, args.report_every,
-                                               args.report_seconds, port)
+                        lags, result["progress_cpu"] = await _progress(
+                            driver, n, args.report_every, args.report_seconds, port,
+                            lambda: _cpu_seconds(proc.pid))
+                        took = time.monotonic() - t0
                         result["progress_writes"] = _rates(
-                            before, await backend.request_counts(), driver.calls,
-                            time.monotonic() - t0)
+                            before, await backend.request_counts(), driver.calls, took)
                         result.update(lag_p50=_pct(lags, 0.5), lag_p99=_pct(lags, 0.99),
                                       lag_max=max(lags, default=float("nan")),
                                       reports=sum(lag != float("inf") for lag in lags),
@@ -571,7 +576,8 @@ def main() -> None:
                       f"{r['rss']:8.0f} {_fmt(r.get('cpu_ms')):>11}", flush=True)
                 print(f"  {which}: burst applied at {r['apply_rate']:.0f} jobs/s"
                       + (f"; progress reports seen {r['reports']}/{r['sent']}, lag max "
-                         f"{_fmt(r['lag_max'])} s" if "reports" in r else ""))
+                         f"{_fmt(r['lag_max'])} s, operator CPU while reporting "
+                         f"{r['progress_cpu']:.0%} of a core" if "reports" in r else ""))
                 for key, what in (("writes", "API requests per job (burst + steady)"),
                                   ("progress_writes", "API requests/s (progress)")):
                     if r.get(key):
