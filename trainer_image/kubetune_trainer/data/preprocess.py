@@ -203,6 +203,21 @@ class Tokenized:
         self.sources += [i + offset for i in other.sources]
         self.stats.add(other.stats)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (from a worker process) as two flat arrays: one array per sequence would
+        cost the parent more to unpickle than the worker took to tokenize."""
+        lengths = np.fromiter(map(len, self.input_ids), dtype=np.int64,
+                              count=len(self.input_ids))
+        flat = [np.concatenate(x).astype(np.int32, copy=False) if x else np.zeros(0, np.int32)
+                for x in (self.input_ids, self.labels)]
+        return {"flat": flat, "lengths": lengths, "stats": self.stats, "sources": self.sources}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        cuts = np.cumsum(state["lengths"])[:-1]
+        self.input_ids, self.labels = (list(np.split(x, cuts)) if len(state["lengths"]) else []
+                                       for x in state["flat"])
+        self.stats, self.sources = state["stats"], state["sources"]
+
 
 def _starts(offsets: Any) -> np.ndarray:
     return np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
