@@ -7,6 +7,11 @@ prefix-stable template, with no special markers in it. Tokens whose first charac
 inside an assistant span are trained on: two token look-ups per span, not a walk over every
 token's offsets. Texts are tokenized in batches, by tiktoken when it reproduces the tokenizer
 (``fastbpe``), and rows leave as Arrow tables assembled with numpy (packed or not).
+
+The trainer streams (``tokenize_to_files`` then ``write_rows``): examples are read a chunk at a
+time, their tokens appended to two flat scratch files, and only each sequence's length and
+source stay in memory; packing picks bins from the lengths and writes the Arrow rows a batch
+at a time. Peak memory does not grow with the number of rows.
 """
 
 from __future__ import annotations
