@@ -114,6 +114,21 @@ def test_unparsable_jsonl_line_is_a_bad_row(tmp_path):
         load_examples([ds], "pt", RunContext(base_dir=tmp_path), max_invalid_fraction=0.0)
 
 
+def test_text_file_rows_are_its_non_blank_lines_read_as_a_stream(tmp_path):
+    (tmp_path / "c.txt").write_bytes("\ufeffone\r\ntwo\rthree\n\n  \nfour".encode())
+    ds = DatasetSpec(source="c.txt")
+    examples, report = load_examples([ds], "pt", RunContext(base_dir=tmp_path),
+                                     max_invalid_fraction=0.0)
+    assert [ex["text"] for ex in examples] == ["one", "two", "three", "four"]
+    assert report.total == 4
+    # Past the rows read ahead to learn the layout: still the field and the line.
+    (tmp_path / "c.txt").write_bytes(b"fine\n" * 150 + b"\xff broken\n")
+    with pytest.raises(DataError) as err:
+        load_examples([ds], "pt", RunContext(base_dir=tmp_path), max_invalid_fraction=0.0)
+    assert err.value.field == "spec.datasets[0].source"
+    assert "line 151 is not UTF-8" in str(err.value)
+
+
 def test_missing_file(tmp_path):
     ds = DatasetSpec(source="nope.json")
     with pytest.raises(DataError) as err:

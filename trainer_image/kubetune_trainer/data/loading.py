@@ -145,9 +145,13 @@ def _rows(path: Path) -> Iterator[Any]:
                     yield _Unparsable(f"line {n} is nested too deeply", line)
                 except ValueError as err:
                     yield _Unparsable(f"line {n}: {_cut(str(err), 80)}", line)
-    elif suffix == ".txt":
-        text = _decode(path.read_bytes(), path).replace("\r\n", "\n").replace("\r", "\n")
-        yield from ({"text": line} for line in text.split("\n") if line.strip())
+    elif suffix == ".txt":  # a row per non-blank line (\n, \r\n or \r ends one)
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                text = _decode(raw, path, n)
+                for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+                    if line.strip():
+                        yield {"text": line}
     elif suffix in (".csv", ".parquet"):
         yield from _read_table(path, suffix[1:])
     else:

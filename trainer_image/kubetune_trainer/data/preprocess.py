@@ -7,6 +7,11 @@ prefix-stable template, with no special markers in it. Tokens whose first charac
 inside an assistant span are trained on: two token look-ups per span, not a walk over every
 token's offsets. Texts are tokenized in batches, by tiktoken when it reproduces the tokenizer
 (``fastbpe``), and rows leave as Arrow tables assembled with numpy (packed or not).
+
+The trainer streams (``tokenize_to_files`` then ``write_rows``): examples are read a chunk at a
+time, their tokens appended to two flat scratch files, and only each sequence's length and
+source stay in memory; packing picks bins from the lengths and writes the Arrow rows a batch
+at a time. Peak memory does not grow with the number of rows.
 """
 
 from __future__ import annotations
@@ -202,6 +207,21 @@ class Tokenized:
         self.labels += other.labels
         self.sources += [i + offset for i in other.sources]
         self.stats.add(other.stats)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (from a worker process) as two flat arrays: one array per sequence would
+        cost the parent more to unpickle than the worker took to tokenize."""
+        lengths = np.fromiter(map(len, self.input_ids), dtype=np.int64,
+                              count=len(self.input_ids))
+        flat = [np.concatenate(x).astype(np.int32, copy=False) if x else np.zeros(0, np.int32)
+                for x in (self.input_ids, self.labels)]
+        return {"flat": flat, "lengths": lengths, "stats": self.stats, "sources": self.sources}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        cuts = np.cumsum(state["lengths"])[:-1]
+        self.input_ids, self.labels = (list(np.split(x, cuts)) if len(state["lengths"]) else []
+                                       for x in state["flat"])
+        self.stats, self.sources = state["stats"], state["sources"]
 
 
 def _starts(offsets: Any) -> np.ndarray:
