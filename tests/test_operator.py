@@ -400,6 +400,13 @@ async def test_a_progress_report_is_one_status_write_without_a_read(cluster, ope
     assert _requests_for(cluster, "ident") == [("PATCH", status), ("PATCH", status)]
 
 
+async def test_the_started_operator_spares_the_garbage_collector(cluster, operator):
+    import gc
+
+    assert gc.get_freeze_count() > 0  # what was there at start is out of full passes
+    assert gc.get_threshold() == kubetune_operator.handlers.GC_THRESHOLDS
+
+
 async def test_a_failed_create_is_retried(cluster, operator, monkeypatch):
     monkeypatch.setattr(kubetune_operator.handlers, "RETRY_SECONDS", 0.5)
     cluster[f"post /apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs"][:1] << 500
