@@ -315,6 +315,7 @@ async def job_event(event: dict[str, Any], memo: kopf.Memo, type: str | None, **
         forget(ns, name, memo)
         return
     _track_upstreams(memo, ns, name, _upstreams(raw.get("spec")))
+    memo.setdefault("uids", {})[(ns, name)] = meta.get("uid")  # for Events about it
     version = _version(raw)
     if memo.converged.get((ns, name)) != version:
         await _converge_job(memo, raw, version)
@@ -387,6 +388,11 @@ def _retry_later(memo: kopf.Memo, key: tuple[str, str], err: Exception,
     code = getattr(err, "status", None)
     if code in REFUSED:
         log.error("%s/%s: the API server refused the change (%s): %s", *key, code, err)
+        # Said on the job too (as kopf's "failed permanently" was): kubectl describe shows it.
+        kopf.warn({"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
+                   "metadata": {"namespace": key[0], "name": key[1],
+                                "uid": memo.get("uids", {}).get(key)}}, reason="Refused",
+                  message=f"the API server refused a change ({code}): {str(err)[:500]}")
         if version is not None:
             memo.converged[key] = version
         return
@@ -469,6 +475,7 @@ def forget(ns: str, name: str, memo: kopf.Memo) -> None:
     memo.active.discard(key)
     memo.locks.pop(key, None)
     memo.converged.pop(key, None)
+    memo.get("uids", {}).pop(key, None)
     _track_upstreams(memo, ns, name, frozenset())
     metrics.observe_phase(ns, name, None)
 
