@@ -384,11 +384,8 @@ async def test_a_new_job_costs_its_creates_and_one_status_write(cluster, operato
     assert not cluster.objects[FTJ, NS, "ident"]["metadata"].get("finalizers")
 
 
-async def test_a_progress_report_is_one_status_write_without_a_read(cluster, operator):
-    """A report with no checkpoints or outputs replaces status.progress: one patch, nothing
-    read first, from the first report on (a thousand jobs start reporting at once)."""
-    await operator.create(_job())
-    await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+async def _report_progress(cluster, operator) -> None:
+    """The master pod of job "ident" reports 5 %, and the status shows it."""
     _seed_master_pod(cluster)
     url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
     async with aiohttp.ClientSession() as http:
@@ -396,6 +393,14 @@ async def test_a_progress_report_is_one_status_write_without_a_read(cluster, ope
                                headers={"Authorization": "Bearer pod-token"})
         assert resp.status == 200
     await eventually(lambda: _assert(_status(cluster).get("progress", {}).get("percent") == 5))
+
+
+async def test_a_progress_report_is_one_status_write_without_a_read(cluster, operator):
+    """A report with no checkpoints or outputs replaces status.progress: one patch, nothing
+    read first, from the first report on (a thousand jobs start reporting at once)."""
+    await operator.create(_job())
+    await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+    await _report_progress(cluster, operator)
     status = f"/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs/ident/status"
     assert _requests_for(cluster, "ident") == [("PATCH", status), ("PATCH", status)]
 
@@ -689,13 +694,7 @@ async def test_the_chart_rbac_allows_every_call_the_operator_makes(cluster, oper
     await test_create_makes_each_child_once_and_follows_the_pytorchjob(cluster, operator)
     await test_kueue_says_why_a_job_waits_and_suspend_deactivates_its_workload(cluster,
                                                                                  operator)
-    _seed_master_pod(cluster)
-    url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
-    async with aiohttp.ClientSession() as http:
-        resp = await http.post(url, json={"trainerStatus": {"progressPercentage": 5}},
-                               headers={"Authorization": "Bearer pod-token"})
-        assert resp.status == 200
-    await eventually(lambda: _assert(_status(cluster).get("progress", {}).get("percent") == 5))
+    await _report_progress(cluster, operator)
     calls = _operator_calls(cluster)
     role = next(d for d in render(str(helm())) if d["kind"] == "ClusterRole")
     allowed = _rules(role)
