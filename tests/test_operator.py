@@ -384,6 +384,20 @@ async def test_a_new_job_costs_its_creates_and_one_status_write(cluster, operato
     assert not cluster.objects[FTJ, NS, "ident"]["metadata"].get("finalizers")
 
 
+async def _train_to_a_merged_model(cluster, op, body) -> None:
+    """Create the job; its master pod reports a merged model, then its PyTorchJob succeeds."""
+    await op.create(body)
+    await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+    _seed_master_pod(cluster)
+    url = f"http://127.0.0.1:{op.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(url, headers={"Authorization": "Bearer pod-token"}, json={
+            "kubetune": {"outputs": {"mergedModel": "pvc://outputs/ident/merged"}}})
+        assert resp.status == 200
+    await eventually(lambda: _assert(_status(cluster).get("outputs")), timeout=10)
+    await op.patch_child_status("ident", "Created", "Succeeded")
+
+
 async def _report_progress(cluster, operator) -> None:
     """The master pod of job "ident" reports 5 %, and the status shows it."""
     _seed_master_pod(cluster)
@@ -877,16 +891,7 @@ async def test_serve_after_train_and_check(cluster, tiny_model):
             body = _job()
             del body["metadata"]["labels"]
             body["spec"]["serve"] = {"checks": [{"prompt": "Who are you?", "expect": [word]}]}
-            await op.create(body)
-            await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
-            _seed_master_pod(cluster)
-            url = f"http://127.0.0.1:{op.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
-            async with aiohttp.ClientSession() as http:
-                resp = await http.post(url, headers={"Authorization": "Bearer pod-token"}, json={
-                    "kubetune": {"outputs": {"mergedModel": "pvc://outputs/ident/merged"}}})
-                assert resp.status == 200
-            await eventually(lambda: _assert(_status(cluster).get("outputs")), timeout=10)
-            await op.patch_child_status("ident", "Created", "Succeeded")
+            await _train_to_a_merged_model(cluster, op, body)
             dep = await eventually(lambda: cluster.objects["apps/v1/deployments", NS,
                                                            "ident-serve"])
             svc = cluster.objects["v1/services", NS, "ident-serve"]
@@ -948,16 +953,7 @@ async def test_serve_on_kserve_refused_without_its_crd_then_served_and_checked(
             del body["metadata"]["labels"]
             body["spec"]["serve"] = {"kind": "kserve", "checks": [
                 {"prompt": "Who are you?", "expect": [word]}]}
-            await op.create(body)
-            await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
-            _seed_master_pod(cluster)
-            url = f"http://127.0.0.1:{op.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
-            async with aiohttp.ClientSession() as http:
-                resp = await http.post(url, headers={"Authorization": "Bearer pod-token"}, json={
-                    "kubetune": {"outputs": {"mergedModel": "pvc://outputs/ident/merged"}}})
-                assert resp.status == 200
-            await eventually(lambda: _assert(_status(cluster).get("outputs")), timeout=10)
-            await op.patch_child_status("ident", "Created", "Succeeded")
+            await _train_to_a_merged_model(cluster, op, body)
             refused = await eventually(lambda: {
                 c["type"]: c for c in _status(cluster)["conditions"]}["Serving"])
             assert refused["status"] == "False" and refused["reason"] == "KServeUnavailable"

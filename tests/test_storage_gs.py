@@ -36,10 +36,10 @@ def gcs():
     proc = subprocess.Popen([str(exe), "start", "--host", "127.0.0.1", "--port", str(port),
                              "--in-memory", "--default-bucket", BUCKET],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST",
-                                            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
+    mp = pytest.MonkeyPatch()
+    mp.setenv("STORAGE_EMULATOR_HOST", url)
     # gcsfs' zonal/HNS probe speaks gRPC to the bucket, which the emulator does not.
-    os.environ.update(STORAGE_EMULATOR_HOST=url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+    mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     try:
         deadline = time.time() + 30
         while True:
@@ -52,11 +52,7 @@ def gcs():
                 time.sleep(0.2)
         yield url
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        mp.undo()
         proc.terminate()
         proc.wait(timeout=10)
 

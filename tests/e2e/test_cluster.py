@@ -41,20 +41,14 @@ def operator(namespace, progress_port):
     env = {"KUBETUNE_PROGRESS_PORT": str(progress_port), "KUBETUNE_PROGRESS_HOST": "127.0.0.1",
            "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{progress_port}/v1",
            "KUBETUNE_PROGRESS_FLUSH_SECONDS": "0.5"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     args = ["run", "--standalone", "--namespace", namespace, "-m",
             "kubetune_operator.handlers"]
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
         with KopfRunner(args, timeout=60) as runner:
             time.sleep(3)
             yield runner
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     assert runner.exception is None, runner.output
     if os.environ.get("KUBETUNE_E2E_LOG"):
         Path(os.environ["KUBETUNE_E2E_LOG"]).write_text(runner.output)

@@ -7,7 +7,6 @@ spec.serve's Deployment and Service accepted as rendered.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 
@@ -80,9 +79,9 @@ def trainjob_operator(namespace, trainer_v2_crds):
     from kopf.testing import KopfRunner
 
     env = {"KUBETUNE_BACKEND": "TrainJob", "KUBETUNE_TRAINING_RUNTIME": "kubetune"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
         import kopf
         from kubetune_operator.backends.trainjob import TRAINJOB
         from kubetune_operator.handlers import register
@@ -96,12 +95,6 @@ def trainjob_operator(namespace, trainer_v2_crds):
                         registry=registry) as runner:
             time.sleep(3)
             yield runner
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     assert runner.exception is None, runner.output
 
 

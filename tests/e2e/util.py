@@ -64,20 +64,11 @@ def install_crd(kube, path: Path) -> str:
     Returns "as shipped" or "compat (…)"; raises what the server said otherwise."""
     import yaml
 
-    ext = kube.ApiextensionsV1Api()
     shipped = yaml.safe_load(path.read_text())
     how = "as shipped"
     for crd in (shipped, compat_for_old_servers(shipped)):
-        name = crd["metadata"]["name"]
         try:
-            try:
-                ext.create_custom_resource_definition(crd)
-            except kube.exceptions.ApiException as err:
-                if err.status != 409:
-                    raise
-                crd["metadata"]["resourceVersion"] = \
-                    ext.read_custom_resource_definition(name).metadata.resource_version
-                ext.replace_custom_resource_definition(name, crd)
+            apply_crd(kube, crd)
             break
         except kube.exceptions.ApiException as err:
             # (the body is JSON: the value's quotes come escaped)
@@ -85,10 +76,24 @@ def install_crd(kube, path: Path) -> str:
                     ".default: Invalid value: \\\"null\\\"" not in err.body:
                 raise
             how = 'compat (this server decodes default: "" as null)'
+    return how
+
+
+def apply_crd(kube, crd: dict) -> None:
+    """Create a CRD, or replace the one of that name; then wait until it is Established."""
+    ext = kube.ApiextensionsV1Api()
+    name = crd["metadata"]["name"]
+    try:
+        ext.create_custom_resource_definition(crd)
+    except kube.exceptions.ApiException as err:
+        if err.status != 409:
+            raise
+        crd["metadata"]["resourceVersion"] = \
+            ext.read_custom_resource_definition(name).metadata.resource_version
+        ext.replace_custom_resource_definition(name, crd)
     wait(lambda: any(c.type == "Established" and c.status == "True"
                      for c in ext.read_custom_resource_definition(name).status.conditions
                      or []))
-    return how
 
 
 def wait(check, timeout=60.0, every=0.5):
