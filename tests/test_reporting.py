@@ -6,12 +6,15 @@ import asyncio
 import json
 import math
 import os
+import time
+import types
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from kubetune.api.v1alpha1 import Checkpoint, Outputs, Progress
+from kubetune_operator import reporting
 from kubetune_operator.reporting import (
     INT64_MAX,
     MAX_URI_TEXT,
@@ -127,6 +130,37 @@ async def test_a_forged_token_is_refused_the_same_way_twice():
             resp = await c.post(URL, json=KEP_BODY, headers={"Authorization": "Bearer forged"})
             assert resp.status == 401
     assert reviews == ["forged"]  # the second answer came from the cache
+
+
+async def test_a_pod_is_looked_up_once_while_its_token_is_reviewed_again(monkeypatch):
+    """The token is reviewed again after its minute (it could have died with its pod); the
+    pod's ownership, fixed for its life, is read once, however long the pod lives. A new pod
+    of the same name (a restart: a new uid) is read again, and one not the job's is refused."""
+    clock = [time.monotonic()]
+    monkeypatch.setattr(reporting, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    lookups = []
+
+    async def pod(namespace, name):
+        lookups.append(name)
+        return await _pod(namespace, name)
+
+    reviews = dict(REVIEWS)
+    app = make_app(ProgressStore(), TokenChecker(lambda t, a: _answer(reviews, t)),
+                   pod_lookup=pod)
+    async with TestClient(TestServer(app)) as c:
+        for _ in range(3):
+            resp = await c.post(URL, json=KEP_BODY, headers={"Authorization": "Bearer good"})
+            assert resp.status == 200
+            clock[0] += 600
+        assert lookups == ["ident-master-0"]
+        reviews["good"] = REVIEWS["impostor"]  # the pod was replaced by one not owned so
+        resp = await c.post(URL, json=KEP_BODY, headers={"Authorization": "Bearer good"})
+        assert resp.status == 403
+        assert lookups == ["ident-master-0"] * 2
+
+
+async def _answer(reviews: dict, token: str) -> dict:
+    return reviews.get(token, {"status": {"authenticated": False}})
 
 
 @pytest.mark.parametrize(("body", "code"), [
