@@ -12,7 +12,9 @@ PyTorchJob, one status patch; bench/loop_peer.py). Printed per operator:
 - steady: then one job at a time at --rate per second, p99;
 - peak RSS with all jobs live;
 - kubetune only: every job reports progress every --report-every seconds (as pods do, with
-  pod-bound tokens on a real server) → the step seen in the status, p50/p99;
+  pod-bound tokens on a real server) → the step seen in the status, p50/p99; on a real
+  server, then the server's ceiling: status patches/s of those jobs with the operator stopped
+  (the lag can only be small while the jobs need fewer patches than that);
 - API requests by verb and resource (real server only; the driver's own calls taken out):
   per job for the burst and steady phases, per second while jobs report progress;
 - the operator's CPU time per job in the burst;
@@ -554,7 +556,37 @@ async def run_one(which: str, n: int, args, backend_cls, template: Path) -> dict
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        if "reports" in result and isinstance(backend, ControlPlane):
+            result["ceiling"] = await _patch_ceiling(backend, n)
     return result
+
+
+async def _patch_ceiling(backend: ControlPlane, n: int, seconds: float = 10.0,
+                         concurrency: int = 32) -> float:
+    """Status patches per second the API server takes for these jobs as they now are, the
+    operator stopped: a loop keeping `concurrency` progress patches in flight. What the
+    lag can be read against (n jobs reporting every r seconds need n / r patches/s)."""
+    done = 0
+    end = time.monotonic() + seconds
+    headers = {**backend.headers, "Content-Type": "application/merge-patch+json"}
+
+    async def worker(http: aiohttp.ClientSession, first: int) -> None:
+        nonlocal done
+        i = first
+        while time.monotonic() < end:
+            async with http.patch(
+                    f"{backend.url}/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs/"
+                    f"job-{i % n:05d}/status", ssl=False, headers=headers,
+                    json={"status": {"progress": {"step": 10_000 + done}}}) as resp:
+                if resp.status >= 300:
+                    raise RuntimeError(f"patch: {resp.status} {await resp.text()}")
+            done += 1
+            i += concurrency
+
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(worker(http, k) for k in range(concurrency)))
+    return done / (time.monotonic() - t0)
 
 
 def _fmt(value: float | None) -> str:
@@ -607,6 +639,10 @@ def main() -> None:
                          f"{r['progress_cpu']:.0%} of a core" if "reports" in r else "")
                       + (f"; the server dropped the driver's watch {r['watch_restarts']}x "
                          "(resumed, no event lost)" if r.get("watch_restarts") else ""))
+                if r.get("ceiling"):
+                    print(f"  API server ceiling, the operator stopped: {r['ceiling']:.0f} status "
+                          f"patches/s of these jobs ({n} jobs reporting every "
+                          f"{args.report_every:g} s need {n / args.report_every:.0f}/s)")
                 for key, what in (("writes", "API requests per job (burst + steady)"),
                                   ("progress_writes", "API requests/s (progress)")):
                     if r.get(key):
