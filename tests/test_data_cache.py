@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
+import gc
 import json
+import os
 import threading
 
 import pytest
 from conftest import tiny_spec
 from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune.errors import KubetuneError
 from kubetune_trainer.config import RunContext
-from kubetune_trainer.data import preprocess
+from kubetune_trainer.data import cache, preprocess
 from kubetune_trainer.recipes import recipe
 from kubetune_trainer.train import prepare_data
 
@@ -102,3 +106,51 @@ def test_held_out_data_sets_are_in_the_key(tiny_model, tmp_path, tok, counted):
     again = _prepare(spec, tmp_path, tok)
     assert again.stats["cached"] is False and len(again.eval) == 7 and len(first.eval) == 5
     assert _prepare(spec, tmp_path, tok).stats["cached"] is True
+
+
+def _entry(cache_dir, digest: str, size: int, used: float) -> None:
+    entry = cache_dir / "prepared" / digest[:32]
+    entry.mkdir(parents=True)
+    (entry / "train.arrow").write_bytes(b"x" * size)
+    (entry / "meta.json").write_text("{}")
+    os.utime(entry / "meta.json", (used, used))
+
+
+def test_a_full_cache_loses_its_least_recently_used_entries_first(tmp_path):
+    for digest, used in (("a" * 64, 100), ("b" * 64, 300), ("c" * 64, 200), ("d" * 64, 50)):
+        _entry(tmp_path, digest, 1000, used)
+    ctx = RunContext(cache_dir=tmp_path)
+    held = cache._hold(cache._dir(ctx, "a" * 64), fcntl.LOCK_SH)  # a run reads it
+    # 4,000 bytes, 2,500 allowed: d (the current entry, however old) and a (in use) stay.
+    assert cache.prune(ctx, "d" * 64, 2500) == ["c" * 32, "b" * 32]
+    held.close()
+    assert cache.prune(ctx, "d" * 64, 2500) == []  # a and d fit
+    assert cache.prune(ctx, "d" * 64, 0) == ["a" * 32]
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir() if p.is_dir()) == ["d" * 32]
+
+
+def test_a_run_over_the_limit_keeps_the_entries_runs_still_read(tiny_model, tmp_path, tok,
+                                                               counted, monkeypatch):
+    (tmp_path / "d.json").write_text(json.dumps(ROWS))
+    reading = _prepare(_spec(tiny_model, tmp_path, cutoffLen=64), tmp_path, tok)
+    _prepare(_spec(tiny_model, tmp_path, cutoffLen=96), tmp_path, tok)  # let go
+    gc.collect()
+    monkeypatch.setenv(cache.LIMIT_ENV, "0")
+    lines = []
+    _prepare(_spec(tiny_model, tmp_path, cutoffLen=128), tmp_path, tok, lines)
+    assert lines[-1].startswith("data: 1 least recently used prepared data sets removed")
+    assert len(reading.train[:]["input_ids"]) > 0  # its files are still there
+    monkeypatch.delenv(cache.LIMIT_ENV)
+    assert _prepare(_spec(tiny_model, tmp_path, cutoffLen=64), tmp_path, tok).stats["cached"]
+    assert not _prepare(_spec(tiny_model, tmp_path, cutoffLen=96), tmp_path, tok).stats["cached"]
+    assert len(counted) == 4  # 64, 96, 128, and 96 again
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "nan", "inf"])
+def test_a_bad_cache_limit_is_refused_before_any_work(tiny_model, tmp_path, tok, counted,
+                                                      monkeypatch, value):
+    (tmp_path / "d.json").write_text(json.dumps(ROWS))
+    monkeypatch.setenv(cache.LIMIT_ENV, value)
+    with pytest.raises(KubetuneError, match=f"{cache.LIMIT_ENV}: '{value}' is not a size"):
+        _prepare(_spec(tiny_model, tmp_path), tmp_path, tok)
+    assert counted == []

@@ -120,6 +120,7 @@ def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: An
                              workdir=Path(work.name))
         data.keep = work
         return data
+    limit_bytes = cache.limit_bytes()  # a bad setting is said before any work
     with cache.lock(ctx, digest):
         hit = cache.load(ctx, digest)
         if hit is not None:
@@ -140,6 +141,10 @@ def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: An
             cache.save(work, data, lines)
         data = cache.load(ctx, digest)[0]  # memory-mapped, as every other rank's
         data.stats["cached"] = False
+    removed = cache.prune(ctx, digest, limit_bytes)
+    if removed:
+        log(f"data: {len(removed)} least recently used prepared data sets removed from the "
+            f"cache (over {cache.LIMIT_ENV})")
     return data
 
 

@@ -9,11 +9,17 @@ a restarted run, and every rank after the first (train.py prepares under
 ``main_process_first``; a file lock keeps two processes from building the same key at once).
 An entry is a directory: the recipe's Arrow files (written there as rows are prepared) and
 meta.json.
+
+The cache is bounded: after building an entry, the least recently used others go until all
+fit in ``KUBETUNE_CACHE_PREPARED_GB`` (20 by default). A run holds a shared lock on the entry
+it reads for as long as its data lives (data loader workers reopen the files by path), and
+an entry held, or being loaded, is never removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -27,6 +33,7 @@ from kubetune.api.v1alpha1 import FineTuneJobSpec
 
 CACHED_STAGES = ("sft", "pt")
 VERSION = 2  # bump when the layout on disk changes
+LIMIT_ENV, LIMIT_GB = "KUBETUNE_CACHE_PREPARED_GB", 20.0
 _CODE = [Path(__file__).parent / name for name in ("cache.py", "fastbpe.py", "formats.py",
                                                     "loading.py", "preprocess.py")] + \
     [Path(__file__).parents[1] / "recipes" / name for name in ("__init__.py", "sft.py")]
@@ -100,11 +107,77 @@ def load(ctx: Any, digest: str) -> tuple[Any, list[str]] | None:
     meta_file = root / "meta.json"
     if not meta_file.exists():
         return None
+    held = _hold(root, fcntl.LOCK_SH)  # for as long as the data sets live (Data.keep)
+    os.utime(meta_file)  # used now: the last to go
     meta = json.loads(meta_file.read_text())
     files = {k: datasets.Dataset.from_file(str(root / name)) if name else None
              for k, name in meta["files"].items()}
     return Data(train=files["train"], eval=files["eval"], stats={**meta["stats"], "cached": True},
-                eval_examples=meta["eval_examples"], template=meta["template"]), meta["log"]
+                eval_examples=meta["eval_examples"], template=meta["template"],
+                keep=held), meta["log"]
+
+
+def _hold(root: Path, how: int) -> Any:
+    """``root``'s use lock (a flock: shared by readers, exclusive to remove), or None when
+    ``how`` is non-blocking and someone holds it."""
+    use = open(root.with_name(root.name + ".use"), "a")  # noqa: SIM115 (kept open: the lock)
+    try:
+        fcntl.flock(use, how)
+    except BlockingIOError:
+        use.close()
+        return None
+    return use
+
+
+def limit_bytes() -> int:
+    """The cache's size limit from the environment (GB; 0 keeps only the entry in use)."""
+    from kubetune.errors import KubetuneError
+
+    raw = os.environ.get(LIMIT_ENV, "").strip()
+    try:
+        gb = float(raw) if raw else LIMIT_GB
+    except ValueError:
+        gb = -1.0
+    if not 0 <= gb < float("inf"):
+        raise KubetuneError(f"{raw!r} is not a size: a number of GB, 0 or more", field=LIMIT_ENV)
+    return int(gb * 2**30)
+
+
+def prune(ctx: Any, current: str, limit: int) -> list[str]:
+    """Remove the least recently used entries other than ``current`` until every entry fits in
+    ``limit`` bytes; entries in use (held, or locked while loaded or built) stay. Returns the
+    names removed."""
+    top = Path(ctx.cache_dir) / "prepared"
+    keep = _dir(ctx, current)
+    entries, total = [], 0
+    for entry in top.iterdir():
+        meta = entry / "meta.json"
+        if not entry.is_dir() or not meta.exists():  # scratch, half-built: not ours to judge
+            continue
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        total += size
+        if entry != keep:
+            entries.append((meta.stat().st_mtime, size, entry))
+    removed = []
+    for _, size, entry in sorted(entries, key=lambda e: e[0]):  # least recently used first
+        if total <= limit:
+            break
+        from filelock import FileLock, Timeout
+
+        try:
+            with FileLock(str(entry) + ".lock", timeout=0):
+                held = _hold(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if held is None:
+                    continue
+                with held:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    # (no reader is between its check and its lock: it checks under the file lock)
+                    entry.with_name(entry.name + ".use").unlink(missing_ok=True)
+        except Timeout:
+            continue
+        total -= size
+        removed.append(entry.name)
+    return removed
 
 
 @contextlib.contextmanager
