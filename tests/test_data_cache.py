@@ -129,6 +129,18 @@ def test_a_full_cache_loses_its_least_recently_used_entries_first(tmp_path):
     assert sorted(p.name for p in (tmp_path / "prepared").iterdir() if p.is_dir()) == ["d" * 32]
 
 
+def test_what_a_stopped_run_half_built_goes_and_a_build_in_progress_stays(tmp_path):
+    ctx = RunContext(cache_dir=tmp_path)
+    _entry(tmp_path, "d" * 64, 10, 50)
+    for digest in ("e" * 64, "f" * 64):
+        (cache._dir(ctx, digest).with_name(digest[:32] + ".tmp-4242") / "part").mkdir(
+            parents=True)
+    with cache.lock(ctx, "f" * 64):  # f's build is running (in another process, say)
+        assert cache.prune(ctx, "d" * 64, 2**30) == ["e" * 32 + ".tmp-4242"]
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir() if p.is_dir()) == [
+        "d" * 32, "f" * 32 + ".tmp-4242"]
+
+
 def test_a_run_over_the_limit_keeps_the_entries_runs_still_read(tiny_model, tmp_path, tok,
                                                                counted, monkeypatch):
     (tmp_path / "d.json").write_text(json.dumps(ROWS))

@@ -142,9 +142,13 @@ def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: An
         data = cache.load(ctx, digest)[0]  # memory-mapped, as every other rank's
         data.stats["cached"] = False
     removed = cache.prune(ctx, digest, limit_bytes)
-    if removed:
-        log(f"data: {len(removed)} least recently used prepared data sets removed from the "
-            f"cache (over {cache.LIMIT_ENV})")
+    unfinished = sum(".tmp-" in name for name in removed)
+    if len(removed) > unfinished:
+        log(f"data: {len(removed) - unfinished} least recently used prepared data sets removed "
+            f"from the cache (over {cache.LIMIT_ENV})")
+    if unfinished:
+        log(f"data: {unfinished} unfinished prepared data sets of stopped runs removed from "
+            "the cache")
     return data
 
 

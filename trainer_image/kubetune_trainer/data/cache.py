@@ -10,8 +10,9 @@ a restarted run, and every rank after the first (train.py prepares under
 An entry is a directory: the recipe's Arrow files (written there as rows are prepared) and
 meta.json.
 
-The cache is bounded: after building an entry, the least recently used others go until all
-fit in ``KUBETUNE_CACHE_PREPARED_GB`` (20 by default). A run holds a shared lock on the entry
+The cache is bounded: after building an entry, what stopped runs left half-built goes, and
+the least recently used others until all fit in ``KUBETUNE_CACHE_PREPARED_GB`` (20 by
+default). A run holds a shared lock on the entry
 it reads for as long as its data lives (data loader workers reopen the files by path), and
 an entry held, or being loaded, is never removed.
 """
@@ -144,26 +145,34 @@ def limit_bytes() -> int:
 
 
 def prune(ctx: Any, current: str, limit: int) -> list[str]:
-    """Remove the least recently used entries other than ``current`` until every entry fits in
-    ``limit`` bytes; entries in use (held, or locked while loaded or built) stay. Returns the
-    names removed."""
+    """Remove what a stopped run left half-built, then the least recently used entries other
+    than ``current`` until every entry fits in ``limit`` bytes; entries in use (held, or
+    locked while loaded or built) stay. Returns the names removed."""
+    from filelock import FileLock, Timeout
+
     top = Path(ctx.cache_dir) / "prepared"
     keep = _dir(ctx, current)
-    entries, total = [], 0
+    entries, total, removed = [], 0, []
     for entry in top.iterdir():
         meta = entry / "meta.json"
-        if not entry.is_dir() or not meta.exists():  # scratch, half-built: not ours to judge
+        if ".tmp-" in entry.name and entry.is_dir():
+            # A build holds its key's lock from start to rename: free, this one's builder died.
+            try:
+                with FileLock(str(top / entry.name.split(".tmp-")[0]) + ".lock", timeout=0):
+                    shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+            except Timeout:
+                pass
+            continue
+        if not entry.is_dir() or not meta.exists():  # a run's uncached scratch: not ours
             continue
         size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
         total += size
         if entry != keep:
             entries.append((meta.stat().st_mtime, size, entry))
-    removed = []
     for _, size, entry in sorted(entries, key=lambda e: e[0]):  # least recently used first
         if total <= limit:
             break
-        from filelock import FileLock, Timeout
-
         try:
             with FileLock(str(entry) + ".lock", timeout=0):
                 held = _hold(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
