@@ -142,7 +142,7 @@ def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: An
         data = cache.load(ctx, digest)[0]  # memory-mapped, as every other rank's
         data.stats["cached"] = False
     removed = cache.prune(ctx, digest, limit_bytes)
-    unfinished = sum(".tmp-" in name for name in removed)
+    unfinished = sum(cache.BUILDING in name for name in removed)
     if len(removed) > unfinished:
         log(f"data: {len(removed) - unfinished} least recently used prepared data sets removed "
             f"from the cache (over {cache.LIMIT_ENV})")

@@ -12,9 +12,9 @@ meta.json.
 
 The cache is bounded: after building an entry, what stopped runs left half-built goes, and
 the least recently used others until all fit in ``KUBETUNE_CACHE_PREPARED_GB`` (20 by
-default). A run holds a shared lock on the entry
-it reads for as long as its data lives (data loader workers reopen the files by path), and
-an entry held, or being loaded, is never removed.
+default). A run holds a shared lock on the entry it reads for as long as its data lives (data
+loader workers reopen the files by path), and an entry held, or being loaded, is never
+removed.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from kubetune.api.v1alpha1 import FineTuneJobSpec
 CACHED_STAGES = ("sft", "pt")
 VERSION = 2  # bump when the layout on disk changes
 LIMIT_ENV, LIMIT_GB = "KUBETUNE_CACHE_PREPARED_GB", 20.0
+BUILDING = ".tmp-"  # an entry being built: <entry>.tmp-<pid>, renamed into place when done
 _CODE = [Path(__file__).parent / name for name in ("cache.py", "fastbpe.py", "formats.py",
                                                     "loading.py", "preprocess.py")] + \
     [Path(__file__).parents[1] / "recipes" / name for name in ("__init__.py", "sft.py")]
@@ -118,10 +119,15 @@ def load(ctx: Any, digest: str) -> tuple[Any, list[str]] | None:
                 keep=held), meta["log"]
 
 
+def _beside(root: Path, suffix: str) -> Path:
+    """A file kept next to an entry (its locks, its build directory)."""
+    return root.with_name(root.name + suffix)
+
+
 def _hold(root: Path, how: int) -> Any:
     """``root``'s use lock (a flock: shared by readers, exclusive to remove), or None when
     ``how`` is non-blocking and someone holds it."""
-    use = open(root.with_name(root.name + ".use"), "a")  # noqa: SIM115 (kept open: the lock)
+    use = open(_beside(root, ".use"), "a")  # noqa: SIM115 (kept open: the lock)
     try:
         fcntl.flock(use, how)
     except BlockingIOError:
@@ -155,10 +161,10 @@ def prune(ctx: Any, current: str, limit: int) -> list[str]:
     entries, total, removed = [], 0, []
     for entry in top.iterdir():
         meta = entry / "meta.json"
-        if ".tmp-" in entry.name and entry.is_dir():
+        if BUILDING in entry.name and entry.is_dir():
             # A build holds its key's lock from start to rename: free, this one's builder died.
             try:
-                with FileLock(str(top / entry.name.split(".tmp-")[0]) + ".lock", timeout=0):
+                with FileLock(_beside(top / entry.name.split(BUILDING)[0], ".lock"), timeout=0):
                     shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry.name)
             except Timeout:
@@ -174,14 +180,14 @@ def prune(ctx: Any, current: str, limit: int) -> list[str]:
         if total <= limit:
             break
         try:
-            with FileLock(str(entry) + ".lock", timeout=0):
+            with FileLock(_beside(entry, ".lock"), timeout=0):
                 held = _hold(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if held is None:
                     continue
                 with held:
                     shutil.rmtree(entry, ignore_errors=True)
                     # (no reader is between its check and its lock: it checks under the file lock)
-                    entry.with_name(entry.name + ".use").unlink(missing_ok=True)
+                    _beside(entry, ".use").unlink(missing_ok=True)
         except Timeout:
             continue
         total -= size
@@ -194,7 +200,7 @@ def building(ctx: Any, digest: str) -> Iterator[Path]:
     """A scratch directory for this key's files, put in its place when the block ends
     (atomically: a crash leaves no half-written entry, and no scratch)."""
     root = _dir(ctx, digest)
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    tmp = _beside(root, f"{BUILDING}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -235,4 +241,4 @@ def lock(ctx: Any, digest: str) -> Any:
 
     root = _dir(ctx, digest)
     root.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(root) + ".lock")
+    return FileLock(_beside(root, ".lock"))
