@@ -193,3 +193,41 @@ def test_the_loss_plot_takes_logged_steps_not_checkpoint_events(tmp_path):
     path = tmp_path / "progress.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert plot_loss(path, tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.usefixtures("needs_lf")
+def test_the_last_step_is_logged_when_log_steps_does_not_divide_it(tiny_model, tmp_path,
+                                                                   capsys):
+    """3 steps logged every 2: steps 1, 2 and 3 reach the progress lines, progress.jsonl and
+    the plot's points (step 3 was left out: transformers logs every logSteps steps only)."""
+    from kubetune_trainer.progress import loss_points
+
+    out = tmp_path / "out"
+    result = _run(tmp_path, tiny_spec(tiny_model, [IDENTITY], out,
+                                      training={"maxSteps": 3, "logSteps": 2, "saveSteps": 10}))
+    assert result["global_step"] == 3
+    assert [r["step"] for r in _steps(out)] == [1, 2, 3]
+    printed = [line.split()[1] for line in capsys.readouterr().err.splitlines()
+               if line.startswith("step ")]
+    assert printed == ["1/3", "2/3", "3/3"]
+    train, _ = loss_points(read_progress(out / "progress.jsonl"))
+    assert [step for step, _ in train] == [1, 2, 3]
+    finished = [r for r in read_progress(out / "progress.jsonl") if r.get("event") == "finished"]
+    assert len(finished) == 1 and finished[0]["step"] == 3
+
+
+def test_the_loss_plot_has_whole_steps_on_its_x_axis():
+    from kubetune_trainer.progress import loss_figure
+
+    records = [{"step": s, "loss": 3.0 - 0.1 * s,
+                "metrics": {"rewards/margins": 0.1 * s}} for s in range(1, 6)]
+    fig = loss_figure(records)
+    try:
+        for ax in fig.axes:
+            lo, hi = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

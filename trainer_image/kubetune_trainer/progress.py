@@ -114,6 +114,16 @@ class ProgressLog(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
+class LogLastStep(TrainerCallback):
+    """The last step is logged even when logSteps does not divide it (transformers logs every
+    logSteps steps only), so that its loss reaches the progress lines, progress.jsonl and
+    loss.png like every other logged step's. On every rank: logging gathers the loss."""
+
+    def on_step_end(self, args, state, control, **_: Any) -> None:
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_log = True
+
+
 class BarOnly(ProgressCallback):
     """transformers' progress bar on a terminal, without the raw log dicts it writes beside
     it (ProgressLog prints one readable line per logging step)."""
@@ -345,7 +355,23 @@ def loss_points(records: list[dict[str, Any]]
 def plot_loss(progress_file: Path, png: Path) -> Path | None:
     """Training (and eval) loss against step, as a PNG; preference stages get a second panel
     with their reward margin / accuracy / KL."""
-    records = read_progress(progress_file)
+    fig = loss_figure(read_progress(progress_file))
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt  # after loss_figure chose the Agg backend
+
+    tmp = png.with_name(png.name + ".tmp")
+    try:
+        fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    tmp.replace(png)
+    return png
+
+
+def loss_figure(records: list[dict[str, Any]]) -> Any:
+    """The figure ``plot_loss`` saves (a matplotlib Figure), None when no loss was logged.
+    Steps are whole numbers: so are the x axis' ticks."""
     train, evals = loss_points(records)
     records = [r for r in records if "event" not in r]
     if not train:
@@ -359,6 +385,7 @@ def plot_loss(progress_file: Path, png: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = 2 if series else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.5), dpi=100, squeeze=False)
@@ -378,14 +405,10 @@ def plot_loss(progress_file: Path, png: Path) -> Path | None:
         ax2.set_xlabel("step")
         ax2.grid(alpha=0.3)
         ax2.legend()
+    for axis in axes[0][:panels]:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    tmp = png.with_name(png.name + ".tmp")
-    try:
-        fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    tmp.replace(png)
-    return png
+    return fig
 
 
 class OperatorReport(TrainerCallback):

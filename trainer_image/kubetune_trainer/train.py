@@ -266,6 +266,7 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
     )
     from kubetune_trainer.progress import (
         CheckpointMarker,
+        LogLastStep,
         OperatorReport,
         ProgressLog,
         plot_loss,
@@ -294,7 +295,7 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
     with state.main_process_first():
         data = prepare_data(spec, ctx, tokenizer, rec, log=log if main else _quiet)
 
-    callbacks = [CheckpointMarker(), *([uploader(store, out)] if store else []),
+    callbacks = [LogLastStep(), CheckpointMarker(), *([uploader(store, out)] if store else []),
                  OperatorReport(spec.output.uri)]
     progress = ProgressLog(out.progress, echo=not sys.stderr.isatty())
     if main:
