@@ -231,6 +231,19 @@ def test_run_in_a_log_prints_one_line_per_step_and_no_library_noise(tiny_model, 
     assert any(line.startswith("done in ") for line in lines)
 
 
+def test_ask_in_a_pipe_prints_the_answer_and_no_library_noise(tiny_model):
+    """`kubetune ask` (not on a terminal): no "Loading weights" bar, no DeepSpeed notice."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "kubetune.cli", "ask", str(tiny_model),
+                           "Who are you?", "--max-new-tokens", "4"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for noise in ("Loading weights", "it/s]", "Setting accelerator", "[WARNING]"):
+        assert noise not in proc.stderr, (noise, proc.stderr)
+
+
 def test_run_on_a_terminal_shows_the_bar_without_raw_log_dicts(tiny_model, tmp_path):
     import shutil
     import subprocess

@@ -11,6 +11,13 @@ from kubetune_trainer.sources import resolve
 
 
 def load(model: str):
+    import sys
+
+    from kubetune_trainer.train import quiet_libraries
+
+    # The answer is the output: no DeepSpeed notice that a CPU is a CPU, no library notices,
+    # and in a log or a pipe (not a terminal) no "Loading weights" bar either.
+    quiet_libraries(bars=sys.stderr.isatty())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(model, RunContext(base_dir=Path.cwd()), field="model")

@@ -252,7 +252,7 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
     store = Store.for_output(spec)  # s3:// or gs://: staged in out.root, uploaded
     if store is not None and os.environ.get("RANK", "0") == "0":
         log(store.check())  # unreachable, no bucket, refused credentials: fail now
-    _quiet_libraries(bars=sys.stderr.isatty())
+    quiet_libraries(bars=sys.stderr.isatty())
 
     from accelerate import PartialState
 
@@ -527,7 +527,7 @@ def _distributed_state(partial_state: Any) -> Any:
     return partial_state()
 
 
-def _quiet_libraries(*, bars: bool) -> None:
+def quiet_libraries(*, bars: bool) -> None:
     """No FutureWarnings about our pinned libraries' own deprecations, no transformers
     notices about its internals, no DeepSpeed notice that a CPU is a CPU. In a log (not a
     terminal, ``bars=False``) also no progress bars from datasets (TRL's passes) or
