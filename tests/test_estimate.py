@@ -192,7 +192,11 @@ def weights_hub(tmp_path, monkeypatch):
 
     files = {"config.json": json.dumps(QWEN2_72B).encode(), "tokenizer_config.json": b"{}",
              "model-00001-of-00031.safetensors": b"\0" * 4096}
-    sha, seen = "c" * 40, []
+
+    class Seen(list):
+        gated = False  # True: 401 to a request without a token, as for a gated model
+
+    sha, seen = "c" * 40, Seen()
 
     class Hub(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -202,6 +206,11 @@ def weights_hub(tmp_path, monkeypatch):
             seen.append(self.path)
             path = self.path.split("?")[0]
             headers = {"Content-Type": "application/json"}
+            if seen.gated and not self.headers.get("Authorization"):
+                self.send_response(401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if "/tree/" in path:
                 body = json.dumps([{"type": "file", "path": f, "size": len(b),
                                     "oid": hashlib.sha1(b).hexdigest()}
@@ -255,3 +264,30 @@ def test_estimate_of_an_hf_model_fetches_its_config_never_its_weights(tmp_path, 
     fetched = [p for p in weights_hub if "/resolve/" in p]
     assert any(p.endswith("/config.json") for p in fetched)
     assert not any("safetensors" in p for p in fetched), fetched
+
+
+def _job_with_a_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBETUNE_SECRETS_DIR", str(tmp_path / "no-secrets"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return write_job(tmp_path / "big.yaml", {
+        "model": {"source": "hf://Qwen/Qwen2-72B", "secretRef": {"name": "hf-token"}},
+        "datasets": [{"source": "d.json"}], "method": {"type": "full"},
+        "resources": {"gpusPerNode": 1, "gpuMemory": "80Gi"}, "output": {"uri": "o"}})
+
+
+def test_estimate_of_a_public_hf_model_needs_no_local_secret(tmp_path, weights_hub,
+                                                             monkeypatch):
+    """The model names a Secret for the cluster; here it is absent, and a public model's
+    config.json needs no token (examples/assistant-identity.yaml)."""
+    res = CliRunner().invoke(app, ["estimate", str(_job_with_a_token(tmp_path, monkeypatch))])
+    assert res.exit_code == 2 and "does not fit in 80 GiB" in res.output, res.output
+    assert "secretRef" not in res.output
+
+
+def test_estimate_of_a_gated_hf_model_asks_for_the_missing_secret(tmp_path, weights_hub,
+                                                                  monkeypatch):
+    weights_hub.gated = True
+    res = CliRunner().invoke(app, ["estimate", str(_job_with_a_token(tmp_path, monkeypatch))])
+    assert res.exit_code == 2, res.output
+    assert "spec.model.secretRef: hf://Qwen/Qwen2-72B: the Hub answered 401 without a " \
+        "token; Secret 'hf-token' key token" in " ".join(res.output.split()), res.output

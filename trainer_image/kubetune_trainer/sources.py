@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from kubetune.credentials import SourceSecret
-from kubetune.errors import SourceError
+from kubetune.errors import KubetuneError, SourceError
 
 from kubetune_trainer.config import RunContext
 
@@ -96,10 +96,13 @@ def resolve(
 
         return materialize(rest, ctx.cache_dir, field=field)
     if scheme == "hf":
-        token = secret.require() if secret else None
+        # Config and tokenizer (``light``) are fetched without the Secret when it is not here:
+        # a public model needs none. Only when the Hub then refuses is the Secret asked for.
+        token = (secret.token() if light else secret.require()) if secret else None
         return _hf_download(rest, ctx, field=field, kind=kind, revision=revision,
                             token=token or os.environ.get(token_env)
-                            or os.environ.get("HF_TOKEN"), light=light)
+                            or os.environ.get("HF_TOKEN"), light=light,
+                            missing=secret if secret and not token else None)
     if scheme in FSSPEC_SCHEMES:
         if secret is not None:
             token = secret.require() if scheme in ("http", "https") else None
@@ -115,8 +118,9 @@ LIGHT_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 def _hf_download(
     rest: str, ctx: RunContext, *, field: str, kind: str, revision: str | None,
-    token: str | None, light: bool = False,
+    token: str | None, light: bool = False, missing: SourceSecret | None = None,
 ) -> Path:
+    """``missing``: the secretRef whose token is not here; named when the Hub refuses."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -138,6 +142,13 @@ def _hf_download(
             field=field,
         ) from None
     except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        if missing is not None and status in (401, 403):  # gated or private: a token is due
+            try:
+                missing.require()
+            except KubetuneError as no_token:
+                raise SourceError(f"hf://{rest}: the Hub answered {status} without a token; "
+                                  f"{no_token.message}", field=missing.field) from None
         raise SourceError(f"hf://{rest}: {redact(str(err))}", field=field) from None
     return Path(root) / sub
 
