@@ -212,7 +212,7 @@ def test_name_rule_in_cel_agrees():
         # patterns with the same meaning in Python and RE2
         ({"model": {"source": "hf://a/b\u00a0c"}}, "is not a source kubetune knows"),
         ({"model": {"source": "pvc://Bad_Claim/m"}}, "is not a source kubetune knows"),
-        ({"output": {"uri": "pvc://" + "a" * 70 + "/o"}}, "is not a source kubetune knows"),
+        ({"output": {"uri": "pvc://" + "a" * 70 + "/o"}}, "is not a volume claim name"),
         ({"template": "vicuna"}, "spec.template: Input should be 'auto', 'chatml', 'llama3' "
          "or 'alpaca'"),
         ({"datasets": [{"source": "d.json", "revision": "main\x07"}]},

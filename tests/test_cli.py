@@ -335,3 +335,21 @@ def test_render_refuses_what_the_operator_would_refuse_for_memory(tmp_path, hub)
     res = runner.invoke(app, ["render", str(job), "--gpu-memory", "80Gi"])
     assert res.exit_code == 0, res.output
     assert "--strategy" in res.output and "zero3" in res.output
+
+
+def test_a_bad_output_uri_says_what_is_wrong(tmp_path):
+    for uri, said in [
+            ("gs://b/o", "spec.output.uri: 'gs://b/o': the bucket name 'b' is 1 character "
+             "long; gs:// bucket names are 3 to 63 characters"),
+            ("s3://" + "b" * 64 + "/o", "is 64 characters long; s3:// bucket names are 3 to "
+             "63 characters"),
+            ("gs://My_Bucket/o", "'My_Bucket' is not a bucket name"),
+            ("ftp://host/o", "ftp:// is not a place kubetune writes outputs to; an output is "
+             "a local path, pvc://CLAIM/path")]:
+        job = write_job(tmp_path / "j.yaml", {"model": {"source": "m"},
+                                              "datasets": [{"source": "d.json"}],
+                                              "output": {"uri": uri}})
+        res = runner.invoke(app, ["validate", str(job), "--no-data"])
+        assert res.exit_code == 2, res.output
+        assert said in " ".join(res.output.split()), res.output
+        assert "not a source" not in res.output

@@ -155,6 +155,36 @@ def did_you_mean(loc: tuple[Any, ...] | list[Any]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+OUTPUTS = "a local path, pvc://CLAIM/path, s3://BUCKET/path, gs://BUCKET/path or hf://ORG/NAME"
+
+
+def output_uri_problem(uri: str) -> str:
+    """What is wrong with an output URI that OUTPUT_PATTERN refuses, in words."""
+    import re
+
+    from kubetune.api.v1alpha1._base import _SPACE, DNS_SUBDOMAIN
+
+    if re.search(f"[{_SPACE}]", uri):
+        return "contains a space or a control character"
+    scheme, sep, rest = uri.partition("://")
+    if scheme in ("s3", "gs") and sep:
+        bucket = rest.split("/", 1)[0]
+        if not 3 <= len(bucket) <= 63:
+            size = f"{len(bucket)} character{'s' if len(bucket) != 1 else ''}"
+            return (f"the bucket name {bucket!r} is {size} long; {scheme}:// bucket names are "
+                    "3 to 63 characters")
+        return (f"{bucket!r} is not a bucket name: lower-case letters, digits, '-', '.' and "
+                "'_', starting with a letter or a digit")
+    if scheme == "pvc" and sep and not re.match(DNS_SUBDOMAIN, rest.split("/", 1)[0]):
+        return (f"{rest.split('/', 1)[0]!r} is not a volume claim name (lower-case letters, "
+                "digits, '-' and '.', at most 63 characters between dots)")
+    if scheme == "hf" and sep:
+        return "an hf:// output is a Hub repository: hf://ORG/NAME, no path below it"
+    if sep and scheme not in ("file", "pvc"):
+        return f"{scheme}:// is not a place kubetune writes outputs to; an output is {OUTPUTS}"
+    return f"not an output location; an output is {OUTPUTS}"
+
+
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
@@ -166,6 +196,8 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
                 did_you_mean(e["loc"]) if not prefix else "")
         elif e["type"] == "enum":
             msg = f"{e['input']!r} is not allowed; expected {e['ctx']['expected']}"
+        elif e["type"] == "string_pattern_mismatch" and loc.endswith("output.uri"):
+            msg = f"{e['input']!r}: {output_uri_problem(str(e['input']))}"
         elif e["type"] == "string_pattern_mismatch" and loc.endswith(("source", "uri")):
             msg = f"{e['input']!r} is not a source kubetune knows"
         elif e["type"] == "string_pattern_mismatch":
