@@ -353,3 +353,24 @@ def test_a_bad_output_uri_says_what_is_wrong(tmp_path):
         assert res.exit_code == 2, res.output
         assert said in " ".join(res.output.split()), res.output
         assert "not a source" not in res.output
+
+
+def test_render_says_why_memory_is_not_estimated(tmp_path, hub):
+    import yaml
+
+    # A model from another job: not "read from the Hub only" (it is no hf:// model at all).
+    res = runner.invoke(app, ["render", str(REPO / "examples" / "pipeline" / "3-grpo.yaml")])
+    assert res.exit_code == 0, res.output
+    assert "memory: not estimated (the model comes from FineTuneJob 'assistant-sft'" in \
+        " ".join(res.output.split()), res.output
+    assert "from the Hub only" not in res.output
+    # An hf:// model whose config.json cannot be fetched: the reason, not a guess.
+    doc = yaml.safe_load((REPO / "examples" / "assistant-identity.yaml").read_text())
+    doc["spec"]["model"] = {"source": "hf://Qwen/NotThere"}
+    job = tmp_path / "j.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    res = runner.invoke(app, ["render", str(job)])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert "memory: not estimated (the model's config.json was not read: http://127.0.0.1:" \
+        in said and "/Qwen/NotThere/resolve/main/config.json: HTTP Error 404" in said, said

@@ -303,8 +303,8 @@ def render(
 
         verdict = memory_verdict(job, config)  # as the operator checks it: hf:// config.json
         if verdict is None:
-            err.print("memory: not estimated (the model's config.json is read from the Hub "
-                      "only, for an hf:// model)", highlight=False, markup=False)
+            err.print(f"memory: not estimated ({_not_estimated(job)})", highlight=False,
+                      markup=False)
         elif verdict.fits is False:  # the operator would refuse it: no children
             raise KubetuneError(verdict.message(), field="spec.resources")
         else:
@@ -318,6 +318,23 @@ def render(
                   "operator creates these once it has succeeded, with its model as "
                   "spec.model.source in the ConfigMap", highlight=False, markup=False)
     sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False))
+
+
+def _not_estimated(job: Any) -> str:
+    """Why ``render`` (the operator) has no memory estimate for a job."""
+    from kubetune_operator.reconcile import model_config_problem
+
+    model = job.spec.model
+    if model.from_job:
+        return (f"the model comes from FineTuneJob {model.from_job!r} and is known once that "
+                "job has succeeded; `kubetune estimate --config CONFIG_JSON` checks it")
+    if not (model.source or "").startswith("hf://"):
+        return ("the operator reads the config.json of an hf:// model only; `kubetune "
+                "estimate` reads this one")
+    problem = model_config_problem(model.source, model.revision)
+    if problem:
+        return f"the model's config.json was not read: {problem}"
+    return "the model's config.json does not give its shape (hidden size, layers, vocabulary)"
 
 
 @app.command()

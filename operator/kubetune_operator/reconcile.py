@@ -641,7 +641,8 @@ def memory_refusal(job: FineTuneJob, config: OperatorConfig) -> str | None:
     return f"spec.resources: {verdict.message()}"
 
 
-_CONFIGS: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+# (when fetched, the config.json or None, why it is None)
+_CONFIGS: dict[tuple[str, str], tuple[float, dict[str, Any] | None, str | None]] = {}
 CONFIG_TTL = 300.0  # seconds a fetched (or missing) config.json is reused
 
 
@@ -662,13 +663,26 @@ def model_config(source: str | None, revision: str | None) -> dict[str, Any] | N
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     url = f"{endpoint}/{repo}/resolve/{revision or 'main'}/{sub + '/' if sub else ''}config.json"
     shape: dict[str, Any] | None = None
+    why = None
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (https or set)
             shape = json.loads(resp.read(1 << 20))
+        if not isinstance(shape, dict):
+            shape, why = None, f"{url} is not a JSON object"
     except (OSError, ValueError) as err:
+        why = f"{url}: {err}"
         log.info("%s: config.json not read (%s): memory not checked", source, err)
-    _CONFIGS[key] = (time.monotonic(), shape if isinstance(shape, dict) else None)
-    return _CONFIGS[key][1]
+    _CONFIGS[key] = (time.monotonic(), shape, why)
+    return shape
+
+
+def model_config_problem(source: str | None, revision: str | None) -> str | None:
+    """Why ``model_config`` found no config.json for an hf:// model (the last fetch's error,
+    or HF_HUB_OFFLINE), None when it did or never tried."""
+    if source and source.startswith("hf://") and os.environ.get("HF_HUB_OFFLINE") == "1":
+        return "HF_HUB_OFFLINE=1 (the Hub is not asked)"
+    hit = _CONFIGS.get((source or "", revision or "main"))
+    return hit[2] if hit else None
 
 
 def _from_job(kube: Kube, ns: str, name: str, job: FineTuneJob
