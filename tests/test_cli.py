@@ -374,3 +374,23 @@ def test_render_says_why_memory_is_not_estimated(tmp_path, hub):
     said = " ".join(res.output.split())
     assert "memory: not estimated (the model's config.json was not read: http://127.0.0.1:" \
         in said and "/Qwen/NotThere/resolve/main/config.json: HTTP Error 404" in said, said
+
+
+def test_init_reports_on_stdout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["init"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == ["wrote finetune.yaml", "wrote data.json",
+                                       "next: edit finetune.yaml, then `kubetune validate "
+                                       "finetune.yaml` and `kubetune run finetune.yaml`"]
+    assert res.stderr == ""
+
+
+def test_help_keeps_sentences_whole(monkeypatch):
+    """--help wraps to the terminal; the docstrings' own line breaks no longer cut sentences
+    ("its data, without / training")."""
+    monkeypatch.setenv("COLUMNS", "200")
+    res = runner.invoke(app, ["--help"])
+    assert "its data, without training; and whether it fits" in res.output, res.output
+    res = runner.invoke(app, ["validate", "--help"])
+    assert "its data, without training; and whether it fits" in res.output, res.output

@@ -21,13 +21,25 @@ class _Guarded(typer.Typer):
     one line and the file its traceback went to (exit 1), never a screen of traceback."""
 
     def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
-        register = super().command(*args, **kwargs)
+        register = super().command
 
         def wrap(f: Callable) -> Callable:
-            register(_guarded(f))
+            # --help wraps the text to the terminal: the docstring's own line breaks would
+            # break sentences in the middle ("its data, without / training").
+            doc = kwargs.get("help") or f.__doc__
+            register(*args, **{**kwargs, "help": _unwrapped(doc)})(_guarded(f))
             return f
 
         return wrap
+
+
+def _unwrapped(doc: str | None) -> str | None:
+    """A docstring with each paragraph on one line."""
+    import inspect
+
+    if not doc:
+        return doc
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
 
 
 def _guarded(f: Callable) -> Callable:
@@ -437,12 +449,11 @@ def init(
     if existing and not force:
         _fail(KubetuneError(f"{', '.join(existing)} already exist(s); use --force to "
                             "overwrite"))
-    for target, source in files.items():
+    for target, source in files.items():  # what was done goes to stdout, errors to stderr
         target.write_text(source.read_text())
-        err.print(f"wrote {target}", highlight=False)
+        print(f"wrote {target}")
     first = f"kubetune run {out}" if kind == "local" else f"kubetune render {out}"
-    err.print(f"next: edit {out}, then `kubetune validate {out}` and `{first}`",
-              highlight=False, markup=False)
+    print(f"next: edit {out}, then `kubetune validate {out}` and `{first}`")
 
 
 if __name__ == "__main__":
