@@ -343,7 +343,7 @@ def test_the_backend_setting_picks_the_training_object():
     from kubetune_operator.backends import backend_named
 
     with pytest.raises(ValueError, match="backend 'mpijob' is not known; expected one of "
-                                         "PyTorchJob, TrainJob"):
+                                         "PyTorchJob, TrainJob, Job$"):
         backend_named("mpijob")
 
 
@@ -410,3 +410,270 @@ def test_the_spec_hash_ignores_defaults_and_sees_changes():
     assert builders.spec_hash(_job(resources={"strategy": "ddp"},
                                    training={"learningRate": None})) == plain
     assert builders.spec_hash(_job(resources={"strategy": "zero3"})) != plain
+
+
+# ------------------------------------------------------------------ the Job (batch/v1) backend
+
+JOB_CONFIG = OperatorConfig(trainer_image="registry.example/kubetune/trainer:1",
+                            progress_url="https://kubetune.kubetune-system.svc:8443/v1",
+                            backend="Job")
+QUEUED = {"kueue.x-k8s.io/queue-name": "team-a"}
+
+
+def _server(version):
+    from kubetune_operator.apiserver import ApiServer
+
+    major, minor = version.split(".")[:2]
+    return ApiServer.from_version({"major": major, "minor": minor, "gitVersion": f"v{version}"})
+
+
+def _valid_core(objs, version="1.33.0"):
+    """Every object against the real Kubernetes schema of that release (unknown fields too)."""
+    import kubernetes_validate
+
+    for obj in objs:
+        obj = copy.deepcopy(obj)
+        obj["metadata"].setdefault("namespace", "team-a")
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def _trainer(obj):
+    (c,) = obj["spec"]["template"]["spec"]["containers"]
+    assert c["name"] == "trainer"
+    return c
+
+
+def _env(container):
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_job_one_node_is_one_pod_with_the_launcher_and_a_failure_policy():
+    job = _job(resources={"gpusPerNode": 4}, runPolicy={"backoffLimit": 5,
+                                                        "ttlSecondsAfterFinished": 600})
+    objs = builders.children(job=job, config=JOB_CONFIG, uid="u-1")
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Job"]  # no Service for one node
+    _valid_core(objs)
+    spec = objs[1]["spec"]
+    assert objs[1]["apiVersion"] == "batch/v1"
+    assert (spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (1, 1, 5)
+    assert "completionMode" not in spec and "subdomain" not in spec["template"]["spec"]
+    assert spec["suspend"] is False and spec["ttlSecondsAfterFinished"] == 600
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy needs it
+    assert spec["podFailurePolicy"] == {"rules": [
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                              "values": [2]},
+         "onPodConditions": []},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget",
+                                                  "status": "True"}]}]}
+    assert spec["podReplacementPolicy"] == "Failed"
+    c = _trainer(objs[1])
+    assert c["command"] == ["kubetune-launch"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    env = _env(c)
+    assert (env["PET_NNODES"], env["PET_NODE_RANK"], env["PET_NPROC_PER_NODE"]) == ("1", "0", "4")
+    assert "MASTER_ADDR" not in env
+    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+
+
+def test_job_on_more_nodes_is_an_indexed_job_behind_a_headless_service():
+    job = _job(resources={"nodes": 3, "gpusPerNode": 8})
+    objs = builders.children(job=job, config=JOB_CONFIG, uid="u-1")
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]  # the Job last
+    _valid_core(objs)
+    svc, obj = objs[1], objs[2]
+    name = "assistant-identity"
+    assert svc["metadata"]["name"] == name and svc["metadata"]["ownerReferences"][0]["uid"] \
+        == "u-1"
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+    pod = obj["spec"]["template"]
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    spec = obj["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    assert pod["spec"]["subdomain"] == name  # stable hostnames <job>-<index>.<service>
+    env = _env(_trainer(obj))
+    assert env["PET_NODE_RANK"] == {"fieldRef": {
+        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"]) == ("3", "8")
+    assert env["MASTER_ADDR"] == f"{name}-0.{name}" and env["MASTER_PORT"] == "29500"
+    assert svc["spec"]["ports"][0]["port"] == 29500
+
+
+def test_the_launcher_reads_the_job_topology_as_a_pytorchjobs():
+    """What kubetune-launch makes of the Indexed Job's variables (the index as the downward
+    API would give it on node 2)."""
+    from kubetune_trainer.launch import command, topology
+
+    obj = builders.children(job=_job(resources={"nodes": 2, "gpusPerNode": 8}),
+                            config=JOB_CONFIG)[-1]
+    env = {k: v for k, v in _env(_trainer(obj)).items() if isinstance(v, str)}
+    topo = topology({**env, "PET_NODE_RANK": "1"}, gpus=8)
+    assert (topo.nnodes, topo.node_rank, topo.world_size) == (2, 1, 16)
+    cmd = command(topo, [], python="python")
+    assert cmd[cmd.index("--master_addr") + 1] == "assistant-identity-0.assistant-identity"
+    assert cmd[cmd.index("--master_port") + 1] == "29500"
+
+
+def test_a_queued_job_is_created_suspended_for_kueue():
+    from kubetune_operator.backends.job import JOB
+
+    obj = JOB.render(job=_job(), config=JOB_CONFIG, labels={**QUEUED, "x": "y"})
+    _valid_core([obj])
+    assert obj["spec"]["suspend"] is True
+    assert obj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert "x" not in obj["metadata"]["labels"]
+    assert JOB.render(job=_job(suspend=True), config=JOB_CONFIG)["spec"]["suspend"] is True
+    assert JOB.suspend_patch(False) == {"spec": {"suspend": False}}
+
+
+@pytest.mark.parametrize(("version", "present"), [
+    ("1.20.15", set()),
+    ("1.22.0", {"suspend", "completionMode", "ttlSecondsAfterFinished"}),
+    ("1.26.3", {"suspend", "completionMode", "ttlSecondsAfterFinished", "podFailurePolicy"}),
+    ("1.29.0", {"suspend", "completionMode", "ttlSecondsAfterFinished", "podFailurePolicy",
+                "podReplacementPolicy"}),
+])
+def test_the_job_carries_only_what_its_api_server_knows(version, present):
+    """A 1.20 server prunes fields it does not know, silently: a Job rendered for a newer one
+    would not be the Job we meant (no suspend: it runs at once; no failure policy). (More
+    than one node is refused before 1.22: one node there.)"""
+    server = _server(version)
+    job = _job(resources={"nodes": 2 if server.indexed_jobs else 1},
+               runPolicy={"ttlSecondsAfterFinished": 60})
+    obj = builders.children(job=job, config=JOB_CONFIG, server=server)[-1]
+    optional = {"suspend", "completionMode", "ttlSecondsAfterFinished", "podFailurePolicy",
+                "podReplacementPolicy"}
+    assert set(obj["spec"]) & optional == present
+    if server.at_least(25):  # kubernetes-validate has the schemas of 1.25 and later
+        _valid_core([obj], version)
+
+
+def test_an_old_api_server_refuses_more_nodes_and_kueue_naming_the_field():
+    from kubetune_operator.backends.job import JOB
+    from kubetune_operator.validation import cluster_problem
+
+    old, new = _server("1.20.15"), _server("1.33.1")
+    two = _job(resources={"nodes": 2})
+    assert cluster_problem(two, JOB, old).startswith("spec.resources.nodes: 2 nodes need an "
+                                                     "Indexed Job (Kubernetes 1.22+); this API "
+                                                     "server is v1.20.15")
+    assert cluster_problem(two, JOB, new) is None
+    assert cluster_problem(_job(), JOB, old) is None  # one node runs there
+    assert cluster_problem(_job(), JOB, old, queued=True).startswith(
+        "metadata.labels[kueue.x-k8s.io/queue-name]: ")
+    assert cluster_problem(_job(), JOB, new, queued=True) is None
+    assert cluster_problem(two, PYTORCHJOB, old, queued=True) is None  # a CRD: its own fields
+    assert JOB.suspend_problem(old).startswith("spec.suspend: ")
+    assert JOB.suspend_problem(new) is None
+
+
+def test_the_api_server_version_is_read_as_servers_write_it():
+    from kubetune_operator.apiserver import ApiServer
+
+    eks = ApiServer.from_version({"major": "1", "minor": "20+",
+                                  "gitVersion": "v1.20.15-eks-abc"})
+    assert (eks.minor, eks.indexed_jobs, eks.version) == (20, False, "v1.20.15-eks-abc")
+    bare = ApiServer.from_version({"major": "", "minor": "", "gitVersion": "v1.31.2+k3s1"})
+    assert (bare.minor, bare.pod_failure_policy, bare.pod_replacement_policy) == (31, True, True)
+    with pytest.raises(ValueError, match="unreadable"):
+        ApiServer.from_version({"gitVersion": "devel"})
+
+
+def _job_obj(status=None, annotations=None, suspend=False):
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "ident", "annotations": annotations or {}},
+            "spec": {"suspend": suspend}, "status": status or {}}
+
+
+def _cond(type_, reason="", message=""):
+    return {"type": type_, "status": "True", "reason": reason, "message": message,
+            "lastProbeTime": "2026-12-07T10:00:00Z",
+            "lastTransitionTime": "2026-12-07T10:00:00Z"}
+
+
+def test_job_state_from_what_the_job_controller_writes():
+    from kubetune_operator.backends.job import JOB
+
+    start = {"startTime": "2026-12-07T09:00:00Z"}
+    # Queued by Kueue: suspended, the Suspended condition (1.24+), no pods.
+    s = JOB.state(_job_obj({"conditions": [_cond("Suspended", "JobSuspended",
+                                                 "Job suspended")]}, suspend=True))
+    assert s.suspended and not s.running
+    # Admitted, a pod pulling its image: active but not ready (1.24+ writes ready).
+    s = JOB.state(_job_obj({**start, "active": 1, "ready": 0}))
+    assert not s.running and not s.restarting and not s.suspended
+    assert JOB.state(_job_obj({**start, "active": 1, "ready": 1})).running
+    # 1.20 writes no ready: active it is.
+    assert JOB.state(_job_obj({**start, "active": 1})).running
+    # A pod failed; its replacement not up yet: restarting. Up again: running.
+    s = JOB.state(_job_obj({**start, "failed": 1, "active": 1, "ready": 0}))
+    assert s.restarting and not s.running
+    s = JOB.state(_job_obj({**start, "failed": 1, "active": 1, "ready": 1}))
+    assert s.running and not s.restarting
+    s = JOB.state(_job_obj({**start, "succeeded": 1, "completionTime": "2026-12-07T11:00:00Z",
+                            "conditions": [_cond("Complete")]}))
+    assert s.succeeded == "training finished" and not s.failed
+    s = JOB.state(_job_obj({**start, "failed": 4, "conditions": [_cond(
+        "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")]}))
+    assert s.failed == ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+    assert not s.restarting
+    s = JOB.state(_job_obj({**start, "failed": 1, "conditions": [
+        _cond("FailureTarget", "PodFailurePolicy", "m"), _cond(
+            "Failed", "PodFailurePolicy", "Container trainer for pod team-a/ident-x7k2p failed "
+            "with exit code 2 matching FailJob rule at index 0")]}))
+    assert s.failed[0] == "PodFailurePolicy" and "exit code 2" in s.failed[1]
+    s = JOB.state(_job_obj({**start, "failed": 1},
+                           annotations={"kubetune.io/stopped": "pod ident-x7k2p exited 2"}))
+    assert s.failed == ("PermanentError", "pod ident-x7k2p exited 2")
+
+
+def _pod(name, code, container="trainer", owner="ident", message=""):
+    return {"metadata": {"name": name, "ownerReferences": [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": owner, "uid": "j",
+         "controller": True}]},
+            "status": {"phase": "Failed", "containerStatuses": [{"name": container, "state": {
+                "terminated": {"exitCode": code, "reason": "Error", "message": message}}}]}}
+
+
+def test_a_permanent_exit_stops_the_job_only_where_the_server_cannot():
+    from kubetune_operator.backends.job import JOB
+
+    old, new = _server("1.20.15"), _server("1.26.0")
+    running = _job_obj({"active": 1, "failed": 1})
+    patch = JOB.stop_patch(running, [_pod("ident-x7k2p", 2)], old)
+    assert patch == {"metadata": {"annotations": {"kubetune.io/stopped": (
+        "pod ident-x7k2p exited with code 2 (a permanent error: not retried)")}},
+        "spec": {"activeDeadlineSeconds": 1}}
+    assert JOB.stop_patch(running, [_pod("ident-x7k2p", 2)], new) is None  # podFailurePolicy
+    assert JOB.stop_patch(running, [_pod("ident-x7k2p", 1)], old) is None  # retried
+    assert JOB.stop_patch(running, [_pod("ident-x7k2p", 137)], old) is None
+    assert JOB.stop_patch(running, [_pod("ident-x7k2p", 2, container="sidecar")], old) is None
+    assert JOB.stop_patch(running, [_pod("other-x7k2p", 2, owner="other")], old) is None
+    stopped = _job_obj({"active": 1}, annotations=patch["metadata"]["annotations"])
+    assert JOB.stop_patch(stopped, [_pod("ident-x7k2p", 2)], old) is None  # once
+
+
+def test_job_pods_by_name_and_owner():
+    from kubetune_operator.backends.job import JOB
+
+    assert JOB.pod_name_matches("ident-x7k2p", "ident")  # one node
+    assert JOB.pod_name_matches("ident-1-x7k2p", "ident")  # indexed
+    for other in ("ident-master-0", "ident-node-0-0-x7k2p", "identx-x7k2p", "ident-x7k2"):
+        assert not JOB.pod_name_matches(other, "ident"), other
+    assert JOB.owns_pod(_pod("ident-x7k2p", 0), "ident")
+    assert not JOB.owns_pod(_pod("ident-x7k2p", 0, owner="ident-node-0"), "ident")  # TrainJob's
+
+
+def test_the_job_backend_is_picked_by_its_setting_and_rendered_by_the_cli():
+    from kubetune.cli import app
+    from kubetune_operator.settings import OperatorConfig as Config
+    from typer.testing import CliRunner
+
+    assert Config.from_env({"KUBETUNE_BACKEND": "job"}).backend == "Job"
+    path = REPO / "examples" / "assistant-identity.yaml"
+    result = CliRunner().invoke(app, ["render", str(path), "--backend", "job", "-n", "a"])
+    assert result.exit_code == 0, result.output
+    docs = list(yaml.safe_load_all(result.stdout))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Job"]
+    _valid_core(docs)
+    assert "podFailurePolicy" in docs[1]["spec"]  # for a current server
+    assert docs[1]["spec"]["suspend"] is True  # the example names a Kueue queue

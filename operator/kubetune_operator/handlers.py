@@ -107,6 +107,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         memo.executor = ThreadPoolExecutor(max_workers=config.workers,
                                            thread_name_prefix="converge")
     memo.backend = backend_named(config.backend)
+    if memo.get("server") is None:  # tests may hand in their own
+        # What the API server can do, read once: rendering leaves out what it does not know.
+        # An error here is retried by kopf (the startup waits for the API server).
+        memo.server = memo.kube.server()
+        log.info("API server %s", memo.server.version)
     if config.metrics_port and not memo.get("metrics_started"):
         metrics.serve(config.metrics_port)
         memo.metrics_started = True
@@ -230,7 +235,7 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
     with metrics.RECONCILE_SECONDS.time():
         try:
             outcome = rc.reconcile(parent, memo.kube, memo.config,
-                                   memo.store.get(ns, name))
+                                   memo.store.get(ns, name), server=memo.server)
         except Exception:
             metrics.RECONCILES.labels("error").inc()
             raise
@@ -352,7 +357,7 @@ async def _converge_job(memo: kopf.Memo, raw: dict[str, Any], version: str) -> N
 async def _first_converge(memo: kopf.Memo, raw: dict[str, Any]) -> rc.Outcome | None:
     with metrics.RECONCILE_SECONDS.time():
         try:
-            outcome = await rc.reconcile_new(raw, memo.kube, memo.config)
+            outcome = await rc.reconcile_new(raw, memo.kube, memo.config, memo.server)
         except Exception:
             metrics.RECONCILES.labels("error").inc()
             raise

@@ -29,6 +29,7 @@ from kubetune.api.v1alpha1 import (
 )
 
 from kubetune_operator import builders, serving
+from kubetune_operator.apiserver import ApiServer
 from kubetune_operator.backends import Backend, all_backends, backend_named
 from kubetune_operator.builders import (
     JOB_LABEL,
@@ -110,6 +111,11 @@ class Kube:
             return None
         base = "/apis/apps/v1" if kind == "Deployment" else "/api/v1"
         return f"{base}/namespaces/{ns}/{plural}" + (f"/{name}" if name else "")
+
+    def server(self) -> ApiServer:
+        """What the API server can do, from its version (``GET /version``: every
+        authenticated client may read it). Read once, at startup."""
+        return ApiServer.from_version(self._raw("GET", "/version") or {})
 
     def get(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
@@ -356,14 +362,15 @@ class Outcome:
 
 
 def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
-              progress: dict[str, Any] | None = None) -> Outcome:
-    """Converge one FineTuneJob; returns the status it should have (patch only if changed)."""
+              progress: dict[str, Any] | None = None, *, server: ApiServer) -> Outcome:
+    """Converge one FineTuneJob; returns the status it should have (patch only if changed).
+    ``server``: what the API server can do (read once at startup)."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     old = body.get("status") or {}
     labels = meta.get("labels") or {}
     backend = backend_named(config.backend)
-    job, invalid = validate(body, backend)
+    job, invalid = validate(body, backend, server, _queued(labels, config))
     waiting: str | None = None
     if job is not None and (job.spec.model.from_job
                             or any(r.from_job for r in job.spec.rewards or [])):
@@ -376,7 +383,8 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     workload: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = []
     if job is not None:
-        objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels)
+        objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels,
+                                 server=server)
         # A finished run's cleaned-up child stays gone; a spec that was invalid and is now
         # fixed never had children, so it gets them.
         finished = old.get("phase") in TERMINAL and not was_invalid(old)
@@ -413,14 +421,24 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
                 drift = (f"the spec changed after the {backend.kind} was made; only suspend "
                          "applies to a job in flight: create a new FineTuneJob for other changes")
             queued = KUEUE_QUEUE_LABEL in (child.get("metadata", {}).get("labels") or {})
-            child, workload = _apply_suspend(kube, backend, ns, name, child,
-                                             job.spec.suspend, queued)
+            cannot = backend.suspend_problem(server)
+            applied = (child.get("metadata", {}).get("annotations") or {}).get(SUSPEND_APPLIED)
+            if cannot and applied != str(job.spec.suspend).lower():
+                # Said in a condition; the running object is left as it is.
+                drift = f"{drift}; {cannot}" if drift else cannot
+            else:
+                child, workload = _apply_suspend(kube, backend, ns, name, child,
+                                                 job.spec.suspend, queued)
             # Kueue makes the Workload after the child: none to look for in the same pass.
             just_made = f"{backend.kind}/{name}" in created
             if queued and workload is None and backend.suspend_flag(child) and not just_made:
                 workload = kube.workload(ns, child["metadata"].get("uid", ""))  # why it waits
             if child.get("status"):  # no status yet: the training operator made no pods yet
                 pods = kube.pods(ns, name)
+                stop = backend.stop_patch(child, pods, server)
+                if stop is not None:  # a permanent failure the server cannot see: no retries
+                    log.info("%s/%s: stopping the %s: %s", ns, name, backend.kind, stop)
+                    child = kube.patch_child(backend, ns, name, stop)
                 mirrored = backend.state(child).trainer_status
                 if mirrored and config.trainer_status:  # Kubeflow's KEP-2779 endpoint
                     from kubetune_operator.reporting import from_trainer_status
@@ -431,8 +449,8 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
                      workload=workload, pods=pods, progress=progress)
 
 
-async def reconcile_new(body: dict[str, Any], kube: Kube, config: OperatorConfig
-                        ) -> Outcome | None:
+async def reconcile_new(body: dict[str, Any], kube: Kube, config: OperatorConfig,
+                        server: ApiServer) -> Outcome | None:
     """The first converge of a job never reconciled (no status yet): its children made on the
     event loop, create first and nothing read. None when it needs more than that (invalid,
     suspended, fromJob, the memory check, a child already there): ``reconcile`` then, which
@@ -441,7 +459,7 @@ async def reconcile_new(body: dict[str, Any], kube: Kube, config: OperatorConfig
     if body.get("status"):
         return None
     backend = backend_named(config.backend)
-    job, _ = validate(body, backend)
+    job, _ = validate(body, backend, server, _queued(meta.get("labels") or {}, config))
     if job is None or job.spec.suspend or job.spec.model.from_job or any(
             r.from_job for r in job.spec.rewards or []):
         return None
@@ -450,7 +468,7 @@ async def reconcile_new(body: dict[str, Any], kube: Kube, config: OperatorConfig
         return None  # the memory estimate may read the model's config.json (blocking I/O)
     ns, name = meta["namespace"], meta["name"]
     objs = builders.children(job=job, config=config, uid=meta.get("uid"),
-                             labels=meta.get("labels") or {})
+                             labels=meta.get("labels") or {}, server=server)
     created: list[str] = []
     for obj in objs:
         obj["metadata"]["namespace"] = ns
@@ -736,6 +754,11 @@ def _merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _queued(labels: dict[str, str], config: OperatorConfig) -> bool:
+    """The job goes through a Kueue queue: its own label, or the operator's default."""
+    return KUEUE_QUEUE_LABEL in builders.kueue_labels(labels, config)
 
 
 def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:

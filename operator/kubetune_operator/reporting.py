@@ -4,8 +4,8 @@ Pods POST ``{"trainerStatus": {...}}`` (transformers' KubeflowCallback does it b
 ``KUBEFLOW_TRAINER_SERVER_URL`` is set) with a projected service-account token whose audience
 is ``kubetune``. We check the token with a TokenReview and accept it only from a pod of that
 very job: same namespace, a pod name its backend gives (``<job>-master-N`` for a
-PyTorchJob, ``<job>-node-N-M-xxxxx`` for a TrainJob), owned as that backend owns its
-pods. Pods get no RBAC on the Kubernetes API. kubetune's trainer adds
+PyTorchJob, ``<job>-node-N-M-xxxxx`` for a TrainJob, ``<job>-[N-]xxxxx`` for a Job), owned as
+that backend owns its pods. Pods get no RBAC on the Kubernetes API. kubetune's trainer adds
 ``{"kubetune": {"checkpoint"|"outputs"}}``.
 
 Reports land in a ``ProgressStore``; a flusher patches statuses at most every few seconds per

@@ -27,8 +27,8 @@ class OperatorConfig:
     # Memory of one GPU by product label value ("default": jobs that select none); a job's
     # resources.gpuMemory wins. Jobs whose estimate does not fit get no children.
     gpu_memory: tuple[tuple[str, str], ...] = ()
-    # The training backend (backends/): "PyTorchJob" (Training Operator v1) or "TrainJob"
-    # (Kubeflow Trainer v2).
+    # The training backend (backends/): "PyTorchJob" (Training Operator v1), "TrainJob"
+    # (Kubeflow Trainer v2) or "Job" (batch/v1, no add-on); case-insensitive in the variable.
     backend: str = "PyTorchJob"
     training_runtime: str = "kubetune"  # TrainJob: the ClusterTrainingRuntime it refers to
     # TrainJob: Kubeflow's TrainJobStatus gate is on, so Trainer v2 gives the pods its own

@@ -12,13 +12,16 @@ from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.jobfile import format_validation_error, validate_job
 from pydantic import ValidationError
 
+from kubetune_operator.apiserver import CURRENT, ApiServer
 from kubetune_operator.backends import Backend
 
 CLUSTER_SOURCES = ("pvc://", "hf://", "https://", "http://", "s3://", "gs://", "embedded://")
 
 
-def cluster_problem(job: FineTuneJob, backend: Backend | None = None) -> str | None:
-    """Why ``job`` cannot run in a cluster (naming the field), or None."""
+def cluster_problem(job: FineTuneJob, backend: Backend | None = None,
+                    server: ApiServer = CURRENT, queued: bool = False) -> str | None:
+    """Why ``job`` cannot run in a cluster (naming the field), or None. ``server``: what the
+    API server can do; ``queued``: the job goes through a Kueue queue."""
     spec = job.spec
     fields = [("spec.model.source", spec.model.source)] * bool(spec.model.source) + [
         (f"spec.datasets[{i}].source", d.source) for i, d in enumerate(spec.datasets)]
@@ -29,10 +32,11 @@ def cluster_problem(job: FineTuneJob, backend: Backend | None = None) -> str | N
     if not spec.output.uri.startswith("pvc://"):
         return (f"spec.output.uri: {spec.output.uri!r}: in a cluster outputs go to a "
                 "volume claim, pvc://CLAIM/path")
-    return backend.refuses(job) if backend is not None else None
+    return backend.refuses(job, server, queued) if backend is not None else None
 
 
-def validate(body: dict[str, Any], backend: Backend | None = None
+def validate(body: dict[str, Any], backend: Backend | None = None,
+             server: ApiServer = CURRENT, queued: bool = False
              ) -> tuple[FineTuneJob | None, str | None]:
     """Parse a FineTuneJob as read from the API with the API models, then the cluster rules.
 
@@ -46,5 +50,5 @@ def validate(body: dict[str, Any], backend: Backend | None = None
         job = validate_job(doc)  # as the CLI reads a file: camelCase only, strict
     except ValidationError as err:
         return None, format_validation_error(err)
-    problem = cluster_problem(job, backend)
+    problem = cluster_problem(job, backend, server, queued)
     return (None, problem) if problem else (job, None)

@@ -1,15 +1,19 @@
 """Training backends: which object runs a job, and how its state is read. One module each.
 
 Every backend answers the same few questions, and nothing outside its module knows more about
-the object than these: how a job renders into it (``render``), what its status says
-(``state``), how it is suspended (``suspend_flag``/``suspend_patch``), which pods are its own
-(``owns_pod``, ``pod_name_matches``) and the trainer container's name (``container``).
+the object than these: how a job renders into it (``render``, and ``companions`` made before
+it), what it cannot run on this API server (``refuses``), what its status says (``state``), how
+it is suspended (``suspend_flag``/``suspend_patch``), how it is stopped after a permanent
+failure the server cannot see (``stop_patch``), which pods are its own (``owns_pod``,
+``pod_name_matches``) and the trainer container's name (``container``). Rendering is for an
+``ApiServer`` (what the server can do, read once at startup).
 
 - ``pytorchjob``: Kubeflow Training Operator v1, ``PyTorchJob`` (kubeflow.org/v1).
 - ``trainjob``: Kubeflow Trainer v2, ``TrainJob`` (trainer.kubeflow.org/v1alpha1).
+- ``job``: a plain ``Job`` (batch/v1), no add-on; Indexed for more than one node.
 
 The operator setting ``backend`` (chart value ``backend``) picks one; PyTorchJob is the
-default while both exist.
+default.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from kubetune_operator.apiserver import CURRENT, ApiServer
 
 if TYPE_CHECKING:
     from kubetune.api.v1alpha1 import FineTuneJob
@@ -61,8 +67,15 @@ class Backend(ABC):
 
     @abstractmethod
     def render(self, *, job: FineTuneJob, config: OperatorConfig, uid: str | None = None,
-               labels: dict[str, str] | None = None) -> dict[str, Any]:
-        """The training object for ``job`` (deterministic: same job, same object)."""
+               labels: dict[str, str] | None = None, server: ApiServer = CURRENT
+               ) -> dict[str, Any]:
+        """The training object for ``job`` (deterministic: same job, same object), with only
+        the fields ``server`` knows."""
+
+    def companions(self, *, job: FineTuneJob, uid: str | None = None
+                   ) -> list[dict[str, Any]]:
+        """Objects the training object needs, made before it (none by default)."""
+        return []
 
     @abstractmethod
     def state(self, obj: dict[str, Any]) -> ChildState:
@@ -76,8 +89,21 @@ class Backend(ABC):
     def owns_pod(self, pod: dict[str, Any], job: str) -> bool:
         """Whether this pod (as read from the API) was made for job ``job``'s object."""
 
-    def refuses(self, job: FineTuneJob) -> str | None:
-        """Why this backend cannot run ``job`` as written (naming the field), or None."""
+    def refuses(self, job: FineTuneJob, server: ApiServer = CURRENT, queued: bool = False
+                ) -> str | None:
+        """Why this backend cannot run ``job`` as written on ``server`` (naming the field), or
+        None. ``queued``: the job goes through a Kueue queue (its label, or the default)."""
+        return None
+
+    def suspend_problem(self, server: ApiServer) -> str | None:
+        """Why a running object cannot be suspended on ``server`` (naming the field), or
+        None."""
+        return None
+
+    def stop_patch(self, obj: dict[str, Any], pods: list[dict[str, Any]],
+                   server: ApiServer) -> dict[str, Any] | None:
+        """A patch that stops the object from retrying a failure its pods show to be
+        permanent where ``server`` cannot see it itself; None: nothing to stop."""
         return None
 
     def suspend_flag(self, obj: dict[str, Any]) -> bool:
@@ -94,10 +120,11 @@ class Backend(ABC):
 
 
 def _registry() -> dict[str, Backend]:
+    from kubetune_operator.backends.job import JOB
     from kubetune_operator.backends.pytorchjob import PYTORCHJOB
     from kubetune_operator.backends.trainjob import TRAINJOB
 
-    return {b.kind: b for b in (PYTORCHJOB, TRAINJOB)}
+    return {b.kind: b for b in (PYTORCHJOB, TRAINJOB, JOB)}
 
 
 def backend_named(name: str) -> Backend:

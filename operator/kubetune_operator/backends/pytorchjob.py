@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from kubetune_operator import builders
+from kubetune_operator.apiserver import CURRENT
 from kubetune_operator.backends import Backend, ChildState, condition
 
 PORT = 23456
@@ -23,7 +24,7 @@ class PyTorchJobBackend(Backend):
     container = "pytorch"
     suspend_path = ("spec", "runPolicy", "suspend")
 
-    def render(self, *, job, config, uid=None, labels=None) -> dict[str, Any]:
+    def render(self, *, job, config, uid=None, labels=None, server=CURRENT) -> dict[str, Any]:
         """``labels``: the FineTuneJob's own, of which the Kueue ones are passed through so
         Kueue queues and admits the PyTorchJob."""
         spec = job.spec

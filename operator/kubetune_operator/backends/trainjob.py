@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 from kubetune_operator import builders
+from kubetune_operator.apiserver import CURRENT
 from kubetune_operator.backends import Backend, ChildState, condition
 
 GROUP = "trainer.kubeflow.org"
@@ -36,7 +37,7 @@ class TrainJobBackend(Backend):
     container = NODE
     suspend_path = ("spec", "suspend")
 
-    def render(self, *, job, config, uid=None, labels=None) -> dict[str, Any]:
+    def render(self, *, job, config, uid=None, labels=None, server=CURRENT) -> dict[str, Any]:
         spec = job.spec
         r = spec.resources
         passed = builders.kueue_labels(labels, config)
@@ -80,7 +81,7 @@ class TrainJobBackend(Backend):
         return {"apiVersion": self.api_version, "kind": self.kind,
                 "metadata": builders.child_metadata(job, uid, passed), "spec": body}
 
-    def refuses(self, job) -> str | None:
+    def refuses(self, job, server=CURRENT, queued=False) -> str | None:
         sched = job.spec.scheduling
         if sched and sched.priority_class_name:
             return ("spec.scheduling.priorityClassName: a TrainJob (Kubeflow Trainer v2.3) "
