@@ -33,6 +33,9 @@ VALUE_SETS = {
     "no-metrics": ["--set", "metrics.enabled=false", "--set", "progress.enabled=false"],
     "trainjob": ["--set", "backend=TrainJob", "--set", "defaults.priorityClassName=batch"],
     "trainjob-namespaced": ["--set", "backend=TrainJob", "--set", "watchNamespaces={team-a}"],
+    "job": ["--set", "backend=job"],
+    "job-namespaced-no-serve": ["--set", "backend=Job", "--set", "watchNamespaces={team-a}",
+                                "--set", "serve.enabled=false"],
 }
 
 
@@ -131,6 +134,36 @@ def test_the_trainjob_backend_ships_its_runtime_and_its_rbac_only(helm_bin):
     assert not [d for d in render(helm_bin, "--set", "backend=TrainJob", "--set",
                                   "trainJob.createRuntime=false")
                 if d["kind"] == "ClusterTrainingRuntime"]
+
+
+def test_the_job_backend_needs_no_add_on_and_gets_its_rbac_only(helm_bin):
+    docs = render(helm_bin, *VALUE_SETS["job"])
+    assert not [d for d in docs if d["kind"] == "ClusterTrainingRuntime"]
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    job_rules = {k: v for k, v in NAMESPACED.items() if k != ("kubeflow.org", "pytorchjobs")}
+    job_rules[("batch", "jobs")] = {"get", "list", "watch", "create", "patch"}
+    assert _rules(role) == {**job_rules,
+                            ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch",
+                                                                 "patch"},
+                            ("apiextensions.k8s.io", "customresourcedefinitions"): {
+                                "list", "watch"},
+                            ("authentication.k8s.io", "tokenreviews"): {"create"}}
+    env = {e["name"]: e.get("value") for e in next(
+        d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["env"]}
+    assert env["KUBETUNE_BACKEND"] == "job" and "KUBETUNE_TRAINING_RUNTIME" not in env
+    # Namespaced, no serving: the multi-node Job's headless Service still (get, create).
+    (role,) = [d for d in render(helm_bin, *VALUE_SETS["job-namespaced-no-serve"])
+               if d["kind"] == "Role"]
+    rules = _rules(role)
+    assert rules[("batch", "jobs")] == {"get", "list", "watch", "create", "patch"}
+    assert rules[("", "services")] == {"get", "create"}
+    assert not [k for k in rules if k[1] in ("pytorchjobs", "trainjobs", "deployments")]
+    out = subprocess.run([helm_bin, "install", "rel", str(CHART), "--dry-run=client",
+                          "--set", "backend=job"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    notes = out.stdout.split("NOTES:", 1)[1]
+    assert "Nothing to install for training" in notes and "pytorchjobs" not in notes
 
 
 def test_an_unknown_backend_fails(helm_bin):
