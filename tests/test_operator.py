@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import re
 import socket
 import threading
@@ -29,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 FTJ = "kubetune.io/v1alpha1/finetunejobs"
 PTJ = "kubeflow.org/v1/pytorchjobs"
 TJ = "trainer.kubeflow.org/v1alpha1/trainjobs"
+JOB = "batch/v1/jobs"
+SVC = "v1/services"
 CM = "v1/configmaps"
 WL = "kueue.x-k8s.io/v1beta1/workloads"
 ISVC = "serving.kserve.io/v1beta1/inferenceservices"
@@ -95,6 +98,10 @@ def cluster(kmock):
             "username": f"system:serviceaccount:{NS}:default",
             "extra": {"authentication.kubernetes.io/pod-name": ["ident-node-0-0-x7k2p"],
                       "authentication.kubernetes.io/pod-uid": ["pod-uid-tj"]}},
+        "job-pod-token": {
+            "username": f"system:serviceaccount:{NS}:default",
+            "extra": {"authentication.kubernetes.io/pod-name": ["ident-1-x7k2p"],
+                      "authentication.kubernetes.io/pod-uid": ["pod-uid-job"]}},
         "foreign-token": {"username": "system:serviceaccount:team-b:default",
                           "extra": {"authentication.kubernetes.io/pod-name": ["ident-master-0"]}},
     }
@@ -1070,3 +1077,184 @@ def test_a_registry_refuses_settings_that_name_another_backend():
     with pytest.raises(kopf.PermanentError, match="watch PyTorchJob objects, its settings "
                        "name the TrainJob backend"):
         _watching(PYTORCHJOB.kind)(memo=kopf.Memo(backend=TRAINJOB))
+
+
+# ------------------------------------------------------------------ the Job (batch/v1) backend
+
+
+def _api_server_version(cluster, git_version):
+    """The API server's answer to GET /version (kmock's own says 1.26)."""
+    major, minor = git_version.lstrip("v").split(".")[:2]
+    cluster["get /version"] << (lambda _: {"major": major, "minor": minor,
+                                           "gitVersion": git_version})
+
+
+async def _patch_job(op, name, body, status=False):
+    call = (op.custom.patch_namespaced_custom_object_status if status
+            else op.custom.patch_namespaced_custom_object)
+    await asyncio.to_thread(call, "batch", "v1", NS, "jobs", name, body)
+
+
+def _job_pod(name, uid, state=None):
+    """A pod as the Job controller makes it (our labels from the template, its owner)."""
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": NS, "resourceVersion": "1", "uid": uid,
+                        "labels": {"kubetune.io/job": "ident", "job-name": "ident",
+                                   "controller-uid": "job-uid"},
+                        "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",
+                                             "name": "ident", "uid": "job-uid",
+                                             "controller": True}]}}
+    if state:
+        pod["status"] = {"phase": "Failed", "containerStatuses": [{
+            "name": "trainer", "image": "reg/trainer:1", "imageID": "", "ready": False,
+            "restartCount": 0, "state": state}]}
+    return pod
+
+
+async def test_job_backend_multi_node_queued_admitted_running_reporting_complete(cluster):
+    """The Job controller's part (and Kueue's) played here, on a current API server."""
+    _api_server_version(cluster, "v1.33.1")
+    op = Operator(cluster, backend="Job")
+    await op.start()
+    try:
+        body = _job()
+        body["spec"]["resources"]["nodes"] = 2
+        await op.create(body)
+        child = await eventually(lambda: cluster.objects[JOB, NS, "ident"])
+        svc = cluster.objects[SVC, NS, "ident"]
+        assert svc["spec"]["clusterIP"] == "None"
+        assert svc["metadata"]["ownerReferences"][0]["uid"] == "uid-ident"
+        posts = [req.url.path for req in list(cluster) if req.method.value == "POST"
+                 and req.headers.get("User-Agent") == OPERATOR_AGENT]
+        assert posts.index(f"/api/v1/namespaces/{NS}/services") < posts.index(
+            f"/apis/batch/v1/namespaces/{NS}/jobs")  # the Job last: its pods find the Service
+        spec = child["spec"]
+        assert spec["completionMode"] == "Indexed" and spec["suspend"] is True  # for Kueue
+        assert spec["podFailurePolicy"]["rules"][0]["action"] == "FailJob"
+        assert child["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert not _children(cluster, PTJ)
+        await _patch_job(op, "ident", {"status": {"conditions": [
+            {"type": "Suspended", "status": "True", "reason": "JobSuspended",
+             "message": "Job suspended"}]}}, status=True)
+        await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+
+        # Kueue admits (unsuspends); the pods start, then are ready.
+        await _patch_job(op, "ident", {"spec": {"suspend": False}})
+        await _patch_job(op, "ident", {"status": {
+            "conditions": [{"type": "Suspended", "status": "False", "reason": "JobResumed",
+                            "message": "Job resumed"}],
+            "startTime": "2026-12-07T10:00:00Z", "active": 2, "ready": 0}}, status=True)
+        await eventually(lambda: _assert(_phase(cluster) == "Pending"))
+        await _patch_job(op, "ident", {"status": {"active": 2, "ready": 2}}, status=True)
+        await eventually(lambda: _assert(_phase(cluster) == "Running"))
+
+        # Node 1's pod reports to kubetune's endpoint, recognised as this Job's pod.
+        cluster.objects["v1/pods", NS, "ident-1-x7k2p"] = _job_pod("ident-1-x7k2p",
+                                                                   "pod-uid-job")
+        url = f"http://127.0.0.1:{op.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+        report = {"trainerStatus": {"progressPercentage": 50, "metrics": [
+            {"name": "current_step", "value": "5"}, {"name": "total_steps", "value": "10"}]}}
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(url, json=report,
+                                   headers={"Authorization": "Bearer pod-token"})
+            assert resp.status == 403  # a PyTorchJob pod's name: not this backend's
+            resp = await http.post(url, json=report,
+                                   headers={"Authorization": "Bearer job-pod-token"})
+            assert resp.status == 200
+        await eventually(lambda: _assert(_status(cluster)["progress"]["steps"] == "5/10"),
+                         timeout=10)
+
+        await _patch_job(op, "ident", {"status": {
+            "active": 0, "ready": 0, "succeeded": 2, "completionTime": "2026-12-07T11:00:00Z",
+            "conditions": [{"type": "Complete", "status": "True", "reason": "", "message": ""}]}},
+            status=True)
+        await eventually(lambda: _assert(_phase(cluster) == "Succeeded"))
+        assert [len(_children(cluster, k)) for k in (JOB, SVC, CM)] == [1, 1, 1]
+    finally:
+        await op.stop()
+    from test_chart import _rules, render
+    from tools import helm
+
+    calls = _operator_calls(cluster)
+    role = next(d for d in render(str(helm()), "--set", "backend=job")
+                if d["kind"] == "ClusterRole")
+    allowed = _rules(role)
+    denied = {c for c in calls if c[2] not in allowed.get((c[0], c[1]), set())}
+    assert not denied, f"the chart's RBAC would refuse {sorted(denied)}"
+    assert {("batch", "jobs", "create"), ("", "services", "create")} <= calls
+    assert not [c for c in calls if c[1] in ("pytorchjobs", "trainjobs")]
+
+
+async def test_job_backend_on_a_1_20_server_fails_a_permanent_error_once(cluster):
+    """No podFailurePolicy, suspend or Indexed Jobs there: the operator stops the Job itself
+    after the trainer's exit code 2, and refuses what the server cannot run."""
+    _api_server_version(cluster, "v1.20.15")
+    op = Operator(cluster, backend="Job")
+    await op.start()
+    try:
+        body = _job()
+        del body["metadata"]["labels"]  # not queued
+        await op.create(body)
+        child = await eventually(lambda: cluster.objects[JOB, NS, "ident"])
+        assert not {"suspend", "podFailurePolicy", "completionMode"} & set(child["spec"])
+        assert child["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+        wide = _job(name="wide")
+        del wide["metadata"]["labels"]
+        wide["spec"]["resources"]["nodes"] = 2
+        await op.create(wide)
+        queued = _job(name="queued")  # the example's Kueue label
+        await op.create(queued)
+        for name, field in (("wide", "spec.resources.nodes: "),
+                            ("queued", "metadata.labels[kueue.x-k8s.io/queue-name]: ")):
+            await eventually(lambda n=name: _assert(_phase(cluster, n) == "Failed"))
+            stalled = next(c for c in _status(cluster, name)["conditions"]
+                           if c["type"] == "Stalled")
+            assert stalled["reason"] == "InvalidSpec" and stalled["message"].startswith(field)
+            assert (JOB, NS, name) not in cluster.objects
+
+        await _patch_job(op, "ident", {"status": {"startTime": "2026-12-07T10:00:00Z",
+                                                  "active": 1}}, status=True)
+        await eventually(lambda: _assert(_phase(cluster) == "Running"))  # 1.20: no ready
+        # No Job suspend on 1.20: a running Job runs on, and the condition says so.
+        await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                                "v1alpha1", NS, "finetunejobs", "ident",
+                                {"spec": {"suspend": True}})
+        await eventually(lambda: _assert([
+            c for c in _status(cluster)["conditions"] if c["type"] == "SpecChangeIgnored"
+            and c["message"].startswith("spec.suspend: this API server (v1.20.15) cannot "
+                                        "suspend")]))
+        assert _phase(cluster) == "Running"
+        await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                                "v1alpha1", NS, "finetunejobs", "ident",
+                                {"spec": {"suspend": False}})
+        # The trainer refused its data (exit 2, its reason in the termination message); the
+        # Job controller counts the failure and makes a new pod.
+        cluster.objects["v1/pods", NS, "ident-x7k2p"] = _job_pod(
+            "ident-x7k2p", "pod-uid-1", {"terminated": {"exitCode": 2, "reason": "Error",
+                                                        "message": json.dumps({
+                "reason": "DataError", "field": "spec.datasets[0].source",
+                "message": "identity.json: no such file"})}})
+        await _patch_job(op, "ident", {"status": {"active": 1, "failed": 1}}, status=True)
+        await eventually(lambda: _assert(_phase(cluster) == "Failed"))
+        status = _status(cluster)
+        assert status["failure"]["reason"] == "DataError" and status["failure"]["exitCode"] == 2
+        assert status["failure"]["message"] == (
+            "spec.datasets[0].source: identity.json: no such file")
+        job = cluster.objects[JOB, NS, "ident"]
+        assert job["spec"]["activeDeadlineSeconds"] == 1  # the Job controller ends it now
+        assert "exited with code 2" in job["metadata"]["annotations"]["kubetune.io/stopped"]
+
+        # The Job controller's part: the deadline passed, the Job failed.
+        await _patch_job(op, "ident", {"status": {"active": 0, "failed": 2, "conditions": [
+            {"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+             "message": "Job was active longer than specified deadline"}]}}, status=True)
+        await asyncio.sleep(0.5)
+        assert _phase(cluster) == "Failed"
+        assert _status(cluster)["failure"]["reason"] == "DataError"
+        patches = [req for req in list(cluster) if req.method.value == "PATCH"
+                   and req.headers.get("User-Agent") == OPERATOR_AGENT
+                   and req.url.path == f"/apis/batch/v1/namespaces/{NS}/jobs/ident"]
+        assert len(patches) == 1, patches  # stopped once
+    finally:
+        await op.stop()
