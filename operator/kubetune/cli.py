@@ -283,7 +283,8 @@ def render(
                             ] = None,
     namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
     backend: Annotated[str, typer.Option(
-        help="The operator's backend: PyTorchJob or TrainJob (Kubeflow Trainer v2).")
+        help="The operator's backend: PyTorchJob, TrainJob (Kubeflow Trainer v2) or Job "
+        "(batch/v1, rendered for a current Kubernetes).")
     ] = "PyTorchJob",
     gpu_memory: GpuMemory = None,
 ) -> None:
