@@ -77,7 +77,7 @@ def test_render_prints_the_children_the_operator_would_create():
     res = runner.invoke(app, ["render", str(REPO / "examples" / "assistant-identity.yaml"),
                               "-n", "ml", "--image", "reg/trainer:1"])
     assert res.exit_code == 0, res.output
-    docs = list(yaml.safe_load_all(res.output))
+    docs = list(yaml.safe_load_all(res.stdout))  # the objects; notes go to stderr
     assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob"]
     assert all(d["metadata"]["namespace"] == "ml" for d in docs)
     master = docs[1]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
@@ -107,7 +107,7 @@ def test_render_accepts_every_implemented_stage_and_refuses_a_planned_one(tmp_pa
         res = runner.invoke(app, ["render", str(path)])
         if stage in IMPLEMENTED_STAGES:
             assert res.exit_code == 0, res.output
-            cm = next(yaml.safe_load_all(res.output))
+            cm = next(yaml.safe_load_all(res.stdout))
             assert f"stage: {stage}" in next(iter(cm["data"].values()))
         else:
             assert res.exit_code == 2
