@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo demo-dpo fuzz test test-fast e2e e2e-local kube crds chart lint bench bench-operator bench-operator-cluster bench-train clean
+.PHONY: install demo demo-dpo fuzz test test-fast e2e e2e-local kube images crds chart lint bench bench-operator bench-operator-cluster bench-train clean
 
 install: $(STAMP)
 
@@ -59,13 +59,24 @@ test-fast: install
 e2e: install
 	$(BIN)/pytest -m e2e -q tests/e2e
 
-# The e2e suite on a throwaway control plane (etcd + kube-apiserver + controller-manager),
-# whose binaries are built once from Debian's kubernetes source (needs apt as root; skipped,
-# saying so, on a machine without).
+# The e2e suite on a throwaway cluster (etcd + kube-apiserver + controller-manager, and a real
+# node: kube-scheduler + kubelet on Docker), whose binaries are built once from Debian's
+# kubernetes source (needs apt as root; skipped, saying so, on a machine without). The real
+# node needs a Docker engine and the images (`make images`); without them its tests skip.
 e2e-local: install
 	@bash tests/e2e/build_kube.sh; rc=$$?; \
 	if [ $$rc = 3 ]; then echo "e2e-local SKIPPED: no kube-apiserver can be built here"; exit 0; fi; \
-	[ $$rc = 0 ] && $(BIN)/python tests/e2e/local_cluster.py -- $(BIN)/pytest -m e2e -q tests/e2e
+	[ $$rc = 0 ] || exit $$rc; \
+	bash tests/e2e/dockerd.sh; rc=$$?; \
+	if [ $$rc = 0 ]; then bash trainer_image/images.sh || exit 1; \
+	elif [ $$rc != 3 ]; then exit $$rc; fi; \
+	$(BIN)/python tests/e2e/local_cluster.py -- $(BIN)/pytest -m e2e -q tests/e2e
+
+# The operator image and the trainer image (CUDA, or the CPU variant where its base cannot be
+# pulled), built for real with the classic builder; starts a Docker engine where none runs.
+images: install
+	@bash tests/e2e/dockerd.sh; rc=$$?; [ $$rc = 0 ] || { echo "no Docker engine here"; exit $$rc; }
+	bash trainer_image/images.sh
 
 kube:
 	bash tests/e2e/build_kube.sh

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Build kube-apiserver and kube-controller-manager for tests/e2e/local_cluster.py.
+# Build kube-apiserver, kube-controller-manager, kube-scheduler and kubelet for
+# tests/e2e/local_cluster.py (the last two give the suite a real node when Docker runs).
 # No Kubernetes server binary ships in the registries reachable here; Debian's `kubernetes`
 # source package (1.20.2, vendored dependencies) does, and builds with Debian's Go.
-# Needs apt (root). Output: ${KUBETUNE_KUBE_BIN:-~/.cache/kubetune/kube/bin}. ~7 min on 2 cores.
+# Needs apt (root). Output: ${KUBETUNE_KUBE_BIN:-~/.cache/kubetune/kube/bin}. ~9 min on 2 cores.
 set -euo pipefail
 
 out="${KUBETUNE_KUBE_BIN:-$HOME/.cache/kubetune/kube/bin}"
 work="${KUBETUNE_KUBE_SRC:-$HOME/.cache/kubetune/kube/src}"
-if [[ -x "$out/kube-apiserver" && -x "$out/kube-controller-manager" ]]; then
-  echo "already built: $out"; exit 0
-fi
+bins=(kube-apiserver kube-controller-manager kube-scheduler kubelet)
+built() { for b in "${bins[@]}"; do [[ -x "$out/$b" ]] || return 1; done; }
+if built; then echo "already built: $out"; exit 0; fi
 # Exit 3: this machine cannot build them (not Debian bookworm, no apt, not root, or the
 # Debian archive out of reach); any other failure (the build itself) is an error.
 cannot() { echo "cannot build kube-apiserver here: $*" >&2; exit 3; }
@@ -20,10 +21,13 @@ cannot() { echo "cannot build kube-apiserver here: $*" >&2; exit 3; }
   cannot "needs Debian bookworm's kubernetes source package (this is ${PRETTY_NAME:-unknown})"
 
 if ! apt-cache showsrc kubernetes >/dev/null 2>&1; then
+  # The machine's own Debian mirror (never a host written here): the deb822 entry whose
+  # Suites name bookworm, or a one-line "deb" entry.
+  mirror=$(bash "$(dirname "$0")/../../trainer_image/debian_mirror.sh") || cannot "no Debian mirror in the apt sources"
   list=/etc/apt/sources.list.d/kubetune-src.sources
-  cat > "$list" <<'EOF'
+  cat > "$list" <<EOF
 Types: deb-src
-URIs: http://deb.debian.org/debian
+URIs: $mirror
 Suites: bookworm bookworm-updates
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
@@ -52,7 +56,7 @@ fi
 # The same environment as the package's debian/rules (GOPATH build, no cgo); `make` also runs
 # the code generators (openapi definitions are not in the tarball).
 env GOPATH="$PWD/.go" CGO_ENABLED=0 GOCACHE="$work/gocache" HOME="$work/home" \
-  make WHAT="cmd/kube-apiserver cmd/kube-controller-manager"
-cp _output/bin/kube-apiserver _output/bin/kube-controller-manager "$out/"
+  make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet"
+for b in "${bins[@]}"; do cp "_output/bin/$b" "$out/"; done
 "$out/kube-apiserver" --version
 echo "built: $out"

@@ -144,3 +144,24 @@ def job_pod(core, namespace: str, name: str, owner: dict | None):
     return core.create_namespaced_pod(namespace, {
         "metadata": meta, "spec": {"automountServiceAccountToken": False,
                                    "containers": [{"name": "pytorch", "image": "trainer"}]}})
+
+
+def local_image(*tags: str) -> str | None:
+    """The first of ``tags`` that the local Docker engine has (``make images`` builds them)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("docker"):
+        return None
+    for tag in tags:
+        if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0:
+            return tag
+    return None
+
+
+def image_tags(name: str) -> list[str]:
+    """Our image ``name``'s tags as trainer_image/images.sh makes them (CPU variant first)."""
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    return [f"kubetune/{name}:{version}-cpu", f"kubetune/{name}:{version}"]
