@@ -193,6 +193,18 @@ def test_operator_defaults_for_priority_class_and_kueue_queue():
         "priorityClassName"] == "urgent"
 
 
+def test_host_network_only_when_the_operator_setting_asks(pytorchjob_schema):
+    def pod(config):
+        return PYTORCHJOB.render(job=_job(), config=config)["spec"]["pytorchReplicaSpecs"][
+            "Master"]["template"]["spec"]
+
+    assert "hostNetwork" not in pod(OperatorConfig())
+    obj = PYTORCHJOB.render(job=_job(), config=OperatorConfig(pod_host_network=True))
+    assert pod(OperatorConfig(pod_host_network=True))["hostNetwork"] is True
+    assert pod(OperatorConfig(pod_host_network=True))["dnsPolicy"] == "ClusterFirstWithHostNet"
+    jsonschema.validate(obj, pytorchjob_schema)
+
+
 def test_trainer_env_secret_keys_render_as_references_only(pytorchjob_schema):
     job = _job(trainer={"env": [
         {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "k"}}},

@@ -273,6 +273,7 @@ def test_the_operator_pod_meets_pod_security_restricted(helm_bin):
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["KUBETUNE_PROGRESS_URL"] == "http://rel-kubetune.kubetune-system.svc:8443/v1"
     assert env["KUBETUNE_FAILURE_LOG_TAIL"] == "true"
+    assert env["KUBETUNE_POD_HOST_NETWORK"] == "false"  # trainer pods: opt in by name
 
 
 def test_ha_and_tls_settings_reach_the_operator(helm_bin):

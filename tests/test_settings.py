@@ -11,13 +11,14 @@ def test_settings_from_the_environment():
         "KUBETUNE_BACKEND": "trainjob", "KUBETUNE_TRAINING_RUNTIME": "team-torch",
         "KUBETUNE_TRAINER_STATUS": "true", "KUBETUNE_RECHECK_SECONDS": "2.5",
         "KUBETUNE_WORKERS": "4", "KUBETUNE_SCANNING": "false", "KUBETUNE_PROGRESS_PORT": "8443",
-        "KUBETUNE_SERVE_ARGS": "--max-model-len 4096", "KUBETUNE_FAILURE_LOG_TAIL": "False"})
+        "KUBETUNE_SERVE_ARGS": "--max-model-len 4096", "KUBETUNE_FAILURE_LOG_TAIL": "False",
+        "KUBETUNE_POD_HOST_NETWORK": "true"})
     assert (config.backend, config.training_runtime, config.trainer_status) == (
         "TrainJob", "team-torch", True)
     assert (config.recheck_seconds, config.workers, config.scanning, config.progress_port) == (
         2.5, 4, False, 8443)
     assert config.serve_args == ("--max-model-len", "4096")
-    assert config.failure_log_tail is False
+    assert config.failure_log_tail is False and config.pod_host_network is True
     assert OperatorConfig.from_env({}) == OperatorConfig()
 
 

@@ -219,6 +219,9 @@ def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str, contain
         pod["priorityClassName"] = config.default_priority_class
     if spec.trainer and spec.trainer.service_account_name:
         pod["serviceAccountName"] = spec.trainer.service_account_name
+    if config.pod_host_network:
+        pod["hostNetwork"] = True
+        pod["dnsPolicy"] = "ClusterFirstWithHostNet"  # cluster names still resolve
     return {"metadata": {"labels": {**_labels(job), "kubetune.io/role": role}}, "spec": pod}
 
 

@@ -24,6 +24,10 @@ class OperatorConfig:
     default_priority_class: str | None = None  # for jobs that name none
     default_queue: str | None = None  # Kueue queue for jobs without the queue label
     failure_log_tail: bool = True  # status.failure.logTail (visible to the job's readers)
+    # Trainer pods on the node's network (hostNetwork): for clusters whose fast interconnect
+    # is only on the host, and for a node whose pods reach the operator on loopback (the e2e
+    # suite's). Pod Security "baseline" and "restricted" refuse such pods: opt in by name.
+    pod_host_network: bool = False
     # Memory of one GPU by product label value ("default": jobs that select none); a job's
     # resources.gpuMemory wins. Jobs whose estimate does not fit get no children.
     gpu_memory: tuple[tuple[str, str], ...] = ()
@@ -88,6 +92,7 @@ class OperatorConfig:
             default_priority_class=text("KUBETUNE_DEFAULT_PRIORITY_CLASS"),
             default_queue=text("KUBETUNE_DEFAULT_QUEUE"),
             failure_log_tail=flag("KUBETUNE_FAILURE_LOG_TAIL", True),
+            pod_host_network=flag("KUBETUNE_POD_HOST_NETWORK", False),
             gpu_memory=gpu_memory_table(env.get("KUBETUNE_GPU_MEMORY")),
             backend=backend,
             training_runtime=text("KUBETUNE_TRAINING_RUNTIME") or cls.training_runtime,
