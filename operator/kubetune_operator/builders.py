@@ -179,6 +179,53 @@ def _volumes(job: FineTuneJob, config: OperatorConfig
     return volumes, mounts
 
 
+# ----------------------------------------------------------------------- Pod Security
+# Every pod kubetune makes passes Pod Security "restricted" (and so "baseline"): never root
+# (runAsNonRoot with the image's uid), seccomp RuntimeDefault, no privilege escalation, every
+# capability dropped, only configMap, emptyDir, persistentVolumeClaim and projected volumes; and
+# a read-only root filesystem, with emptyDirs where the containers write (/tmp: HOME and the
+# caches; /dev/shm). The one way out is the operator's pod_host_network (hostNetwork), which
+# the cluster admin turns on by name. A job with another image names its uid, gid and a
+# writable root in spec.trainer.securityContext / spec.serve.securityContext.
+
+RUNTIME_DEFAULT = {"type": "RuntimeDefault"}
+
+
+def run_as(override: Any, user: int, group: int) -> tuple[int, int, bool]:
+    """(uid, gid, read-only root) from a job's securityContext over the operator's uid/gid.
+    A job that names only its uid gets that as its gid too (the usual USER n:n)."""
+    if override is None:
+        return user, group, True
+    uid = override.run_as_user if override.run_as_user is not None else user
+    if override.run_as_group is not None:
+        gid = override.run_as_group
+    else:
+        gid = override.run_as_user if override.run_as_user is not None else group
+    read_only = override.read_only_root_filesystem is not False
+    return uid, gid, read_only
+
+
+def container_security(read_only: bool) -> dict[str, Any]:
+    """A container's own part of the profile (the pod's carries who it runs as)."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": read_only}
+
+
+def pod_security(uid: int, gid: int) -> dict[str, Any]:
+    """The pod's: its containers (and any a webhook adds) run as ``uid``:``gid``, never root;
+    volumes that honour fsGroup (claims, emptyDirs, configMaps) are made group ``gid``'s, only
+    when their top directory is not already (OnRootMismatch: a big claim is not walked on
+    every start)."""
+    return {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid, "fsGroup": gid,
+            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": dict(RUNTIME_DEFAULT)}
+
+
+def trainer_run_as(job: FineTuneJob, config: OperatorConfig) -> tuple[int, int, bool]:
+    trainer = job.spec.trainer
+    return run_as(trainer.security_context if trainer else None, config.pod_run_as_user,
+                  config.pod_run_as_group)
+
+
 def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str, container: str,
                  progress: bool = True) -> dict[str, Any]:
     """The trainer pod, whichever backend runs it. ``progress``: point transformers' KEP-2779
@@ -186,6 +233,7 @@ def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str, contain
     kubetune's own reports always go to kubetune's endpoint)."""
     spec = job.spec
     volumes, mounts = _volumes(job, config)
+    uid, gid, read_only = trainer_run_as(job, config)
     image = (spec.trainer.image if spec.trainer and spec.trainer.image
              else config.trainer_image)
     main: dict[str, Any] = {
@@ -197,13 +245,13 @@ def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str, contain
         "env": _env(job, config, progress),
         "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {"allowPrivilegeEscalation": False,
-                            "capabilities": {"drop": ["ALL"]}},
+        "securityContext": container_security(read_only),
     }
     resources = _resources(job)
     if resources:
         main["resources"] = resources
-    pod: dict[str, Any] = {"containers": [main], "volumes": volumes}
+    pod: dict[str, Any] = {"securityContext": pod_security(uid, gid), "containers": [main],
+                           "volumes": volumes}
     sched = spec.scheduling
     if sched:
         if sched.node_selector:
@@ -219,7 +267,7 @@ def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str, contain
         pod["priorityClassName"] = config.default_priority_class
     if spec.trainer and spec.trainer.service_account_name:
         pod["serviceAccountName"] = spec.trainer.service_account_name
-    if config.pod_host_network:
+    if config.pod_host_network:  # the one way out of Pod Security "baseline"/"restricted"
         pod["hostNetwork"] = True
         pod["dnsPolicy"] = "ClusterFirstWithHostNet"  # cluster names still resolve
     return {"metadata": {"labels": {**_labels(job), "kubetune.io/role": role}}, "spec": pod}

@@ -19,7 +19,15 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import CheckResult, FineTuneJob
 
-from kubetune_operator.builders import JOB_LABEL, PVC_ROOT, _labels, owner_reference
+from kubetune_operator.builders import (
+    JOB_LABEL,
+    PVC_ROOT,
+    RUNTIME_DEFAULT,
+    _labels,
+    container_security,
+    owner_reference,
+    run_as,
+)
 from kubetune_operator.settings import OperatorConfig
 
 PORT = 8000
@@ -45,11 +53,24 @@ def endpoint(job: FineTuneJob, config: OperatorConfig) -> str:
 
 
 def serve_hash(job: FineTuneJob, config: OperatorConfig) -> str:
-    # kind only when not the default: a Deployment made before the field existed is kept.
-    exclude = {"checks"} | ({"kind"} if job.spec.serve.kind == "deployment" else set())
+    # kind only when not the default: a Deployment made before the field existed is kept;
+    # so is who the server runs as (a server made before it ran as its image's user).
+    exclude = {"checks", "security_context"} | (
+        {"kind"} if job.spec.serve.kind == "deployment" else set())
     serve = job.spec.serve.model_dump(mode="json", by_alias=True, exclude=exclude)
-    raw = json.dumps([serve, config.serve_image, list(config.serve_args)], sort_keys=True)
+    parts: list[Any] = [serve, config.serve_image, list(config.serve_args)]
+    if server_run_as(job, config) != (OperatorConfig.serve_run_as_user,
+                                      OperatorConfig.serve_run_as_group, True):
+        parts.append(list(server_run_as(job, config)))
+    raw = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def server_run_as(job: FineTuneJob, config: OperatorConfig) -> tuple[int, int, bool]:
+    """(uid, gid, read-only root) of the server: spec.serve.securityContext over the
+    operator's serve_run_as_user/group."""
+    return run_as(job.spec.serve.security_context, config.serve_run_as_user,
+                  config.serve_run_as_group)
 
 
 def _path(uri: str) -> tuple[str, str | None]:
@@ -99,12 +120,18 @@ def _server_pod(job: FineTuneJob, config: OperatorConfig, weights: list[str],
                 ) -> dict[str, Any]:
     """The server's pod spec (a Deployment's template, or a KServe predictor's)."""
     serve = job.spec.serve
+    uid, gid, read_only = server_run_as(job, config)
     amounts: dict[str, str] = {}
     if serve.gpus:
         amounts["nvidia.com/gpu"] = str(serve.gpus)
     if serve.memory:
         amounts["memory"] = serve.memory
-    env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": "/tmp/hf"}]
+    # Not root, read-only root filesystem: HOME (vLLM's, Triton's and Inductor's caches under
+    # ~/.cache) on the /tmp emptyDir, and a user name for getpass.getuser() (torch calls it
+    # at import; a uid with no /etc/passwd entry has none).
+    env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": "/tmp/hf"},
+                                 {"name": "HOME", "value": "/tmp"},
+                                 {"name": "USER", "value": "kubetune"}]
     if job.spec.model.secret_ref and serve.weights == "adapter":
         ref = job.spec.model.secret_ref
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name,
@@ -134,8 +161,12 @@ def _server_pod(job: FineTuneJob, config: OperatorConfig, weights: list[str],
                            "initialDelaySeconds": 10, "periodSeconds": 10,
                            "failureThreshold": 60},
         "volumeMounts": mounts,
-        "securityContext": {"allowPrivilegeEscalation": False,
-                            "capabilities": {"drop": ["ALL"]}},
+        # Pod Security "restricted", all on the container: Knative (KServe's Serverless
+        # mode) takes these there and only some pod-level ones behind a feature flag. The
+        # claims are read-only: no fsGroup to apply.
+        "securityContext": {**container_security(read_only), "runAsNonRoot": True,
+                            "runAsUser": uid, "runAsGroup": gid,
+                            "seccompProfile": dict(RUNTIME_DEFAULT)},
     }
     if amounts:
         container["resources"] = {"requests": dict(amounts), "limits": dict(amounts)}

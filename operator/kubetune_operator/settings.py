@@ -28,6 +28,11 @@ class OperatorConfig:
     # is only on the host, and for a node whose pods reach the operator on loopback (the e2e
     # suite's). Pod Security "baseline" and "restricted" refuse such pods: opt in by name.
     pod_host_network: bool = False
+    # Pod Security "restricted" for every pod kubetune makes: never root. The trainer runs as
+    # this uid and gid (the trainer image's USER 10001:10001), the gid also its fsGroup, so a
+    # fresh volume claim is writable; a job's spec.trainer.securityContext may name others.
+    pod_run_as_user: int = 10001
+    pod_run_as_group: int = 10001
     # Memory of one GPU by product label value ("default": jobs that select none); a job's
     # resources.gpuMemory wins. Jobs whose estimate does not fit get no children.
     gpu_memory: tuple[tuple[str, str], ...] = ()
@@ -43,6 +48,11 @@ class OperatorConfig:
     serve_enabled: bool = True
     serve_image: str = "vllm/vllm-openai:v0.11.0"
     serve_args: tuple[str, ...] = ()
+    # The server's uid and gid (vLLM's image has no user of its own: any non-root uid works
+    # with HOME and caches on the pod's /tmp); a job's spec.serve.securityContext may name
+    # others.
+    serve_run_as_user: int = 10001
+    serve_run_as_group: int = 10001
     # Where the operator reaches a job's server (checks): the Service's cluster DNS name.
     serve_url: str = "http://{name}.{namespace}.svc:{port}/v1"
     # How the operator runs.
@@ -76,6 +86,13 @@ class OperatorConfig:
                 what = "an integer" if kind is int else "a number"
                 raise ValueError(f"{name}={raw!r}: expected {what}") from None
 
+        def uid(name: str, default: int, least: int) -> int:
+            value = number(name, int, default)
+            if value < least or value > 2**31 - 1:
+                why = " (root: Pod Security \"restricted\" refuses it)" if least else ""
+                raise ValueError(f"{name}={value}: expected {least} to {2**31 - 1}{why}")
+            return value
+
         def flag(name: str, default: bool) -> bool:
             raw = (env.get(name) or str(default)).lower()
             if raw not in ("true", "false"):
@@ -93,6 +110,8 @@ class OperatorConfig:
             default_queue=text("KUBETUNE_DEFAULT_QUEUE"),
             failure_log_tail=flag("KUBETUNE_FAILURE_LOG_TAIL", True),
             pod_host_network=flag("KUBETUNE_POD_HOST_NETWORK", False),
+            pod_run_as_user=uid("KUBETUNE_POD_RUN_AS_USER", cls.pod_run_as_user, 1),
+            pod_run_as_group=uid("KUBETUNE_POD_RUN_AS_GROUP", cls.pod_run_as_group, 0),
             gpu_memory=gpu_memory_table(env.get("KUBETUNE_GPU_MEMORY")),
             backend=backend,
             training_runtime=text("KUBETUNE_TRAINING_RUNTIME") or cls.training_runtime,
@@ -100,6 +119,8 @@ class OperatorConfig:
             serve_enabled=flag("KUBETUNE_SERVE_ENABLED", True),
             serve_image=text("KUBETUNE_SERVE_IMAGE") or cls.serve_image,
             serve_args=tuple((env.get("KUBETUNE_SERVE_ARGS") or "").split()),
+            serve_run_as_user=uid("KUBETUNE_SERVE_RUN_AS_USER", cls.serve_run_as_user, 1),
+            serve_run_as_group=uid("KUBETUNE_SERVE_RUN_AS_GROUP", cls.serve_run_as_group, 0),
             serve_url=text("KUBETUNE_SERVE_URL") or cls.serve_url,
             recheck_seconds=number("KUBETUNE_RECHECK_SECONDS", float, cls.recheck_seconds),
             workers=number("KUBETUNE_WORKERS", int, cls.workers),

@@ -57,6 +57,7 @@ class TrainJobBackend(Backend):
             trainer["resourcesPerNode"] = c["resources"]
         # What a TrainJob has no field for goes through v2.3's runtimePatches.
         pod_patch: dict[str, Any] = {
+            "securityContext": pod["spec"]["securityContext"],  # Pod Security "restricted"
             "volumes": pod["spec"]["volumes"],
             "containers": [{"name": NODE, "volumeMounts": c["volumeMounts"],
                             "securityContext": c["securityContext"]}],

@@ -107,6 +107,7 @@ from kubetune.api.v1alpha1.trainer import (
     SECRET_ENV_NAME,
     EnvVar,
     EnvVarSource,
+    SecurityContext,
     TrainerSpec,
 )
 from kubetune.api.v1alpha1.training import (
@@ -197,6 +198,7 @@ __all__ = [
     "Toleration",
     "Tracker",
     "TrackingSpec",
+    "SecurityContext",
     "TrainerSpec",
     "TrainingSpec",
     "URL_SECRET_QUERY",

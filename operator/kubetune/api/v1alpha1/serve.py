@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from kubetune.api.v1alpha1._base import NO_CONTROL, QUANTITY, TEXT, Rule, _Spec, _str
+from kubetune.api.v1alpha1.trainer import SecurityContext
 
 
 class ServeCheck(_Spec):
@@ -41,6 +42,10 @@ class ServeSpec(_Spec):
     ] = None
     args: Annotated[list[Annotated[str, _str(TEXT, 1024)]] | None, Field(
         max_length=64, description="Extra server arguments, e.g. --max-model-len 4096.")] = None
+    security_context: Annotated[SecurityContext | None, Field(
+        description="The uid/gid the server runs as (an image with another user), and "
+        "whether its root filesystem is writable; runAsNonRoot, seccomp RuntimeDefault and "
+        "no privilege escalation or capabilities always hold.")] = None
     gpus: Annotated[int, Field(ge=0, le=64, description="GPUs the server requests.")] = 1
     memory: Annotated[str | None, Field(pattern=QUANTITY, max_length=32, description=(
         "Memory the server requests, e.g. 32Gi."))] = None

@@ -11,6 +11,7 @@ from kubetune.api.v1alpha1._base import (
     _SPACE,
     DNS_SUBDOMAIN,
     ENV_NAME,
+    INT32_MAX,
     TEXT,
     Rule,
     _cel_list,
@@ -102,6 +103,24 @@ class EnvVar(_Spec):
         return _enforce(self, _ENV_VAR_RULES)
 
 
+class SecurityContext(_Spec):
+    """Who a container runs as, for an image whose user is not the operator's (10001 unless
+    the installation says otherwise). Pod Security "restricted" holds either way: never root,
+    no privilege escalation, no capabilities, seccomp RuntimeDefault."""
+
+    run_as_user: Annotated[int | None, Field(
+        ge=1, le=INT32_MAX, description="The uid the container runs as (the image's user); "
+        "not 0: root is refused (Pod Security \"restricted\"). Default: the operator's.")
+    ] = None
+    run_as_group: Annotated[int | None, Field(
+        ge=0, le=INT32_MAX, description="Its gid, and the pod's fsGroup (volume claims are "
+        "made writable for this group). Default: the operator's; runAsUser when that is set.")
+    ] = None
+    read_only_root_filesystem: Annotated[bool | None, Field(
+        description="false: the image writes outside its volumes (/tmp, /dev/shm, caches "
+        "under /tmp, the volume claims). Default: true (read-only).")] = None
+
+
 class TrainerSpec(_Spec):
     """The training container: image, service account, environment."""
 
@@ -123,6 +142,12 @@ class TrainerSpec(_Spec):
               "credentials only through secretKeyRef.",
               json_schema_extra={"x-kubernetes-list-type": "map",
                                  "x-kubernetes-list-map-keys": ["name"]}),
+    ] = None
+    security_context: Annotated[
+        SecurityContext | None,
+        Field(description="The uid/gid the training pods run as (an image with another user), "
+              "and whether its root filesystem is writable; runAsNonRoot, seccomp "
+              "RuntimeDefault and no privilege escalation or capabilities always hold."),
     ] = None
 
     @model_validator(mode="after")
