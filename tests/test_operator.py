@@ -1258,3 +1258,147 @@ async def test_job_backend_on_a_1_20_server_fails_a_permanent_error_once(cluster
         assert len(patches) == 1, patches  # stopped once
     finally:
         await op.stop()
+
+
+def _stalled(cluster, name):
+    return next(c for c in _status(cluster, name)["conditions"] if c["type"] == "Stalled")
+
+
+def _discovery_requests(cluster, api_version):
+    return [req for req in list(cluster) if req.method.value == "GET"
+            and req.url.path == f"/apis/{api_version}"]
+
+
+async def test_without_the_backends_crd_jobs_say_so_then_start_once_it_is_served(
+        cluster, caplog):
+    """No Kubeflow Training Operator: each job is Pending with Stalled naming PyTorchJob and
+    the ways out, and nothing is made (no ConfigMap without its PyTorchJob). The operator
+    logs it once and asks discovery once per re-check for all jobs; once the CRD is there
+    the jobs get their children with no restart."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="kubetune.operator")
+    ptj = cluster.resources[PTJ]
+    del cluster.resources[PTJ]  # the API server's discovery: no kubeflow.org/v1
+    op = Operator(cluster, recheck_seconds=0.3)
+    await op.start()
+    try:
+        names = ("ident", "second", "third")
+        for name in names:
+            body = _job(name=name)
+            del body["metadata"]["labels"]  # not queued
+            await op.create(body)
+        for name in names:
+            await eventually(lambda n=name: _assert(_phase(cluster, n) == "Pending"))
+            stalled = _stalled(cluster, name)
+            assert stalled["status"] == "True" and stalled["reason"] == "PyTorchJobNotInstalled"
+            assert "does not serve PyTorchJob (kubeflow.org/v1)" in stalled["message"]
+            assert "install the Kubeflow Training Operator" in stalled["message"]
+            assert "`backend: job`" in stalled["message"]
+            conds = {c["type"]: c for c in _status(cluster, name)["conditions"]}
+            assert conds["Reconciling"]["status"] == "False"  # kstatus: stalled, not progressing
+            assert conds["Ready"]["status"] == "False"
+        before = len(_discovery_requests(cluster, "kubeflow.org/v1"))
+        await asyncio.sleep(1.5)  # five re-checks
+        asked = len(_discovery_requests(cluster, "kubeflow.org/v1")) - before
+        assert 2 <= asked <= 7, asked  # once per re-check, not once per job
+        assert not _children(cluster, PTJ) and not _children(cluster, CM)
+        assert not [req for req in list(cluster) if "pytorchjobs" in req.url.path
+                    and req.headers.get("User-Agent") == OPERATOR_AGENT]
+        said = [r for r in caplog.records if "is not served" in r.getMessage()]
+        assert len(said) == 1 and "PyTorchJob" in said[0].getMessage(), said
+        assert not [r for r in caplog.records if "converge failed" in r.getMessage()]
+
+        cluster.resources[PTJ] = ptj  # the training operator is installed
+        for name in names:
+            child = await eventually(lambda n=name: cluster.objects[PTJ, NS, n])
+            assert child["metadata"]["ownerReferences"][0]["uid"] == f"uid-{name}"
+            assert cluster.objects[CM, NS, f"{name}-config"]["metadata"]["ownerReferences"]
+            await eventually(lambda n=name: _assert(_stalled(cluster, n)["status"] == "False"))
+        assert [r for r in caplog.records if "kubeflow.org/v1 is served now" in r.getMessage()]
+    finally:
+        await op.stop()
+
+
+async def test_a_queued_job_without_kueue_says_so_and_waits_for_it(cluster):
+    """The Kueue queue label with no Kueue: the child would be made suspended and stay so
+    forever. Stalled (KueueNotInstalled) naming the label, nothing made; Kueue installed →
+    the job gets its children, suspended for Kueue to admit."""
+    workloads = cluster.resources[WL]
+    del cluster.resources[WL]
+    op = Operator(cluster, recheck_seconds=0.3)
+    await op.start()
+    try:
+        await op.create(_job())  # the example's queue label: team-a
+        await eventually(lambda: _assert(_phase(cluster) == "Pending"))
+        stalled = _stalled(cluster, "ident")
+        assert stalled["status"] == "True" and stalled["reason"] == "KueueNotInstalled"
+        assert "the label kueue.x-k8s.io/queue-name=team-a" in stalled["message"]
+        assert "stay suspended forever" in stalled["message"]
+        assert "Install Kueue, or remove the kueue.x-k8s.io/queue-name label" in stalled[
+            "message"]
+        await asyncio.sleep(0.7)
+        assert not _children(cluster, PTJ) and not _children(cluster, CM)
+
+        cluster.resources[WL] = workloads
+        child = await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+        assert child["spec"]["runPolicy"]["suspend"] is True  # for Kueue to admit
+        await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+    finally:
+        await op.stop()
+
+
+async def test_pods_refused_by_admission_say_so_in_the_condition(cluster):
+    """A stricter policy than the pods meet (Kyverno here): the Job controller can make no pod
+    and records FailedCreate on the Job; the job's Ready condition carries the server's
+    message, with the chart's RBAC (events list)."""
+    _api_server_version(cluster, "v1.33.1")
+    op = Operator(cluster, backend="Job")
+    await op.start()
+    refused = ('Error creating: admission webhook "validate.kyverno.svc-fail" denied the '
+               'request: resource Pod/team-a/ident-x7k2p was blocked: require-image-digest')
+    try:
+        body = _job()
+        del body["metadata"]["labels"]  # no Kueue: the Job starts at once
+        await op.create(body)
+        await eventually(lambda: cluster.objects[JOB, NS, "ident"])
+        # Another object's refusal, and an older one of ours: neither is the answer.
+        for name, involved, message, when in [
+                ("other.1", {"kind": "Job", "name": "other"}, "pods are forbidden: quota",
+                 "2026-12-07T10:00:05Z"),
+                ("ident.0", {"kind": "Job", "name": "ident"}, "an older refusal",
+                 "2026-12-07T09:00:00Z"),
+                ("ident.1", {"kind": "Job", "name": "ident"}, refused,
+                 "2026-12-07T10:00:01Z")]:
+            cluster.objects["v1/events", NS, name] = {
+                "apiVersion": "v1", "kind": "Event", "type": "Warning",
+                "reason": "FailedCreate", "message": message, "lastTimestamp": when,
+                "metadata": {"name": name, "namespace": NS, "resourceVersion": "1"},
+                "involvedObject": {"apiVersion": "batch/v1", "namespace": NS, **involved}}
+        await _patch_job(op, "ident", {"status": {"startTime": "2026-12-07T10:00:00Z",
+                                                  "active": 0}}, status=True)
+
+        def refused_condition():
+            ready = next(c for c in _status(cluster)["conditions"] if c["type"] == "Ready")
+            assert ready["reason"] == "PodRejected", ready
+            return ready
+
+        ready = await eventually(refused_condition)
+        assert ready["status"] == "False" and _phase(cluster) == "Pending"
+        assert ready["message"] == f"the API server refused the pods of Job ident: {refused}"
+        # The policy is fixed: a pod is made, and the old Event no longer speaks.
+        cluster.objects["v1/pods", NS, "ident-x7k2p"] = _job_pod("ident-x7k2p", "pod-uid-job")
+        await _patch_job(op, "ident", {"status": {"active": 1, "ready": 1}}, status=True)
+        await eventually(lambda: _assert(_phase(cluster) == "Running"))
+    finally:
+        await op.stop()
+    from test_chart import _rules, render
+    from tools import helm
+
+    calls = _operator_calls(cluster)
+    role = next(d for d in render(str(helm()), "--set", "backend=job")
+                if d["kind"] == "ClusterRole")
+    allowed = _rules(role)
+    denied = {c for c in calls if c[2] not in allowed.get((c[0], c[1]), set())}
+    assert not denied, f"the chart's RBAC would refuse {sorted(denied)}"
+    assert ("", "events", "list") in calls

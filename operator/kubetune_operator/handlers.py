@@ -24,13 +24,15 @@ from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION
 from kubetune_operator import metrics
 from kubetune_operator import reconcile as rc
 from kubetune_operator.backends import Backend, backend_named
-from kubetune_operator.builders import JOB_LABEL
+from kubetune_operator.builders import JOB_LABEL, KUEUE_GROUP, KUEUE_VERSION
+from kubetune_operator.discovery import Served, backend_need
 from kubetune_operator.reporting import Flusher, ProgressStore, TokenChecker, make_app
 from kubetune_operator.settings import OperatorConfig
 from kubetune_operator.status import TERMINAL, dump, progress_fields, progress_patch
 
 log = logging.getLogger("kubetune.operator")
 RETRY_SECONDS = 10  # after a transient API error (kopf.TemporaryError)
+KUEUE_API = f"{KUEUE_GROUP}/{KUEUE_VERSION}"
 REFUSED = frozenset({400, 422})  # the API server refused what we sent: retrying cannot help
 
 
@@ -112,6 +114,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         # An error here is retried by kopf (the startup waits for the API server).
         memo.server = memo.kube.server()
         log.info("API server %s", memo.server.version)
+    if memo.get("served") is None:
+        # Which add-on kinds are served, shared by all jobs (reconcile.Kube.served_resources):
+        # the backend's asked now, so the first jobs need no discovery of their own.
+        memo.served = Served(memo.kube.served_resources)
+        need = backend_need(memo.backend)
+        for api_version in ([need.api_version] if need else []) + [KUEUE_API]:
+            memo.served.prime(api_version)
+    memo.setdefault("waiting_for", {})  # (namespace, job) -> the group/version it waits for
     if config.metrics_port and not memo.get("metrics_started"):
         metrics.serve(config.metrics_port)
         memo.metrics_started = True
@@ -235,7 +245,8 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
     with metrics.RECONCILE_SECONDS.time():
         try:
             outcome = rc.reconcile(parent, memo.kube, memo.config,
-                                   memo.store.get(ns, name), server=memo.server)
+                                   memo.store.get(ns, name), server=memo.server,
+                                   served=memo.served)
         except Exception:
             metrics.RECONCILES.labels("error").inc()
             raise
@@ -257,6 +268,12 @@ def _account(parent: dict[str, Any], outcome: rc.Outcome, memo: kopf.Memo) -> No
         memo.active.discard((ns, name))
     else:
         memo.active.add((ns, name))
+    if outcome.missing is not None:  # re-checked once its kind is served (start_rechecks)
+        memo.waiting_for[(ns, name)] = outcome.missing.api_version
+    else:
+        memo.waiting_for.pop((ns, name), None)
+    for cond in _new_warnings(parent.get("status") or {}, outcome):  # each said once
+        kopf.warn(body, reason=cond.reason, message=cond.message)
     for what in outcome.created:
         metrics.CHILDREN_CREATED.labels(what.split("/")[0]).inc()
     if outcome.created:  # one Event for all of them: Events are API writes too
@@ -268,6 +285,20 @@ def _account(parent: dict[str, Any], outcome: rc.Outcome, memo: kopf.Memo) -> No
         post = kopf.warn if phase == "Failed" else kopf.info
         post(body, reason=phase if phase != "Failed" else ready.reason,
              message=ready.message or phase)
+
+
+def _new_warnings(old: dict[str, Any], outcome: rc.Outcome) -> list[Any]:
+    """The conditions that say a kind this job needs is not served, where the job's status
+    did not say so yet: one Event each (the condition stays; the Event is for ``kubectl
+    describe`` and event-based alerting)."""
+    if outcome.missing is None:
+        return []
+    said = {(c.get("type"), c.get("reason")) for c in old.get("conditions") or []
+            if c.get("status") in ("True", "False")}
+    wanted = {("Stalled", "True"), ("Serving", "False")}
+    return [c for c in outcome.status.conditions
+            if c.reason == outcome.missing.reason and (c.type, c.status) in wanted
+            and (c.type, c.reason) not in said]
 
 
 def _version(body: dict[str, Any]) -> str:
@@ -357,7 +388,8 @@ async def _converge_job(memo: kopf.Memo, raw: dict[str, Any], version: str) -> N
 async def _first_converge(memo: kopf.Memo, raw: dict[str, Any]) -> rc.Outcome | None:
     with metrics.RECONCILE_SECONDS.time():
         try:
-            outcome = await rc.reconcile_new(raw, memo.kube, memo.config, memo.server)
+            outcome = await rc.reconcile_new(raw, memo.kube, memo.config, memo.server,
+                                             memo.served)
         except Exception:
             metrics.RECONCILES.labels("error").inc()
             raise
@@ -456,7 +488,15 @@ async def start_rechecks(memo: kopf.Memo, **_: Any) -> None:
     async def loop() -> None:
         while True:
             await asyncio.sleep(memo.config.recheck_seconds)
+            served: Served = memo.served
+            try:  # one discovery request per missing group/version, for all jobs
+                await asyncio.get_running_loop().run_in_executor(memo.executor, served.refresh)
+            except Exception as err:  # the API server away: the jobs are re-checked anyway
+                log.warning("discovery failed (%s); asked again in %ss", err,
+                            memo.config.recheck_seconds)
             for ns, name in sorted(memo.active):
+                if served.waiting(memo.waiting_for.get((ns, name))):
+                    continue  # nothing to do until its kind is served
                 await _converge_named(memo, ns, name)
                 await asyncio.sleep(0.02)  # spread the load
 
@@ -478,6 +518,7 @@ def forget(ns: str, name: str, memo: kopf.Memo) -> None:
     memo.store.forget(ns, name)
     memo.get("progress_merged", {}).pop(key, None)
     memo.active.discard(key)
+    memo.get("waiting_for", {}).pop(key, None)
     memo.locks.pop(key, None)
     memo.converged.pop(key, None)
     memo.get("uids", {}).pop(key, None)

@@ -41,9 +41,11 @@ from kubetune_operator.builders import (
     SUSPEND_APPLIED,
     OperatorConfig,
 )
+from kubetune_operator.discovery import Need, Served, backend_need, kueue_need
 from kubetune_operator.status import (
     TERMINAL,
     Observed,
+    pod_rejection,
     reduce,
     serving_settled,
     was_invalid,
@@ -116,6 +118,20 @@ class Kube:
         """What the API server can do, from its version (``GET /version``: every
         authenticated client may read it). Read once, at startup."""
         return ApiServer.from_version(self._raw("GET", "/version") or {})
+
+    def served_resources(self, api_version: str) -> frozenset[str] | None:
+        """The resources (plurals) the API server serves in ``api_version`` (discovery:
+        ``GET /apis/<group>/<version>``, readable by every authenticated client); None when
+        it answers 404: no such group/version here (its CRD is not installed)."""
+        path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        try:
+            answer = self._raw("GET", path) or {}
+        except self._exc as err:
+            if self._missing(err):
+                return None
+            raise
+        return frozenset(r["name"] for r in answer.get("resources") or []
+                         if "/" not in r.get("name", "/"))
 
     def get(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
@@ -201,6 +217,20 @@ class Kube:
         # Filter here too: selectors are the API server's job, but cheap to double-check.
         return [p for p in items if (p.get("metadata", {}).get("labels") or {}).get(
             JOB_LABEL) == job]
+
+    def warnings(self, ns: str) -> list[dict[str, Any]]:
+        """The namespace's Warning Events (where controllers say the API server refused a
+        pod); none when the operator may not list Events (an older chart's RBAC)."""
+        try:
+            resp = self._raw("GET", f"/api/v1/namespaces/{ns}/events",
+                             query=[("fieldSelector", "type=Warning")])
+        except self._exc as err:
+            if err.status != 403:
+                raise
+            log.warning("not allowed to list Events in %s (RBAC): a refused pod's reason "
+                        "needs events list", ns)
+            return []
+        return [e for e in (resp or {}).get("items") or [] if e.get("type") == "Warning"]
 
     def patch_status(self, ns: str, name: str, status: dict[str, Any],
                      resource_version: str | None = None) -> None:
@@ -359,12 +389,25 @@ class Outcome:
     created: list[str]
     phase_changed: bool
     settled: bool = False  # nothing left to watch for: finished, and served and checked
+    missing: Need | None = None  # a kind it needs that the API server does not serve
+
+
+def needs(backend: Backend, labels: dict[str, str], config: OperatorConfig) -> list[Need]:
+    """The kinds a job's children need that an add-on serves (none for a built-in backend
+    with no queue)."""
+    out = [n for n in [backend_need(backend)] if n is not None]
+    queue = builders.kueue_labels(labels, config).get(KUEUE_QUEUE_LABEL)
+    if queue:
+        out.append(kueue_need(queue, KUEUE_QUEUE_LABEL not in labels))
+    return out
 
 
 def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
-              progress: dict[str, Any] | None = None, *, server: ApiServer) -> Outcome:
+              progress: dict[str, Any] | None = None, *, server: ApiServer,
+              served: Served | None = None) -> Outcome:
     """Converge one FineTuneJob; returns the status it should have (patch only if changed).
-    ``server``: what the API server can do (read once at startup)."""
+    ``server``: what the API server can do (read once at startup); ``served``: which kinds
+    it serves (None: not checked)."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     old = body.get("status") or {}
@@ -382,7 +425,12 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     child = None
     workload: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = []
-    if job is not None:
+    missing: Need | None = None
+    if job is not None and served is not None and (
+            old.get("phase") not in TERMINAL or was_invalid(old)):
+        # A kind it needs is not served: nothing is made (no ConfigMap without its child).
+        missing = next((n for n in needs(backend, labels, config) if served.missing(n)), None)
+    if job is not None and missing is None:
         objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels,
                                  server=server)
         # A finished run's cleaned-up child stays gone; a spec that was invalid and is now
@@ -403,7 +451,13 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
         for obj in objs:
             current = None if fresh else kube.get(obj)
             if current is None and not finished:  # a finished job's cleaned-up child stays gone
-                current, made = kube.create(obj)
+                try:
+                    current, made = kube.create(obj)
+                except Exception as err:  # its kind gone since it was found served?
+                    if served is not None and getattr(err, "status", None) == 404 \
+                            and "/" in obj["apiVersion"]:
+                        served.forget(obj["apiVersion"])  # asked again on the retry
+                    raise
                 if made:
                     created.append(f"{obj['kind']}/{name}")
             if current is not None and not _owned_by(current, meta.get("uid")):
@@ -446,15 +500,16 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
                     progress = {**(progress or {}), **from_trainer_status(mirrored)}
     return _conclude(kube, config, body, job, backend, created, waiting=waiting,
                      invalid=invalid, unfit=unfit, blocked=blocked, drift=drift, child=child,
-                     workload=workload, pods=pods, progress=progress)
+                     workload=workload, pods=pods, progress=progress, missing=missing,
+                     served=served)
 
 
 async def reconcile_new(body: dict[str, Any], kube: Kube, config: OperatorConfig,
-                        server: ApiServer) -> Outcome | None:
+                        server: ApiServer, served: Served | None = None) -> Outcome | None:
     """The first converge of a job never reconciled (no status yet): its children made on the
     event loop, create first and nothing read. None when it needs more than that (invalid,
-    suspended, fromJob, the memory check, a child already there): ``reconcile`` then, which
-    reads what is there first."""
+    suspended, fromJob, the memory check, a child already there, a kind not known to be
+    served): ``reconcile`` then, which reads what is there first."""
     meta = body["metadata"]
     if body.get("status"):
         return None
@@ -466,6 +521,9 @@ async def reconcile_new(body: dict[str, Any], kube: Kube, config: OperatorConfig
     if job.spec.resources.gpus_per_node and (job.spec.resources.gpu_memory
                                              or config.gpu_memory):
         return None  # the memory estimate may read the model's config.json (blocking I/O)
+    if served is not None and not all(
+            served.served(n) for n in needs(backend, meta.get("labels") or {}, config)):
+        return None  # discovery is a blocking call
     ns, name = meta["namespace"], meta["name"]
     objs = builders.children(job=job, config=config, uid=meta.get("uid"),
                              labels=meta.get("labels") or {}, server=server)
@@ -483,8 +541,8 @@ def _conclude(kube: Kube, config: OperatorConfig, body: dict[str, Any],
               waiting: str | None = None, invalid: str | None = None, unfit: str | None = None,
               blocked: str | None = None, drift: str | None = None,
               child: dict[str, Any] | None = None, workload: dict[str, Any] | None = None,
-              pods: list[dict[str, Any]] | None = None, progress: dict[str, Any] | None = None
-              ) -> Outcome:
+              pods: list[dict[str, Any]] | None = None, progress: dict[str, Any] | None = None,
+              missing: Need | None = None, served: Served | None = None) -> Outcome:
     """What was observed → the status the job should have."""
     meta = body["metadata"]
     old = body.get("status") or {}
@@ -497,6 +555,7 @@ def _conclude(kube: Kube, config: OperatorConfig, body: dict[str, Any],
         invalid=invalid,
         unfit=unfit,
         blocked=blocked,
+        missing=(missing.reason, missing.message) if missing else None,
         drift=drift,
         keep_checkpoints=job.spec.training.save_total_limit if job else None,
         child=child,
@@ -504,20 +563,28 @@ def _conclude(kube: Kube, config: OperatorConfig, body: dict[str, Any],
         workload=workload,
         log_tail=config.failure_log_tail,
         pods=pods or [],
+        rejected=_pods_refused(kube, backend, meta["namespace"], child, pods),
         progress=progress,
     )
     status = reduce(observed, old, now())
     if job is not None and (job.spec.serve or old.get("serving")):
-        status = _serve(kube, config, job, meta, status, old, created)
+        status = _serve(kube, config, job, meta, status, old, created, served)
+        if missing is None and served is not None and served.waiting(KSERVE_NEED.api_version) \
+                and any(c.reason == KSERVE_NEED.reason for c in status.conditions):
+            missing = KSERVE_NEED
     settled = status.phase in TERMINAL and (
         job is None or not job.spec.serve or status.phase != "Succeeded"
         or serving_settled(job, status.serving))
-    return Outcome(status, created, status.phase != old.get("phase"), settled)
+    return Outcome(status, created, status.phase != old.get("phase"), settled, missing)
+
+
+KSERVE_NEED = Need(serving.KSERVE_API, serving.KSERVE_PLURAL, serving.KSERVE_KIND, "KServe",
+                   "KServeUnavailable", "")  # (the message: _kserve_refused)
 
 
 def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str, Any],
-           status: FineTuneJobStatus, old: dict[str, Any], created: list[str]
-           ) -> FineTuneJobStatus:
+           status: FineTuneJobStatus, old: dict[str, Any], created: list[str],
+           served: Served | None = None) -> FineTuneJobStatus:
     """spec.serve: the server once the run succeeded (and the check once it is ready); gone
     when spec.serve is unset."""
     ns = meta["namespace"]
@@ -542,6 +609,9 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
         if old.get("serving") and _delete_owned(kube, kind, ns, name, meta.get("uid")):
             log.info("%s/%s: deleted %s/%s (spec.serve.kind is %s)", ns, meta["name"], kind,
                      name, job.spec.serve.kind)
+    if kserve and served is not None and served.missing(KSERVE_NEED):  # no request per job
+        return with_serving(status, None, meta.get("generation"), now(), was,
+                            blocked=_kserve_refused(404), blocked_reason=KSERVE_NEED.reason)
     if kserve:
         dep = serving.inference_service(job=job, config=config, outputs=outputs,
                                         uid=meta.get("uid"))
@@ -581,10 +651,12 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
     if kserve:
         ready, address = serving.inference_service_state(current)
         ready = ready and bool(address)
+        rejected = None
         # Until KServe says, the address it gives an InferenceService in the cluster.
         url = address or f"http://{name}.{ns}.svc.cluster.local/v1"
     else:
         ready = bool(((current or {}).get("status") or {}).get("availableReplicas"))
+        rejected = None if ready else serving.replica_failure(current)
         url = serving.endpoint(job, config)
     before = old.get("serving") or {}
     checks = [CheckResult.model_validate(c) for c in before.get("checks") or []]
@@ -601,7 +673,19 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
                      weights=job.spec.serve.weights, ready=ready, checks=checks)
     return with_serving(status, served, meta.get("generation"), now(), was,
                         waiting=None if dep else "the run has not reported where its output "
-                        "is (status.outputs)", check_error=problem)
+                        "is (status.outputs)", check_error=problem, rejected=rejected)
+
+
+def _pods_refused(kube: Kube, backend: Backend, ns: str, child: dict[str, Any] | None,
+                  pods: list[dict[str, Any]] | None) -> tuple[str, str] | None:
+    """Why a child that has started (it has a status) still has no pod: the API server refused
+    them, as its controller's Events say. Read only then."""
+    if not child or not child.get("status") or pods:
+        return None
+    state = backend.state(child)
+    if state.running or state.suspended or state.failed or state.succeeded is not None:
+        return None
+    return pod_rejection(kube.warnings(ns), backend, child["metadata"]["name"])
 
 
 def _kserve_refused(code: int) -> str:

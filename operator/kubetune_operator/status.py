@@ -43,11 +43,15 @@ class Observed:
     invalid: str | None = None  # a spec error the schema could not catch (names the field)
     unfit: str | None = None  # the memory estimate exceeds the GPU's memory (and why)
     blocked: str | None = None  # something else holds the children's names
+    missing: tuple[str, str] | None = None  # (reason, message): a kind it needs is not served
     waiting: str | None = None  # spec.model.fromJob: that job has not succeeded yet
     drift: str | None = None  # the spec changed after the children were made
     child: dict[str, Any] | None = None  # the backend's training object as read back
     workload: dict[str, Any] | None = None  # its Kueue Workload, read while it waits
     pods: list[dict[str, Any]] = field(default_factory=list)
+    # (reason, message): the API server refused the child's pods (admission: Pod Security, a
+    # webhook such as Kyverno or Gatekeeper, a quota), from its controller's Events
+    rejected: tuple[str, str] | None = None
     progress: dict[str, Any] | None = None  # the latest progress report from the trainer
     keep_checkpoints: int | None = None  # training.saveTotalLimit: older ones are deleted
     backend: Backend = PYTORCHJOB  # what the child is, and how to read it
@@ -99,6 +103,35 @@ def diagnose_pods(pods: list[dict[str, Any]], container: str = PYTORCHJOB.contai
             if term and term.get("exitCode", 0) != 0 and failure is None:
                 failure = _diagnose_termination(name, term)
     return failure, waiting
+
+
+# What controllers record when the API server refuses a pod they create: the Kubernetes
+# ones (Job, ReplicaSet) "FailedCreate", Kubeflow's Training Operator "FailedCreatePod".
+FAILED_CREATE = ("FailedCreate", "FailedCreatePod")
+
+
+def pod_rejection(events: list[dict[str, Any]], backend: Backend, job: str
+                  ) -> Waiting | None:
+    """(PodRejected, the server's message) from the newest Warning Event a controller of the
+    job's pods recorded on failing to create one; None when there is none."""
+    refusals = []
+    for ev in events:
+        obj = ev.get("involvedObject") or ev.get("regarding") or {}
+        if ev.get("type") == "Warning" and ev.get("reason") in FAILED_CREATE and \
+                backend.makes_pods(obj.get("kind") or "", obj.get("name") or "", job):
+            refusals.append(ev)
+    if not refusals:
+        return None
+
+    def when(ev: dict[str, Any]) -> str:
+        return (ev.get("lastTimestamp") or ev.get("eventTime")
+                or (ev.get("metadata") or {}).get("creationTimestamp") or "")
+
+    ev = max(refusals, key=when)
+    obj = ev.get("involvedObject") or ev.get("regarding") or {}
+    message = (ev.get("message") or ev.get("note") or "").strip()
+    return ("PodRejected", f"the API server refused the pods of {obj.get('kind')} "
+            f"{obj.get('name')}: {message}"[:LOG_TAIL_CHARS])
 
 
 def _failure(reason: str, message: str, code: int | None, pod: str | None,
@@ -174,12 +207,13 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
     conds: list[Condition] = []
     ready = phase in ("Running", "Succeeded")
     conds.append(_condition("Ready", ready, reason, message, gen))
-    stalled = phase == "Failed" or obs.invalid is not None
+    stalled = phase == "Failed" or obs.invalid is not None or obs.missing is not None
     conds.append(_condition("Stalled", stalled, reason if stalled else "Progressing",
                             message if stalled else "", gen))
-    reconciling = phase in ("Pending", "Queued")
-    conds.append(_condition("Reconciling", reconciling, reason if reconciling else "Done",
-                            message if reconciling else "", gen))
+    waits = phase in ("Pending", "Queued")
+    reconciling = waits and not stalled  # kstatus reads Reconciling before Stalled
+    conds.append(_condition("Reconciling", reconciling, reason if waits else "Done",
+                            message if waits else "", gen))
     conds.append(_condition("Queued", phase == "Queued", reason if phase == "Queued"
                             else "NotQueued", message if phase == "Queued" else "", gen))
     conds.append(_condition("Suspended", phase == "Suspended", reason if phase == "Suspended"
@@ -194,6 +228,8 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
         for c in conds:
             if c.type in ("Ready", "Stalled", "Failed", "Succeeded"):
                 c.reason, c.message = failure.reason, failure.message
+    if phase == "Pending" and not waiting and not obs.pods:
+        waiting = obs.rejected  # no pod at all: were they refused?
     if phase == "Pending" and waiting:
         for c in conds:
             if c.type in ("Ready", "Reconciling"):
@@ -222,6 +258,8 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
         return "Failed", "InvalidSpec", obs.invalid
     if obs.unfit:
         return "Failed", "InsufficientGPUMemory", obs.unfit
+    if obs.missing:  # not terminal: it proceeds once the kind is served
+        return "Pending", *obs.missing
     if obs.blocked:
         return "Pending", "Conflict", obs.blocked
     if obs.waiting:
@@ -258,10 +296,11 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
 def with_serving(status: FineTuneJobStatus, served: Serving | None, generation: int | None,
                  now: str, old_conditions: list[dict[str, Any]], *,
                  waiting: str | None = None, blocked: str | None = None,
-                 blocked_reason: str = "Conflict", check_error: str | None = None
-                 ) -> FineTuneJobStatus:
+                 blocked_reason: str = "Conflict", check_error: str | None = None,
+                 rejected: str | None = None) -> FineTuneJobStatus:
     """The status with spec.serve's part: status.serving and the Serving and Checked
-    conditions (none of them when nothing is served)."""
+    conditions (none of them when nothing is served). ``rejected``: why the server's pods
+    were refused (its Deployment's ReplicaFailure)."""
     kept = [c for c in status.conditions if c.type not in ("Serving", "Checked")]
     conds: list[Condition] = []
     shown: Serving | None = None
@@ -272,8 +311,9 @@ def with_serving(status: FineTuneJobStatus, served: Serving | None, generation: 
     elif served is not None:
         shown = served
         conds.append(_condition(
-            "Serving", served.ready, "ServerReady" if served.ready else "ServerStarting",
-            f"{served.model_name} at {served.url}" if served.ready else
+            "Serving", served.ready, "ServerReady" if served.ready else
+            "PodRejected" if rejected else "ServerStarting",
+            f"{served.model_name} at {served.url}" if served.ready else rejected or
             "waiting for the server to pass its readiness probe", generation))
         if check_error:
             conds.append(_condition("Checked", False, "CheckError", check_error, generation))

@@ -56,6 +56,7 @@ class Backend(ABC):
     plural: str
     container: str  # the trainer container's name in its pods
     suspend_path: tuple[str, ...]  # where the object's suspend flag lives
+    provider: str | None = None  # the add-on that serves the kind (None: built in)
 
     @property
     def group(self) -> str:
@@ -88,6 +89,11 @@ class Backend(ABC):
     @abstractmethod
     def owns_pod(self, pod: dict[str, Any], job: str) -> bool:
         """Whether this pod (as read from the API) was made for job ``job``'s object."""
+
+    def makes_pods(self, kind: str, name: str, job: str) -> bool:
+        """Whether the object ``kind``/``name`` creates job ``job``'s pods (its controller
+        records an Event on it when the API server refuses one)."""
+        return kind == self.kind and name == job
 
     def refuses(self, job: FineTuneJob, server: ApiServer = CURRENT, queued: bool = False
                 ) -> str | None:

@@ -23,6 +23,7 @@ class PyTorchJobBackend(Backend):
     plural = "pytorchjobs"
     container = "pytorch"
     suspend_path = ("spec", "runPolicy", "suspend")
+    provider = "the Kubeflow Training Operator (v1, which serves PyTorchJob)"
 
     def render(self, *, job, config, uid=None, labels=None, server=CURRENT) -> dict[str, Any]:
         """``labels``: the FineTuneJob's own, of which the Kueue ones are passed through so

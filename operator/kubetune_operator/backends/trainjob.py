@@ -36,6 +36,7 @@ class TrainJobBackend(Backend):
     plural = "trainjobs"
     container = NODE
     suspend_path = ("spec", "suspend")
+    provider = "Kubeflow Trainer v2"
 
     def render(self, *, job, config, uid=None, labels=None, server=CURRENT) -> dict[str, Any]:
         spec = job.spec
@@ -110,6 +111,10 @@ class TrainJobBackend(Backend):
 
     def pod_name_matches(self, pod: str, job: str) -> bool:
         return re.fullmatch(rf"{re.escape(job)}-{NODE}-\d+-\d+-[a-z0-9]{{5}}", pod) is not None
+
+    def makes_pods(self, kind: str, name: str, job: str) -> bool:
+        """The runtime's JobSet makes one batch Job per node, which makes its pods."""
+        return kind == "Job" and re.fullmatch(rf"{re.escape(job)}-{NODE}-\d+", name) is not None
 
     def owns_pod(self, pod: dict[str, Any], job: str) -> bool:
         meta = pod.get("metadata") or {}
