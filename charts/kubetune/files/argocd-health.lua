@@ -38,6 +38,11 @@ elseif phase == "Failed" then
   else
     hs.message = "training failed" .. why
   end
+elseif condition("Stalled") ~= nil and condition("Stalled").status == "True" then
+  -- Not failed, but stuck until a person acts (e.g. an add-on that is not installed).
+  local stalled = condition("Stalled")
+  hs.status = "Degraded"
+  hs.message = (stalled.reason or "Stalled") .. ": " .. (stalled.message or "")
 elseif phase == "Suspended" then
   hs.status = "Suspended"
   hs.message = "suspended" .. why
