@@ -217,7 +217,7 @@ NAMESPACED = {
     ("apps", "deployments"): {"get", "create", "delete"},  # spec.serve
     ("", "services"): {"get", "create", "delete"},
     ("", "pods"): {"get", "list"},
-    ("", "events"): {"create"},
+    ("", "events"): {"create", "list"},
     ("kueue.x-k8s.io", "workloads"): {"list", "patch"},
 }
 

@@ -209,3 +209,25 @@ def test_the_post_training_check_against_the_served_model(server):
     conds = {c.type: c for c in passed.conditions}
     assert conds["Checked"].status == "True" and conds["Checked"].last_transition_time == "later"
     assert conds["Serving"].last_transition_time == T0  # unchanged, kept
+
+
+def test_a_server_whose_pods_are_refused_says_so():
+    """The Deployment controller copies its ReplicaSet's ReplicaFailure (FailedCreate, with
+    the API server's message) into the Deployment: the Serving condition carries it."""
+    from kubetune.api.v1alpha1 import FineTuneJobStatus, Serving
+
+    msg = ('pods "ident-serve-7d9f-x" is forbidden: violates PodSecurity '
+           '"restricted:latest": runAsNonRoot != true')
+    dep = {"status": {"conditions": [
+        {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"},
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+         "message": msg}]}}
+    rejected = serving.replica_failure(dep)
+    assert rejected == f"the API server refused the server's pods: {msg}"
+    assert serving.replica_failure({"status": {"conditions": [
+        {"type": "ReplicaFailure", "status": "False"}]}}) is None
+    served = Serving(url="http://x/v1", model_name="ident", weights="model", ready=False)
+    status = with_serving(FineTuneJobStatus(phase="Succeeded"), served, 1, T0, [],
+                          rejected=rejected)
+    (cond,) = [c for c in status.conditions if c.type == "Serving"]
+    assert (cond.status, cond.reason, cond.message) == ("False", "PodRejected", rejected)

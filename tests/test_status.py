@@ -315,3 +315,46 @@ def test_progress_shows_steps_and_eta_for_kubectl_get():
     assert progress_fields({"step": 3, "etaSeconds": 42})["eta"] == "42s"
     done = progress_fields({"step": 398, "totalSteps": 400, "etaSeconds": 5}, phase="Succeeded")
     assert done["steps"] == "400/400" and done["eta"] == "0s" and done["percent"] == 100.0
+
+
+def _refusal(kind, name, reason="FailedCreate", when="2026-11-23T10:01:00Z", message="m"):
+    return {"type": "Warning", "reason": reason, "message": message, "lastTimestamp": when,
+            "involvedObject": {"kind": kind, "name": name}}
+
+
+def test_refused_pods_are_read_from_the_events_of_what_makes_them():
+    """Each backend's pod maker: the PyTorchJob (Kubeflow's FailedCreatePod), the Job, a
+    TrainJob's per-node Jobs; the newest refusal; nothing from another job or a Normal one."""
+    from kubetune_operator.backends.job import JOB
+    from kubetune_operator.backends.pytorchjob import PYTORCHJOB
+    from kubetune_operator.backends.trainjob import TRAINJOB
+    from kubetune_operator.status import pod_rejection
+
+    psa = ('pods "ident-master-0" is forbidden: violates PodSecurity "restricted:latest": '
+           'runAsNonRoot != true')
+    events = [_refusal("PyTorchJob", "ident", "FailedCreatePod", message=psa),
+              _refusal("PyTorchJob", "ident", "FailedCreatePod", "2026-11-23T09:00:00Z"),
+              _refusal("PyTorchJob", "identity", "FailedCreatePod"),
+              {**_refusal("PyTorchJob", "ident"), "type": "Normal"}]
+    assert pod_rejection(events, PYTORCHJOB, "ident") == (
+        "PodRejected", f"the API server refused the pods of PyTorchJob ident: {psa}")
+    assert pod_rejection(events, JOB, "ident") is None
+    tj = [_refusal("Job", "ident-node-1", message="quota"), _refusal("Job", "ident", "x")]
+    assert pod_rejection(tj, TRAINJOB, "ident") == (
+        "PodRejected", "the API server refused the pods of Job ident-node-1: quota")
+    assert pod_rejection(tj, TRAINJOB, "iden") is None
+
+
+def test_refused_pods_explain_a_pending_job_until_a_pod_exists():
+    from kubetune_operator.backends.job import JOB
+
+    job = {"metadata": {"name": "ident"}, "status": {"startTime": T0, "active": 0}}
+    refused = ("PodRejected", "the API server refused the pods of Job ident: nope")
+    status = reduce_status(Observed(3, child=job, backend=JOB, rejected=refused), None, T1)
+    assert status["phase"] == "Pending"
+    assert (cond(status, "Ready")["reason"], cond(status, "Ready")["message"]) == refused
+    assert cond(status, "Reconciling")["reason"] == "PodRejected"
+    pod = {"metadata": {"name": "ident-x7k2p"}, "status": {"phase": "Pending"}}
+    status = reduce_status(Observed(3, child=job, backend=JOB, rejected=refused, pods=[pod]),
+                           None, T1)
+    assert cond(status, "Ready")["reason"] == "Starting"

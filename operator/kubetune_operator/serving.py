@@ -210,6 +210,17 @@ def inference_service(*, job: FineTuneJob, config: OperatorConfig, outputs: dict
             "spec": {"predictor": {"minReplicas": 1, "maxReplicas": 1, **pod}}}
 
 
+def replica_failure(obj: dict[str, Any] | None) -> str | None:
+    """Why the server's pods cannot be created (the API server refused them: Pod Security,
+    an admission webhook, a quota), from its Deployment's ReplicaFailure condition, which the
+    Deployment controller copies from its ReplicaSet."""
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if isinstance(c, dict) and c.get("type") == "ReplicaFailure" and \
+                c.get("status") == "True":
+            return f"the API server refused the server's pods: {c.get('message') or ''}"
+    return None
+
+
 def inference_service_state(obj: dict[str, Any] | None) -> tuple[bool, str | None]:
     """(Ready, the OpenAI-compatible base URL) from an InferenceService's status: its
     in-cluster address (status.address.url) first, else status.url, plus ``/v1``."""
