@@ -96,8 +96,11 @@ class Served:
         if not asked:
             known = self._ask(need.api_version)
         lacking = known is None or need.plural not in known
-        if lacking and need.api_version not in self._said:
-            self._said.add(need.api_version)
+        with self._lock:
+            say = lacking and need.api_version not in self._said
+            if say:
+                self._said.add(need.api_version)
+        if say:
             log.warning("%s is not served by this API server: every job that needs it waits "
                         "(condition Stalled, reason %s) until %s is installed", need.what,
                         need.reason, need.provider)
@@ -141,7 +144,8 @@ class Served:
                 now = not self._absent(gv)
             if now:
                 log.info("%s is served now: the jobs that waited for it proceed", gv)
-                self._said.discard(gv)
+                with self._lock:
+                    self._said.discard(gv)
                 back.append(gv)
         return back
 

@@ -392,12 +392,13 @@ class Outcome:
     missing: Need | None = None  # a kind it needs that the API server does not serve
 
 
-def needs(backend: Backend, labels: dict[str, str], config: OperatorConfig) -> list[Need]:
+def needs(backend: Backend, labels: dict[str, str], config: OperatorConfig, *,
+          kueue: bool = True) -> list[Need]:
     """The kinds a job's children need that an add-on serves (none for a built-in backend
-    with no queue)."""
+    with no queue); ``kueue``: Kueue's too, when the job is queued."""
     out = [n for n in [backend_need(backend)] if n is not None]
     queue = builders.kueue_labels(labels, config).get(KUEUE_QUEUE_LABEL)
-    if queue:
+    if queue and kueue:
         out.append(kueue_need(queue, KUEUE_QUEUE_LABEL not in labels))
     return out
 
@@ -429,7 +430,9 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
     if job is not None and served is not None and (
             old.get("phase") not in TERMINAL or was_invalid(old)):
         # A kind it needs is not served: nothing is made (no ConfigMap without its child).
-        missing = next((n for n in needs(backend, labels, config) if served.missing(n)), None)
+        # (Kueue only before the child is made: a child it already admitted runs on.)
+        wanted = needs(backend, labels, config, kueue=old.get("phase") in (None, "Pending"))
+        missing = next((n for n in wanted if served.missing(n)), None)
     if job is not None and missing is None:
         objs = builders.children(job=job, config=config, uid=meta.get("uid"), labels=labels,
                                  server=server)
