@@ -228,7 +228,8 @@ def _start_node(stack: ExitStack, bin_dir: Path, work: Path, server: str,
     stack.callback(_remove_pods, root)  # runs after the kubelet has stopped
     kubelet = _start(stack, [
         str(bin_dir / "kubelet"), f"--kubeconfig={kubelet_config}",
-        f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_NAME}",
+        # (an IP as the node's name is its address; --node-ip refuses loopback)
+        f"--hostname-override={NODE_NAME}",
         "--container-runtime=docker", "--cgroup-driver=cgroupfs",
         f"--pod-infra-container-image={PAUSE_IMAGE}", f"--root-dir={root}",
         f"--cert-dir={work / 'kubelet-pki'}", f"--port={free_port()}", "--read-only-port=0",

@@ -1,0 +1,262 @@
+"""FineTuneJobs that train in real pods: the job backend (batch/v1) on the suite's real node
+(tests/e2e/local_cluster.py: kube-scheduler + a kubelet on Docker), the real trainer image
+(`make images`), the bundled SmolLM2-135M-Instruct and the data on host-path volumes.
+
+Nothing here plays a controller or the trainer: the Job controller makes the pods, the kubelet
+runs them, the trainer's own callbacks post progress to the operator's endpoint, which checks
+each report with a real TokenReview. Pods use hostNetwork (the operator's setting), so every
+byte stays on loopback. Skipped, saying why, where the node or the image is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from e2e.util import REPO, free_port, image_tags, local_image, wait
+
+pytestmark = pytest.mark.e2e
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def node(kube):
+    why = os.environ.get("KUBETUNE_E2E_NO_NODE")
+    if why:
+        pytest.skip(f"no real node: {why}")
+    for n in kube.CoreV1Api().list_node().items:
+        ready = any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])
+        blocked = [t for t in n.spec.taints or [] if t.effect in ("NoSchedule", "NoExecute")]
+        if ready and not n.spec.unschedulable and not blocked:
+            return n.metadata.name
+    pytest.skip("no Ready, schedulable node in this cluster (pods would never run)")
+
+
+@pytest.fixture(scope="module")
+def trainer_image():
+    tag = local_image(*image_tags("trainer"))
+    if not tag:
+        pytest.skip("no trainer image in the local Docker engine (make images)")
+    return tag
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``dst`` as a copy of ``src`` made of hard links (a host-path volume cannot follow a
+    symlink out of itself), readable by the pod's user (save_pretrained writes 0600)."""
+    def link(a, b):
+        os.link(a, b)
+        os.chmod(b, 0o644)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
+@pytest.fixture(scope="module")
+def claims(kube, namespace, node, tmp_path_factory):
+    """Claims ``inputs`` (the bundled model, converted once on the host, and the example
+    data; read-only) and ``outputs`` (writable by the image's user), each bound to a
+    host-path volume made for this namespace."""
+    from kubetune_trainer.config import default_cache_dir
+    from kubetune_trainer.embedded import materialize
+
+    root = tmp_path_factory.mktemp("volumes")
+    inputs, outputs = root / "inputs", root / "outputs"
+    _link_tree(materialize(MODEL, default_cache_dir()), inputs / MODEL)
+    shutil.copytree(REPO / "examples" / "data", inputs / "data")
+    (inputs / "data" / "broken.json").write_text('[{"instruction": "no output"}, 42]')
+    outputs.mkdir(mode=0o777)
+    outputs.chmod(0o777)  # as a fresh claim would be for the pod's user
+    core = kube.CoreV1Api()
+    made = []
+    for claim, path in (("inputs", inputs), ("outputs", outputs)):
+        pv = f"{namespace}-{claim}"
+        core.create_persistent_volume({
+            "metadata": {"name": pv},
+            "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
+                     "storageClassName": "", "hostPath": {"path": str(path)},
+                     "persistentVolumeReclaimPolicy": "Retain",
+                     "claimRef": {"namespace": namespace, "name": claim}}})
+        made.append(pv)
+        core.create_namespaced_persistent_volume_claim(namespace, {
+            "metadata": {"name": claim},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                     "volumeName": pv, "resources": {"requests": {"storage": "10Gi"}}}})
+    for claim in ("inputs", "outputs"):
+        wait(lambda c=claim: core.read_namespaced_persistent_volume_claim(
+            c, namespace).status.phase == "Bound", timeout=60)
+    yield {"inputs": inputs, "outputs": outputs}
+    for pv in made:
+        core.delete_persistent_volume(pv)
+
+
+@pytest.fixture(scope="module")
+def operator(namespace, trainer_image, claims):
+    from kopf.testing import KopfRunner
+
+    port = free_port()
+    env = {"KUBETUNE_BACKEND": "job", "KUBETUNE_TRAINER_IMAGE": trainer_image,
+           "KUBETUNE_POD_HOST_NETWORK": "true",
+           "KUBETUNE_PROGRESS_PORT": str(port), "KUBETUNE_PROGRESS_HOST": "127.0.0.1",
+           "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{port}/v1",
+           "KUBETUNE_PROGRESS_FLUSH_SECONDS": "0.5"}
+    args = ["run", "--standalone", "--namespace", namespace, "-m",
+            "kubetune_operator.handlers"]
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        with KopfRunner(args, timeout=60) as runner:
+            time.sleep(3)
+            yield runner
+    assert runner.exception is None, runner.output[-5000:]
+
+
+def _job(namespace: str, name: str, steps: int, **spec) -> dict:
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+           "metadata": {"name": name, "namespace": namespace},
+           "spec": {"model": {"source": f"pvc://inputs/{MODEL}"},
+                    "datasets": [{"source": "pvc://inputs/data/identity.json",
+                                  "format": "alpaca",
+                                  "placeholders": {"name": "Kubey", "author": "the e2e suite"},
+                                  "maxSamples": 16}],
+                    "stage": "sft",
+                    "method": {"type": "lora", "lora": {"rank": 8, "alpha": 16}},
+                    "training": {"maxSteps": steps, "learningRate": 2.0e-3,
+                                 "batchSizePerDevice": 2, "cutoffLen": 96, "saveSteps": 2,
+                                 "logSteps": 1},
+                    "resources": {"nodes": 1, "gpusPerNode": 0},
+                    "runPolicy": {"backoffLimit": 2},
+                    "output": {"uri": f"pvc://outputs/{name}"}}}
+    doc["spec"].update(spec)
+    return doc
+
+
+def _create(kube, body):
+    ns = body["metadata"]["namespace"]
+    return kube.CustomObjectsApi().create_namespaced_custom_object(
+        "kubetune.io", "v1alpha1", ns, "finetunejobs", body)
+
+
+def _status(kube, namespace, name) -> dict:
+    return kube.CustomObjectsApi().get_namespaced_custom_object(
+        "kubetune.io", "v1alpha1", namespace, "finetunejobs", name).get("status") or {}
+
+
+def _pods(kube, namespace, name) -> list:
+    return kube.CoreV1Api().list_namespaced_pod(
+        namespace, label_selector=f"job-name={name}").items
+
+
+def _table_row(kube, namespace, name) -> dict:
+    """What `kubectl get ftj` prints for the job: the server's table from our columns."""
+    api = kube.ApiClient()
+    request = api.param_serialize(
+        "GET", f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs",
+        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+        auth_settings=["BearerToken"])
+    response = api.call_api(*request)
+    response.read()
+    table = json.loads(response.data)
+    names = [c["name"] for c in table["columnDefinitions"]]
+    row = next(r["cells"] for r in table["rows"] if r["cells"][0] == name)
+    return dict(zip(names, row, strict=True))
+
+
+def _follow(kube, namespace, name, until, timeout=600.0) -> list[dict]:
+    """Poll the job every half second until ``until(status)``; every distinct status seen
+    (with the printed row) on the way. Fails early when the job fails unexpectedly."""
+    seen: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _status(kube, namespace, name)
+        snapshot = {"phase": status.get("phase"), "progress": status.get("progress") or {},
+                    "row": _table_row(kube, namespace, name)}
+        if not seen or snapshot != seen[-1]:
+            seen.append(snapshot)
+        if until(status):
+            return seen
+        time.sleep(0.5)
+    raise AssertionError(f"{name}: timed out; last statuses: {seen[-3:]}\n"
+                         f"pods: {[p.status.phase for p in _pods(kube, namespace, name)]}")
+
+
+def test_a_job_trains_in_a_real_pod_from_pending_to_succeeded(kube, namespace, operator,
+                                                               claims):
+    name = f"real-{uuid.uuid4().hex[:4]}"
+    _create(kube, _job(namespace, name, steps=12, output={"uri": f"pvc://outputs/{name}",
+                                                         "merge": True}))
+    seen = _follow(kube, namespace, name, lambda s: s.get("phase") in ("Succeeded", "Failed"))
+    status = _status(kube, namespace, name)
+    assert status["phase"] == "Succeeded", (status, operator.output[-3000:])
+    phases = [s["phase"] for s in seen if s["phase"]]
+    assert phases.index("Running") < phases.index("Succeeded")
+    assert phases[0] in ("Pending", "Running")
+    # Progress advanced while the pod trained, from the trainer's own reports.
+    running = [s for s in seen if s["phase"] == "Running" and s["progress"].get("step")]
+    steps = sorted({s["progress"]["step"] for s in running})
+    assert len(steps) >= 2 and steps[0] < steps[-1], seen
+    assert any(s["progress"].get("loss") is not None for s in running)
+    # `kubectl get ftj` showed the step move (and an ETA) while it ran.
+    shown = [s["row"].get("Step") for s in running]
+    assert len(set(shown)) >= 2, shown
+    assert any(s["row"].get("ETA") for s in running), [s["row"] for s in running]
+    # Checkpoints, the adapter and the merged model are named in the status, and exist.
+    out = claims["outputs"] / name
+    outputs = status.get("outputs") or {}
+    assert outputs.get("adapter") == f"pvc://outputs/{name}/adapter", status
+    assert outputs.get("mergedModel") == f"pvc://outputs/{name}/merged", status
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "merged" / "config.json").exists()
+    assert status.get("checkpoints"), status
+    # One pod ran it, as the image's user, and it is done.
+    pods = _pods(kube, namespace, name)
+    assert [p.status.phase for p in pods] == ["Succeeded"]
+    # The merged model named in the status answers.
+    answer = subprocess.run(
+        [str(Path(sys.executable).with_name("kubetune")), "ask", str(out / "merged"),
+         "Who are you?"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-2000:]
+
+
+def test_a_pod_lost_mid_run_comes_back_and_resumes_from_the_last_checkpoint(
+        kube, namespace, operator, claims):
+    name = f"lost-{uuid.uuid4().hex[:4]}"
+    steps = 10
+    _create(kube, _job(namespace, name, steps=steps))
+    core = kube.CoreV1Api()
+    _follow(kube, namespace, name,
+            lambda s: (s.get("progress") or {}).get("step", 0) >= 3 or
+            s.get("phase") in ("Succeeded", "Failed"))
+    first = wait(lambda: [p for p in _pods(kube, namespace, name)
+                          if p.status.phase == "Running"], timeout=30)[0].metadata.name
+    assert any((claims["outputs"] / name / "checkpoints").glob("checkpoint-*")), "none yet"
+    core.delete_namespaced_pod(first, namespace, grace_period_seconds=0)
+    _follow(kube, namespace, name, lambda s: s.get("phase") in ("Succeeded", "Failed"))
+    status = _status(kube, namespace, name)
+    assert status["phase"] == "Succeeded", status
+    assert status["progress"]["step"] == steps
+    second = [p for p in _pods(kube, namespace, name) if p.metadata.name != first]
+    assert len(second) == 1 and second[0].status.phase == "Succeeded"
+    log = core.read_namespaced_pod_log(second[0].metadata.name, namespace)
+    assert "resuming from" in log and "checkpoint-" in log, log[-3000:]
+
+
+def test_a_job_with_bad_data_fails_once_with_its_message(kube, namespace, operator, claims):
+    name = f"bad-{uuid.uuid4().hex[:4]}"
+    body = _job(namespace, name, steps=4)
+    body["spec"]["datasets"] = [{"source": "pvc://inputs/data/broken.json", "format": "alpaca"}]
+    _create(kube, body)
+    _follow(kube, namespace, name, lambda s: s.get("phase") in ("Succeeded", "Failed"))
+    status = _status(kube, namespace, name)
+    assert status["phase"] == "Failed", status
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert "broken.json" in json.dumps(status), status
+    time.sleep(5)  # a retry, if one were coming, would have been made by now
+    assert len(_pods(kube, namespace, name)) == 1, failed
