@@ -368,6 +368,43 @@ def test_trainjob_refuses_a_per_job_priority_class():
     assert cluster_problem(job, PYTORCHJOB) is None
 
 
+@pytest.mark.parametrize("uri", ["s3://bucket/runs/a", "gs://bucket/runs/a", "hf://org/model"])
+def test_object_store_outputs_run_in_a_cluster_staged_on_a_bounded_scratch_volume(
+        uri, pytorchjob_schema):
+    from kubetune_operator.validation import cluster_problem
+
+    job = _job(output={"uri": uri, "secretRef": {"name": "store"}},
+               resources={"gpusPerNode": 1, "scratchSize": "200Gi"})
+    assert cluster_problem(job, PYTORCHJOB) is None
+    obj = PYTORCHJOB.render(job=job, config=OperatorConfig())
+    jsonschema.validate(obj, pytorchjob_schema)
+    pod = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    scratch = next(v for v in pod["volumes"] if v["name"] == "scratch")
+    assert scratch == {"name": "scratch", "emptyDir": {"sizeLimit": "200Gi"}}
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v
+                and v["persistentVolumeClaim"]["claimName"] == "outputs"]  # no claim for it
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert any(n.startswith("KUBETUNE_OUTPUT_") and "secretKeyRef" in e["valueFrom"]
+               for n, e in env.items() if "valueFrom" in e)
+    assert next(v for v in PYTORCHJOB.render(job=_job(), config=OperatorConfig())["spec"][
+        "pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"]
+        if v["name"] == "scratch") == {"name": "scratch", "emptyDir": {}}  # no limit by default
+
+
+def test_what_cannot_work_with_a_store_output_is_refused_naming_the_field():
+    from kubetune_operator.validation import cluster_problem
+
+    served = _job(output={"uri": "s3://bucket/a", "secretRef": {"name": "s"}, "merge": True},
+                  serve={})
+    assert cluster_problem(served, PYTORCHJOB).startswith("spec.serve: ")
+    hub = _job(output={"uri": "hf://org/model", "secretRef": {"name": "s"}, "merge": True},
+               serve={})
+    assert cluster_problem(hub, PYTORCHJOB) is None  # the server reads it from the Hub
+    local = _job(output={"uri": "outputs/here"})
+    assert cluster_problem(local, PYTORCHJOB).startswith("spec.output.uri: 'outputs/here' is a "
+                                                         "local path")
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_render_valid_trainjobs(path, trainjob_schema):
     job = load_job(path)

@@ -156,7 +156,8 @@ def _volumes(job: FineTuneJob, config: OperatorConfig
         {"name": "config", "configMap": {"name": config_name(job)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory",
                                       "sizeLimit": job.spec.resources.shared_memory}},
-        {"name": "scratch", "emptyDir": {}},
+        {"name": "scratch", "emptyDir": ({"sizeLimit": job.spec.resources.scratch_size}
+                                         if job.spec.resources.scratch_size else {})},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},

@@ -16,6 +16,9 @@ from kubetune_operator.apiserver import CURRENT, ApiServer
 from kubetune_operator.backends import Backend
 
 CLUSTER_SOURCES = ("pvc://", "hf://", "https://", "http://", "s3://", "gs://", "embedded://")
+# Object stores too: the pod stages the run on its scratch volume and uploads from there; a
+# new pod resumes from the newest checkpoint in the store (hf://: from its staging only).
+CLUSTER_OUTPUTS = ("pvc://", "s3://", "gs://", "hf://")
 
 
 def cluster_problem(job: FineTuneJob, backend: Backend | None = None,
@@ -29,9 +32,15 @@ def cluster_problem(job: FineTuneJob, backend: Backend | None = None,
         if not uri.startswith(CLUSTER_SOURCES):
             return (f"{field}: {uri!r} is a local path, which has no meaning in a "
                     "cluster; use pvc://CLAIM/path, hf://, https://, s3:// or gs://")
-    if not spec.output.uri.startswith("pvc://"):
-        return (f"spec.output.uri: {spec.output.uri!r}: in a cluster outputs go to a "
-                "volume claim, pvc://CLAIM/path")
+    out = spec.output.uri
+    if not out.startswith(CLUSTER_OUTPUTS):
+        return (f"spec.output.uri: {out!r} is a local path, which has no meaning in a "
+                "cluster; use pvc://CLAIM/path, s3://BUCKET/path, gs://BUCKET/path or "
+                "hf://ORG/NAME")
+    if spec.serve is not None and out.startswith(("s3://", "gs://")):
+        return (f"spec.serve: the server reads the weights from the job's volume claim or "
+                f"the Hub, not from {out.split(':')[0]}://; write the output to pvc:// or "
+                "hf:// to serve it, or turn serve off")
     return backend.refuses(job, server, queued) if backend is not None else None
 
 

@@ -103,6 +103,13 @@ class ResourcesSpec(_Spec):
         str, Field(pattern=QUANTITY, max_length=64,
                    description="Size of /dev/shm (data loader workers, NCCL).")
     ] = "8Gi"
+    scratch_size: Annotated[
+        str | None, Field(pattern=QUANTITY, max_length=64,
+                          description="Size limit of each pod's scratch volume (/tmp): "
+                          "downloaded models, prepared data, and the staging of an s3://, "
+                          "gs:// or hf:// output (its checkpoints before upload). Default: "
+                          "no limit but the node's disk.")
+    ] = None
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Any:
