@@ -83,6 +83,8 @@ build() {
   log "$tag: docker build (from $base, $(du -sh "$ctx" | cut -f1) of wheels)"
   docker build -q --build-arg "BASE=$base" --label "kubetune.io/inputs=$hash" -t "$tag" "$ctx" >/dev/null
   rm -rf "$ctx"
+  # The build stage's image (gigabytes of wheels): ours alone, by its label.
+  docker image prune -f --filter label=kubetune.io/build-stage=true >/dev/null
   echo "$tag"
 }
 

@@ -117,6 +117,31 @@ def operator(namespace, trainer_image, claims):
     assert runner.exception is None, runner.output[-5000:]
 
 
+@pytest.fixture(scope="module")
+def s3_store(kube, namespace):
+    """An S3 API (moto's server) on loopback, a bucket, and the Secret ``store`` the jobs'
+    output.secretRef names."""
+    import boto3
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    moto = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        creds = {"AWS_ACCESS_KEY_ID": "e2e", "AWS_SECRET_ACCESS_KEY": "e2e-secret",
+                 "AWS_ENDPOINT_URL": url, "AWS_REGION": "us-east-1"}
+        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                              aws_access_key_id="e2e", aws_secret_access_key="e2e-secret")
+        wait(lambda: client.create_bucket(Bucket="runs"), timeout=30)
+        kube.CoreV1Api().create_namespaced_secret(namespace, {
+            "metadata": {"name": "store"}, "stringData": creds})
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def _job(namespace: str, name: str, steps: int, **spec) -> dict:
     doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
            "metadata": {"name": name, "namespace": namespace},
@@ -260,3 +285,36 @@ def test_a_job_with_bad_data_fails_once_with_its_message(kube, namespace, operat
     assert "broken.json" in json.dumps(status), status
     time.sleep(5)  # a retry, if one were coming, would have been made by now
     assert len(_pods(kube, namespace, name)) == 1, failed
+
+
+def test_an_s3_output_is_written_to_the_store_and_a_fresh_pod_resumes_from_it(
+        kube, namespace, operator, claims, s3_store):
+    name = f"s3-{uuid.uuid4().hex[:4]}"
+    steps = 10
+    _create(kube, _job(namespace, name, steps=steps,
+                       output={"uri": f"s3://runs/{name}", "secretRef": {"name": "store"}}))
+
+    def stored() -> set[str]:
+        listed = s3_store.list_objects_v2(Bucket="runs", Prefix=f"{name}/")
+        return {o["Key"][len(name) + 1:] for o in listed.get("Contents", [])}
+
+    # A checkpoint is complete in the store (its marker uploaded last): lose the pod, and
+    # with it the scratch volume that staged the run.
+    wait(lambda: any(k.startswith("checkpoints/") and k.endswith("/kubetune-complete.json")
+                     for k in stored()) or _status(kube, namespace, name).get("phase")
+         in ("Succeeded", "Failed"), timeout=600, every=1)
+    core = kube.CoreV1Api()
+    first = [p.metadata.name for p in _pods(kube, namespace, name)]
+    assert len(first) == 1 and _status(kube, namespace, name).get("phase") == "Running"
+    core.delete_namespaced_pod(first[0], namespace, grace_period_seconds=0)
+    _follow(kube, namespace, name, lambda s: s.get("phase") in ("Succeeded", "Failed"))
+    status = _status(kube, namespace, name)
+    assert status["phase"] == "Succeeded", status
+    assert status["progress"]["step"] == steps
+    second = [p for p in _pods(kube, namespace, name) if p.metadata.name != first[0]]
+    log = core.read_namespaced_pod_log(second[0].metadata.name, namespace)
+    assert "to resume from it" in log and "resuming from" in log, log[-3000:]
+    # The outputs are in the store, and the status points there.
+    assert status["outputs"]["adapter"] == f"s3://runs/{name}/adapter", status
+    assert {"adapter/adapter_model.safetensors", "result.json", "progress.jsonl"} <= stored()
+    assert not (claims["outputs"] / name).exists()  # nothing went to the claim
