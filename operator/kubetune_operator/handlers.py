@@ -122,6 +122,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         for api_version in ([need.api_version] if need else []) + [KUEUE_API]:
             memo.served.prime(api_version)
     memo.setdefault("waiting_for", {})  # (namespace, job) -> the group/version it waits for
+    # The context of kopf's handlers, kept from the first job event: kopf posts Events through
+    # context variables it sets for its watchers only. (A list: each object's handlers get a
+    # shallow copy of the memo, so only what is in its containers is shared.)
+    memo.setdefault("kopf_context", [])
     if config.metrics_port and not memo.get("metrics_started"):
         metrics.serve(config.metrics_port)
         memo.metrics_started = True
@@ -347,6 +351,8 @@ async def job_event(event: dict[str, Any], memo: kopf.Memo, type: str | None, **
     raw = event["object"]  # the API's JSON as it came
     meta = raw["metadata"]
     ns, name = meta["namespace"], meta["name"]
+    if not memo.kopf_context:  # kopf's Event queue, for converges of our own (rechecks)
+        memo.kopf_context.append(contextvars.copy_context())
     if type == "DELETED":
         forget(ns, name, memo)
         return
@@ -494,10 +500,13 @@ async def start_rechecks(memo: kopf.Memo, **_: Any) -> None:
             except Exception as err:  # the API server away: the jobs are re-checked anyway
                 log.warning("discovery failed (%s); asked again in %ss", err,
                             memo.config.recheck_seconds)
+            # In the context of kopf's handlers: kopf posts Events through context variables
+            # it sets for its watchers only (a task started here has none).
+            context = memo.kopf_context[0] if memo.kopf_context else contextvars.copy_context()
             for ns, name in sorted(memo.active):
                 if served.waiting(memo.waiting_for.get((ns, name))):
                     continue  # nothing to do until its kind is served
-                await _converge_named(memo, ns, name)
+                await context.copy().run(asyncio.ensure_future, _converge_named(memo, ns, name))
                 await asyncio.sleep(0.02)  # spread the load
 
     memo.recheck_task = asyncio.create_task(loop())
