@@ -494,3 +494,72 @@ def hostile_files() -> dict[str, bytes]:
         "control-chars": valid.replace("name: Kubetune", 'name: "Kube\\x07tune"').encode(),
     }
 
+
+
+# ------------------------------------------------------------------------ credential shapes
+
+PLANTED = "Pl4nt3dS3cr3t"  # a credential planted in a job: it must never come out again
+# Query names a block list would miss (any name may carry a credential), and separators.
+_PARAM_NAMES = ("private_token", "hf_token", "api-key", "Authorization", "pass", "access_token",
+                "X-Amz-Signature", "code", "k", "q", "download", "%74oken", "to%6Ben", "")
+
+
+def credential_url_shapes(host: str = "host.example", scheme: str = "https",
+                          planted: str = PLANTED) -> dict[str, str]:
+    """Named ways a credential rides in a URL (the shapes the fuzz test of the issue found)."""
+    base = f"{scheme}://{host}/m"
+    pct = planted.replace("t", "%74")
+    return {
+        "userinfo": f"{scheme}://user:{planted}@{host}/m",
+        "user-only": f"{scheme}://{planted}@{host}/m",
+        "userinfo-pct": f"{scheme}://u%3A{planted}%40{host}/m",
+        "userinfo-slash": f"{scheme}://u:{planted}/x@{host}/m",
+        **{f"query-{n or 'bare'}": f"{base}?{n}={planted}" if n else f"{base}?{planted}"
+           for n in _PARAM_NAMES},
+        "query-after-safe": f"{base}?download=true&x={planted}",
+        "query-semicolon": f"{base}?download=1;t={planted}",
+        "query-pct-value": f"{base}?t={pct}",
+        "fragment": f"{base}#access_token={planted}",
+        "fragment-bare": f"{base}#{planted}",
+    }
+
+
+@st.composite
+def credential_urls(draw, planted: str = PLANTED) -> str:
+    """A URL with ``planted`` somewhere a credential can ride: user-info (plain or percent-
+    encoded), a query parameter of any name, a fragment."""
+    scheme = draw(st.sampled_from(["https", "http", "s3", "gs", "hf", "file", "pvc"]))
+    host = draw(st.sampled_from(["h", "bucket-1", "a.b.example", "org", "127.0.0.1:8080", ""]))
+    path = draw(st.sampled_from(["", "/", "/m", "/a/b.json", "/x@y/z"]))
+    name = draw(st.one_of(st.sampled_from(_PARAM_NAMES),
+                          st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.%",
+                                  max_size=12)))
+    value = planted if draw(st.booleans()) else "".join(
+        f"%{ord(c):02X}" if i % 2 else c for i, c in enumerate(planted))
+    safe = draw(st.sampled_from(["", "download=true&", "raw=1&", "dl=0&"]))
+    where = draw(st.sampled_from(["userinfo", "user", "userinfo-pct", "query", "query-bare",
+                                 "fragment"]))
+    if where == "userinfo":
+        return f"{scheme}://{name}:{value}@{host}{path}"
+    if where == "user":
+        return f"{scheme}://{value}@{host}{path}"
+    if where == "userinfo-pct":
+        return f"{scheme}://{name}%3A{value}%40{host}{path}"
+    if where == "query":
+        return f"{scheme}://{host}{path}?{safe}{name}={value}"
+    if where == "query-bare":
+        return f"{scheme}://{host}{path}?{safe}{value}"
+    return f"{scheme}://{host}{path}{'?' + safe[:-1] if safe else ''}#{name}={value}"
+
+
+@st.composite
+def clean_urls(draw) -> str:
+    """URLs with no place for a credential: a host (and port), a path, download/dl/raw."""
+    scheme = draw(st.sampled_from(["https", "http", "s3", "gs", "hf", "file", "pvc"]))
+    host = draw(st.from_regex(r"[A-Za-z0-9._~-]{0,20}(:[0-9]{1,5})?", fullmatch=True))
+    path = draw(st.from_regex(r"(/[A-Za-z0-9._@:=+,-]{0,12}){0,4}", fullmatch=True))
+    params = draw(st.lists(st.tuples(st.sampled_from(["download", "dl", "raw", "DL"]),
+                                     st.sampled_from(["0", "1", "true", "false", "TRUE"])),
+                           max_size=3))
+    query = "?" + "&".join(f"{k}={v}" for k, v in params) if params else ""
+    return f"{scheme}://{host}{path}{query}"

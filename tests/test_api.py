@@ -229,11 +229,11 @@ def test_name_rule_in_cel_agrees():
          "spec.model.secretRef.name: 'HF Token' does not match"),
         # credentials in URLs
         ({"datasets": [{"source": "https://me:hunter2@example.com/d.json"}]},
-         "datasets[].source: a user name or password in the URL"),
+         "datasets[].source: a user name, password or token in the URL"),
         ({"model": {"source": "https://example.com/m?token=abc"}},
-         "model.source: a token or signature in the URL's query"),
+         "spec.model.source: a user name, password or token in the URL"),
         ({"datasets": [{"source": "s3://b/d.json?X-Amz-Signature=abc"}]},
-         "put it in a Secret and name it in secretRef"),
+         "put it in a Secret and name it in datasets[].secretRef"),
     ],
 )
 def test_what_the_cluster_refuses_the_cli_refuses(spec, message):

@@ -97,7 +97,10 @@ def _gpu_memory(text: str | None) -> float | None:
 
 
 def _fail(e: KubetuneError) -> None:
-    err.print(f"[bold red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
+    from kubetune.urls import redact_text
+
+    err.print(f"[bold red]error[/]: {escape(redact_text(str(e)))}", highlight=False,
+              soft_wrap=True)
     raise typer.Exit(e.exit_code)
 
 
@@ -114,7 +117,9 @@ def _unexpected(e: Exception) -> None:
     import time
     import traceback
 
-    text = " ".join(str(e).split())
+    from kubetune.urls import redact_text
+
+    text = redact_text(" ".join(str(e).split()))
     line = f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
     err.print(f"[bold red]error[/]: {escape(line)}", highlight=False, soft_wrap=True)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import stat
 import typing
 from pathlib import Path
@@ -159,11 +160,12 @@ OUTPUTS = "a local path, pvc://CLAIM/path, s3://BUCKET/path, gs://BUCKET/path or
 
 
 def output_uri_problem(uri: str) -> str:
-    """What is wrong with an output URI that OUTPUT_PATTERN refuses, in words."""
-    import re
-
+    """What is wrong with an output URI that OUTPUT_PATTERN refuses, in words (quoting it
+    redacted)."""
     from kubetune.api.v1alpha1._base import _SPACE, DNS_SUBDOMAIN
+    from kubetune.urls import redact
 
+    uri = redact(uri)
     if re.search(f"[{_SPACE}]", uri):
         return "contains a space or a control character"
     scheme, sep, rest = uri.partition("://")
@@ -185,12 +187,39 @@ def output_uri_problem(uri: str) -> str:
     return f"not an output location; an output is {OUTPUTS}"
 
 
+# Fields whose values are never quoted in a message (they may hold anything).
+_UNQUOTED = ("value", "args")
+
+
+def _secret_of(loc: str) -> str:
+    """The secretRef that a credential in the URL at ``loc`` belongs in."""
+    if loc.endswith("image"):
+        return "an image pull secret of trainer.serviceAccountName"
+    owner = loc.rsplit(".", 1)[0]
+    return f"{owner}.secretRef" if owner.endswith(
+        ("model", "output", "tracking", "]")) and "rewards" not in owner else "a Secret"
+
+
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    from kubetune import urls
+
     lines = []
     for e in err.errors():
         loc = field_path(e["loc"])
         loc = f"{prefix}.{loc}" if prefix and loc else prefix or loc
         msg = e["msg"].removeprefix("Value error, ")
+        raw = e.get("input")
+        if isinstance(raw, str):  # every quoted value is shown redacted (kubetune.urls)
+            e = {**e, "input": urls.redact(raw)}
+            if loc.split(".")[-1].split("[")[0] in _UNQUOTED or re.search(
+                    r"(env|args)\[[0-9]+\](\.value)?$", loc):
+                e["input"] = "the value"
+        if (e["type"] == "string_pattern_mismatch" and isinstance(raw, str)
+                and (urls.url_problem(raw) or (loc.endswith("image")
+                                               and urls.image_problem(raw)))):
+            lines.append(urls.image_message(loc, "trainer.serviceAccountName")
+                         if loc.endswith("image") else urls.refusal(loc, _secret_of(loc)))
+            continue
         if e["type"] == "extra_forbidden":
             msg = f"unknown field {e['loc'][-1]!r}" + (
                 did_you_mean(e["loc"]) if not prefix else "")

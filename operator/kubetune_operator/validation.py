@@ -10,6 +10,7 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.jobfile import format_validation_error, validate_job
+from kubetune.urls import redact
 from pydantic import ValidationError
 
 from kubetune_operator.apiserver import CURRENT, ApiServer
@@ -30,11 +31,11 @@ def cluster_problem(job: FineTuneJob, backend: Backend | None = None,
         (f"spec.datasets[{i}].source", d.source) for i, d in enumerate(spec.datasets)]
     for field, uri in fields:
         if not uri.startswith(CLUSTER_SOURCES):
-            return (f"{field}: {uri!r} is a local path, which has no meaning in a "
+            return (f"{field}: {redact(uri)!r} is a local path, which has no meaning in a "
                     "cluster; use pvc://CLAIM/path, hf://, https://, s3:// or gs://")
     out = spec.output.uri
     if not out.startswith(CLUSTER_OUTPUTS):
-        return (f"spec.output.uri: {out!r} is a local path, which has no meaning in a "
+        return (f"spec.output.uri: {redact(out)!r} is a local path, which has no meaning in a "
                 "cluster; use pvc://CLAIM/path, s3://BUCKET/path, gs://BUCKET/path or "
                 "hf://ORG/NAME")
     if spec.serve is not None and out.startswith(("s3://", "gs://")):

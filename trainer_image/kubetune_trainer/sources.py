@@ -12,21 +12,17 @@ from urllib.parse import unquote, urlsplit
 
 from kubetune.credentials import SourceSecret
 from kubetune.errors import KubetuneError, SourceError
+from kubetune.urls import redact_text, scrub
 
 from kubetune_trainer.config import RunContext
 
 FSSPEC_SCHEMES = ("s3", "gs", "http", "https")
-_USERINFO = re.compile(r"^([A-Za-z0-9+.-]+://)[^/?#]*@")
-_SECRET_PARAM = re.compile(
-    r"(?i)([?&;#](?:access_token|id_token|token|sig|signature|x-amz-signature|x-amz-credential|"
-    r"x-amz-security-token|x-goog-signature|x-goog-credential|api_key|apikey|key|password|passwd|"
-    r"pwd|secret|client_secret|auth|code)=)[^&;#]*")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def redact(uri: str) -> str:
-    """``uri`` fit to print: user-info and credential-looking query values replaced by ***."""
-    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", uri))
+    """``uri`` fit to print (``kubetune.urls.redact``, the one redaction)."""
+    return redact_text(uri)
 
 
 def _file_name(uri: str, content: Path | None = None) -> str:
@@ -194,7 +190,8 @@ def _fsspec_download(uri: str, ctx: RunContext, *, field: str, token: str | None
     except Exception as err:  # network and auth errors come in many types
         if uri.startswith(("s3://", "gs://")):
             raise source_error(err, shown, field=field, secret=secret) from None
-        raise SourceError(f"{shown}: download failed: {redact(str(err))}", field=field) from None
+        raise SourceError(f"{shown}: download failed: {scrub(str(err), uri)}",
+                          field=field) from None
     name = _file_name(uri, fetched if fetched.is_file() else None)
     fetched.rename(tmp / name)
     (tmp / ".complete").write_text(name)

@@ -87,7 +87,9 @@ def storage_options(uri: str, secret: SourceSecret | None) -> dict[str, Any]:
 def store_error(exc: BaseException, where: str, *, field: str, secret_field: str | None,
                 cls: type[KubetuneError] = OutputError) -> KubetuneError:
     """One line for a store failure, naming the field to fix."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    from kubetune.urls import redact_text
+
+    text = redact_text(" ".join(str(exc).split())) or type(exc).__name__
     low = text.lower()
     name = type(exc).__name__
     if any(s in low for s in ("access key id", "invalidaccesskeyid", "signaturedoesnotmatch",

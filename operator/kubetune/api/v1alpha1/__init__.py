@@ -26,8 +26,6 @@ from kubetune.api.v1alpha1._base import (
     SOURCE_PATTERN,
     TEMPLATES,
     TEXT,
-    URL_SECRET_QUERY,
-    URL_USERINFO,
     VERSION,
     Rule,
     StrMap,
@@ -201,7 +199,5 @@ __all__ = [
     "SecurityContext",
     "TrainerSpec",
     "TrainingSpec",
-    "URL_SECRET_QUERY",
-    "URL_USERINFO",
     "VERSION",
 ]

@@ -38,11 +38,6 @@ OUTPUT_PATTERN = (f"^(pvc://{_CLAIM}(/[^{_SPACE}]*)?|file://[^{_SPACE}]+|(s3|gs)
                   f"{{1,62}}(/[^{_SPACE}]*)?|hf://[A-Za-z0-9][-A-Za-z0-9_.]{{0,95}}/"
                   f"[A-Za-z0-9][-A-Za-z0-9_.]{{0,95}}|[^:{_SPACE}]+)$")
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
-# Credentials written into a URL: user-info, or a token/signature in the query.
-URL_USERINFO = "^[A-Za-z0-9+.-]+://[^/?#]*@"
-URL_SECRET_QUERY = ("(?i)[?&;](access_token|id_token|token|sig|signature|x-amz-signature|"
-                    "x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential|"
-                    "api_key|apikey|key|password|passwd|pwd|secret|client_secret|auth)=")
 # Templates the trainer ships (kubetune_trainer/data/preprocess.py NAMED_TEMPLATES), and auto.
 TEMPLATES = ("auto", "chatml", "llama3", "alpaca")
 INT32_MAX = 2**31 - 1
@@ -122,6 +117,34 @@ def _cel(rule: Rule) -> dict[str, str]:
 
 def _cel_list(items: tuple[str, ...]) -> str:
     return "[" + ", ".join(f"'{i}'" for i in items) + "]"
+
+
+def url_rule(attr: str, field: str, secret: str) -> Rule:
+    """The one rule for a URL-valued field (``kubetune.urls``): no user-info, no fragment, no
+    query but download/dl/raw. ``attr``: the Python name; the CEL name is its camelCase."""
+    from kubetune import urls
+
+    name = to_camel(attr)
+    return Rule(
+        cel=f"!has(self.{name}) || !self.{name}.matches('{urls.HAS_SCHEME}') || "
+        f"self.{name}.matches('{urls.CLEAN_URL}')",
+        message=urls.refusal(field, secret),
+        check=lambda o: urls.url_problem(getattr(o, attr)) is None,
+        field_path=f".{name}",
+    )
+
+
+def image_rule(attr: str, field: str, service_account: str) -> Rule:
+    """An image reference: nothing but a digest after an ``@`` (``kubetune.urls``)."""
+    from kubetune import urls
+
+    name = to_camel(attr)
+    return Rule(
+        cel=f"!has(self.{name}) || self.{name}.matches('{urls.CLEAN_IMAGE}')",
+        message=urls.image_message(field, service_account),
+        check=lambda o: urls.image_problem(getattr(o, attr)) is None,
+        field_path=f".{name}",
+    )
 
 
 def immutable(path: str) -> dict[str, Any]:

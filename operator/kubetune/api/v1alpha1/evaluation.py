@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
-from kubetune.api.v1alpha1._base import NO_CONTROL, Rule, _Spec
+from kubetune.api.v1alpha1._base import NO_CONTROL, Rule, _enforce, _rules, _Spec, url_rule
 from kubetune.api.v1alpha1.sources import Source
 
 # --------------------------------------------------------------------------- evaluation
 
 
+_LM_EVAL_RULES = (url_rule("include", "evaluation.lmEval.include", "a pvc:// claim"),)
+
+
 class LmEvalSpec(_Spec):
     """Benchmarks of the final model with lm-evaluation-harness (PyPI lm-eval)."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(*_LM_EVAL_RULES))
 
     tasks: Annotated[
         list[Annotated[str, Field(min_length=1, max_length=128, pattern=NO_CONTROL)]],
@@ -30,6 +35,10 @@ class LmEvalSpec(_Spec):
     num_fewshot: Annotated[int | None, Field(ge=0, le=128, description="Few-shot examples "
                                              "(the task's own default when unset).")] = None
     batch_size: Annotated[int, Field(ge=1, le=1024, description="Rows per forward pass.")] = 8
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _LM_EVAL_RULES)
 
 
 class EvaluationSpec(_Spec):

@@ -15,14 +15,17 @@ from kubetune.api.v1alpha1._base import (
     _enforce,
     _Model,
 )
+from kubetune.api.v1alpha1.evaluation import _LM_EVAL_RULES
 from kubetune.api.v1alpha1.method import _METHOD_RULES, _QUANT_RULES
 from kubetune.api.v1alpha1.output import _OUTPUT_RULES
 from kubetune.api.v1alpha1.preference import _PREFERENCE_RULES
 from kubetune.api.v1alpha1.resources import _RESOURCE_RULES, _SCHEDULING_RULES, _TOLERATION_RULES
 from kubetune.api.v1alpha1.rl import _REWARD_RULES
+from kubetune.api.v1alpha1.serve import _SERVE_RULES
 from kubetune.api.v1alpha1.sources import _DATASET_RULES, _MODEL_RULES
 from kubetune.api.v1alpha1.spec import _SPEC_RULES, FineTuneJobSpec
 from kubetune.api.v1alpha1.status import FineTuneJobStatus
+from kubetune.api.v1alpha1.tracking import _TRACKING_RULES
 from kubetune.api.v1alpha1.trainer import _ENV_VAR_RULES, _TRAINER_RULES
 from kubetune.api.v1alpha1.training import _OPTIMIZER_RULES, _TRAINING_RULES
 
@@ -86,4 +89,7 @@ ALL_RULES = {
     "spec.training.optimizer": _OPTIMIZER_RULES,
     "spec.resources": _RESOURCE_RULES,
     "spec.output": _OUTPUT_RULES,
+    "spec.training.tracking": _TRACKING_RULES,
+    "spec.evaluation.lmEval": _LM_EVAL_RULES,
+    "spec.serve": _SERVE_RULES,
 }

@@ -13,6 +13,7 @@ from kubetune.api.v1alpha1._base import (
     _rules,
     _Spec,
     immutable,
+    url_rule,
 )
 from kubetune.api.v1alpha1.sources import SecretKeyRef
 
@@ -27,6 +28,7 @@ _OUTPUT_RULES = (
         check=lambda o: o.secret_ref is None or o.uri.startswith(("s3://", "gs://", "hf://")),
         field_path=".secretRef",
     ),
+    url_rule("uri", "spec.output.uri", "spec.output.secretRef"),
 )
 
 

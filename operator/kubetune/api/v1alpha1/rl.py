@@ -19,6 +19,7 @@ from kubetune.api.v1alpha1._base import (
     _rules,
     _Spec,
     _str,
+    url_rule,
 )
 
 # --------------------------------------------------------------------------- online RL
@@ -76,6 +77,8 @@ _REWARD_RULES = (
         message="a reward of type rewardModel needs exactly one of source and fromJob",
         check=lambda r: r.type != "rewardModel" or (r.source is None) != (r.from_job is None),
     ),
+    url_rule("source", "rewards[].source", "a pvc:// claim or the model's secretRef"),
+    url_rule("path", "rewards[].path", "a pvc:// claim or a ConfigMap mount"),
 )
 
 

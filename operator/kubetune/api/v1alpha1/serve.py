@@ -3,11 +3,21 @@ post-training check of a few prompts against it."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
-from kubetune.api.v1alpha1._base import NO_CONTROL, QUANTITY, TEXT, Rule, _Spec, _str
+from kubetune.api.v1alpha1._base import (
+    NO_CONTROL,
+    QUANTITY,
+    TEXT,
+    Rule,
+    _enforce,
+    _rules,
+    _Spec,
+    _str,
+    image_rule,
+)
 from kubetune.api.v1alpha1.trainer import SecurityContext
 
 
@@ -21,10 +31,15 @@ class ServeCheck(_Spec):
         "(case-insensitive).")]
 
 
+_SERVE_RULES = (image_rule("image", "serve.image", "the operator's service account"),)
+
+
 class ServeSpec(_Spec):
     """Serve the trained model once the run succeeds: a Deployment and a Service (or a KServe
     InferenceService) running an OpenAI-compatible server (vLLM by default). Removed with the
     job, or when unset."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(*_SERVE_RULES))
 
     kind: Annotated[Literal["deployment", "kserve"], Field(
         description="deployment: a Deployment and a Service; kserve: a KServe "
@@ -52,6 +67,10 @@ class ServeSpec(_Spec):
     checks: Annotated[list[ServeCheck] | None, Field(
         min_length=1, max_length=16, description="Prompts asked once the server is ready; "
         "the result is the Checked condition.")] = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _SERVE_RULES)
 
 
 SERVE_SPEC_RULE = Rule(

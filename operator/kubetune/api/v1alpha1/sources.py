@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import re
 from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, model_validator
@@ -14,8 +13,6 @@ from kubetune.api.v1alpha1._base import (
     NO_CONTROL,
     SOURCE_HELP,
     SOURCE_PATTERN,
-    URL_SECRET_QUERY,
-    URL_USERINFO,
     Rule,
     StrMap,
     _enforce,
@@ -23,6 +20,7 @@ from kubetune.api.v1alpha1._base import (
     _Spec,
     _str,
     immutable,
+    url_rule,
 )
 
 # --------------------------------------------------------------------------- model & data
@@ -55,27 +53,8 @@ Source = Annotated[
 ]
 
 
-def _no_credentials_in_url(owner: str) -> tuple[Rule, ...]:
-    return (
-        Rule(
-            cel=f"!has(self.source) || !self.source.matches('{URL_USERINFO}')",
-            message=f"{owner}.source: a user name or password in the URL would be stored and "
-            "printed in the clear; put the token in a Secret and name it in secretRef",
-            check=lambda o: o.source is None or re.search(URL_USERINFO, o.source) is None,
-            field_path=".source",
-        ),
-        Rule(
-            cel=f"!has(self.source) || !self.source.matches('{URL_SECRET_QUERY}')",
-            message=f"{owner}.source: a token or signature in the URL's query would be stored "
-            "and printed in the clear; put it in a Secret and name it in secretRef",
-            check=lambda o: o.source is None or re.search(URL_SECRET_QUERY, o.source) is None,
-            field_path=".source",
-        ),
-    )
-
-
 _MODEL_RULES = (
-    *_no_credentials_in_url("model"),
+    url_rule("source", "spec.model.source", "spec.model.secretRef"),
     Rule(
         cel="has(self.source) != has(self.fromJob)",
         message="model needs exactly one of source (where the model is) and fromJob (the "
@@ -136,7 +115,7 @@ _DATASET_RULES = (
         check=lambda d: d.entries is None or (
             d.format is None and d.columns is None and d.tags is None),
     ),
-    *_no_credentials_in_url("datasets[]"),
+    url_rule("source", "datasets[].source", "datasets[].secretRef"),
 )
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import enum
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
-from kubetune.api.v1alpha1._base import NO_CONTROL, _Spec, _str
+from kubetune.api.v1alpha1._base import NO_CONTROL, _enforce, _rules, _Spec, _str, url_rule
 from kubetune.api.v1alpha1.sources import SecretKeyRef
 
 
@@ -17,8 +17,13 @@ class Tracker(enum.StrEnum):
     mlflow = "mlflow"
 
 
+_TRACKING_RULES = (url_rule("uri", "training.tracking.uri", "training.tracking.secretRef"),)
+
+
 class TrackingSpec(_Spec):
     """Settings of the trackers named in training.reportTo."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(*_TRACKING_RULES))
 
     project: Annotated[str | None, _str(
         description="W&B project (default: the job's namespace, or kubetune).")] = None
@@ -37,3 +42,7 @@ class TrackingSpec(_Spec):
               "WANDB_API_KEY; MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and "
               "MLFLOW_TRACKING_PASSWORD (each optional; key is not used)."),
     ] = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _TRACKING_RULES)

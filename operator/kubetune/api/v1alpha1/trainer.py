@@ -18,6 +18,7 @@ from kubetune.api.v1alpha1._base import (
     _enforce,
     _rules,
     _Spec,
+    image_rule,
 )
 from kubetune.api.v1alpha1.sources import SecretKeyRef
 
@@ -53,6 +54,7 @@ _ENV_VAR_RULES = (
     ),
 )
 _TRAINER_RULES = (
+    image_rule("image", "trainer.image", "trainer.serviceAccountName"),
     Rule(
         cel="!has(self.env) || self.env.all(e, !(e.name in " + _cel_list(RESERVED_ENV)
         + ") && " + " && ".join(f"!e.name.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES)
