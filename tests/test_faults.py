@@ -260,3 +260,87 @@ def test_two_ranks_agree_on_the_fallback_checkpoint(tmp_path, job):
     assert (out / "checkpoints" / "rejected-checkpoint-4").is_dir()
     assert _marked(out) == ["checkpoint-2", "checkpoint-4"]
     assert _steps(out) == [1, 2, 3, 4]
+
+
+# -- SIGTERM: finish the step, a complete checkpoint, exit 143; the restart loses no step ------
+
+def sigterm_at_step(cmd: list[str], out: Path, step: int, env: dict | None = None
+                    ) -> subprocess.CompletedProcess:
+    """Start a training run and SIGTERM it once ``step`` is logged (as the kubelet does)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    deadline = time.monotonic() + 240
+    while not any(s >= step for s in _steps(out)):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run logged no step"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_progress(out / "progress.jsonl")
+            if "loss" in r and "event" not in r}
+
+
+def sigterm_and_resume(job_file: Path, out: Path, at: int, total: int) -> int:
+    """SIGTERM at step ``at`` or after, check the stop, resume; returns the step it stopped."""
+    cmd = [sys.executable, "-m", "kubetune_trainer.train", str(job_file)]
+    proc = sigterm_at_step(cmd, out, at)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    records = read_progress(out / "progress.jsonl")
+    stop = next(r for r in records if r.get("event") == "preempted")
+    stopped = stop["step"]
+    assert at <= stopped < total and stop["saved"] is True and stop["resume_step"] == stopped
+    assert f"checkpoint-{stopped}" in _marked(out)
+    assert checkpoint_problem(out / "checkpoints" / f"checkpoint-{stopped}") is None
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"preempted: stopped by SIGTERM at step {stopped}: checkpoint-{stopped} saved"
+    assert "Traceback" not in proc.stderr
+    assert not (out / "result.json").exists()
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["resumed_from"].endswith(f"checkpoint-{stopped}")
+    assert result["global_step"] == total
+    resumed = [r for r in read_progress(out / "progress.jsonl") if r.get("event") == "resumed"]
+    assert [(r["step"], r["from_step"], r["lost_steps"]) for r in resumed] == \
+        [(stopped, stopped, 0)]
+    return stopped
+
+
+@pytest.mark.usefixtures("lf_data")
+def test_sigterm_saves_at_the_step_and_the_restart_loses_none(tmp_path, job):
+    """Before: SIGTERM killed the process (-15) and everything after checkpoint 0 was lost
+    (saveSteps 100: no checkpoint at all)."""
+    training = {"maxSteps": 24, "saveSteps": 100, "saveTotalLimit": 1}
+    ref = tmp_path / "ref"
+    _run(job(ref, name="ref", training=training))
+    out = tmp_path / "out"
+    stopped = sigterm_and_resume(job(out, training=training), out, 4, 24)
+    assert _steps(out) == list(range(1, 25))  # each step once: none lost, none run twice
+    # The loss curve continues where it stopped: the same as a run never interrupted.
+    assert _losses(out) == pytest.approx(_losses(ref), abs=1e-3)
+    assert _marked(out) == ["checkpoint-24"]  # saveTotalLimit 1: the newest alone
+    assert stopped >= 4
+
+
+def test_rotation_waits_for_the_new_checkpoint_to_be_complete(tmp_path):
+    """saveTotalLimit 1: transformers removed checkpoint-3 before checkpoint-6 was marked (a
+    moment with no complete checkpoint); now the old one goes only after the new marker."""
+    from kubetune_trainer.progress import rotate
+
+    ckpts = tmp_path / "checkpoints"
+    _checkpoint(ckpts / "checkpoint-3")
+    (ckpts / "checkpoint-6").mkdir()  # being written: no marker yet
+    assert rotate(ckpts, 1) == []
+    (ckpts / "checkpoint-2").mkdir()  # an older save that never finished
+    (ckpts / "checkpoint-6" / COMPLETE_MARKER).write_text("{}")
+    assert sorted(p.name for p in rotate(ckpts, 1)) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-6"]

@@ -170,3 +170,29 @@ def test_deepspeed_zero2_with_two_processes_on_cpu(tiny_model, tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["global_step"] == 4
     assert Path(result["adapter"], "adapter_config.json").exists()
+
+
+def test_the_nodes_exit_code_keeps_the_contract():
+    from kubetune_trainer.launch import exit_code
+
+    assert exit_code(0, [0, 0]) == 0
+    assert exit_code(1, [2, 143]) == 2  # a permanent error anywhere: permanent
+    assert exit_code(1, [143, 143]) == 143 and exit_code(1, [0, 143]) == 143
+    assert exit_code(1, [200]) == 200 and exit_code(1, []) == 200  # a rank crashed or died
+    assert exit_code(-15, []) == 143 and exit_code(137, []) == 137
+
+
+def test_a_permanent_error_under_torchrun_exits_2_not_1(tmp_path):
+    """torchrun exits 1 whatever its ranks said: before, a bad spec on two processes was
+    retried as if it could pass (and under PyTorchJob's ExitCode policy, 1 is permanent for
+    any crash)."""
+    job = write_job(tmp_path / "job.yaml", {"model": {"source": "m"}, "stage": "no-such"})
+    launcher = str(Path(sys.executable).parent / "kubetune-launch")
+    env = {**os.environ, **_env(1, 0, 2), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([launcher, str(job)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert "torch.distributed.run" in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "kubetune-launch: exit 2 (launcher 1, ranks {'rank-0': 2, 'rank-1': 2})" in \
+        proc.stderr

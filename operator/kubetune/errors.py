@@ -29,3 +29,27 @@ class OutputError(KubetuneError):
     """The output location cannot take the run's files: read-only, not a directory, full."""
 
     reason = "OutputError"
+
+
+# The trainer's exit codes: the contract between the trainer and the controllers (README,
+# "Preemption, failures and restarts"). Kubeflow's restartPolicy ExitCode reads 1-127 as
+# permanent and 128-255 as retryable; the Job backend's podFailurePolicy says the same.
+EXIT_DONE = 0
+EXIT_PERMANENT = KubetuneError.exit_code  # 2: the spec, data, credentials, a model that won't fit
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped by a signal, the checkpoint saved (or the last kept)
+EXIT_RETRYABLE = 200  # an unexpected error (a crash, a CUDA/NCCL/network fault): try again
+
+
+class Preempted(Exception):
+    """SIGTERM (a preemption, an eviction, a drain, a deleted pod): the run stopped at a step
+    boundary, after a complete checkpoint (or without one, when it could not be written
+    within the grace period); the next pod resumes."""
+
+    exit_code = EXIT_PREEMPTED
+    reason = "Preempted"
+
+    def __init__(self, message: str, *, step: int, saved: bool) -> None:
+        self.message = message
+        self.step = step
+        self.saved = saved
+        super().__init__(message)

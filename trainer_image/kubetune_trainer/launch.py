@@ -144,7 +144,66 @@ def main(argv: list[str] | None = None) -> None:
     print("kubetune-launch:", " ".join(cmd), file=sys.stderr, flush=True)
     if args.dry_run:
         return
-    os.execv(cmd[0], cmd)  # the launcher becomes the trainer: signals and exit codes pass
+    if cmd[1:3] == ["-m", "kubetune_trainer.train"]:
+        os.execv(cmd[0], cmd)  # the launcher becomes the trainer: signals and exit codes pass
+    sys.exit(supervise(cmd))
+
+
+def supervise(cmd: list[str], env: Mapping[str, str] | None = None) -> int:
+    """Run torchrun / accelerate launch as a child and pass the exit-code contract on.
+
+    They exit 1 whatever their processes' codes were, so each rank writes its own to
+    ``KUBETUNE_EXIT_DIR`` (``train._exit_file``) and ``exit_code`` reads them. SIGTERM and
+    SIGINT go to the child, which passes them to every rank; it waits for them up to the
+    grace period (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, 30 s by default) before SIGKILL.
+    """
+    import signal
+    import subprocess
+    import tempfile
+
+    from kubetune_trainer.preemption import GRACE_ENV
+
+    with tempfile.TemporaryDirectory(prefix="kubetune-exit-") as codes:
+        child_env = {**(os.environ if env is None else env), "KUBETUNE_EXIT_DIR": codes}
+        grace = child_env.get(GRACE_ENV)
+        if grace and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in child_env:
+            child_env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(int(float(grace)))
+        proc = subprocess.Popen(cmd, env=child_env)
+
+        def forward(signum: int, _frame: object) -> None:
+            proc.send_signal(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, forward)
+        rc = proc.wait()
+        ranks = {}
+        for f in Path(codes).glob("rank-*"):
+            try:
+                ranks[f.name] = int(f.read_text())
+            except (OSError, ValueError):
+                continue
+    code = exit_code(rc, list(ranks.values()))
+    if code != rc:
+        print(f"kubetune-launch: exit {code} (launcher {rc}, ranks "
+              f"{dict(sorted(ranks.items())) or 'none reported'})", file=sys.stderr, flush=True)
+    return code
+
+
+def exit_code(launcher: int, ranks: list[int]) -> int:
+    """The node's exit code from the launcher's and its ranks' (``kubetune.errors``): 2 when
+    any rank found a permanent error; 0 when all went well; 143 when the ranks stopped on
+    SIGTERM; otherwise retryable (a rank crashed or was killed: 200, or the signal's code)."""
+    from kubetune.errors import EXIT_PERMANENT, EXIT_PREEMPTED, EXIT_RETRYABLE
+
+    if EXIT_PERMANENT in ranks:
+        return EXIT_PERMANENT
+    if launcher == 0 and not any(ranks):
+        return 0
+    if EXIT_PREEMPTED in ranks and all(c in (0, EXIT_PREEMPTED) for c in ranks):
+        return EXIT_PREEMPTED
+    if launcher < 0:  # the launcher itself killed by a signal
+        return 128 - launcher
+    return launcher if launcher >= 128 else EXIT_RETRYABLE
 
 
 if __name__ == "__main__":

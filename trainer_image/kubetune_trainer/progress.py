@@ -31,7 +31,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 COMPLETE_MARKER = "kubetune-complete.json"
-KEPT_EVENTS = ("checkpoint_rejected", "failed")  # history, kept when later steps are dropped
+# history, kept when later steps are dropped
+KEPT_EVENTS = ("checkpoint_rejected", "failed", "preempted")
 STAGE_METRIC = re.compile(STAGE_METRIC_PATTERN)  # kept in each record's "metrics"
 
 
@@ -52,16 +53,21 @@ class ProgressLog(TrainerCallback):
         self._tokens0 = self._last_tokens = state.num_input_tokens_seen
         # Steps logged after the checkpoint we resume from (all of them when starting over)
         # will be run again: drop them, so that each step is logged once.
-        kept = [r for r in read_progress(self.path) if r.get("event") in KEPT_EVENTS
+        records = read_progress(self.path)
+        kept = [r for r in records if r.get("event") in KEPT_EVENTS
                 or r.get("step", 0) <= state.global_step]
+        # How far the run got before it stopped: the steps after the resume point are lost.
+        reached = max((r["step"] for r in records if isinstance(r.get("step"), int)
+                       and r.get("event") in (None, "preempted", "checkpoint")), default=0)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.path)
         for note in self.notes:
             self.write(dict(note))
-        if state.global_step:
+        if state.global_step or reached:
             self.write({"event": "resumed", "step": state.global_step,
-                        "total_steps": state.max_steps})
+                        "total_steps": state.max_steps, "from_step": reached,
+                        "lost_steps": max(reached - state.global_step, 0)})
 
     def on_log(self, args, state, control, logs=None, **_: Any) -> None:
         logs = logs or {}
@@ -138,7 +144,15 @@ class CheckpointMarker(TrainerCallback):
 
     A run killed (or out of space) while saving leaves a checkpoint without the marker; resume
     skips it. A safetensors file that is not whole is never marked.
+
+    ``keep`` (training.saveTotalLimit): the rotation, here and not in transformers (which
+    deletes the oldest before the new one is marked: with 1 there was a moment with no
+    complete checkpoint at all). Older checkpoints go only once the new one's marker is
+    written; an object store drops its copies after the new marker is uploaded (``storage``).
     """
+
+    def __init__(self, keep: int | None = None) -> None:
+        self.keep = keep
 
     def on_save(self, args, state, control, **_: Any) -> None:
         from accelerate import PartialState
@@ -159,6 +173,27 @@ class CheckpointMarker(TrainerCallback):
         tmp = ckpt / (COMPLETE_MARKER + ".tmp")
         tmp.write_text(json.dumps(marker))
         tmp.rename(ckpt / COMPLETE_MARKER)
+        if self.keep:
+            rotate(ckpt.parent, self.keep)
+
+
+def rotate(checkpoints_dir: Path, keep: int) -> list[Path]:
+    """Remove all but the ``keep`` newest complete checkpoints, and any unmarked one older
+    than the newest complete (a save that never finished); never the newest complete one.
+    Returns what was removed."""
+    import shutil
+
+    dirs = sorted((s, d) for d in checkpoints_dir.iterdir() if (s := _step(d)) is not None)
+    complete = [s for s, d in dirs if (d / COMPLETE_MARKER).exists()]
+    if not complete:
+        return []
+    kept = set(complete[-max(keep, 1):])
+    removed = []
+    for s, d in dirs:
+        if s not in kept and s < complete[-1]:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 def rank_zero() -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
 from kubetune.credentials import model_secret
-from kubetune.errors import KubetuneError
+from kubetune.errors import EXIT_RETRYABLE, KubetuneError, Preempted
 from kubetune.strategy import STRATEGIES, strategy_of
 
 from kubetune_trainer import evaluation, outputs, tracking
@@ -217,7 +217,7 @@ def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool,
         use_cpu=not has_cuda(),
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # CheckpointMarker rotates, once the new one is complete
         logging_steps=t.log_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
@@ -264,6 +264,7 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
         method,
         peft_config,
     )
+    from kubetune_trainer.preemption import Preemption, grace_seconds
     from kubetune_trainer.progress import (
         CheckpointMarker,
         LogLastStep,
@@ -295,8 +296,11 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
     with state.main_process_first():
         data = prepare_data(spec, ctx, tokenizer, rec, log=log if main else _quiet)
 
-    callbacks = [LogLastStep(), CheckpointMarker(), *([uploader(store, out)] if store else []),
-                 OperatorReport(spec.output.uri)]
+    # Preemption last: the save it measures includes the marker and the upload.
+    preemption = Preemption(grace_seconds())
+    callbacks = [LogLastStep(), CheckpointMarker(keep=spec.training.save_total_limit),
+                 *([uploader(store, out)] if store else []), OperatorReport(spec.output.uri),
+                 preemption.callback()]
     progress = ProgressLog(out.progress, echo=not sys.stderr.isatty())
     if main:
         callbacks.append(progress)
@@ -329,7 +333,10 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
         trainer.add_callback(BarOnly())
     resume = _resume_point(out, trainer, progress if main else None, log if main else _quiet)
     with _output_faults(out, progress if main else None):
-        train_result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with _on_sigterm(preemption):
+            train_result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if preemption.stopped_at is not None:
+            raise _preempted(preemption, out, progress if main else None, log)
         trainer.accelerator.wait_for_everyone()
         metrics = _numbers(train_result.metrics)
         resumed_step = _step_of(resume) if resume else 0
@@ -434,6 +441,42 @@ def _output_faults(out: Layout, progress: Any) -> Iterator[None]:
                 progress.write({"event": "failed", "reason": fault.reason,
                                 "message": fault.message})
         raise fault from exc
+
+
+@contextlib.contextmanager
+def _on_sigterm(preemption: Any) -> Iterator[None]:
+    """SIGTERM stops training at the next step boundary (the main thread only: a run inside
+    another thread, as in some tests, keeps the process's own handling)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    preemption.install()
+    try:
+        yield
+    finally:
+        preemption.uninstall()
+
+
+def _preempted(preemption: Any, out: Layout, progress: Any, log) -> Preempted:
+    """What ends a run stopped by SIGTERM: said in the log and progress.jsonl (rank 0)."""
+    from kubetune_trainer.progress import latest_complete_checkpoint
+
+    step = preemption.stopped_at
+    kept = latest_complete_checkpoint(out.checkpoints) if progress is not None else None
+    if preemption.saved:
+        what = f"checkpoint-{step} saved"
+    else:
+        what = ("no time left to save within the grace period; resuming from "
+                f"{kept.name if kept else 'the start'}")
+    message = f"stopped by SIGTERM at step {step}: {what}"
+    if progress is not None:
+        log(message)
+        with contextlib.suppress(OSError):
+            progress.write({"event": "preempted", "step": step, "saved": preemption.saved,
+                            "resume_step": _step_of(kept) if kept else 0})
+    return Preempted(message, step=step, saved=preemption.saved)
 
 
 def _step_of(ckpt: Path) -> int:
@@ -561,14 +604,28 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m kubetune_trainer.train JOB.yaml``: what the trainer image runs."""
     import argparse
 
-    from kubetune.jobfile import load_job
-
     p = argparse.ArgumentParser(prog="kubetune-train", description=main.__doc__)
     p.add_argument("job", help="FineTuneJob YAML (the operator mounts it from a ConfigMap)")
     p.add_argument("--pvc-root", default="/mnt/pvc", help="where pvc:// claims are mounted")
     p.add_argument("--base-dir", default=None, help="relative paths resolve here")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    code = _exit_code(args)
+    _exit_file(code)
+    return code
+
+
+def _exit_code(args: Any) -> int:
+    """Run the job; the exit code is the contract with the controllers (``kubetune.errors``):
+    0 done, 2 permanent (said in /dev/termination-log), 143 stopped by SIGTERM, 200 any other
+    error (retryable: a crash, a CUDA/NCCL/network fault)."""
+    import traceback
+
+    from kubetune.jobfile import load_job
+
+    from kubetune_trainer.preemption import exit_on_sigterm
+
+    exit_on_sigterm()
     try:
         job = load_job(args.job)
         ctx = RunContext(base_dir=Path(args.base_dir or Path(args.job).resolve().parent),
@@ -578,14 +635,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         _termination_message(err)
         return err.exit_code
+    except Preempted as stop:
+        print(f"preempted: {stop.message}", file=sys.stderr, flush=True)
+        _termination_message(stop)
+        return stop.exit_code
+    except SystemExit as stop:  # SIGTERM outside training: exit_on_sigterm
+        if stop.code == Preempted.exit_code:
+            return Preempted.exit_code
+        raise
+    except Exception as exc:  # noqa: BLE001 - the code tells the controller to retry
+        traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {exc} (exit {EXIT_RETRYABLE}: retried, resuming "
+              "from the last complete checkpoint)", file=sys.stderr, flush=True)
+        return EXIT_RETRYABLE
     return 0
 
 
-def _termination_message(err: KubetuneError) -> None:
+def _exit_file(code: int) -> None:
+    """Under kubetune-launch with several processes: this rank's exit code, for the
+    launcher to pass the contract on (torchrun and accelerate exit 1 for any failure)."""
+    where = os.environ.get("KUBETUNE_EXIT_DIR")
+    if where and os.path.isdir(where):
+        with contextlib.suppress(OSError):
+            Path(where, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
+
+
+def _termination_message(err: KubetuneError | Preempted) -> None:
     """A short structured reason the operator reads from the pod status."""
     path = Path(os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log"))
     if path.parent.is_dir() and os.access(path if path.exists() else path.parent, os.W_OK):
-        path.write_text(json.dumps({"reason": err.reason, "field": err.field,
+        path.write_text(json.dumps({"reason": err.reason,
+                                    "field": getattr(err, "field", None),
                                     "message": err.message[:1500]}))
 
 
