@@ -563,3 +563,41 @@ def clean_urls(draw) -> str:
                            max_size=3))
     query = "?" + "&".join(f"{k}={v}" for k, v in params) if params else ""
     return f"{scheme}://{host}{path}{query}"
+
+
+# Names a credential hides under (the issue's, and their cases and separators).
+SECRET_ENV_NAMES = ("db.password", "db-password", "S3_SECRETKEY", "PASS", "GITHUB_PAT", "AUTH",
+                    "BEARER", "APITOKEN", "AZURE_STORAGE_CONNECTION_STRING", "KEYS", "dbPassword",
+                    "apiKey", "my.api-key", "SLACK_BOT_TOKEN", "Client_Secret", "PGPASSWORD")
+
+
+def credential_values(planted: str = PLANTED) -> dict[str, str]:
+    """Named plain values that carry ``planted`` as a credential, whatever the name."""
+    token = f"ghp_{planted}0aZ{planted[::-1]}9Qx"
+    return {
+        "bearer": f"Bearer {planted}xyz",
+        "basic": f"Basic {planted}==",
+        "connection-string": f"Server=db;User Id=u;Password={planted};",
+        "azure": f"DefaultEndpointsProtocol=https;AccountName=a;AccountKey={planted}==",
+        "database-url": f"postgres://u:{planted}@db.example/app",
+        "url-query": f"https://db.example/app?sslpassword={planted}",
+        "arg-key": f"--api-key={planted}",
+        "arg-token": f"--hf-token={planted}",
+        "high-entropy": token,
+        "hex-key": "0f" * 16 + planted.encode().hex(),
+    }
+
+
+@st.composite
+def credential_env(draw, planted: str = PLANTED) -> dict[str, str]:
+    """A trainer.env entry with a plain value that is a credential: by its name (any case,
+    any separator) or by its value (any name)."""
+    if draw(st.booleans()):
+        base = draw(st.sampled_from(SECRET_ENV_NAMES))
+        sep = draw(st.sampled_from(["_", ".", "-"]))
+        name = draw(st.sampled_from([base, base.upper(), base.lower(), f"APP{sep}{base}",
+                                     f"{base}{sep}2"]))
+        return {"name": name, "value": planted}
+    name = draw(st.from_regex(r"[A-Z][A-Z0-9_]{0,12}", fullmatch=True))
+    values = sorted(credential_values(planted).values())
+    return {"name": name, "value": draw(st.sampled_from(values))}

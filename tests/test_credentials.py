@@ -8,15 +8,26 @@ import re
 
 import pytest
 import yaml
-from fuzz_jobs import PLANTED, base_job, clean_urls, credential_url_shapes, credential_urls
+from fuzz_jobs import (
+    PLANTED,
+    Server,
+    base_job,
+    clean_urls,
+    credential_env,
+    credential_url_shapes,
+    credential_urls,
+    credential_values,
+)
 from hypothesis import HealthCheck, given, settings
 from kubetune import urls
+from kubetune.api.crd import finetunejob_crd
 from kubetune.cli import app
 from kubetune.errors import KubetuneError
 from kubetune.jobfile import parse_job
 from kubetune_operator.reconcile import validate as cluster_validate
 from typer.testing import CliRunner
 
+SERVER = Server(finetunejob_crd())
 FUZZ = settings(max_examples=300, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 runner = CliRunner()
@@ -163,3 +174,52 @@ def test_messages_that_quote_a_url_quote_it_redacted():
     with pytest.raises(KubetuneError) as err:
         parse_job(doc)
     assert PLANTED not in str(err.value) and "spec.datasets[0].source" in str(err.value)
+
+
+# ------------------------------------------------------------------- env values, serve.args
+
+@FUZZ
+@given(credential_env())
+def test_a_credential_in_trainer_env_is_refused_by_the_cli_and_the_crd(entry):
+    doc = base_job()
+    doc["spec"]["trainer"] = {"env": [entry]}
+    with pytest.raises(KubetuneError) as err:
+        parse_job(copy.deepcopy(doc))
+    assert PLANTED not in str(err.value) and "trainer.env" in str(err.value)
+    assert SERVER.verdict(doc["spec"]) is not None
+
+
+@pytest.mark.parametrize("shape", sorted(credential_values()))
+def test_a_credential_in_serve_args_is_refused_naming_the_field(shape, tmp_path):
+    value = credential_values()[shape]
+    doc = base_job()
+    doc["spec"]["serve"] = {"args": ["--max-model-len", "4096", value]}
+    for message in _walk_messages(doc, tmp_path):
+        assert PLANTED not in message and "serve.args" in message, message
+    assert SERVER.verdict(doc["spec"]) is not None
+
+
+@pytest.mark.parametrize("value", ["offline", "/mnt/pvc/cache/my_experiment_run_2024", "0,1",
+                                   "expandable_segments:True", "https://mirror.example/hub",
+                                   "meta-llama/Llama-3.1-8B-Instruct", "--tokenizer=x"])
+def test_ordinary_values_pass(value):
+    doc = base_job()
+    doc["spec"]["trainer"] = {"env": [{"name": "SETTING", "value": value}]}
+    doc["spec"]["serve"] = {"args": [value]}
+    parse_job(copy.deepcopy(doc))
+    assert SERVER.verdict(doc["spec"]) is None
+
+
+def test_plain_env_values_and_serve_args_stay_out_of_the_config_map():
+    from kubetune_operator import builders
+
+    doc = base_job()
+    doc["spec"]["trainer"] = {"env": [
+        {"name": "MODE", "value": "plain-Setting-1"},
+        {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "w", "key": "k"}}}]}
+    doc["spec"]["serve"] = {"args": ["--max-model-len", "4096"]}
+    job = parse_job(doc)
+    text = builders.config_map(job=job)["data"]["job.yaml"]
+    assert "plain-Setting-1" not in text and "max-model-len" not in text
+    again = parse_job(yaml.safe_load(text))  # the trainer still reads it
+    assert again.spec.trainer.env[0].name == "WANDB_API_KEY"

@@ -153,3 +153,44 @@ def scrub(text: str, *values: str | None) -> str:
         for part in _secret_parts(value or ""):
             out = out.replace(part, "***")
     return out
+
+
+# ------------------------------------------------------------------ credential-looking values
+# A plain value (trainer.env[].value, serve.args[]) that looks like a credential, whatever the
+# variable's name. Each is one regular expression (Python's re, RE2 and CEL alike, no
+# backslashes); a value is refused when any matches (and, for a long token, it mixes upper
+# and lower case letters and digits).
+CREDENTIAL_VALUES = (
+    # an Authorization header's value
+    "(?i)(^|[^A-Za-z0-9])(bearer|basic|token)[ ]+[A-Za-z0-9+/=._~-]{8,}",
+    # a connection string's password or key: Password=…; AccountKey=…
+    "(?i)(^|[;, ])(password|pwd|passwd|accountkey|sharedaccesskey|sharedaccesssignature|"
+    "secret|token|apikey|api_key|api-key|access_token|auth)=",
+    # an argument that gives a key or token: --api-key=…, --hf-token (its value follows)
+    "(?i)^--?[A-Za-z0-9_-]*(key|token|secret|password|passwd|pwd|credentials?|auth)(=|$)",
+    # a URL with a user name or password (DATABASE_URL), or with a query or fragment
+    "[A-Za-z0-9+.-]+://[^/?#@ ]*@",
+    "[A-Za-z0-9+.-]+://[^ ?#]*[?#]",
+    # a long hexadecimal key (W&B, many API keys)
+    "(?i)(^|[^0-9a-f])[0-9a-f]{32,}($|[^0-9a-f])",
+)
+# A long random token: a run of 24+ token characters, in a value with upper and lower case
+# letters and digits.
+TOKEN_RUN = "[A-Za-z0-9+_=-]{24,}"
+_MIXED = ("[A-Z]", "[a-z]", "[0-9]")
+
+
+def credential_value(value: str | None) -> bool:
+    """Whether a plain value looks like a credential (``CREDENTIAL_VALUES``, ``TOKEN_RUN``)."""
+    if not value:
+        return False
+    if any(re.search(r, value) for r in CREDENTIAL_VALUES):
+        return True
+    return re.search(TOKEN_RUN, value) is not None and all(re.search(c, value) for c in _MIXED)
+
+
+def credential_value_cel(expr: str) -> str:
+    """CEL that is true when ``expr`` (a string) looks like a credential."""
+    parts = [f"{expr}.matches('{r}')" for r in CREDENTIAL_VALUES]
+    mixed = " && ".join(f"{expr}.matches('{r}')" for r in (TOKEN_RUN, *_MIXED))
+    return "(" + " || ".join([*parts, f"({mixed})"]) + ")"

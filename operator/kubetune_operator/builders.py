@@ -74,10 +74,20 @@ def _metadata(job: FineTuneJob, name: str, uid: str | None, extra_labels=None
 
 
 def trainer_config(job: FineTuneJob) -> str:
-    """The job as the trainer reads it: only the API's fields, secrets only by reference."""
+    """The job as the trainer reads it: only the API's fields, secrets only by reference.
+    Plain ``trainer.env`` values and ``serve.args`` are left out: the container's env carries
+    the variables, the operator reads the server's arguments from the FineTuneJob, and the
+    trainer needs neither (a ConfigMap is readable by whoever may read the namespace's
+    configuration)."""
+    spec = job.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    trainer = spec.get("trainer") or {}
+    if "env" in trainer:
+        trainer["env"] = [e for e in trainer["env"] if "value" not in e]
+        if not trainer["env"]:
+            del trainer["env"]
+    (spec.get("serve") or {}).pop("args", None)
     doc = {"apiVersion": API_VERSION, "kind": KIND,
-           "metadata": {"name": job.metadata.name},
-           "spec": job.spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
+           "metadata": {"name": job.metadata.name}, "spec": spec}
     # libyaml's emitter when PyYAML has it (the same text, 5x less CPU per job).
     return yaml.dump(doc, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from kubetune import urls
 from kubetune.api.v1alpha1._base import (
     NO_CONTROL,
     QUANTITY,
@@ -31,7 +32,17 @@ class ServeCheck(_Spec):
         "(case-insensitive).")]
 
 
-_SERVE_RULES = (image_rule("image", "serve.image", "the operator's service account"),)
+_SERVE_RULES = (
+    image_rule("image", "serve.image", "the operator's service account"),
+    Rule(
+        cel=f"!has(self.args) || self.args.all(a, !{urls.credential_value_cel('a')})",
+        message="serve.args: an argument that looks like a credential (--api-key=…, "
+        "--…token, a long random token, a URL with a user name, query or fragment) would be "
+        "stored and printed in the clear; serve.args takes no credentials",
+        check=lambda s: not any(urls.credential_value(a) for a in s.args or []),
+        field_path=".args",
+    ),
+)
 
 
 class ServeSpec(_Spec):

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, model_validator
 
+from kubetune import urls
 from kubetune.api.v1alpha1._base import (
     _SPACE,
     DNS_SUBDOMAIN,
@@ -30,11 +31,13 @@ RESERVED_ENV = ("HF_HOME", "HF_TOKEN", "TOKENIZERS_PARALLELISM", "MASTER_ADDR", 
                 "PYTHONUNBUFFERED")
 RESERVED_ENV_PREFIXES = ("KUBETUNE_", "KUBEFLOW_", "PET_")
 # Names that hold a credential: a plain value would sit in the ConfigMap and the PyTorchJob.
-SECRET_ENV_NAME = ("(?i)((^|_)(TOKEN|SECRET|PASSWORD|PASSWD|PWD|CREDENTIALS?|APIKEY)(_|$)|"
-                   "(^|_)(API|ACCESS|SECRET|PRIVATE|SIGNING|ENCRYPTION|ACCOUNT)_KEY(_|$)|"
-                   "(^|_)KEY$)")
+# Words, in any case and between any of - . _ (or in camelCase), not only whole names.
+SECRET_ENV_NAME = ("(?i)((^|[-._])(PASS|PAT|AUTH|BEARER|KEYS?|DSN)([-._]|$)|TOKEN([-._]|$)|"
+                   "SECRET|PASSW|PWD|CREDENTIAL|APIKEY|"
+                   "(API|ACCESS|PRIVATE|SIGNING|ENCRYPTION|ACCOUNT)[-._]?KEY|"
+                   "CONNECTION[-._]?STRING|CONN[-._]?STR)")
 NOT_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS")
-_NOT_SECRET_SUFFIX = "(?i)_(FILE|PATH|DIR|ID)$"
+_NOT_SECRET_SUFFIX = "(?i)[-._](FILE|PATH|DIR|ID)$"
 
 
 def _secret_looking(name: str) -> bool:
@@ -51,6 +54,15 @@ _ENV_VAR_RULES = (
         cel="has(self.value) != has(self.valueFrom)",
         message="trainer.env[]: give each variable either value or valueFrom.secretKeyRef",
         check=lambda e: (e.value is None) != (e.value_from is None),
+    ),
+    Rule(
+        cel=f"!has(self.value) || !{urls.credential_value_cel('self.value')}",
+        message="trainer.env[].value: this value looks like a credential (a long random "
+        "token, `Bearer …`, a connection string's password or key, a URL with a user name, "
+        "query or fragment, --…key=/--…token=) and would be stored in the clear: put it in a "
+        "Secret and use valueFrom: {secretKeyRef: {name: SECRET, key: KEY}}",
+        check=lambda e: not urls.credential_value(e.value),
+        field_path=".value",
     ),
 )
 _TRAINER_RULES = (
