@@ -84,7 +84,12 @@ def resolve(
         return Path(rest)
     if scheme == "pvc":
         claim, _, sub = rest.partition("/")
-        return ctx.pvc_root / claim / sub
+        path = ctx.pvc_root / claim / sub
+        top = (ctx.pvc_root / claim).resolve()
+        if path.resolve() != top and not path.resolve().is_relative_to(top):
+            raise SourceError(f"{uri}: resolves outside the claim {claim} (a '..' or a link "
+                              "out of it); only what is on the claim is read", field=field)
+        return path
     if scheme == "embedded":
         if kind != "model":
             raise SourceError("embedded:// names a bundled model, not a data set", field=field)

@@ -180,7 +180,21 @@ class _Unparsable:
     text: str  # the line as written, shown in the report
 
 
-def _files(path: Path, name: str, field: str) -> list[Path]:
+def _inside(path: Path, root: Path, name: str, field: str) -> None:
+    """Refuse ``path`` unless it resolves (links followed, ``..`` applied) inside ``root``:
+    a data set never reads outside its folder (on a claim: outside the claim)."""
+    real, top = path.resolve(), root.resolve()
+    if real != top and not real.is_relative_to(top):
+        shown = path.relative_to(root) if path.is_relative_to(root) else path
+        raise DataError(f"{name}: {shown} is outside the data folder {root} (a '..' or a "
+                        "link out of it); only files inside it are read", field=field)
+
+
+def _files(path: Path, name: str, field: str, root: Path | None = None) -> list[Path]:
+    """The data files at ``path`` (a file, or a directory's files), each inside ``root``
+    (default: the directory itself)."""
+    if root is not None:
+        _inside(path, root, name, field)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*")
                        if p.suffix.lower() in SUFFIXES and not p.is_dir())
@@ -188,6 +202,7 @@ def _files(path: Path, name: str, field: str) -> list[Path]:
             raise DataError(f"{name}: directory {path} has no {sorted(SUFFIXES)} files",
                             field=field)
         for p in files:
+            _inside(p, root or path, name, field)
             _regular_file(p, field)
         return files
     if not path.exists():
@@ -239,7 +254,7 @@ def _registry_parts(spec: DatasetSpec, path: Path, field: str, ctx: RunContext) 
             raise DataError(f"{entry!r}: {err}", field=efield) from None
         max_samples = spec.max_samples or info.get("num_samples")
         parts.append(Part(entry, efield, spec, _files(path.parent / info["file_name"], entry,
-                                                      efield),
+                                                      efield, root=path.parent),
                           layout, max_samples, spec.placeholders))
     return parts
 
