@@ -111,7 +111,12 @@ def test_pytorchjob_golden(pytorchjob_schema):
     assert pod["nodeSelector"] == {"gpu": "h100"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert pod["priorityClassName"] == "training"
+    # The exit code decides: 2 fails the job once, 143/137/200 make the pod again.
+    assert {r["restartPolicy"] for r in obj["spec"]["pytorchReplicaSpecs"].values()} == \
+        {"ExitCode"}
+    assert pod["terminationGracePeriodSeconds"] == 300  # runPolicy's default: time to save
     c = pod["containers"][0]
+    assert {"name": "KUBETUNE_GRACE_SECONDS", "value": "300"} in c["env"]
     assert c["name"] == "pytorch" and c["image"] == "registry.example/kubetune/trainer:1"
     assert c["args"] == ["/etc/kubetune/job.yaml", "--pvc-root", "/mnt/pvc"]
     assert c["ports"] == [{"name": "pytorchjob-port", "containerPort": 23456,
@@ -368,6 +373,30 @@ def test_trainjob_refuses_a_per_job_priority_class():
     assert cluster_problem(job, PYTORCHJOB) is None
 
 
+def test_trainjob_refuses_what_it_cannot_carry_per_job_never_drops_it(trainjob_schema):
+    """Before: ttlSecondsAfterFinished and backoffLimit were silently left out."""
+    from kubetune_operator.backends.trainjob import TRAINJOB
+    from kubetune_operator.validation import cluster_problem
+
+    ttl = _job(runPolicy={"ttlSecondsAfterFinished": 600})
+    assert cluster_problem(ttl, TRAINJOB).startswith(
+        "spec.runPolicy.ttlSecondsAfterFinished: a TrainJob (Kubeflow Trainer v2.3) cannot")
+    limit = _job(runPolicy={"backoffLimit": 5})
+    assert cluster_problem(limit, TRAINJOB).startswith("spec.runPolicy.backoffLimit: ")
+    from kubetune_operator.backends.job import JOB
+
+    assert cluster_problem(ttl, PYTORCHJOB) is None and cluster_problem(limit, JOB) is None
+    # Not set: the runtime's (no refusal); the grace period reaches the pods.
+    job = _job(runPolicy={"terminationGracePeriodSeconds": 900})
+    assert cluster_problem(job, TRAINJOB) is None
+    obj = _trainjob(job, uid="u-1")
+    jsonschema.validate(obj, trainjob_schema)
+    pod = obj["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
+        "replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 900
+    assert {"name": "KUBETUNE_GRACE_SECONDS", "value": "900"} in obj["spec"]["trainer"]["env"]
+
+
 @pytest.mark.parametrize("uri", ["s3://bucket/runs/a", "gs://bucket/runs/a", "hf://org/model"])
 def test_object_store_outputs_run_in_a_cluster_staged_on_a_bounded_scratch_volume(
         uri, pytorchjob_schema):
@@ -421,11 +450,18 @@ def test_the_strict_trainjob_schema_catches_an_unknown_field(trainjob_schema):
 
 
 def test_kubetune_render_backend_prints_what_the_trainjob_operator_would_create(
-        trainjob_schema):
+        trainjob_schema, tmp_path):
     from kubetune.cli import app
     from typer.testing import CliRunner
 
-    path = REPO / "examples" / "assistant-identity.yaml"
+    example = REPO / "examples" / "assistant-identity.yaml"
+    refused = CliRunner().invoke(app, ["render", str(example), "--backend", "TrainJob"])
+    assert refused.exit_code == 2  # its runPolicy.ttlSecondsAfterFinished: the runtime's
+    assert "spec.runPolicy.ttlSecondsAfterFinished: a TrainJob" in refused.output
+    doc = yaml.safe_load(example.read_text())
+    del doc["spec"]["runPolicy"]
+    path = tmp_path / example.name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
     result = CliRunner().invoke(app, ["render", str(path), "--backend", "TrainJob", "-n", "a"])
     assert result.exit_code == 0, result.output
     docs = list(yaml.safe_load_all(result.stdout))
@@ -513,7 +549,11 @@ def test_job_one_node_is_one_pod_with_the_launcher_and_a_failure_policy():
                                               "values": [2]},
          "onPodConditions": []},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget",
-                                                  "status": "True"}]}]}
+                                                  "status": "True"}]},
+        # SIGTERM'd after its checkpoint (kubectl delete pod has no DisruptionTarget)
+        {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                             "values": [143]},
+         "onPodConditions": []}]}
     assert spec["podReplacementPolicy"] == "Failed"
     c = _trainer(objs[1])
     assert c["command"] == ["kubetune-launch"]

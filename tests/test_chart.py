@@ -109,6 +109,14 @@ def test_the_trainjob_backend_ships_its_runtime_and_its_rbac_only(helm_bin):
     assert pod["containers"][0]["name"] == "node"
     assert pod["containers"][0]["image"] == "ghcr.io/kubetune/trainer:0.1.0"
     assert pod["priorityClassName"] == "batch"  # a TrainJob cannot carry it per job
+    # The trainer's exit codes: 2 fails the run once; 143 and disruptions make the pod again.
+    assert pod["restartPolicy"] == "Never" and node["template"]["spec"]["backoffLimit"] == 0
+    rules = node["template"]["spec"]["podFailurePolicy"]["rules"]
+    assert [(r["action"], (r.get("onExitCodes") or {}).get("values")) for r in rules] == [
+        ("FailJob", [2]), ("Ignore", None), ("Ignore", [143])]
+    assert runtime["spec"]["template"]["spec"]["failurePolicy"]["rules"] == [
+        {"name": "permanentError", "action": "FailJobSet",
+         "onJobFailureReasons": ["PodFailurePolicy"]}]
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     trainjob_rules = {k: v for k, v in NAMESPACED.items() if k != ("kubeflow.org", "pytorchjobs")}
     trainjob_rules[("trainer.kubeflow.org", "trainjobs")] = {"get", "list", "watch", "create",

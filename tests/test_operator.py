@@ -751,7 +751,7 @@ async def test_trainjob_backend_queued_admitted_running_reporting_complete(
         cluster, trainjob_operator):
     """Trainer v2's part (and Kueue's) played here: the TrainJob's status, a Workload, a pod."""
     op = trainjob_operator
-    await op.create(_job())
+    await op.create(_job(runPolicy={}))  # a TrainJob takes no per-job TTL or limit
     child = await eventually(lambda: cluster.objects[TJ, NS, "ident"])
     assert not _children(cluster, PTJ)
     assert child["spec"]["runtimeRef"]["name"] == "kubetune"
@@ -826,7 +826,7 @@ async def test_trainjob_backend_mirrors_trainer_status_and_explains_a_failure(cl
     op = Operator(cluster, backend="TrainJob", trainer_status=True)
     await op.start()
     try:
-        body = _job()
+        body = _job(runPolicy={})  # a TrainJob takes no per-job TTL or restart limit
         del body["metadata"]["labels"]  # not queued
         await op.create(body)
         child = await eventually(lambda: cluster.objects[TJ, NS, "ident"])

@@ -118,6 +118,8 @@ def _env(job: FineTuneJob, config: OperatorConfig, progress: bool = True
         {"name": "KUBETUNE_CACHE", "value": "/tmp/kubetune"},  # on the scratch volume
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
         {"name": "KUBETUNE_JOB", "value": job.metadata.name},
+        {"name": "KUBETUNE_GRACE_SECONDS",  # the save's budget after SIGTERM
+         "value": str(spec.run_policy.termination_grace_period_seconds)},
     ]
     env += credentials.k8s_env(spec)  # every secretRef, per source (kubetune.credentials)
     if config.progress_url:
@@ -261,8 +263,11 @@ def pod_template(*, job: FineTuneJob, config: OperatorConfig, role: str, contain
     resources = _resources(job)
     if resources:
         main["resources"] = resources
+    # SIGTERM → the trainer finishes its step, saves, exits 143 before SIGKILL (preemption.py;
+    # KUBETUNE_GRACE_SECONDS in _env)
     pod: dict[str, Any] = {"securityContext": pod_security(uid, gid), "containers": [main],
-                           "volumes": volumes}
+                           "volumes": volumes, "terminationGracePeriodSeconds":
+                           spec.run_policy.termination_grace_period_seconds}
     sched = spec.scheduling
     if sched:
         if sched.node_selector:

@@ -11,7 +11,8 @@ complete checkpoint.
 
 Permanent errors (the trainer's exit code 2: bad data or spec) fail the run once:
 - servers with ``podFailurePolicy`` (1.26+): rule ``FailJob`` on exit code 2 of ``trainer``,
-  ``Ignore`` on ``DisruptionTarget`` (a preempted or evicted pod costs no retry);
+  ``Ignore`` on ``DisruptionTarget`` (a preempted or evicted pod costs no retry) and on exit
+  code 143 (the trainer stopped by SIGTERM after its checkpoint: a deleted pod too);
 - older servers: the operator, which reads the pods anyway, sees a ``trainer`` container that
   terminated with exit code 2 and patches the Job once (``stop_patch``): ``STOPPED`` (the pod
   and its message) and ``activeDeadlineSeconds: 1``, so the Job controller fails it
@@ -37,6 +38,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from kubetune.errors import EXIT_PERMANENT, EXIT_PREEMPTED
+
 from kubetune_operator import builders
 from kubetune_operator.apiserver import CURRENT, ApiServer
 from kubetune_operator.backends import Backend, ChildState, condition
@@ -45,7 +48,7 @@ CONTAINER = "trainer"
 PORT = 29500  # the rendezvous port on the master (index 0)
 ROLE = "node"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-PERMANENT_EXIT_CODE = 2  # the trainer's KubetuneError: bad data or spec; a retry cannot help
+PERMANENT_EXIT_CODE = EXIT_PERMANENT  # 2: bad data or spec; a retry cannot help
 STOPPED = "kubetune.io/stopped"  # why the operator stopped the Job (servers before 1.26)
 
 
@@ -92,6 +95,11 @@ class JobBackend(Backend):
                     "values": [PERMANENT_EXIT_CODE]}, "onPodConditions": []},
                 {"action": "Ignore", "onPodConditions": [
                     {"type": "DisruptionTarget", "status": "True"}]},
+                # Stopped by SIGTERM (a deleted or drained pod, which gets no
+                # DisruptionTarget): it saved, and a new pod resumes without using a retry.
+                {"action": "Ignore", "onExitCodes": {
+                    "containerName": CONTAINER, "operator": "In",
+                    "values": [EXIT_PREEMPTED]}, "onPodConditions": []},
             ]}
         if server.pod_replacement_policy:
             body["podReplacementPolicy"] = "Failed"

@@ -15,6 +15,10 @@ from kubetune_operator.apiserver import CURRENT
 from kubetune_operator.backends import Backend, ChildState, condition
 
 PORT = 23456
+# The trainer's exit code decides (kubetune.errors): Kubeflow's rule reads 1-127 as permanent
+# (2: the spec or data; the job fails once) and 128-255 as retryable (143 after SIGTERM, 137
+# OOM-killed, 200 a crash): the pod is made again and resumes.
+RESTART = "ExitCode"
 
 
 class PyTorchJobBackend(Backend):
@@ -40,9 +44,9 @@ class PyTorchJobBackend(Backend):
             return pod
 
         replicas: dict[str, Any] = {"Master": {
-            "replicas": 1, "restartPolicy": "OnFailure", "template": template("master")}}
+            "replicas": 1, "restartPolicy": RESTART, "template": template("master")}}
         if r.nodes > 1:
-            replicas["Worker"] = {"replicas": r.nodes - 1, "restartPolicy": "OnFailure",
+            replicas["Worker"] = {"replicas": r.nodes - 1, "restartPolicy": RESTART,
                                   "template": template("worker")}
         run_policy: dict[str, Any] = {
             "cleanPodPolicy": "None",  # keep finished pods' status (exit codes, messages)

@@ -12,7 +12,11 @@ The runtime's JobSet makes one batch Job per node, ``<job>-node-<i>``, whose pod
 progress in ``status.trainerStatus`` (Kubeflow's ``TrainJobStatus`` feature gate).
 
 Per job, a TrainJob cannot carry a pod priority class (the runtime can), a restart limit or a
-TTL (the runtime's JobSet ``failurePolicy`` and ``ttlSecondsAfterFinished``).
+TTL (the runtime's JobSet ``failurePolicy`` and ``ttlSecondsAfterFinished``): a job that sets
+one is refused, naming the field. The exit-code contract lives in the runtime the chart ships:
+each node's Job fails on exit 2 (``podFailurePolicy`` FailJob) and the JobSet then fails
+(``failurePolicy`` rule on the reason ``PodFailurePolicy``); SIGTERM (143) and disruptions are
+ignored; anything else fails the node's Job (backoffLimit 0) and the JobSet restarts the run.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class TrainJobBackend(Backend):
         # What a TrainJob has no field for goes through v2.3's runtimePatches.
         pod_patch: dict[str, Any] = {
             "securityContext": pod["spec"]["securityContext"],  # Pod Security "restricted"
+            "terminationGracePeriodSeconds": pod["spec"]["terminationGracePeriodSeconds"],
             "volumes": pod["spec"]["volumes"],
             "containers": [{"name": NODE, "volumeMounts": c["volumeMounts"],
                             "securityContext": c["securityContext"]}],
@@ -84,6 +89,17 @@ class TrainJobBackend(Backend):
                 "metadata": builders.child_metadata(job, uid, passed), "spec": body}
 
     def refuses(self, job, server=CURRENT, queued=False) -> str | None:
+        policy = job.spec.run_policy
+        if policy.ttl_seconds_after_finished is not None:
+            return ("spec.runPolicy.ttlSecondsAfterFinished: a TrainJob (Kubeflow Trainer "
+                    "v2.3) cannot set it per job; it is the ClusterTrainingRuntime's (its "
+                    "JobSet's ttlSecondsAfterFinished): remove it, or use the PyTorchJob or "
+                    "Job backend")
+        if "backoff_limit" in policy.model_fields_set:
+            return ("spec.runPolicy.backoffLimit: a TrainJob (Kubeflow Trainer v2.3) cannot set "
+                    "it per job; the ClusterTrainingRuntime's failurePolicy.maxRestarts (chart "
+                    "value trainJob.maxRestarts) counts the restarts: remove it, or use the "
+                    "PyTorchJob or Job backend")
         sched = job.spec.scheduling
         if sched and sched.priority_class_name:
             return ("spec.scheduling.priorityClassName: a TrainJob (Kubeflow Trainer v2.3) "

@@ -201,6 +201,9 @@ class SchedulingSpec(_Spec):
         return _enforce(self, _SCHEDULING_RULES)
 
 
+GRACE_SECONDS = 300  # time to save a large model's checkpoint (Kubernetes' own default: 30)
+
+
 class RunPolicySpec(_Spec):
     """How long the run may take, how often its pods may restart, and cleanup."""
 
@@ -216,3 +219,10 @@ class RunPolicySpec(_Spec):
                           description="Delete the PyTorchJob this long after it ends "
                           "(the FineTuneJob and its outputs stay).")
     ] = None
+    termination_grace_period_seconds: Annotated[
+        int, Field(ge=10, le=3600,
+                   description="How long a training pod that is taken away (preempted, "
+                   "evicted, drained, deleted) has between SIGTERM and SIGKILL: the trainer "
+                   "finishes its step and saves a checkpoint in it when the save fits "
+                   "(otherwise the last complete one is the resume point).")
+    ] = GRACE_SECONDS
