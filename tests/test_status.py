@@ -358,3 +358,66 @@ def test_refused_pods_explain_a_pending_job_until_a_pod_exists():
     status = reduce_status(Observed(3, child=job, backend=JOB, rejected=refused, pods=[pod]),
                            None, T1)
     assert cond(status, "Ready")["reason"] == "Starting"
+
+
+def _ended(name, code, at, *, container="pytorch", disruption=None, in_place=False, **term):
+    pod = _pod(name, **{"lastState" if in_place else "state": {"terminated": {
+        "exitCode": code, "finishedAt": at, **term}}})
+    pod["status"]["containerStatuses"][0]["name"] = container
+    if disruption:
+        pod["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True",
+                                        "reason": disruption}]
+    return pod
+
+
+def test_every_restart_is_counted_once_with_its_reason_and_the_steps_lost():
+    from kubetune_operator.backends.job import JOB
+    from kubetune_operator.status import restart_event
+
+    running = {"status": {"ready": 1, "active": 1}}
+    ckpts = [{"step": 100, "uri": "pvc://o/checkpoint-100"},
+             {"step": 120, "uri": "pvc://o/checkpoint-120"}]
+    preempted = _ended("j-abcde", 143, "2026-11-23T10:01:00Z", container="trainer",
+                       disruption="PreemptionByScheduler", message=json.dumps(
+                           {"reason": "Preempted", "message": "stopped by SIGTERM at step "
+                            "120: checkpoint-120 saved"}))
+    obs = Observed(1, child=running, backend=JOB, pods=[preempted],
+                   progress={"step": 120, "totalSteps": 400, "checkpoints": ckpts})
+    status = reduce_status(obs, None, T0)
+    assert status["restarts"] == 1
+    (r,) = status["lastRestarts"]
+    assert r == {"at": "2026-11-23T10:01:00Z", "reason": "Preempted", "pod": "j-abcde",
+                 "exitCode": 143, "fromStep": 120, "toStep": 120, "lostSteps": 0,
+                 "message": "stopped by SIGTERM at step 120: checkpoint-120 saved"}
+    again = reduce_status(obs, status, T1)  # the same pods seen again: still one
+    assert again["restarts"] == 1 and again["lastRestarts"] == status["lastRestarts"]
+
+    # A new pod, OOM-killed at step 130 (last checkpoint 120): 10 steps lost; a deleted pod
+    # (SIGTERM, no DisruptionTarget) reads as preempted; the permanent 2 is no restart.
+    oom = _ended("j-fghij", 137, "2026-11-23T10:09:00Z", container="trainer",
+                 reason="OOMKilled")
+    deleted = _ended("j-klmno", 143, "2026-11-23T10:12:00Z", container="trainer")
+    obs = Observed(1, child=running, backend=JOB, pods=[preempted, oom, deleted],
+                   progress={"step": 130, "totalSteps": 400})
+    later = reduce_status(obs, again, T1)
+    assert later["restarts"] == 3
+    assert [(r["reason"], r["fromStep"], r["toStep"], r["lostSteps"])
+            for r in later["lastRestarts"]] == [("Preempted", 120, 120, 0),
+                                                ("OOMKilled", 130, 120, 10),
+                                                ("Preempted", 130, 120, 10)]
+    from kubetune.api.v1alpha1.status import Restart
+
+    assert restart_event(Restart.model_validate(later["lastRestarts"][1])) == \
+        "pod j-fghij ended (OOMKilled, exit 137) at step 130; resumes from step 120 " \
+        "(10 steps lost)"
+    bad = _ended("j-pqrst", 2, "2026-11-23T10:20:00Z", container="trainer")
+    failed = {"status": {"conditions": [{"type": "Failed", "status": "True",
+                                         "reason": "PodFailurePolicy"}]}}
+    final = reduce_status(Observed(1, child=failed, backend=JOB, pods=[bad]), later, T1)
+    assert final["phase"] == "Failed" and final["restarts"] == 3
+
+
+def test_a_run_without_restarts_has_none_in_its_status():
+    status = reduce_status(Observed(1, child=pytorchjob(("Running", "r")), pods=[
+        _pod("j-master-0", state={"running": {}})]), None, T0)
+    assert "restarts" not in status and status.get("lastRestarts", []) == []

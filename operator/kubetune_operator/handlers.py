@@ -26,9 +26,21 @@ from kubetune_operator import reconcile as rc
 from kubetune_operator.backends import Backend, backend_named
 from kubetune_operator.builders import JOB_LABEL, KUEUE_GROUP, KUEUE_VERSION
 from kubetune_operator.discovery import Served, backend_need
-from kubetune_operator.reporting import Flusher, ProgressStore, TokenChecker, make_app
+from kubetune_operator.reporting import (
+    Flusher,
+    ProgressStore,
+    TokenChecker,
+    make_app,
+    start_runner,
+)
 from kubetune_operator.settings import OperatorConfig
-from kubetune_operator.status import TERMINAL, dump, progress_fields, progress_patch
+from kubetune_operator.status import (
+    TERMINAL,
+    dump,
+    progress_fields,
+    progress_patch,
+    restart_event,
+)
 
 log = logging.getLogger("kubetune.operator")
 RETRY_SECONDS = 10  # after a transient API error (kopf.TemporaryError)
@@ -213,8 +225,7 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
     app = make_app(store, TokenChecker(review), pod_lookup=pod_lookup, backend=memo.backend)
     from aiohttp import web
 
-    runner = web.AppRunner(app)
-    await runner.setup()
+    runner = await start_runner(app)
     ssl_ctx = None
     cert, key = config.progress_tls_cert, config.progress_tls_key
     if cert and key:
@@ -278,6 +289,11 @@ def _account(parent: dict[str, Any], outcome: rc.Outcome, memo: kopf.Memo) -> No
         memo.waiting_for.pop((ns, name), None)
     for cond in _new_warnings(parent.get("status") or {}, outcome):  # each said once
         kopf.warn(body, reason=cond.reason, message=cond.message)
+    said = {(r.get("pod"), r.get("at"))
+            for r in (parent.get("status") or {}).get("lastRestarts") or []}
+    for r in outcome.status.last_restarts:  # one Event per restart
+        if (r.pod, r.at) not in said:
+            kopf.warn(body, reason="Restarted", message=restart_event(r))
     for what in outcome.created:
         metrics.CHILDREN_CREATED.labels(what.split("/")[0]).inc()
     if outcome.created:  # one Event for all of them: Events are API writes too

@@ -22,6 +22,8 @@ from kubetune.api.v1alpha1 import (
     Progress,
     Serving,
 )
+from kubetune.api.v1alpha1.status import Restart
+from kubetune.errors import EXIT_PERMANENT, EXIT_PREEMPTED
 
 from kubetune_operator.backends import Backend
 from kubetune_operator.backends.pytorchjob import PYTORCHJOB
@@ -30,6 +32,7 @@ TERMINAL = ("Succeeded", "Failed")
 REFUSED = ("InvalidSpec", "InsufficientGPUMemory")  # stalled before any child was made
 PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
 MAX_CHECKPOINTS = 10  # in status; older ones are usually rotated away by saveTotalLimit
+MAX_RESTARTS = 5  # status.lastRestarts; status.restarts counts them all
 LOG_TAIL_CHARS = 2000
 
 
@@ -103,6 +106,81 @@ def diagnose_pods(pods: list[dict[str, Any]], container: str = PYTORCHJOB.contai
             if term and term.get("exitCode", 0) != 0 and failure is None:
                 failure = _diagnose_termination(name, term)
     return failure, waiting
+
+
+# ----------------------------------------------------------------------- restarts
+
+# The pod's DisruptionTarget condition (Kubernetes 1.26+) says who took it away.
+_DISRUPTIONS = {"PreemptionByScheduler": "Preempted", "PreemptionByKueue": "Preempted",
+                "EvictionByEvictionAPI": "Evicted", "TerminationByKubelet": "Evicted",
+                "DeletionByTaintManager": "NodeLost", "DeletionByPodGC": "NodeLost"}
+
+
+def restart_reason(pod: dict[str, Any], term: dict[str, Any]) -> str:
+    """Preempted, Evicted, OOMKilled, NodeLost or Error, for a trainer that ended early."""
+    status = pod.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            return _DISRUPTIONS.get(cond.get("reason") or "", "Preempted")
+    if term.get("reason") == "OOMKilled":
+        return "OOMKilled"
+    if status.get("reason") in ("Evicted", "NodeLost", "NodeShutdown", "Terminated"):
+        return "Evicted" if status["reason"] == "Evicted" else "NodeLost"
+    if term.get("exitCode") == EXIT_PREEMPTED:  # SIGTERM with no condition: a deleted pod
+        return "Preempted"
+    return "Error"
+
+
+def observe_restarts(pods: list[dict[str, Any]], container: str, seen: list[dict[str, Any]],
+                     *, from_step: int | None, to_step: int | None) -> list[Restart]:
+    """The restarts the pods show that ``seen`` (status.lastRestarts) does not list yet:
+    a trainer that ended with a retryable code (not 0, not the permanent 2), in place
+    (``lastState``) or with its pod (``state``). A restart counts once: it is newer than the
+    newest one seen, by the time it ended."""
+    known = {(r.get("pod"), r.get("at")) for r in seen}
+    newest = max((r.get("at") or "" for r in seen), default="")
+    found: list[Restart] = []
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name")
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            if cs.get("name") != container:
+                continue
+            for state in (cs.get("lastState") or {}, cs.get("state") or {}):
+                term = state.get("terminated") or {}
+                code, at = term.get("exitCode"), term.get("finishedAt")
+                if not at or code in (None, 0, EXIT_PERMANENT) or at < newest \
+                        or (name, at) in known:
+                    continue
+                known.add((name, at))
+                lost = from_step - to_step if from_step is not None and to_step is not None \
+                    else None
+                found.append(Restart(
+                    at=at, reason=restart_reason(pod, term), pod=name, exit_code=code,
+                    from_step=from_step, to_step=to_step,
+                    lost_steps=max(lost, 0) if lost is not None else None,
+                    message=_restart_message(term)))
+    return sorted(found, key=lambda r: r.at)
+
+
+def _restart_message(term: dict[str, Any]) -> str | None:
+    message = (term.get("message") or "").strip()
+    try:  # the trainer's own (/dev/termination-log): {"reason", "message"}
+        data = json.loads(message)
+        if isinstance(data, dict) and data.get("message"):
+            return str(data["message"])[:500]
+    except (json.JSONDecodeError, TypeError):
+        pass
+    return (message.splitlines()[-1][:500] if message else None) or term.get("reason")
+
+
+def restart_event(r: Restart) -> str:
+    """The Event's message for one restart."""
+    steps = ""
+    if r.from_step is not None:
+        steps = (f" at step {r.from_step}; resumes from "
+                 + (f"step {r.to_step}" if r.to_step else "the start")
+                 + (f" ({r.lost_steps} steps lost)" if r.lost_steps is not None else ""))
+    return f"pod {r.pod} ended ({r.reason}, exit {r.exit_code}){steps}"
 
 
 # What controllers record when the API server refuses a pod they create: the Kubernetes
@@ -243,7 +321,21 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
         failure = None
     elif failure is None and old.get("failure"):
         failure = Failure.model_validate(old["failure"])  # the pods are gone; keep what they said
+    seen = old.get("lastRestarts") or []
+    reached = (obs.progress or {}).get("step")
+    if reached is None:
+        reached = (old.get("progress") or {}).get("step")
+    kept = [c.get("step") for c in [*(old.get("checkpoints") or []),
+                                    *((obs.progress or {}).get("checkpoints") or [])]
+            if c.get("step") is not None]
+    new = observe_restarts(obs.pods, obs.backend.container, seen, from_step=reached,
+                           to_step=max(kept) if kept else (0 if reached is not None else None))
+    if phase == "Failed" and failure is not None:  # its last pod failed the run: no restart
+        new = [r for r in new if r.pod != failure.pod]
+    restarts = [Restart.model_validate(r) for r in seen] + new
     return FineTuneJobStatus(
+        restarts=(old.get("restarts") or 0) + len(new) if restarts else None,
+        last_restarts=restarts[-MAX_RESTARTS:],
         phase=phase, observed_generation=gen,
         conditions=_keep_transition_times(conds, old.get("conditions") or [], now),
         progress=progress,

@@ -92,6 +92,25 @@ class Failure(_Model):
     log_tail: Annotated[str | None, Field(description="Last lines of the failing log.")] = None
 
 
+class Restart(_Model):
+    """One time a training pod ended before the run did and a new one took over."""
+
+    at: Annotated[str, _d("When the pod's trainer ended (RFC 3339).")]
+    reason: Annotated[
+        Literal["Preempted", "Evicted", "OOMKilled", "NodeLost", "Error"],
+        _d("Preempted (SIGTERM: Kueue, the scheduler, a deleted pod), Evicted (node pressure, "
+           "a drain), OOMKilled, NodeLost or Error (any other retryable exit)."),
+    ]
+    pod: Annotated[str | None, _d("The pod that ended.")] = None
+    exit_code: Annotated[int | None, _d("Its trainer's exit code (143: stopped by SIGTERM "
+                                        "after saving).")] = None
+    from_step: Annotated[int | None, _d("The last step reported before it ended.")] = None
+    to_step: Annotated[int | None, _d("The newest complete checkpoint then: where the next "
+                                      "pod resumes.")] = None
+    lost_steps: Annotated[int | None, _d("fromStep - toStep: steps trained again.")] = None
+    message: Annotated[str | None, _d("The trainer's or the kubelet's own words.")] = None
+
+
 class CheckResult(_Model):
     """One post-training check (spec.serve.checks[]) as asked of the served model."""
 
@@ -132,5 +151,9 @@ class FineTuneJobStatus(_Model):
     outputs: Annotated[Outputs | None, _d("What the run produced.")] = None
     failure: Annotated[Failure | None, _d("Why the run failed, kept after its pods are gone."
                                           )] = None
+    restarts: Annotated[int | None, _d("Times a training pod ended and the run went on in a "
+                                       "new one, resuming from a checkpoint.")] = None
+    last_restarts: Annotated[list[Restart], Field(max_length=5, description=(
+        "The last few restarts, oldest first."))] = []
     serving: Annotated[Serving | None, _d("The server on the trained model (spec.serve).")
                        ] = None
