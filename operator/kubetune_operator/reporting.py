@@ -39,6 +39,12 @@ log = logging.getLogger("kubetune.reporting")
 
 ROUTE = f"/v1/namespaces/{{namespace}}/{PLURAL}/{{name}}/status"
 MAX_BODY = 64 * 1024
+# Slow clients: a connection that has not sent a whole request's headers within
+# HEADER_TIMEOUT s (also between two requests), or its body within BODY_TIMEOUT s, is closed;
+# one peer holds at most MAX_CONNECTIONS_PER_PEER connections (a pod reports over one).
+HEADER_TIMEOUT = 5.0
+BODY_TIMEOUT = 5.0
+MAX_CONNECTIONS_PER_PEER = 8
 
 _METRIC_MAP = {"current_step": "step", "total_steps": "totalSteps", "loss": "loss",
                "learning_rate": "learningRate", "current_epoch": "epoch", "epoch": "epoch"}
@@ -434,9 +440,19 @@ def make_app(store: ProgressStore, checker: TokenChecker,
             return web.json_response({"error": "too large"}, status=413)
         try:
             # Bytes, not request.json(): an unknown charset in Content-Type must not raise.
-            payload = json.loads(await request.read())
+            payload = json.loads(await asyncio.wait_for(request.read(), BODY_TIMEOUT))
         except web.HTTPRequestEntityTooLarge:  # chunked, no Content-Length
             return web.json_response({"error": "too large"}, status=413)
+        except TimeoutError:  # trickled, or less than its Content-Length
+            log.info("closed a report for %s/%s: its body took over %ss", ns, name,
+                     BODY_TIMEOUT)
+            if request.transport is not None:
+                request.transport.close()
+            return web.json_response({"error": "body too slow"}, status=408)
+        except ConnectionError as err:  # the client went away mid-body
+            log.info("a report for %s/%s ended mid-body: %s", ns, name,
+                     type(err).__name__)
+            return web.json_response({"error": "disconnected"}, status=400)
         except RecursionError:  # [[[[… within the size limit
             return web.json_response({"error": "nested too deeply"}, status=400)
         except ValueError:  # UnicodeDecodeError included
@@ -458,6 +474,46 @@ def make_app(store: ProgressStore, checker: TokenChecker,
     app.router.add_post(ROUTE, post)
     app.router.add_get("/healthz", healthz)
     return app
+
+
+async def start_runner(app: web.Application) -> web.AppRunner:
+    """``app``'s runner, set up, with the slow-client limits: HEADER_TIMEOUT (aiohttp closes a
+    connection waiting for a request's headers that long, however it trickles), and at most
+    MAX_CONNECTIONS_PER_PEER connections per peer address."""
+    runner = web.AppRunner(app, keepalive_timeout=HEADER_TIMEOUT)
+    await runner.setup()
+    server = runner.server
+    assert server is not None
+    made, lost = server.connection_made, server.connection_lost
+    open_: dict[str, int] = {}
+    peers: dict[Any, str] = {}  # handler -> its peer (aiohttp's handlers have __slots__)
+
+    def peer(transport: Any) -> str:
+        name = transport.get_extra_info("peername") if transport is not None else None
+        return str(name[0]) if isinstance(name, (tuple, list)) and name else "?"
+
+    def connection_made(handler: Any, transport: Any) -> None:
+        made(handler, transport)
+        who = peer(transport)
+        peers[handler] = who
+        open_[who] = open_.get(who, 0) + 1
+        if open_[who] > MAX_CONNECTIONS_PER_PEER:
+            if open_[who] == MAX_CONNECTIONS_PER_PEER + 1:
+                log.warning("%s holds %d connections to the progress endpoint: closing the "
+                            "ones beyond", who, MAX_CONNECTIONS_PER_PEER)
+            transport.close()
+
+    def connection_lost(handler: Any, exc: BaseException | None) -> None:
+        lost(handler, exc)
+        who = peers.pop(handler, None)
+        if who in open_:
+            open_[who] -= 1
+            if open_[who] <= 0:
+                del open_[who]
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+    server.connection_lost = connection_lost  # type: ignore[method-assign]
+    return runner
 
 
 # The API server refused the patch's content (a bad value, too large): retrying cannot help.
