@@ -231,6 +231,12 @@ def validate(job_file: JobFile, pvc_root: PvcRoot = None,
 
             for line in preflight_all(job, _context(job_file, pvc_root), limit):
                 err.print(line, highlight=False, markup=False)
+        elif (job.spec.model.source or "").startswith(("hf://", "http://", "https://",
+                                                        "s3://", "gs://")):
+            # --no-data never touches the network: the model's config is not fetched.
+            err.print("memory: not estimated (--no-data reads nothing from the network; "
+                      "without it the model's config is fetched)", highlight=False,
+                      markup=False)
         else:
             from kubetune_trainer.train import model_path
             from kubetune_trainer.validate import memory_check

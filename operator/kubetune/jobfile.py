@@ -46,9 +46,32 @@ def _where(event: Any) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
 
 
+MAX_NUMBER = 64  # characters of a plain number: a 64-bit integer or a float is far shorter
+_NUMBERS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+def _plain_tag(event: Any) -> str | None:
+    """What an untagged plain scalar resolves to (int, float, bool, null, str); None when
+    quoted or tagged (then it is a string, or its tag says)."""
+    if event.tag is not None or not event.implicit[0] or event.style:
+        return None
+    return _JobLoader.resolve(_JobLoader, yaml.ScalarNode, event.value, (True, False))
+
+
+def _path(stack: list[list[Any]]) -> str:
+    """spec.training.maxSteps for the scalar being read (keys of the open mappings)."""
+    out = ""
+    for entry in stack:
+        if entry[0] and entry[3] is not None:
+            out += f".{entry[3]}" if out else str(entry[3])
+        elif not entry[0]:
+            out += f"[{entry[3]}]"
+    return out
+
+
 def _check_events(text: str, name: str) -> None:
     """Refuse what would expand, recurse or silently drop data, before anything is built."""
-    # Per open collection: [is_mapping, expecting_key, keys_seen].
+    # Per open collection: [is_mapping, expecting_key, keys_seen, current key or index].
     stack: list[list[Any]] = []
     for event in yaml.parse(text, Loader=_BaseLoader):
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
@@ -65,19 +88,30 @@ def _check_events(text: str, name: str) -> None:
         top = stack[-1] if stack else None
         if top is not None and top[0]:
             if top[1]:  # a key
-                if not isinstance(event, yaml.ScalarEvent):
+                if not isinstance(event, yaml.ScalarEvent) or _plain_tag(event) not in (
+                        None, "tag:yaml.org,2002:str"):
                     raise KubetuneError(f"{name}: {_where(event)}: mapping keys must be "
-                                        "plain strings")
+                                        "plain strings (quote a number or a boolean used "
+                                        "as a key)")
                 if event.value in top[2]:
                     raise KubetuneError(f"{name}: {_where(event)}: duplicate key "
                                         f"{event.value!r}")
                 top[2].add(event.value)
+                top[3] = event.value
             top[1] = not top[1]
+        elif top is not None:
+            top[3] += 1
+        if (isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_NUMBER
+                and _plain_tag(event) in _NUMBERS):
+            raise KubetuneError(
+                f"{name}: {_where(event)}: {_path(stack) or 'a value'}: a number of "
+                f"{len(event.value)} characters is too long to read (at most {MAX_NUMBER})")
         if isinstance(event, yaml.CollectionStartEvent):
             if len(stack) >= MAX_DEPTH:
                 raise KubetuneError(f"{name}: {_where(event)}: nested more than {MAX_DEPTH} "
                                     "levels deep")
-            stack.append([isinstance(event, yaml.MappingStartEvent), True, set()])
+            mapping = isinstance(event, yaml.MappingStartEvent)
+            stack.append([mapping, True, set(), None if mapping else -1])
 
 
 def read_text(path: str | Path) -> str:
