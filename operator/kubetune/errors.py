@@ -31,6 +31,13 @@ class OutputError(KubetuneError):
     reason = "OutputError"
 
 
+class DiskFullError(KubetuneError):
+    """A cache (model, data, prepared rows, staging) ran out of space: retried only where a
+    new pod gets a new volume (``exit_code`` set per case)."""
+
+    reason = "DiskFull"
+
+
 # The trainer's exit codes: the contract between the trainer and the controllers (README,
 # "Preemption, failures and restarts"). Kubeflow's restartPolicy ExitCode reads 1-127 as
 # permanent and 128-255 as retryable; the Job backend's podFailurePolicy says the same.

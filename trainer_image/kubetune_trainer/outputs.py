@@ -169,6 +169,60 @@ def output_fault(exc: BaseException, root: Path) -> OutputError | None:
     return None
 
 
+def disk_full(exc: BaseException, *, in_pod: bool | None = None) -> Any:
+    """A DiskFullError for ``exc`` (or its cause) when it is a disk saying full anywhere
+    (a model or data download, the prepared-rows cache, staging), naming the path and its
+    free space; None otherwise. Its exit code is 2 where a retry meets the same full disk
+    (a claim, a local directory) and retryable (200) on a pod's scratch volume (under the
+    temporary directory, new in each pod)."""
+    import tempfile
+
+    from kubetune.errors import EXIT_RETRYABLE, DiskFullError
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = e.errno if isinstance(e, OSError) else None
+        if code is None and (m := _RUST_IO.search(str(e))):
+            code = int(m.group(1))
+        if code is None and isinstance(e, OSError) and _nearly_full(_cache_root()) and \
+                re.search(r"No space left|requested and \d+ written", str(e)):
+            code = errno.ENOSPC  # pyarrow (datasets): "7589 requested and 0 written"
+        if code in FULL:
+            where = getattr(e, "filename", None) or getattr(e, "filename2", None)
+            path = Path(str(where)) if where else _cache_root()
+            probe = path
+            while not probe.exists() and probe != probe.parent:
+                probe = probe.parent
+            try:
+                usage = shutil.disk_usage(probe)
+                room = f"{human(usage.free)} free of {human(usage.total)}"
+            except OSError:
+                room = "free space unknown"
+            scratch = str(path).startswith(tempfile.gettempdir().rstrip("/") + "/")
+            if in_pod is None:
+                in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+            retry = in_pod and scratch
+            err = DiskFullError(
+                f"no space left on device writing {path} ({room} there): "
+                + ("the pod's scratch volume is full; retried in a new pod (raise "
+                   "spec.resources.scratchSize if it fills again)" if retry else
+                   "free some space or move the cache to a larger volume "
+                   "(KUBETUNE_CACHE, HF_HOME); not retried, a retry would meet the same disk"))
+            if retry:
+                err.exit_code = EXIT_RETRYABLE
+            return err
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _cache_root() -> Path:
+    from kubetune_trainer.config import default_cache_dir
+
+    return default_cache_dir()
+
+
 def _free(root: Path) -> int | None:
     try:
         return shutil.disk_usage(root).free

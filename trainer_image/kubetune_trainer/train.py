@@ -644,6 +644,11 @@ def _exit_code(args: Any) -> int:
             return Preempted.exit_code
         raise
     except Exception as exc:  # noqa: BLE001 - the code tells the controller to retry
+        full = outputs.disk_full(exc)
+        if full is not None:  # a cache: model, data, prepared rows, staging
+            print(f"error: {full.message}", file=sys.stderr)
+            _termination_message(full)
+            return full.exit_code
         traceback.print_exc()
         print(f"error: {type(exc).__name__}: {exc} (exit {EXIT_RETRYABLE}: retried, resuming "
               "from the last complete checkpoint)", file=sys.stderr, flush=True)
