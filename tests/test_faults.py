@@ -424,3 +424,19 @@ def test_a_full_scratch_volume_in_a_pod_is_retried_a_full_claim_is_not():
     assert full.exit_code == 2 and full.reason == "DiskFull"
     assert full.message.startswith("no space left on device writing /mnt/pvc/models/x (")
     assert disk_full(RuntimeError("other"), in_pod=True) is None
+
+
+def test_the_save_after_sigterm_is_skipped_when_it_cannot_end_before_the_sigkill():
+    """Grace 60 s, the last save took 10 s: it fits until 60 - 5 (margin) - 12.5 s after the
+    signal; after that the last complete checkpoint stays the resume point."""
+    from kubetune_trainer.preemption import Preemption, grace_seconds
+
+    p = Preemption(grace=60)
+    assert p.fits()  # no signal yet
+    p.signalled_at, p.save_seconds = 100.0, 10.0
+    assert p.fits(now=100.0 + 42.0) and not p.fits(now=100.0 + 43.0)
+    p.save_seconds = None  # no save measured yet: try (a cut save has no marker)
+    assert p.fits(now=100.0 + 59.0)
+    assert Preemption(grace=None).fits()  # a local run: no SIGKILL follows
+    assert grace_seconds({"KUBETUNE_GRACE_SECONDS": "300"}) == 300.0
+    assert grace_seconds({}) is None and grace_seconds({"KUBETUNE_GRACE_SECONDS": "x"}) is None
