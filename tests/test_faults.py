@@ -440,3 +440,29 @@ def test_the_save_after_sigterm_is_skipped_when_it_cannot_end_before_the_sigkill
     assert Preemption(grace=None).fits()  # a local run: no SIGKILL follows
     assert grace_seconds({"KUBETUNE_GRACE_SECONDS": "300"}) == 300.0
     assert grace_seconds({}) is None and grace_seconds({"KUBETUNE_GRACE_SECONDS": "x"}) is None
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("lf_data")
+def test_sigterm_to_the_launcher_reaches_every_rank_under_torchrun(tmp_path, job):
+    """PID 1 of the pod is kubetune-launch: SIGTERM goes to torchrun, which passes it to both
+    ranks; they stop at the same step, save, and the container exits 143 (not torchrun's 1)."""
+    out = tmp_path / "out"
+    total = 24
+    job_file = job(out, training={"maxSteps": total, "saveSteps": 1000,
+                                  "batchSizePerDevice": 2})
+    launcher = str(Path(sys.executable).parent / "kubetune-launch")
+    env = {"PET_NNODES": "1", "PET_NODE_RANK": "0", "RANK": "0", "PET_NPROC_PER_NODE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(),
+           "KUBETUNE_GRACE_SECONDS": "120"}
+    proc = sigterm_at_step([launcher, str(job_file)], out, 3, env=env)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "kubetune-launch: exit 143 (launcher" in proc.stderr
+    stop = next(r for r in read_progress(out / "progress.jsonl") if r.get("event") == "preempted")
+    assert stop["saved"] and f"checkpoint-{stop['step']}" in _marked(out)
+    done = subprocess.run([launcher, str(job_file)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **env,
+                                            "MASTER_PORT": free_port()})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "result.json").read_text())["global_step"] == total
+    assert _steps(out) == list(range(1, total + 1))
