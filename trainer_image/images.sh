@@ -83,8 +83,10 @@ build() {
   log "$tag: docker build (from $base, $(du -sh "$ctx" | cut -f1) of wheels)"
   docker build -q --build-arg "BASE=$base" --label "kubetune.io/inputs=$hash" -t "$tag" "$ctx" >/dev/null
   rm -rf "$ctx"
-  # The build stage's image (gigabytes of wheels): ours alone, by its label.
+  # The build stage's image (gigabytes of wheels) and the image this one replaced: ours
+  # alone (dangling, with our labels).
   docker image prune -f --filter label=kubetune.io/build-stage=true >/dev/null
+  docker image prune -f --filter label=kubetune.io/inputs >/dev/null
   echo "$tag"
 }
 

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from e2e.util import REPO, free_port, image_tags, local_image, wait
 
@@ -60,22 +61,25 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 @pytest.fixture(scope="module")
 def claims(kube, namespace, node, tmp_path_factory):
-    """Claims ``inputs`` (the bundled model, converted once on the host, and the example
-    data; read-only) and ``outputs`` (writable by the image's user), each bound to a
-    host-path volume made for this namespace."""
+    """Claims bound to host-path volumes made for this namespace: ``demo`` as the README's
+    example has it (the example data, and room for outputs), ``inputs`` (the bundled model,
+    converted once on the host, and the example data; read-only) and ``outputs``; each
+    writable place writable by the image's user, as a fresh claim would be."""
     from kubetune_trainer.config import default_cache_dir
     from kubetune_trainer.embedded import materialize
 
     root = tmp_path_factory.mktemp("volumes")
-    inputs, outputs = root / "inputs", root / "outputs"
-    _link_tree(materialize(MODEL, default_cache_dir()), inputs / MODEL)
-    shutil.copytree(REPO / "examples" / "data", inputs / "data")
-    (inputs / "data" / "broken.json").write_text('[{"instruction": "no output"}, 42]')
-    outputs.mkdir(mode=0o777)
-    outputs.chmod(0o777)  # as a fresh claim would be for the pod's user
+    paths = {claim: root / claim for claim in ("demo", "inputs", "outputs")}
+    _link_tree(materialize(MODEL, default_cache_dir()), paths["inputs"] / MODEL)
+    shutil.copytree(REPO / "examples" / "data", paths["inputs"] / "data")
+    (paths["inputs"] / "data" / "broken.json").write_text('[{"instruction": "no output"}, 42]')
+    shutil.copytree(REPO / "examples" / "data", paths["demo"] / "data")
+    for writable in (paths["outputs"], paths["demo"] / "outputs"):
+        writable.mkdir(mode=0o777)
+        writable.chmod(0o777)
     core = kube.CoreV1Api()
     made = []
-    for claim, path in (("inputs", inputs), ("outputs", outputs)):
+    for claim, path in paths.items():
         pv = f"{namespace}-{claim}"
         core.create_persistent_volume({
             "metadata": {"name": pv},
@@ -88,10 +92,10 @@ def claims(kube, namespace, node, tmp_path_factory):
             "metadata": {"name": claim},
             "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
                      "volumeName": pv, "resources": {"requests": {"storage": "10Gi"}}}})
-    for claim in ("inputs", "outputs"):
+    for claim in paths:
         wait(lambda c=claim: core.read_namespaced_persistent_volume_claim(
             c, namespace).status.phase == "Bound", timeout=60)
-    yield {"inputs": inputs, "outputs": outputs}
+    yield paths
     for pv in made:
         core.delete_persistent_volume(pv)
 
@@ -211,11 +215,16 @@ def _follow(kube, namespace, name, until, timeout=600.0) -> list[dict]:
                          f"pods: {[p.status.phase for p in _pods(kube, namespace, name)]}")
 
 
-def test_a_job_trains_in_a_real_pod_from_pending_to_succeeded(kube, namespace, operator,
-                                                               claims):
+def test_the_readmes_cpu_example_trains_in_a_real_pod_from_pending_to_succeeded(
+        kube, namespace, operator, claims):
+    """examples/cpu-cluster/identity.yaml as the README applies it (the bundled model from
+    the image), stopped at 12 steps."""
+    body = yaml.safe_load((REPO / "examples" / "cpu-cluster" / "identity.yaml").read_text())
     name = f"real-{uuid.uuid4().hex[:4]}"
-    _create(kube, _job(namespace, name, steps=12, output={"uri": f"pvc://outputs/{name}",
-                                                         "merge": True}))
+    body["metadata"] = {"name": name, "namespace": namespace}
+    body["spec"]["training"]["maxSteps"] = 12
+    body["spec"]["output"]["uri"] = f"pvc://demo/outputs/{name}"
+    _create(kube, body)
     seen = _follow(kube, namespace, name, lambda s: s.get("phase") in ("Succeeded", "Failed"))
     status = _status(kube, namespace, name)
     assert status["phase"] == "Succeeded", (status, operator.output[-3000:])
@@ -232,10 +241,10 @@ def test_a_job_trains_in_a_real_pod_from_pending_to_succeeded(kube, namespace, o
     assert len(set(shown)) >= 2, shown
     assert any(s["row"].get("ETA") for s in running), [s["row"] for s in running]
     # Checkpoints, the adapter and the merged model are named in the status, and exist.
-    out = claims["outputs"] / name
+    out = claims["demo"] / "outputs" / name
     outputs = status.get("outputs") or {}
-    assert outputs.get("adapter") == f"pvc://outputs/{name}/adapter", status
-    assert outputs.get("mergedModel") == f"pvc://outputs/{name}/merged", status
+    assert outputs.get("adapter") == f"pvc://demo/outputs/{name}/adapter", status
+    assert outputs.get("mergedModel") == f"pvc://demo/outputs/{name}/merged", status
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "merged" / "config.json").exists()
     assert status.get("checkpoints"), status
