@@ -466,3 +466,27 @@ def test_sigterm_to_the_launcher_reaches_every_rank_under_torchrun(tmp_path, job
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "result.json").read_text())["global_step"] == total
     assert _steps(out) == list(range(1, total + 1))
+
+
+def test_a_gpu_out_of_memory_is_permanent_and_says_what_to_change(tmp_path, monkeypatch):
+    """torch's own error class (no GPU here to raise it for real): exit 2, not retried, with
+    the reason the operator classifies and what to change."""
+    import json
+
+    import torch
+    from kubetune_trainer import train
+
+    def out_of_memory(*_args, **_kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    job = tmp_path / "j.yaml"
+    job.write_text("apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nmetadata: {name: j}\n"
+                   "spec: {model: {source: m}, datasets: [{source: d.json}], "
+                   "output: {uri: out}}\n")
+    monkeypatch.setattr(train, "run", out_of_memory)
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    assert train.main([str(job)]) == 2
+    said = json.loads((tmp_path / "termination-log").read_text())
+    assert said["reason"] == "CUDAOutOfMemory" and said["field"] == "spec.training"
+    assert "lower batchSizePerDevice or cutoffLen" in said["message"]
+    assert train._out_of_gpu_memory(RuntimeError("CUDA error: an illegal memory access")) is None

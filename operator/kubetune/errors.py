@@ -38,6 +38,13 @@ class DiskFullError(KubetuneError):
     reason = "DiskFull"
 
 
+class GPUOutOfMemoryError(KubetuneError):
+    """The model and batch do not fit in the GPU's memory: the same step on the same data
+    runs out again on every retry (from the last checkpoint too), so it is permanent."""
+
+    reason = "CUDAOutOfMemory"
+
+
 # The trainer's exit codes: the contract between the trainer and the controllers (README,
 # "Preemption, failures and restarts"). Kubeflow's restartPolicy ExitCode reads 1-127 as
 # permanent and 128-255 as retryable; the Job backend's podFailurePolicy says the same.

@@ -41,7 +41,8 @@ chmod +x "$wrapper"
 setsid dockerd --storage-driver=overlay2 --add-runtime "kubetune=$wrapper" \
   --default-runtime kubetune >"$cache/dockerd.log" 2>&1 < /dev/null &
 for _ in $(seq 60); do
-  docker info >/dev/null 2>&1 && { echo "dockerd started (log: $cache/dockerd.log)"; exit 0; }
+  docker info >/dev/null 2>&1 &&
+    { echo "dockerd started in $SECONDS s, install included (log: $cache/dockerd.log)"; exit 0; }
   sleep 1
 done
 tail -20 "$cache/dockerd.log" >&2

@@ -644,8 +644,8 @@ def _exit_code(args: Any) -> int:
             return Preempted.exit_code
         raise
     except Exception as exc:  # noqa: BLE001 - the code tells the controller to retry
-        full = outputs.disk_full(exc)
-        if full is not None:  # a cache: model, data, prepared rows, staging
+        full = outputs.disk_full(exc) or _out_of_gpu_memory(exc)
+        if full is not None:  # a cache (model, data, prepared rows, staging), or a GPU
             print(f"error: {full.message}", file=sys.stderr)
             _termination_message(full)
             return full.exit_code
@@ -654,6 +654,23 @@ def _exit_code(args: Any) -> int:
               "from the last complete checkpoint)", file=sys.stderr, flush=True)
         return EXIT_RETRYABLE
     return 0
+
+
+def _out_of_gpu_memory(exc: BaseException) -> KubetuneError | None:
+    """A CUDA out-of-memory error as the permanent error it is (a model that does not fit
+    at this batch size and length fails again on every retry), naming what to change."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom is None or not isinstance(exc, oom):
+        return None
+    from kubetune.errors import GPUOutOfMemoryError
+
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "out of memory"
+    return GPUOutOfMemoryError(
+        f"the GPU ran out of memory ({first}): the model does not fit at this batch size and "
+        "length; lower batchSizePerDevice or cutoffLen, turn on gradientCheckpointing, use "
+        "lora (with quantization: QLoRA), a ZeRO strategy or more GPUs (`kubetune estimate` "
+        "shows the parts)", field="spec.training")
 
 
 def _exit_file(code: int) -> None:
