@@ -433,6 +433,54 @@ def estimate(
                   "resources.gpuMemory to check it", highlight=False, markup=False)
 
 
+@app.command("import")
+def import_config(
+    tool: Annotated[str, typer.Argument(help="The config's tool: llamafactory, axolotl or trl.")],
+    config: Annotated[Path, typer.Argument(help="Its training config (YAML).")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Write the FineTuneJob here (default: stdout).")] = None,
+    stage: Annotated[str | None, typer.Option(
+        help="trl: the trainer the config is for, as in `trl sft|dpo|kto|reward|grpo` (and "
+        "orpo); default sft.")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="metadata.name (default: from the output folder or the config's file name).")
+    ] = None,
+    base_dir: Annotated[Path | None, typer.Option(
+        help="The folder the tool runs in: its relative paths (data, dataset_dir, DeepSpeed "
+        "configs) resolve here. Default: the current folder.")] = None,
+    check: Annotated[bool, typer.Option(
+        help="Also resolve the config with the tool's own loader, where the tool is "
+        "installed, and compare the hyper-parameters.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
+) -> None:
+    """Turn a LLaMA-Factory, Axolotl or TRL training config into a FineTuneJob. Every key is
+    mapped or listed with why it has no equivalent (at the top of the file and here); the
+    tool's defaults that differ from kubetune's are written out; local paths are listed with
+    what must move to a claim or bucket."""
+    from kubetune.importing import Context, convert, read_config
+
+    if out is not None and out.exists() and not force:
+        raise KubetuneError(f"{out} already exists; use --force to overwrite")
+    ctx = Context(config_path=config, base_dir=(base_dir or Path.cwd()).absolute(),
+                  out_dir=(out.parent if out else Path.cwd()).absolute(), name=name,
+                  stage=stage)
+    imported = convert(tool, read_config(config), ctx)
+    for line in imported.report():
+        err.print(line, highlight=False, markup=False)
+    if check:
+        from kubetune.importing.check import compare
+
+        for line in compare(tool, config, imported, ctx):
+            err.print(line, highlight=False, markup=False)
+    if out is None:
+        sys.stdout.write(imported.text())
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(imported.text())
+        err.print(f"wrote {out}; next: `kubetune validate {out}`", highlight=False,
+                  markup=False)
+
+
 STARTERS = Path(__file__).resolve().parent / "starters"
 STARTER_HELP = {
     "local": "LoRA on the bundled small model, here (writes data.json too)",
