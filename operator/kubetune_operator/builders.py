@@ -32,6 +32,19 @@ CONFIG_KEY = "job.yaml"
 PVC_ROOT = "/mnt/pvc"
 TOKEN_DIR = "/var/run/secrets/kubetune"
 PROGRESS_AUDIENCE = "kubetune"
+# The ConfigMap, in each job's namespace, with the CA the pods check the progress endpoint
+# against: the operator keeps it (progress_tls.CaPublisher) unless the settings name the
+# user's own (progress_ca_configmap).
+PROGRESS_CA_CONFIGMAP = "kubetune-progress-ca"
+PROGRESS_CA_KEY = "ca.crt"
+
+
+def progress_ca_configmap(config: OperatorConfig) -> str | None:
+    """The ConfigMap pods mount the progress endpoint's CA from: none for plain HTTP (named
+    in the URL) or no endpoint; the user's when the settings name one; else the operator's."""
+    if not config.progress_url or config.progress_plain_http:
+        return None
+    return config.progress_ca_configmap or PROGRESS_CA_CONFIGMAP
 
 
 def child_name(job: FineTuneJob) -> str:
@@ -129,8 +142,8 @@ def _env(job: FineTuneJob, config: OperatorConfig, progress: bool = True
         url = (f"{config.progress_url.rstrip('/')}/namespaces/{namespace}"
                f"/{PLURAL}/{job.metadata.name}/status")
         reporting = [("URL", url), ("TOKEN", f"{TOKEN_DIR}/token")]
-        if config.progress_ca_configmap:
-            reporting.append(("CA_CERT", f"{TOKEN_DIR}/ca.crt"))
+        if progress_ca_configmap(config):
+            reporting.append(("CA_CERT", f"{TOKEN_DIR}/{PROGRESS_CA_KEY}"))
         env += [{"name": f"KUBETUNE_PROGRESS_{k}", "value": v} for k, v in reporting]
         if progress:
             # Kubeflow KEP-2779, to kubetune's endpoint too: transformers' KubeflowCallback
@@ -184,9 +197,9 @@ def _volumes(job: FineTuneJob, config: OperatorConfig
     if config.progress_url:  # kubetune's token, whichever endpoint gets the progress
         sources: list[dict[str, Any]] = [{"serviceAccountToken": {
             "audience": PROGRESS_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]
-        if config.progress_ca_configmap:
-            sources.append({"configMap": {"name": config.progress_ca_configmap,
-                                          "items": [{"key": "ca.crt", "path": "ca.crt"}]}})
+        if ca := progress_ca_configmap(config):  # the pod starts once it is there
+            sources.append({"configMap": {"name": ca, "items": [
+                {"key": PROGRESS_CA_KEY, "path": PROGRESS_CA_KEY}]}})
         volumes.append({"name": "kubetune-token", "projected": {"sources": sources}})
         mounts.append({"name": "kubetune-token", "mountPath": TOKEN_DIR, "readOnly": True})
     return volumes, mounts

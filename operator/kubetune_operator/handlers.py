@@ -26,6 +26,7 @@ from kubetune_operator import reconcile as rc
 from kubetune_operator.backends import Backend, backend_named
 from kubetune_operator.builders import JOB_LABEL, KUEUE_GROUP, KUEUE_VERSION
 from kubetune_operator.discovery import Served, backend_need
+from kubetune_operator.progress_tls import CHECK_SECONDS, CaPublisher, ProgressTls
 from kubetune_operator.reporting import (
     Flusher,
     ProgressStore,
@@ -143,10 +144,44 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         memo.metrics_started = True
 
 
+def _progress_port(memo: kopf.Memo) -> int | None:
+    return memo.config.progress_port or memo.get("progress_port")
+
+
+async def start_progress_tls(memo: kopf.Memo, **_: Any) -> None:
+    """The endpoint's certificate and the CA for pods (progress_tls): read, made or renewed
+    now, then re-checked every CHECK_SECONDS. A setting that cannot work stops the operator;
+    an API error is retried by kopf."""
+    loop = asyncio.get_running_loop()
+    tls = ProgressTls(memo.config, memo.kube, serving=bool(_progress_port(memo)))
+    try:
+        await loop.run_in_executor(memo.executor, tls.start)
+    except (ValueError, OSError) as bad:  # a missing namespace, CA or certificate file
+        raise kopf.PermanentError(str(bad)) from bad
+    memo.progress_tls = tls
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(memo.get("tls_check_seconds") or CHECK_SECONDS)
+            try:
+                await loop.run_in_executor(memo.executor, tls.refresh)
+            except Exception as err:  # kept serving what it has; asked again next time
+                log.warning("progress endpoint: its certificate was not re-checked (%s)",
+                            getattr(err, "status", None) or type(err).__name__)
+
+    memo.tls_task = asyncio.create_task(renew())
+
+
+def _ca_publisher(memo: kopf.Memo) -> CaPublisher | None:
+    tls: ProgressTls | None = memo.get("progress_tls")
+    return tls.publisher if tls is not None else None
+
+
 async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
-    """The HTTPS endpoint pods report progress to, and the flusher that writes statuses."""
+    """The endpoint pods report progress to (HTTPS unless the URL names http), and the
+    flusher that writes statuses."""
     config: OperatorConfig = memo.config
-    port = config.progress_port or memo.get("progress_port")
+    port = _progress_port(memo)
     if not port:
         memo.progress_runner = None
         return
@@ -226,13 +261,8 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
     from aiohttp import web
 
     runner = await start_runner(app)
-    ssl_ctx = None
-    cert, key = config.progress_tls_cert, config.progress_tls_key
-    if cert and key:
-        import ssl
-
-        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_ctx.load_cert_chain(cert, key)
+    tls: ProgressTls | None = memo.get("progress_tls")
+    ssl_ctx = tls.context if tls is not None else None
     site = web.TCPSite(runner, host=config.progress_host, port=port, ssl_context=ssl_ctx)
     await site.start()
     memo.flusher_task = asyncio.create_task(
@@ -244,6 +274,8 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
 async def stop_progress_server(memo: kopf.Memo, **_: Any) -> None:
     if memo.get("recheck_task"):
         memo.recheck_task.cancel()
+    if memo.get("tls_task"):
+        memo.tls_task.cancel()
     if memo.get("flusher_task"):
         memo.flusher_task.cancel()
     if memo.get("progress_runner"):
@@ -261,7 +293,7 @@ def _converge(parent: dict[str, Any], memo: kopf.Memo) -> rc.Outcome:
         try:
             outcome = rc.reconcile(parent, memo.kube, memo.config,
                                    memo.store.get(ns, name), server=memo.server,
-                                   served=memo.served)
+                                   served=memo.served, ca=_ca_publisher(memo))
         except Exception:
             metrics.RECONCILES.labels("error").inc()
             raise
@@ -408,6 +440,10 @@ async def _converge_job(memo: kopf.Memo, raw: dict[str, Any], version: str) -> N
 
 
 async def _first_converge(memo: kopf.Memo, raw: dict[str, Any]) -> rc.Outcome | None:
+    publisher = _ca_publisher(memo)
+    ns = raw["metadata"]["namespace"]
+    if publisher is not None and not publisher.known(ns):  # the pods' CA before their child
+        await asyncio.get_running_loop().run_in_executor(memo.executor, publisher.ensure, ns)
     with metrics.RECONCILE_SECONDS.time():
         try:
             outcome = await rc.reconcile_new(raw, memo.kube, memo.config, memo.server,
@@ -571,6 +607,7 @@ def register(registry: kopf.OperatorRegistry, backend: Backend) -> kopf.Operator
     (``kopf.on.login(registry=...)(kopf.login_via_client)``)."""
     kopf.on.startup(registry=registry)(configure)
     kopf.on.startup(registry=registry, id="same_backend")(_watching(backend.kind))
+    kopf.on.startup(registry=registry)(start_progress_tls)
     kopf.on.startup(registry=registry)(start_progress_server)
     kopf.on.startup(registry=registry)(start_rechecks)
     kopf.on.startup(registry=registry)(tune_gc)  # last: after the other startup handlers

@@ -90,13 +90,14 @@ class Kube:
         return isinstance(err, self._exc) and err.status == 404
 
     def _raw(self, method: str, path: str, body: Any = None,
-             query: list[tuple[str, str]] | None = None) -> Any:
+             query: list[tuple[str, str]] | None = None,
+             content_type: str = "application/json") -> Any:
         """One request through the synchronous client (its pool, TLS and credentials), the
         answer as the API's own JSON; ApiException as the typed calls raise it."""
         api = self._api
         method, url, headers, body, _ = api.param_serialize(
             method, path, query_params=query, body=body, auth_settings=["BearerToken"],
-            header_params={"Accept": "application/json", "Content-Type": "application/json"})
+            header_params={"Accept": "application/json", "Content-Type": content_type})
         resp = api.call_api(method, url, header_params=headers, body=body)
         resp.read()  # to the end: the connection goes back to the pool
         if not 200 <= resp.status <= 299:
@@ -106,8 +107,8 @@ class Kube:
 
     @staticmethod
     def _builtin_path(kind: str, ns: str, name: str | None = None) -> str | None:
-        """The path of a built-in kind's objects (ConfigMap, Service, Deployment)."""
-        plural = {"ConfigMap": "configmaps", "Service": "services",
+        """The path of a built-in kind's objects (ConfigMap, Secret, Service, Deployment)."""
+        plural = {"ConfigMap": "configmaps", "Secret": "secrets", "Service": "services",
                   "Deployment": "deployments"}.get(kind)
         if plural is None:
             return None
@@ -179,6 +180,13 @@ class Kube:
                 return False
             raise
         return True
+
+    def patch_builtin(self, kind: str, ns: str, name: str, patch: dict[str, Any]) -> None:
+        """Merge-patch a built-in object of ours (the progress CA's ConfigMap, the operator's
+        certificate Secret); with ``metadata.resourceVersion`` in the patch, only if it has
+        not changed since (409 otherwise). The answer is not kept (it may hold a key)."""
+        self._raw("PATCH", self._builtin_path(kind, ns, name), patch,
+                  content_type="application/merge-patch+json")
 
     def patch_child(self, backend: Backend, ns: str, name: str, patch: dict[str, Any]
                     ) -> dict[str, Any]:
@@ -405,10 +413,11 @@ def needs(backend: Backend, labels: dict[str, str], config: OperatorConfig, *,
 
 def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
               progress: dict[str, Any] | None = None, *, server: ApiServer,
-              served: Served | None = None) -> Outcome:
+              served: Served | None = None, ca: Any = None) -> Outcome:
     """Converge one FineTuneJob; returns the status it should have (patch only if changed).
     ``server``: what the API server can do (read once at startup); ``served``: which kinds
-    it serves (None: not checked)."""
+    it serves (None: not checked); ``ca``: the progress CA's publisher
+    (``progress_tls.CaPublisher``; None: pods need none from the operator)."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     old = body.get("status") or {}
@@ -451,6 +460,8 @@ def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
             objs = []
         else:
             unfit = None
+        if ca is not None and objs and not finished:
+            ca.ensure(ns)  # the CA the pods mount, there before their child (and kept there)
         for obj in objs:
             current = None if fresh else kube.get(obj)
             if current is None and not finished:  # a finished job's cleaned-up child stays gone

@@ -19,8 +19,12 @@ class OperatorConfig:
     """What the operator adds that is not in the job, and how it runs."""
 
     trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
-    progress_url: str | None = None  # https://…/v1 ; None: pods report nothing to kubetune
-    progress_ca_configmap: str | None = None  # ConfigMap with ca.crt, in the job's namespace
+    # https://…/v1 ; None: pods report nothing to kubetune. The endpoint serves HTTPS unless
+    # this URL names http:// (the one way to plain HTTP: asked for by name).
+    progress_url: str | None = None
+    # The user's ConfigMap with ca.crt, present in every job namespace; None: the operator
+    # keeps its own there (builders.PROGRESS_CA_CONFIGMAP, progress_tls.CaPublisher).
+    progress_ca_configmap: str | None = None
     default_priority_class: str | None = None  # for jobs that name none
     default_queue: str | None = None  # Kueue queue for jobs without the queue label
     failure_log_tail: bool = True  # status.failure.logTail (visible to the job's readers)
@@ -64,9 +68,20 @@ class OperatorConfig:
     metrics_port: int | None = None
     progress_port: int | None = None
     progress_host: str = "0.0.0.0"
+    # The user's certificate (a mounted cert-manager Secret): it wins, and its ca.crt
+    # (progress_tls_ca) is what pods get. None: the operator's own CA and certificate, kept in
+    # the Secret progress_cert_secret in operator_namespace (created, renewed before expiry).
     progress_tls_cert: str | None = None
     progress_tls_key: str | None = None
+    progress_tls_ca: str | None = None
+    progress_cert_secret: str = "kubetune-progress-tls"
+    operator_namespace: str | None = None  # where that Secret lives (the operator's own)
     progress_flush_seconds: float = 2.0
+
+    @property
+    def progress_plain_http(self) -> bool:
+        """Plain HTTP, asked for by name: the URL the pods get says http://."""
+        return bool(self.progress_url) and self.progress_url.lower().startswith("http://")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -102,9 +117,20 @@ class OperatorConfig:
         from kubetune_operator.backends import backend_named
 
         backend = backend_named(env.get("KUBETUNE_BACKEND") or cls.backend).kind
+        url = text("KUBETUNE_PROGRESS_URL")
+        if url and not url.lower().startswith(("http://", "https://")):
+            raise ValueError(f"KUBETUNE_PROGRESS_URL={url!r}: expected https://… (or http://… "
+                             "for plain HTTP, by name)")
+        cert, key = text("KUBETUNE_PROGRESS_TLS_CERT"), text("KUBETUNE_PROGRESS_TLS_KEY")
+        if bool(cert) != bool(key):
+            raise ValueError("KUBETUNE_PROGRESS_TLS_CERT and KUBETUNE_PROGRESS_TLS_KEY go "
+                             "together")
+        if cert and url and url.lower().startswith("http://"):
+            raise ValueError(f"KUBETUNE_PROGRESS_URL={url!r} names plain HTTP, but "
+                             "KUBETUNE_PROGRESS_TLS_CERT gives a certificate: use https://")
         return cls(
             trainer_image=text("KUBETUNE_TRAINER_IMAGE") or cls.trainer_image,
-            progress_url=text("KUBETUNE_PROGRESS_URL"),
+            progress_url=url,
             progress_ca_configmap=text("KUBETUNE_PROGRESS_CA_CONFIGMAP"),
             default_priority_class=text("KUBETUNE_DEFAULT_PRIORITY_CLASS"),
             default_queue=text("KUBETUNE_DEFAULT_QUEUE"),
@@ -130,9 +156,26 @@ class OperatorConfig:
             progress_host=text("KUBETUNE_PROGRESS_HOST") or cls.progress_host,
             progress_tls_cert=text("KUBETUNE_PROGRESS_TLS_CERT"),
             progress_tls_key=text("KUBETUNE_PROGRESS_TLS_KEY"),
+            progress_tls_ca=text("KUBETUNE_PROGRESS_TLS_CA"),
+            progress_cert_secret=(text("KUBETUNE_PROGRESS_CERT_SECRET")
+                                  or cls.progress_cert_secret),
+            operator_namespace=text("KUBETUNE_OPERATOR_NAMESPACE") or _own_namespace(),
             progress_flush_seconds=number("KUBETUNE_PROGRESS_FLUSH_SECONDS", float,
                                           cls.progress_flush_seconds),
         )
+
+
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _own_namespace() -> str | None:
+    """In a pod: its namespace, from its service account (the chart also sets
+    KUBETUNE_OPERATOR_NAMESPACE); elsewhere None."""
+    try:
+        with open(SERVICE_ACCOUNT_NAMESPACE) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def gpu_memory_table(raw: str | None) -> tuple[tuple[str, str], ...]:

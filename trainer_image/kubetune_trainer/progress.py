@@ -475,13 +475,17 @@ def post_to_operator(kubetune: dict[str, Any]) -> bool:
     if not url or not token_file or not os.path.exists(token_file):
         return False
     ca = os.environ.get("KUBETUNE_PROGRESS_CA_CERT")
-    ctx = ssl.create_default_context(cafile=ca) if ca and url.startswith("https") else None
     with open(token_file) as f:
         token = f.read().strip()
     req = urllib.request.Request(
         url, data=json.dumps({"kubetune": kubetune}).encode(), method="POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
+        # https: the endpoint's certificate is checked, against the operator's CA (mounted
+        # beside the token) when there is one, else the system's; never not at all. (The CA
+        # file is read on every report: a renewed CA reaches a running pod.)
+        ctx = ssl.create_default_context(cafile=ca if ca else None) \
+            if url.lower().startswith("https") else None
         with urllib.request.urlopen(req, timeout=5, context=ctx) as resp:
             return resp.status == 200
     except OSError:
