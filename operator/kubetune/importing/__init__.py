@@ -155,6 +155,7 @@ class Draft:
     lost: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
     defaults: list[tuple[str, Any, str]] = field(default_factory=list)  # (field, value, why)
     moves: list[tuple[str, str, str]] = field(default_factory=list)  # (field, path, to do)
+    unset: list[str] = field(default_factory=list)  # keys given as null: the tool's default
 
     def set(self, path: str, value: Any) -> None:
         node = self.spec
@@ -256,12 +257,15 @@ def apply_table(draft: Draft, config: Mapping[str, Any], table: Mapping[str, Ent
                 unknown.append(f"{key!r}{did_you_mean(key, set(table) | set(known))}")
             elif value is not None:
                 draft.lose(key, known[key])
+            else:
+                draft.unset.append(key)
             continue
         if isinstance(entry, Refuse):
             if value not in entry.unless:
                 refused.append(f"{key}: {_show(value)}: {entry.reason}")
             continue
         if value is None:  # the tools' parsers read null as "not set"
+            draft.unset.append(key)
             continue
         if isinstance(entry, To):
             try:
@@ -345,6 +349,9 @@ class Imported:
         if d.same:
             lines.append("Same in kubetune without a setting:")
             lines += [f"  {k}: {why}" for k, why in d.same]
+        if d.unset:
+            lines.append("Left empty (null: the tool's default, as above): "
+                         + ", ".join(d.unset))
         if d.lost:
             lines.append("No equivalent in kubetune (not carried over):")
             lines += [f"  {k}: {why}" for k, why in d.lost]

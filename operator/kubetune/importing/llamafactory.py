@@ -34,7 +34,7 @@ from kubetune.importing import (
     positive_or_unset,
     value_of,
 )
-from kubetune.importing.known_keys import LLAMAFACTORY, TRANSFORMERS
+from kubetune.importing.peer_keys import LLAMAFACTORY, TRANSFORMERS
 
 MULTIMODAL = ("kubetune trains text-only causal language models: images, videos and audio "
               "(and their processors and towers) have no equivalent")
@@ -627,11 +627,13 @@ def _data(draft: Draft, config: dict[str, Any], stage: str) -> None:
         draft.map("val_size", "spec.training.evalSplit")
 
 
-def _training(draft: Draft, config: dict[str, Any], stage: str) -> None:
+def _training(draft: Draft, config: dict[str, Any], stage: str,
+              output_default: str | None = None) -> None:
+    """transformers' TrainingArguments keys (LLaMA-Factory's and TRL's)."""
     bf16 = value_of(config, "bf16", False, flag) or value_of(config, "pure_bf16", False, flag)
     fp16 = value_of(config, "fp16", False, flag)
-    if bf16 or fp16:
-        draft.set("training.precision", "bf16" if bf16 else "fp16")
+    if bf16 or fp16 or config.get("bf16") is not None or config.get("fp16") is not None:
+        draft.set("training.precision", "bf16" if bf16 else "fp16" if fp16 else "fp32")
         for key in ("bf16", "fp16", "pure_bf16"):
             if key in config:
                 draft.map(key, "spec.training.precision")
@@ -651,7 +653,7 @@ def _training(draft: Draft, config: dict[str, Any], stage: str) -> None:
                        f"(training.warmupRatio): set it to {warmup:g} / your total steps")
     _strategy(draft, config)
     _evaluation(draft, config)
-    _output(draft, config)
+    _output(draft, config, output_default)
 
 
 def _strategy(draft: Draft, config: dict[str, Any]) -> None:
@@ -667,8 +669,9 @@ def _strategy(draft: Draft, config: dict[str, Any]) -> None:
         draft.map("fsdp", f"{_STRATEGY} fsdp2")
         if config.get("fsdp_config"):
             draft.lose("fsdp_config", "kubetune's FSDP2 wraps each decoder layer itself")
-    draft.moves.append(("spec.resources", "nodes 1, gpusPerNode 1", "llamafactory-cli takes "
-                        "the GPUs from the machine it runs on: set the job's nodes and GPUs"))
+    draft.moves.append(("spec.resources", "nodes 1, gpusPerNode 1", f"{draft.tool} takes the "
+                        "GPUs from its launcher (torchrun, accelerate): set the job's nodes and "
+                        "GPUs"))
 
 
 def deepspeed_strategy(draft: Draft, ds: str) -> tuple[str, str]:
@@ -713,14 +716,16 @@ def _evaluation(draft: Draft, config: dict[str, Any]) -> None:
                    "training.evalSteps steps")
     elif strategy == "no" and held_out:
         draft.lose("eval_strategy", "'no': kubetune evaluates whenever rows are held out")
+    elif strategy == "steps" and not held_out:
+        draft.lose("eval_strategy", "'steps', but no rows are held out here: kubetune "
+                   "evaluates on training.evalSplit or evalDatasets (a file or folder); set one")
     elif strategy is not None:
         draft.same.append(("eval_strategy", "kubetune evaluates every evalSteps steps when "
                            "rows are held out"))
     if draft.has("training.evalSteps") and not held_out:
         draft.drop("training.evalSteps")
         draft.mapped[:] = [m for m in draft.mapped if m[0] != "eval_steps"]
-        draft.same.append(("eval_steps", "no held-out rows (val_size, eval_dataset): "
-                           "nothing to evaluate"))
+        draft.same.append(("eval_steps", "no held-out rows: nothing to evaluate"))
     if predict and not held_out:
         draft.drop("evaluation")
         draft.lose("do_predict", "kubetune predicts on held-out rows: set val_size or "
@@ -740,9 +745,12 @@ def _evaluation(draft: Draft, config: dict[str, Any]) -> None:
         draft.same.append(("report_to", "none"))
 
 
-def _output(draft: Draft, config: dict[str, Any]) -> None:
-    out = config.get("output_dir")
+def _output(draft: Draft, config: dict[str, Any], default: str | None = None) -> None:
+    out = config.get("output_dir") or default
     if not out:
         raise ImportProblem("output_dir is missing: where the result goes")
     draft.set("output.uri", draft.output(out))
-    draft.map("output_dir", "spec.output.uri")
+    if config.get("output_dir"):
+        draft.map("output_dir", "spec.output.uri")
+    else:
+        draft.defaults.append(("output.uri", out, f"{draft.tool}'s default output_dir"))
