@@ -134,7 +134,7 @@ def test_the_trainjob_backend_ships_its_runtime_and_its_rbac_only(helm_bin):
             env["KUBETUNE_TRAINER_STATUS"]) == ("TrainJob", "kubetune", "false")
     # Namespaced: the TrainJob rules in each Role, the runtime still cluster-wide.
     docs = render(helm_bin, *VALUE_SETS["trainjob-namespaced"])
-    (role,) = [d for d in docs if d["kind"] == "Role"]
+    (role,) = _watched_roles(docs)
     assert ("trainer.kubeflow.org", "trainjobs") in _rules(role)
     assert ("kubeflow.org", "pytorchjobs") not in _rules(role)
     # The PyTorchJob backend (the default) ships no runtime; a user-named runtime, none either.
@@ -161,8 +161,7 @@ def test_the_job_backend_needs_no_add_on_and_gets_its_rbac_only(helm_bin):
         "containers"][0]["env"]}
     assert env["KUBETUNE_BACKEND"] == "job" and "KUBETUNE_TRAINING_RUNTIME" not in env
     # Namespaced, no serving: the multi-node Job's headless Service still (get, create).
-    (role,) = [d for d in render(helm_bin, *VALUE_SETS["job-namespaced-no-serve"])
-               if d["kind"] == "Role"]
+    (role,) = _watched_roles(render(helm_bin, *VALUE_SETS["job-namespaced-no-serve"]))
     rules = _rules(role)
     assert rules[("batch", "jobs")] == {"get", "list", "watch", "create", "patch"}
     assert rules[("", "services")] == {"get", "create"}
@@ -203,6 +202,12 @@ def test_a_typo_in_values_fails(helm_bin):
     assert "replicaCont" in out.stderr
 
 
+def _watched_roles(docs: list[dict]) -> list[dict]:
+    """The Roles of watched namespaces (not the progress certificate's, in the release's)."""
+    return [d for d in docs if d["kind"] == "Role"
+            and not d["metadata"]["name"].endswith("-progress-tls")]
+
+
 def _rules(doc: dict) -> dict[tuple[str, str], set[str]]:
     out: dict[tuple[str, str], set[str]] = {}
     for rule in doc["rules"]:
@@ -221,7 +226,8 @@ NAMESPACED = {
     # blockOwnerDeletion on the children's owner references
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
     ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch"},
-    ("", "configmaps"): {"get", "create"},
+    # patch: the progress CA's ConfigMap only (resourceNames), when its CA changes
+    ("", "configmaps"): {"get", "create", "patch"},
     ("apps", "deployments"): {"get", "create", "delete"},  # spec.serve
     ("", "services"): {"get", "create", "delete"},
     ("", "pods"): {"get", "list"},
@@ -239,7 +245,50 @@ def test_rbac_cluster_wide_is_exactly_what_the_operator_calls(helm_bin):
                             ("apiextensions.k8s.io", "customresourcedefinitions"): {
                                 "list", "watch"},
                             ("authentication.k8s.io", "tokenreviews"): {"create"}}
-    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+    # Secrets: only the operator's own progress certificate, in its own namespace.
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == "kubetune-system"
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"],
+         "resourceNames": ["rel-kubetune-progress-tls"], "verbs": ["get", "patch"]}]
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    patch = [r for r in next(d for d in docs if d["kind"] == "ClusterRole")["rules"]
+             if r["resources"] == ["configmaps"] and "patch" in r["verbs"]]
+    assert patch == [{"apiGroups": [""], "resources": ["configmaps"],
+                      "resourceNames": ["kubetune-progress-ca"], "verbs": ["patch"]}]
+
+
+def test_progress_https_by_default_plain_http_only_by_name(helm_bin):
+    def operator(*args):
+        docs = render(helm_bin, *args)
+        env = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+            "containers"][0]["env"]
+        secrets = [d for d in docs if d["kind"] == "Role"
+                   and d["rules"][0]["resources"] == ["secrets"]]
+        role = next(d for d in docs if d["kind"] == "ClusterRole")
+        return {e["name"]: e.get("value") or e.get("valueFrom") for e in env}, secrets, \
+            _rules(role)[("", "configmaps")]
+
+    env, secrets, configmaps = operator()
+    assert env["KUBETUNE_PROGRESS_URL"] == "https://rel-kubetune.kubetune-system.svc:8443/v1"
+    assert env["KUBETUNE_PROGRESS_CERT_SECRET"] == "rel-kubetune-progress-tls"
+    assert env["KUBETUNE_OPERATOR_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert secrets and "patch" in configmaps
+    env, secrets, configmaps = operator("--set", "progress.plainHTTP=true")
+    assert env["KUBETUNE_PROGRESS_URL"].startswith("http://")
+    assert "KUBETUNE_PROGRESS_CERT_SECRET" not in env and not secrets
+    assert "patch" not in configmaps
+    env, secrets, configmaps = operator(*VALUE_SETS["tls-and-defaults"])  # the user's wins
+    assert env["KUBETUNE_PROGRESS_URL"].startswith("https://")
+    assert env["KUBETUNE_PROGRESS_TLS_CA"] == "/etc/kubetune/tls/ca.crt"
+    assert "KUBETUNE_PROGRESS_CERT_SECRET" not in env and not secrets
+    assert "patch" not in configmaps  # their CA ConfigMap: the operator writes none
+    out = subprocess.run([helm_bin, "template", "rel", str(CHART), "--set",
+                          "progress.plainHTTP=true", "--set", "progress.tlsSecretName=x"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "choose one" in out.stderr
 
 
 def test_rbac_for_kserve_inference_services_only_when_the_values_say_so(helm_bin):
@@ -255,7 +304,7 @@ def test_rbac_for_kserve_inference_services_only_when_the_values_say_so(helm_bin
 
 def test_rbac_per_namespace_when_watching_namespaces(helm_bin):
     docs = render(helm_bin, *VALUE_SETS["namespaced"])
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = _watched_roles(docs)
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert _rules(role) == {**NAMESPACED, ("kopf.dev", "kopfpeerings"): {
@@ -279,7 +328,7 @@ def test_the_operator_pod_meets_pod_security_restricted(helm_bin):
                                     "capabilities": {"drop": ["ALL"]}}
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["KUBETUNE_PROGRESS_URL"] == "http://rel-kubetune.kubetune-system.svc:8443/v1"
+    assert env["KUBETUNE_PROGRESS_URL"] == "https://rel-kubetune.kubetune-system.svc:8443/v1"
     assert env["KUBETUNE_FAILURE_LOG_TAIL"] == "true"
     assert env["KUBETUNE_POD_HOST_NETWORK"] == "false"  # trainer pods: opt in by name
 
@@ -306,7 +355,11 @@ def test_notes_tell_the_next_steps(helm_bin):
     applied = re.findall(r"kubectl apply -f (\S+)", notes)
     assert applied and all((REPO / p).is_file() for p in applied), applied  # real files
     assert "https://" not in notes
-    assert "WARNING: progress.tlsSecretName is empty" in notes
+    assert "WARNING" not in notes  # HTTPS by default: nothing to warn about
+    out = subprocess.run([helm_bin, "install", "rel", str(CHART), "--dry-run=client",
+                          "-n", "kubetune-system", "--set", "progress.plainHTTP=true"],
+                         capture_output=True, text=True)
+    assert "WARNING: progress.plainHTTP is on" in out.stdout.split("NOTES:", 1)[1]
 
 
 def test_chart_readme_documents_every_value():

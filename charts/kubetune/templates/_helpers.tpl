@@ -26,3 +26,13 @@ app.kubernetes.io/instance: {{ .Release.Name | quote }}
 {{- define "kubetune.peeringName" -}}
 {{- include "kubetune.fullname" . -}}
 {{- end -}}
+
+{{- /* The Secret the operator keeps its progress CA and certificate in (release namespace). */}}
+{{- define "kubetune.progressCertSecret" -}}
+{{- printf "%s-progress-tls" (include "kubetune.fullname" .) -}}
+{{- end -}}
+
+{{- /* The operator makes and renews its own progress certificate: HTTPS, no Secret of yours. */}}
+{{- define "kubetune.ownProgressCert" -}}
+{{- if and .Values.progress.enabled (not .Values.progress.plainHTTP) (not .Values.progress.tlsSecretName) }}true{{ end -}}
+{{- end -}}
