@@ -138,6 +138,34 @@ def test_pytorchjob_golden(pytorchjob_schema):
     assert token["audience"] == "kubetune"
 
 
+@pytest.mark.parametrize(("url", "users", "mounted"), [
+    ("https://kubetune.kubetune-system.svc:8443/v1", None, "kubetune-progress-ca"),
+    ("https://kubetune.kubetune-system.svc:8443/v1", "team-ca", "team-ca"),
+    ("http://127.0.0.1:8443/v1", None, None),  # plain HTTP, named: no CA
+    (None, None, None),  # no endpoint: no token, no CA
+])
+def test_pods_get_the_progress_ca_beside_their_token(url, users, mounted):
+    """HTTPS by default: the CA ConfigMap the operator keeps in the job's namespace (or the
+    user's) is mounted beside the token, and both reporting clients are pointed at it."""
+    config = OperatorConfig(trainer_image="t:1", progress_url=url, progress_ca_configmap=users)
+    c = _container(PYTORCHJOB.render(job=_job(), config=config))
+    pod = PYTORCHJOB.render(job=_job(), config=config)["spec"]["pytorchReplicaSpecs"][
+        "Master"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    if url is None:
+        assert "kubetune-token" not in volumes and "KUBETUNE_PROGRESS_URL" not in env
+        return
+    sources = volumes["kubetune-token"]["projected"]["sources"]
+    if mounted is None:
+        assert len(sources) == 1 and "KUBETUNE_PROGRESS_CA_CERT" not in env
+        return
+    assert sources[1] == {"configMap": {"name": mounted,
+                                        "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
+    assert env["KUBETUNE_PROGRESS_CA_CERT"] == env["KUBEFLOW_TRAINER_SERVER_CA_CERT"] == \
+        "/var/run/secrets/kubetune/ca.crt"
+
+
 def test_secrets_only_by_reference():
     job = _job()
     cm = builders.config_map(job=job, uid="u")

@@ -135,16 +135,19 @@ class Operator:
         self.port = _free_port()
         self.thread: threading.Thread | None = None
         self.stop_flag: threading.Event | None = None
+        self.memo: dict = {}  # more of the operator's memo (e.g. tls_check_seconds)
 
     async def start(self):
         """kopf in its own thread and loop, as in production (and away from pytest's loop,
         whose tasks kopf would cancel on stop)."""
         settings = kopf.OperatorSettings()
         settings.posting.enabled = False  # kmock refuses a second Event (generateName)
-        config = OperatorConfig(trainer_image="reg/trainer:1",
-                                progress_url=f"http://127.0.0.1:{self.port}/v1", **self.config)
+        # Plain HTTP named in the URL, unless a test names its own (https: the operator's CA).
+        config = OperatorConfig(**{"trainer_image": "reg/trainer:1",
+                                   "progress_url": f"http://127.0.0.1:{self.port}/v1",
+                                   **self.config})
         memo = kopf.Memo(kube=rc.Kube(self.operator_api), store=ProgressStore(),
-                         progress_port=self.port, config=config)
+                         progress_port=self.port, config=config, **self.memo)
         # Each operator its own registry: it watches its own backend's kind only.
         registry = kubetune_operator.handlers.register(kopf.OperatorRegistry(),
                                                        backend_named(config.backend))

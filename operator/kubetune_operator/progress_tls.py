@@ -417,7 +417,8 @@ class ProgressTls:
             ca = b""
             if c.progress_tls_ca and os.path.exists(c.progress_tls_ca):
                 with open(c.progress_tls_ca, "rb") as f:
-                    ca = f.read().strip()
+                    ca = f.read()
+                ca = ca if ca.strip() else b""
             return cert, key, ca
         if self.keeper is None:
             if not c.operator_namespace:
