@@ -329,6 +329,29 @@ async def test_a_certificate_near_expiry_is_renewed_and_a_renewal_elsewhere_is_s
         await op.stop()
 
 
+async def test_the_ca_configmap_is_patched_when_stale_and_left_alone_when_not_ours(cluster):
+    conf = kubernetes.client.Configuration(host=str(cluster.url))
+    kube = rc.Kube(kubernetes.client.ApiClient(conf))
+    ca = pt.new_ca(NOW)[0]
+    publisher = pt.CaPublisher(kube, ca)
+
+    def seed(ns, labels):
+        cluster.objects[CM, ns, PROGRESS_CA_CONFIGMAP] = {
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": PROGRESS_CA_CONFIGMAP, "namespace": ns, "labels": labels,
+                         "resourceVersion": "1"}, "data": {"ca.crt": "old"}}
+
+    seed("ours", dict(pt.LABELS))
+    seed("theirs", {"app": "other"})
+    await asyncio.to_thread(publisher.ensure, "ours")
+    await asyncio.to_thread(publisher.ensure, "theirs")
+    assert cluster.objects[CM, "ours", PROGRESS_CA_CONFIGMAP]["data"]["ca.crt"] == ca.decode()
+    assert cluster.objects[CM, "theirs", PROGRESS_CA_CONFIGMAP]["data"]["ca.crt"] == "old"
+    before = len(list(cluster))
+    await asyncio.to_thread(publisher.ensure, "ours")  # known: no request
+    assert len(list(cluster)) == before
+
+
 async def test_a_users_secret_wins(cluster, tmp_path):
     users = pt.new_bundle(HOSTS, NOW)
     for name, pem in (("tls.crt", users.tls_crt), ("tls.key", users.tls_key),

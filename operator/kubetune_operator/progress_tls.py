@@ -318,16 +318,12 @@ class CertKeeper:
                     raise
                 secret = self.kube.get(self._ref())  # another replica renewed it: theirs
                 continue
+            what = "certificate" if bundle and fresh.ca_crt == bundle.ca_crt else \
+                "CA and certificate"
             log.info("progress endpoint: renewed its %s in Secret %s/%s (%s; certificate %s)",
-                     "CA and certificate" if fresh.ca_crt != bundle_ca(bundle) else
-                     "certificate", self.namespace, self.name, why,
-                     fingerprint(fresh.tls_crt))
+                     what, self.namespace, self.name, why, fingerprint(fresh.tls_crt))
             return fresh
         raise RuntimeError(f"Secret {self.namespace}/{self.name} kept changing under us")
-
-
-def bundle_ca(bundle: Bundle | None) -> bytes:
-    return bundle.ca_crt if bundle else b""
 
 
 # ------------------------------------------------------------------------ the CA for pods
@@ -366,7 +362,14 @@ class CaPublisher:
             if made:
                 log.info("published the progress endpoint's CA to ConfigMap %s/%s", namespace,
                          self.name)
-        if (current.get("data") or {}).get(PROGRESS_CA_KEY) != ca:
+        labels = (current.get("metadata") or {}).get("labels") or {}
+        if labels.get("app.kubernetes.io/managed-by") != MANAGED_BY:
+            # Someone else's of that name: never overwritten. Its pods' reports fail their
+            # TLS check (refused, not sent in the clear) until it is removed or relabelled.
+            log.warning("ConfigMap %s/%s is not kubetune's (no label app.kubernetes.io/"
+                        "managed-by=kubetune): the progress CA is not written there", namespace,
+                        self.name)
+        elif (current.get("data") or {}).get(PROGRESS_CA_KEY) != ca:
             self.kube.patch_builtin("ConfigMap", namespace, self.name,
                                     {"metadata": {"labels": dict(LABELS)},
                                      "data": {PROGRESS_CA_KEY: ca}})
@@ -464,11 +467,12 @@ class ProgressTls:
         if self.context is None and self.publisher is None:
             return
         cert, key, ca = self._current()
-        if self.context is not None and cert != self._served:
-            load_into(self.context, cert, key)
-            self._served = cert
-            log.info("progress endpoint: now serving certificate %s", fingerprint(cert))
+        # A new CA reaches the pods first (beside the one it replaces), then its certificate.
         if self.publisher is not None and ca and ca.decode() != self.publisher.ca:
             namespaces = self.publisher.replace(ca)
             log.info("progress endpoint: a new CA, published to %d namespaces",
                      len(namespaces))
+        if self.context is not None and cert != self._served:
+            load_into(self.context, cert, key)
+            self._served = cert
+            log.info("progress endpoint: now serving certificate %s", fingerprint(cert))
