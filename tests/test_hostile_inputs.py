@@ -3,11 +3,14 @@ field, no raw exception, no network."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 import yaml
 from fuzz_jobs import base_job
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kubetune.cli import app
 from kubetune.errors import KubetuneError
 from kubetune.jobfile import load_job
@@ -53,3 +56,91 @@ def test_no_data_never_touches_the_network(tmp_path, source):
     res = runner.invoke(app, ["validate", "--no-data", str(path)])
     assert res.exit_code == 0, res.output
     assert "not estimated" in res.output and time.monotonic() - start < 5
+
+
+# ------------------------------------------------------------------ hf:// repository ids
+
+@pytest.mark.parametrize("source", ["hf://-/-", "hf://a--b/c", "hf://org/name.git", "hf://org",
+                                    "hf://.org/name", "hf://org/" + "n" * 97])
+def test_an_hf_repo_id_the_hub_refuses_is_refused_alike_everywhere(tmp_path, source):
+    from fuzz_jobs import Server
+    from kubetune.api.crd import finetunejob_crd
+    from kubetune.jobfile import parse_job
+    from kubetune_operator.reconcile import validate as cluster_validate
+
+    doc = base_job()
+    doc["spec"]["model"] = {"source": source}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    messages = []
+    for args in (["validate", "--no-data"], ["validate"], ["render"]):
+        res = runner.invoke(app, [*args, str(path)])
+        assert res.exit_code == 2, (args, res.output)
+        messages.append(res.output)
+    with pytest.raises(KubetuneError) as err:
+        parse_job(doc)
+    messages.append(str(err.value))
+    messages.append(cluster_validate(doc)[1])
+    messages.append(Server(finetunejob_crd()).verdict(doc["spec"]))
+    for message in messages:
+        assert "spec.model.source: an hf:// location is hf://ORG/NAME" in message, message
+        assert "HFValidationError" not in message and "Traceback" not in message
+
+
+_HF_PART = st.text("ab_-.", min_size=1, max_size=5) | st.sampled_from(["Qwen", "a" * 96,
+                                                                     "a" * 97, "x.git"])
+
+
+@settings(max_examples=int(os.environ.get("KUBETUNE_FUZZ_EXAMPLES", "200")), deadline=None,
+          derandomize=True, database=None)
+@given(_HF_PART, _HF_PART, st.sampled_from(["", "/", "/x.json", "/.git"]))
+def test_fuzz_hf_ids_the_rule_lets_through_the_hub_client_takes_and_cel_agrees(org, name, sub):
+    import cel
+    from huggingface_hub.utils import validate_repo_id
+    from kubetune import urls
+    from kubetune.api.v1alpha1._base import hf_rule
+
+    value = f"hf://{org}/{name}{sub}"
+    rule = hf_rule("source", "f")
+    ours = not urls.hf_problem(value)
+    assert (cel.evaluate(rule.cel, {"self": {"source": value}}) is True) == ours, value
+    if ours:
+        validate_repo_id(f"{org}/{name}")  # never an HFValidationError
+
+
+# ------------------------------------------------------------------ integers bounded
+
+def test_every_integer_of_the_spec_is_bounded_and_status_counts_are_not_negative():
+    """Steps, ranks, counts, seconds, ids: each integer the user writes has a minimum and a
+    maximum (a list of one-off bounds cannot keep up with new fields); what the operator
+    writes (steps, generations, restarts) is never negative."""
+    from kubetune.api.crd import finetunejob_crd
+
+    root = finetunejob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    found: dict[str, dict] = {}
+
+    def walk(schema: dict, path: str) -> None:
+        if schema.get("type") == "integer" and "enum" not in schema:
+            found[path] = schema
+        for key, sub in schema.get("properties", {}).items():
+            walk(sub, f"{path}.{key}")
+        if isinstance(schema.get("items"), dict):
+            walk(schema["items"], f"{path}[]")
+        if isinstance(schema.get("additionalProperties"), dict):
+            walk(schema["additionalProperties"], f"{path}{{}}")
+
+    walk(root, "")
+    spec = {p: s for p, s in found.items() if p.startswith(".spec.")}
+    assert len(spec) > 30, sorted(spec)
+    assert not [p for p, s in spec.items() if "minimum" not in s or "maximum" not in s]
+    assert not [p for p, s in found.items() if "minimum" not in s]
+
+
+def test_the_trainer_refuses_a_bad_hf_repo_id_itself(tmp_path):
+    """A spec read without the models (an old ConfigMap): one line, not HFValidationError."""
+    from kubetune.errors import SourceError
+    from kubetune_trainer.config import RunContext
+    from kubetune_trainer.sources import resolve
+
+    with pytest.raises(SourceError, match="spec.model.source: an hf:// location"):
+        resolve("hf://-/-", RunContext(cache_dir=tmp_path), field="spec.model.source")

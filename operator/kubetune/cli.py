@@ -253,7 +253,8 @@ def ask(
     model: Annotated[str | None, typer.Argument(
         help="A model directory or embedded://NAME (with --endpoint: the question).")] = None,
     question: Annotated[str | None, typer.Argument(help="What to ask.")] = None,
-    max_new_tokens: int = 60,
+    max_new_tokens: Annotated[int, typer.Option(
+        min=1, max=32768, help="Tokens generated at most (evaluation.maxNewTokens' bounds).")] = 60,
     endpoint: Annotated[str | None, typer.Option(
         help="An OpenAI-compatible server's URL (e.g. status.serving.url) instead of a "
         "local model.")] = None,

@@ -38,6 +38,31 @@ _IMAGE_DIGEST = re.compile(r"@[A-Za-z0-9_+.-]+:[A-Fa-f0-9]{32,}$")
 USERINFO = "userinfo"
 QUERY = "query"
 FRAGMENT = "fragment"
+# An hf:// value names a Hub repository, hf://ORG/NAME, then (a source) a path inside it. ORG
+# and NAME: 1 to 96 letters, digits, '_', '-' and '.', starting and ending with a letter, a digit
+# or '_', no two of '-' and '.' in a row (so no '--' or '..'), no '.git' at the end: what
+# huggingface_hub's validate_repo_id accepts (a little stricter: no '-.'), so the Hub client never
+# refuses a repository id the spec let through. Three RE2 patterns (CEL has no lookaround).
+_HF_PART = "[A-Za-z0-9_]+([-.][A-Za-z0-9_]+)*"
+HF_REPO = f"^hf://{_HF_PART}/{_HF_PART}([/?#].*)?$"
+HF_REPO_LENGTH = "^hf://[^/?#]{1,96}/[^/?#]{1,96}([/?#].*)?$"
+HF_REPO_GIT = "^hf://[^/?#]*/[^/?#]*[.][Gg][Ii][Tt]([/?#].*)?$"  # must not match
+
+
+def hf_problem(value: str | None) -> bool:
+    """Whether ``value`` is an hf:// URL whose ORG/NAME is not a Hub repository id."""
+    if not value or not value.startswith("hf://"):
+        return False
+    return not (re.fullmatch(HF_REPO, value) and re.fullmatch(HF_REPO_LENGTH, value)
+                and not re.fullmatch(HF_REPO_GIT, value))
+
+
+def hf_message(field: str) -> str:
+    return (f"{field}: an hf:// location is hf://ORG/NAME (a source may add /path inside it), "
+            "ORG and NAME each 1 to 96 letters, digits, '_', '-' or '.', starting and ending "
+            "with a letter, digit or '_', without '--', '..' or a '.git' ending")
+
+
 def url_problem(value: str | None) -> str | None:
     """USERINFO, QUERY or FRAGMENT when ``value`` (a ``scheme://`` URL) may carry a
     credential, None when it is clean or not a URL. Agrees with ``CLEAN_URL``."""

@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 from kubetune.credentials import SourceSecret
 from kubetune.errors import KubetuneError, SourceError
-from kubetune.urls import redact_text, scrub
+from kubetune.urls import hf_message, hf_problem, redact_text, scrub
 
 from kubetune_trainer.config import RunContext
 
@@ -125,6 +125,8 @@ def _hf_download(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    if hf_problem(f"hf://{rest}"):  # the spec's own rule; here for a spec read elsewhere
+        raise SourceError(hf_message(field))
     parts = rest.split("/")
     repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:])
     try:

@@ -134,6 +134,23 @@ def url_rule(attr: str, field: str, secret: str) -> Rule:
     )
 
 
+def hf_rule(attr: str, field: str) -> Rule:
+    """An hf:// value names a Hub repository id the Hub client accepts (``kubetune.urls``):
+    validate, render, run and the API server refuse the same values, naming the field."""
+    from kubetune import urls
+
+    name = to_camel(attr)
+    value = f"self.{name}"
+    return Rule(
+        cel=f"!has({value}) || !{value}.startsWith('hf://') || ({value}.matches("
+        f"'{urls.HF_REPO}') && {value}.matches('{urls.HF_REPO_LENGTH}') && "
+        f"!{value}.matches('{urls.HF_REPO_GIT}'))",
+        message=urls.hf_message(field),
+        check=lambda o: not urls.hf_problem(getattr(o, attr)),
+        field_path=f".{name}",
+    )
+
+
 def image_rule(attr: str, field: str, service_account: str) -> Rule:
     """An image reference: nothing but a digest after an ``@`` (``kubetune.urls``)."""
     from kubetune import urls

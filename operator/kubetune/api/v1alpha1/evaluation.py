@@ -6,13 +6,22 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, model_validator
 
-from kubetune.api.v1alpha1._base import NO_CONTROL, Rule, _enforce, _rules, _Spec, url_rule
+from kubetune.api.v1alpha1._base import (
+    NO_CONTROL,
+    Rule,
+    _enforce,
+    _rules,
+    _Spec,
+    hf_rule,
+    url_rule,
+)
 from kubetune.api.v1alpha1.sources import Source
 
 # --------------------------------------------------------------------------- evaluation
 
 
-_LM_EVAL_RULES = (url_rule("include", "evaluation.lmEval.include", "a pvc:// claim"),)
+_LM_EVAL_RULES = (url_rule("include", "evaluation.lmEval.include", "a pvc:// claim"),
+                  hf_rule("include", "evaluation.lmEval.include"))
 
 
 class LmEvalSpec(_Spec):

@@ -12,6 +12,7 @@ from kubetune.api.v1alpha1._base import (
     _enforce,
     _rules,
     _Spec,
+    hf_rule,
     immutable,
     url_rule,
 )
@@ -29,6 +30,7 @@ _OUTPUT_RULES = (
         field_path=".secretRef",
     ),
     url_rule("uri", "spec.output.uri", "spec.output.secretRef"),
+    hf_rule("uri", "spec.output.uri"),
 )
 
 

@@ -19,6 +19,7 @@ from kubetune.api.v1alpha1._base import (
     _rules,
     _Spec,
     _str,
+    hf_rule,
     url_rule,
 )
 
@@ -78,6 +79,7 @@ _REWARD_RULES = (
         check=lambda r: r.type != "rewardModel" or (r.source is None) != (r.from_job is None),
     ),
     url_rule("source", "rewards[].source", "a pvc:// claim or the model's secretRef"),
+    hf_rule("source", "rewards[].source"),
     url_rule("path", "rewards[].path", "a pvc:// claim or a ConfigMap mount"),
 )
 

@@ -19,6 +19,7 @@ from kubetune.api.v1alpha1._base import (
     _rules,
     _Spec,
     _str,
+    hf_rule,
     immutable,
     url_rule,
 )
@@ -55,6 +56,7 @@ Source = Annotated[
 
 _MODEL_RULES = (
     url_rule("source", "spec.model.source", "spec.model.secretRef"),
+    hf_rule("source", "spec.model.source"),
     Rule(
         cel="has(self.source) != has(self.fromJob)",
         message="model needs exactly one of source (where the model is) and fromJob (the "
@@ -116,6 +118,7 @@ _DATASET_RULES = (
             d.format is None and d.columns is None and d.tags is None),
     ),
     url_rule("source", "datasets[].source", "datasets[].secretRef"),
+    hf_rule("source", "datasets[].source"),
 )
 
 

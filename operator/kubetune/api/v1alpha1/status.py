@@ -15,6 +15,18 @@ def _d(text: str) -> Any:
     return Field(description=text)
 
 
+# Counts the operator writes (steps, generations, restarts) are never negative, as the progress
+# endpoint keeps them (kubetune_operator.reporting; an integer field is int64 on the API server,
+# and a maximum there is a float64, which cannot hold 2**63 - 1); an exit code is a container's
+# int32.
+def _count(text: str) -> Any:
+    return Field(ge=0, description=text)
+
+
+def _exit_code(text: str) -> Any:
+    return Field(ge=-(2**31), le=2**31 - 1, description=text)
+
+
 class Condition(_Model):
     """A kstatus-style condition: Ready, Reconciling, Stalled, Succeeded, Queued."""
 
@@ -23,7 +35,7 @@ class Condition(_Model):
     reason: Annotated[str | None, _d("A CamelCase reason, e.g. WaitingForAdmission.")] = None
     message: Annotated[str | None, _d("What a person should know.")] = None
     observed_generation: Annotated[
-        int | None, _d("The metadata.generation this condition was computed for.")] = None
+        int | None, _count("The metadata.generation this condition was computed for.")] = None
     last_transition_time: Annotated[str | None, _d("When status last changed (RFC 3339).")
                                     ] = None
 
@@ -31,8 +43,8 @@ class Condition(_Model):
 class Progress(_Model):
     """The latest progress the trainer reported."""
 
-    step: Annotated[int | None, _d("Optimizer steps done.")] = None
-    total_steps: Annotated[int | None, _d("Optimizer steps in the whole run.")] = None
+    step: Annotated[int | None, _count("Optimizer steps done.")] = None
+    total_steps: Annotated[int | None, _count("Optimizer steps in the whole run.")] = None
     steps: Annotated[str | None, _d('step/totalSteps, e.g. "120/400" (for kubectl get).')
                      ] = None
     percent: Annotated[float | None, _d("Share of the steps done, 0–100.")] = None
@@ -58,7 +70,7 @@ class Progress(_Model):
 class Checkpoint(_Model):
     """A complete checkpoint a restarted run can resume from."""
 
-    step: Annotated[int, _d("The step it was saved at.")]
+    step: Annotated[int, _count("The step it was saved at.")]
     loss: Annotated[float | None, _d("Training loss then.")] = None
     uri: Annotated[str, _d("Where it is, under spec.output.uri.")]
 
@@ -87,7 +99,7 @@ class Failure(_Model):
     reason: Annotated[str, _d("A CamelCase reason, e.g. OOMKilled, DataError, InvalidSpec.")]
     message: Annotated[str | None, _d("What went wrong, naming the field when a field did.")
                        ] = None
-    exit_code: Annotated[int | None, _d("The training container's exit code.")] = None
+    exit_code: Annotated[int | None, _exit_code("The training container's exit code.")] = None
     pod: Annotated[str | None, _d("The pod that failed.")] = None
     log_tail: Annotated[str | None, Field(description="Last lines of the failing log.")] = None
 
@@ -102,12 +114,12 @@ class Restart(_Model):
            "a drain), OOMKilled, NodeLost or Error (any other retryable exit)."),
     ]
     pod: Annotated[str | None, _d("The pod that ended.")] = None
-    exit_code: Annotated[int | None, _d("Its trainer's exit code (143: stopped by SIGTERM "
+    exit_code: Annotated[int | None, _exit_code("Its trainer's exit code (143: stopped by SIGTERM "
                                         "after saving).")] = None
-    from_step: Annotated[int | None, _d("The last step reported before it ended.")] = None
-    to_step: Annotated[int | None, _d("The newest complete checkpoint then: where the next "
+    from_step: Annotated[int | None, _count("The last step reported before it ended.")] = None
+    to_step: Annotated[int | None, _count("The newest complete checkpoint then: where the next "
                                       "pod resumes.")] = None
-    lost_steps: Annotated[int | None, _d("fromStep - toStep: steps trained again.")] = None
+    lost_steps: Annotated[int | None, _count("fromStep - toStep: steps trained again.")] = None
     message: Annotated[str | None, _d("The trainer's or the kubelet's own words.")] = None
 
 
@@ -140,7 +152,7 @@ class FineTuneJobStatus(_Model):
         Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"] | None,
         _d("Pending, Queued, Running, Succeeded, Failed or Suspended; the conditions say why."),
     ] = None
-    observed_generation: Annotated[int | None, _d("The metadata.generation the status is "
+    observed_generation: Annotated[int | None, _count("The metadata.generation the status is "
                                                   "for.")] = None
     conditions: Annotated[list[Condition], _d("Ready, Reconciling, Stalled, Succeeded, "
                                                "Queued.")] = []
@@ -151,7 +163,7 @@ class FineTuneJobStatus(_Model):
     outputs: Annotated[Outputs | None, _d("What the run produced.")] = None
     failure: Annotated[Failure | None, _d("Why the run failed, kept after its pods are gone."
                                           )] = None
-    restarts: Annotated[int | None, _d("Times a training pod ended and the run went on in a "
+    restarts: Annotated[int | None, _count("Times a training pod ended and the run went on in a "
                                        "new one, resuming from a checkpoint.")] = None
     last_restarts: Annotated[list[Restart], Field(max_length=5, description=(
         "The last few restarts, oldest first."))] = []
