@@ -208,7 +208,7 @@ class Draft:
         self.moves.append((where, str(local), f"the {kind} is a local path: copy it to a "
                            f"volume claim (pvc://CLAIM/...) or a bucket (s3://, gs://) and set "
                            f"{where} before `kubectl apply`; `kubetune run` reads it here"))
-        return self.relative(local)
+        return self.relative(local, text)
 
     def output(self, text: str, where: str = "spec.output.uri") -> str:
         text = str(text).strip()
@@ -218,10 +218,13 @@ class Draft:
         self.moves.append((where, str(local), "the output is a local path: on a cluster it "
                            "must be pvc://CLAIM/path, s3://, gs:// or hf://ORG/NAME (the "
                            "operator refuses a local output); `kubetune run` writes here"))
-        return self.relative(local)
+        return self.relative(local, text)
 
-    def relative(self, path: Path) -> str:
-        """``path`` as kubetune reads a local source: relative to the job file's folder."""
+    def relative(self, path: Path, given: str) -> str:
+        """``path`` as kubetune reads a local source: relative to the job file's folder (an
+        absolute path stays absolute)."""
+        if os.path.isabs(os.path.expanduser(given)):
+            return str(path)
         return os.path.relpath(os.path.abspath(path), os.path.abspath(self.ctx.out_dir))
 
 
@@ -263,6 +266,11 @@ def apply_table(draft: Draft, config: Mapping[str, Any], table: Mapping[str, Ent
         if isinstance(entry, Refuse):
             if value not in entry.unless:
                 refused.append(f"{key}: {_show(value)}: {entry.reason}")
+            elif value is None:
+                draft.unset.append(key)
+            else:
+                draft.same.append((key, f"{_show(value)}: the tool's default, as kubetune "
+                                   "does"))
             continue
         if value is None:  # the tools' parsers read null as "not set"
             draft.unset.append(key)
@@ -279,7 +287,8 @@ def apply_table(draft: Draft, config: Mapping[str, Any], table: Mapping[str, Ent
             if value not in entry.unless:
                 draft.lose(key, entry.reason)
             else:
-                draft.same.append((key, "the tool's default, as kubetune does"))
+                draft.same.append((key, f"{_show(value)}: the tool's default, as kubetune "
+                                   "does"))
     if unknown:
         raise ImportProblem(f"{what}: unknown key{'s' if len(unknown) > 1 else ''} "
                             + ", ".join(unknown))
