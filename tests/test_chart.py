@@ -268,13 +268,13 @@ def test_progress_https_by_default_plain_http_only_by_name(helm_bin):
         secrets = [d for d in docs if d["kind"] == "Role"
                    and d["rules"][0]["resources"] == ["secrets"]]
         role = next(d for d in docs if d["kind"] == "ClusterRole")
-        return {e["name"]: e.get("value") or e.get("valueFrom") for e in env}, secrets, \
+        return {e["name"]: e.get("value") for e in env}, secrets, \
             _rules(role)[("", "configmaps")]
 
     env, secrets, configmaps = operator()
     assert env["KUBETUNE_PROGRESS_URL"] == "https://rel-kubetune.kubetune-system.svc:8443/v1"
     assert env["KUBETUNE_PROGRESS_CERT_SECRET"] == "rel-kubetune-progress-tls"
-    assert env["KUBETUNE_OPERATOR_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["KUBETUNE_OPERATOR_NAMESPACE"] == "kubetune-system"
     assert secrets and "patch" in configmaps
     env, secrets, configmaps = operator("--set", "progress.plainHTTP=true")
     assert env["KUBETUNE_PROGRESS_URL"].startswith("http://")
