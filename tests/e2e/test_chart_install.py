@@ -9,16 +9,21 @@ with events; nothing may be forbidden on the way.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
 
 import pytest
 import yaml
 from tools import helm, kubectl
 
-from e2e.util import REPO, free_port, job_pod, pod_token, post, wait
+from e2e.util import REPO, free_port, job_pod, pod_token, wait
 
 pytestmark = pytest.mark.e2e
 
@@ -91,8 +96,12 @@ def chart_operator(kube, release, namespace):
 
     ports = {"health": free_port(), "metrics": free_port(), "progress": free_port()}
     env = {e["name"]: str(e.get("value", "")) for e in container.get("env", []) if "value" in e}
+    # HTTPS, as the chart has it (the operator's own CA, its Secret made with only the chart's
+    # RBAC); the URL names the loopback address the test reaches it on, so its certificate does.
+    assert env["KUBETUNE_PROGRESS_URL"].startswith("https://")
     env.update(KUBETUNE_METRICS_PORT=str(ports["metrics"]),
                KUBETUNE_PROGRESS_PORT=str(ports["progress"]),
+               KUBETUNE_PROGRESS_URL=f"https://127.0.0.1:{ports['progress']}/v1",
                KUBETUNE_PROGRESS_HOST="127.0.0.1", KUBETUNE_PROGRESS_FLUSH_SECONDS="0.5")
     args = [a.replace("0.0.0.0:8080", f"127.0.0.1:{ports['health']}") for a in container["args"]]
     assert container["command"] == ["kopf"]
@@ -102,9 +111,13 @@ def chart_operator(kube, release, namespace):
                                 env={**os.environ, **env, "KUBECONFIG": kubeconfig},
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait(lambda: post(f"http://127.0.0.1:{ports['progress']}/healthz", "", {}) == 405,
-             timeout=60)  # the progress endpoint answers (GET-only route)
-        yield {"ports": ports, "log": log, "proc": proc}
+        secret = wait(lambda: _read_secret(kube, release["namespace"],
+                                           env["KUBETUNE_PROGRESS_CERT_SECRET"]), timeout=60)
+        cafile = release["tmp"] / "progress-ca.crt"
+        cafile.write_bytes(base64.b64decode(secret.data["ca.crt"]))
+        wait(lambda: _post_tls(f"https://127.0.0.1:{ports['progress']}/healthz", "", {},
+                               cafile) == 405, timeout=60)  # answers (GET-only route)
+        yield {"ports": ports, "log": log, "proc": proc, "cafile": cafile}
     finally:
         proc.terminate()
         try:
@@ -133,10 +146,19 @@ def test_the_operator_works_with_only_the_charts_rbac(kube, namespace, chart_ope
 
     wait(lambda: core.read_namespaced_service_account("default", namespace))
     master = job_pod(core, namespace, "rbac-master-0", owner=child)
-    url = (f"http://127.0.0.1:{chart_operator['ports']['progress']}/v1/namespaces/{namespace}"
+    # The CA the pods mount, in the job's namespace before its child; checked against, it lets
+    # the report in; without it the endpoint is refused.
+    cafile = chart_operator["cafile"]
+    published = core.read_namespaced_config_map("kubetune-progress-ca", namespace)
+    assert published.data["ca.crt"].encode() == cafile.read_bytes()
+    url = (f"https://127.0.0.1:{chart_operator['ports']['progress']}/v1/namespaces/{namespace}"
            "/finetunejobs/rbac/status")
-    assert post(url, pod_token(core, namespace, master), {"trainerStatus": {
-        "progressPercentage": 10, "metrics": [{"name": "current_step", "value": "10"}]}}) == 200
+    token = pod_token(core, namespace, master)
+    with pytest.raises(ssl.SSLError):
+        _post_tls(url, token, {}, None)
+    assert _post_tls(url, token, {"trainerStatus": {
+        "progressPercentage": 10, "metrics": [{"name": "current_step", "value": "10"}]}},
+        cafile) == 200
     wait(lambda: get()["status"].get("progress", {}).get("step") == 10, timeout=30)
 
     custom.patch_namespaced_custom_object_status(
@@ -152,3 +174,32 @@ def test_the_operator_works_with_only_the_charts_rbac(kube, namespace, chart_ope
     assert chart_operator["proc"].poll() is None, output[-3000:]
     for sign in ("Forbidden", "forbidden", " 403", "Traceback"):
         assert sign not in output, output[-5000:]
+
+
+def _read_secret(kube, namespace: str, name: str):
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return kube.CoreV1Api().read_namespaced_secret(name, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def _post_tls(url: str, token: str, body: dict, cafile) -> int:
+    """POST over HTTPS, checking the endpoint against ``cafile`` (None: the system's CAs;
+    ssl.SSLError when it does not check out); the HTTP status."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/json"})
+    context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as answer:
+            return answer.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except urllib.error.URLError as err:
+        if isinstance(err.reason, ssl.SSLError):
+            raise err.reason from None
+        raise
