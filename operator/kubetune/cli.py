@@ -460,6 +460,8 @@ def import_config(
     what must move to a claim or bucket."""
     from kubetune.importing import Context, convert, read_config
 
+    if stage is not None and tool != "trl":
+        raise KubetuneError(f"--stage is for trl configs (a {tool} config names its stage)")
     if out is not None and out.exists() and not force:
         raise KubetuneError(f"{out} already exists; use --force to overwrite")
     ctx = Context(config_path=config, base_dir=(base_dir or Path.cwd()).absolute(),

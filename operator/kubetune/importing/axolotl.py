@@ -549,12 +549,27 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str) -> dict[str, 
         content = d.get("message_field_content")
         props = d.get("message_property_mappings") or {}
         role, content = props.get("role", role), props.get("content", content)
-        if role not in (None, "role") or content not in (None, "content"):
+        roles = d.get("roles") or {}
+        if role not in (None, "role") or content not in (None, "content") or roles:
             out["format"] = "sharegpt"
             out["columns"] = {"messages": field}
-            out["tags"] = {"role_tag": str(role or "role"), "content_tag":
-                           str(content or "content"), "user_tag": "user",
-                           "assistant_tag": "assistant", "system_tag": "system"}
+            # Axolotl accepts several names per role; kubetune one: the data's own names
+            # (roles:), else ShareGPT's human/gpt under "from", OpenAI's names otherwise.
+            sharegpt = role == "from"
+            tags = {"role_tag": str(role or "role"), "content_tag": str(content or "content")}
+            for name, tag, default in (("user", "user_tag", "human" if sharegpt else "user"),
+                                       ("assistant", "assistant_tag",
+                                        "gpt" if sharegpt else "assistant"),
+                                       ("system", "system_tag", "system")):
+                given = roles.get(name)
+                tags[tag] = str(names_list(given)[0]) if given else default
+            out["tags"] = tags
+            if roles:
+                draft.map(f"{key}.roles", f"spec.{where}[{i}].tags")
+            draft.lose(f"{key}.message_property_mappings", "Axolotl takes several names per "
+                       f"role; kubetune reads one: user {tags['user_tag']!r}, assistant "
+                       f"{tags['assistant_tag']!r}, system {tags['system_tag']!r} "
+                       "(spec.datasets[].tags): check them against your rows")
         else:
             out["format"] = "messages"
             if field != "messages":
@@ -588,7 +603,7 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str) -> dict[str, 
     if d.get("revision"):
         out["revision"] = str(d["revision"])
         draft.map(f"{key}.revision", f"spec.{where}[{i}].revision")
-    for f in ("name", "shards", "conversation", "roles", "drop_system_message", "field_tools"):
+    for f in ("name", "shards", "conversation", "drop_system_message", "field_tools"):
         if d.get(f):
             draft.lose(f"{key}.{f}", "kubetune reads the data set as it is (its default "
                        "configuration, every row, the rows' own roles)")
