@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e.util import REPO, free_port, image_tags, local_image, wait
+from e2e.util import REPO, free_port, image_tags, local_image, run_operator, wait
 
 pytestmark = pytest.mark.e2e
 MODEL = "smollm2-135m-instruct"
@@ -102,23 +102,13 @@ def claims(kube, namespace, node, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def operator(namespace, trainer_image, claims):
-    from kopf.testing import KopfRunner
-
     port = free_port()
-    env = {"KUBETUNE_BACKEND": "job", "KUBETUNE_TRAINER_IMAGE": trainer_image,
-           "KUBETUNE_POD_HOST_NETWORK": "true",
+    env = {"KUBETUNE_TRAINER_IMAGE": trainer_image, "KUBETUNE_POD_HOST_NETWORK": "true",
            "KUBETUNE_PROGRESS_PORT": str(port), "KUBETUNE_PROGRESS_HOST": "127.0.0.1",
            "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{port}/v1",
            "KUBETUNE_PROGRESS_FLUSH_SECONDS": "0.5"}
-    args = ["run", "--standalone", "--namespace", namespace, "-m",
-            "kubetune_operator.handlers"]
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        with KopfRunner(args, timeout=60) as runner:
-            time.sleep(3)
-            yield runner
-    assert runner.exception is None, runner.output[-5000:]
+    with run_operator(namespace, "job", env) as runner:
+        yield runner
 
 
 @pytest.fixture(scope="module")
@@ -248,9 +238,16 @@ def test_the_readmes_cpu_example_trains_in_a_real_pod_from_pending_to_succeeded(
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "merged" / "config.json").exists()
     assert status.get("checkpoints"), status
-    # One pod ran it, as the image's user, and it is done.
+    # One pod ran it, as rendered (Pod Security "restricted": uid 10001, a read-only root),
+    # and it is done.
     pods = _pods(kube, namespace, name)
     assert [p.status.phase for p in pods] == ["Succeeded"]
+    pod = pods[0].spec
+    assert (pod.security_context.run_as_non_root, pod.security_context.run_as_user) == (
+        True, 10001)
+    assert pod.security_context.seccomp_profile.type == "RuntimeDefault"
+    trainer = pod.containers[0].security_context
+    assert trainer.read_only_root_filesystem and trainer.capabilities.drop == ["ALL"]
     # The merged model named in the status answers.
     answer = subprocess.run(
         [str(Path(sys.executable).with_name("kubetune")), "ask", str(out / "merged"),
@@ -259,19 +256,23 @@ def test_the_readmes_cpu_example_trains_in_a_real_pod_from_pending_to_succeeded(
     assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-2000:]
 
 
-def test_a_pod_lost_mid_run_comes_back_and_resumes_from_the_last_checkpoint(
+def test_a_pod_deleted_mid_run_saves_on_sigterm_and_its_successor_loses_no_step(
         kube, namespace, operator, claims):
+    """`kubectl delete pod` (its grace period): the trainer finishes the step, saves a
+    complete checkpoint, exits 143; the Job makes a new pod, which resumes there."""
     name = f"lost-{uuid.uuid4().hex[:4]}"
-    steps = 10
-    _create(kube, _job(namespace, name, steps=steps))
+    steps = 14
+    body = _job(namespace, name, steps=steps)
+    body["spec"]["training"]["saveSteps"] = 100  # no save on the way: SIGTERM's must do
+    body["spec"]["runPolicy"]["terminationGracePeriodSeconds"] = 60
+    _create(kube, body)
     core = kube.CoreV1Api()
     _follow(kube, namespace, name,
             lambda s: (s.get("progress") or {}).get("step", 0) >= 3 or
             s.get("phase") in ("Succeeded", "Failed"))
     first = wait(lambda: [p for p in _pods(kube, namespace, name)
                           if p.status.phase == "Running"], timeout=30)[0].metadata.name
-    assert any((claims["outputs"] / name / "checkpoints").glob("checkpoint-*")), "none yet"
-    core.delete_namespaced_pod(first, namespace, grace_period_seconds=0)
+    core.delete_namespaced_pod(first, namespace)  # SIGTERM, then the grace period
     _follow(kube, namespace, name, lambda s: s.get("phase") in ("Succeeded", "Failed"))
     status = _status(kube, namespace, name)
     assert status["phase"] == "Succeeded", status
@@ -280,6 +281,20 @@ def test_a_pod_lost_mid_run_comes_back_and_resumes_from_the_last_checkpoint(
     assert len(second) == 1 and second[0].status.phase == "Succeeded"
     log = core.read_namespaced_pod_log(second[0].metadata.name, namespace)
     assert "resuming from" in log and "checkpoint-" in log, log[-3000:]
+    # The run's own record: stopped by SIGTERM with a save, resumed with no step lost, and
+    # every step trained once.
+    records = [json.loads(line) for line in
+               (claims["outputs"] / name / "progress.jsonl").read_text().splitlines()]
+    preempted = [r for r in records if r.get("event") == "preempted"]
+    resumed = [r for r in records if r.get("event") == "resumed"]
+    assert len(preempted) == 1 and preempted[0].get("saved"), preempted
+    assert len(resumed) == 1 and resumed[0]["lost_steps"] == 0, resumed
+    assert resumed[0]["step"] == preempted[0]["step"]
+    trained = [r["step"] for r in records if "event" not in r and "loss" in r]
+    assert sorted(trained) == list(range(1, steps + 1)), trained
+    # The restart is in the status, with its reason.
+    assert status.get("restarts") == 1, status
+    assert status["lastRestarts"][0]["reason"] == "Preempted", status["lastRestarts"]
 
 
 def test_a_job_with_bad_data_fails_once_with_its_message(kube, namespace, operator, claims):

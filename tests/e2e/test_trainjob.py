@@ -8,12 +8,11 @@ spec.serve's Deployment and Service accepted as rendered.
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
 import yaml
 
-from e2e.util import REPO, wait
+from e2e.util import REPO, run_operator, wait
 
 pytestmark = pytest.mark.e2e
 TRAINER = ("trainer.kubeflow.org", "v1alpha1")
@@ -38,6 +37,8 @@ def _job(namespace, name, **spec):
     doc = yaml.safe_load((REPO / "examples" / "assistant-identity.yaml").read_text())
     doc["metadata"] = {"name": name, "namespace": namespace,
                        "labels": {"kueue.x-k8s.io/queue-name": "team-a"}}
+    # A TrainJob has no backoffLimit or ttl of its own: the operator refuses them (unit tests).
+    doc["spec"].pop("runPolicy", None)
     doc["spec"].update(spec)
     return doc
 
@@ -76,26 +77,8 @@ def test_the_charts_training_runtime_is_accepted_as_rendered(kube, trainer_v2_cr
 
 @pytest.fixture(scope="module")
 def trainjob_operator(namespace, trainer_v2_crds):
-    from kopf.testing import KopfRunner
-
-    env = {"KUBETUNE_BACKEND": "TrainJob", "KUBETUNE_TRAINING_RUNTIME": "kubetune"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        import kopf
-        from kubetune_operator.backends.trainjob import TRAINJOB
-        from kubetune_operator.handlers import register
-
-        # Its own registry: this process's default one watches PyTorchJobs (test_cluster).
-        # (A new registry has none of kopf's default login handlers: the kubeconfig's here.)
-        registry = register(kopf.OperatorRegistry(), TRAINJOB)
-        kopf.on.login(registry=registry)(kopf.login_via_client)
-        with KopfRunner(["run", "--standalone", "--namespace", namespace, "-m",
-                         "kubetune_operator.handlers"], timeout=60,
-                        registry=registry) as runner:
-            time.sleep(3)
-            yield runner
-    assert runner.exception is None, runner.output
+    with run_operator(namespace, "TrainJob", {"KUBETUNE_TRAINING_RUNTIME": "kubetune"}) as runner:
+        yield runner
 
 
 def test_a_queued_trainjob_is_admitted_runs_and_succeeds(kube, namespace, trainjob_operator):

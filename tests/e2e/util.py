@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -165,3 +166,30 @@ def image_tags(name: str) -> list[str]:
 
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     return [f"kubetune/{name}:{version}-cpu", f"kubetune/{name}:{version}"]
+
+
+@contextlib.contextmanager
+def run_operator(namespace: str, backend: str, env: dict[str, str] | None = None):
+    """The operator (kopf's KopfRunner) in this process, watching ``namespace`` and the
+    children of ``backend``, with ``env`` set. Its own registry: the default one was built at
+    the first import for whatever backend the environment named then. Fails at once when a
+    startup handler fails, rather than leaving every test to wait for a status."""
+    import kopf
+    import pytest
+    from kopf.testing import KopfRunner
+    from kubetune_operator.backends import backend_named
+    from kubetune_operator.handlers import register
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"KUBETUNE_BACKEND": backend, **(env or {})}.items():
+            mp.setenv(k, v)
+        registry = register(kopf.OperatorRegistry(), backend_named(backend))
+        # A new registry has none of kopf's default login handlers: the kubeconfig's here.
+        kopf.on.login(registry=registry)(kopf.login_via_client)
+        with KopfRunner(["run", "--standalone", "--namespace", namespace, "-m",
+                         "kubetune_operator.handlers"], timeout=60, registry=registry) as runner:
+            time.sleep(3)
+            # A failed startup handler stops the operator (its log is in the test's output).
+            assert runner._thread.is_alive(), "the operator stopped while starting"
+            yield runner
+    assert runner.exception is None, runner.output[-5000:]
