@@ -144,3 +144,70 @@ def test_the_trainer_refuses_a_bad_hf_repo_id_itself(tmp_path):
 
     with pytest.raises(SourceError, match="spec.model.source: an hf:// location"):
         resolve("hf://-/-", RunContext(cache_dir=tmp_path), field="spec.model.source")
+
+
+# ------------------------------------------------------------------ a network that fails
+
+@pytest.fixture
+def closed_port():
+    """A loopback port nothing listens on (bound, then let go)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme", ["https", "gs", "s3"])
+def test_a_network_failure_is_one_line_after_one_retry_in_seconds(tmp_path, monkeypatch,
+                                                                  closed_port, scheme):
+    """Validate with data reaches for the model: an unreachable host (here a closed loopback
+    port; offline, no name resolves) is one line naming the field, after a second try."""
+    endpoint = f"http://127.0.0.1:{closed_port}"
+    source = {"https": f"https://127.0.0.1:{closed_port}/m", "gs": "gs://bucket-1/never",
+              "s3": "s3://bucket-1/never"}[scheme]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "d.json").write_text('[{"instruction": "q", "output": "a"}]')
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+           "metadata": {"name": "net"},
+           "spec": {"model": {"source": source}, "datasets": [{"source": "d.json"}],
+                    "output": {"uri": "out"}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    start = time.monotonic()
+    res = runner.invoke(app, ["validate", str(path)])
+    took = time.monotonic() - start
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: spec.model.source: {source}: 127.0.0.1:{closed_port} cannot be "
+                      "reached: [Errno 111] Connection refused (tried twice, 1 s apart, 5 s "
+                      "each); check the network and proxy settings, or copy it to a pvc:// or "
+                      "local path"], res.output
+    assert "Traceback" not in res.output and 1 <= took < 10, took
+
+
+def test_an_unreachable_hub_is_one_line_in_seconds(tmp_path, monkeypatch, closed_port):
+    """hf:// is left to the Hub client (it falls back to its cache): still one line."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "d.json").write_text('[{"instruction": "q", "output": "a"}]')
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+           "metadata": {"name": "net"},
+           "spec": {"model": {"source": "hf://Org/never-fetched"},
+                    "datasets": [{"source": "d.json"}], "output": {"uri": "out"}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    start = time.monotonic()
+    res = runner.invoke(app, ["validate", str(path)])
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1, res.output
+    assert errors[0].startswith("error: spec.model.source: hf://Org/never-fetched is not in the "
+                                "local cache and the Hub cannot be reached"), errors
+    assert "Traceback" not in res.output and time.monotonic() - start < 10

@@ -59,6 +59,12 @@ def storage_options(uri: str, secret: SourceSecret | None) -> dict[str, Any]:
     workload identity)."""
     s = scheme(uri)
     opts: dict[str, Any] = {}
+    if s == "gs":
+        # gcsfs logs every failed request with a traceback before it raises; the failure is
+        # said once, in one line (store_error, source_error).
+        import logging
+
+        logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     if s == "s3":
         # Fail in seconds, not minutes, when the endpoint does not answer.
         opts["config_kwargs"] = {"connect_timeout": 10, "read_timeout": 60,
