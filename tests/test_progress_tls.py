@@ -280,6 +280,23 @@ def _assert_the_chart_allows(cluster) -> None:
             assert verb in cluster_rules.get((group, plural), set()), (plural, verb)
 
 
+async def test_a_client_that_never_finishes_its_handshake_is_closed(cluster, monkeypatch):
+    """TLS by default must keep the slow-client limit: a connection that sends nothing is
+    closed after HEADER_TIMEOUT, not asyncio's 60 s."""
+    from kubetune_operator import reporting
+
+    monkeypatch.setattr(reporting, "HEADER_TIMEOUT", 0.5)
+    op = await _tls_operator(cluster)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", op.port)
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        assert asyncio.get_running_loop().time() - started < 3
+        writer.close()
+    finally:
+        await op.stop()
+
+
 async def test_a_certificate_in_the_secret_is_reused(cluster):
     bundle = pt.new_bundle(HOSTS, NOW)
     _seed_secret(cluster, bundle)

@@ -30,6 +30,7 @@ from kubetune_operator.progress_tls import CHECK_SECONDS, CaPublisher, ProgressT
 from kubetune_operator.reporting import (
     Flusher,
     ProgressStore,
+    Site,
     TokenChecker,
     make_app,
     start_runner,
@@ -258,12 +259,11 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
         return await kube.pod_async(ns, pod)
 
     app = make_app(store, TokenChecker(review), pod_lookup=pod_lookup, backend=memo.backend)
-    from aiohttp import web
 
     runner = await start_runner(app)
     tls: ProgressTls | None = memo.get("progress_tls")
     ssl_ctx = tls.context if tls is not None else None
-    site = web.TCPSite(runner, host=config.progress_host, port=port, ssl_context=ssl_ctx)
+    site = Site(runner, host=config.progress_host, port=port, ssl_context=ssl_ctx)
     await site.start()
     memo.flusher_task = asyncio.create_task(
         Flusher(store, patch, interval=config.progress_flush_seconds, concurrency=32).run())

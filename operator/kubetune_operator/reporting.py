@@ -516,6 +516,23 @@ async def start_runner(app: web.Application) -> web.AppRunner:
     return runner
 
 
+class Site(web.TCPSite):
+    """aiohttp's TCP site, with a TLS handshake bounded as the headers are (HEADER_TIMEOUT;
+    asyncio's default is 60 s): a connection counts towards MAX_CONNECTIONS_PER_PEER only once
+    its handshake is done, so one that never finishes it must not linger."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        tls = self._ssl_context
+        self._server = await loop.create_server(
+            server, self._host, self._port, ssl=tls, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_handshake_timeout=HEADER_TIMEOUT if tls is not None else None)
+
+
 # The API server refused the patch's content (a bad value, too large): retrying cannot help.
 # 401/403 (the operator's own credentials or RBAC), 409 and 429 are retried.
 REFUSED = frozenset({400, 413, 422})
