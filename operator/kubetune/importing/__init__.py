@@ -383,17 +383,24 @@ def _yaml_value(value: Any) -> str:
         "\n...").removesuffix(" ...")
 
 
-def finish(draft: Draft, name: str) -> Imported:
-    """The job document, checked by the project's own parser (an import that kubetune
-    would refuse is a bug here, reported as such)."""
+def finish(draft: Draft, name: str, config: Mapping[str, Any]) -> Imported:
+    """The job document, checked by the project's own parser. A key that no step accounted
+    for (e.g. a LoRA option with full fine-tuning) is listed, never dropped silently."""
     from kubetune.jobfile import parse_job
+
+    seen = ({k for k, _ in draft.mapped} | {k for k, _ in draft.same}
+            | {k for k, _ in draft.lost} | set(draft.unset))
+    for key in config:
+        if key not in seen:
+            draft.lose(key, "not read in this configuration (its stage, method or "
+                       "optimizer does not use it)")
 
     job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
            "metadata": {"name": name}, "spec": _ordered(draft.spec)}
     try:
         parse_job(job)
     except KubetuneError as err:
-        raise ImportProblem(f"the imported job is not valid for kubetune: {err}") from None
+        raise ImportProblem(f"kubetune refuses the imported job: {err}") from None
     return Imported(job, draft)
 
 

@@ -259,7 +259,7 @@ def convert(config: dict[str, Any], ctx: Context) -> Imported:
     if "warmup_ratio" not in config and "warmup_steps" not in config:
         draft.default("training.warmupRatio", 0.03, "Axolotl warms up over 3 % of the steps "
                       "(at most 100 steps) when neither warmup key is set")
-    return finish(draft, job_name(ctx))
+    return finish(draft, job_name(ctx), config)
 
 
 def _refuse_first(config: dict[str, Any]) -> None:

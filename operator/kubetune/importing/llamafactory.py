@@ -294,7 +294,7 @@ def convert(config: dict[str, Any], ctx: Context) -> Imported:
         draft.default("method.lora.rank", 8, "LLaMA-Factory's lora_rank; kubetune's is 16")
         draft.default("method.lora.alpha", 2 * rank, "LLaMA-Factory: lora_alpha = 2 x rank")
         draft.default("method.lora.targetModules", ["all-linear"], "lora_target all")
-    return finish(draft, job_name(ctx))
+    return finish(draft, job_name(ctx), config)
 
 
 def _refuse_first(config: dict[str, Any]) -> None:

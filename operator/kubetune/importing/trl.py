@@ -209,7 +209,7 @@ def convert(config: dict[str, Any], ctx: Context) -> Imported:
         draft.default(path, value, why)
     if stage in ("dpo", "kto", "orpo"):
         draft.default("preference.beta", 0.1, f"trl {command}'s beta")
-    return finish(draft, job_name(ctx))
+    return finish(draft, job_name(ctx), config)
 
 
 def _method(draft: Draft, config: dict[str, Any]) -> None:
