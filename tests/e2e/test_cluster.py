@@ -13,13 +13,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from e2e.util import REPO, free_port, job_pod, pod_token, post, wait
+from e2e.util import REPO, free_port, job_pod, pod_token, post, run_operator, wait
 
 pytestmark = pytest.mark.e2e
 
@@ -36,20 +35,11 @@ def progress_port():
 
 @pytest.fixture(scope="module")
 def operator(namespace, progress_port):
-    from kopf.testing import KopfRunner
-
     env = {"KUBETUNE_PROGRESS_PORT": str(progress_port), "KUBETUNE_PROGRESS_HOST": "127.0.0.1",
            "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{progress_port}/v1",
            "KUBETUNE_PROGRESS_FLUSH_SECONDS": "0.5"}
-    args = ["run", "--standalone", "--namespace", namespace, "-m",
-            "kubetune_operator.handlers"]
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        with KopfRunner(args, timeout=60) as runner:
-            time.sleep(3)
-            yield runner
-    assert runner.exception is None, runner.output
+    with run_operator(namespace, "PyTorchJob", env) as runner:
+        yield runner
     if os.environ.get("KUBETUNE_E2E_LOG"):
         Path(os.environ["KUBETUNE_E2E_LOG"]).write_text(runner.output)
 

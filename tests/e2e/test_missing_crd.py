@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from e2e.util import CRDS, REPO, install_crd, wait
+from e2e.util import CRDS, REPO, install_crd, run_operator, wait
 
 pytestmark = pytest.mark.e2e
 
@@ -53,16 +53,11 @@ def _events(kube, namespace, name):
 
 
 def test_without_the_pytorchjob_crd_the_job_says_so_then_starts_once_installed(
-        kube, namespace, without_pytorchjob_crd, monkeypatch):
-    from kopf.testing import KopfRunner
-
+        kube, namespace, without_pytorchjob_crd):
     custom, core = kube.CustomObjectsApi(), kube.CoreV1Api()
-    monkeypatch.setenv("KUBETUNE_RECHECK_SECONDS", "1")
     doc = yaml.safe_load((REPO / "examples" / "assistant-identity.yaml").read_text())
     doc["metadata"] = {"name": "ident", "namespace": namespace}  # no Kueue here
-    args = ["run", "--standalone", "--namespace", namespace, "-m", "kubetune_operator.handlers"]
-    with KopfRunner(args, timeout=60) as runner:
-        time.sleep(3)
+    with run_operator(namespace, "PyTorchJob", {"KUBETUNE_RECHECK_SECONDS": "1"}) as runner:
         custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", namespace,
                                                "finetunejobs", doc)
 

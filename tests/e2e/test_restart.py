@@ -8,16 +8,13 @@ import time
 import pytest
 import yaml
 
-from e2e.util import REPO, wait
+from e2e.util import REPO, run_operator, wait
 
 pytestmark = pytest.mark.e2e
 
 
 def _operator(namespace):
-    from kopf.testing import KopfRunner
-
-    return KopfRunner(["run", "--standalone", "--namespace", namespace, "-m",
-                       "kubetune_operator.handlers"], timeout=60)
+    return run_operator(namespace, "PyTorchJob")
 
 
 def _job(namespace, name):
