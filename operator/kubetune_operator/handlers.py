@@ -30,8 +30,8 @@ from kubetune_operator.progress_tls import CHECK_SECONDS, CaPublisher, ProgressT
 from kubetune_operator.reporting import (
     Flusher,
     ProgressStore,
-    Site,
     TokenChecker,
+    listen,
     make_app,
     start_runner,
 )
@@ -263,8 +263,7 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
     runner = await start_runner(app)
     tls: ProgressTls | None = memo.get("progress_tls")
     ssl_ctx = tls.context if tls is not None else None
-    site = Site(runner, host=config.progress_host, port=port, ssl_context=ssl_ctx)
-    await site.start()
+    memo.progress_listener = await listen(runner, config.progress_host, port, ssl_ctx)
     memo.flusher_task = asyncio.create_task(
         Flusher(store, patch, interval=config.progress_flush_seconds, concurrency=32).run())
     memo.progress_runner = runner
@@ -278,6 +277,8 @@ async def stop_progress_server(memo: kopf.Memo, **_: Any) -> None:
         memo.tls_task.cancel()
     if memo.get("flusher_task"):
         memo.flusher_task.cancel()
+    if memo.get("progress_listener"):
+        memo.progress_listener.close()
     if memo.get("progress_runner"):
         await memo.progress_runner.cleanup()
     if memo.get("kube") is not None and hasattr(memo.kube, "close_async"):

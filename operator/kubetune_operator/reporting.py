@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -516,21 +517,17 @@ async def start_runner(app: web.Application) -> web.AppRunner:
     return runner
 
 
-class Site(web.TCPSite):
-    """aiohttp's TCP site, with a TLS handshake bounded as the headers are (HEADER_TIMEOUT;
-    asyncio's default is 60 s): a connection counts towards MAX_CONNECTIONS_PER_PEER only once
-    its handshake is done, so one that never finishes it must not linger."""
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        loop = asyncio.get_running_loop()
-        server = self._runner.server
-        assert server is not None
-        tls = self._ssl_context
-        self._server = await loop.create_server(
-            server, self._host, self._port, ssl=tls, backlog=self._backlog,
-            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
-            ssl_handshake_timeout=HEADER_TIMEOUT if tls is not None else None)
+async def listen(runner: web.AppRunner, host: str, port: int,
+                 tls: ssl.SSLContext | None) -> asyncio.AbstractServer:
+    """The listening socket for ``runner``'s app (TLS when ``tls``), its handshake bounded as
+    the headers are (HEADER_TIMEOUT; asyncio's default is 60 s): a connection counts towards
+    MAX_CONNECTIONS_PER_PEER only once its handshake is done, so one that never finishes it
+    must not linger. (aiohttp's TCPSite has no such setting.) Close it before
+    ``runner.cleanup()``."""
+    assert runner.server is not None
+    return await asyncio.get_running_loop().create_server(
+        runner.server, host, port, ssl=tls,
+        ssl_handshake_timeout=HEADER_TIMEOUT if tls is not None else None)
 
 
 # The API server refused the patch's content (a bad value, too large): retrying cannot help.
