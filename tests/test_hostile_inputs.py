@@ -211,3 +211,53 @@ def test_an_unreachable_hub_is_one_line_in_seconds(tmp_path, monkeypatch, closed
     assert errors[0].startswith("error: spec.model.source: hf://Org/never-fetched is not in the "
                                 "local cache and the Hub cannot be reached"), errors
     assert "Traceback" not in res.output and time.monotonic() - start < 10
+
+
+# ------------------------------------------------------------------ a long single line
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_a_line_longer_than_the_limit_is_refused_with_its_size_in_bounded_memory(
+        tmp_path, monkeypatch, suffix):
+    """KUBETUNE_MAX_LINE_MB (8 by default) lowered to 64 KiB: a 5 MB line is counted in
+    pieces, never held (a 50 MB line took 6.5 GB to tokenize); lines up to the limit load."""
+    import json
+    import tracemalloc
+
+    from kubetune.api.v1alpha1 import DatasetSpec
+    from kubetune.errors import DataError
+    from kubetune_trainer.config import RunContext
+    from kubetune_trainer.data.loading import load_examples
+
+    limit = 64 * 1024
+    monkeypatch.setenv("KUBETUNE_MAX_LINE_MB", "0.0625")
+
+    def write(name: str, lines: list[bytes]) -> str:
+        path = tmp_path / f"{name}{suffix}"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        return str(path)
+
+    def load(path: str):
+        return load_examples([DatasetSpec(source=path)], "pt", RunContext(),
+                             max_invalid_fraction=1.0)
+
+    ok = json.dumps({"text": "x" * (limit - 12)}).encode() if suffix == ".jsonl" else \
+        b"x" * limit
+    assert len(ok) <= limit
+    fits = write("fits", [b'{"text": "a"}' if suffix == ".jsonl" else b"a", ok])
+    examples, _ = load(fits)
+    assert len(examples) == 2
+    big = 5 * 1024 * 1024
+    long = write("long", [ok, b"y" * big, ok])
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as err:
+            load(long)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"long{suffix}: line 2 is {big:,} bytes, longer than a row may be ({limit:,} bytes, " \
+           "KUBETUNE_MAX_LINE_MB=0.0625); it was not read" in str(err.value)
+    assert peak < big / 5, peak  # about 0.4 MB here
+    monkeypatch.setenv("KUBETUNE_MAX_LINE_MB", "0")
+    with pytest.raises(DataError, match="KUBETUNE_MAX_LINE_MB='0' is not a size"):
+        load(fits)
