@@ -669,8 +669,7 @@ def test_check_compares_with_trl_s_own_loader(tmp_path, monkeypatch):
     hyper-parameter kubetune reads agrees (defaults included)."""
     pytest.importorskip("trl")
     monkeypatch.chdir(tmp_path)
-    for stage, text, _ in (TRL_CASES["sft_lora"], TRL_CASES["sft_defaults_written_out"],
-                           TRL_CASES["dpo"], TRL_CASES["kto"]):
+    for stage, text, _ in (TRL_CASES["sft_defaults_written_out"], TRL_CASES["dpo"]):
         (tmp_path / "c.yaml").write_text(text)
         res = runner.invoke(app, ["import", "trl", "c.yaml", "--check",
                                   "--stage", stage or "sft"])

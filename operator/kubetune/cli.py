@@ -452,6 +452,9 @@ def import_config(
     check: Annotated[bool, typer.Option(
         help="Also resolve the config with the tool's own loader, where the tool is "
         "installed, and compare the hyper-parameters.")] = False,
+    check_python: Annotated[Path | None, typer.Option(
+        help="With --check: the Python of an environment where the tool is installed (each "
+        "tool pins its own transformers); default: kubetune's own.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
 ) -> None:
     """Turn a LLaMA-Factory, Axolotl or TRL training config into a FineTuneJob. Every key is
@@ -470,10 +473,10 @@ def import_config(
     imported = convert(tool, read_config(config), ctx)
     for line in imported.report():
         err.print(line, highlight=False, markup=False)
-    if check:
+    if check or check_python:
         from kubetune.importing.check import compare
 
-        for line in compare(tool, config, imported, ctx):
+        for line in compare(tool, config, imported, ctx, check_python):
             err.print(line, highlight=False, markup=False)
     if out is None:
         sys.stdout.write(imported.text())

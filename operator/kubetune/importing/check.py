@@ -2,12 +2,18 @@
 is installed, and its resolved hyper-parameters compared with the job's.
 
 Nothing here is pretended: a tool that is not installed is said to be so and skipped. The
-loaders are imported only here (each costs seconds: torch, transformers).
+loader runs in a separate process (``_resolve.py``) with the Python of the tool's own
+environment (``--check-python``; by default kubetune's, where TRL comes with the trainer
+extra), since each tool pins its own transformers.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,20 +21,28 @@ from typing import Any
 from kubetune.importing import Context, Imported
 
 MODULES = {"llamafactory": "llamafactory", "axolotl": "axolotl", "trl": "trl"}
+RESOLVE = Path(__file__).with_name("_resolve.py")
 
 
-def compare(tool: str, config: Path, imported: Imported, ctx: Context) -> list[str]:
+def compare(tool: str, config: Path, imported: Imported, ctx: Context,
+            python: Path | None = None) -> list[str]:
+    """Lines for stderr: what the tool's own loader resolved, compared with the job."""
     module = MODULES[tool]
-    if importlib.util.find_spec(module) is None:
-        return [f"--check: {module} is not installed here: skipped (nothing was compared); "
-                f"install {tool} in this environment to compare its resolved "
-                "hyper-parameters with the job's"]
-    try:
-        resolved, version = RESOLVERS[tool](config, ctx)
-    except Exception as err:  # the tool's own loader refused or failed: say so, in one line
-        text = " ".join(str(err).split())[:300]
+    if python is None:
+        if importlib.util.find_spec(module) is None:
+            return [f"--check: {module} is not installed here: skipped (nothing was "
+                    f"compared); install {tool} here, or give --check-python with the Python "
+                    "of an environment that has it"]
+        python = Path(sys.executable)
+    answer = _run(python, tool, config, ctx)
+    if "error" in answer:
+        if answer.get("missing"):
+            return [f"--check: {answer['error']}: skipped (nothing was compared)"]
         return [f"--check: {tool}'s own loader did not resolve {config.name}: "
-                f"{type(err).__name__}: {text}"]
+                f"{answer['error']}"]
+    resolved = answer["resolved"]
+    resolved["precision"] = ("bf16" if resolved.get("bf16") or resolved.get("pure_bf16")
+                             else "fp16" if resolved.get("fp16") else "fp32")
     from kubetune.jobfile import parse_job
 
     # the job as kubetune reads it: its defaults filled in
@@ -45,12 +59,31 @@ def compare(tool: str, config: Path, imported: Imported, ctx: Context) -> list[s
             agree.append(name)
         else:
             differ.append(f"{name}: {tool} {want!r}, job {path} {have!r}")
-    lines = [f"--check: {tool} {version} resolved {config.name} with its own loader: "
-             f"{len(agree)} hyper-parameters agree ({', '.join(agree)})"]
+    lines = [f"--check: {tool} {answer['version']} resolved {config.name} with its own "
+             f"loader: {len(agree)} hyper-parameters agree ({', '.join(agree)})"]
     if differ:
         lines.append(f"--check: {len(differ)} differ:")
         lines += [f"  {d}" for d in differ]
     return lines
+
+
+def _run(python: Path, tool: str, config: Path, ctx: Context) -> dict[str, Any]:
+    """The resolver in the tool's environment, from the tool's working folder (its relative
+    paths: DeepSpeed configs, dataset_dir)."""
+    cmd = [str(python), str(RESOLVE), tool, str(config.absolute()), ctx.stage or "sft"]
+    try:
+        done = subprocess.run(cmd, cwd=ctx.base_dir, capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return {"error": f"{python} could not run the loader: {err}"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                break
+    tail = " ".join((done.stderr or done.stdout).split())[-300:]
+    return {"error": f"{python} exited {done.returncode} without an answer: {tail}"}
 
 
 _SKIP = object()
@@ -80,45 +113,6 @@ def _enum(value: Any) -> Any:
 
 def _steps(value: Any) -> Any:
     return None if value is None or value <= 0 else value
-
-
-def _precision(args: Any) -> str:
-    return "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(
-        args, "fp16", False) else "fp32"
-
-
-# --------------------------------------------------------------------------- TRL
-
-
-def _trl(config: Path, ctx: Context) -> tuple[dict[str, Any], str]:
-    import dataclasses
-
-    import trl
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
-
-    command = ctx.stage or "sft"
-    configs = {"sft": "SFTConfig", "dpo": "DPOConfig", "kto": "KTOConfig",
-               "reward": "RewardConfig"}
-    if command == "orpo":
-        from trl.experimental.orpo import ORPOConfig as cls
-    else:
-        cls = getattr(trl, configs[command])
-    import warnings
-
-    import torch
-
-    parser = TrlParser((ScriptArguments, cls, ModelConfig, DatasetMixtureConfig))
-    # transformers refuses bf16 on a machine without a GPU unless use_cpu: the device is not
-    # a hyper-parameter, so resolve as the GPU machine would.
-    extra = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, training, model, _ = parser.parse_args_and_config(["--config", str(config), *extra])
-    resolved = {f.name: getattr(training, f.name) for f in dataclasses.fields(training)}
-    resolved.update({f"model.{f.name}": getattr(model, f.name)
-                     for f in dataclasses.fields(model)})
-    resolved["precision"] = _precision(training)
-    return resolved, trl.__version__
 
 
 def _warmup(value: Any) -> Any:
@@ -177,36 +171,3 @@ PAIRS: dict[str, list[tuple[str, str, Callable[[Any], Any] | None]]] = {
         ("lora_alpha", "method.lora.alpha", None),
     ],
 }
-
-
-# --------------------------------------------------------------------------- the others
-# (not installed where this was written: these run only where the tool is, and a failure
-# of their loader is reported as such, never as agreement)
-
-
-def _llamafactory(config: Path, ctx: Context) -> tuple[dict[str, Any], str]:
-    import dataclasses
-
-    import llamafactory
-    import yaml
-    from llamafactory.hparams import get_train_args
-
-    args = get_train_args(yaml.safe_load(config.read_text()))
-    resolved: dict[str, Any] = {}
-    for part in args:
-        if dataclasses.is_dataclass(part):
-            resolved.update({f.name: getattr(part, f.name) for f in dataclasses.fields(part)})
-    resolved["precision"] = _precision(args[2])
-    return resolved, getattr(llamafactory, "__version__", "?")
-
-
-def _axolotl(config: Path, ctx: Context) -> tuple[dict[str, Any], str]:
-    import axolotl
-    from axolotl.cli.config import load_cfg
-
-    cfg = load_cfg(str(config))
-    return dict(cfg), getattr(axolotl, "__version__", "?")
-
-
-RESOLVERS: dict[str, Callable[[Path, Context], tuple[dict[str, Any], str]]] = {
-    "trl": _trl, "llamafactory": _llamafactory, "axolotl": _axolotl}
