@@ -601,3 +601,82 @@ def credential_env(draw, planted: str = PLANTED) -> dict[str, str]:
     name = draw(st.from_regex(r"[A-Z][A-Z0-9_]{0,12}", fullmatch=True))
     values = sorted(credential_values(planted).values())
     return {"name": name, "value": draw(st.sampled_from(values))}
+
+
+# ------------------------------------------------------------------------ planted credentials
+
+# Every URL-valued field, and how to make a job where it is read (the stage or section it
+# belongs to), for planting a credential there.
+URL_FIELDS: dict[str, str | None] = {
+    "model.source": None, "datasets.0.source": None, "evalDatasets.0.source": "eval",
+    "output.uri": None, "training.tracking.uri": "tracking", "rewards.0.source": "grpo",
+    "rewards.1.path": "grpo", "evaluation.lmEval.include": "lmeval",
+}
+IMAGE_FIELDS = ("trainer.image", "serve.image")
+
+
+def _prepare(spec: dict[str, Any], what: str | None) -> None:
+    if what == "eval":
+        spec["evalDatasets"] = [{"source": "pvc://data/eval.json"}]
+        spec["training"].pop("evalSplit", None)
+    elif what == "tracking":
+        spec["training"]["reportTo"] = ["mlflow"]
+        spec["training"]["tracking"] = {"uri": "https://mlflow.example"}
+    elif what == "grpo":
+        spec["stage"] = "grpo"
+        spec["rewards"] = [{"type": "rewardModel", "source": "pvc://rm/model"},
+                           {"type": "python", "function": "m:f", "path": "pvc://code/r"}]
+    elif what == "lmeval":
+        spec["evaluation"] = {"lmEval": {"tasks": ["arc_easy"]}}
+
+
+def _put(spec: dict[str, Any], dotted: str, value: Any) -> None:
+    node: Any = spec
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+@st.composite
+def credential_images(draw, planted: str = PLANTED) -> str:
+    """An image reference with ``planted`` as registry credentials, a query or a fragment."""
+    user = draw(st.sampled_from(["u", "robot$ci", "", "a%40b"]))
+    host = draw(st.sampled_from(["registry.example", "127.0.0.1:5000", "ghcr.io"]))
+    value = planted if draw(st.booleans()) else planted.replace("t", "%74")
+    tail = draw(st.sampled_from(["/t:1", "/t", f"/t@sha256:{'a' * 64}"]))
+    return draw(st.sampled_from([
+        f"{user}:{value}@{host}{tail}", f"{value}@{host}{tail}",
+        f"{user}%3A{value}%40{host}{tail}", f"{host}{tail}?token={value}",
+        f"{host}{tail}#{value}"]))
+
+
+@st.composite
+def planted_jobs(draw, spec_schema: dict, planted: str = PLANTED) -> dict[str, Any]:
+    """A job (mutated within the schema's bounds) with ``planted`` put, one to three times,
+    where a credential rides: a URL-valued field (user-info plain or percent-encoded, a query
+    or fragment parameter of any name), an image, a trainer.env entry (by its name or its
+    value) or a serve.args item."""
+    doc = draw(mutated_jobs(spec_schema, valid=True))
+    spec = doc["spec"]
+    for _ in range(draw(st.integers(1, 3))):
+        where = draw(st.sampled_from(["url", "url", "image", "env", "args"]))
+        if where in ("url", "image"):
+            field = draw(st.sampled_from(sorted(URL_FIELDS) if where == "url" else
+                                         IMAGE_FIELDS))
+            value = draw(credential_urls(planted) if where == "url" else
+                         credential_images(planted))
+            try:
+                _prepare(spec, URL_FIELDS.get(field))
+                _put(spec, field, value)
+            except (IndexError, KeyError, TypeError, AttributeError):
+                spec["model"] = {"source": value}  # a mutation moved the field's parent
+        elif where == "env":
+            trainer = spec.setdefault("trainer", {})
+            env = trainer.get("env") if isinstance(trainer.get("env"), list) else []
+            trainer["env"] = [*env, draw(credential_env(planted))]
+        else:
+            serve = spec.setdefault("serve", {})
+            serve["args"] = ["--max-model-len", "4096",
+                             draw(st.sampled_from(sorted(credential_values(planted).values())))]
+    return doc

@@ -8,13 +8,21 @@ real API server takes, with no credential in the clear.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import time
 
 import pytest
 import yaml
 from conftest import CONFORMANCE
-from fuzz_jobs import Server, hostile_files, mutated_jobs, render_problems
+from fuzz_jobs import (
+    PLANTED,
+    Server,
+    hostile_files,
+    mutated_jobs,
+    planted_jobs,
+    render_problems,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubetune.api.crd import finetunejob_crd
@@ -130,3 +138,41 @@ def test_fuzz_render_covered_enough_jobs():
     # Runs after the render fuzz (file order): most mutations keep a job valid.
     if RENDERED:
         assert len(RENDERED) >= EXAMPLES // 5, len(RENDERED)
+
+
+# ------------------------------------------------------------------------ planted credentials
+
+PLANTED_SEEN: list[str] = []
+
+
+@settings(FUZZ, max_examples=max(EXAMPLES // 3, 20))
+@given(doc=planted_jobs(SERVER.spec_schema))
+def test_fuzz_a_planted_credential_never_leaves_the_spec(doc):
+    """A credential put where one rides (URL fields: user-info, query or fragment parameters
+    of any name, percent-encoded or not; images; env names and values; serve.args) is refused
+    by kubetune and the API server alike, and no message of ours (the CLI's, the operator's)
+    and no rendered object carries it."""
+    import json
+
+    out = []
+    ours = _python_verdict(copy.deepcopy(doc))
+    if ours is not None:
+        out.append(ours)
+        # (the API server's own message quotes a value its schema refuses: not ours to print)
+        server = SERVER.verdict(copy.deepcopy(doc["spec"]))
+        assert server is not None, f"the API server takes what kubetune refused: {ours}"
+    job, problem = cluster_validate(copy.deepcopy(doc))
+    if problem:
+        out.append(problem)
+    else:
+        out.append(json.dumps(builders.children(job=job, config=CONFIG, uid="u-1")))
+    for text in out:
+        assert PLANTED not in text and PLANTED.lower() not in text.lower(), text
+        assert PLANTED.replace("t", "%74") not in text, text
+    PLANTED_SEEN.append("refused" if ours else "rendered")
+
+
+def test_fuzz_planted_credentials_were_refused():
+    # Runs after the fuzz above (file order): a planted credential is refused, not rendered.
+    if PLANTED_SEEN:
+        assert PLANTED_SEEN.count("refused") >= len(PLANTED_SEEN) * 0.9, PLANTED_SEEN
