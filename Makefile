@@ -83,6 +83,7 @@ kube:
 
 crds: install
 	$(BIN)/kubetune crds --out crds/kubetune.io_finetunejobs.yaml
+	$(BIN)/kubetune crds --kind FineTuneSweep --out crds/kubetune.io_finetunesweeps.yaml
 	$(MAKE) chart
 
 # The chart's copy of the CRDs and its values table, both generated (tests fail on drift).

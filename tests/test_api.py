@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kubetune.api import v1alpha1 as api
-from kubetune.api.crd import finetunejob_crd, render_yaml
+from kubetune.api.crd import finetunejob_crd, finetunesweep_crd, render_yaml
 from kubetune.errors import KubetuneError
 from kubetune.jobfile import load_job, parse_job
 
@@ -22,6 +22,11 @@ def test_committed_crd_matches_the_models():
     assert CRD_FILE.read_text() == render_yaml(), "crds/ drifted from the models: run make crds"
 
 
+def test_committed_sweep_crd_matches_the_models():
+    assert (REPO / "crds" / "kubetune.io_finetunesweeps.yaml").read_text() == render_yaml(
+        api.SWEEP_KIND), "crds/ drifted from the models: run make crds"
+
+
 def _walk(node, path="$"):
     if isinstance(node, dict):
         yield path, node
@@ -32,8 +37,9 @@ def _walk(node, path="$"):
             yield from _walk(v, f"{path}[{i}]")
 
 
-def test_crd_schema_is_structural():
-    schema = finetunejob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+@pytest.mark.parametrize("crd", [finetunejob_crd, finetunesweep_crd])
+def test_crd_schema_is_structural(crd):
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for path, node in _walk(schema):
         # "properties" maps field names; those names are not schema keywords.
         if path.endswith(".properties"):

@@ -379,12 +379,15 @@ def status(
 
 
 @app.command()
-def crds(out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None
+def crds(out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+         kind: Annotated[str, typer.Option(help="FineTuneJob or FineTuneSweep.")] = "FineTuneJob",
          ) -> None:
-    """Print the FineTuneJob CRD generated from the API models."""
-    from kubetune.api.crd import render_yaml
+    """Print a CRD (FineTuneJob by default) generated from the API models."""
+    from kubetune.api.crd import CRDS, render_yaml
 
-    text = render_yaml()
+    if kind not in CRDS:
+        raise KubetuneError(f"--kind: no CRD {kind!r}; one of {', '.join(CRDS)}")
+    text = render_yaml(kind)
     if out:
         out.write_text(text)
     else:

@@ -156,9 +156,10 @@ def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     return out
 
 
-def _model_at(loc: tuple[Any, ...] | list[Any]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[Any, ...] | list[Any], root: type[BaseModel] = FineTuneJob
+              ) -> type[BaseModel] | None:
     """The API model whose field list applies at ``loc`` (list indexes skipped)."""
-    model: type[BaseModel] | None = FineTuneJob
+    model: type[BaseModel] | None = root
     for part in loc:
         if isinstance(part, int) or model is None:
             continue
@@ -178,9 +179,9 @@ def _inner_model(tp: Any) -> type[BaseModel] | None:
     return None
 
 
-def did_you_mean(loc: tuple[Any, ...] | list[Any]) -> str:
+def did_you_mean(loc: tuple[Any, ...] | list[Any], root: type[BaseModel] = FineTuneJob) -> str:
     """ "; did you mean 'format'?" for a misspelled key, when a close field name exists."""
-    model = _model_at(loc[:-1])
+    model = _model_at(loc[:-1], root)
     if model is None or not isinstance(loc[-1], str):
         return ""
     names = [f.alias or n for n, f in model.model_fields.items()]
@@ -234,7 +235,8 @@ def _secret_of(loc: str) -> str:
         ("model", "output", "tracking", "]")) and "rewards" not in owner else "a Secret"
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+def format_validation_error(err: ValidationError, prefix: str = "",
+                            root: type[BaseModel] = FineTuneJob) -> str:
     from kubetune import urls
 
     lines = []
@@ -256,7 +258,7 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
             continue
         if e["type"] == "extra_forbidden":
             msg = f"unknown field {e['loc'][-1]!r}" + (
-                did_you_mean(e["loc"]) if not prefix else "")
+                did_you_mean(e["loc"], root) if not prefix else "")
         elif e["type"] == "enum":
             msg = f"{e['input']!r} is not allowed; expected {e['ctx']['expected']}"
         elif e["type"] == "string_pattern_mismatch" and loc.endswith("output.uri"):

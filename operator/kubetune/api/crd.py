@@ -1,4 +1,5 @@
-"""Generate the FineTuneJob CustomResourceDefinition from the pydantic models.
+"""Generate the CustomResourceDefinitions (FineTuneJob, FineTuneSweep) from the pydantic
+models.
 
 The output is a *structural* schema (what the API server requires): references inlined,
 no ``anyOf`` with typed branches, no ``title``, no ``additionalProperties: false`` and no
@@ -71,8 +72,8 @@ def openapi_schema(model: type[api.BaseModel], nullable: bool = True) -> dict[st
     return _structural(raw, raw.get("$defs", {}), nullable)
 
 
-def status_schema() -> dict[str, Any]:
-    schema = openapi_schema(api.FineTuneJobStatus)
+def status_schema(model: type[api.BaseModel] = api.FineTuneJobStatus) -> dict[str, Any]:
+    schema = openapi_schema(model)
     conditions = schema["properties"]["conditions"]
     conditions["x-kubernetes-list-type"] = "map"
     conditions["x-kubernetes-list-map-keys"] = ["type"]
@@ -144,6 +145,71 @@ def finetunejob_crd() -> dict[str, Any]:
     }
 
 
-def render_yaml() -> str:
+def finetunesweep_crd() -> dict[str, Any]:
+    """The FineTuneSweep CRD: the same group and version, its template a FineTuneJob spec
+    (with the same schema and rules)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{api.SWEEP_PLURAL}.{api.GROUP}"},
+        "spec": {
+            "group": api.GROUP,
+            "names": {
+                "kind": api.SWEEP_KIND,
+                "listKind": f"{api.SWEEP_KIND}List",
+                "plural": api.SWEEP_PLURAL,
+                "singular": api.SWEEP_KIND.lower(),
+                "shortNames": api.SWEEP_SHORT_NAMES,
+                "categories": ["kubetune"],
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Done", "type": "string", "jsonPath": ".status.done"},
+                        {"name": "Best", "type": "number", "jsonPath": ".status.best.value"},
+                        {"name": "Trial", "type": "string", "jsonPath": ".status.best.name"},
+                        {"name": "Metric", "type": "string",
+                         "jsonPath": ".spec.objective.metric", "priority": 1},
+                        {"name": "Age", "type": "date",
+                         "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "FineTuneSweep searches FineTuneJob settings: "
+                            "trials made from a template, the best by an objective.",
+                            "required": ["spec"],
+                            "x-kubernetes-validations": [
+                                {"rule": r.cel, "message": r.message}
+                                for r in api.SWEEP_RULES["metadata"]],
+                            "properties": {
+                                "apiVersion": {"type": "string", "description": (
+                                    f"{api.API_VERSION}.")},
+                                "kind": {"type": "string", "description": f"{api.SWEEP_KIND}."},
+                                "metadata": {"type": "object"},
+                                "spec": openapi_schema(api.FineTuneSweepSpec, nullable=False),
+                                "status": status_schema(api.FineTuneSweepStatus),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+# Each CRD by kind: the function that builds it and the file `make crds` writes it to.
+CRDS = {
+    api.KIND: (finetunejob_crd, "kubetune.io_finetunejobs.yaml"),
+    api.SWEEP_KIND: (finetunesweep_crd, "kubetune.io_finetunesweeps.yaml"),
+}
+
+
+def render_yaml(kind: str = api.KIND) -> str:
     header = "# Generated from operator/kubetune/api/v1alpha1.py by `make crds`. Do not edit.\n"
-    return header + yaml.safe_dump(finetunejob_crd(), sort_keys=False, width=100)
+    return header + yaml.safe_dump(CRDS[kind][0](), sort_keys=False, width=100)
