@@ -1,0 +1,275 @@
+"""FineTuneSweep: the API model and CRD, trial generation (grid, random, maxTrials), each
+trial's FineTuneJob, the median stopping rule, and the best trial."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from kubetune import sweep as sw
+from kubetune.api import v1alpha1 as api
+from kubetune.api.crd import finetunesweep_crd
+from kubetune.errors import KubetuneError
+
+TEMPLATE = {"model": {"source": "embedded://smollm2-135m-instruct"},
+            "datasets": [{"source": "data/identity.json"}], "output": {"uri": "out/sweep"}}
+
+
+def _sweep(name="lr", template=None, **spec) -> dict:
+    body = {"template": copy.deepcopy(template or TEMPLATE),
+            "parameters": [{"path": "training.learningRate",
+                            "values": [1e-4, 3e-4, 1e-3]}],
+            "objective": {"metric": "eval_loss"}}
+    body.update(spec)
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneSweep",
+            "metadata": {"name": name}, "spec": body}
+
+
+def _params(*ps) -> list[api.ParameterSpec]:
+    return [api.ParameterSpec.model_validate(p, by_alias=True) for p in ps]
+
+
+# --------------------------------------------------------------------------- the API
+
+
+def test_a_sweep_parses_with_its_defaults():
+    s = sw.parse_sweep(_sweep())
+    assert s.spec.algorithm.type == "grid"
+    assert (s.spec.max_trials, s.spec.parallelism) == (16, 1)
+    assert s.spec.objective.direction == "minimize"
+    assert s.spec.early_stopping is None and s.spec.promote is None
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"parameters": [{"path": "training.learningRate"}]}, "give values or range"),
+    ({"parameters": [{"path": "training.learningRate", "values": [1e-4],
+                      "range": {"min": 1e-5, "max": 1e-3}}]}, "give values or range"),
+    ({"parameters": [{"path": "training.learningRate",
+                      "range": {"min": 0, "max": 1e-3, "scale": "log"}}]}, "log scale"),
+    ({"parameters": [{"path": "training.learningRate", "range": {"min": 1, "max": 1}}]},
+     "min must be below max"),
+    ({"parameters": [{"path": "Training.lr", "values": [1]}]}, "does not match"),
+    ({"parameters": [{"path": "training.epochs", "values": [1.0]},
+                     {"path": "training.epochs", "values": [2.0]}]}, "each path at most once"),
+    ({"parallelism": 4, "maxTrials": 2}, "parallelism is at most maxTrials"),
+    ({"algorithm": {"type": "bayes"}}, "algorithm.type"),
+    ({"template": {**TEMPLATE, "serve": {"weights": "adapter"}}},
+     "promote serves the best one"),
+    ({"template": {**TEMPLATE, "suspend": True}}, "suspend the sweep"),
+    ({"objetive": {"metric": "x"}}, "did you mean 'objective'"),
+])
+def test_bad_sweeps_are_refused_naming_the_field(change, message):
+    with pytest.raises(KubetuneError, match=message):
+        sw.parse_sweep(_sweep(**change))
+
+
+def test_the_template_is_a_finetunejob_spec_with_its_rules():
+    bad = {**TEMPLATE, "training": {"learningRate": 2.0}}
+    with pytest.raises(KubetuneError, match="spec.template.training.learningRate"):
+        sw.parse_sweep(_sweep(template=bad))
+
+
+def test_a_sweep_name_leaves_room_for_the_trial_number():
+    with pytest.raises(KubetuneError, match="at most 46"):
+        sw.parse_sweep(_sweep(name="a" * 47))
+    assert sw.parse_sweep(_sweep(name="a" * 46))
+
+
+def test_the_crd_names_columns_and_rules():
+    crd = finetunesweep_crd()
+    assert crd["metadata"]["name"] == "finetunesweeps.kubetune.io"
+    assert crd["spec"]["names"]["shortNames"] == ["fts"]
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Done"] == ".status.done" and columns["Best"] == ".status.best.value"
+    schema = version["schema"]["openAPIV3Schema"]
+    status = schema["properties"]["status"]["properties"]
+    assert {"done", "best", "trials", "conditions", "observedGeneration"} <= set(status)
+    assert status["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
+    spec = schema["properties"]["spec"]
+    assert spec["properties"]["algorithm"]["properties"]["type"]["enum"] == list(
+        api.ALGORITHMS)
+    # the template is the FineTuneJob spec, its CEL rules included
+    template = spec["properties"]["template"]
+    assert any("output.merge" in r["rule"] for r in template["x-kubernetes-validations"])
+    assert {r["message"] for r in spec["x-kubernetes-validations"]} == {
+        r.message for r in api.SWEEP_RULES["spec"]}
+
+
+def test_every_algorithm_the_crd_names_is_implemented():
+    assert set(api.ALGORITHMS) == set(sw.ALGORITHMS)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def test_grid_points_of_a_log_range_are_tidy_and_include_both_ends():
+    (p,) = _params({"path": "training.learningRate",
+                    "range": {"min": 1e-5, "max": 1e-3, "scale": "log", "count": 3}})
+    assert sw.grid_values(p) == [1e-5, 1e-4, 1e-3]
+    (p,) = _params({"path": "training.epochs", "range": {"min": 1, "max": 2, "count": 5}})
+    assert sw.grid_values(p) == [1.0, 1.25, 1.5, 1.75, 2.0]
+
+
+def test_an_integer_range_has_no_repeats():
+    (p,) = _params({"path": "method.lora.rank",
+                    "range": {"min": 4, "max": 64, "scale": "log", "count": 9,
+                              "integer": True}})
+    values = sw.grid_values(p)
+    assert values[0] == 4 and values[-1] == 64 and len(set(values)) == len(values)
+    assert all(type(v) is int for v in values)
+
+
+def test_grid_is_every_combination_in_order_up_to_max_trials():
+    ps = _params({"path": "training.learningRate", "values": [1e-4, 1e-3]},
+                 {"path": "method.lora.rank", "values": [8, 16, 32]})
+    trials = sw.grid(ps, 100, 0)
+    assert len(trials) == 6
+    assert trials[0] == {"training.learningRate": 1e-4, "method.lora.rank": 8}
+    assert trials[1] == {"training.learningRate": 1e-4, "method.lora.rank": 16}
+    assert trials[5] == {"training.learningRate": 1e-3, "method.lora.rank": 32}
+    assert sw.grid(ps, 4, 0) == trials[:4]
+
+
+def test_random_is_max_trials_draws_the_same_for_a_seed():
+    ps = _params({"path": "training.learningRate",
+                  "range": {"min": 1e-5, "max": 1e-2, "scale": "log"}},
+                 {"path": "method.lora.rank", "values": [8, 16, 32]})
+    a, b = sw.random_search(ps, 20, 7), sw.random_search(ps, 20, 7)
+    assert a == b and len(a) == 20
+    assert a != sw.random_search(ps, 20, 8)
+    lrs = [t["training.learningRate"] for t in a]
+    assert all(1e-5 <= x <= 1e-2 for x in lrs)
+    # log-uniform: about half the draws below the geometric middle (~3e-4), not ~3 %
+    assert 4 <= sum(x < 10 ** -3.5 for x in lrs) <= 16
+    assert {t["method.lora.rank"] for t in a} <= {8, 16, 32}
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def test_plan_makes_validated_trials_with_their_own_output_and_labels():
+    doc = _sweep(parameters=[{"path": "training.learningRate", "values": [1e-4, 3e-4]},
+                             {"path": "method.lora.targetModules",
+                              "values": [["q_proj", "v_proj"]]}])
+    doc["metadata"].update(namespace="ml", labels={"team": "a"})
+    trials = sw.plan(sw.parse_sweep(doc))
+    assert [t.name for t in trials] == ["lr-0", "lr-1"]
+    job = trials[1].job
+    assert job.spec.training.learning_rate == 3e-4
+    assert job.spec.method.lora.target_modules == ["q_proj", "v_proj"]
+    assert job.spec.output.uri == "out/sweep/lr-1"
+    assert job.metadata.namespace == "ml"
+    labels = job.metadata.labels
+    assert labels["team"] == "a" and labels[sw.SWEEP_LABEL] == "lr"
+    assert labels[sw.TRIAL_LABEL] == "1"
+    assert labels["sweep.kubetune.io/training.learningRate"] == "0.0003"
+    assert labels["sweep.kubetune.io/method.lora.targetModules"].startswith("h-")
+    # the template itself is untouched
+    assert trials[0].job.spec.method.lora.target_modules != ["x"]
+
+
+def test_a_list_item_path_and_an_hf_output():
+    template = {**TEMPLATE, "output": {"uri": "hf://org/model"}}
+    doc = _sweep(template=template,
+                 parameters=[{"path": "datasets[0].maxSamples", "values": [10]}])
+    (trial,) = sw.plan(sw.parse_sweep(doc))
+    assert trial.job.spec.datasets[0].max_samples == 10
+    assert trial.job.spec.output.uri == "hf://org/model-0"
+
+
+def test_an_invalid_combination_is_refused_naming_the_parameter():
+    doc = _sweep(parameters=[{"path": "training.learningRate", "values": [1e-4, 2.0]}])
+    with pytest.raises(KubetuneError) as e:
+        sw.plan(sw.parse_sweep(doc))
+    text = str(e.value)
+    assert "trial lr-1 (training.learningRate=2.0)" in text
+    assert "spec.training.learningRate" in text
+
+
+def test_a_cross_field_rule_broken_by_a_combination_is_refused():
+    doc = _sweep(parameters=[{"path": "method.type", "values": ["lora", "full"]},
+                             {"path": "output.merge", "values": [True]}])
+    with pytest.raises(KubetuneError, match=r"(?s)trial lr-1 \(method.type=\"full\", "
+                       r"output.merge=true\).*output.merge needs method.type lora"):
+        sw.plan(sw.parse_sweep(doc))
+
+
+def test_an_integer_field_given_floats_is_refused():
+    doc = _sweep(parameters=[{"path": "method.lora.rank", "range": {"min": 4, "max": 8}}])
+    with pytest.raises(KubetuneError, match="method.lora.rank"):
+        sw.plan(sw.parse_sweep(doc))
+    doc["spec"]["parameters"][0]["range"]["integer"] = True
+    assert [t.job.spec.method.lora.rank for t in sw.plan(sw.parse_sweep(doc))] == [4, 6, 8]
+
+
+def test_promote_is_held_to_the_serve_rules_of_every_trial():
+    doc = _sweep(promote={"weights": "model"})  # lora without output.merge: no whole model
+    with pytest.raises(KubetuneError,
+                       match=r"(?s)spec.promote: trial lr-0.*serve.weights: model needs"):
+        sw.plan(sw.parse_sweep(doc))
+    doc["spec"]["template"]["output"]["merge"] = True
+    trials = sw.plan(sw.parse_sweep(doc))
+    assert trials and all(t.job.spec.serve is None for t in trials)
+
+
+def test_a_missing_list_item_is_named():
+    doc = _sweep(parameters=[{"path": "datasets[3].evalSplit", "values": [0.1]}])
+    with pytest.raises(KubetuneError, match=r"datasets\[3\].evalSplit: the template has no"):
+        sw.plan(sw.parse_sweep(doc))
+
+
+def test_a_sweep_file_is_read_with_the_job_files_checks(tmp_path):
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(_sweep()))
+    assert sw.load_sweep(f).metadata.name == "lr"
+    f.write_text("a: &x 1\nb: *x\n")
+    with pytest.raises(KubetuneError, match="anchors"):
+        sw.load_sweep(f)
+
+
+# --------------------------------------------------------------------------- objective
+
+
+def test_objective_at_a_step_or_final():
+    logged = sw.observations([{"step": 2, "loss": 3.0}, {"step": 2, "eval_loss": 2.5},
+                              {"step": 4, "eval_loss": 2.0}, {"event": "checkpoint"},
+                              {"step": 5, "metrics": {"eval_loss": 1.9}}], "eval_loss")
+    assert logged == {2: 2.5, 4: 2.0, 5: 1.9}
+    assert sw.objective_value("eval_loss", 2, None, logged) == 2.5
+    assert sw.objective_value("eval_loss", 3, None, logged) is None
+    assert sw.objective_value("eval_loss", None, {"eval_loss": 1.8}, logged) == 1.8
+    assert sw.objective_value("eval_loss", None, {}, logged) == 1.9
+    assert sw.objective_value("loss", None, {"train_loss": 2.2}, {}) == 2.2
+    assert sw.objective_value("loss", None, {}, {}) is None
+
+
+def test_best_index_by_direction():
+    assert sw.best_index([3.0, None, 1.0, 1.0], "minimize") == 2
+    assert sw.best_index([3.0, None, 1.0], "maximize") == 0
+    assert sw.best_index([None, None], "minimize") is None
+
+
+def test_median_rule_stops_a_trial_worse_than_the_median_at_the_same_step():
+    completed = [{1: 3.0, 2: 2.0, 3: 1.0}, {1: 3.2, 2: 2.4, 3: 1.5}, {1: 3.1, 2: 2.2}]
+    # at step 2 the median is 2.2: 2.5 is worse (minimize)
+    assert sw.median_stops({1: 3.0, 2: 2.5}, completed, direction="minimize", min_steps=1,
+                           min_trials=1) == 2
+    assert sw.median_stops({1: 3.0, 2: 2.1}, completed, direction="minimize", min_steps=1,
+                           min_trials=1) is None
+    # not before minSteps
+    assert sw.median_stops({1: 9.0}, completed, direction="minimize", min_steps=2,
+                           min_trials=1) is None
+    # step 3 has two completed values (median 1.25), minTrials 3 asks for three
+    assert sw.median_stops({3: 2.0}, completed, direction="minimize", min_steps=1,
+                           min_trials=3) is None
+    assert sw.median_stops({3: 2.0}, completed, direction="minimize", min_steps=1,
+                           min_trials=2) == 3
+    # maximize: lower is worse
+    assert sw.median_stops({2: 2.1}, completed, direction="maximize", min_steps=1,
+                           min_trials=1) == 2
+    # no completed trial yet: nothing is stopped
+    assert sw.median_stops({2: 99.0}, [], direction="minimize", min_steps=1,
+                           min_trials=1) is None
