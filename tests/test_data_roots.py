@@ -106,3 +106,19 @@ def test_fuzz_registry_file_names_never_leave_the_folder(tmp_path, parts):
         assert inside or "outside the data folder" in str(err), (name, err)
     else:
         assert inside, name
+
+
+def test_a_loop_of_links_is_refused_naming_it(tmp_path):
+    """Found by the path fuzz (test_fuzz_data): a link to itself was a RuntimeError."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ok.json").write_text(json.dumps(ROWS))
+    os.symlink("l.json", data / "l.json")
+    with pytest.raises(KubetuneError, match="l.json is a loop of links"):
+        load_examples([DatasetSpec(source="data")], "sft", RunContext(base_dir=tmp_path),
+                      max_invalid_fraction=1.0)
+    (tmp_path / "claims" / "c").mkdir(parents=True)
+    os.symlink("x.json", tmp_path / "claims" / "c" / "x.json")
+    with pytest.raises(KubetuneError, match="a loop of links on the claim c"):
+        _load({"source": "pvc://c/x.json", "format": "alpaca"},
+              RunContext(pvc_root=tmp_path / "claims"))

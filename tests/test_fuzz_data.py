@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +194,82 @@ def test_fuzz_data_files_give_examples_bad_rows_or_one_message(data, row_fmt, su
             assert report.kept + report.bad == report.total
             for example in examples:
                 _assert_normalized(example)
+
+
+# ------------------------------------------------------------------------ paths out of the data
+
+PLANTED = "Pl4nt3dS3cr3t"  # what the files outside the data folder hold
+OUTCOMES: list[str] = []
+_LINK_NAMES = ["l.json", "l.jsonl", "l.txt", "sub/l.json", "ldir", "sub/ldir"]
+_TARGETS = ["abs-file", "abs-txt", "abs-dir", "rel-file", "rel-dir", "passwd", "inside-file",
+            "inside-dir", "chain", "dangling"]
+_SEGMENTS = ["..", ".", "", "sub", "ok.json", "l.json", "l.txt", "ldir", "x.json", "outside",
+             "secret.json"]
+paths = st.one_of(
+    st.lists(st.sampled_from(_SEGMENTS), min_size=1, max_size=5).map("/".join),
+    st.sampled_from(["OUT/secret.json", "OUT/secret.txt", "OUT/dir", "/etc/passwd",
+                     "ldir/s.json", "sub/ldir/s.json", "ldir/../ok.json"]))
+
+
+def _tree(root: Path, links: list[tuple[str, str]]) -> Path:
+    """root/outside (the planted rows), root/claims/data (the data folder, with links)."""
+    out = root / "outside"
+    (out / "dir").mkdir(parents=True)
+    secret = [{"instruction": PLANTED, "output": PLANTED}]
+    (out / "secret.json").write_text(json.dumps(secret))
+    (out / "dir" / "s.json").write_text(json.dumps(secret))
+    (out / "secret.txt").write_text(f"{PLANTED}\n")
+    data = root / "claims" / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "ok.json").write_text(json.dumps([{"instruction": "q", "output": "a"}]))
+    (data / "sub" / "ok.json").write_text(json.dumps([{"instruction": "q2", "output": "a2"}]))
+    target = {"abs-file": out / "secret.json", "abs-txt": out / "secret.txt",
+              "abs-dir": out / "dir", "rel-file": Path("../../../outside/secret.json"),
+              "rel-dir": Path("../../../outside/dir"), "passwd": Path("/etc/passwd"),
+              "inside-file": Path("ok.json"), "inside-dir": Path("sub"), "chain": Path("l.json"),
+              "dangling": Path("nowhere.json")}
+    for name, kind in links:
+        link = data / name
+        if not link.parent.is_dir() or link.exists() or link.is_symlink():
+            continue
+        os.symlink(target[kind], link)
+    return data
+
+
+@settings(FUZZ, max_examples=max(EXAMPLES // 2, 30))
+@given(links=st.lists(st.tuples(st.sampled_from(_LINK_NAMES), st.sampled_from(_TARGETS)),
+                      max_size=3),
+       how=st.sampled_from(["dir", "registry", "pvc"]), path=paths)
+def test_fuzz_nothing_outside_the_data_folder_is_read(links, how, path):
+    """Links (absolute, relative, chained, dangling, to files and directories) inside a data
+    folder, and paths (``..``, absolute, through links) in dataset_info.json or after
+    pvc://CLAIM/: what is loaded, reported or said never holds a byte from outside."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = _tree(root, links)
+        path = path.replace("OUT", str(root / "outside"))
+        ctx = RunContext(base_dir=root, pvc_root=root / "claims")
+        if how == "dir":
+            spec = {"source": str(data)}
+        elif how == "registry":
+            (data / "dataset_info.json").write_text(json.dumps({"e": {"file_name": path}}))
+            spec = {"source": str(data / "dataset_info.json"), "entries": ["e"]}
+        else:
+            spec = {"source": f"pvc://data/{path.lstrip('/')}", "format": "alpaca"}
+        try:
+            examples, report = load_examples([DatasetSpec.model_validate(spec)], "sft", ctx,
+                                             max_invalid_fraction=1.0)
+        except KubetuneError as err:
+            said = str(err)
+            OUTCOMES.append("outside" if "outside" in said else "refused")
+        else:
+            said = json.dumps(examples) + report.summary()
+            OUTCOMES.append("read")
+        assert PLANTED not in said and "root:x:0" not in said, (spec, links, said[:300])
+
+
+def test_fuzz_paths_covered_both_ways():
+    # Runs after the fuzz above (file order): paths were read, and refused as outside.
+    if OUTCOMES:
+        assert OUTCOMES.count("read") >= len(OUTCOMES) // 10, Counter(OUTCOMES)
+        assert OUTCOMES.count("outside") >= len(OUTCOMES) // 10, Counter(OUTCOMES)

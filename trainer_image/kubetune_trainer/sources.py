@@ -150,8 +150,12 @@ def resolve(
     if scheme == "pvc":
         claim, _, sub = rest.partition("/")
         path = ctx.pvc_root / claim / sub
-        top = (ctx.pvc_root / claim).resolve()
-        if path.resolve() != top and not path.resolve().is_relative_to(top):
+        try:
+            top, real = (ctx.pvc_root / claim).resolve(), path.resolve()
+        except (OSError, RuntimeError):  # a loop of links
+            raise SourceError(f"{uri}: a loop of links on the claim {claim}",
+                              field=field) from None
+        if real != top and not real.is_relative_to(top):
             raise SourceError(f"{uri}: resolves outside the claim {claim} (a '..' or a link "
                               "out of it); only what is on the claim is read", field=field)
         return path

@@ -222,9 +222,13 @@ class _Unparsable:
 def _inside(path: Path, root: Path, name: str, field: str) -> None:
     """Refuse ``path`` unless it resolves (links followed, ``..`` applied) inside ``root``:
     a data set never reads outside its folder (on a claim: outside the claim)."""
-    real, top = path.resolve(), root.resolve()
+    shown = path.relative_to(root) if path.is_relative_to(root) else path
+    try:
+        real, top = path.resolve(), root.resolve()
+    except (OSError, RuntimeError):  # a loop of links (3.11 raises RuntimeError, 3.13 OSError)
+        raise DataError(f"{name}: {shown} is a loop of links; only files inside the data "
+                        f"folder {root} are read", field=field) from None
     if real != top and not real.is_relative_to(top):
-        shown = path.relative_to(root) if path.is_relative_to(root) else path
         raise DataError(f"{name}: {shown} is outside the data folder {root} (a '..' or a "
                         "link out of it); only files inside it are read", field=field)
 
