@@ -4,6 +4,7 @@ trial's FineTuneJob, the median stopping rule, and the best trial."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -273,3 +274,66 @@ def test_median_rule_stops_a_trial_worse_than_the_median_at_the_same_step():
     # no completed trial yet: nothing is stopped
     assert sw.median_stops({2: 99.0}, [], direction="minimize", min_steps=1,
                            min_trials=1) is None
+
+
+# --------------------------------------------------------------------------- kubetune sweep
+
+
+def _sweep_file(tmp_path, tiny_model, parameters, **spec) -> Path:
+    from conftest import LF_DATA, tiny_spec
+
+    identity = {"source": str(LF_DATA / "identity.json"),
+                "placeholders": {"name": "Kubey", "author": "Ops"}}
+    template = tiny_spec(tiny_model, [identity], tmp_path / "out", **spec.pop("template", {}))
+    doc = _sweep(template=template, parameters=parameters, **spec)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_a_learning_rate_sweep_here_picks_the_lowest_eval_loss(tiny_model, tmp_path, lf_data):
+    import json
+
+    from kubetune.cli import app
+    from typer.testing import CliRunner
+
+    rates = [3e-3, 1e-2, 1e-5, 3e-4]  # the best neither first nor last
+    path = _sweep_file(tmp_path, tiny_model,
+                       [{"path": "training.learningRate", "values": rates}],
+                       template={"training": {"maxSteps": 4, "evalSplit": 0.2,
+                                              "evalSteps": 2, "saveSteps": 4}})
+    res = CliRunner().invoke(app, ["sweep", str(path)])
+    assert res.exit_code == 0, res.output
+    # each trial's own result.json, in its own folder
+    results = {f"lr-{i}": json.loads((tmp_path / "out" / f"lr-{i}" / "result.json").read_text())
+               for i in range(4)}
+    losses = {name: r["metrics"]["eval_loss"] for name, r in results.items()}
+    assert len(set(losses.values())) == 4  # the rates made a difference
+    lowest = min(losses, key=losses.get)
+    assert f"best: {lowest} (eval_loss {losses[lowest]:.4f})" in res.output
+    row = next(line for line in res.output.splitlines() if "(best)" in line)
+    assert f"* {lowest}" in row and f"{losses[lowest]:.4f}" in row
+    for i, rate in enumerate(rates):  # the table: each trial with its rate and value
+        line = next(line for line in res.output.splitlines()
+                    if f" lr-{i} " in line and "│" in line)
+        assert sw.show(rate) in line and f"{losses[f'lr-{i}']:.4f}" in line
+
+
+def test_the_median_rule_stops_a_trial_behind_the_completed_ones(tiny_model, tmp_path,
+                                                                  lf_data):
+    from kubetune.sweep_local import best, run_sweep
+    from kubetune_trainer.config import RunContext
+
+    # the first trial learns; the second barely moves, so its loss at step 2 is above the
+    # first's (at step 1 both have the untrained model's loss: equal is not worse)
+    path = _sweep_file(tmp_path, tiny_model,
+                       [{"path": "training.learningRate", "values": [1e-2, 1e-7]}],
+                       objective={"metric": "loss"},
+                       earlyStopping={"minSteps": 2},
+                       template={"training": {"maxSteps": 5, "saveSteps": 5}})
+    s = sw.load_sweep(path)
+    first, second = run_sweep(s, RunContext(base_dir=tmp_path), log=lambda *_: None)
+    assert first.state == "succeeded" and first.steps == 5
+    assert second.state == "stopped" and second.stopped_at == 2 and second.steps == 2
+    assert second.logged[2] > first.logged[2]
+    assert best([first, second], "minimize") is first

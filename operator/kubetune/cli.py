@@ -178,6 +178,29 @@ def run(job_file: JobFile, pvc_root: PvcRoot = None,
         err.print(f"  {'checkpoints':<13} {', '.join(result['checkpoints'])}", highlight=False)
 
 
+@app.command()
+def sweep(sweep_file: Annotated[Path, typer.Argument(help="A FineTuneSweep YAML file.")],
+          pvc_root: PvcRoot = None) -> None:
+    """Run a FineTuneSweep here: every trial's spec checked first, then each trial as
+    `kubetune run` would (one after another, the median stopping rule as they log), and a
+    table of the results with the best marked."""
+    from kubetune.sweep import load_sweep
+    from kubetune.sweep_local import best, run_sweep, table
+
+    _offline_defaults()
+    spec = load_sweep(sweep_file)
+    results = run_sweep(spec, _context(sweep_file, pvc_root),
+                        log=lambda m: err.print(m, highlight=False, markup=False))
+    Console(soft_wrap=True).print(table(spec, results))
+    winner = best(results, spec.spec.objective.direction)
+    if winner is None:
+        raise KubetuneError("no trial succeeded with a value of "
+                            f"{spec.spec.objective.metric}", field="spec.objective")
+    err.print(f"best: {winner.name} ({spec.spec.objective.metric} {winner.value:.4f}); its "
+              f"outputs are in {winner.result.get('output_uri', '?')}", highlight=False,
+              markup=False)
+
+
 def _launch(job: Any, job_file: Path, pvc_root: Path | None, nproc: int) -> dict[str, Any]:
     """Run through the trainer image's launcher (torchrun, or accelerate with DeepSpeed/FSDP)
     with ``nproc`` local processes; returns the run's result.json."""

@@ -238,14 +238,16 @@ def training_args(spec: FineTuneJobSpec, out: Layout, *, has_eval: bool,
     )
 
 
-def run(job: FineTuneJob, ctx: RunContext, *, log=print) -> dict[str, Any]:
-    """Train to the end (resuming from the newest complete checkpoint) and write outputs."""
+def run(job: FineTuneJob, ctx: RunContext, *, log=print, callbacks: tuple[Any, ...] = ()
+        ) -> dict[str, Any]:
+    """Train to the end (resuming from the newest complete checkpoint) and write outputs.
+    ``callbacks``: more transformers TrainerCallbacks (``kubetune sweep``'s early stopping)."""
     with tracking.session(job.spec, job.metadata.name, output_root(job.spec, ctx)) as trackers:
-        return _run(job, ctx, trackers, log=log)
+        return _run(job, ctx, trackers, log=log, extra=callbacks)
 
 
-def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=print
-         ) -> dict[str, Any]:
+def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=print,
+         extra: tuple[Any, ...] = ()) -> dict[str, Any]:
     spec = job.spec
     out = Layout(output_root(spec, ctx))
     outputs.check_writable(out.root)  # first, before torch: a read-only output fails now
@@ -300,7 +302,7 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
     preemption = Preemption(grace_seconds())
     callbacks = [LogLastStep(), CheckpointMarker(keep=spec.training.save_total_limit),
                  *([uploader(store, out)] if store else []), OperatorReport(spec.output.uri),
-                 preemption.callback()]
+                 preemption.callback(), *extra]
     progress = ProgressLog(out.progress, echo=not sys.stderr.isatty())
     if main:
         callbacks.append(progress)
