@@ -588,19 +588,70 @@ def credential_values(planted: str = PLANTED) -> dict[str, str]:
     }
 
 
+# Words a credential's name is made of: those found inside a word too (camelCase), and those
+# found only between separators (PAT, KEY: a ``sortKey`` is no secret).
+_NAME_WORDS_ANYWHERE = ("token", "secret", "password", "passwd", "pwd", "credentials",
+                        "apikey", "accessKey", "privateKey", "signingKey", "connectionString",
+                        "connStr", "accountKey", "encryptionKey")
+_NAME_WORDS_APART = ("pass", "pat", "auth", "bearer", "key", "keys", "dsn", "api_key")
+_NAME_AFFIXES = ("", "db", "app", "github", "s3", "my", "x1", "azure_storage", "hf", "openai")
+
+
+@st.composite
+def credential_env_names(draw) -> str:
+    """A variable name that says it holds a credential, composed: affixes around a credential
+    word, joined by ``_``, ``.``, ``-`` or camelCase, in any case."""
+    apart = draw(st.booleans())
+    word = draw(st.sampled_from(_NAME_WORDS_APART if apart else _NAME_WORDS_ANYWHERE))
+    before, after = draw(st.sampled_from(_NAME_AFFIXES)), draw(st.sampled_from(
+        ("", "2", "value", "prod", "main")))
+    sep = draw(st.sampled_from(["_", ".", "-"] + ([] if apart else [""])))
+    if sep == "":  # camelCase: upper or lower case would hide where the word ends
+        return (before + word[:1].upper() + word[1:] if before else word) + after.capitalize()
+    name = sep.join(p for p in (before, word, after) if p)
+    return draw(st.sampled_from([name, name.upper(), name.lower()]))
+
+
+_TOKEN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+_=-"
+
+
+@st.composite
+def credential_tokens(draw, planted: str = PLANTED) -> str:
+    """A plain value that is a credential whatever its name, composed around ``planted``: a
+    long random token, an Authorization header, a connection string's secret, a URL with
+    user-info, query or fragment, a --…key= or --…token= argument, a long hex key."""
+    rand = draw(st.text(_TOKEN_CHARS, min_size=0, max_size=24))
+    hexes = draw(st.text("0123456789abcdef", min_size=32, max_size=64))
+    key = draw(st.sampled_from(["Password", "pwd", "AccountKey", "SharedAccessSignature",
+                                "api_key", "access_token", "Secret", "auth"]))
+    flag = draw(st.sampled_from(["api-key", "hf-token", "secret", "password", "auth",
+                                 "access-key", "client-secret", "credentials"]))
+    return draw(st.sampled_from([
+        f"aZ9{rand}{planted}{'x' * 8}",
+        f"{draw(st.sampled_from(['Bearer', 'Basic', 'token', 'BEARER']))} {planted}{rand}",
+        f"Server=db;{key}={planted}{rand};",
+        f"{draw(st.sampled_from(['postgres', 'mysql', 'redis', 'https', 'amqp']))}://"
+        f"{draw(st.sampled_from(['u', '', 'admin']))}:{planted}@db.example/x",
+        f"https://h.example/p?{draw(st.sampled_from(['sig', 'x', 'q', 'code']))}={planted}",
+        f"https://h.example/p#{planted}",
+        f"--{flag}={planted}{rand}", f"-{flag}={planted}",
+        f"{hexes}{planted.encode().hex()}",
+    ]))
+
+
 @st.composite
 def credential_env(draw, planted: str = PLANTED) -> dict[str, str]:
     """A trainer.env entry with a plain value that is a credential: by its name (any case,
-    any separator) or by its value (any name)."""
+    any separator; listed, or composed) or by its value (any name; listed, or composed)."""
     if draw(st.booleans()):
         base = draw(st.sampled_from(SECRET_ENV_NAMES))
         sep = draw(st.sampled_from(["_", ".", "-"]))
         name = draw(st.sampled_from([base, base.upper(), base.lower(), f"APP{sep}{base}",
-                                     f"{base}{sep}2"]))
+                                     f"{base}{sep}2"]) | credential_env_names())
         return {"name": name, "value": planted}
     name = draw(st.from_regex(r"[A-Z][A-Z0-9_]{0,12}", fullmatch=True))
     values = sorted(credential_values(planted).values())
-    return {"name": name, "value": draw(st.sampled_from(values))}
+    return {"name": name, "value": draw(st.sampled_from(values) | credential_tokens(planted))}
 
 
 # ------------------------------------------------------------------------ planted credentials

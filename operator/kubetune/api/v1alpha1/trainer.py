@@ -31,9 +31,10 @@ RESERVED_ENV = ("HF_HOME", "HF_TOKEN", "TOKENIZERS_PARALLELISM", "MASTER_ADDR", 
                 "PYTHONUNBUFFERED")
 RESERVED_ENV_PREFIXES = ("KUBETUNE_", "KUBEFLOW_", "PET_")
 # Names that hold a credential: a plain value would sit in the ConfigMap and the PyTorchJob.
-# Words, in any case and between any of - . _ (or in camelCase), not only whole names.
-SECRET_ENV_NAME = ("(?i)((^|[-._])(PASS|PAT|AUTH|BEARER|KEYS?|DSN)([-._]|$)|TOKEN([-._]|$)|"
-                   "SECRET|PASSW|PWD|CREDENTIAL|APIKEY|"
+# Words, in any case and between any of - . _ (or in camelCase), not only whole names. TOKEN
+# ends the name or is followed by a separator, a digit or (camelCase) a capital: not TOKENIZERS.
+SECRET_ENV_NAME = ("(?i)((^|[-._])(PASS|PAT|AUTH|BEARER|KEYS?|DSN)([-._]|$)|TOKEN([-._0-9]|$)|"
+                   "(?-i:[Tt]oken[A-Z])|SECRET|PASSW|PWD|CREDENTIAL|APIKEY|"
                    "(API|ACCESS|PRIVATE|SIGNING|ENCRYPTION|ACCOUNT)[-._]?KEY|"
                    "CONNECTION[-._]?STRING|CONN[-._]?STR)")
 NOT_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS")
