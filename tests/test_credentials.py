@@ -4,6 +4,7 @@ verdict from the CLI and the CRD's CEL, and every message path walked with a pla
 from __future__ import annotations
 
 import copy
+import os
 import re
 
 import pytest
@@ -28,7 +29,9 @@ from kubetune_operator.reconcile import validate as cluster_validate
 from typer.testing import CliRunner
 
 SERVER = Server(finetunejob_crd())
-FUZZ = settings(max_examples=300, derandomize=True, deadline=None, database=None,
+# `make test` runs 100 cases per generator; `make fuzz` sets KUBETUNE_FUZZ_EXAMPLES higher.
+FUZZ = settings(max_examples=int(os.environ.get("KUBETUNE_FUZZ_EXAMPLES", "100")),
+                derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 runner = CliRunner()
 
@@ -44,7 +47,7 @@ URL_RULE = urls.CLEAN_URL
 
 @FUZZ
 @given(credential_urls())
-def test_every_credential_shape_is_refused_and_redacted_by_the_one_rule(url):
+def test_fuzz_every_credential_shape_is_refused_and_redacted_by_the_one_rule(url):
     assert urls.url_problem(url) is not None, url
     assert re.fullmatch(URL_RULE, url) is None, url  # what the CRD's CEL rule matches
     assert PLANTED not in urls.redact(url), urls.redact(url)
@@ -54,7 +57,7 @@ def test_every_credential_shape_is_refused_and_redacted_by_the_one_rule(url):
 
 @FUZZ
 @given(clean_urls())
-def test_clean_urls_pass_unchanged(url):
+def test_fuzz_clean_urls_pass_unchanged(url):
     assert urls.url_problem(url) is None, url
     assert re.fullmatch(URL_RULE, url) is not None, url
     if "@" not in url:  # an @ in the path: redact hides what is before it, to be safe
@@ -126,6 +129,7 @@ IMAGES = {"userinfo": f"user:{PLANTED}@registry.example/trainer:1",
           "pct": f"u%3A{PLANTED}%40registry.example/t:1"}
 CASES += [(field, shape, image) for field in ("spec.trainer.image", "spec.serve.image")
           for shape, image in IMAGES.items()]
+CASES += [("spec.output.uri", "file-userinfo", f"file://u:{PLANTED}@host/out")]
 
 
 def _walk_messages(doc: dict, tmp_path) -> list[str]:
@@ -180,13 +184,27 @@ def test_messages_that_quote_a_url_quote_it_redacted():
 
 @FUZZ
 @given(credential_env())
-def test_a_credential_in_trainer_env_is_refused_by_the_cli_and_the_crd(entry):
+def test_fuzz_a_credential_in_trainer_env_is_refused_by_the_cli_and_the_crd(entry):
     doc = base_job()
     doc["spec"]["trainer"] = {"env": [entry]}
     with pytest.raises(KubetuneError) as err:
         parse_job(copy.deepcopy(doc))
     assert PLANTED not in str(err.value) and "trainer.env" in str(err.value)
     assert SERVER.verdict(doc["spec"]) is not None
+
+
+ENV_CASES = [{"name": n, "value": PLANTED} for n in (
+    "db.password", "S3_SECRETKEY", "GITHUB_PAT", "AZURE_STORAGE_CONNECTION_STRING", "hfToken2")]
+ENV_CASES += [{"name": "SETTING", "value": v} for v in credential_values().values()]
+
+
+@pytest.mark.parametrize("entry", ENV_CASES, ids=[e["name"] + "=" + e["value"][:12]
+                                                  for e in ENV_CASES])
+def test_a_credential_in_trainer_env_is_never_printed_on_any_message_path(entry, tmp_path):
+    doc = base_job()
+    doc["spec"]["trainer"] = {"env": [entry]}
+    for message in _walk_messages(doc, tmp_path):
+        assert PLANTED not in message and "trainer.env" in message, message
 
 
 @pytest.mark.parametrize("shape", sorted(credential_values()))
