@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION
 
-from kubetune_operator import metrics
+from kubetune_operator import metrics, sweeps
 from kubetune_operator import reconcile as rc
 from kubetune_operator.backends import Backend, backend_named
 from kubetune_operator.builders import JOB_LABEL, KUEUE_GROUP, KUEUE_VERSION
@@ -619,6 +619,7 @@ def register(registry: kopf.OperatorRegistry, backend: Backend) -> kopf.Operator
     kopf.on.event(backend.group, backend.version, backend.plural, registry=registry,
                   id=f"child_changed/{backend.kind}",
                   labels={JOB_LABEL: kopf.PRESENT})(child_changed)
+    sweeps.register(registry)  # FineTuneSweeps and their trials (kubetune_operator.sweeps)
     return registry
 
 
