@@ -57,3 +57,52 @@ def test_the_gitops_example_carries_the_same_script():
     cm = yaml.safe_load((REPO / "examples" / "gitops" / "argocd-cm.yaml").read_text())
     assert cm["data"]["resource.customizations.health.kubetune.io_FineTuneJob"].strip() == \
         SCRIPT.strip()
+
+
+SWEEP_SCRIPT = (REPO / "charts" / "kubetune" / "files" / "argocd-health-sweep.lua").read_text()
+
+
+def sweep_health(obj: dict) -> dict:
+    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
+    lua.globals().obj = lua.table_from(obj, recursive=True)
+    result = lua.execute(SWEEP_SCRIPT)
+    return {"status": result["status"], "message": result["message"]}
+
+
+def sweep(conditions=(), done="1/4", best=None, suspend=False, generation=2, observed=2):
+    status = {"observedGeneration": observed, "done": done,
+              "conditions": [{"type": t, "status": s, "reason": r, "message": m}
+                             for t, s, r, m in conditions]}
+    if best:
+        status["best"] = {"name": best, "value": 1.0, "parameters": {}}
+    return {"metadata": {"name": "s", "generation": generation},
+            "spec": {"suspend": suspend}, "status": status}
+
+
+@pytest.mark.parametrize(("obj", "status", "message"), [
+    (sweep([("Ready", "True", "TrialsRunning", "1/4 trials ended")], best="s-0"),
+     "Progressing", "1/4 trials ended, best so far s-0"),
+    (sweep([("Ready", "True", "Completed", "best: s-2 (eval_loss 1.2)"),
+            ("Succeeded", "True", "Completed", "best: s-2 (eval_loss 1.2)")], done="4/4"),
+     "Healthy", "sweep finished, best: s-2"),
+    (sweep([("Stalled", "True", "InvalidSpec", "trial s-1 (x=2) is not a valid FineTuneJob")]),
+     "Degraded", "InvalidSpec: trial s-1"),
+    (sweep([("Stalled", "True", "NoTrialSucceeded", "no trial succeeded"),
+            ("Succeeded", "False", "NoTrialSucceeded", "no trial succeeded")], done="4/4"),
+     "Degraded", "NoTrialSucceeded"),
+    (sweep([("Ready", "True", "Suspended", "suspended")], suspend=True), "Suspended",
+     "suspended, 1/4 trials ended"),
+    (sweep(generation=3, observed=2), "Unknown", "waiting for the kubetune operator to observe"),
+])
+def test_sweep_health(obj, status, message):
+    got = sweep_health(obj)
+    assert got["status"] == status
+    assert got["message"].startswith(message), got
+
+
+def test_the_gitops_example_carries_the_sweep_script():
+    import yaml
+
+    cm = yaml.safe_load((REPO / "examples" / "gitops" / "argocd-cm.yaml").read_text())
+    assert cm["data"]["resource.customizations.health.kubetune.io_FineTuneSweep"].strip() == \
+        SWEEP_SCRIPT.strip()

@@ -180,8 +180,15 @@ def test_an_unknown_backend_fails(helm_bin):
 
 
 def test_crds_in_the_chart_are_the_generated_ones(helm_bin):
-    assert (CHART / "files" / "crds" / "kubetune.io_finetunejobs.yaml").read_text() == \
-        (REPO / "crds" / "kubetune.io_finetunejobs.yaml").read_text(), "run make chart"
+    assert sorted(p.name for p in (CHART / "files" / "crds").glob("*.yaml")) == sorted(
+        p.name for p in (REPO / "crds").glob("*.yaml"))
+    for crd in (REPO / "crds").glob("*.yaml"):
+        assert (CHART / "files" / "crds" / crd.name).read_text() == crd.read_text(), \
+            "run make chart"
+    sweeps = {d["metadata"]["name"]: d for d in render(helm_bin)
+              if d["kind"] == "CustomResourceDefinition"}["finetunesweeps.kubetune.io"]
+    assert sweeps["spec"] == yaml.safe_load(
+        (REPO / "crds" / "kubetune.io_finetunesweeps.yaml").read_text())["spec"]
     rendered = {d["metadata"]["name"]: d for d in render(helm_bin)
                 if d["kind"] == "CustomResourceDefinition"}
     ours = yaml.safe_load((REPO / "crds" / "kubetune.io_finetunejobs.yaml").read_text())
@@ -220,11 +227,14 @@ def _rules(doc: dict) -> dict[tuple[str, str], set[str]]:
 # What the operator calls (reconcile.Kube, kopf) — and nothing else: no secrets, no pods/log,
 # no deletes (owner references garbage-collect the children).
 NAMESPACED = {
-    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch"},
+    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "create", "patch"},  # + trials
     ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
     # not a call: admission (OwnerReferencesPermissionEnforcement) checks it for
     # blockOwnerDeletion on the children's owner references
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
+    ("kubetune.io", "finetunesweeps"): {"get", "list", "watch"},
+    ("kubetune.io", "finetunesweeps/status"): {"get", "patch"},
+    ("kubetune.io", "finetunesweeps/finalizers"): {"update"},  # the trials' owner references
     ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch"},
     # patch: the progress CA's ConfigMap only (resourceNames), when its CA changes
     ("", "configmaps"): {"get", "create", "patch"},

@@ -44,3 +44,11 @@ def test_gitops_examples_parse():
     for path in (REPO / "examples" / "gitops").glob("*.yaml"):
         assert all(isinstance(d, dict) and d.get("kind") for d in
                    yaml.safe_load_all(path.read_text()) if d is not None), path
+
+
+def test_flux_waits_on_sweeps_by_the_same_conditions():
+    exprs = next(d for d in DOCS if d and d["kind"] == "Kustomization")["spec"][
+        "healthCheckExprs"]
+    sweep = next(e for e in exprs if e["kind"] == "FineTuneSweep")
+    assert {k: v for k, v in sweep.items() if k != "kind"} == {
+        k: v for k, v in EXPRS.items() if k != "kind"}

@@ -727,8 +727,12 @@ async def test_the_chart_rbac_allows_every_call_the_operator_makes(cluster, oper
     used = {(g, r) for g, r, _ in calls}
     # Events are off under kmock (it refuses a second nameless object), so unused here.
     # (Deployments and Services: spec.serve, in test_serve_after_train_and_check.)
+    # (FineTuneSweeps: tests/test_sweep_operator.py checks their calls.)
     assert set(NAMESPACED) - used <= {("", "events"), ("kubetune.io", "finetunejobs/finalizers"),
-                                      ("apps", "deployments"), ("", "services")}, \
+                                      ("apps", "deployments"), ("", "services"),
+                                      ("kubetune.io", "finetunesweeps"),
+                                      ("kubetune.io", "finetunesweeps/status"),
+                                      ("kubetune.io", "finetunesweeps/finalizers")}, \
         "a granted resource the run never used"
     assert ("kubeflow.org", "pytorchjobs", "create") in calls
     assert ("authentication.k8s.io", "tokenreviews", "create") in calls

@@ -277,5 +277,18 @@ async def test_the_operator_runs_a_sweep_against_kmock(cluster):  # noqa: F811
         assert status()["best"] == {"name": "lr-0", "parameters": {
             "training.learningRate": "0.0001"}, "value": 1.4}
         assert "serve" not in trial("lr-2")["spec"]
+
+        # every call it made is one the chart's ClusterRole allows
+        from test_chart import _rules, render
+        from test_operator import _operator_calls
+        from tools import helm
+
+        calls = _operator_calls(cluster)
+        allowed = _rules(next(d for d in render(str(helm())) if d["kind"] == "ClusterRole"))
+        denied = {c for c in calls if c[2] not in allowed.get((c[0], c[1]), set())}
+        assert not denied, f"the chart's RBAC would refuse {sorted(denied)}"
+        assert {("kubetune.io", "finetunesweeps", "watch"),
+                ("kubetune.io", "finetunesweeps/status", "patch"),
+                ("kubetune.io", "finetunejobs", "create")} <= calls
     finally:
         await op.stop()
