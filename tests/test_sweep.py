@@ -337,3 +337,63 @@ def test_the_median_rule_stops_a_trial_behind_the_completed_ones(tiny_model, tmp
     assert second.state == "stopped" and second.stopped_at == 2 and second.steps == 2
     assert second.logged[2] > first.logged[2]
     assert best([first, second], "minimize") is first
+
+
+# --------------------------------------------------------------------------- CEL
+
+
+_T = {"model": {"source": "m"}, "datasets": [{"source": "d.json"}], "output": {"uri": "o"}}
+_P = [{"path": "training.learningRate", "values": [0.001]}]
+_O = {"metric": "eval_loss"}
+SWEEP_CEL_CASES = {
+    "spec": (api.FineTuneSweepSpec, [
+        {"template": _T, "parameters": _P, "objective": _O},
+        {"template": {**_T, "serve": {"weights": "adapter"}}, "parameters": _P, "objective": _O},
+        {"template": {**_T, "suspend": True}, "parameters": _P, "objective": _O},
+        {"template": {**_T, "suspend": False}, "parameters": _P, "objective": _O},
+        {"template": _T, "parameters": _P * 2, "objective": _O},
+        {"template": _T, "parameters": [*_P, {"path": "training.epochs", "values": [1.0]}],
+         "objective": _O},
+        {"template": _T, "parameters": _P, "objective": _O, "parallelism": 3, "maxTrials": 2},
+        {"template": _T, "parameters": _P, "objective": _O, "parallelism": 2, "maxTrials": 2},
+        {"template": _T, "parameters": _P, "objective": _O, "parallelism": 1},
+    ]),
+    "spec.parameters[]": (api.ParameterSpec, [
+        {"path": "a", "values": [1]}, {"path": "a", "range": {"min": 1.0, "max": 2.0}},
+        {"path": "a"}, {"path": "a", "values": [1], "range": {"min": 1.0, "max": 2.0}},
+    ]),
+    "spec.parameters[].range": (api.RangeSpec, [
+        {"min": 1.0, "max": 2.0}, {"min": 2.0, "max": 1.0}, {"min": 1.0, "max": 1.0},
+        {"min": 0.0, "max": 1.0, "scale": "log"}, {"min": -1.0, "max": 1.0, "scale": "linear"},
+        {"min": 1e-5, "max": 1e-3, "scale": "log"},
+    ]),
+}
+
+
+@pytest.mark.parametrize("path", list(SWEEP_CEL_CASES))
+def test_sweep_cel_and_python_agree(path):
+    import cel
+    from pydantic import ValidationError
+
+    model, cases = SWEEP_CEL_CASES[path]
+    verdicts = set()
+    for obj in cases:
+        try:
+            model.model_validate(obj, by_alias=True)
+            broken = ""
+        except ValidationError as err:
+            broken = str(err)
+        for rule in api.SWEEP_RULES[path]:
+            got = cel.evaluate(rule.cel, {"self": obj})
+            assert isinstance(got, bool), f"{rule.cel} on {obj} gave {got!r}"
+            assert got == (rule.message not in broken), f"{rule.cel} on {obj}"
+            verdicts.add(got)
+    assert verdicts == {True, False}
+
+
+def test_the_sweep_name_rule_in_cel():
+    import cel
+
+    (rule,) = api.SWEEP_RULES["metadata"]
+    for name, ok in (("lr", True), ("a" * 46, True), ("a" * 47, False), ("Lr", False)):
+        assert cel.evaluate(rule.cel, {"self": {"metadata": {"name": name}}}) is ok, name
