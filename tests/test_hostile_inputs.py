@@ -261,3 +261,24 @@ def test_a_line_longer_than_the_limit_is_refused_with_its_size_in_bounded_memory
     monkeypatch.setenv("KUBETUNE_MAX_LINE_MB", "0")
     with pytest.raises(DataError, match="KUBETUNE_MAX_LINE_MB='0' is not a size"):
         load(fits)
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket-1/out", "s3://bucket-1/out"])
+def test_an_unreachable_output_store_is_one_line_in_seconds(monkeypatch, closed_port, uri):
+    from kubetune.errors import OutputError
+    from kubetune.jobfile import parse_job
+    from kubetune_trainer.storage import Store
+
+    endpoint = f"http://127.0.0.1:{closed_port}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    doc = base_job()
+    doc["spec"]["output"] = {"uri": uri}
+    store = Store.for_output(parse_job(doc).spec)
+    start = time.monotonic()
+    with pytest.raises(OutputError) as err:
+        store.check()
+    assert str(err.value) == (f"spec.output.uri: {uri}: 127.0.0.1:{closed_port} cannot be "
+                              "reached: [Errno 111] Connection refused (tried twice, 1 s apart, "
+                              "5 s each); check the network and proxy settings")
+    assert time.monotonic() - start < 10

@@ -52,71 +52,6 @@ def _may_send_token(uri: str) -> bool:
         return False
 
 
-# A network failure is one line after one retry, in seconds: before a download, the host that
-# serves it takes a TCP connection within CONNECT_TIMEOUT, or once more RETRY_PAUSE later. (gcsfs
-# alone retries each request six times, up to 32 s apart: 85 s offline before its error.)
-CONNECT_TIMEOUT = 5.0
-RETRY_PAUSE = 1.0
-
-
-def _endpoint(uri: str, secret: SourceSecret | None) -> tuple[str, int, str] | None:
-    """The (host, port, what) a download of ``uri`` first connects to: the URL's own host, the
-    store's endpoint, or the proxy that the environment routes it through ("the proxy for …").
-    None where the library decides (s3:// on AWS's regional endpoints: botocore's own 3
-    attempts)."""
-    from urllib.request import getproxies, proxy_bypass
-
-    scheme = split_uri(uri)[0]
-    if scheme in ("http", "https"):
-        url = uri
-    elif scheme == "gs":  # gcsfs: the emulator's address when set, else Google's endpoint
-        url = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
-    elif scheme == "s3":
-        url = ((secret.get("AWS_ENDPOINT_URL") if secret else None)
-               or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
-        if not url:
-            return None
-    else:
-        return None
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    if not parts.hostname:
-        return None
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return None
-    proxy = getproxies().get(parts.scheme)
-    if proxy and not proxy_bypass(parts.hostname):
-        via = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        if via.hostname:
-            return via.hostname, via.port or 80, f"the proxy for {parts.hostname}, "
-    return parts.hostname, port, ""
-
-
-def _reach(uri: str, secret: SourceSecret | None, *, field: str) -> None:
-    """One line when the host serving ``uri`` takes no connection, twice, RETRY_PAUSE apart."""
-    import socket
-    import time
-
-    target = _endpoint(uri, secret)
-    if target is None:
-        return
-    host, port, what = target
-    why = ""
-    for attempt in range(2):
-        if attempt:
-            time.sleep(RETRY_PAUSE)
-        try:
-            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
-            return
-        except OSError as err:
-            why = " ".join(str(err).split()) or type(err).__name__
-    raise SourceError(f"{redact(uri)}: {what}{host}:{port} cannot be reached: {why} "
-                      f"(tried twice, {RETRY_PAUSE:g} s apart, {CONNECT_TIMEOUT:g} s each); "
-                      "check the network and proxy settings, or copy it to a pvc:// or local "
-                      "path", field=field)
-
-
 def split_uri(uri: str) -> tuple[str, str]:
     scheme, sep, rest = uri.partition("://")
     return (scheme, rest) if sep else ("", uri)
@@ -237,7 +172,7 @@ def _fsspec_download(uri: str, ctx: RunContext, *, field: str, token: str | None
     target = ctx.cache_dir / "downloads" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if (target / ".complete").exists():
         return target / (target / ".complete").read_text().strip()
-    from kubetune_trainer.storage import source_error, storage_options
+    from kubetune_trainer.storage import reach, source_error, storage_options
 
     options: dict = storage_options(uri, secret)
     if token and uri.startswith(("http://", "https://")):
@@ -245,7 +180,7 @@ def _fsspec_download(uri: str, ctx: RunContext, *, field: str, token: str | None
             raise SourceError(f"{shown}: a secretRef token is only sent over https://",
                               field=field)
         options["headers"] = {"Authorization": f"Bearer {token}"}
-    _reach(uri, secret, field=field)
+    reach(uri, secret, field=field)
     try:
         fs, path = fsspec.core.url_to_fs(uri, **options)
     except ImportError as err:

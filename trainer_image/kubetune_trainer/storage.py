@@ -24,6 +24,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubetune.credentials import SourceSecret, output_secret
 from kubetune.errors import KubetuneError, OutputError, SourceError
@@ -52,6 +53,75 @@ def staging_root(uri: str, ctx: RunContext) -> Path:
     """Where a remote output is staged on this machine (the pod's scratch volume)."""
     return ctx.cache_dir / "staging" / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
+
+# A network failure is one line after one retry, in seconds: before a download (or the output
+# store's write check) the host that serves it takes a TCP connection within CONNECT_TIMEOUT, or
+# once more RETRY_PAUSE later. (gcsfs alone retries each request six times, up to 32 s apart:
+# 85 s offline before its error.)
+CONNECT_TIMEOUT = 5.0
+RETRY_PAUSE = 1.0
+
+
+def endpoint(uri: str, secret: SourceSecret | None) -> tuple[str, int, str] | None:
+    """The (host, port, what) a transfer of ``uri`` first connects to: the URL's own host, the
+    store's endpoint, or the proxy that the environment routes it through ("the proxy for …").
+    None where the library decides (s3:// on AWS's regional endpoints: botocore's own 3
+    attempts)."""
+    from urllib.request import getproxies, proxy_bypass
+
+    scheme = uri.partition("://")[0]
+    if scheme in ("http", "https"):
+        url = uri
+    elif scheme == "gs":  # gcsfs: the emulator's address when set, else Google's endpoint
+        url = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+    elif scheme == "s3":
+        url = ((secret.get("AWS_ENDPOINT_URL") if secret else None)
+               or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+        if not url:
+            return None
+    else:
+        return None
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if not parts.hostname:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    proxy = getproxies().get(parts.scheme)
+    if proxy and not proxy_bypass(parts.hostname):
+        via = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if via.hostname:
+            return via.hostname, via.port or 80, f"the proxy for {parts.hostname}, "
+    return parts.hostname, port, ""
+
+
+def reach(uri: str, secret: SourceSecret | None, *, field: str,
+          cls: type[KubetuneError] = SourceError) -> None:
+    """One line (``cls``, naming ``field``) when the host serving ``uri`` takes no
+    connection, twice, RETRY_PAUSE apart: a download's source, or the output store."""
+    import socket
+    import time
+
+    target = endpoint(uri, secret)
+    if target is None:
+        return
+    host, port, what = target
+    why = ""
+    for attempt in range(2):
+        if attempt:
+            time.sleep(RETRY_PAUSE)
+        try:
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
+            return
+        except OSError as err:
+            why = " ".join(str(err).split()) or type(err).__name__
+    from kubetune.urls import redact
+
+    instead = ", or copy it to a pvc:// or local path" if cls is SourceError else ""
+    raise cls(f"{redact(uri)}: {what}{host}:{port} cannot be reached: {why} (tried twice, "
+              f"{RETRY_PAUSE:g} s apart, {CONNECT_TIMEOUT:g} s each); check the network and "
+              f"proxy settings{instead}", field=field)
 
 def storage_options(uri: str, secret: SourceSecret | None) -> dict[str, Any]:
     """fsspec options carrying ``secret`` for ``uri``: S3 keys, endpoint and region; a GCS
@@ -123,6 +193,7 @@ class Store:
     fs: Any
     root: str  # bucket/prefix, as the file system names it
     secret_field: str | None
+    secret: SourceSecret | None = None  # its endpoint, for the reachability check
 
     FIELD = "spec.output.uri"
 
@@ -140,7 +211,7 @@ class Store:
         except ImportError as err:
             raise OutputError(f"{uri}: needs an extra package ({err})", field=cls.FIELD
                               ) from None
-        return cls(uri, fs, root.rstrip("/"), secret.field if secret else None)
+        return cls(uri, fs, root.rstrip("/"), secret.field if secret else None, secret)
 
     def _fault(self, exc: BaseException, doing: str) -> KubetuneError:
         return store_error(exc, f"{doing} {self.uri}", field=self.FIELD,
@@ -158,6 +229,7 @@ class Store:
         """Before the model loads: the store answers, the bucket exists, and it takes a file
         (written and removed)."""
         probe = f"{self.root}/.kubetune-write-check-{os.getpid()}"
+        reach(self.uri, self.secret, field=self.FIELD, cls=OutputError)
         try:
             self.fs.pipe_file(probe, b"ok")
         except FileNotFoundError as exc:  # writing a new object: only its bucket can be missing
