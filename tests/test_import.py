@@ -5,6 +5,7 @@ every input key is accounted for; what kubetune cannot train is refused with the
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,8 @@ LF_CASES: dict[str, tuple[str, dict[str, Any]]] = {
                      {"spec.evalDatasets.0.entries": ["identity"]}),
     "neat_packing_and_trackers": (lf("dataset: alpaca_en_demo\nneat_packing: true\n"
                                      "report_to: [wandb, tensorboard]\nrun_name: first\n"), {
-        "spec.training.packing": True, "spec.training.reportTo": ["wandb", "tensorboard"],
+        "spec.training.packing": True, "spec.training.cutoffLen": 2047,
+        "spec.training.reportTo": ["wandb", "tensorboard"],
         "spec.training.tracking.runName": "first"}),
     "local_model": (lf("dataset: alpaca_en_demo\n", "model_name_or_path: /models/llama3-8b\n"),
                     {"spec.model.source": "/models/llama3-8b"}),
@@ -676,6 +678,31 @@ def test_check_compares_with_trl_s_own_loader(tmp_path, monkeypatch):
         assert res.exit_code == 0, res.output
         assert "--check: trl " in res.output and "agree" in res.output, res.output
         assert "hyper-parameters agree" in res.output and " differ:" not in res.output
+
+
+LF_PYTHON = os.environ.get("KUBETUNE_LLAMAFACTORY_PYTHON")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LF_PYTHON, reason="KUBETUNE_LLAMAFACTORY_PYTHON (the Python of a venv "
+                    "with llamafactory) is not set: LLaMA-Factory is not a kubetune dependency")
+@pytest.mark.parametrize("case", sorted(LF_CASES))
+def test_check_compares_with_llamafactory_s_own_loader(case, tmp_path, monkeypatch):
+    """Opt-in: every LLaMA-Factory config above, resolved by LLaMA-Factory's get_train_args
+    in its own environment, agrees with the job on every compared hyper-parameter."""
+    text, _ = LF_CASES[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data").symlink_to(LF_DATA, target_is_directory=True)
+    (work / "ds.json").write_text(json.dumps({"zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    (work / "c.yaml").write_text(text)
+    monkeypatch.chdir(work)
+    res = runner.invoke(app, ["import", "llamafactory", "c.yaml", "--check-python", LF_PYTHON])
+    assert res.exit_code == 0, res.output
+    if "did not resolve" in res.output and "distribution was not found" in res.output:
+        pytest.skip("an optional package of LLaMA-Factory's is missing in its environment")
+    assert "hyper-parameters agree" in res.output and " differ:" not in res.output, res.output
 
 
 @pytest.mark.slow

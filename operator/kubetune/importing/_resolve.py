@@ -92,8 +92,8 @@ def main():
             resolved, version = {"llamafactory": llamafactory, "axolotl": axolotl,
                                  "trl": trl}[tool](path, command)
         except ModuleNotFoundError as err:
-            print(json.dumps({"error": f"{err.name} is not installed in {sys.executable}",
-                              "missing": True}))
+            what = f"{err.name} is not installed" if err.name else str(err)
+            print(json.dumps({"error": f"{what} ({sys.executable})", "missing": True}))
             return
         except BaseException as err:  # the tool's loader refused: report it, do not hide it
             text = " ".join(str(err).split())[:300]

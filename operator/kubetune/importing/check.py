@@ -53,7 +53,8 @@ def compare(tool: str, config: Path, imported: Imported, ctx: Context,
             continue
         want = how(resolved[name]) if how else resolved[name]
         have = _get(spec, path)
-        if want is _SKIP or (have is None and path.startswith(("method.", "preference."))):
+        if want is _SKIP or (have is None and path.startswith(
+                ("method.", "preference.", "training.optimizer."))):
             continue  # a section the job does not have (no adapter, no preference stage)
         if _same(want, have):
             agree.append(name)
@@ -152,12 +153,26 @@ PAIRS: dict[str, list[tuple[str, str, Callable[[Any], Any] | None]]] = {
         ("model.lora_dropout", "method.lora.dropout", None),
         ("model.load_in_4bit", "method.quantization.bits", lambda v: 4 if v else _SKIP),
     ],
-    "llamafactory": _HF + [
+    "llamafactory": [p for p in _HF if p[0] != "gradient_checkpointing"] + [
+        # LLaMA-Factory turns checkpointing on itself, outside TrainingArguments
+        ("disable_gradient_checkpointing", "training.gradientCheckpointing", lambda v: not v),
         ("cutoff_len", "training.cutoffLen", None),
+        ("packing", "training.packing", bool),
+        ("train_on_prompt", "training.trainOnPrompt", None),
+        ("val_size", "training.evalSplit", None),
+        ("finetuning_type", "method.type", None),
         ("lora_rank", "method.lora.rank", None),
         ("lora_alpha", "method.lora.alpha", None),
-        ("finetuning_type", "method.type", None),
+        ("lora_dropout", "method.lora.dropout", None),
+        ("use_dora", "method.lora.dora", None),
+        ("freeze_trainable_layers", "method.freeze.trainableLayers", None),
+        ("quantization_bit", "method.quantization.bits", None),
+        ("galore_rank", "training.optimizer.rank", None),
+        ("galore_scale", "training.optimizer.scale", None),
+        ("badam_switch_interval", "training.optimizer.switchEvery", None),
         ("pref_beta", "preference.beta", None),
+        ("kto_chosen_weight", "preference.desirableWeight", None),
+        ("simpo_gamma", "preference.simpoGamma", None),
     ],
     "axolotl": [
         ("learning_rate", "training.learningRate", None),

@@ -289,6 +289,19 @@ def convert(config: dict[str, Any], ctx: Context) -> Imported:
     for path, (value, why) in DEFAULTS.items():
         draft.default(path, value, why)
     draft.default("training.packing", stage == "pt", "LLaMA-Factory packs pt rows, not others")
+    if value_of(config, "packing", False, flag) or value_of(config, "neat_packing", False, flag):
+        # LLaMA-Factory packs rows of cutoff_len - 1 when packing is asked for in the config
+        # (DataArguments.__post_init__; not for pt's implicit packing)
+        cutoff = draft.get("training.cutoffLen") - 1
+        draft.set("training.cutoffLen", cutoff)
+        draft.mapped[:] = [m for m in draft.mapped if m[0] != "cutoff_len"]
+        if "cutoff_len" in config:
+            draft.map("cutoff_len", f"spec.training.cutoffLen {cutoff} (LLaMA-Factory packs "
+                      "rows of cutoff_len - 1)")
+        else:
+            draft.defaults[:] = [d for d in draft.defaults if d[0] != "training.cutoffLen"]
+            draft.defaults.append(("training.cutoffLen", cutoff, "LLaMA-Factory's 2048, less "
+                                   "1 when packing"))
     if draft.get("method.type", "lora") == "lora":
         rank = draft.get("method.lora.rank", 8)
         draft.default("method.lora.rank", 8, "LLaMA-Factory's lora_rank; kubetune's is 16")
