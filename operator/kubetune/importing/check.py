@@ -48,9 +48,11 @@ def compare(tool: str, config: Path, imported: Imported, ctx: Context,
     # the job as kubetune reads it: its defaults filled in
     spec = parse_job(imported.job).spec.model_dump(by_alias=True, mode="json")
     agree, differ = [], []
+    optimizer = str(_get(spec, "training.optimizer.name"))
     for name, path, how in PAIRS[tool]:
-        if name not in resolved:
-            continue
+        if name not in resolved or (name.startswith(_OPTIMIZER_KEYS) and not optimizer.startswith(
+                name.split("_")[0])):
+            continue  # galore_rank for a job without GaLore, …
         want = how(resolved[name]) if how else resolved[name]
         have = _get(spec, path)
         if want is _SKIP or (have is None and path.startswith(
@@ -88,6 +90,7 @@ def _run(python: Path, tool: str, config: Path, ctx: Context) -> dict[str, Any]:
 
 
 _SKIP = object()
+_OPTIMIZER_KEYS = ("galore_", "apollo_", "badam_")
 
 
 def _get(spec: dict[str, Any], path: str) -> Any:
@@ -169,6 +172,8 @@ PAIRS: dict[str, list[tuple[str, str, Callable[[Any], Any] | None]]] = {
         ("quantization_bit", "method.quantization.bits", None),
         ("galore_rank", "training.optimizer.rank", None),
         ("galore_scale", "training.optimizer.scale", None),
+        ("apollo_rank", "training.optimizer.rank", None),
+        ("apollo_scale", "training.optimizer.scale", None),
         ("badam_switch_interval", "training.optimizer.switchEvery", None),
         ("pref_beta", "preference.beta", None),
         ("kto_chosen_weight", "preference.desirableWeight", None),
