@@ -99,6 +99,29 @@ def test_the_crd_names_columns_and_rules():
         r.message for r in api.SWEEP_RULES["spec"]}
 
 
+def test_what_trials_are_planned_from_cannot_change():
+    spec = finetunesweep_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"]["spec"]["properties"]
+    for field in ("template", "parameters", "algorithm"):
+        rules = spec[field]["x-kubernetes-validations"]
+        assert {"rule": "self == oldSelf", "message": f"spec.{field} cannot change after the "
+                "sweep is created (its trials are planned from it); create a new "
+                "FineTuneSweep"} in rules
+    # the template keeps the FineTuneJob spec's own rules beside it
+    assert len(spec["template"]["x-kubernetes-validations"]) == len(api.ALL_RULES["spec"]) + 1
+
+
+def test_trials_do_not_inherit_the_gitops_tools_labels():
+    doc = _sweep()
+    doc["metadata"]["labels"] = {"app.kubernetes.io/instance": "ml", "team": "a",
+                                 "kustomize.toolkit.fluxcd.io/name": "jobs",
+                                 "kueue.x-k8s.io/queue-name": "q"}
+    labels = sw.plan(sw.parse_sweep(doc))[0].job.metadata.labels
+    assert labels["team"] == "a" and labels["kueue.x-k8s.io/queue-name"] == "q"
+    assert "app.kubernetes.io/instance" not in labels
+    assert "kustomize.toolkit.fluxcd.io/name" not in labels
+
+
 def test_every_algorithm_the_crd_names_is_implemented():
     assert set(api.ALGORITHMS) == set(sw.ALGORITHMS)
 
@@ -397,3 +420,18 @@ def test_the_sweep_name_rule_in_cel():
     (rule,) = api.SWEEP_RULES["metadata"]
     for name, ok in (("lr", True), ("a" * 46, True), ("a" * 47, False), ("Lr", False)):
         assert cel.evaluate(rule.cel, {"self": {"metadata": {"name": name}}}) is ok, name
+
+
+def test_range_points_are_readable():
+    (p,) = _params({"path": "training.learningRate",
+                    "range": {"min": 1e-4, "max": 3e-3, "scale": "log", "count": 4}})
+    assert sw.grid_values(p) == [1e-4, 3.11e-4, 9.65e-4, 3e-3]
+    (p,) = _params({"path": "preference.beta", "range": {"min": 0.0, "max": 1.0, "count": 4}})
+    assert sw.grid_values(p) == [0.0, 0.333333, 0.666667, 1.0]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples" /
+                                         "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_sweeps_plan_valid_trials(path):
+    trials = sw.plan(sw.load_sweep(path))
+    assert trials and all(t.job.kind == "FineTuneJob" for t in trials)

@@ -196,9 +196,10 @@ def sweep(sweep_file: Annotated[Path, typer.Argument(help="A FineTuneSweep YAML 
     if winner is None:
         raise KubetuneError("no trial succeeded with a value of "
                             f"{spec.spec.objective.metric}", field="spec.objective")
+    where = (Path(winner.result["progress"]).parent.resolve() if winner.result.get("progress")
+             else "?")
     err.print(f"best: {winner.name} ({spec.spec.objective.metric} {winner.value:.4f}); its "
-              f"outputs are in {winner.result.get('output_uri', '?')}", highlight=False,
-              markup=False)
+              f"outputs are in {where}", highlight=False, markup=False)
 
 
 def _launch(job: Any, job_file: Path, pvc_root: Path | None, nproc: int) -> dict[str, Any]:

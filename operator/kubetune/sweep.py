@@ -38,14 +38,19 @@ Assignment = dict[str, Any]  # spec path -> the value a trial gives it
 SWEEP_LABEL = "kubetune.io/sweep"
 TRIAL_LABEL = "kubetune.io/trial"
 PARAMETER_LABEL_PREFIX = "sweep.kubetune.io/"
+# The sweep's labels go to its trials (a Kueue queue name, a team), except those that say
+# which GitOps tool manages the sweep: the trials are not in git, and must not look as if
+# they were (Argo CD's tracking label, Flux's).
+NOT_INHERITED = ("app.kubernetes.io/instance", "argocd.argoproj.io/",
+                 "kustomize.toolkit.fluxcd.io/", "helm.toolkit.fluxcd.io/")
 
 
 # --------------------------------------------------------------------------- values
 
 
-def _tidy(x: float) -> float:
-    """0.00030000000000000003 -> 0.0003: twelve significant digits are plenty."""
-    return float(f"{x:.12g}")
+def _tidy(x: float, digits: int) -> float:
+    """0.00031072325 -> 0.000311 (digits 3): a value a person can read and a label can hold."""
+    return float(f"{x:.{digits}g}")
 
 
 def _on_scale(r: RangeSpec, u: float) -> float:
@@ -56,7 +61,11 @@ def _on_scale(r: RangeSpec, u: float) -> float:
 
 
 def _number(r: RangeSpec, x: float) -> int | float:
-    return int(round(x)) if r.integer else _tidy(x)
+    """A point of the range as a trial gets it: whole with integer; three significant digits
+    on a log scale (learning rates: 0.000311), six on a linear one."""
+    if r.integer:
+        return int(round(x))
+    return _tidy(x, 3 if r.scale == "log" else 6)
 
 
 def grid_values(p: ParameterSpec) -> list[Any]:
@@ -194,8 +203,9 @@ def trial_document(sweep: FineTuneSweep, index: int, parameters: Assignment) -> 
     spec.setdefault("output", {})["uri"] = trial_output(sweep.spec.template.output.uri, name)
     for path, value in parameters.items():
         _set(spec, path, value)
-    labels = {**(sweep.metadata.labels or {}), SWEEP_LABEL: sweep.metadata.name,
-              TRIAL_LABEL: str(index)}
+    labels = {k: v for k, v in (sweep.metadata.labels or {}).items()
+              if not k.startswith(NOT_INHERITED)}
+    labels.update({SWEEP_LABEL: sweep.metadata.name, TRIAL_LABEL: str(index)})
     labels.update({label_key(p): label_value(v) for p, v in parameters.items()})
     metadata: dict[str, Any] = {"name": name, "labels": labels}
     if sweep.metadata.namespace:

@@ -32,7 +32,12 @@ def _structural(node: Any, defs: dict[str, Any], nullable: bool = True) -> Any:
     node = dict(node)
     if "$ref" in node:
         ref = node.pop("$ref").rsplit("/", 1)[-1]
-        node = {**copy.deepcopy(defs[ref]), **node}
+        target = copy.deepcopy(defs[ref])
+        rules = target.get("x-kubernetes-validations", []) + node.get(
+            "x-kubernetes-validations", [])  # the model's rules and the field's, both
+        node = {**target, **node}
+        if rules:
+            node["x-kubernetes-validations"] = rules
     if "anyOf" in node:
         branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
         if len(branches) != 1:

@@ -197,19 +197,30 @@ _SWEEP_SPEC_RULES = (
 )
 
 
+def _fixed(field: str) -> dict[str, Any]:
+    """A CEL transition rule: the trials are planned from it, so it cannot change."""
+    return {"x-kubernetes-validations": [{
+        "rule": "self == oldSelf",
+        "message": f"spec.{field} cannot change after the sweep is created (its trials are "
+        "planned from it); create a new FineTuneSweep",
+    }]}
+
+
 class FineTuneSweepSpec(_Spec):
     """A search over FineTuneJob settings: trials made from the template, run at most
     parallelism at a time, the best by the objective."""
 
     model_config = ConfigDict(json_schema_extra=_rules(*_SWEEP_SPEC_RULES))
 
-    template: Annotated[FineTuneJobSpec, Field(description=(
+    template: Annotated[FineTuneJobSpec, Field(json_schema_extra=_fixed("template"), description=(
         "The FineTuneJob spec every trial starts from; each trial writes to its own folder "
         "under output.uri (hf:// outputs: a repository named NAME-TRIAL)."))]
-    parameters: Annotated[list[ParameterSpec], Field(min_length=1, max_length=16,
-                                                     description="The fields that vary.")]
-    algorithm: Annotated[AlgorithmSpec, Field(description="grid (default) or random.")
-                         ] = AlgorithmSpec()
+    parameters: Annotated[list[ParameterSpec], Field(
+        min_length=1, max_length=16, json_schema_extra=_fixed("parameters"),
+        description="The fields that vary.")]
+    algorithm: Annotated[AlgorithmSpec, Field(
+        json_schema_extra=_fixed("algorithm"), description="grid (default) or random.")
+    ] = AlgorithmSpec()
     objective: ObjectiveSpec
     max_trials: Annotated[int, Field(ge=1, le=MAX_TRIALS, description=(
         "Trials at most (grid: the first this many combinations)."))] = 16
