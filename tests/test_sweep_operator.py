@@ -8,6 +8,7 @@ import copy
 
 import pytest
 from kubetune import sweep as sw
+from kubetune.api import v1alpha1 as api
 from kubetune_operator import sweeps
 from test_operator import cluster  # noqa: F401  (the kmock fixture with kubetune's kinds)
 
@@ -292,3 +293,23 @@ async def test_the_operator_runs_a_sweep_against_kmock(cluster):  # noqa: F811
                 ("kubetune.io", "finetunejobs", "create")} <= calls
     finally:
         await op.stop()
+
+
+def test_observations_are_kept_for_the_median_rule_only_and_bounded():
+    assert sweeps.thin(list(range(1, 101)), 32) == list(range(4, 101, 4))
+    assert sweeps.thin([1, 2, 3], 32) == [1, 2, 3]
+    raw = _sweep(earlyStopping={"minSteps": 1000}, parallelism=1)
+    made = _made(sweeps.decide(raw, {}, NOW))
+    trials = {}
+    for step in range(1, 101):
+        trials["lr-0"] = _trial(made["lr-0"], "Running", step, 3.0 - step / 100)
+        d, raw = _converged(raw, trials)
+    steps = [o.step for o in d.status.trials[0].observations]
+    assert len(steps) <= api.MAX_OBSERVATIONS and steps[-1] == 100 and steps[0] < 10
+    trials["lr-0"] = _trial(made["lr-0"], "Failed", 100, 2.0)
+    assert not sweeps.decide(raw, trials, NOW).status.trials[0].observations
+    # without early stopping nothing is kept
+    plain = _sweep()
+    made = _made(sweeps.decide(plain, {}, NOW))
+    d = sweeps.decide(plain, {"lr-0": _trial(made["lr-0"], "Running", 5, 2.0)}, NOW)
+    assert not d.status.trials[0].observations

@@ -31,6 +31,7 @@ from typing import Any
 from kubetune import sweep as sw
 from kubetune.api.v1alpha1 import (
     GROUP,
+    MAX_OBSERVATIONS,
     PLURAL,
     SWEEP_KIND,
     SWEEP_PLURAL,
@@ -46,7 +47,6 @@ from kubetune.errors import KubetuneError
 log = logging.getLogger("kubetune.operator.sweeps")
 STOPPED_EARLY = "kubetune.io/stopped-early"  # annotation on a trial the median rule stopped
 ENDED = ("Succeeded", "Failed", "Stopped")
-MAX_OBSERVATIONS = 1000  # TrialStatus.observations' bound: the oldest go first
 
 
 @dataclass
@@ -77,6 +77,14 @@ def _value_by(logged: dict[int, float], step: int) -> float | None:
     """A completed trial's objective as it stood at ``step``: its last report at or before."""
     earlier = [s for s in logged if s <= step]
     return logged[max(earlier)] if earlier else None
+
+
+def thin(steps: list[int], limit: int = MAX_OBSERVATIONS) -> list[int]:
+    """At most ``limit`` of the (sorted) steps, spread over the run: every other one is
+    dropped, the newest always kept, until they fit."""
+    while len(steps) > limit:
+        steps = steps[-1::-2][::-1] if len(steps) % 2 == 0 else steps[::2]
+    return steps
 
 
 def _owner(raw: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +132,9 @@ def decide(raw: dict[str, Any], trials: dict[str, dict[str, Any]], now: str) -> 
         phase = "Stopped" if stopped else st.get("phase")
         value = sw.objective_value(objective.metric, objective.step,
                                    (st.get("outputs") or {}).get("metrics"), seen)
-        steps = sorted(seen)[-MAX_OBSERVATIONS:]
+        # Kept for the median rule only: of trials that run, or succeeded.
+        keep = rule is not None and phase not in ("Failed", "Stopped")
+        steps = thin(sorted(seen)) if keep else []
         rows.append(TrialStatus(
             name=trial.name, parameters={p: sw.show(v) for p, v in trial.parameters.items()},
             phase=phase, value=value if phase in ("Succeeded", "Stopped") else None,

@@ -96,6 +96,7 @@ from kubetune.api.v1alpha1.status import (
 )
 from kubetune.api.v1alpha1.sweep import (
     ALGORITHMS,
+    MAX_OBSERVATIONS,
     MAX_TRIALS,
     SWEEP_KIND,
     SWEEP_PLURAL,
@@ -145,6 +146,7 @@ __all__ = [
     "FineTuneSweep",
     "FineTuneSweepSpec",
     "FineTuneSweepStatus",
+    "MAX_OBSERVATIONS",
     "MAX_TRIALS",
     "ObjectiveSpec",
     "Observation",

@@ -31,6 +31,9 @@ SWEEP_KIND = "FineTuneSweep"
 SWEEP_PLURAL = "finetunesweeps"
 SWEEP_SHORT_NAMES = ["fts"]
 MAX_TRIALS = 1000
+# Observations kept per trial in the status (early stopping only): a thousand trials' worth
+# stays well under the API server's object size limit (about 1.5 MB).
+MAX_OBSERVATIONS = 32
 # A trial is named SWEEP-N (N < MAX_TRIALS) and a FineTuneJob name has at most 50 characters.
 SWEEP_NAME_MAX = 50 - len(f"-{MAX_TRIALS - 1}")
 # A spec path in camelCase, as the FineTuneJob is written: training.learningRate, or a list
@@ -257,8 +260,9 @@ class TrialStatus(_Model):
         "The FineTuneJob's phase; Stopped when early stopping ended it."))] = None
     value: Annotated[float | None, Field(description="The objective's value.")] = None
     stopped_early: Annotated[bool, Field(description="Early stopping ended it.")] = False
-    observations: Annotated[list[Observation], Field(max_length=1000, description=(
-        "The objective at each step it was logged at (for the median rule)."))] = []
+    observations: Annotated[list[Observation], Field(max_length=MAX_OBSERVATIONS, description=(
+        "With earlyStopping: the objective at the steps it was reported at (running and "
+        "succeeded trials; at most 32, spread over the run)."))] = []
 
 
 class BestTrial(_Model):
