@@ -313,3 +313,45 @@ def test_observations_are_kept_for_the_median_rule_only_and_bounded():
     made = _made(sweeps.decide(plain, {}, NOW))
     d = sweeps.decide(plain, {"lr-0": _trial(made["lr-0"], "Running", 5, 2.0)}, NOW)
     assert not d.status.trials[0].observations
+
+
+async def test_suspend_reaches_the_trials_and_a_deleted_sweep_makes_none(cluster):  # noqa: F811
+    import asyncio
+
+    from test_operator import FTJ, Operator, _assert, eventually
+
+    cluster.resources[FTS] = cluster.ResourceInfo(
+        kind="FineTuneSweep", singular="finetunesweep", namespaced=True,
+        subresources={"status"}, verbs={"get", "list", "watch", "create", "patch", "delete"})
+    op = Operator(cluster)
+    await op.start()
+    try:
+        def patch_sweep(spec):
+            return asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                                     "v1alpha1", NS, "finetunesweeps", "lr", {"spec": spec})
+
+        await asyncio.to_thread(op.custom.create_namespaced_custom_object, "kubetune.io",
+                                "v1alpha1", NS, "finetunesweeps",
+                                _cluster_sweep(earlyStopping=None, promote=None))
+        await eventually(lambda: cluster.objects[FTJ, NS, "lr-1"])
+        await patch_sweep({"suspend": True})
+        await eventually(lambda: _assert(all(
+            cluster.objects[FTJ, NS, n]["spec"].get("suspend") is True for n in ("lr-0",
+                                                                                 "lr-1"))))
+        await eventually(lambda: _assert(cluster.objects[FTS, NS, "lr"]["status"]["conditions"][
+            0]["reason"] == "Suspended"))
+        await patch_sweep({"suspend": False})
+        await eventually(lambda: _assert(all(
+            cluster.objects[FTJ, NS, n]["spec"].get("suspend") is False for n in ("lr-0",
+                                                                                 "lr-1"))))
+        await asyncio.to_thread(op.custom.delete_namespaced_custom_object, "kubetune.io",
+                                "v1alpha1", NS, "finetunesweeps", "lr")
+        # a trial ending after its sweep is gone: nothing new (kmock has no garbage collector)
+        await asyncio.to_thread(op.custom.patch_namespaced_custom_object_status, "kubetune.io",
+                                "v1alpha1", NS, "finetunejobs", "lr-0",
+                                {"status": {"phase": "Succeeded"}})
+        await asyncio.sleep(1)
+        assert (FTJ, NS, "lr-2") not in cluster.objects
+        assert op.thread.is_alive()
+    finally:
+        await op.stop()
