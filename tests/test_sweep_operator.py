@@ -355,3 +355,56 @@ async def test_suspend_reaches_the_trials_and_a_deleted_sweep_makes_none(cluster
         assert op.thread.is_alive()
     finally:
         await op.stop()
+
+
+class _FakeApi:
+    """SweepApi's calls on dicts: the converge's I/O without a server."""
+
+    def __init__(self, sweep, jobs=None):
+        self.sweep, self.jobs, self.patched = sweep, dict(jobs or {}), []
+
+    def get(self, ns, name):
+        return copy.deepcopy(self.sweep)
+
+    def trials(self, ns, name, uid):
+        return {n: j for n, j in self.jobs.items()
+                if any(o["uid"] == uid for o in j["metadata"].get("ownerReferences") or [])}
+
+    def create(self, body):
+        name = body["metadata"]["name"]
+        if name in self.jobs:
+            return any(o["uid"] == body["metadata"]["ownerReferences"][0]["uid"]
+                       for o in self.jobs[name]["metadata"].get("ownerReferences") or [])
+        self.jobs[name] = body
+        return True
+
+    def patch_trial(self, ns, name, patch):
+        self.patched.append((name, patch))
+
+    def patch_status(self, ns, name, status):
+        self.sweep["status"] = {k: v for k, v in status.items() if v is not None}
+
+
+def test_a_trial_name_taken_by_another_job_stalls_the_sweep_until_it_is_gone():
+    foreign = {"metadata": {"name": "lr-0", "ownerReferences": []}, "spec": {}}
+    api = _FakeApi(_sweep(), {"lr-0": foreign})
+    sweeps.converge(api, NS, "lr", NOW)
+    conds = {c["type"]: c for c in api.sweep["status"]["conditions"]}
+    assert conds["Stalled"]["status"] == "True" and conds["Stalled"]["reason"] == "NameTaken"
+    assert "FineTuneJob lr-0 exists" in conds["Stalled"]["message"]
+    assert [t["name"] for t in api.sweep["status"]["trials"]] == ["lr-1"]
+    del api.jobs["lr-0"]  # gone: the next converge makes it and goes on
+    sweeps.converge(api, NS, "lr", NOW)
+    conds = {c["type"]: c for c in api.sweep["status"]["conditions"]}
+    assert conds["Stalled"]["status"] == "False" and "lr-0" in api.jobs
+    assert api.jobs["lr-0"]["metadata"]["ownerReferences"][0]["uid"] == "uid-lr"
+
+
+def test_a_converge_writes_the_status_only_when_it_changed():
+    api = _FakeApi(_sweep())
+    sweeps.converge(api, NS, "lr", NOW)
+    first = copy.deepcopy(api.sweep["status"])
+    writes = []
+    api.patch_status = lambda ns, name, status: writes.append(status)
+    sweeps.converge(api, NS, "lr", "2026-12-07T13:00:00Z")
+    assert api.sweep["status"] == first and not writes

@@ -129,7 +129,7 @@ def decide(raw: dict[str, Any], trials: dict[str, dict[str, Any]], now: str) -> 
         seen.update(sw.observations([st.get("progress") or {}], objective.metric))
         logged[trial.name] = seen
         stopped = (body["metadata"].get("annotations") or {}).get(STOPPED_EARLY) == "true"
-        phase = "Stopped" if stopped else st.get("phase")
+        phase = "Stopped" if stopped else st.get("phase") or "Pending"  # no status yet
         value = sw.objective_value(objective.metric, objective.step,
                                    (st.get("outputs") or {}).get("metrics"), seen)
         # Kept for the median rule only: of trials that run, or succeeded.
@@ -235,6 +235,22 @@ def _conditions(spec: Any, rows: list[TrialStatus], best: TrialStatus | None, fi
             _cond("Succeeded", True, "Completed", text, generation)]
 
 
+def name_taken(status: FineTuneSweepStatus, names: list[str], raw: dict[str, Any], now: str
+               ) -> None:
+    """A trial's name belongs to a FineTuneJob that is not this sweep's (never adopted): the
+    sweep is stalled until it is gone (deleted, or collected after an earlier sweep of the
+    same name)."""
+    generation = raw["metadata"].get("generation")
+    text = (f"FineTuneJob {', '.join(names)} exists and is not a trial of this sweep: delete "
+            "it (or rename the sweep)")
+    status.trials = [t for t in status.trials if t.name not in names]
+    status.conditions = _keep_times([
+        _cond("Ready", False, "NameTaken", text, generation),
+        _cond("Reconciling", True, "NameTaken", text, generation),
+        _cond("Stalled", True, "NameTaken", text, generation),
+    ], (raw.get("status") or {}).get("conditions") or [], now)
+
+
 # ------------------------------------------------------------------------ the API calls
 
 
@@ -264,13 +280,22 @@ class SweepApi:
                 if uid is None or any(o.get("uid") == uid for o in
                                       t["metadata"].get("ownerReferences") or [])}
 
-    def create(self, body: dict[str, Any]) -> None:
+    def create(self, body: dict[str, Any]) -> bool:
+        """Create a trial; False when a FineTuneJob of that name is there and is not ours
+        (one made by a converge before this one is)."""
+        meta = body["metadata"]
         try:
             self.custom.create_namespaced_custom_object(
-                GROUP, VERSION, body["metadata"]["namespace"], PLURAL, body)
+                GROUP, VERSION, meta["namespace"], PLURAL, body)
+            return True
         except self._exc as err:
-            if err.status != 409:  # made already (a converge before this one)
+            if err.status != 409:
                 raise
+        there = self.custom.get_namespaced_custom_object(GROUP, VERSION, meta["namespace"],
+                                                         PLURAL, meta["name"])
+        ours = meta["ownerReferences"][0]["uid"]
+        return any(o.get("uid") == ours for o in
+                   (there or {}).get("metadata", {}).get("ownerReferences") or [])
 
     def patch_trial(self, ns: str, name: str, patch: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, patch)
@@ -293,8 +318,9 @@ def converge(api: SweepApi, ns: str, name: str, now: str) -> FineTuneSweepStatus
             return None
         trials = api.trials(ns, name, raw["metadata"].get("uid"))
         decision = decide(raw, trials, now)
-        for body in decision.create:
-            api.create(body)
+        taken = [body["metadata"]["name"] for body in decision.create if not api.create(body)]
+        if taken:
+            name_taken(decision.status, taken, raw, now)
         for trial, patch in decision.patch.items():
             api.patch_trial(ns, trial, patch)
         status = decision.status.model_dump(mode="json", by_alias=True, exclude_none=True)
