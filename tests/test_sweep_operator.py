@@ -217,7 +217,8 @@ def _cluster_sweep(name="lr", **spec):
             "spec": body}
 
 
-async def test_the_operator_runs_a_sweep_against_kmock(cluster):  # noqa: F811
+async def test_the_operator_runs_a_sweep_against_kmock(cluster, tmp_path,  # noqa: F811
+                                                       monkeypatch):
     import asyncio
 
     from test_operator import FTJ, PTJ, Operator, _assert, eventually
@@ -278,6 +279,29 @@ async def test_the_operator_runs_a_sweep_against_kmock(cluster):  # noqa: F811
         assert status()["best"] == {"name": "lr-0", "parameters": {
             "training.learningRate": "0.0001"}, "value": 1.4}
         assert "serve" not in trial("lr-2")["spec"]
+
+        # kubetune status --sweep: the trials, their values, the best
+        import yaml
+        from kubetune.cli import app
+        from typer.testing import CliRunner
+
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "k",
+            "clusters": [{"name": "k", "cluster": {"server": str(cluster.url)}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "k", "context": {"cluster": "k", "user": "u",
+                                                   "namespace": NS}}]}))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        res = await asyncio.to_thread(CliRunner().invoke, app, ["status", "--sweep", "lr"])
+        assert res.exit_code == 0, res.output
+        lines = res.output.splitlines()
+        assert "trials ended: 3/3" in lines[0] and "minimize eval_loss" in lines[0]
+        assert any("* lr-0" in x and "0.0001" in x and "1.4" in x for x in lines), res.output
+        assert any("lr-1" in x and "stopped early" in x for x in lines), res.output
+        assert "best: lr-0 (eval_loss 1.4)" in res.output
+        res = await asyncio.to_thread(CliRunner().invoke, app, ["status", "--sweep", "nope"])
+        assert res.exit_code == 2 and "no FineTuneSweep 'nope'" in res.output
 
         # every call it made is one the chart's ClusterRole allows
         from test_chart import _rules, render

@@ -388,18 +388,22 @@ def _not_estimated(job: Any) -> str:
 
 @app.command()
 def status(
-    name: Annotated[str, typer.Argument(help="FineTuneJob name.")],
+    name: Annotated[str, typer.Argument(help="FineTuneJob name (with --sweep: FineTuneSweep).")],
     namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+    sweep: Annotated[bool, typer.Option(
+        "--sweep", help="NAME is a FineTuneSweep: its trials, their values and the best.")
+    ] = False,
 ) -> None:
-    """Show a FineTuneJob's phase, conditions, progress and checkpoints from the cluster."""
-    from kubetune.status_view import fetch, show
+    """Show a FineTuneJob's phase, conditions, progress and checkpoints from the cluster (or
+    a FineTuneSweep's trials)."""
+    from kubetune.status_view import fetch, show, show_sweep
 
     try:
-        body = fetch(name, namespace)
+        body = fetch(name, namespace, "FineTuneSweep" if sweep else "FineTuneJob")
     except KubetuneError as e:
         _fail(e)
         return
-    show(body, Console())
+    (show_sweep if sweep else show)(body, Console())
 
 
 @app.command()

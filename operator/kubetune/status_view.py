@@ -1,4 +1,5 @@
-"""`kubetune status`: read a FineTuneJob from the cluster and show it to a person."""
+"""`kubetune status`: read a FineTuneJob (or a FineTuneSweep) from the cluster and show it to a
+person."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from rich.table import Table
 from kubetune.errors import KubetuneError
 
 
-def fetch(name: str, namespace: str | None) -> dict[str, Any]:
+def fetch(name: str, namespace: str | None, kind: str = "FineTuneJob") -> dict[str, Any]:
     import urllib3
     import yaml
     from kubernetes import client, config
 
-    from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION
+    from kubetune.api.v1alpha1 import GROUP, PLURAL, SWEEP_PLURAL, VERSION
+
+    plural = SWEEP_PLURAL if kind == "FineTuneSweep" else PLURAL
 
     kubeconfig = os.environ.get("KUBECONFIG") or None  # read now, not at import
     try:
@@ -34,10 +37,10 @@ def fetch(name: str, namespace: str | None) -> dict[str, Any]:
         ns = namespace or "default"
     api = client.CustomObjectsApi()
     try:
-        return api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        return api.get_namespaced_custom_object(GROUP, VERSION, ns, plural, name)
     except client.exceptions.ApiException as err:
         if err.status == 404:
-            raise KubetuneError(f"no FineTuneJob {name!r} in namespace {ns!r}") from None
+            raise KubetuneError(f"no {kind} {name!r} in namespace {ns!r}") from None
         raise KubetuneError(f"the API server said {err.status}: {err.reason}") from None
     except urllib3.exceptions.HTTPError as err:
         host = client.Configuration.get_default_copy().host
@@ -72,11 +75,7 @@ def show(body: dict[str, Any], console: Console) -> None:
         if p.get("metrics"):
             console.print("  ".join(f"{escape(k)} {v:.4g}" for k, v in p["metrics"].items()
                                     if isinstance(v, int | float)), highlight=False)
-    table = Table("condition", "status", "reason", "message", box=None)
-    for c in status.get("conditions") or []:
-        table.add_row(c["type"], c["status"], escape(c.get("reason") or ""),
-                      escape(c.get("message") or ""))
-    console.print(table)
+    console.print(_conditions(status))
     if status.get("failure"):
         f = status["failure"]
         console.print(f"[red]failure[/]: {escape(str(f.get('reason')))} (exit "
@@ -93,3 +92,41 @@ def show(body: dict[str, Any], console: Console) -> None:
                 highlight=False)
         else:
             console.print(f"{key}: {escape(str(value))}", highlight=False)
+
+
+def _conditions(status: dict[str, Any]) -> Table:
+    table = Table("condition", "status", "reason", "message", box=None)
+    for c in status.get("conditions") or []:
+        table.add_row(c["type"], c["status"], escape(c.get("reason") or ""),
+                      escape(c.get("message") or ""))
+    return table
+
+
+def show_sweep(body: dict[str, Any], console: Console) -> None:
+    """A FineTuneSweep: trials done, its conditions, a row per trial, the best."""
+    meta, status = body["metadata"], body.get("status") or {}
+    spec = body.get("spec") or {}
+    objective = spec.get("objective") or {}
+    gen, seen = meta.get("generation"), status.get("observedGeneration")
+    stale = " (status not yet updated for the latest spec)" if gen and seen != gen else ""
+    console.print(f"[bold]{meta['namespace']}/{meta['name']}[/]  trials ended: "
+                  f"[bold]{status.get('done', '?')}[/]  "
+                  f"{escape(str(objective.get('direction', 'minimize')))} "
+                  f"{escape(str(objective.get('metric', '?')))}{stale}")
+    console.print(_conditions(status))
+    paths = [p.get("path") for p in spec.get("parameters") or []]
+    best = (status.get("best") or {}).get("name")
+    trials = Table("trial", *paths, "phase", "value", box=None)
+    for t in status.get("trials") or []:
+        phase = t.get("phase") or "?"
+        if t.get("stoppedEarly"):
+            phase = "stopped early"
+        value = t.get("value")
+        trials.add_row(("* " if t["name"] == best else "  ") + escape(t["name"]),
+                       *(escape((t.get("parameters") or {}).get(p, "")) for p in paths),
+                       phase, f"{value:.4g}" if isinstance(value, int | float) else "-")
+    console.print(trials)
+    if best:
+        b = status["best"]
+        console.print(f"best: {escape(best)} ({escape(str(objective.get('metric')))} "
+                      f"{b.get('value')})", highlight=False)
