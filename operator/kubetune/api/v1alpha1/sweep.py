@@ -88,15 +88,6 @@ class RangeSpec(_Spec):
     integer: Annotated[bool, Field(description="Round to whole numbers (a rank, a batch "
                                    "size).")] = False
 
-    @model_validator(mode="before")
-    @classmethod
-    def _ints_are_numbers(cls, data: Any) -> Any:
-        # min: 1 is a number as the API server reads it (strict mode wants a float).
-        if isinstance(data, dict):
-            return {k: float(v) if k in ("min", "max") and type(v) is int else v
-                    for k, v in data.items()}
-        return data
-
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Any:
         return _enforce(self, _RANGE_RULES)
