@@ -432,3 +432,16 @@ def test_a_converge_writes_the_status_only_when_it_changed():
     api.patch_status = lambda ns, name, status: writes.append(status)
     sweeps.converge(api, NS, "lr", "2026-12-07T13:00:00Z")
     assert api.sweep["status"] == first and not writes
+
+
+def test_an_objective_at_a_step_is_read_from_the_reports_around_it():
+    raw = _sweep(objective={"metric": "eval_loss", "step": 20}, parallelism=1)
+    made = _made(sweeps.decide(raw, {}, NOW))
+    trials = {}
+    for step, value in ((10, 3.0), (18, 2.2), (26, 1.9)):  # no report at step 20 itself
+        trials["lr-0"] = _trial(made["lr-0"], "Running", step, value)
+        _, raw = _converged(raw, trials)
+    trials["lr-0"] = _trial(made["lr-0"], "Succeeded", 30, 1.5, final=1.4)
+    d, raw = _converged(raw, trials)
+    assert d.status.trials[0].value == 2.2  # the value it had reached by step 20
+    assert d.status.best.value == 2.2

@@ -79,6 +79,16 @@ def _value_by(logged: dict[int, float], step: int) -> float | None:
     return logged[max(earlier)] if earlier else None
 
 
+def _objective(objective: Any, final: dict[str, Any] | None, seen: dict[int, float]
+               ) -> float | None:
+    """``kubetune.sweep.objective_value``, for reports that come every few seconds: at a
+    step, the value reported then, or the last one before it once the trial is past it."""
+    if objective.step is not None and objective.step not in seen and seen and max(
+            seen) > objective.step:
+        return _value_by(seen, objective.step)
+    return sw.objective_value(objective.metric, objective.step, final, seen)
+
+
 def thin(steps: list[int], limit: int = MAX_OBSERVATIONS) -> list[int]:
     """At most ``limit`` of the (sorted) steps, spread over the run: every other one is
     dropped, the newest always kept, until they fit."""
@@ -130,10 +140,11 @@ def decide(raw: dict[str, Any], trials: dict[str, dict[str, Any]], now: str) -> 
         logged[trial.name] = seen
         stopped = (body["metadata"].get("annotations") or {}).get(STOPPED_EARLY) == "true"
         phase = "Stopped" if stopped else st.get("phase") or "Pending"  # no status yet
-        value = sw.objective_value(objective.metric, objective.step,
-                                   (st.get("outputs") or {}).get("metrics"), seen)
-        # Kept for the median rule only: of trials that run, or succeeded.
-        keep = rule is not None and phase not in ("Failed", "Stopped")
+        value = _objective(objective, (st.get("outputs") or {}).get("metrics"), seen)
+        # Kept for the median rule and an objective at a step only: of trials that run, or
+        # succeeded.
+        keep = (rule is not None or objective.step is not None) and phase not in (
+            "Failed", "Stopped")
         steps = thin(sorted(seen)) if keep else []
         rows.append(TrialStatus(
             name=trial.name, parameters={p: sw.show(v) for p, v in trial.parameters.items()},
@@ -158,8 +169,7 @@ def decide(raw: dict[str, Any], trials: dict[str, dict[str, Any]], now: str) -> 
                 out.patch[r.name] = {"metadata": {"annotations": {STOPPED_EARLY: "true"}},
                                      "spec": {"suspend": True}}
                 r.phase, r.stopped_early = "Stopped", True
-                r.value = sw.objective_value(objective.metric, objective.step, None,
-                                             running)
+                r.value = _objective(objective, None, running)
                 in_flight -= 1
 
     # Suspend carried to the trials in flight (stopped ones stay suspended).
