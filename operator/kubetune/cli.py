@@ -472,10 +472,10 @@ def import_config(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Write the FineTuneJob here (default: stdout).")] = None,
     stage: Annotated[str | None, typer.Option(
-        help="trl: the trainer the config is for, as in `trl sft|dpo|kto|reward|grpo` (and "
-        "orpo); default sft.")] = None,
+        help="trl: the trainer the config is for, as in `trl sft|dpo|kto|reward` (or orpo); "
+        "default sft.")] = None,
     name: Annotated[str | None, typer.Option(
-        help="metadata.name (default: from the output folder or the config's file name).")
+        help="metadata.name (default: from the config's file name).")
     ] = None,
     base_dir: Annotated[Path | None, typer.Option(
         help="The folder the tool runs in: its relative paths (data, dataset_dir, DeepSpeed "
