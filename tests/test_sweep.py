@@ -336,6 +336,11 @@ def test_a_learning_rate_sweep_here_picks_the_lowest_eval_loss(tiny_model, tmp_p
     assert f"best: {lowest} (eval_loss {losses[lowest]:.4f})" in res.output
     row = next(line for line in res.output.splitlines() if "(best)" in line)
     assert f"* {lowest}" in row and f"{losses[lowest]:.4f}" in row
+    summary = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert f"results: {(tmp_path / 'out' / 'sweep.json').resolve()}" in res.output
+    assert summary["best"] == lowest
+    assert [t["value"] for t in summary["trials"]] == [losses[f"lr-{i}"] for i in range(4)]
+    assert summary["trials"][0]["output"] == str((tmp_path / "out" / "lr-0").resolve())
     for i, rate in enumerate(rates):  # the table: each trial with its rate and value
         line = next(line for line in res.output.splitlines()
                     if f" lr-{i} " in line and "│" in line)

@@ -182,16 +182,17 @@ def run(job_file: JobFile, pvc_root: PvcRoot = None,
 def sweep(sweep_file: Annotated[Path, typer.Argument(help="A FineTuneSweep YAML file.")],
           pvc_root: PvcRoot = None) -> None:
     """Run a FineTuneSweep here: every trial's spec checked first, then each trial as
-    `kubetune run` would (one after another, the median stopping rule as they log), and a
-    table of the results with the best marked."""
+    `kubetune run` would (one after another, the median stopping rule as they log), a table
+    of the results with the best marked, and sweep.json under the template's output."""
     from kubetune.sweep import load_sweep
-    from kubetune.sweep_local import best, run_sweep, table
+    from kubetune.sweep_local import best, run_sweep, table, write_summary
 
     _offline_defaults()
     spec = load_sweep(sweep_file)
-    results = run_sweep(spec, _context(sweep_file, pvc_root),
-                        log=lambda m: err.print(m, highlight=False, markup=False))
+    ctx = _context(sweep_file, pvc_root)
+    results = run_sweep(spec, ctx, log=lambda m: err.print(m, highlight=False, markup=False))
     Console(soft_wrap=True).print(table(spec, results))
+    err.print(f"results: {write_summary(spec, results, ctx)}", highlight=False, markup=False)
     winner = best(results, spec.spec.objective.direction)
     if winner is None:
         raise KubetuneError("no trial succeeded with a value of "

@@ -98,6 +98,31 @@ def run_sweep(sweep: FineTuneSweep, ctx: Any, *, log: Callable[[str], None] = pr
     return results
 
 
+def write_summary(sweep: FineTuneSweep, results: list[TrialResult], ctx: Any) -> Path:
+    """sweep.json beside the trials' folders (under the template's output): every trial's
+    values, state, steps, objective and folder, and the best, for scripts to read."""
+    import json
+
+    from kubetune_trainer.outputs import output_root
+
+    root = output_root(sweep.spec.template, ctx)
+    winner = best(results, sweep.spec.objective.direction)
+    summary = {
+        "sweep": sweep.metadata.name,
+        "objective": sweep.spec.objective.model_dump(by_alias=True, exclude_none=True),
+        "best": winner.name if winner else None,
+        "trials": [{"name": r.name, "parameters": r.parameters, "state": r.state,
+                    "steps": r.steps, "value": r.value, "stoppedAt": r.stopped_at,
+                    "error": r.error,
+                    "output": str(Path(r.result["progress"]).parent.resolve())
+                    if r.result.get("progress") else None} for r in results],
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = (root / "sweep.json").resolve()
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    return path
+
+
 def best(results: list[TrialResult], direction: str) -> TrialResult | None:
     """The best succeeded trial (an early-stopped one never wins)."""
     values = [r.value if r.state == "succeeded" else None for r in results]
