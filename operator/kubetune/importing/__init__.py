@@ -394,6 +394,17 @@ def finish(draft: Draft, name: str, config: Mapping[str, Any]) -> Imported:
         if key not in seen:
             draft.lose(key, "not read in this configuration (its stage, method or "
                        "optimizer does not use it)")
+    # Keys inside the values (a data set entry, an inline DeepSpeed config, …): each one is
+    # listed under its dotted path, unless a key above it was listed as a whole (the same,
+    # lost or left empty: nothing of it is carried over, for the reason given there).
+    seen = {k for k, _ in draft.mapped} | {k for k, _ in draft.same} | {
+        k for k, _ in draft.lost} | set(draft.unset)
+    whole = {k for k, _ in draft.same} | {k for k, _ in draft.lost} | set(draft.unset)
+    for path, value in nested_keys(config):
+        if path in seen or not is_leaf(value) or any(within(path, w) for w in whole):
+            continue
+        draft.lose(path, "not read in this configuration (kubetune's import does not use "
+                   "it here)")
 
     job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
            "metadata": {"name": name}, "spec": _ordered(draft.spec)}
@@ -402,6 +413,66 @@ def finish(draft: Draft, name: str, config: Mapping[str, Any]) -> Imported:
     except KubetuneError as err:
         raise ImportProblem(f"kubetune refuses the imported job: {err}") from None
     return Imported(job, draft)
+
+
+def nested_keys(config: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Every key below the top level with its value, by path: ``datasets[0].type``,
+    ``deepspeed.zero_optimization.stage``; a parent before its children."""
+    out: list[tuple[str, Any]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                out.append((f"{prefix}.{k}", v))
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(f"{prefix}[{i}]", v)
+
+    for key, value in config.items():
+        walk(str(key), value)
+    return out
+
+
+def is_leaf(value: Any) -> bool:
+    """A value with no keys below it (a list of names is one value)."""
+    if isinstance(value, dict):
+        return not value
+    if isinstance(value, list):
+        return not any(isinstance(v, dict | list) for v in value)
+    return True
+
+
+def within(path: str, parent: str) -> bool:
+    """``path`` is ``parent`` or below it (``parent.x``, ``parent[0]``)."""
+    return path == parent or path.startswith((parent + ".", parent + "["))
+
+
+def account(draft: Draft, key: str, value: Mapping[str, Any], known: Mapping[str, str],
+            read: Mapping[str, str] | None = None, *, what: str = "",
+            check: bool = True) -> None:
+    """The keys of a nested mapping ``value`` (found at ``key``), each under ``key.name``:
+    ``read`` (name → the field it fills) mapped, a null left empty, else lost with its reason
+    from ``known`` (name → why). A name in neither is an error with "did you mean" when
+    ``check``; keys an earlier step listed are left as they are."""
+    read = read or {}
+    listed = ({k for k, _ in draft.mapped} | {k for k, _ in draft.same}
+              | {k for k, _ in draft.lost} | set(draft.unset))
+    unknown = [k for k in value if k not in known and k not in read]
+    if unknown and check:
+        raise ImportProblem(f"{what or key}: unknown key{'s' if len(unknown) > 1 else ''} "
+                            + ", ".join(f"{k!r}{did_you_mean(str(k), set(known) | set(read))}"
+                                        for k in unknown))
+    for k, v in value.items():
+        path = f"{key}.{k}"
+        if path in listed:
+            continue
+        if k in read:
+            draft.map(path, read[k])
+        elif v is None:
+            draft.unset.append(path)
+        else:
+            draft.lose(path, known.get(k, "not read by kubetune"))
 
 
 def _ordered(value: Any, model: Any = None) -> Any:

@@ -19,6 +19,7 @@ from kubetune.importing import (
     Same,
     Step,
     To,
+    account,
     apply_table,
     did_you_mean,
     finish,
@@ -27,12 +28,20 @@ from kubetune.importing import (
     job_name,
     known_keys,
     names_list,
+    nested_keys,
     number,
     positive_or_unset,
     value_of,
 )
 from kubetune.importing.llamafactory import MULTIMODAL, PPO, SCHEDULERS, deepspeed_strategy
-from kubetune.importing.peer_keys import AXOLOTL
+from kubetune.importing.peer_keys import (
+    AXOLOTL,
+    AXOLOTL_DATASET,
+    AXOLOTL_DATASET_TYPE,
+    AXOLOTL_FSDP,
+    AXOLOTL_PRETRAINING_DATASET,
+    AXOLOTL_TRL,
+)
 
 _GROUP_REASONS = {
     "ModelInputConfig": "a model-loading option kubetune does not have",
@@ -321,6 +330,10 @@ def _stage(draft: Draft, config: dict[str, Any]) -> str:
         if key != "beta" and trl[key] not in (None, False):
             draft.lose(f"trl.{key}", "an online-RL (GRPO) setting: not read by stage "
                        f"{stage}")
+        elif trl[key] is False:
+            draft.same.append((f"trl.{key}", "false: off"))
+    account(draft, "trl", trl, {k: "not read by stage " + stage for k in AXOLOTL_TRL},
+            what="trl")
     if stage == "dpo":
         losses = value_of(config, "dpo_loss_type", ["ipo"] if rl == "ipo" else ["sigmoid"],
                           names_list)
@@ -468,23 +481,61 @@ KTO_TYPES: dict[str, dict[str, str]] = {
     "intel": {"prompt": "question", "completion": "completion", "kto_tag": "label"},
     "ultra": {"prompt": "prompt", "completion": "completion", "kto_tag": "label"},
 }
-_DATASET_KEYS = {"path", "type", "split", "data_files", "ds_type", "name", "field_messages",
-                 "message_property_mappings", "message_field_role", "message_field_content",
-                 "roles_to_train", "train_on_eos", "field", "field_chosen", "field_rejected",
-                 "field_prompt", "field_system", "field_completion", "field_label",
-                 "field_instruction", "field_input", "field_output", "chat_template",
-                 "revision", "trust_remote_code", "conversation", "roles", "shards",
-                 "text_column", "drop_system_message", "field_tools"}
+_DATASET_KEYS = frozenset().union(*(t.split() for t in AXOLOTL_DATASET.values()))
+_TYPE_KEYS = frozenset().union(*(t.split() for t in AXOLOTL_DATASET_TYPE.values()))
+_ROWS = "kubetune reads every row of the data set (training.maxSamples caps the count)"
+_AS_IS = "kubetune reads the rows' own messages as they are"
+_TURNS = "kubetune trains on the assistant turns (training.trainOnPrompt: on every turn)"
+_STEPWISE = "process reward (stepwise) data is not in kubetune"
+_SYNTHETIC = "synthetic data is not in kubetune"
+# Why a data set entry's key has no equivalent (what the import does not read otherwise).
+_DATASET_REASONS = {
+    "name": "kubetune reads the data set's default configuration",
+    "shards": _ROWS, "shards_idx": _ROWS, "preprocess_shards": _ROWS,
+    "conversation": "a FastChat conversation style: kubetune renders rows with spec.template",
+    "input_format": "kubetune renders rows with spec.template",
+    "input_transform": "kubetune does not run Python transforms on the rows",
+    "field_human": "kubetune reads alpaca, messages, sharegpt or preference columns",
+    "field_model": "kubetune reads alpaca, messages, sharegpt or preference columns",
+    "chat_template_jinja": "a custom Jinja chat template is not in kubetune: spec.template "
+                           "auto uses the tokenizer's own",
+    "drop_system_message": _AS_IS, "field_tools": _AS_IS, "field_thinking": _AS_IS,
+    "template_thinking_key": _AS_IS, "split_thinking": _AS_IS,
+    "message_field_training": _TURNS, "message_field_training_detail": _TURNS,
+    "train_on_eot": _TURNS, "roles_to_train": _TURNS, "train_on_eos": _TURNS,
+    "logprobs_field": "distillation from stored log-probabilities is not in kubetune",
+    "temperature": "distillation from stored log-probabilities is not in kubetune",
+    "trust_remote_code": "kubetune does not run a data set's loading script",
+    "split": "kubetune reads the train split",
+    "step_separator": _STEPWISE, "max_completion_length": _STEPWISE,
+    "train_on_last_step_only": _STEPWISE,
+    "length": _SYNTHETIC, "sequence_length": _SYNTHETIC, "min_input_id": _SYNTHETIC,
+    "max_input_id": _SYNTHETIC, "seed": _SYNTHETIC,
+}
+_TYPE_REASONS = {k: "kubetune renders rows with spec.template" for k in _TYPE_KEYS}
+_PRETRAINING_REASONS = {
+    "name": _DATASET_REASONS["name"], "skip": _ROWS, "split": _DATASET_REASONS["split"],
+    "trust_remote_code": _DATASET_REASONS["trust_remote_code"],
+}
 
 
-def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str) -> dict[str, Any]:
-    if not isinstance(d, dict) or not d.get("path"):
-        raise ImportProblem(f"{where}[{i}]: a data set needs path")
-    unknown = sorted(set(d) - _DATASET_KEYS)
+def _unknown(where: str, d: dict[str, Any], known: frozenset[str]) -> None:
+    unknown = [k for k in d if k not in known]
     if unknown:
-        raise ImportProblem(f"{where}[{i}]: unknown key {unknown[0]!r}"
-                            + did_you_mean(unknown[0], frozenset(_DATASET_KEYS)))
-    key = f"{where}[{i}]"
+        raise ImportProblem(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+                            + ", ".join(f"{k!r}{did_you_mean(str(k), known)}"
+                                        for k in unknown))
+
+
+def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
+             ) -> dict[str, Any]:
+    """One data set entry (``label``: its place in the config, for the report)."""
+    key = label
+    if not isinstance(d, dict) or not d.get("path"):
+        raise ImportProblem(f"{key}: a data set needs path")
+    _unknown(key, d, _DATASET_KEYS)
+    if isinstance(d.get("type"), dict):
+        _unknown(f"{key}.type", d["type"], _TYPE_KEYS)
     path = str(d["path"])
     local = draft.ctx.base_dir / path
     data_files = d.get("data_files")
@@ -540,9 +591,10 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str) -> dict[str, 
             ("field_output", "response"), ("field_system", "system")) if kind.get(f)}
         out["format"] = "alpaca"
         out["columns"] = cols
-        for f in ("format", "no_input_format", "system_format", "system_prompt"):
-            if kind.get(f):
-                draft.lose(f"{key}.type.{f}", "kubetune renders rows with spec.template")
+        account(draft, f"{key}.type", kind, _TYPE_REASONS, {
+            f: f"spec.{where}[{i}].columns.{role}" for f, role in (
+                ("field_instruction", "prompt"), ("field_input", "query"),
+                ("field_output", "response"), ("field_system", "system")) if kind.get(f)})
     elif kind == "chat_template" or str(kind).startswith("chat_template"):
         field = str(d.get("field_messages") or "messages")
         role = d.get("message_field_role")
@@ -566,6 +618,19 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str) -> dict[str, 
             out["tags"] = tags
             if roles:
                 draft.map(f"{key}.roles", f"spec.{where}[{i}].tags")
+                for name, names in roles.items():
+                    if name in ("user", "assistant", "system"):
+                        draft.map(f"{key}.roles.{name}", f"spec.{where}[{i}].tags.{name}_tag "
+                                  f"{tags[name + '_tag']!r}" + (
+                                      " (the first name: kubetune reads one per role)"
+                                      if len(names_list(names or [])) > 1 else ""))
+                    else:
+                        draft.lose(f"{key}.roles.{name}", "kubetune's sharegpt tags name "
+                                   "the user, assistant and system roles only")
+            for prop in props:
+                if prop in ("role", "content"):
+                    draft.map(f"{key}.message_property_mappings.{prop}",
+                              f"spec.{where}[{i}].tags.{prop}_tag {tags[prop + '_tag']!r}")
             draft.lose(f"{key}.message_property_mappings", "Axolotl takes several names per "
                        f"role; kubetune reads one: user {tags['user_tag']!r}, assistant "
                        f"{tags['assistant_tag']!r}, system {tags['system_tag']!r} "
@@ -574,12 +639,23 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str) -> dict[str, 
             out["format"] = "messages"
             if field != "messages":
                 out["columns"] = {"messages": field}
+            for prop in props:
+                if prop in ("role", "content"):
+                    draft.same.append((f"{key}.message_property_mappings.{prop}",
+                                       f"{prop!r}: the messages format reads {prop!r}"))
+        for prop in props:
+            if prop not in ("role", "content"):
+                draft.lose(f"{key}.message_property_mappings.{prop}", "kubetune reads a "
+                           "message's role and content only")
         if d.get("chat_template"):
             _template(draft, d["chat_template"], f"{key}.chat_template")
         trained = names_list(d.get("roles_to_train") or ["assistant"])
         if set(trained) - {"assistant", "gpt"}:
             draft.set("training.trainOnPrompt", True)
             draft.map(f"{key}.roles_to_train", "spec.training.trainOnPrompt")
+        elif "roles_to_train" in d:
+            draft.same.append((f"{key}.roles_to_train", "the assistant turns: what kubetune "
+                               "trains on"))
     elif kind in SFT_TYPES or str(kind).split(":")[0] in SFT_TYPES:
         fmt, cols = SFT_TYPES[str(kind).split(":")[0]]
         out["format"] = fmt
@@ -609,28 +685,57 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str) -> dict[str, 
                        "configuration, every row, the rows' own roles)")
     if d.get("split") not in (None, "train"):
         draft.lose(f"{key}.split", "kubetune reads the train split")
+    elif d.get("split") == "train":
+        draft.same.append((f"{key}.split", "train: the split kubetune reads"))
     if d.get("train_on_eos") not in (None, "turn", "last"):
         draft.lose(f"{key}.train_on_eos", "kubetune trains on each assistant turn's end")
+    elif d.get("train_on_eos") is not None:
+        draft.same.append((f"{key}.train_on_eos", "kubetune trains on each assistant turn's "
+                           "end"))
+    # what no step above read: listed with the reason (a field_* this type does not use …)
+    account(draft, key, d, {k: _DATASET_REASONS.get(k, f"not read by a {kind!r} data set in "
+                                                      "kubetune") for k in _DATASET_KEYS},
+            check=False)
+    return out
+
+
+def _pretraining(draft: Draft, pre: Any, stage: str) -> list[dict[str, Any]]:
+    """``pretraining_dataset`` (one entry or a list) as text data sets."""
+    out = []
+    for i, r in enumerate(pre if isinstance(pre, list) else [pre]):
+        label = f"pretraining_dataset[{i}]" if isinstance(pre, list) else "pretraining_dataset"
+        if not isinstance(r, dict):
+            raise ImportProblem(f"{label}: a data set needs path")
+        _unknown(label, r, AXOLOTL_PRETRAINING_DATASET)
+        row = {"path": r.get("path"), "type": "completion", "field": r.get("text_column",
+                                                                          "text")}
+        if r.get("split"):
+            row["split"] = r["split"]
+        if r.get("data_files"):
+            row["data_files"] = r["data_files"]
+        out.append(_dataset(draft, row, i, stage, "datasets", label))
+        draft.mapped[:] = [m for m in draft.mapped if m[0] != f"{label}.field"]
+        account(draft, label, r, _PRETRAINING_REASONS, {
+            "text_column": f"spec.datasets[{i}].format text (the column is the text)",
+            "type": f"spec.datasets[{i}].format text"}, check=False)
     return out
 
 
 def _data(draft: Draft, config: dict[str, Any], stage: str) -> None:
     rows = config.get("datasets") or []
     if config.get("pretraining_dataset"):
-        pre = config["pretraining_dataset"]
-        rows = pre if isinstance(pre, list) else [pre]
-        rows = [{"path": r.get("path"), "type": "completion",
-                 "field": r.get("text_column", "text")} | (
-                     {"split": r["split"]} if r.get("split") else {}) for r in rows]
+        draft.set("datasets", _pretraining(draft, config["pretraining_dataset"], stage))
         draft.map("pretraining_dataset", "spec.datasets (stage pt)")
-    if not rows:
+    elif not rows:
         raise ImportProblem("datasets is missing: the data to train on")
-    draft.set("datasets", [_dataset(draft, d, i, stage, "datasets") for i, d in enumerate(rows)])
-    if not config.get("pretraining_dataset"):
+    else:
+        draft.set("datasets", [_dataset(draft, d, i, stage, "datasets", f"datasets[{i}]")
+                               for i, d in enumerate(rows)])
         draft.map("datasets", "spec.datasets")
     tests = config.get("test_datasets") or []
     if tests:
-        draft.set("evalDatasets", [_dataset(draft, d, i, stage, "evalDatasets")
+        draft.set("evalDatasets", [_dataset(draft, d, i, stage, "evalDatasets",
+                                            f"test_datasets[{i}]")
                                    for i, d in enumerate(tests)])
         draft.map("test_datasets", "spec.evalDatasets")
     if config.get("chat_template") is not None:
@@ -763,6 +868,7 @@ def _strategy(draft: Draft, config: dict[str, Any]) -> None:
                       for k in ("offload_optimizer", "offload_param"))
             strategy = "ddp" if stage < 2 else f"zero{stage}" + ("-offload" if off else "")
             how = f"ZeRO stage {stage}" + (", offload" if off else "")
+            _deepspeed_keys(draft, ds, strategy)
         else:
             strategy, how = deepspeed_strategy(draft, str(ds))
         draft.set("resources.strategy", strategy)
@@ -776,9 +882,31 @@ def _strategy(draft: Draft, config: dict[str, Any]) -> None:
             if key in config:
                 draft.map(key, "spec.resources.strategy fsdp2 (kubetune wraps each decoder "
                           "layer; offload and state-dict settings are its own)")
+        if isinstance(config.get("fsdp_config"), dict):
+            why = ("kubetune's fsdp2 wraps each decoder layer and sets offload, state dict "
+                   "and precision itself")
+            known = {k: why for k in AXOLOTL_FSDP} | {f"fsdp_{k}": why for k in AXOLOTL_FSDP}
+            account(draft, "fsdp_config", config["fsdp_config"], known, {
+                k: "spec.resources.strategy fsdp2" for k in ("fsdp_version", "fsdp_fsdp_version")
+                if str(config["fsdp_config"].get(k)) == "2"}, what="fsdp_config")
     draft.moves.append(("spec.resources", "nodes 1, gpusPerNode 1", f"{draft.tool} takes the "
                         "GPUs from its launcher (torchrun, accelerate): set the job's nodes and "
                         "GPUs"))
+
+
+def _deepspeed_keys(draft: Draft, ds: dict[str, Any], strategy: str) -> None:
+    """An inline DeepSpeed config: the ZeRO stage and offload devices pick the strategy; the
+    rest kubetune's own DeepSpeed config for that strategy sets."""
+    read = ("deepspeed.zero_optimization.stage",
+            "deepspeed.zero_optimization.offload_optimizer.device",
+            "deepspeed.zero_optimization.offload_param.device")
+    for path, value in nested_keys({"deepspeed": ds}):
+        if path in read:
+            draft.map(path, f"spec.resources.strategy {strategy}")
+        elif not isinstance(value, dict) or not value:
+            draft.same.append((path, "kubetune writes the DeepSpeed config for "
+                               f"{strategy} itself (batch sizes, precision and the optimizer "
+                               "from the job's fields)"))
 
 
 def _trackers(draft: Draft, config: dict[str, Any]) -> None:

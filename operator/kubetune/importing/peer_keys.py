@@ -347,3 +347,68 @@ TRL = {
     datasets streaming test_split_size
     """,
 }
+
+# Axolotl's nested models (utils/schemas/datasets.py, trl.py, fsdp.py; checked against its main
+# branch after 0.18.0): the keys of a `datasets:` / `test_datasets:` entry (one of SFTDataset,
+# DPODataset, KTODataset, StepwiseSupervisedDataset, SyntheticDataset), of a `type:` given as a
+# mapping (the user_defined prompt formats), of a `pretraining_dataset:` entry, of `trl:` and
+# of `fsdp_config:`.
+AXOLOTL_DATASET = {
+    "SFTDataset": """
+    path split type input_transform shards shards_idx preprocess_shards conversation
+    chat_template chat_template_jinja data_files input_format name ds_type field field_human
+    field_model field_messages field_tools field_thinking template_thinking_key
+    message_field_role message_field_content message_property_mappings message_field_training
+    message_field_training_detail split_thinking logprobs_field temperature roles_to_train
+    train_on_eos train_on_eot roles drop_system_message trust_remote_code revision
+    """,
+    "DPODataset": """
+    path split type data_files revision field_messages field_chosen field_rejected
+    """,
+    "KTODataset": """
+    path split type data_files trust_remote_code revision
+    """,
+    "StepwiseSupervisedDataset": """
+    path split data_files revision step_separator max_completion_length
+    train_on_last_step_only
+    """,
+    "SyntheticDataset": """
+    path type length sequence_length min_input_id max_input_id seed
+    """,
+}
+AXOLOTL_DATASET_TYPE = {
+    "UserDefinedPrompterType": """
+    system_prompt system_format field_system field_instruction field_input field_output format
+    no_input_format
+    """,
+    "UserDefinedDPOType": """
+    field_system field_prompt field_chosen field_rejected prompt_format chosen_format
+    rejected_format
+    """,
+    "UserDefinedKTOType": """
+    field_system field_prompt field_completion field_label prompt_format completion_format
+    """,
+}
+AXOLOTL_PRETRAINING_DATASET = names("""
+name path split text_column type trust_remote_code data_files skip
+""")
+AXOLOTL_TRL = names("""
+beta max_completion_length use_vllm vllm_mode vllm_server_host vllm_server_port
+vllm_server_timeout vllm_guided_decoding_regex reward_funcs reward_weights
+generation_batch_size num_generations log_completions num_completions_to_print
+importance_sampling_level sync_ref_model ref_model_mixup_alpha ref_model_sync_steps
+scale_rewards temperature top_p top_k min_p repetition_penalty generation_kwargs
+chat_template_kwargs num_iterations epsilon epsilon_high use_liger_loss loss_type
+mask_truncated_completions vllm_enable_sleep_mode rollout_func multi_objective_aggregation
+use_data_producer async_prefetch prefetch_depth vllm_sync_interval streaming_partial_batch
+streaming_min_groups vllm_importance_sampling_correction vllm_importance_sampling_mode
+vllm_importance_sampling_cap off_policy_mask_threshold use_bias_correction_kl
+reward_num_workers replay_buffer_size replay_recompute_logps reroll_start_fraction
+reroll_max_groups skip_zero_advantage_batches vllm_lora_sync
+""")
+AXOLOTL_FSDP = names("""
+fsdp_version activation_checkpointing offload_params sync_module_states
+cpu_ram_efficient_loading cpu_offload_pin_memory use_orig_params state_dict_type
+final_state_dict_type auto_wrap_policy transformer_layer_cls_to_wrap min_num_params
+reshard_after_forward mixed_precision_policy
+""")
