@@ -440,3 +440,28 @@ def test_range_points_are_readable():
 def test_example_sweeps_plan_valid_trials(path):
     trials = sw.plan(sw.load_sweep(path))
     assert trials and all(t.job.kind == "FineTuneJob" for t in trials)
+
+
+def test_a_failed_trial_is_listed_and_the_others_go_on(tmp_path, monkeypatch):
+    import kubetune_trainer.train
+    from kubetune.sweep_local import best, run_sweep, table
+    from kubetune_trainer.config import RunContext
+    from rich.console import Console
+
+    def fake_train(job, ctx, *, log, callbacks):
+        rate = job.spec.training.learning_rate
+        if rate == 3e-4:
+            raise KubetuneError("the data set ran dry", field="spec.datasets[0]")
+        return {"progress": str(tmp_path / job.metadata.name / "progress.jsonl"),
+                "global_step": 6, "metrics": {"eval_loss": rate * 1000}}
+
+    monkeypatch.setattr(kubetune_trainer.train, "run", fake_train)
+    s = sw.parse_sweep(_sweep())
+    results = run_sweep(s, RunContext(base_dir=tmp_path), log=lambda *_: None)
+    assert [r.state for r in results] == ["succeeded", "failed", "succeeded"]
+    assert "the data set ran dry" in results[1].error
+    assert best(results, "minimize").name == "lr-0"
+    console = Console(record=True, width=120)
+    console.print(table(s, results))
+    text = console.export_text()
+    assert "failed: spec.datasets[0]: the data set ran dry" in text and "* lr-0" in text
