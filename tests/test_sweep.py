@@ -465,3 +465,23 @@ def test_a_failed_trial_is_listed_and_the_others_go_on(tmp_path, monkeypatch):
     console.print(table(s, results))
     text = console.export_text()
     assert "failed: spec.datasets[0]: the data set ran dry" in text and "* lr-0" in text
+
+
+def test_kubetune_sweep_plan_lists_the_trials_and_trains_nothing(tmp_path):
+    from kubetune.cli import app
+    from typer.testing import CliRunner
+
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(_sweep(algorithm={"type": "random", "seed": 3}, maxTrials=5,
+                                       parameters=[{"path": "training.learningRate",
+                                                    "range": {"min": 1e-5, "max": 1e-3,
+                                                              "scale": "log"}}])))
+    res = CliRunner().invoke(app, ["sweep", "--plan", str(f)])
+    assert res.exit_code == 0, res.output
+    assert "5 trials (random), every spec valid" in res.output
+    assert "lr-4" in res.output and "out/sweep/lr-4" in res.output
+    assert not (tmp_path / "out").exists()
+    f.write_text(yaml.safe_dump(_sweep(parameters=[{"path": "training.learningRate",
+                                                    "values": [1e-4, 2.0]}])))
+    res = CliRunner().invoke(app, ["sweep", "--plan", str(f)])
+    assert res.exit_code == 2 and "trial lr-1 (training.learningRate=2.0)" in res.output

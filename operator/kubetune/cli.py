@@ -180,15 +180,21 @@ def run(job_file: JobFile, pvc_root: PvcRoot = None,
 
 @app.command()
 def sweep(sweep_file: Annotated[Path, typer.Argument(help="A FineTuneSweep YAML file.")],
-          pvc_root: PvcRoot = None) -> None:
+          pvc_root: PvcRoot = None,
+          plan: Annotated[bool, typer.Option(
+              "--plan", help="Only check every trial's spec and list the trials (their "
+              "values and outputs); train nothing.")] = False) -> None:
     """Run a FineTuneSweep here: every trial's spec checked first, then each trial as
     `kubetune run` would (one after another, the median stopping rule as they log), a table
     of the results with the best marked, and sweep.json under the template's output."""
     from kubetune.sweep import load_sweep
-    from kubetune.sweep_local import best, run_sweep, table, write_summary
+    from kubetune.sweep_local import best, plan_table, run_sweep, table, write_summary
 
     _offline_defaults()
     spec = load_sweep(sweep_file)
+    if plan:
+        Console(soft_wrap=True).print(plan_table(spec))
+        return
     ctx = _context(sweep_file, pvc_root)
     results = run_sweep(spec, ctx, log=lambda m: err.print(m, highlight=False, markup=False))
     Console(soft_wrap=True).print(table(spec, results))

@@ -130,6 +130,26 @@ def best(results: list[TrialResult], direction: str) -> TrialResult | None:
     return results[i] if i is not None else None
 
 
+def plan_table(sweep: FineTuneSweep) -> Any:
+    """The trials a sweep would run (each checked by the job parser first: a refused one is
+    the KubetuneError ``plan`` raises), as a rich Table."""
+    from rich.table import Table
+
+    trials = sw.plan(sweep)
+    spec = sweep.spec
+    t = Table(title=f"FineTuneSweep {sweep.metadata.name}: {len(trials)} trials "
+              f"({spec.algorithm.type}), every spec valid")
+    t.add_column("trial")
+    paths = [p.path for p in spec.parameters]
+    for path in paths:
+        t.add_column(path, justify="right")
+    t.add_column("output")
+    for trial in trials:
+        t.add_row(trial.name, *(sw.show(trial.parameters[p]) for p in paths),
+                  trial.job.spec.output.uri)
+    return t
+
+
 def table(sweep: FineTuneSweep, results: list[TrialResult]) -> Any:
     """The results as a rich Table: a row per trial, the best marked."""
     from rich.table import Table
