@@ -441,6 +441,27 @@ AX_CASES: dict[str, tuple[str, dict[str, Any]]] = {
                         "      format: '[INST] {instruction} [/INST]'\n"), {
         "spec.datasets.0.format": "alpaca",
         "spec.datasets.0.columns": {"prompt": "question", "response": "answer"}}),
+    "nested_keys": (ax("datasets:\n  - path: mlabonne/FineTome-100k\n    type: chat_template\n"
+                       "    split: train\n    name: default\n    shards: 4\n"
+                       "    field_messages: conversations\n    drop_system_message: true\n"
+                       "    roles_to_train: [assistant]\n    train_on_eos: turn\n"
+                       "    message_property_mappings:\n      role: from\n      content: value\n"
+                       "      weight: w\n    roles:\n      user: [human, user]\n"
+                       "      assistant: [gpt]\n      tool: [tool]\n"
+                       "test_datasets:\n  - path: data/identity.json\n    ds_type: json\n"
+                       "    type: alpaca\n    trust_remote_code: false\n    revision:\n"
+                       "deepspeed:\n  train_micro_batch_size_per_gpu: auto\n"
+                       "  zero_optimization:\n    stage: 3\n    offload_param:\n"
+                       "      device: cpu\n    overlap_comm: true\n"
+                       "trl:\n  beta: 0.2\n  use_vllm: false\n"), {
+        "spec.datasets.0.tags": {"role_tag": "from", "content_tag": "value",
+                                 "user_tag": "human", "assistant_tag": "gpt",
+                                 "system_tag": "system"},
+        "spec.resources.strategy": "zero3-offload"}),
+    "pretrain_nested": (ax("pretraining_dataset:\n  - path: allenai/c4\n    name: en\n"
+                           "    text_column: content\n    skip: 10\n    split: train\n"
+                           "max_steps: 100\n"), {
+        "spec.stage": "pt", "spec.datasets.0.columns": {"prompt": "content"}}),
     "lm_eval_and_mlflow": (ax(AX_ALPACA + "lm_eval_tasks:\n  - arc_easy\nuse_mlflow: true\n"
                               "mlflow_experiment_name: axo\n"), {
         "spec.evaluation.lmEval": {"tasks": ["arc_easy"], "batchSize": 8},
@@ -457,6 +478,28 @@ def test_axolotl_config_becomes_a_job_kubetune_accepts(case, tmp_path):
         assert _get(doc, path) == value, (path, imported.text())
     _accounted(imported, text)
     assert job.spec.model.source.startswith("hf://")
+    # each nested key has its own reason, not the catch-all for keys no step read
+    assert not [line for line in imported.report() if "import does not use it" in line], (
+        imported.report())
+
+
+def test_axolotl_nested_keys_have_their_own_reasons(tmp_path):
+    text = AX_CASES["nested_keys"][0]
+    imported, _, _ = _import("axolotl", text, tmp_path)
+    report = "\n".join(imported.report())
+    for line in ("  datasets[0].shards: kubetune reads every row",
+                 "  datasets[0].message_property_mappings.weight: kubetune reads a message's "
+                 "role and content only",
+                 "  datasets[0].roles.user -> spec.datasets[0].tags.user_tag 'human' (the first "
+                 "name",
+                 "  datasets[0].roles.tool: kubetune's sharegpt tags",
+                 "  deepspeed.zero_optimization.stage -> spec.resources.strategy zero3-offload",
+                 "  deepspeed.zero_optimization.overlap_comm: kubetune writes the DeepSpeed",
+                 "  trl.beta: not read by stage sft", "  trl.use_vllm: false: off",
+                 "  test_datasets[0].ds_type -> spec.evalDatasets[0]"):
+        assert line in report, (line, report)
+    assert "test_datasets[0].revision" in next(
+        line for line in imported.report() if line.startswith("Left empty"))
 
 
 AX_REFUSED = {
@@ -471,6 +514,28 @@ AX_REFUSED = {
                             "method.spectrum"),
     "unknown_key": (ax(AX_ALPACA + "micro_batchsize: 2\n"),
                     "did you mean 'micro_batch_size'?"),
+    "unknown_dataset_key": (ax("datasets:\n  - path: x/y\n    type: alpaca\n    shard: 2\n"),
+                            "datasets[0]: unknown key 'shard'; did you mean 'shards'?"),
+    "unknown_test_dataset_key": (ax(AX_ALPACA + "test_datasets:\n  - path: x/z\n"
+                                    "    type: alpaca\n    data_file: a.json\n"),
+                                 "test_datasets[0]: unknown key 'data_file'; did you mean "
+                                 "'data_files'?"),
+    "unknown_user_defined_key": (ax("datasets:\n  - path: x/y\n    type:\n"
+                                    "      field_instructions: q\n"),
+                                 "datasets[0].type: unknown key 'field_instructions'; did you "
+                                 "mean 'field_instruction'?"),
+    "unknown_rl_dataset_key": (ax("rl: dpo\ndatasets:\n  - path: Intel/orca_dpo_pairs\n"
+                                  "    type: chatml.intel\n    field_chose: c\n"),
+                               "did you mean 'field_chosen'?"),
+    "unknown_pretraining_key": (ax("pretraining_dataset:\n  - path: allenai/c4\n"
+                                   "    text_colum: text\n"),
+                                "pretraining_dataset[0]: unknown key 'text_colum'; did you "
+                                "mean 'text_column'?"),
+    "unknown_trl_key": (ax(AX_DPO + "rl: dpo\ntrl:\n  beta: 0.1\n  use_vlm: false\n"),
+                        "trl: unknown key 'use_vlm'; did you mean 'use_vllm'?"),
+    "unknown_fsdp_config_key": (ax(AX_ALPACA + "fsdp_version: 2\nfsdp_config:\n"
+                                   "  offload_param: true\n"),
+                                "did you mean 'offload_params'?"),
     "unknown_dataset_type": (ax("datasets:\n  - path: x/y\n    type: input_output\n"),
                              "no kubetune equivalent"),
     "qlora_without_4bit": (ax(AX_ALPACA + "adapter: qlora\n"), "load_in_4bit"),

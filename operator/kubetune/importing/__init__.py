@@ -450,11 +450,12 @@ def within(path: str, parent: str) -> bool:
 
 def account(draft: Draft, key: str, value: Mapping[str, Any], known: Mapping[str, str],
             read: Mapping[str, str] | None = None, *, what: str = "",
-            check: bool = True) -> None:
+            check: bool = True, off: frozenset[str] = frozenset()) -> None:
     """The keys of a nested mapping ``value`` (found at ``key``), each under ``key.name``:
     ``read`` (name → the field it fills) mapped, a null left empty, else lost with its reason
-    from ``known`` (name → why). A name in neither is an error with "did you mean" when
-    ``check``; keys an earlier step listed are left as they are."""
+    from ``known`` (name → why), or the same where it is false and named in ``off`` (false is
+    the tool's default, which kubetune matches). A name in neither is an error with "did you
+    mean" when ``check``; keys an earlier step listed are left as they are."""
     read = read or {}
     listed = ({k for k, _ in draft.mapped} | {k for k, _ in draft.same}
               | {k for k, _ in draft.lost} | set(draft.unset))
@@ -471,6 +472,8 @@ def account(draft: Draft, key: str, value: Mapping[str, Any], known: Mapping[str
             draft.map(path, read[k])
         elif v is None:
             draft.unset.append(path)
+        elif v is False and k in off:
+            draft.same.append((path, "false: the tool's default, as kubetune does"))
         else:
             draft.lose(path, known.get(k, "not read by kubetune"))
 

@@ -512,6 +512,9 @@ _DATASET_REASONS = {
     "length": _SYNTHETIC, "sequence_length": _SYNTHETIC, "min_input_id": _SYNTHETIC,
     "max_input_id": _SYNTHETIC, "seed": _SYNTHETIC,
 }
+# false is Axolotl's default and what kubetune does
+_OFF = frozenset(("trust_remote_code", "drop_system_message", "split_thinking",
+                  "train_on_last_step_only"))
 _TYPE_REASONS = {k: "kubetune renders rows with spec.template" for k in _TYPE_KEYS}
 _PRETRAINING_REASONS = {
     "name": _DATASET_REASONS["name"], "skip": _ROWS, "split": _DATASET_REASONS["split"],
@@ -679,10 +682,6 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
     if d.get("revision"):
         out["revision"] = str(d["revision"])
         draft.map(f"{key}.revision", f"spec.{where}[{i}].revision")
-    for f in ("name", "shards", "conversation", "drop_system_message", "field_tools"):
-        if d.get(f):
-            draft.lose(f"{key}.{f}", "kubetune reads the data set as it is (its default "
-                       "configuration, every row, the rows' own roles)")
     if d.get("split") not in (None, "train"):
         draft.lose(f"{key}.split", "kubetune reads the train split")
     elif d.get("split") == "train":
@@ -695,7 +694,7 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
     # what no step above read: listed with the reason (a field_* this type does not use …)
     account(draft, key, d, {k: _DATASET_REASONS.get(k, f"not read by a {kind!r} data set in "
                                                       "kubetune") for k in _DATASET_KEYS},
-            check=False)
+            check=False, off=_OFF)
     return out
 
 
@@ -716,8 +715,8 @@ def _pretraining(draft: Draft, pre: Any, stage: str) -> list[dict[str, Any]]:
         out.append(_dataset(draft, row, i, stage, "datasets", label))
         draft.mapped[:] = [m for m in draft.mapped if m[0] != f"{label}.field"]
         account(draft, label, r, _PRETRAINING_REASONS, {
-            "text_column": f"spec.datasets[{i}].format text (the column is the text)",
-            "type": f"spec.datasets[{i}].format text"}, check=False)
+            "text_column": f"spec.datasets[{i}].columns.prompt (the text)",
+            "type": f"spec.datasets[{i}].format text"}, check=False, off=_OFF)
     return out
 
 
@@ -888,7 +887,8 @@ def _strategy(draft: Draft, config: dict[str, Any]) -> None:
             known = {k: why for k in AXOLOTL_FSDP} | {f"fsdp_{k}": why for k in AXOLOTL_FSDP}
             account(draft, "fsdp_config", config["fsdp_config"], known, {
                 k: "spec.resources.strategy fsdp2" for k in ("fsdp_version", "fsdp_fsdp_version")
-                if str(config["fsdp_config"].get(k)) == "2"}, what="fsdp_config")
+                if str(config["fsdp_config"].get(k)) == "2"}, what="fsdp_config",
+                off=frozenset(("offload_params", "fsdp_offload_params")))
     draft.moves.append(("spec.resources", "nodes 1, gpusPerNode 1", f"{draft.tool} takes the "
                         "GPUs from its launcher (torchrun, accelerate): set the job's nodes and "
                         "GPUs"))
