@@ -485,3 +485,10 @@ def test_kubetune_sweep_plan_lists_the_trials_and_trains_nothing(tmp_path):
                                                     "values": [1e-4, 2.0]}])))
     res = CliRunner().invoke(app, ["sweep", "--plan", str(f)])
     assert res.exit_code == 2 and "trial lr-1 (training.learningRate=2.0)" in res.output
+
+
+def test_random_draws_no_trial_twice():
+    ps = _params({"path": "method.lora.rank", "values": [8, 16]},
+                 {"path": "training.epochs", "values": [1.0]})
+    trials = sw.random_search(ps, 5, 0)
+    assert sorted(t["method.lora.rank"] for t in trials) == [8, 16]

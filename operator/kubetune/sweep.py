@@ -104,10 +104,20 @@ def grid(parameters: Sequence[ParameterSpec], max_trials: int, seed: int) -> lis
 
 def random_search(parameters: Sequence[ParameterSpec], max_trials: int, seed: int
                   ) -> list[Assignment]:
-    """max_trials independent draws: a value of each list, a point of each range (uniform on
-    its scale). The same seed gives the same trials."""
+    """Up to max_trials draws, each a value of each list and a point of each range (uniform on
+    its scale), none the same as an earlier one (fewer when the lists hold fewer
+    combinations). The same seed gives the same trials."""
     rng = random.Random(seed)
-    return [{p.path: _draw(p, rng) for p in parameters} for _ in range(max_trials)]
+    out: list[Assignment] = []
+    seen: set[str] = set()
+    for _ in range(20 * max_trials):  # a repeat is drawn again, within bounds
+        if len(out) == max_trials:
+            break
+        draw = {p.path: _draw(p, rng) for p in parameters}
+        if show(draw) not in seen:
+            seen.add(show(draw))
+            out.append(draw)
+    return out
 
 
 Algorithm = Callable[[Sequence[ParameterSpec], int, int], list[Assignment]]

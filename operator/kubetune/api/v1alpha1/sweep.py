@@ -132,7 +132,8 @@ class AlgorithmSpec(_Spec):
 
     type: Annotated[Literal[ALGORITHMS], Field(  # type: ignore[valid-type]
         description="grid: every combination, in order (ranges give count points); random: "
-        "maxTrials draws, each value uniform (ranges on their scale).")] = "grid"
+        "up to maxTrials different draws, each value uniform (ranges on their scale).")
+    ] = "grid"
     seed: Annotated[int, Field(ge=0, le=2**32 - 1, description="random: the draws' seed (the "
                                "same seed, the same trials).")] = 0
 
