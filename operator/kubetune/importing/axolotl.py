@@ -28,7 +28,6 @@ from kubetune.importing import (
     job_name,
     known_keys,
     names_list,
-    nested_keys,
     number,
     positive_or_unset,
     value_of,
@@ -860,16 +859,7 @@ def _training(draft: Draft, config: dict[str, Any]) -> None:
 def _strategy(draft: Draft, config: dict[str, Any]) -> None:
     ds = config.get("deepspeed")
     if ds:
-        if isinstance(ds, dict):
-            zero = ds.get("zero_optimization") or {}
-            stage = int(zero.get("stage", 0))
-            off = any((zero.get(k) or {}).get("device") in ("cpu", "nvme")
-                      for k in ("offload_optimizer", "offload_param"))
-            strategy = "ddp" if stage < 2 else f"zero{stage}" + ("-offload" if off else "")
-            how = f"ZeRO stage {stage}" + (", offload" if off else "")
-            _deepspeed_keys(draft, ds, strategy)
-        else:
-            strategy, how = deepspeed_strategy(draft, str(ds))
+        strategy, how = deepspeed_strategy(draft, ds)
         draft.set("resources.strategy", strategy)
         draft.map("deepspeed", f"spec.resources.strategy {strategy} ({how})")
     fsdp = config.get("fsdp") or config.get("fsdp_config") or config.get("fsdp_version")
@@ -892,21 +882,6 @@ def _strategy(draft: Draft, config: dict[str, Any]) -> None:
     draft.moves.append(("spec.resources", "nodes 1, gpusPerNode 1", f"{draft.tool} takes the "
                         "GPUs from its launcher (torchrun, accelerate): set the job's nodes and "
                         "GPUs"))
-
-
-def _deepspeed_keys(draft: Draft, ds: dict[str, Any], strategy: str) -> None:
-    """An inline DeepSpeed config: the ZeRO stage and offload devices pick the strategy; the
-    rest kubetune's own DeepSpeed config for that strategy sets."""
-    read = ("deepspeed.zero_optimization.stage",
-            "deepspeed.zero_optimization.offload_optimizer.device",
-            "deepspeed.zero_optimization.offload_param.device")
-    for path, value in nested_keys({"deepspeed": ds}):
-        if path in read:
-            draft.map(path, f"spec.resources.strategy {strategy}")
-        elif not isinstance(value, dict) or not value:
-            draft.same.append((path, "kubetune writes the DeepSpeed config for "
-                               f"{strategy} itself (batch sizes, precision and the optimizer "
-                               "from the job's fields)"))
 
 
 def _trackers(draft: Draft, config: dict[str, Any]) -> None:

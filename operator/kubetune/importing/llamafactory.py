@@ -30,6 +30,7 @@ from kubetune.importing import (
     job_name,
     known_keys,
     names_list,
+    nested_keys,
     number,
     positive_or_unset,
     value_of,
@@ -672,7 +673,7 @@ def _training(draft: Draft, config: dict[str, Any], stage: str,
 def _strategy(draft: Draft, config: dict[str, Any]) -> None:
     ds = config.get("deepspeed")
     if ds:
-        strategy, how = deepspeed_strategy(draft, str(ds))
+        strategy, how = deepspeed_strategy(draft, ds)
         draft.set("resources.strategy", strategy)
         draft.map("deepspeed", f"{_STRATEGY} {strategy} ({how})")
     if config.get("fsdp"):
@@ -687,9 +688,18 @@ def _strategy(draft: Draft, config: dict[str, Any]) -> None:
                         "GPUs"))
 
 
-def deepspeed_strategy(draft: Draft, ds: str) -> tuple[str, str]:
-    """A DeepSpeed config (a file, or its name) as ZeRO stage and offload."""
-    path = draft.ctx.base_dir / ds
+def deepspeed_strategy(draft: Draft, ds: Any) -> tuple[str, str]:
+    """A DeepSpeed config (a file, or its name, or the config itself inline) as ZeRO stage
+    and offload; an inline config's keys are each accounted for."""
+    if isinstance(ds, dict):
+        zero = ds.get("zero_optimization") or {}
+        stage = int(zero.get("stage", 0))
+        off = any((zero.get(k) or {}).get("device") in ("cpu", "nvme")
+                  for k in ("offload_optimizer", "offload_param"))
+        strategy = "ddp" if stage < 2 else f"zero{stage}" + ("-offload" if off else "")
+        _deepspeed_keys(draft, ds, strategy)
+        return strategy, f"ZeRO stage {stage}" + (", offload" if off else "")
+    path = draft.ctx.base_dir / str(ds)
     try:
         conf = json.loads(path.read_text(encoding="utf-8"))
         zero = conf.get("zero_optimization") or {}
@@ -708,6 +718,21 @@ def deepspeed_strategy(draft: Draft, ds: str) -> tuple[str, str]:
     if stage in (0, 1):
         return "ddp", how + " (stage 0/1 shard nothing kubetune's ddp keeps)"
     return f"zero{stage}" + ("-offload" if off else ""), how
+
+
+def _deepspeed_keys(draft: Draft, ds: dict[str, Any], strategy: str) -> None:
+    """An inline DeepSpeed config: the ZeRO stage and offload devices pick the strategy; the
+    rest kubetune's own DeepSpeed config for that strategy sets."""
+    read = ("deepspeed.zero_optimization.stage",
+            "deepspeed.zero_optimization.offload_optimizer.device",
+            "deepspeed.zero_optimization.offload_param.device")
+    for path, value in nested_keys({"deepspeed": ds}):
+        if path in read:
+            draft.map(path, f"spec.resources.strategy {strategy}")
+        elif not isinstance(value, dict) or not value:
+            draft.same.append((path, "kubetune writes the DeepSpeed config for "
+                               f"{strategy} itself (batch sizes, precision and the optimizer "
+                               "from the job's fields)"))
 
 
 def _evaluation(draft: Draft, config: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from kubetune.importing import (
     Same,
     Step,
     To,
+    account,
     apply_table,
     did_you_mean,
     finish,
@@ -289,6 +290,7 @@ def _dataset(draft: Draft, d: dict[str, Any], where: str, key: str | None = None
             raise ImportProblem(f"{where}.data_files: kubetune reads one file or folder per "
                                 "data set: give each its own entry")
         source = draft.source(files[0], f"spec.{where}.source", "data set", hub=False)
+        draft.map(f"{where}.data_files", f"spec.{where}.source (the {path} file)")
     else:
         source = draft.source(path, f"spec.{where}.source", "data set")
     draft.map(key or f"{where}.path", f"spec.{where}.source")
@@ -300,6 +302,15 @@ def _dataset(draft: Draft, d: dict[str, Any], where: str, key: str | None = None
             draft.lose(f"{where}.{key}", why)
     if d.get("split") not in (None, "train"):
         draft.lose(f"{where}.split", "kubetune reads the train split")
+    elif d.get("split") == "train":
+        draft.same.append((f"{where}.split", "train: the split kubetune reads"))
+    if key is None:  # what no step above read (data_files beside a Hub path, an empty name)
+        account(draft, where, d, {
+            "name": "kubetune reads the default configuration", "data_dir": "point path at "
+            "the folder instead", "columns": "kubetune reads a format's columns",
+            "fraction": "use maxSamples for a count", "data_files": "kubetune reads the "
+            "repository at path (a file goes in path, or path json|csv|parquet with one "
+            "data_files)"}, check=False)
     return {"source": source}
 
 
