@@ -469,6 +469,29 @@ AX_CASES: dict[str, tuple[str, dict[str, Any]]] = {
                            "    text_column: content\n    skip: 10\n    split: train\n"
                            "max_steps: 100\n"), {
         "spec.stage": "pt", "spec.datasets.0.columns": {"prompt": "content"}}),
+    "dpo_user_defined": (ax("rl: dpo\ndatasets:\n  - path: repo/prefs\n    split: train\n"
+                            "    type:\n      field_prompt: question\n"
+                            "      field_chosen: good\n      field_rejected: bad\n"
+                            "      prompt_format: '{prompt}'\n      chosen_format: '{chosen}'\n"), {
+        "spec.datasets.0.format": "preference",
+        "spec.datasets.0.columns": {"prompt": "question", "chosen": "good",
+                                    "rejected": "bad"}}),
+    "kto_user_defined": (ax("rl: kto\nmicro_batch_size: 2\n"
+                            "datasets:\n  - path: repo/kto\n    type:\n"
+                            "      field_prompt: q\n      field_completion: a\n"
+                            "      field_label: ok\n      completion_format: '{completion}'\n"), {
+        "spec.datasets.0.format": "promptCompletion",
+        "spec.datasets.0.columns": {"prompt": "q", "completion": "a", "kto_tag": "ok"}}),
+    "dpo_chat_template_default": (ax("rl: dpo\nchat_template: chatml\ndatasets:\n"
+                                     "  - path: repo/chat-prefs\n"
+                                     "    type: chat_template.default\n"
+                                     "    field_messages: conversation\n"
+                                     "    field_chosen: chosen\n    field_rejected: rejected\n"
+                                     "    message_property_mappings:\n      role: role\n"
+                                     "      content: content\n"), {
+        "spec.datasets.0.format": "preference",
+        "spec.datasets.0.columns": {"prompt": "conversation", "chosen": "chosen",
+                                    "rejected": "rejected"}}),
     "lm_eval_and_mlflow": (ax(AX_ALPACA + "lm_eval_tasks:\n  - arc_easy\nuse_mlflow: true\n"
                               "mlflow_experiment_name: axo\n"), {
         "spec.evaluation.lmEval": {"tasks": ["arc_easy"], "batchSize": 8},

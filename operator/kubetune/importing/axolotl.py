@@ -514,7 +514,8 @@ _DATASET_REASONS = {
 # false is Axolotl's default and what kubetune does
 _OFF = frozenset(("trust_remote_code", "drop_system_message", "split_thinking",
                   "train_on_last_step_only"))
-_TYPE_REASONS = {k: "kubetune renders rows with spec.template" for k in _TYPE_KEYS}
+_TYPE_REASONS = {k: "a column this stage's user_defined format does not read" if k.startswith(
+    "field_") else "kubetune renders rows with spec.template" for k in _TYPE_KEYS}
 _PRETRAINING_REASONS = {
     "name": _DATASET_REASONS["name"], "skip": _ROWS, "split": _DATASET_REASONS["split"],
     "trust_remote_code": _DATASET_REASONS["trust_remote_code"],
@@ -556,6 +557,11 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
     if stage in ("dpo", "orpo", "cpo", "rm"):
         if kind == "bradley_terry.chat_template" or (stage == "rm" and kind in (None, "")):
             out["format"] = "preference"
+        elif isinstance(kind, dict):  # user_defined: the columns in the type
+            out["format"] = "preference"
+            out["columns"] = _user_defined(draft, kind, key, where, i, (
+                ("field_prompt", "prompt"), ("field_chosen", "chosen"),
+                ("field_rejected", "rejected"), ("field_system", "system")))
         elif variant in PAIR_TYPES or kind in ("chat_template.default",):
             cols = dict(PAIR_TYPES.get(variant, {}))
             for field, role in (("field_messages", "prompt"), ("field_prompt", "prompt"),
@@ -566,6 +572,13 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
             out["format"] = "preference"
             if cols:
                 out["columns"] = cols
+            for prop, name in (d.get("message_property_mappings") or {}).items():
+                if prop in ("role", "content") and prop == name:
+                    draft.same.append((f"{key}.message_property_mappings.{prop}",
+                                       f"{prop!r}: kubetune reads each message's {prop!r}"))
+                else:
+                    draft.lose(f"{key}.message_property_mappings.{prop}", "kubetune reads "
+                               "the messages' own 'role' and 'content'")
             if prefix in ("chatml", "llama3") and not draft.has("template"):
                 draft.set("template", prefix)
         else:
@@ -573,6 +586,11 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
                                 "reads is chatml.intel, chatml.prompt_pairs, chatml.argilla, "
                                 "chatml.ultra (or llama3.*), chat_template.default, "
                                 "user_defined or bradley_terry.chat_template")
+    elif stage == "kto" and isinstance(kind, dict):  # user_defined: the columns in the type
+        out["format"] = "promptCompletion"
+        out["columns"] = _user_defined(draft, kind, key, where, i, (
+            ("field_prompt", "prompt"), ("field_completion", "completion"),
+            ("field_label", "kto_tag"), ("field_system", "system")))
     elif stage == "kto":
         if variant not in KTO_TYPES and prefix != "user_defined":
             raise ImportProblem(f"{key}.type: {kind!r}: a KTO dataset type kubetune reads is "
@@ -588,15 +606,10 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
         if prefix in ("chatml", "llama3") and not draft.has("template"):
             draft.set("template", prefix)
     elif isinstance(kind, dict):  # user_defined prompt format
-        cols = {role: str(kind[f]) for f, role in (
-            ("field_instruction", "prompt"), ("field_input", "query"),
-            ("field_output", "response"), ("field_system", "system")) if kind.get(f)}
         out["format"] = "alpaca"
-        out["columns"] = cols
-        account(draft, f"{key}.type", kind, _TYPE_REASONS, {
-            f: f"spec.{where}[{i}].columns.{role}" for f, role in (
-                ("field_instruction", "prompt"), ("field_input", "query"),
-                ("field_output", "response"), ("field_system", "system")) if kind.get(f)})
+        out["columns"] = _user_defined(draft, kind, key, where, i, (
+            ("field_instruction", "prompt"), ("field_input", "query"),
+            ("field_output", "response"), ("field_system", "system")))
     elif kind == "chat_template" or str(kind).startswith("chat_template"):
         field = str(d.get("field_messages") or "messages")
         role = d.get("message_field_role")
@@ -691,10 +704,23 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
         draft.same.append((f"{key}.train_on_eos", "kubetune trains on each assistant turn's "
                            "end"))
     # what no step above read: listed with the reason (a field_* this type does not use …)
-    account(draft, key, d, {k: _DATASET_REASONS.get(k, f"not read by a {kind!r} data set in "
-                                                      "kubetune") for k in _DATASET_KEYS},
+    unread = f"not read by a {kind!r} data set in kubetune"
+    account(draft, key, d, {k: _DATASET_REASONS.get(k, unread) for k in _DATASET_KEYS},
             check=False, off=_OFF)
+    for k in ("message_property_mappings", "roles"):
+        if isinstance(d.get(k), dict):
+            account(draft, f"{key}.{k}", d[k], {c: unread for c in d[k]}, check=False)
     return out
+
+
+def _user_defined(draft: Draft, kind: dict[str, Any], key: str, where: str, i: int,
+                  fields: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """A ``type:`` given as a mapping (Axolotl's user_defined formats): its field_* keys
+    name the columns; its format strings are spec.template's job in kubetune."""
+    cols = {role: str(kind[f]) for f, role in fields if kind.get(f)}
+    account(draft, f"{key}.type", kind, _TYPE_REASONS, {
+        f: f"spec.{where}[{i}].columns.{role}" for f, role in fields if kind.get(f)})
+    return cols
 
 
 def _pretraining(draft: Draft, pre: Any, stage: str) -> list[dict[str, Any]]:
