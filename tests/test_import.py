@@ -452,6 +452,7 @@ AX_CASES: dict[str, tuple[str, dict[str, Any]]] = {
                        "    split: train\n    name: default\n    shards: 4\n"
                        "    field_messages: conversations\n    drop_system_message: true\n"
                        "    roles_to_train: [assistant]\n    train_on_eos: turn\n"
+                       "    field_chosen: chosen\n"
                        "    message_property_mappings:\n      role: from\n      content: value\n"
                        "      weight: w\n    roles:\n      user: [human, user]\n"
                        "      assistant: [gpt]\n      tool: [tool]\n"
@@ -523,7 +524,8 @@ def test_axolotl_nested_keys_have_their_own_reasons(tmp_path):
                  "  deepspeed.zero_optimization.stage -> spec.resources.strategy zero3-offload",
                  "  deepspeed.zero_optimization.overlap_comm: kubetune writes the DeepSpeed",
                  "  trl.beta: not read by stage sft", "  trl.use_vllm: false: off",
-                 "  test_datasets[0].ds_type -> spec.evalDatasets[0]"):
+                 "  test_datasets[0].ds_type -> spec.evalDatasets[0].source",
+                 "  datasets[0].field_chosen: not read by a 'chat_template' data set"):
         assert line in report, (line, report)
     assert "test_datasets[0].revision" in next(
         line for line in imported.report() if line.startswith("Left empty"))

@@ -554,6 +554,7 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
     draft.map(f"{key}.path", f"spec.{where}[{i}].source")
     kind = d.get("type")
     prefix, _, variant = str(kind or "").partition(".")
+    read: tuple[str, ...] = ()  # the entry's column keys this type reads
     if stage in ("dpo", "orpo", "cpo", "rm"):
         if kind == "bradley_terry.chat_template" or (stage == "rm" and kind in (None, "")):
             out["format"] = "preference"
@@ -564,6 +565,8 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
                 ("field_rejected", "rejected"), ("field_system", "system")))
         elif variant in PAIR_TYPES or kind in ("chat_template.default",):
             cols = dict(PAIR_TYPES.get(variant, {}))
+            read = ("field_messages", "field_prompt", "field_chosen", "field_rejected",
+                    "field_system")
             for field, role in (("field_messages", "prompt"), ("field_prompt", "prompt"),
                                 ("field_chosen", "chosen"), ("field_rejected", "rejected"),
                                 ("field_system", "system")):
@@ -572,6 +575,9 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
             out["format"] = "preference"
             if cols:
                 out["columns"] = cols
+            if isinstance(d.get("message_property_mappings"), dict):
+                draft.same.append((f"{key}.message_property_mappings", "kubetune reads each "
+                                   "message's 'role' and 'content' (each key below)"))
             for prop, name in (d.get("message_property_mappings") or {}).items():
                 if prop in ("role", "content") and prop == name:
                     draft.same.append((f"{key}.message_property_mappings.{prop}",
@@ -597,6 +603,7 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
                                 + ", ".join(f"chatml.{k}" for k in KTO_TYPES)
                                 + " (or llama3.*), or user_defined")
         cols = dict(KTO_TYPES.get(variant, {}))
+        read = ("field_prompt", "field_completion", "field_label", "field_system")
         for field, role in (("field_prompt", "prompt"), ("field_completion", "completion"),
                             ("field_label", "kto_tag"), ("field_system", "system")):
             if d.get(field):
@@ -612,6 +619,8 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
             ("field_output", "response"), ("field_system", "system")))
     elif kind == "chat_template" or str(kind).startswith("chat_template"):
         field = str(d.get("field_messages") or "messages")
+        read = ("field_messages", "message_property_mappings", "message_field_role",
+                "message_field_content")
         role = d.get("message_field_role")
         content = d.get("message_field_content")
         props = d.get("message_property_mappings") or {}
@@ -676,6 +685,7 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
         out["format"] = fmt
         if d.get("field") and fmt == "text":
             cols = {"prompt": str(d["field"])}
+            read = ("field",)
         if cols and fmt != "text" or cols.get("prompt", "text") != "text":
             out["columns"] = cols
         if ":" in str(kind):
@@ -685,12 +695,14 @@ def _dataset(draft: Draft, d: Any, i: int, stage: str, where: str, label: str
         raise ImportProblem(f"{key}.type: {kind!r}: {_NOT_SFT_DATA}")
     if kind is not None:
         draft.map(f"{key}.type", f"spec.{where}[{i}].format")
-    for f in ("field_messages", "message_property_mappings", "message_field_role",
-              "message_field_content", "field_prompt", "field_chosen", "field_rejected",
-              "field_system", "field_completion", "field_label", "field", "ds_type",
-              "data_files"):
+    for f in read:
         if f in d:
-            draft.map(f"{key}.{f}", f"spec.{where}[{i}]")
+            draft.map(f"{key}.{f}", f"spec.{where}[{i}]" + (
+                ".tags" if f.startswith("message_") and "tags" in out else ".columns"
+                if "columns" in out else f".format {out['format']}"))
+    for f in ("ds_type", "data_files"):
+        if f in d:
+            draft.map(f"{key}.{f}", f"spec.{where}[{i}].source")
     if d.get("revision"):
         out["revision"] = str(d["revision"])
         draft.map(f"{key}.revision", f"spec.{where}[{i}].revision")
