@@ -429,6 +429,9 @@ AX_CASES: dict[str, tuple[str, dict[str, Any]]] = {
         "spec.training.optimizer": {"name": "galore", "layerwise": True,
                                     "targetModules": ["mlp", "self_attn"], "rank": 128,
                                     "updateInterval": 200, "scale": 0.25}}),
+    "galore_args_mapping": (ax(AX_ALPACA + "optimizer: galore_adamw\noptim_args:\n"
+                               "  rank: 64\n  scale: 0.5\n  proj_type: std\n"), {
+        "spec.training.optimizer": {"name": "galore", "rank": 64, "scale": 0.5}}),
     "boosters": (ax(AX_ALPACA + "plugins:\n  - axolotl.integrations.liger.LigerPlugin\n"
                     "liger_rope: true\nliger_rms_norm: true\nliger_glu_activation: true\n"
                     "liger_fused_linear_cross_entropy: true\nneftune_noise_alpha: 5\n"

@@ -821,10 +821,14 @@ def optimizer(draft: Draft, config: dict[str, Any], key: str = "optimizer") -> N
         if isinstance(args, str):
             args = dict(part.split("=", 1) for part in args.replace(" ", "").split(",")
                         if "=" in part)
+        nested = isinstance(config.get("optim_args"), dict)  # keys of its own in the report
+        args = dict(args)
         for k, field, conv in (("rank", "rank", integer), ("update_proj_gap", "updateInterval",
                                                           integer), ("scale", "scale", number)):
             if k in args:
                 opt[field] = conv(args.pop(k))
+                if nested:
+                    draft.map(f"optim_args.{k}", f"spec.training.optimizer.{field}")
         for k in args:
             draft.lose(f"optim_args.{k}", "kubetune uses the optimizer's own default")
         if config.get("optim_args"):
