@@ -15,6 +15,7 @@ from e2e.local_cluster import free_port  # noqa: F401  (shared with the tests)
 REPO = Path(__file__).resolve().parents[2]
 CONFORMANCE = Path(os.environ.get("KUBETUNE_CONFORMANCE", REPO.parent / "shared" / "conformance"))
 CRDS = [REPO / "crds" / "kubetune.io_finetunejobs.yaml",
+        REPO / "crds" / "kubetune.io_finetunesweeps.yaml",
         CONFORMANCE / "kubeflow" / "kubeflow.org_pytorchjobs.yaml"]
 # Kubeflow Trainer v2 (v2.3.0) and Kueue (v0.19.2): the real CRDs, for the TrainJob backend.
 TRAINER_V2_CRDS = [CONFORMANCE / "kubeflow-trainer-v2" / f"trainer.kubeflow.org_{name}.yaml"
