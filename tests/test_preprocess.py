@@ -94,6 +94,24 @@ def test_parallel_tokenization_gives_the_same_result(tok):
     assert [a.tolist() for a in serial.labels] == [a.tolist() for a in parallel.labels]
 
 
+def test_tokenizing_workers_die_of_sigterm_whatever_their_parent_does_with_it(tok):
+    """The pool ends its workers with SIGTERM (after it took their queue's lock); a worker
+    that inherited training's SIGTERM handler (a flag) or SIG_IGN lived on, and the pool
+    waited for it forever (seen: a hung suite)."""
+    import multiprocessing
+    import signal
+
+    from kubetune_trainer.data.preprocess import _init_worker
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with multiprocessing.get_context("fork").Pool(
+                1, _init_worker, (tok, None, Options("sft", 64), None)) as pool:
+            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_packing_fills_rows_and_restarts_positions():
     ids = [[1] * 5, [2] * 3, [3] * 4, [4] * 6]
     rows = pack(ids, ids, 8)

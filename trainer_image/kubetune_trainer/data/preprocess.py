@@ -21,6 +21,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,6 +358,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer: Any, template: str | None, opts: Options, fast: Any) -> None:
+    # A forked worker inherits its parent's SIGTERM handler (training's only raises a flag):
+    # the pool ends its workers with SIGTERM, so they must die of it, or the pool waits forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER.update(tokenizer=tokenizer, template=template, opts=opts, fast=fast)
 
