@@ -218,6 +218,15 @@ def _children(cluster, kind):
     return [k for k in cluster.objects if k[0] == kind]
 
 
+def exists(cluster, key) -> bool:
+    """Whether kmock holds the object and it is not deleted. (``key in cluster.objects`` does
+    not parse a "group/version/plural" key, so it is always False: never use it.)"""
+    try:
+        return not cluster.objects[key].deleted
+    except KeyError:
+        return False
+
+
 async def test_create_makes_each_child_once_and_follows_the_pytorchjob(cluster, operator):
     await operator.create(_job())
     child = await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
@@ -297,7 +306,7 @@ async def test_a_job_from_another_job_waits_for_it_then_starts_from_its_model(cl
     await eventually(lambda: _assert(_phase(cluster, "scored") == "Pending"))
     ready = next(c for c in _status(cluster, "dpo")["conditions"] if c["type"] == "Reconciling")
     assert ready["reason"] == "WaitingForJob" and "'ident'" in ready["message"]
-    assert (PTJ, NS, "dpo") not in cluster.objects
+    assert not exists(cluster, (PTJ, NS, "dpo"))
     # As a run ends: the trainer reports its outputs, then its pod exits.
     _seed_master_pod(cluster)
     url = f"http://127.0.0.1:{operator.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
@@ -305,7 +314,7 @@ async def test_a_job_from_another_job_waits_for_it_then_starts_from_its_model(cl
         assert (await http.post(url, json={"kubetune": {"outputs": {
             "mergedModel": "pvc://outputs/ident/merged"}}})).status == 200
     await eventually(lambda: _assert(_status(cluster).get("outputs")), timeout=30)
-    assert (PTJ, NS, "dpo") not in cluster.objects  # not before the upstream succeeded
+    assert not exists(cluster, (PTJ, NS, "dpo"))  # not before the upstream succeeded
     await asyncio.to_thread(operator.custom.patch_namespaced_custom_object, "kubeflow.org",
                             "v1", NS, "pytorchjobs", "ident",
                             {"spec": {"runPolicy": {"suspend": False}}})
@@ -451,7 +460,7 @@ async def test_a_job_deleted_and_made_again_gets_new_children(cluster, operator)
     await eventually(lambda: _assert(_phase(cluster) == "Queued"))
     await asyncio.to_thread(operator.custom.delete_namespaced_custom_object, "kubetune.io",
                             "v1alpha1", NS, "finetunejobs", "ident")
-    await eventually(lambda: _assert((FTJ, NS, "ident") not in cluster.objects))
+    await eventually(lambda: _assert(not exists(cluster, (FTJ, NS, "ident"))))
     for kind, name in ((PTJ, "ident"), (CM, "ident-config")):  # the garbage collector's part
         del cluster.objects[kind, NS, name]
     again = _job()
@@ -928,8 +937,8 @@ async def test_serve_after_train_and_check(cluster, tiny_model):
                                     "v1alpha1", NS, "finetunejobs", "ident",
                                     {"spec": {"serve": None}})
             await eventually(lambda: _assert(
-                ("apps/v1/deployments", NS, "ident-serve") not in cluster.objects
-                and ("v1/services", NS, "ident-serve") not in cluster.objects))
+                not exists(cluster, ("apps/v1/deployments", NS, "ident-serve"))
+                and not exists(cluster, ("v1/services", NS, "ident-serve"))))
             await eventually(lambda: _assert("serving" not in _status(cluster)))
             assert not [c for c in _status(cluster)["conditions"]
                         if c["type"] in ("Serving", "Checked")]
@@ -1007,7 +1016,7 @@ async def test_serve_on_kserve_refused_without_its_crd_then_served_and_checked(
             await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
                                     "v1alpha1", NS, "finetunejobs", "ident",
                                     {"spec": {"serve": None}})
-            await eventually(lambda: _assert((ISVC, NS, "ident-serve") not in cluster.objects))
+            await eventually(lambda: _assert(not exists(cluster, (ISVC, NS, "ident-serve"))))
             await eventually(lambda: _assert("serving" not in _status(cluster)))
         finally:
             await op.stop()
@@ -1068,7 +1077,7 @@ async def test_a_job_that_cannot_fit_its_gpus_is_refused_before_any_child(cluste
                                                           "gradientCheckpointing": True}}})
         await eventually(lambda: cluster.objects[PTJ, NS, "own"])
         await eventually(lambda: _assert(_phase(cluster, "own") == "Queued"))
-        assert (PTJ, NS, "chart") not in cluster.objects
+        assert not exists(cluster, (PTJ, NS, "chart"))
     finally:
         await op.stop()
 
@@ -1218,7 +1227,7 @@ async def test_job_backend_on_a_1_20_server_fails_a_permanent_error_once(cluster
             stalled = next(c for c in _status(cluster, name)["conditions"]
                            if c["type"] == "Stalled")
             assert stalled["reason"] == "InvalidSpec" and stalled["message"].startswith(field)
-            assert (JOB, NS, name) not in cluster.objects
+            assert not exists(cluster, (JOB, NS, name))
 
         await _patch_job(op, "ident", {"status": {"startTime": "2026-12-07T10:00:00Z",
                                                   "active": 1}}, status=True)

@@ -32,6 +32,7 @@ from test_operator import (
     _seed_master_pod,
     _status,
     eventually,
+    exists,
 )
 
 OP_NS = "kubetune-system"
@@ -379,7 +380,7 @@ async def test_a_users_secret_wins(cluster, tmp_path):
                              progress_tls_ca=str(tmp_path / "ca.crt"))
     try:
         assert await _served(op) == _der(users.tls_crt)
-        assert SECRET not in cluster.objects  # nothing of its own
+        assert not exists(cluster, SECRET)  # nothing of its own
         await op.create(_job())
         await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
         assert cluster.objects[CA_MAP]["data"]["ca.crt"] == users.ca_crt.decode()
@@ -392,7 +393,7 @@ async def test_a_users_ca_configmap_is_mounted_and_none_is_published(cluster, tm
     try:
         await op.create(_job())
         child = await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
-        assert CA_MAP not in cluster.objects
+        assert not exists(cluster, CA_MAP)
         pod = child["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
         (token,) = [v for v in pod["volumes"] if v["name"] == "kubetune-token"]
         assert token["projected"]["sources"][1]["configMap"]["name"] == "team-ca"
@@ -406,7 +407,7 @@ async def test_plain_http_only_when_the_url_names_it(cluster):
     try:
         await op.create(_job())
         child = await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
-        assert SECRET not in cluster.objects and CA_MAP not in cluster.objects
+        assert not exists(cluster, SECRET) and not exists(cluster, CA_MAP)
         pod = child["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
         env = {e["name"] for e in pod["containers"][0]["env"]}
         assert "KUBETUNE_PROGRESS_CA_CERT" not in env
