@@ -289,10 +289,15 @@ def parse_job(doc: object) -> FineTuneJob:
         raise KubetuneError(format_validation_error(err)) from None
 
 
-def load_job(path: str | Path) -> FineTuneJob:
+def load_one(path: str | Path, kind: str) -> dict:
+    """The one document of ``kind`` in a YAML file, read with the job files' checks."""
     path = Path(path)
     docs = load_documents(read_text(path), str(path))
-    jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == "FineTuneJob"]
-    if len(jobs) != 1:
-        raise KubetuneError(f"{path}: expected exactly one FineTuneJob, found {len(jobs)}")
-    return parse_job(jobs[0])
+    found = [d for d in docs if isinstance(d, dict) and d.get("kind") == kind]
+    if len(found) != 1:
+        raise KubetuneError(f"{path}: expected exactly one {kind}, found {len(found)}")
+    return found[0]
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    return parse_job(load_one(path, "FineTuneJob"))

@@ -329,13 +329,6 @@ def parse_sweep(doc: object) -> FineTuneSweep:
 
 def load_sweep(path: Any) -> FineTuneSweep:
     """The one FineTuneSweep of a YAML file (read with the job files' checks)."""
-    from pathlib import Path
+    from kubetune.jobfile import load_one
 
-    from kubetune.jobfile import load_documents, read_text
-
-    path = Path(path)
-    docs = load_documents(read_text(path), str(path))
-    sweeps = [d for d in docs if isinstance(d, dict) and d.get("kind") == "FineTuneSweep"]
-    if len(sweeps) != 1:
-        raise KubetuneError(f"{path}: expected exactly one FineTuneSweep, found {len(sweeps)}")
-    return parse_sweep(sweeps[0])
+    return parse_sweep(load_one(path, "FineTuneSweep"))

@@ -85,20 +85,22 @@ def status_schema(model: type[api.BaseModel] = api.FineTuneJobStatus) -> dict[st
     return schema
 
 
-def finetunejob_crd() -> dict[str, Any]:
-    spec_schema = openapi_schema(api.FineTuneJobSpec, nullable=False)
+def _crd(kind: str, plural: str, short_names: list[str], columns: list[dict[str, Any]],
+         description: str, rules: list[Any], spec: type[api.BaseModel],
+         status: type[api.BaseModel]) -> dict[str, Any]:
+    """A namespaced kind of the group and version, with a status subresource."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "metadata": {"name": f"{plural}.{api.GROUP}"},
         "spec": {
             "group": api.GROUP,
             "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
-                "singular": api.KIND.lower(),
-                "shortNames": api.SHORT_NAMES,
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": short_names,
                 "categories": ["kubetune"],
             },
             "scope": "Namespaced",
@@ -109,38 +111,25 @@ def finetunejob_crd() -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
-                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                        {"name": "Step", "type": "string", "jsonPath": ".status.progress.steps"},
-                        {
-                            "name": "Progress",
-                            "type": "number",
-                            "jsonPath": ".status.progress.percent",
-                        },
-                        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
-                        {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
-                        {"name": "Stage", "type": "string", "jsonPath": ".spec.stage",
-                         "priority": 1},
-                        {"name": "Model", "type": "string", "jsonPath": ".spec.model.source",
-                         "priority": 1},
+                        *columns,
                         {"name": "Age", "type": "date",
                          "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": "FineTuneJob fine-tunes a language model.",
+                            "description": description,
                             "required": ["spec"],
                             "x-kubernetes-validations": [
-                                {"rule": r.cel, "message": r.message}
-                                for r in api.ALL_RULES["metadata"]],
+                                {"rule": r.cel, "message": r.message} for r in rules],
                             "properties": {
                                 "apiVersion": {"type": "string", "description": (
                                     f"{api.API_VERSION}.")},
-                                "kind": {"type": "string", "description": f"{api.KIND}."},
+                                "kind": {"type": "string", "description": f"{kind}."},
                                 # An API server refuses anything but a type here.
                                 "metadata": {"type": "object"},
-                                "spec": spec_schema,
-                                "status": status_schema(),
+                                "spec": openapi_schema(spec, nullable=False),
+                                "status": status_schema(status),
                             },
                         }
                     },
@@ -148,64 +137,33 @@ def finetunejob_crd() -> dict[str, Any]:
             ],
         },
     }
+
+
+def finetunejob_crd() -> dict[str, Any]:
+    return _crd(api.KIND, api.PLURAL, api.SHORT_NAMES, [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Step", "type": "string", "jsonPath": ".status.progress.steps"},
+        {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent"},
+        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+        {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+        {"name": "Stage", "type": "string", "jsonPath": ".spec.stage", "priority": 1},
+        {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "priority": 1},
+    ], "FineTuneJob fine-tunes a language model.", api.ALL_RULES["metadata"],
+        api.FineTuneJobSpec, api.FineTuneJobStatus)
 
 
 def finetunesweep_crd() -> dict[str, Any]:
     """The FineTuneSweep CRD: the same group and version, its template a FineTuneJob spec
     (with the same schema and rules)."""
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{api.SWEEP_PLURAL}.{api.GROUP}"},
-        "spec": {
-            "group": api.GROUP,
-            "names": {
-                "kind": api.SWEEP_KIND,
-                "listKind": f"{api.SWEEP_KIND}List",
-                "plural": api.SWEEP_PLURAL,
-                "singular": api.SWEEP_KIND.lower(),
-                "shortNames": api.SWEEP_SHORT_NAMES,
-                "categories": ["kubetune"],
-            },
-            "scope": "Namespaced",
-            "versions": [
-                {
-                    "name": api.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "Done", "type": "string", "jsonPath": ".status.done"},
-                        {"name": "Best", "type": "number", "jsonPath": ".status.best.value"},
-                        {"name": "Trial", "type": "string", "jsonPath": ".status.best.name"},
-                        {"name": "Metric", "type": "string",
-                         "jsonPath": ".spec.objective.metric", "priority": 1},
-                        {"name": "Age", "type": "date",
-                         "jsonPath": ".metadata.creationTimestamp"},
-                    ],
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "FineTuneSweep searches FineTuneJob settings: "
-                            "trials made from a template, the best by an objective.",
-                            "required": ["spec"],
-                            "x-kubernetes-validations": [
-                                {"rule": r.cel, "message": r.message}
-                                for r in api.SWEEP_RULES["metadata"]],
-                            "properties": {
-                                "apiVersion": {"type": "string", "description": (
-                                    f"{api.API_VERSION}.")},
-                                "kind": {"type": "string", "description": f"{api.SWEEP_KIND}."},
-                                "metadata": {"type": "object"},
-                                "spec": openapi_schema(api.FineTuneSweepSpec, nullable=False),
-                                "status": status_schema(api.FineTuneSweepStatus),
-                            },
-                        }
-                    },
-                }
-            ],
-        },
-    }
+    return _crd(api.SWEEP_KIND, api.SWEEP_PLURAL, api.SWEEP_SHORT_NAMES, [
+        {"name": "Done", "type": "string", "jsonPath": ".status.done"},
+        {"name": "Best", "type": "number", "jsonPath": ".status.best.value"},
+        {"name": "Trial", "type": "string", "jsonPath": ".status.best.name"},
+        {"name": "Metric", "type": "string", "jsonPath": ".spec.objective.metric",
+         "priority": 1},
+    ], "FineTuneSweep searches FineTuneJob settings: trials made from a template, the best "
+       "by an objective.", api.SWEEP_RULES["metadata"], api.FineTuneSweepSpec,
+        api.FineTuneSweepStatus)
 
 
 # Each CRD by kind: the function that builds it and the file `make crds` writes it to.
