@@ -27,6 +27,7 @@ MODELS = {
     "spec.rewards[]": api.RewardSpec,
     "spec.resources": api.ResourcesSpec,
     "spec.output": api.OutputSpec,
+    "spec.serve.gate[]": api.GateCondition,
 }
 SPEC_BASE = {"model": {"source": "m"}, "datasets": [{"source": "d.json"}]}
 _S = {**SPEC_BASE, "output": {"uri": "o"}}
@@ -92,6 +93,12 @@ METHOD_SPEC_CASES = [  # the method/optimizer/booster rules across sections, bot
                         "gradientCheckpointing": True}},
 ]
 CASES = {
+    "spec.serve.gate[]": [
+        {"metric": "eval_loss", "below": 1.2},
+        {"metric": "lmeval_arc_easy_acc", "above": 0.5},
+        {"metric": "eval_loss"},
+        {"metric": "eval_reward", "below": 1.0, "above": 0.0},
+    ],
     "spec": [
         {**SPEC_BASE, "output": {"uri": "o"}},
         {**SPEC_BASE, "output": {"uri": "o"}, "serve": {}},

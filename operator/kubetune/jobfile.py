@@ -265,6 +265,11 @@ def format_validation_error(err: ValidationError, prefix: str = "",
             msg = f"{e['input']!r}: {output_uri_problem(str(e['input']))}"
         elif e["type"] == "string_pattern_mismatch" and loc.endswith(("source", "uri")):
             msg = f"{e['input']!r} is not a source kubetune knows"
+        elif e["type"] == "string_pattern_mismatch" and re.search(r"gate\[[0-9]+\]\.metric$",
+                                                                  loc):
+            msg = (f"{e['input']!r} is not a metric status.outputs.metrics holds (train_loss, "
+                   "eval_loss, eval_perplexity, predict_rouge1/2/L, predict_bleu4, "
+                   "lmeval_TASK_METRIC, or the stage's eval metric such as eval_reward)")
         elif e["type"] == "string_pattern_mismatch":
             msg = f"{e['input']!r} does not match {e['ctx']['pattern']}"
         elif e["type"] == "string_type" and e["input"] is None:

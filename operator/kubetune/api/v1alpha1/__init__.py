@@ -71,7 +71,13 @@ from kubetune.api.v1alpha1.rl import (
     RewardSpec,
     RewardType,
 )
-from kubetune.api.v1alpha1.serve import ServeCheck, ServeSpec
+from kubetune.api.v1alpha1.serve import (
+    GateCondition,
+    GateVerdict,
+    ServeCheck,
+    ServeSpec,
+    gate_verdict,
+)
 from kubetune.api.v1alpha1.sources import (
     DatasetFormat,
     DatasetSpec,
@@ -165,6 +171,8 @@ __all__ = [
     "Checkpoint",
     "CheckResult",
     "Condition",
+    "GateCondition",
+    "GateVerdict",
     "ServeCheck",
     "ServeSpec",
     "Serving",
@@ -186,6 +194,7 @@ __all__ = [
     "GROUP",
     "GRPO_LOSSES",
     "GrpoSpec",
+    "gate_verdict",
     "immutable",
     "INT32_MAX",
     "KIND",

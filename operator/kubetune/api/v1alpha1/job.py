@@ -21,7 +21,7 @@ from kubetune.api.v1alpha1.output import _OUTPUT_RULES
 from kubetune.api.v1alpha1.preference import _PREFERENCE_RULES
 from kubetune.api.v1alpha1.resources import _RESOURCE_RULES, _SCHEDULING_RULES, _TOLERATION_RULES
 from kubetune.api.v1alpha1.rl import _REWARD_RULES
-from kubetune.api.v1alpha1.serve import _SERVE_RULES
+from kubetune.api.v1alpha1.serve import _GATE_RULES, _SERVE_RULES
 from kubetune.api.v1alpha1.sources import _DATASET_RULES, _MODEL_RULES
 from kubetune.api.v1alpha1.spec import _SPEC_RULES, FineTuneJobSpec
 from kubetune.api.v1alpha1.status import FineTuneJobStatus
@@ -92,4 +92,5 @@ ALL_RULES = {
     "spec.training.tracking": _TRACKING_RULES,
     "spec.evaluation.lmEval": _LM_EVAL_RULES,
     "spec.serve": _SERVE_RULES,
+    "spec.serve.gate[]": _GATE_RULES,
 }

@@ -1,13 +1,18 @@
-"""spec.serve: after a successful run, an OpenAI-compatible server on what it produced, and a
-post-training check of a few prompts against it."""
+"""spec.serve: after a successful run, an OpenAI-compatible server on what it produced, a gate
+on the run's final metrics it must pass first, and a post-training check of a few prompts
+against it."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
 from kubetune import urls
+from kubetune.api.stages import GATE_METRIC_PATTERN
 from kubetune.api.v1alpha1._base import (
     NO_CONTROL,
     QUANTITY,
@@ -30,6 +35,80 @@ class ServeCheck(_Spec):
     expect: Annotated[list[Annotated[str, _str(TEXT, 1024, min_length=1)]], Field(
         min_length=1, max_length=16, description="Substrings the answer must all contain "
         "(case-insensitive).")]
+
+
+_GATE_RULES = (
+    Rule(
+        cel="has(self.below) != has(self.above)",
+        message="serve.gate[].below, serve.gate[].above: give exactly one (the metric must "
+        "be below that value, or above it)",
+        check=lambda g: (g.below is None) != (g.above is None),
+    ),
+)
+
+
+class GateCondition(_Spec):
+    """One condition on a final metric of the run (status.outputs.metrics)."""
+
+    model_config = ConfigDict(json_schema_extra=_rules(*_GATE_RULES))
+
+    metric: Annotated[str, Field(pattern=GATE_METRIC_PATTERN, max_length=128, description=(
+        "A name in status.outputs.metrics: train_loss, eval_loss, eval_perplexity, "
+        "predict_rouge1/2/L, predict_bleu4, lmeval_TASK_METRIC, or the stage's eval metric "
+        "(e.g. eval_rewards/accuracies, eval_reward)."))]
+    below: Annotated[float | None, Field(description=(
+        "The metric must be strictly below this (e.g. eval_loss)."))] = None
+    above: Annotated[float | None, Field(description=(
+        "The metric must be strictly above this (e.g. an lmeval_ score, a reward mean)."))
+    ] = None
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Any:
+        return _enforce(self, _GATE_RULES)
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """spec.serve.gate against the run's final metrics: passed, or why not (a condition's
+    reason and message)."""
+
+    passed: bool
+    reason: str | None = None  # GateNotMet, GateMetricMissing
+    message: str = ""
+
+
+def gate_verdict(gate: list[GateCondition] | None, metrics: Mapping[str, float] | None
+                 ) -> GateVerdict:
+    """Every condition of ``gate`` against ``metrics`` (status.outputs.metrics): each one
+    missed is said with its value and by how much; a metric the run did not report misses
+    too (GateMetricMissing, when nothing was below or above its bound)."""
+    if not gate:
+        return GateVerdict(True)
+    have = dict(metrics or {})
+    missed, absent, met = [], [], []
+    for c in gate:
+        value = have.get(c.metric)
+        if value is None or not math.isfinite(value):
+            absent.append(c.metric)
+            continue
+        bound, ok = ((c.below, value < c.below) if c.below is not None
+                     else (c.above, value > c.above))
+        word = "below" if c.below is not None else "above"
+        if ok:
+            met.append(f"{c.metric} {value:.6g} {word} {bound:.6g}")
+        else:
+            by = abs(value - bound)
+            missed.append(f"{c.metric} is {value:.6g}, not {word} {bound:.6g}"
+                          + (f" (misses by {by:.6g})" if by else ""))
+    if not missed and not absent:
+        return GateVerdict(True, message="; ".join(met))
+    parts = list(missed)
+    if absent:
+        reported = ", ".join(sorted(have)) or "none"
+        parts.append(f"{', '.join(absent)} not in status.outputs.metrics (the run reported: "
+                     f"{reported})")
+    return GateVerdict(False, "GateNotMet" if missed else "GateMetricMissing",
+                       "spec.serve.gate: " + "; ".join(parts))
 
 
 _SERVE_RULES = (
@@ -75,6 +154,12 @@ class ServeSpec(_Spec):
     gpus: Annotated[int, Field(ge=0, le=64, description="GPUs the server requests.")] = 1
     memory: Annotated[str | None, Field(pattern=QUANTITY, max_length=32, description=(
         "Memory the server requests, e.g. 32Gi."))] = None
+    gate: Annotated[list[GateCondition] | None, Field(
+        min_length=1, max_length=16, description="Conditions on the run's final metrics "
+        "(status.outputs.metrics), all of which must hold before the model is served; a "
+        "run that misses one succeeds but is not served (the Serving condition, reason "
+        "GateNotMet or GateMetricMissing, says which metric missed and by how much).")
+    ] = None
     checks: Annotated[list[ServeCheck] | None, Field(
         min_length=1, max_length=16, description="Prompts asked once the server is ready; "
         "the result is the Checked condition.")] = None
