@@ -403,15 +403,18 @@ async def test_a_new_job_costs_its_creates_and_one_status_write(cluster, operato
     assert not cluster.objects[FTJ, NS, "ident"]["metadata"].get("finalizers")
 
 
-async def _train_to_a_merged_model(cluster, op, body) -> None:
-    """Create the job; its master pod reports a merged model, then its PyTorchJob succeeds."""
+async def _train_to_a_merged_model(cluster, op, body, metrics=None) -> None:
+    """Create the job; its master pod reports a merged model (and ``metrics``, the final
+    ones), then its PyTorchJob succeeds."""
     await op.create(body)
     await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
     _seed_master_pod(cluster)
     url = f"http://127.0.0.1:{op.port}/v1/namespaces/{NS}/finetunejobs/ident/status"
+    outputs = {"mergedModel": "pvc://outputs/ident/merged",
+               **({"metrics": metrics} if metrics else {})}
     async with aiohttp.ClientSession() as http:
         resp = await http.post(url, headers={"Authorization": "Bearer pod-token"}, json={
-            "kubetune": {"outputs": {"mergedModel": "pvc://outputs/ident/merged"}}})
+            "kubetune": {"outputs": outputs}})
         assert resp.status == 200
     await eventually(lambda: _assert(_status(cluster).get("outputs")), timeout=10)
     await op.patch_child_status("ident", "Created", "Succeeded")
@@ -946,6 +949,88 @@ async def test_serve_after_train_and_check(cluster, tiny_model):
                 c["type"] == "SpecChangeIgnored" for c in _status(cluster)["conditions"])
         finally:
             await op.stop()
+
+
+def _serving_condition(cluster):
+    return {c["type"]: c for c in _status(cluster)["conditions"]}["Serving"]
+
+
+async def _set_gate(op, gate):
+    await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                            "v1alpha1", NS, "finetunejobs", "ident",
+                            {"spec": {"serve": {"gate": gate}}})
+
+
+async def test_serve_gate_missed_not_served_then_met_served_then_missed_removed(cluster):
+    """spec.serve.gate: a run whose eval_loss misses the gate succeeds as training but is not
+    served (Serving False, GateNotMet, the metric and by how much); a gate it meets serves
+    it; a gate it misses again removes the server."""
+    op = Operator(cluster, recheck_seconds=0.3)
+    await op.start()
+    try:
+        body = _job()
+        del body["metadata"]["labels"]
+        body["spec"]["serve"] = {"gate": [{"metric": "eval_loss", "below": 1.0},
+                                          {"metric": "train_loss", "below": 2.0}]}
+        await _train_to_a_merged_model(cluster, op, body,
+                                       metrics={"eval_loss": 1.25, "train_loss": 0.9})
+        missed = await eventually(lambda: _serving_condition(cluster))
+        assert missed["status"] == "False" and missed["reason"] == "GateNotMet", missed
+        assert missed["message"] == ("spec.serve.gate: eval_loss is 1.25, not below 1 "
+                                     "(misses by 0.25)")
+        assert _phase(cluster) == "Succeeded"
+        assert {c["type"]: c["status"] for c in _status(cluster)["conditions"]}[
+            "Succeeded"] == "True"
+        assert "serving" not in _status(cluster)
+        assert not _children(cluster, "apps/v1/deployments")
+        assert not _children(cluster, "v1/services")
+
+        await _set_gate(op, [{"metric": "eval_loss", "below": 1.5}])
+        dep = await eventually(lambda: cluster.objects["apps/v1/deployments", NS,
+                                                       "ident-serve"])
+        assert "/mnt/pvc/outputs/ident/merged" in dep["spec"]["template"]["spec"][
+            "containers"][0]["args"]
+        starting = await eventually(lambda: _assert(
+            _serving_condition(cluster)["reason"] == "ServerStarting"))
+        assert starting
+        await asyncio.to_thread(  # the Deployment controller's part: the pod is ready
+            kubernetes.client.AppsV1Api(op.api).patch_namespaced_deployment_status,
+            "ident-serve", NS, {"status": {"replicas": 1, "availableReplicas": 1}})
+        ready = await eventually(lambda: _assert(
+            _serving_condition(cluster)["status"] == "True") and _serving_condition(cluster))
+        assert ready["message"].endswith("(gate passed: eval_loss 1.25 below 1.5)"), ready
+
+        await _set_gate(op, [{"metric": "eval_loss", "below": 1.1}])
+        await eventually(lambda: _assert(
+            ("apps/v1/deployments", NS, "ident-serve") not in cluster.objects
+            and ("v1/services", NS, "ident-serve") not in cluster.objects))
+        await eventually(lambda: _assert(_serving_condition(cluster)["reason"] == "GateNotMet"))
+        assert "serving" not in _status(cluster)
+    finally:
+        await op.stop()
+
+
+async def test_serve_gate_on_a_metric_the_run_did_not_report_is_not_served(cluster):
+    """A gate on an lm-eval score the run never reported (no evaluation.lmEval): not served,
+    Serving False with reason GateMetricMissing naming the metric and what was reported."""
+    op = Operator(cluster, recheck_seconds=0.3)
+    await op.start()
+    try:
+        body = _job()
+        del body["metadata"]["labels"]
+        body["spec"]["serve"] = {"gate": [{"metric": "lmeval_arc_easy_acc", "above": 0.5}]}
+        await _train_to_a_merged_model(cluster, op, body, metrics={"train_loss": 0.9})
+        missing = await eventually(lambda: _assert(
+            _serving_condition(cluster)["reason"] == "GateMetricMissing")
+            and _serving_condition(cluster))
+        assert missing["status"] == "False"
+        assert missing["message"] == (
+            "spec.serve.gate: lmeval_arc_easy_acc not in status.outputs.metrics (the run "
+            "reported: train_loss)")
+        assert _phase(cluster) == "Succeeded"
+        assert not _children(cluster, "apps/v1/deployments")
+    finally:
+        await op.stop()
 
 
 async def test_serve_on_kserve_refused_without_its_crd_then_served_and_checked(

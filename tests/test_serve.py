@@ -231,3 +231,60 @@ def test_a_server_whose_pods_are_refused_says_so():
                           rejected=rejected)
     (cond,) = [c for c in status.conditions if c.type == "Serving"]
     assert (cond.status, cond.reason, cond.message) == ("False", "PodRejected", rejected)
+
+
+@pytest.mark.parametrize(("gate", "metrics", "passed", "reason", "message"), [
+    (None, None, True, None, ""),
+    ([{"metric": "eval_loss", "below": 1.2}], {"eval_loss": 0.8}, True, None,
+     "eval_loss 0.8 below 1.2"),
+    ([{"metric": "eval_loss", "below": 1.2}], {"eval_loss": 1.5}, False, "GateNotMet",
+     "spec.serve.gate: eval_loss is 1.5, not below 1.2 (misses by 0.3)"),
+    ([{"metric": "eval_loss", "below": 1.2}], {"eval_loss": 1.2}, False, "GateNotMet",
+     "spec.serve.gate: eval_loss is 1.2, not below 1.2"),  # strictly below
+    ([{"metric": "eval_reward", "above": 0.5}, {"metric": "lmeval_arc_easy_acc", "above": 0.6}],
+     {"eval_reward": 0.25, "lmeval_arc_easy_acc": 0.7}, False, "GateNotMet",
+     "spec.serve.gate: eval_reward is 0.25, not above 0.5 (misses by 0.25)"),
+    ([{"metric": "eval_loss", "below": 1.2}, {"metric": "lmeval_arc_easy_acc", "above": 0.6}],
+     {"eval_loss": 2.0}, False, "GateNotMet",
+     "spec.serve.gate: eval_loss is 2, not below 1.2 (misses by 0.8); lmeval_arc_easy_acc "
+     "not in status.outputs.metrics (the run reported: eval_loss)"),
+    ([{"metric": "eval_loss", "below": 1.2}], None, False, "GateMetricMissing",
+     "spec.serve.gate: eval_loss not in status.outputs.metrics (the run reported: none)"),
+])
+def test_the_gate_says_which_metric_missed_and_by_how_much(gate, metrics, passed, reason,
+                                                            message):
+    from kubetune.api.v1alpha1 import gate_verdict
+
+    job = _job({"gate": gate} if gate else {})
+    verdict = gate_verdict(job.spec.serve.gate, metrics)
+    assert (verdict.passed, verdict.reason, verdict.message) == (passed, reason, message)
+
+
+@pytest.mark.parametrize(("gate", "error"), [
+    ([{"metric": "eval_loss"}], r"spec.serve.gate\[0\]: serve.gate\[\].below, "
+     r"serve.gate\[\].above: give exactly one"),
+    ([{"metric": "eval_loss", "below": 1.0, "above": 0.5}], "give exactly one"),
+    ([{"metric": "eval_los", "below": 1.0}], r"spec.serve.gate\[0\].metric: 'eval_los' is not "
+     "a metric status.outputs.metrics holds"),
+    ([{"metric": "eval_loss", "below": "1"}], r"spec.serve.gate\[0\].below"),
+    ([], r"spec.serve.gate"),
+])
+def test_a_gate_the_api_refuses_names_the_field(gate, error):
+    with pytest.raises(KubetuneError, match=error):
+        _job({"gate": gate})
+
+
+def test_the_gate_is_not_part_of_what_the_server_runs():
+    """A gate decides whether to serve, not what: adding one keeps a server made before it
+    (its hash), and a missed gate is settled (a finished run's metrics do not change)."""
+    from kubetune.api.v1alpha1 import FineTuneJobStatus
+    from kubetune_operator.status import serving_settled
+
+    gated = _job({"gate": [{"metric": "eval_loss", "below": 1.0}]})
+    assert serving.serve_hash(gated, CONFIG) == serving.serve_hash(_job({}), CONFIG)
+    missed = with_serving(FineTuneJobStatus(phase="Succeeded"), None, 1, T0, [],
+                          blocked="spec.serve.gate: …", blocked_reason="GateNotMet")
+    assert serving_settled(gated, missed)
+    waiting = with_serving(FineTuneJobStatus(phase="Succeeded"), None, 1, T0, [],
+                           blocked="…", blocked_reason="WaitingForOutput")
+    assert not serving_settled(gated, waiting)

@@ -26,6 +26,7 @@ from kubetune.api.v1alpha1 import (
     FineTuneJob,
     FineTuneJobStatus,
     Serving,
+    gate_verdict,
 )
 
 from kubetune_operator import builders, serving
@@ -588,7 +589,7 @@ def _conclude(kube: Kube, config: OperatorConfig, body: dict[str, Any],
             missing = KSERVE_NEED
     settled = status.phase in TERMINAL and (
         job is None or not job.spec.serve or status.phase != "Succeeded"
-        or serving_settled(job, status.serving))
+        or serving_settled(job, status))
     return Outcome(status, created, status.phase != old.get("phase"), settled, missing)
 
 
@@ -615,6 +616,19 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
         return with_serving(status, None, meta.get("generation"), now(), was, blocked=(
             "spec.serve: serving is turned off in this installation (the chart's "
             "serve.enabled)"), blocked_reason="ServingDisabled")
+    if job.spec.serve.gate and not status.outputs:  # its metrics come with its outputs
+        return with_serving(status, None, meta.get("generation"), now(), was, blocked=(
+            "spec.serve.gate: the run has not reported its outputs and final metrics "
+            "(status.outputs) yet"), blocked_reason="WaitingForOutput")
+    gate = gate_verdict(job.spec.serve.gate, status.outputs.metrics if status.outputs else None)
+    if not gate.passed:  # trained, not served: what was made for it goes (a gate added since)
+        if old.get("serving"):
+            for kind in ("Deployment", "Service", serving.KSERVE_KIND):
+                if _delete_owned(kube, kind, ns, name, meta.get("uid")):
+                    log.info("%s/%s: deleted %s/%s (%s)", ns, meta["name"], kind, name,
+                             gate.message)
+        return with_serving(status, None, meta.get("generation"), now(), was,
+                            blocked=gate.message, blocked_reason=gate.reason or "GateNotMet")
     outputs = status.outputs.model_dump(by_alias=True, exclude_none=True) \
         if status.outputs else {}
     kserve = job.spec.serve.kind == "kserve"
@@ -687,7 +701,8 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
                      weights=job.spec.serve.weights, ready=ready, checks=checks)
     return with_serving(status, served, meta.get("generation"), now(), was,
                         waiting=None if dep else "the run has not reported where its output "
-                        "is (status.outputs)", check_error=problem, rejected=rejected)
+                        "is (status.outputs)", check_error=problem, rejected=rejected,
+                        gate=gate.message)
 
 
 def _pods_refused(kube: Kube, backend: Backend, ns: str, child: dict[str, Any] | None,

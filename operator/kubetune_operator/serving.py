@@ -55,7 +55,8 @@ def endpoint(job: FineTuneJob, config: OperatorConfig) -> str:
 def serve_hash(job: FineTuneJob, config: OperatorConfig) -> str:
     # kind only when not the default: a Deployment made before the field existed is kept;
     # so is who the server runs as (a server made before it ran as its image's user).
-    exclude = {"checks", "security_context"} | (
+    # Nor the gate: it decides whether to serve, not what (a server made before it stays).
+    exclude = {"checks", "security_context", "gate"} | (
         {"kind"} if job.spec.serve.kind == "deployment" else set())
     serve = job.spec.serve.model_dump(mode="json", by_alias=True, exclude=exclude)
     parts: list[Any] = [serve, config.serve_image, list(config.serve_args)]

@@ -389,10 +389,10 @@ def with_serving(status: FineTuneJobStatus, served: Serving | None, generation: 
                  now: str, old_conditions: list[dict[str, Any]], *,
                  waiting: str | None = None, blocked: str | None = None,
                  blocked_reason: str = "Conflict", check_error: str | None = None,
-                 rejected: str | None = None) -> FineTuneJobStatus:
+                 rejected: str | None = None, gate: str = "") -> FineTuneJobStatus:
     """The status with spec.serve's part: status.serving and the Serving and Checked
     conditions (none of them when nothing is served). ``rejected``: why the server's pods
-    were refused (its Deployment's ReplicaFailure)."""
+    were refused (its Deployment's ReplicaFailure); ``gate``: how spec.serve.gate passed."""
     kept = [c for c in status.conditions if c.type not in ("Serving", "Checked")]
     conds: list[Condition] = []
     shown: Serving | None = None
@@ -405,7 +405,8 @@ def with_serving(status: FineTuneJobStatus, served: Serving | None, generation: 
         conds.append(_condition(
             "Serving", served.ready, "ServerReady" if served.ready else
             "PodRejected" if rejected else "ServerStarting",
-            f"{served.model_name} at {served.url}" if served.ready else rejected or
+            f"{served.model_name} at {served.url}" + (f" (gate passed: {gate})" if gate else "")
+            if served.ready else rejected or
             "waiting for the server to pass its readiness probe", generation))
         if check_error:
             conds.append(_condition("Checked", False, "CheckError", check_error, generation))
@@ -421,8 +422,15 @@ def with_serving(status: FineTuneJobStatus, served: Serving | None, generation: 
         "conditions": kept + _keep_transition_times(conds, old_conditions, now)})
 
 
-def serving_settled(job: Any, served: Serving | None) -> bool:
-    """Served, ready, and checked (when the job has checks): nothing more to wait for."""
+GATE_REASONS = ("GateNotMet", "GateMetricMissing")
+
+
+def serving_settled(job: Any, status: FineTuneJobStatus) -> bool:
+    """Served, ready, and checked (when the job has checks), or kept from serving by its
+    gate (a finished run's final metrics do not change): nothing more to wait for."""
+    served = status.serving
+    if any(c.type == "Serving" and c.reason in GATE_REASONS for c in status.conditions):
+        return True
     if served is None or not served.ready:
         return False
     return not job.spec.serve.checks or bool(served.checks)
