@@ -170,6 +170,27 @@ def test_completion_best_and_promotion():
     assert not sweeps.decide(raw, trials, NOW).patch
 
 
+def test_promotion_is_held_to_the_gate_the_trial_is_served_under():
+    """promote.gate travels to the best trial's spec.serve (its serving applies it); the
+    sweep's Promoted condition says the same verdict: the best trial missed it, or passed."""
+    promote = {"gate": [{"metric": "eval_loss", "below": 1.0}]}
+    raw = _sweep(promote=promote, parallelism=4, objective={"metric": "eval_loss"})
+    made = _made(sweeps.decide(raw, {}, NOW))
+    finals = {"lr-0": 2.0, "lr-1": 1.2, "lr-2": 1.5, "lr-3": 1.3}
+    trials = {n: _trial(made[n], "Succeeded", final=v) for n, v in finals.items()}
+    d = sweeps.decide(raw, trials, NOW)
+    assert d.patch == {"lr-1": {"spec": {"serve": promote}}}  # the gate goes with it
+    conds = {c.type: c for c in d.status.conditions}
+    assert conds["Succeeded"].status == "True"  # the sweep did its part
+    assert (conds["Promoted"].status, conds["Promoted"].reason) == ("False", "GateNotMet")
+    assert conds["Promoted"].message == ("trial lr-1 is not served: spec.serve.gate: "
+                                         "eval_loss is 1.2, not below 1 (misses by 0.2)")
+    trials["lr-1"] = _trial(made["lr-1"], "Succeeded", final=0.8)
+    conds = {c.type: c for c in sweeps.decide(raw, trials, NOW).status.conditions}
+    assert (conds["Promoted"].status, conds["Promoted"].reason) == ("True", "Promoted")
+    assert "gate passed: eval_loss 0.8 below 1" in conds["Promoted"].message
+
+
 def test_a_sweep_whose_trials_all_failed_is_stalled():
     raw = _sweep(parallelism=4)
     made = _made(sweeps.decide(raw, {}, NOW))

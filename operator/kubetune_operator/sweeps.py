@@ -18,7 +18,10 @@ trial's progress is what the median rule reads).
   seconds, not at every logged step).
 - Deleting a sweep deletes its trials (owner references); their outputs stay where written.
 - ``promote``: once every trial has ended, the best one gets ``spec.serve`` (the FineTuneJob
-  handlers serve it, under spec.serve's rules, checked by ``plan`` first).
+  handlers serve it, under spec.serve's rules, checked by ``plan`` first, and its gate: the
+  trial is served only if its final metrics pass ``promote.gate``). The Promoted condition
+  says which, by the same check (``gate_verdict``) the trial's serving makes; a best trial
+  that misses the gate is not served, and no other trial is served in its place.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from kubetune.api.v1alpha1 import (
     FineTuneSweepStatus,
     Observation,
     TrialStatus,
+    gate_verdict,
 )
 from kubetune.errors import KubetuneError
 
@@ -203,18 +207,36 @@ def decide(raw: dict[str, Any], trials: dict[str, dict[str, Any]], now: str) -> 
     best = succeeded[best_i] if best_i is not None else None
     done = sum(r.phase in ENDED for r in rows)
     finished = done == len(planned)
+    promoted: list[Condition] = []
     if finished and best is not None and spec.promote is not None:
         serve = spec.promote.model_dump(by_alias=True, exclude_unset=True, mode="json")
         if (trials.get(best.name) or {}).get("spec", {}).get("serve") != serve:
             out.patch.setdefault(best.name, {}).setdefault("spec", {})["serve"] = serve
+        promoted = [_promoted(spec.promote, best.name, trials.get(best.name) or {},
+                              generation)]
     out.status = FineTuneSweepStatus(
         observed_generation=generation, trials=rows, trials_total=len(planned),
         trials_done=done, done=f"{done}/{len(planned)}",
         best=BestTrial(name=best.name, parameters=best.parameters, value=best.value)
         if best is not None and best.value is not None else None,
         conditions=_keep_times(_conditions(spec, rows, best, finished, done, len(planned),
-                                           generation), old.get("conditions") or [], now))
+                                           generation) + promoted,
+                               old.get("conditions") or [], now))
     return out
+
+
+def _promoted(promote: Any, name: str, trial: dict[str, Any], generation: int | None
+              ) -> Condition:
+    """Whether the best trial is served under ``promote``: its gate against the trial's
+    final metrics, the same check its own serving makes (``gate_verdict``)."""
+    metrics = ((trial.get("status") or {}).get("outputs") or {}).get("metrics")
+    verdict = gate_verdict(promote.gate, metrics)
+    if not verdict.passed:
+        return _cond("Promoted", False, verdict.reason or "GateNotMet",
+                     f"trial {name} is not served: {verdict.message}", generation)
+    gate = f" (gate passed: {verdict.message})" if verdict.message else ""
+    return _cond("Promoted", True, "Promoted", f"trial {name} is served under spec.promote"
+                 f"{gate}; its status.serving says where", generation)
 
 
 def _conditions(spec: Any, rows: list[TrialStatus], best: TrialStatus | None, finished: bool,

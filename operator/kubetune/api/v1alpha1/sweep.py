@@ -225,7 +225,8 @@ class FineTuneSweepSpec(_Spec):
         description="Stop trials that are behind (the median rule).")] = None
     promote: Annotated[ServeSpec | None, Field(description=(
         "Once the sweep completes, serve the best trial with this (its spec.serve, under the "
-        "same rules)."))] = None
+        "same rules and the same gate: a best trial that misses promote.gate is not served, "
+        "and no other is served in its place)."))] = None
     suspend: Annotated[bool, Field(description="Suspend every trial (and create none); set "
                                    "back to false to go on.")] = False
 
@@ -271,7 +272,9 @@ class FineTuneSweepStatus(_Model):
     observed_generation: Annotated[int | None, Field(ge=0, description=(
         "The metadata.generation the status is for."))] = None
     conditions: Annotated[list[Condition], Field(description=(
-        "Ready, Reconciling, Stalled, Succeeded (kstatus)."))] = []
+        "Ready, Reconciling, Stalled, Succeeded (kstatus); Promoted once the best trial "
+        "is promoted (False with GateNotMet or GateMetricMissing: it missed promote.gate, "
+        "and is not served)."))] = []
     trials_total: Annotated[int | None, Field(ge=0, description="Trials the sweep runs.")
                             ] = None
     trials_done: Annotated[int | None, Field(ge=0, description="Trials that ended.")] = None
