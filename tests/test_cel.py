@@ -28,6 +28,7 @@ MODELS = {
     "spec.resources": api.ResourcesSpec,
     "spec.output": api.OutputSpec,
     "spec.serve.gate[]": api.GateCondition,
+    "spec.serve": api.ServeSpec,
 }
 SPEC_BASE = {"model": {"source": "m"}, "datasets": [{"source": "d.json"}]}
 _S = {**SPEC_BASE, "output": {"uri": "o"}}
@@ -93,6 +94,14 @@ METHOD_SPEC_CASES = [  # the method/optimizer/booster rules across sections, bot
                         "gradientCheckpointing": True}},
 ]
 CASES = {
+    "spec.serve": [
+        {"endpoint": "assistant"},
+        {"endpoint": "assistant", "kind": "deployment"},
+        {"endpoint": "assistant", "kind": "kserve"},
+        {"kind": "kserve"},
+        {"args": ["--api-key=sk-abcdefghijklmnopqrstuvwxyz0123456789"]},
+        {"image": "vllm/vllm-openai:v0.11.0"},
+    ],
     "spec.serve.gate[]": [
         {"metric": "eval_loss", "below": 1.2},
         {"metric": "lmeval_arc_easy_acc", "above": 0.5},

@@ -239,7 +239,8 @@ NAMESPACED = {
     # patch: the progress CA's ConfigMap only (resourceNames), when its CA changes
     ("", "configmaps"): {"get", "create", "patch"},
     ("apps", "deployments"): {"get", "create", "delete"},  # spec.serve
-    ("", "services"): {"get", "create", "delete"},
+    # patch: spec.serve.endpoint's shared Service, moved to the newer job it serves
+    ("", "services"): {"get", "create", "patch", "delete"},
     ("", "pods"): {"get", "list"},
     ("", "events"): {"create", "list"},
     ("kueue.x-k8s.io", "workloads"): {"list", "patch"},

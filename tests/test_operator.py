@@ -951,6 +951,15 @@ async def test_serve_after_train_and_check(cluster, tiny_model):
             await op.stop()
 
 
+def _exists(cluster, key):
+    """The object is there now (kmock keeps a deleted one, soft-deleted; and ``key in
+    cluster.objects`` does not parse a "group/version/plural" key)."""
+    try:
+        return not cluster.objects[key].deleted
+    except KeyError:
+        return False
+
+
 def _serving_condition(cluster):
     return {c["type"]: c for c in _status(cluster)["conditions"]}["Serving"]
 
@@ -1002,8 +1011,8 @@ async def test_serve_gate_missed_not_served_then_met_served_then_missed_removed(
 
         await _set_gate(op, [{"metric": "eval_loss", "below": 1.1}])
         await eventually(lambda: _assert(
-            ("apps/v1/deployments", NS, "ident-serve") not in cluster.objects
-            and ("v1/services", NS, "ident-serve") not in cluster.objects))
+            not _exists(cluster, ("apps/v1/deployments", NS, "ident-serve"))
+            and not _exists(cluster, ("v1/services", NS, "ident-serve"))))
         await eventually(lambda: _assert(_serving_condition(cluster)["reason"] == "GateNotMet"))
         assert "serving" not in _status(cluster)
     finally:
@@ -1029,6 +1038,88 @@ async def test_serve_gate_on_a_metric_the_run_did_not_report_is_not_served(clust
             "reported: train_loss)")
         assert _phase(cluster) == "Succeeded"
         assert not _children(cluster, "apps/v1/deployments")
+    finally:
+        await op.stop()
+
+
+async def _succeed_with(cluster, op, name, created, serve, metrics):
+    """Job ``name`` (created at ``created``) succeeds with a merged model and ``metrics``
+    (the test writes the trainer's final report into the status, then the PyTorchJob's)."""
+    body = _job(name)
+    del body["metadata"]["labels"]
+    body["metadata"]["creationTimestamp"] = created  # (kmock sets none)
+    body["spec"]["serve"] = serve
+    await op.create(body)
+    await eventually(lambda: cluster.objects[PTJ, NS, name])
+    await asyncio.to_thread(
+        op.custom.patch_namespaced_custom_object_status, "kubetune.io", "v1alpha1", NS,
+        "finetunejobs", name, {"status": {"outputs": {
+            "mergedModel": f"pvc://outputs/{name}/merged", "metrics": metrics}}})
+    await eventually(lambda: _assert(_status(cluster, name).get("outputs")))
+    await op.patch_child_status(name, "Created", "Succeeded")
+    await eventually(lambda: _assert(_phase(cluster, name) == "Succeeded"))
+
+
+async def _server_ready(op, name):
+    await asyncio.to_thread(  # the Deployment controller's part: the pod is ready
+        kubernetes.client.AppsV1Api(op.api).patch_namespaced_deployment_status,
+        f"{name}-serve", NS, {"status": {"replicas": 1, "availableReplicas": 1}})
+
+
+def _serving_of(cluster, name):
+    return {c["type"]: c for c in _status(cluster, name)["conditions"]}["Serving"]
+
+
+async def test_a_shared_endpoint_moves_to_a_newer_job_only_once_its_gate_passed_and_ready(
+        cluster):
+    """spec.serve.endpoint: the first job that passes its gate gets the shared Service; a
+    newer one that misses its gate leaves it where it is; a newer one that passes gets it
+    only once its own server is ready, and the older job's server goes (Replaced)."""
+    op = Operator(cluster, recheck_seconds=0.3)
+    await op.start()
+    endpoint = ("v1/services", NS, "assistant")
+    try:
+        serve = {"endpoint": "assistant", "gate": [{"metric": "eval_loss", "below": 1.0}]}
+        await _succeed_with(cluster, op, "v1", "2026-12-01T10:00:00Z", serve,
+                            {"eval_loss": 0.9})
+        await eventually(lambda: cluster.objects["apps/v1/deployments", NS, "v1-serve"])
+        assert not _exists(cluster, endpoint)  # not before its server is ready
+        await _server_ready(op, "v1")
+        svc = await eventually(lambda: cluster.objects[endpoint])
+        assert svc["spec"]["selector"] == {"kubetune.io/job": "v1", "kubetune.io/role": "serve"}
+        assert svc["metadata"]["ownerReferences"][0]["uid"] == "uid-v1"
+        served = await eventually(lambda: _status(cluster, "v1")["serving"]["endpoint"])
+        assert served == f"http://assistant.{NS}.svc:8000/v1"
+
+        # newer, misses its gate: not served, the endpoint stays on v1
+        await _succeed_with(cluster, op, "v2", "2026-12-02T10:00:00Z", serve,
+                            {"eval_loss": 1.3})
+        missed = await eventually(lambda: _serving_of(cluster, "v2"))
+        assert missed["reason"] == "GateNotMet" and "eval_loss is 1.3" in missed["message"]
+        assert _children(cluster, "apps/v1/deployments") == [
+            ("apps/v1/deployments", NS, "v1-serve")]
+        assert cluster.objects[endpoint]["spec"]["selector"]["kubetune.io/job"] == "v1"
+
+        # newer, passes: its server first, the endpoint moves once it is ready
+        await _succeed_with(cluster, op, "v3", "2026-12-03T10:00:00Z", serve,
+                            {"eval_loss": 0.7})
+        await eventually(lambda: cluster.objects["apps/v1/deployments", NS, "v3-serve"])
+        await eventually(lambda: _assert(
+            _serving_of(cluster, "v3")["reason"] == "ServerStarting"))
+        assert cluster.objects[endpoint]["spec"]["selector"]["kubetune.io/job"] == "v1"
+        assert _exists(cluster, ("apps/v1/deployments", NS, "v1-serve"))  # still serving
+        await _server_ready(op, "v3")
+        await eventually(lambda: _assert(
+            cluster.objects[endpoint]["spec"]["selector"]["kubetune.io/job"] == "v3"))
+        assert cluster.objects[endpoint]["metadata"]["ownerReferences"][0]["uid"] == "uid-v3"
+        replaced = await eventually(lambda: _assert(
+            _serving_of(cluster, "v1")["reason"] == "Replaced") and _serving_of(cluster, "v1"))
+        assert replaced["status"] == "False" and "serves job v3" in replaced["message"]
+        await eventually(lambda: _assert(
+            not _exists(cluster, ("apps/v1/deployments", NS, "v1-serve"))))
+        ready = await eventually(lambda: _assert(
+            _serving_of(cluster, "v3")["status"] == "True") and _serving_of(cluster, "v3"))
+        assert f"at http://assistant.{NS}.svc:8000/v1" in ready["message"]
     finally:
         await op.stop()
 

@@ -288,3 +288,26 @@ def test_the_gate_is_not_part_of_what_the_server_runs():
     waiting = with_serving(FineTuneJobStatus(phase="Succeeded"), None, 1, T0, [],
                            blocked="…", blocked_reason="WaitingForOutput")
     assert not serving_settled(gated, waiting)
+
+
+def test_a_shared_endpoint_is_a_service_of_its_own_on_the_job_it_serves():
+    """spec.serve.endpoint: a Service named so, selecting the serving job's server pods,
+    owned by that job; only with kind deployment; not part of the server's hash."""
+    job = _job({"endpoint": "assistant"})
+    svc = serving.endpoint_service(job=job, uid="u-1", created="2026-12-01T10:00:00Z")
+    _validate(svc)
+    assert svc["metadata"]["name"] == "assistant"
+    assert svc["spec"]["selector"] == serving.service(job=job, config=CONFIG)["spec"][
+        "selector"]
+    assert serving.endpoint_holder(svc) == ("ident", "2026-12-01T10:00:00Z")
+    assert serving.endpoint_holder({"metadata": {"name": "assistant"}}) is None
+    assert serving.endpoint_url(job, CONFIG) == "http://assistant.team-a.svc:8000/v1"
+    assert serving.serve_hash(job, CONFIG) == serving.serve_hash(_job({}), CONFIG)
+    assert serving.newer(("b", "2026-12-02T00:00:00Z"), ("a", "2026-12-01T00:00:00Z"))
+    assert serving.newer(("b", "2026-12-01T00:00:00Z"), ("a", "2026-12-01T00:00:00Z"))
+    assert not serving.newer(("a", "2026-12-01T00:00:00Z"), ("b", "2026-12-01T00:00:00Z"))
+    with pytest.raises(KubetuneError, match="spec.serve: serve.endpoint: only with serve.kind "
+                       "deployment"):
+        _job({"endpoint": "assistant", "kind": "kserve"})
+    with pytest.raises(KubetuneError, match=r"spec.serve.endpoint"):
+        _job({"endpoint": "Assistant_1"})

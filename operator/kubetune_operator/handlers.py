@@ -316,6 +316,8 @@ def _account(parent: dict[str, Any], outcome: rc.Outcome, memo: kopf.Memo) -> No
         memo.active.discard((ns, name))
     else:
         memo.active.add((ns, name))
+    for other in outcome.wake:  # e.g. the job a shared endpoint moved from: its server goes
+        memo.active.add((ns, other))
     if outcome.missing is not None:  # re-checked once its kind is served (start_rechecks)
         memo.waiting_for[(ns, name)] = outcome.missing.api_version
     else:

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.api.v1alpha1 import (
@@ -399,6 +399,7 @@ class Outcome:
     phase_changed: bool
     settled: bool = False  # nothing left to watch for: finished, and served and checked
     missing: Need | None = None  # a kind it needs that the API server does not serve
+    wake: list[str] = field(default_factory=list)  # jobs to converge next (same namespace)
 
 
 def needs(backend: Backend, labels: dict[str, str], config: OperatorConfig, *,
@@ -582,15 +583,16 @@ def _conclude(kube: Kube, config: OperatorConfig, body: dict[str, Any],
         progress=progress,
     )
     status = reduce(observed, old, now())
+    wake: list[str] = []
     if job is not None and (job.spec.serve or old.get("serving")):
-        status = _serve(kube, config, job, meta, status, old, created, served)
+        status = _serve(kube, config, job, meta, status, old, created, served, wake)
         if missing is None and served is not None and served.waiting(KSERVE_NEED.api_version) \
                 and any(c.reason == KSERVE_NEED.reason for c in status.conditions):
             missing = KSERVE_NEED
     settled = status.phase in TERMINAL and (
         job is None or not job.spec.serve or status.phase != "Succeeded"
         or serving_settled(job, status))
-    return Outcome(status, created, status.phase != old.get("phase"), settled, missing)
+    return Outcome(status, created, status.phase != old.get("phase"), settled, missing, wake)
 
 
 KSERVE_NEED = Need(serving.KSERVE_API, serving.KSERVE_PLURAL, serving.KSERVE_KIND, "KServe",
@@ -599,9 +601,12 @@ KSERVE_NEED = Need(serving.KSERVE_API, serving.KSERVE_PLURAL, serving.KSERVE_KIN
 
 def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str, Any],
            status: FineTuneJobStatus, old: dict[str, Any], created: list[str],
-           served: Served | None = None) -> FineTuneJobStatus:
-    """spec.serve: the server once the run succeeded (and the check once it is ready); gone
-    when spec.serve is unset."""
+           served: Served | None = None, wake: list[str] | None = None
+           ) -> FineTuneJobStatus:
+    """spec.serve: the server once the run succeeded and passed its gate (and the check once
+    it is ready), and the shared endpoint moved to it once ready; gone when spec.serve is
+    unset. ``wake``: gets the job the endpoint was moved from (its server goes when it is
+    converged next)."""
     ns = meta["namespace"]
     name = serving.serve_name(job)
     was = old.get("conditions") or []
@@ -629,6 +634,27 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
                              gate.message)
         return with_serving(status, None, meta.get("generation"), now(), was,
                             blocked=gate.message, blocked_reason=gate.reason or "GateNotMet")
+    endpoint = job.spec.serve.endpoint if job.spec.serve.kind == "deployment" else None
+    me = (meta["name"], meta.get("creationTimestamp") or "")
+    shared = holder = None
+    if endpoint:
+        shared = kube.get({"apiVersion": "v1", "kind": "Service",
+                           "metadata": {"namespace": ns, "name": endpoint}})
+        holder = serving.endpoint_holder(shared)
+        if shared is not None and holder is None:
+            return with_serving(status, None, meta.get("generation"), now(), was, blocked=(
+                f"spec.serve.endpoint: a Service named {endpoint!r} already exists and is not "
+                "a kubetune endpoint"))
+        if holder is not None and holder[0] != me[0] and serving.newer(holder, me):
+            # A newer job passed its gate and holds the endpoint: this one's server goes.
+            for kind in ("Deployment", "Service"):
+                if _delete_owned(kube, kind, ns, name, meta.get("uid")):
+                    log.info("%s/%s: deleted %s/%s (endpoint %s serves %s)", ns,
+                             meta["name"], kind, name, endpoint, holder[0])
+            return with_serving(status, None, meta.get("generation"), now(), was, blocked=(
+                f"spec.serve.endpoint {endpoint!r} serves job {holder[0]}, created after "
+                "this one, whose gate passed; this job's server is removed"),
+                blocked_reason="Replaced")
     outputs = status.outputs.model_dump(by_alias=True, exclude_none=True) \
         if status.outputs else {}
     kserve = job.spec.serve.kind == "kserve"
@@ -686,6 +712,10 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
         ready = bool(((current or {}).get("status") or {}).get("availableReplicas"))
         rejected = None if ready else serving.replica_failure(current)
         url = serving.endpoint(job, config)
+    holds = bool(endpoint) and holder is not None and holder[0] == me[0]
+    if endpoint and ready and not holds:  # the new server is ready: the endpoint moves to it
+        _take_endpoint(kube, job, meta, shared, wake)
+        holds = True
     before = old.get("serving") or {}
     checks = [CheckResult.model_validate(c) for c in before.get("checks") or []]
     wanted = [c.prompt for c in job.spec.serve.checks or []]
@@ -698,11 +728,38 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
         except serving.EndpointError as err:
             problem = str(err)
     served = Serving(url=url, model_name=serving.model_name(job),
-                     weights=job.spec.serve.weights, ready=ready, checks=checks)
+                     weights=job.spec.serve.weights, ready=ready, checks=checks,
+                     endpoint=serving.endpoint_url(job, config) if holds else None)
     return with_serving(status, served, meta.get("generation"), now(), was,
                         waiting=None if dep else "the run has not reported where its output "
                         "is (status.outputs)", check_error=problem, rejected=rejected,
                         gate=gate.message)
+
+
+def _take_endpoint(kube: Kube, job: FineTuneJob, meta: dict[str, Any],
+                   shared: dict[str, Any] | None, wake: list[str] | None) -> None:
+    """Point spec.serve.endpoint's Service at this job's (ready) server: made, or moved from
+    the older job it served (only if unchanged since read: a 409 is retried), which is woken
+    to remove its server."""
+    ns = meta["namespace"]
+    svc = serving.endpoint_service(job=job, uid=meta.get("uid"),
+                                   created=meta.get("creationTimestamp") or "")
+    if shared is None:
+        kube.create(svc)  # (one made meanwhile: read again at the next converge)
+        log.info("%s/%s: made endpoint Service/%s", ns, meta["name"], job.spec.serve.endpoint)
+        return
+    before = serving.endpoint_holder(shared)
+    patch: dict[str, Any] = {
+        "metadata": {k: svc["metadata"][k] for k in ("annotations", "ownerReferences")
+                     if k in svc["metadata"]},
+        "spec": {"selector": svc["spec"]["selector"]}}
+    if version := shared["metadata"].get("resourceVersion"):
+        patch["metadata"]["resourceVersion"] = version
+    kube.patch_builtin("Service", ns, job.spec.serve.endpoint, patch)
+    log.info("%s/%s: endpoint Service/%s moved here from %s", ns, meta["name"],
+             job.spec.serve.endpoint, before[0] if before else "?")
+    if before and wake is not None:
+        wake.append(before[0])
 
 
 def _pods_refused(kube: Kube, backend: Backend, ns: str, child: dict[str, Any] | None,

@@ -56,7 +56,8 @@ def serve_hash(job: FineTuneJob, config: OperatorConfig) -> str:
     # kind only when not the default: a Deployment made before the field existed is kept;
     # so is who the server runs as (a server made before it ran as its image's user).
     # Nor the gate: it decides whether to serve, not what (a server made before it stays).
-    exclude = {"checks", "security_context", "gate"} | (
+    # Nor the endpoint: it names the shared Service, not the server.
+    exclude = {"checks", "security_context", "gate", "endpoint"} | (
         {"kind"} if job.spec.serve.kind == "deployment" else set())
     serve = job.spec.serve.model_dump(mode="json", by_alias=True, exclude=exclude)
     parts: list[Any] = [serve, config.serve_image, list(config.serve_args)]
@@ -209,6 +210,51 @@ def inference_service(*, job: FineTuneJob, config: OperatorConfig, outputs: dict
     return {"apiVersion": KSERVE_API, "kind": KSERVE_KIND,
             "metadata": _metadata(job, uid, serve_hash(job, config)),
             "spec": {"predictor": {"minReplicas": 1, "maxReplicas": 1, **pod}}}
+
+
+# The shared endpoint (spec.serve.endpoint): a Service whose selector names the job it serves.
+ENDPOINT_JOB = "kubetune.io/endpoint-job"  # the job it serves now
+ENDPOINT_CREATED = "kubetune.io/endpoint-job-created"  # that job's creationTimestamp
+
+
+def endpoint_url(job: FineTuneJob, config: OperatorConfig) -> str | None:
+    """The shared endpoint's URL (spec.serve.endpoint), or None without one."""
+    name = job.spec.serve.endpoint
+    if not name:
+        return None
+    return config.serve_url.format(name=name, namespace=job.metadata.namespace or "default",
+                                   port=PORT)
+
+
+def endpoint_service(*, job: FineTuneJob, uid: str | None, created: str) -> dict[str, Any]:
+    """The shared endpoint's Service, serving ``job``'s server (owned by it: it goes with the
+    job that serves it)."""
+    meta: dict[str, Any] = {
+        "name": job.spec.serve.endpoint, "namespace": job.metadata.namespace,
+        "labels": {**{k: v for k, v in _labels(job).items() if k != JOB_LABEL},
+                   "kubetune.io/role": "endpoint"},
+        "annotations": {ENDPOINT_JOB: job.metadata.name, ENDPOINT_CREATED: created}}
+    if uid:
+        meta["ownerReferences"] = [owner_reference(name=job.metadata.name, uid=uid)]
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+            "spec": {"selector": {JOB_LABEL: job.metadata.name, "kubetune.io/role": "serve"},
+                     "ports": [{"name": "http", "port": PORT, "targetPort": "http",
+                                "protocol": "TCP"}]}}
+
+
+def endpoint_holder(svc: dict[str, Any] | None) -> tuple[str, str] | None:
+    """(job, its creationTimestamp) the shared endpoint serves now; None when there is no such
+    Service or it is not a kubetune endpoint."""
+    notes = ((svc or {}).get("metadata") or {}).get("annotations") or {}
+    if ENDPOINT_JOB not in notes:
+        return None
+    return notes[ENDPOINT_JOB], notes.get(ENDPOINT_CREATED) or ""
+
+
+def newer(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Job ``a`` ((name, creationTimestamp)) came after ``b``: by creation time (RFC 3339 in
+    UTC: ordered as text), then by name."""
+    return (a[1], a[0]) > (b[1], b[0])
 
 
 def replica_failure(obj: dict[str, Any] | None) -> str | None:

@@ -405,7 +405,9 @@ def with_serving(status: FineTuneJobStatus, served: Serving | None, generation: 
         conds.append(_condition(
             "Serving", served.ready, "ServerReady" if served.ready else
             "PodRejected" if rejected else "ServerStarting",
-            f"{served.model_name} at {served.url}" + (f" (gate passed: {gate})" if gate else "")
+            f"{served.model_name} at {served.url}"
+            + (f" and at {served.endpoint} (spec.serve.endpoint)" if served.endpoint else "")
+            + (f" (gate passed: {gate})" if gate else "")
             if served.ready else rejected or
             "waiting for the server to pass its readiness probe", generation))
         if check_error:
@@ -422,16 +424,20 @@ def with_serving(status: FineTuneJobStatus, served: Serving | None, generation: 
         "conditions": kept + _keep_transition_times(conds, old_conditions, now)})
 
 
-GATE_REASONS = ("GateNotMet", "GateMetricMissing")
+# Not served for good: its gate missed (a finished run's final metrics do not change), or its
+# shared endpoint serves a newer job.
+NOT_SERVED_REASONS = ("GateNotMet", "GateMetricMissing", "Replaced")
 
 
 def serving_settled(job: Any, status: FineTuneJobStatus) -> bool:
-    """Served, ready, and checked (when the job has checks), or kept from serving by its
-    gate (a finished run's final metrics do not change): nothing more to wait for."""
+    """Served, ready, checked (when the job has checks) and on its shared endpoint (when it
+    names one), or not served for good: nothing more to wait for."""
     served = status.serving
-    if any(c.type == "Serving" and c.reason in GATE_REASONS for c in status.conditions):
+    if any(c.type == "Serving" and c.reason in NOT_SERVED_REASONS for c in status.conditions):
         return True
     if served is None or not served.ready:
+        return False
+    if job.spec.serve.endpoint and not served.endpoint:
         return False
     return not job.spec.serve.checks or bool(served.checks)
 

@@ -114,6 +114,13 @@ def gate_verdict(gate: list[GateCondition] | None, metrics: Mapping[str, float] 
 _SERVE_RULES = (
     image_rule("image", "serve.image", "the operator's service account"),
     Rule(
+        cel="!has(self.endpoint) || !has(self.kind) || self.kind == 'deployment'",
+        message="serve.endpoint: only with serve.kind deployment (a KServe "
+        "InferenceService has its own address)",
+        check=lambda s: s.endpoint is None or s.kind == "deployment",
+        field_path=".endpoint",
+    ),
+    Rule(
         cel=f"!has(self.args) || self.args.all(a, !{urls.credential_value_cel('a')})",
         message="serve.args: an argument that looks like a credential (--api-key=…, "
         "--…token, a long random token, a URL with a user name, query or fragment) would be "
@@ -154,6 +161,13 @@ class ServeSpec(_Spec):
     gpus: Annotated[int, Field(ge=0, le=64, description="GPUs the server requests.")] = 1
     memory: Annotated[str | None, Field(pattern=QUANTITY, max_length=32, description=(
         "Memory the server requests, e.g. 32Gi."))] = None
+    endpoint: Annotated[str | None, Field(
+        max_length=63, pattern="^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$", description=(
+            "A Service of this name in the job's namespace, shared by the jobs that name it: "
+            "it serves the newest of them (by creation time) whose gate passed, and moves "
+            "to a newer one only once that one's server is ready (the old server is removed "
+            "then). Its URL: http://ENDPOINT.NAMESPACE.svc:8000/v1. Default: none (the "
+            "job's own NAME-serve only)."))] = None
     gate: Annotated[list[GateCondition] | None, Field(
         min_length=1, max_length=16, description="Conditions on the run's final metrics "
         "(status.outputs.metrics), all of which must hold before the model is served; a "

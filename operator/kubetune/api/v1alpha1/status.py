@@ -142,6 +142,8 @@ class Serving(_Model):
     weights: Annotated[Literal["model", "adapter"], _d("What is served: the whole trained "
                                                        "model, or the base with the adapter.")]
     ready: Annotated[bool, _d("The server answers its readiness probe.")] = False
+    endpoint: Annotated[str | None, _d("spec.serve.endpoint's URL, while that shared Service "
+                                       "serves this job.")] = None
     checks: Annotated[list[CheckResult], _d("spec.serve.checks as answered, once ready.")] = []
 
 
