@@ -714,8 +714,7 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
         url = serving.endpoint(job, config)
     holds = bool(endpoint) and holder is not None and holder[0] == me[0]
     if endpoint and ready and not holds:  # the new server is ready: the endpoint moves to it
-        _take_endpoint(kube, job, meta, shared, wake)
-        holds = True
+        holds = _take_endpoint(kube, job, meta, shared, wake)
     before = old.get("serving") or {}
     checks = [CheckResult.model_validate(c) for c in before.get("checks") or []]
     wanted = [c.prompt for c in job.spec.serve.checks or []]
@@ -737,17 +736,19 @@ def _serve(kube: Kube, config: OperatorConfig, job: FineTuneJob, meta: dict[str,
 
 
 def _take_endpoint(kube: Kube, job: FineTuneJob, meta: dict[str, Any],
-                   shared: dict[str, Any] | None, wake: list[str] | None) -> None:
+                   shared: dict[str, Any] | None, wake: list[str] | None) -> bool:
     """Point spec.serve.endpoint's Service at this job's (ready) server: made, or moved from
     the older job it served (only if unchanged since read: a 409 is retried), which is woken
-    to remove its server."""
+    to remove its server. Whether it serves this job now."""
     ns = meta["namespace"]
     svc = serving.endpoint_service(job=job, uid=meta.get("uid"),
                                    created=meta.get("creationTimestamp") or "")
     if shared is None:
-        kube.create(svc)  # (one made meanwhile: read again at the next converge)
-        log.info("%s/%s: made endpoint Service/%s", ns, meta["name"], job.spec.serve.endpoint)
-        return
+        have, made = kube.create(svc)  # one made meanwhile by another job: decided next time
+        if made:
+            log.info("%s/%s: made endpoint Service/%s", ns, meta["name"],
+                     job.spec.serve.endpoint)
+        return made or (serving.endpoint_holder(have) or ("",))[0] == meta["name"]
     before = serving.endpoint_holder(shared)
     patch: dict[str, Any] = {
         "metadata": {k: svc["metadata"][k] for k in ("annotations", "ownerReferences")
@@ -760,6 +761,7 @@ def _take_endpoint(kube: Kube, job: FineTuneJob, meta: dict[str, Any],
              job.spec.serve.endpoint, before[0] if before else "?")
     if before and wake is not None:
         wake.append(before[0])
+    return True
 
 
 def _pods_refused(kube: Kube, backend: Backend, ns: str, child: dict[str, Any] | None,
