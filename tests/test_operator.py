@@ -951,15 +951,6 @@ async def test_serve_after_train_and_check(cluster, tiny_model):
             await op.stop()
 
 
-def _exists(cluster, key):
-    """The object is there now (kmock keeps a deleted one, soft-deleted; and ``key in
-    cluster.objects`` does not parse a "group/version/plural" key)."""
-    try:
-        return not cluster.objects[key].deleted
-    except KeyError:
-        return False
-
-
 def _serving_condition(cluster):
     return {c["type"]: c for c in _status(cluster)["conditions"]}["Serving"]
 
@@ -1011,8 +1002,8 @@ async def test_serve_gate_missed_not_served_then_met_served_then_missed_removed(
 
         await _set_gate(op, [{"metric": "eval_loss", "below": 1.1}])
         await eventually(lambda: _assert(
-            not _exists(cluster, ("apps/v1/deployments", NS, "ident-serve"))
-            and not _exists(cluster, ("v1/services", NS, "ident-serve"))))
+            not exists(cluster, ("apps/v1/deployments", NS, "ident-serve"))
+            and not exists(cluster, ("v1/services", NS, "ident-serve"))))
         await eventually(lambda: _assert(_serving_condition(cluster)["reason"] == "GateNotMet"))
         assert "serving" not in _status(cluster)
     finally:
@@ -1083,7 +1074,7 @@ async def test_a_shared_endpoint_moves_to_a_newer_job_only_once_its_gate_passed_
         await _succeed_with(cluster, op, "v1", "2026-12-01T10:00:00Z", serve,
                             {"eval_loss": 0.9})
         await eventually(lambda: cluster.objects["apps/v1/deployments", NS, "v1-serve"])
-        assert not _exists(cluster, endpoint)  # not before its server is ready
+        assert not exists(cluster, endpoint)  # not before its server is ready
         await _server_ready(op, "v1")
         svc = await eventually(lambda: cluster.objects[endpoint])
         assert svc["spec"]["selector"] == {"kubetune.io/job": "v1", "kubetune.io/role": "serve"}
@@ -1107,7 +1098,7 @@ async def test_a_shared_endpoint_moves_to_a_newer_job_only_once_its_gate_passed_
         await eventually(lambda: _assert(
             _serving_of(cluster, "v3")["reason"] == "ServerStarting"))
         assert cluster.objects[endpoint]["spec"]["selector"]["kubetune.io/job"] == "v1"
-        assert _exists(cluster, ("apps/v1/deployments", NS, "v1-serve"))  # still serving
+        assert exists(cluster, ("apps/v1/deployments", NS, "v1-serve"))  # still serving
         await _server_ready(op, "v3")
         await eventually(lambda: _assert(
             cluster.objects[endpoint]["spec"]["selector"]["kubetune.io/job"] == "v3"))
@@ -1116,7 +1107,7 @@ async def test_a_shared_endpoint_moves_to_a_newer_job_only_once_its_gate_passed_
             _serving_of(cluster, "v1")["reason"] == "Replaced") and _serving_of(cluster, "v1"))
         assert replaced["status"] == "False" and "serves job v3" in replaced["message"]
         await eventually(lambda: _assert(
-            not _exists(cluster, ("apps/v1/deployments", NS, "v1-serve"))))
+            not exists(cluster, ("apps/v1/deployments", NS, "v1-serve"))))
         ready = await eventually(lambda: _assert(
             _serving_of(cluster, "v3")["status"] == "True") and _serving_of(cluster, "v3"))
         assert f"at http://assistant.{NS}.svc:8000/v1" in ready["message"]
