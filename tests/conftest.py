@@ -148,7 +148,7 @@ def hub(tmp_path, monkeypatch):
     import http.server
     import threading
 
-    from kubetune_operator import reconcile
+    from kubetune_operator import admission
 
     root = tmp_path / "hub"
     (root / "Qwen" / "Qwen2-72B" / "resolve" / "main").mkdir(parents=True)
@@ -160,7 +160,7 @@ def hub(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    reconcile._CONFIGS.clear()
+    admission._CONFIGS.clear()
     yield root
     server.shutdown()
-    reconcile._CONFIGS.clear()
+    admission._CONFIGS.clear()

@@ -11,6 +11,7 @@ import yaml
 from conftest import CONFORMANCE
 from kubetune.jobfile import load_job, parse_job
 from kubetune_operator import builders
+from kubetune_operator.backends import children
 from kubetune_operator.backends.pytorchjob import PYTORCHJOB
 from kubetune_operator.builders import OperatorConfig
 
@@ -184,8 +185,8 @@ def test_config_map_carries_the_job_the_trainer_parses_back():
 
 
 def test_rendering_is_deterministic_and_hash_tracks_the_spec():
-    a = builders.children(job=_job(), config=CONFIG, uid="u")
-    b = builders.children(job=_job(), config=CONFIG, uid="u")
+    a = children(job=_job(), config=CONFIG, uid="u")
+    b = children(job=_job(), config=CONFIG, uid="u")
     assert a == b
     changed = PYTORCHJOB.render(job=_job(stage="pt"), config=CONFIG, uid="u")
     assert changed["metadata"]["annotations"][builders.SPEC_HASH] != \
@@ -200,7 +201,7 @@ def test_suspend_renders_a_suspended_pytorchjob():
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_render_valid_children(path, pytorchjob_schema):
     job = load_job(path)
-    for obj in builders.children(job=job, config=CONFIG, uid="u"):
+    for obj in children(job=job, config=CONFIG, uid="u"):
         if obj["kind"] == "PyTorchJob":
             jsonschema.validate(obj, pytorchjob_schema)
 
@@ -382,13 +383,13 @@ def test_trainjob_suspend_and_runtime_name():
 
 
 def test_the_backend_setting_picks_the_training_object():
-    kinds = [o["kind"] for o in builders.children(job=_job(), config=TRAINJOB_CONFIG)]
+    kinds = [o["kind"] for o in children(job=_job(), config=TRAINJOB_CONFIG)]
     assert kinds == ["ConfigMap", "TrainJob"]
-    assert builders.children(job=_job(), config=CONFIG)[1]["kind"] == "PyTorchJob"
+    assert children(job=_job(), config=CONFIG)[1]["kind"] == "PyTorchJob"
     from kubetune_operator.backends import backend_named
 
     with pytest.raises(ValueError, match="backend 'mpijob' is not known; expected one of "
-                                         "PyTorchJob, TrainJob, Job$"):
+                                         "Job, PyTorchJob, TrainJob$"):
         backend_named("mpijob")
 
 
@@ -465,7 +466,7 @@ def test_what_cannot_work_with_a_store_output_is_refused_naming_the_field():
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_render_valid_trainjobs(path, trainjob_schema):
     job = load_job(path)
-    for obj in builders.children(job=job, config=TRAINJOB_CONFIG, uid="u"):
+    for obj in children(job=job, config=TRAINJOB_CONFIG, uid="u"):
         if obj["kind"] == "TrainJob":
             jsonschema.validate(obj, trainjob_schema)
 
@@ -495,7 +496,7 @@ def test_kubetune_render_backend_prints_what_the_trainjob_operator_would_create(
     docs = list(yaml.safe_load_all(result.stdout))
     assert [d["kind"] for d in docs] == ["ConfigMap", "TrainJob"]
     jsonschema.validate(docs[1], trainjob_schema)
-    assert docs[1] == builders.children(job=load_job(path).model_copy(update={
+    assert docs[1] == children(job=load_job(path).model_copy(update={
         "metadata": load_job(path).metadata.model_copy(update={"namespace": "a"})}),
         config=OperatorConfig(backend="TrainJob"), labels=load_job(path).metadata.labels)[1]
     bad = CliRunner().invoke(app, ["render", str(path), "--backend", "MPIJob"])
@@ -563,7 +564,7 @@ def _env(container):
 def test_job_one_node_is_one_pod_with_the_launcher_and_a_failure_policy():
     job = _job(resources={"gpusPerNode": 4}, runPolicy={"backoffLimit": 5,
                                                         "ttlSecondsAfterFinished": 600})
-    objs = builders.children(job=job, config=JOB_CONFIG, uid="u-1")
+    objs = children(job=job, config=JOB_CONFIG, uid="u-1")
     assert [o["kind"] for o in objs] == ["ConfigMap", "Job"]  # no Service for one node
     _valid_core(objs)
     spec = objs[1]["spec"]
@@ -594,7 +595,7 @@ def test_job_one_node_is_one_pod_with_the_launcher_and_a_failure_policy():
 
 def test_job_on_more_nodes_is_an_indexed_job_behind_a_headless_service():
     job = _job(resources={"nodes": 3, "gpusPerNode": 8})
-    objs = builders.children(job=job, config=JOB_CONFIG, uid="u-1")
+    objs = children(job=job, config=JOB_CONFIG, uid="u-1")
     assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]  # the Job last
     _valid_core(objs)
     svc, obj = objs[1], objs[2]
@@ -620,7 +621,7 @@ def test_the_launcher_reads_the_job_topology_as_a_pytorchjobs():
     API would give it on node 2)."""
     from kubetune_trainer.launch import command, topology
 
-    obj = builders.children(job=_job(resources={"nodes": 2, "gpusPerNode": 8}),
+    obj = children(job=_job(resources={"nodes": 2, "gpusPerNode": 8}),
                             config=JOB_CONFIG)[-1]
     env = {k: v for k, v in _env(_trainer(obj)).items() if isinstance(v, str)}
     topo = topology({**env, "PET_NODE_RANK": "1"}, gpus=8)
@@ -656,7 +657,7 @@ def test_the_job_carries_only_what_its_api_server_knows(version, present):
     server = _server(version)
     job = _job(resources={"nodes": 2 if server.indexed_jobs else 1},
                runPolicy={"ttlSecondsAfterFinished": 60})
-    obj = builders.children(job=job, config=JOB_CONFIG, server=server)[-1]
+    obj = children(job=job, config=JOB_CONFIG, server=server)[-1]
     optional = {"suspend", "completionMode", "ttlSecondsAfterFinished", "podFailurePolicy",
                 "podReplacementPolicy"}
     assert set(obj["spec"]) & optional == present
@@ -782,10 +783,12 @@ def test_job_pods_by_name_and_owner():
 
 def test_the_job_backend_is_picked_by_its_setting_and_rendered_by_the_cli():
     from kubetune.cli import app
+    from kubetune_operator.backends import backend_named
+    from kubetune_operator.backends.job import JOB
     from kubetune_operator.settings import OperatorConfig as Config
     from typer.testing import CliRunner
 
-    assert Config.from_env({"KUBETUNE_BACKEND": "job"}).backend == "Job"
+    assert backend_named(Config.from_env({"KUBETUNE_BACKEND": "job"}).backend) is JOB
     path = REPO / "examples" / "assistant-identity.yaml"
     result = CliRunner().invoke(app, ["render", str(path), "--backend", "job", "-n", "a"])
     assert result.exit_code == 0, result.output

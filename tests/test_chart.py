@@ -224,7 +224,7 @@ def _rules(doc: dict) -> dict[tuple[str, str], set[str]]:
     return out
 
 
-# What the operator calls (reconcile.Kube, kopf) — and nothing else: no secrets, no pods/log,
+# What the operator calls (kube.Kube, kopf) — and nothing else: no secrets, no pods/log,
 # no deletes (owner references garbage-collect the children).
 NAMESPACED = {
     ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "create", "patch"},  # + trials

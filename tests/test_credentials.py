@@ -25,7 +25,7 @@ from kubetune.api.crd import finetunejob_crd
 from kubetune.cli import app
 from kubetune.errors import KubetuneError
 from kubetune.jobfile import parse_job
-from kubetune_operator.reconcile import validate as cluster_validate
+from kubetune_operator.validation import validate as cluster_validate
 from typer.testing import CliRunner
 
 SERVER = Server(finetunejob_crd())

@@ -57,7 +57,8 @@ def test_the_builtin_job_backend_needs_no_add_on():
 
 def test_a_missing_kind_is_pending_and_stalled_not_failed():
     kueue = kueue_need("team-a", from_default=False)
-    status = reduce_status(Observed(generation=1, missing=(kueue.reason, kueue.message)), {},
+    status = reduce_status(Observed(generation=1, backend=backend_named("PyTorchJob"),
+                                    missing=(kueue.reason, kueue.message)), {},
                            "2026-12-07T10:00:00Z")
     conds = {c["type"]: c for c in status["conditions"]}
     assert status["phase"] == "Pending"

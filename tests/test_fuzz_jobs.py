@@ -29,7 +29,8 @@ from kubetune.api.crd import finetunejob_crd
 from kubetune.errors import KubetuneError
 from kubetune.jobfile import load_job, parse_job
 from kubetune_operator import builders
-from kubetune_operator.reconcile import validate as cluster_validate
+from kubetune_operator.backends import children
+from kubetune_operator.validation import validate as cluster_validate
 
 EXAMPLES = int(os.environ.get("KUBETUNE_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
@@ -127,9 +128,9 @@ def test_fuzz_render_prints_only_what_a_cluster_accepts(doc):
     job, problem = cluster_validate(doc)
     if problem:
         return
-    children = builders.children(job=job, config=CONFIG, uid="u-1",
-                                 labels={"kueue.x-k8s.io/queue-name": "team-a"})
-    problems = render_problems(children, PYTORCHJOB_SCHEMA)
+    objs = children(job=job, config=CONFIG, uid="u-1",
+                    labels={"kueue.x-k8s.io/queue-name": "team-a"})
+    problems = render_problems(objs, PYTORCHJOB_SCHEMA)
     assert not problems, f"{problems}\nspec: {doc['spec']}"
     RENDERED.append(1)
 
@@ -165,7 +166,7 @@ def test_fuzz_a_planted_credential_never_leaves_the_spec(doc):
     if problem:
         out.append(problem)
     else:
-        out.append(json.dumps(builders.children(job=job, config=CONFIG, uid="u-1")))
+        out.append(json.dumps(children(job=job, config=CONFIG, uid="u-1")))
     for text in out:
         assert PLANTED not in text and PLANTED.lower() not in text.lower(), text
         assert PLANTED.replace("t", "%74") not in text, text

@@ -66,7 +66,7 @@ def test_an_hf_repo_id_the_hub_refuses_is_refused_alike_everywhere(tmp_path, sou
     from fuzz_jobs import Server
     from kubetune.api.crd import finetunejob_crd
     from kubetune.jobfile import parse_job
-    from kubetune_operator.reconcile import validate as cluster_validate
+    from kubetune_operator.validation import validate as cluster_validate
 
     doc = base_job()
     doc["spec"]["model"] = {"source": source}

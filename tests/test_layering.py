@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -31,3 +34,13 @@ def test_no_top_level_operator_package_shadows_the_stdlib():
     import operator
 
     assert hasattr(operator, "itemgetter"), operator.__file__
+
+
+def test_import_layers_hold():
+    """The contracts in pyproject.toml ([tool.importlinter]): the operator's layers (no
+    circle, no arrow upward), the trainer's data layer below its recipes."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    done = subprocess.run([str(lint), "--config", str(REPO / "pyproject.toml")], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "0 broken" in done.stdout

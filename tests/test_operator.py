@@ -1,3 +1,4 @@
+
 """The real kopf operator against kmock's Kubernetes API emulator, over HTTP.
 
 kmock does not run controllers: this test plays the training operator's part by patching the
@@ -13,18 +14,20 @@ import json
 import re
 import socket
 import threading
+import types
 from pathlib import Path
 
 import aiohttp
 import kopf
 import kubernetes
+import kubetune_operator.controller
 import kubetune_operator.handlers
 import pytest
 import yaml
-from kubetune_operator import reconcile as rc
-from kubetune_operator.backends import backend_named
+from kubetune_operator.backends import backend_named, children
 from kubetune_operator.builders import OperatorConfig
-from kubetune_operator.reporting import ProgressStore
+from kubetune_operator.kube import Kube
+from kubetune_operator.reporting.store import ProgressStore
 
 REPO = Path(__file__).resolve().parents[1]
 FTJ = "kubetune.io/v1alpha1/finetunejobs"
@@ -146,7 +149,7 @@ class Operator:
         config = OperatorConfig(**{"trainer_image": "reg/trainer:1",
                                    "progress_url": f"http://127.0.0.1:{self.port}/v1",
                                    **self.config})
-        memo = kopf.Memo(kube=rc.Kube(self.operator_api), store=ProgressStore(),
+        memo = kopf.Memo(kube=Kube(self.operator_api), store=ProgressStore(),
                          progress_port=self.port, config=config, **self.memo)
         # Each operator its own registry: it watches its own backend's kind only.
         registry = kubetune_operator.handlers.register(kopf.OperatorRegistry(),
@@ -449,7 +452,7 @@ async def test_the_started_operator_spares_the_garbage_collector(cluster, operat
 
 
 async def test_a_failed_create_is_retried(cluster, operator, monkeypatch):
-    monkeypatch.setattr(kubetune_operator.handlers, "RETRY_SECONDS", 0.5)
+    monkeypatch.setattr(kubetune_operator.controller, "RETRY_SECONDS", 0.5)
     cluster[f"post /apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs"][:1] << 500
     await operator.create(_job())
     child = await eventually(lambda: cluster.objects[PTJ, NS, "ident"], timeout=10)
@@ -895,11 +898,10 @@ async def test_trainjob_backend_mirrors_trainer_status_and_explains_a_failure(cl
 def test_rendered_children_match_what_the_operator_creates():
     """`kubetune render` and the operator share the builders: same objects, same order."""
     from kubetune.jobfile import parse_job
-    from kubetune_operator import builders
 
     job = parse_job(copy.deepcopy(_job()))
-    a = builders.children(job=job, config=OperatorConfig(), uid="u")
-    b = builders.children(job=job, config=OperatorConfig(), uid="u")
+    a = children(job=job, config=OperatorConfig(), uid="u")
+    b = children(job=job, config=OperatorConfig(), uid="u")
     assert a == b
 
 
@@ -1256,10 +1258,13 @@ def test_a_registry_refuses_settings_that_name_another_backend():
     from kubetune_operator.backends.trainjob import TRAINJOB
     from kubetune_operator.handlers import _watching
 
-    _watching(PYTORCHJOB.kind)(memo=kopf.Memo(backend=PYTORCHJOB))
+    def memo(backend):
+        return kopf.Memo(controller=types.SimpleNamespace(backend=backend))
+
+    _watching(PYTORCHJOB.kind)(memo=memo(PYTORCHJOB))
     with pytest.raises(kopf.PermanentError, match="watch PyTorchJob objects, its settings "
                        "name the TrainJob backend"):
-        _watching(PYTORCHJOB.kind)(memo=kopf.Memo(backend=TRAINJOB))
+        _watching(PYTORCHJOB.kind)(memo=memo(TRAINJOB))
 
 
 # ------------------------------------------------------------------ the Job (batch/v1) backend

@@ -18,8 +18,8 @@ import kubernetes
 import pytest
 import test_operator
 from kubetune_operator import progress_tls as pt
-from kubetune_operator import reconcile as rc
 from kubetune_operator.builders import PROGRESS_CA_CONFIGMAP
+from kubetune_operator.kube import Kube
 from kubetune_operator.settings import OperatorConfig
 from test_operator import (
     CM,
@@ -139,7 +139,7 @@ class _RacingKube:
     """A client whose first read of the Secret answers "missing" for each replica until both
     have read: both create, one gets 409 (kmock) and reads back."""
 
-    def __init__(self, kube: rc.Kube, barrier: threading.Barrier) -> None:
+    def __init__(self, kube: Kube, barrier: threading.Barrier) -> None:
         self.kube, self.barrier, self.first = kube, barrier, True
 
     def get(self, obj):
@@ -156,7 +156,7 @@ class _RacingKube:
 async def test_two_replicas_starting_together_share_one_certificate(cluster):
     conf = kubernetes.client.Configuration(host=str(cluster.url))
     barrier = threading.Barrier(2)
-    keepers = [pt.CertKeeper(_RacingKube(rc.Kube(kubernetes.client.ApiClient(conf)), barrier),
+    keepers = [pt.CertKeeper(_RacingKube(Kube(kubernetes.client.ApiClient(conf)), barrier),
                              OP_NS, SECRET[2], HOSTS) for _ in range(2)]
     out = await asyncio.gather(*(asyncio.to_thread(k.ensure) for k in keepers))
     assert len(out) == 2 and out[0] == out[1] == _secret_bundle(cluster)
@@ -172,7 +172,7 @@ class _FakeKube:
     def get(self, obj):
         return self.reads.pop(0)
 
-    def patch_builtin(self, kind, ns, name, patch):
+    def patch(self, api_version, kind, ns, name, patch):
         self.patches.append(patch)
         err = Exception("conflict")
         err.status = 409
@@ -284,9 +284,9 @@ def _assert_the_chart_allows(cluster) -> None:
 async def test_a_client_that_never_finishes_its_handshake_is_closed(cluster, monkeypatch):
     """TLS by default must keep the slow-client limit: a connection that sends nothing is
     closed after HEADER_TIMEOUT, not asyncio's 60 s."""
-    from kubetune_operator import reporting
+    from kubetune_operator.reporting import server
 
-    monkeypatch.setattr(reporting, "HEADER_TIMEOUT", 0.5)
+    monkeypatch.setattr(server, "HEADER_TIMEOUT", 0.5)
     op = await _tls_operator(cluster)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", op.port)
@@ -349,7 +349,7 @@ async def test_a_certificate_near_expiry_is_renewed_and_a_renewal_elsewhere_is_s
 
 async def test_the_ca_configmap_is_patched_when_stale_and_left_alone_when_not_ours(cluster):
     conf = kubernetes.client.Configuration(host=str(cluster.url))
-    kube = rc.Kube(kubernetes.client.ApiClient(conf))
+    kube = Kube(kubernetes.client.ApiClient(conf))
     ca = pt.new_ca(NOW)[0]
     publisher = pt.CaPublisher(kube, ca)
 

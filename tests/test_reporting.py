@@ -14,16 +14,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from kubetune.api.v1alpha1 import Checkpoint, Outputs, Progress
-from kubetune_operator import reporting
-from kubetune_operator.reporting import (
-    INT64_MAX,
-    MAX_URI_TEXT,
-    Flusher,
-    ProgressStore,
-    TokenChecker,
-    allowed,
-    make_app,
-)
+from kubetune_operator.backends.pytorchjob import PYTORCHJOB
+from kubetune_operator.reporting import auth
+from kubetune_operator.reporting import flusher as flusher_module
+from kubetune_operator.reporting.auth import TokenChecker, allowed, pod_belongs
+from kubetune_operator.reporting.clean import INT64_MAX, MAX_URI_TEXT
+from kubetune_operator.reporting.flusher import Flusher
+from kubetune_operator.reporting.server import make_app
+from kubetune_operator.reporting.store import ProgressStore
 
 # What the API server's TokenReview answers for each token (audience "kubetune").
 REVIEWS = {
@@ -72,7 +70,7 @@ async def _pod(namespace: str, name: str):
 @pytest.fixture
 async def client():
     store = ProgressStore()
-    app = make_app(store, TokenChecker(_review), pod_lookup=_pod)
+    app = make_app(store, TokenChecker(_review), pod_lookup=_pod, backend=PYTORCHJOB)
     async with TestClient(TestServer(app)) as c:
         c.store = store
         yield c
@@ -124,7 +122,7 @@ async def test_a_forged_token_is_refused_the_same_way_twice():
         reviews.append(token)
         return await _review(token, audience)
 
-    app = make_app(ProgressStore(), TokenChecker(review))
+    app = make_app(ProgressStore(), TokenChecker(review), backend=PYTORCHJOB)
     async with TestClient(TestServer(app)) as c:
         for _ in range(2):
             resp = await c.post(URL, json=KEP_BODY, headers={"Authorization": "Bearer forged"})
@@ -137,7 +135,7 @@ async def test_a_pod_is_looked_up_once_while_its_token_is_reviewed_again(monkeyp
     pod's ownership, fixed for its life, is read once, however long the pod lives. A new pod
     of the same name (a restart: a new uid) is read again, and one not the job's is refused."""
     clock = [time.monotonic()]
-    monkeypatch.setattr(reporting, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(auth, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     lookups = []
 
     async def pod(namespace, name):
@@ -146,7 +144,7 @@ async def test_a_pod_is_looked_up_once_while_its_token_is_reviewed_again(monkeyp
 
     reviews = dict(REVIEWS)
     app = make_app(ProgressStore(), TokenChecker(lambda t, a: _answer(reviews, t)),
-                   pod_lookup=pod)
+                   pod_lookup=pod, backend=PYTORCHJOB)
     async with TestClient(TestServer(app)) as c:
         for _ in range(3):
             resp = await c.post(URL, json=KEP_BODY, headers={"Authorization": "Bearer good"})
@@ -230,16 +228,15 @@ def test_checkpoints_and_outputs_keep_strings_only():
 
 def test_allowed_matches_only_this_jobs_pods():
     user = REVIEWS["good"]["status"]["user"]
-    assert allowed(user, "team-a", "ident")
-    assert not allowed(user, "team-a", "iden")  # prefix of another job's name
-    assert not allowed(user, "team-b", "ident")
+    assert allowed(user, "team-a", "ident", PYTORCHJOB)
+    assert not allowed(user, "team-a", "iden", PYTORCHJOB)  # prefix of another job's name
+    assert not allowed(user, "team-b", "ident", PYTORCHJOB)
 
 
 async def test_a_trainjob_pod_is_recognised_by_its_name_and_its_owner():
     """Trainer v2: a JobSet's Job ``<job>-node-<i>`` owns pods ``<job>-node-<i>-<n>-xxxxx``;
     a PyTorchJob's pod name or owner does not pass, nor does another job's."""
     from kubetune_operator.backends.trainjob import TRAINJOB
-    from kubetune_operator.reporting import pod_belongs
 
     def ident(pod):
         return {"username": "system:serviceaccount:team-a:default", "extra": {
@@ -248,7 +245,7 @@ async def test_a_trainjob_pod_is_recognised_by_its_name_and_its_owner():
 
     assert allowed(ident("ident-node-0-0-x7k2p"), "team-a", "ident", TRAINJOB)
     assert not allowed(ident("ident-master-0"), "team-a", "ident", TRAINJOB)
-    assert not allowed(ident("ident-node-0-0-x7k2p"), "team-a", "ident")  # PyTorchJob's names
+    assert not allowed(ident("ident-node-0-0-x7k2p"), "team-a", "ident", PYTORCHJOB)  #'s names
     assert not allowed(ident("identx-node-0-0-x7k2p"), "team-a", "ident", TRAINJOB)
 
     def pod(owner_kind, owner, jobset="ident"):
@@ -315,8 +312,8 @@ async def test_flush_rounds_start_every_interval_however_long_a_round_takes(monk
         clock[0] += seconds
         await real_sleep(0)
 
-    monkeypatch.setattr(reporting, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
-    monkeypatch.setattr(reporting, "asyncio", types.SimpleNamespace(
+    monkeypatch.setattr(flusher_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(flusher_module, "asyncio", types.SimpleNamespace(
         **{k: getattr(asyncio, k) for k in ("Semaphore", "gather")}, sleep=sleep))
     store, writes = ProgressStore(), []
 

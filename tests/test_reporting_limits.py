@@ -10,18 +10,21 @@ import time
 
 import pytest
 from aiohttp import web
-from kubetune_operator import reporting
-from kubetune_operator.reporting import ProgressStore, TokenChecker, make_app, start_runner
+from kubetune_operator.backends.pytorchjob import PYTORCHJOB
+from kubetune_operator.reporting import server
+from kubetune_operator.reporting.auth import TokenChecker
+from kubetune_operator.reporting.server import make_app, start_runner
+from kubetune_operator.reporting.store import ProgressStore
 from test_reporting import URL, _pod, _review
 
 
 @pytest.fixture
 async def endpoint(monkeypatch):
-    monkeypatch.setattr(reporting, "HEADER_TIMEOUT", 0.5)
-    monkeypatch.setattr(reporting, "BODY_TIMEOUT", 0.5)
-    monkeypatch.setattr(reporting, "MAX_CONNECTIONS_PER_PEER", 4)
+    monkeypatch.setattr(server, "HEADER_TIMEOUT", 0.5)
+    monkeypatch.setattr(server, "BODY_TIMEOUT", 0.5)
+    monkeypatch.setattr(server, "MAX_CONNECTIONS_PER_PEER", 4)
     runner = await start_runner(make_app(ProgressStore(), TokenChecker(_review),
-                                         pod_lookup=_pod))
+                                         pod_lookup=_pod, backend=PYTORCHJOB))
     site = web.TCPSite(runner, host="127.0.0.1", port=0)
     await site.start()
     port = runner.addresses[0][1]
@@ -91,7 +94,7 @@ async def test_one_peer_holds_a_bounded_number_of_connections(endpoint):
             still_open += 1
         else:
             assert got == b""
-    assert still_open <= reporting.MAX_CONNECTIONS_PER_PEER
+    assert still_open <= server.MAX_CONNECTIONS_PER_PEER
     for _, writer in conns:
         writer.close()
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 from kubetune.api.v1alpha1 import FineTuneJobStatus
-from kubetune_operator.status import Observed, diagnose_pods, reduce_status
+from kubetune_operator.backends.pytorchjob import PYTORCHJOB
+from kubetune_operator.status import Observed as _Observed
+from kubetune_operator.status import diagnose_pods, reduce_status
+
+# A PyTorchJob unless a test names another backend (the reducer has no default).
+Observed = functools.partial(_Observed, backend=PYTORCHJOB)
 
 T0, T1 = "2026-11-23T10:00:00Z", "2026-11-23T10:05:00Z"
 
@@ -108,7 +114,7 @@ def _pod(name, **container):
      "TrainerError"),
 ])
 def test_failures_are_classified_from_pod_status(pod, reason):
-    failure, _ = diagnose_pods([pod])
+    failure, _ = diagnose_pods([pod], PYTORCHJOB.container)
     assert failure is not None and failure.reason == reason
 
 
@@ -258,7 +264,7 @@ def test_trainjob_sequence_keeps_transition_times_and_reads_the_node_container()
 
 def test_trainjob_trainer_status_is_read_as_progress():
     from kubetune_operator.backends.trainjob import TRAINJOB
-    from kubetune_operator.reporting import from_trainer_status
+    from kubetune_operator.reporting.clean import from_trainer_status
 
     ts = {"progressPercentage": 40, "estimatedRemainingSeconds": 90,
           "lastUpdatedTime": "2026-11-23T10:04:00Z",

@@ -252,7 +252,8 @@ def test_every_secret_ref_becomes_secret_key_ref_env_per_source():
 
 
 def test_builders_render_the_output_secret_as_references_only():
-    from kubetune_operator.builders import OperatorConfig, children
+    from kubetune_operator.backends import children
+    from kubetune_operator.settings import OperatorConfig
 
     job = FineTuneJob.model_validate({
         "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",

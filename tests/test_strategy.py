@@ -129,7 +129,8 @@ def test_two_nodes_run_zero3_from_the_pods_command(tiny_model, tmp_path):
     import sys
 
     from kubetune.jobfile import load_job
-    from kubetune_operator.builders import OperatorConfig, children
+    from kubetune_operator.backends import children
+    from kubetune_operator.settings import OperatorConfig
 
     out = tmp_path / "out"
     job = write_job(tmp_path / "job.yaml", tiny_spec(

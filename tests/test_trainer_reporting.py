@@ -10,14 +10,18 @@ import asyncio
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from kubetune_operator.reporting import ProgressStore, TokenChecker, make_app
+from kubetune_operator.backends.pytorchjob import PYTORCHJOB
+from kubetune_operator.reporting.auth import TokenChecker
+from kubetune_operator.reporting.server import make_app
+from kubetune_operator.reporting.store import ProgressStore
 from test_reporting import URL, _pod, _review
 
 
 @pytest.fixture
 async def endpoints(tmp_path, monkeypatch):
     store = ProgressStore()
-    kubetune = TestServer(make_app(store, TokenChecker(_review), pod_lookup=_pod))
+    kubetune = TestServer(make_app(store, TokenChecker(_review), pod_lookup=_pod,
+                                            backend=PYTORCHJOB))
     kubeflow_got: list[tuple[str, dict]] = []
 
     async def kubeflow_status(request: web.Request) -> web.Response:

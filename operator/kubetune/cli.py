@@ -334,8 +334,8 @@ def render(
     """Print the exact objects the operator would create for a job (for review, GitOps diffs);
     none when it would refuse the job (an invalid spec, or more memory than its GPUs have)."""
     import yaml
-    from kubetune_operator.backends import backend_named
-    from kubetune_operator.builders import OperatorConfig, children
+    from kubetune_operator.backends import backend_named, children
+    from kubetune_operator.settings import OperatorConfig
     from kubetune_operator.validation import cluster_problem
 
     from kubetune.jobfile import load_job
@@ -355,7 +355,7 @@ def render(
             "trainer_image": image, "progress_url": progress_url,
             "gpu_memory": (("default", f"{_gpu_memory(gpu_memory) or 0:.0f}"),)
             if gpu_memory else None}.items() if v})
-        from kubetune_operator.reconcile import memory_verdict
+        from kubetune_operator.admission import memory_verdict
 
         verdict = memory_verdict(job, config)  # as the operator checks it: hf:// config.json
         if verdict is None:
@@ -378,7 +378,7 @@ def render(
 
 def _not_estimated(job: Any) -> str:
     """Why ``render`` (the operator) has no memory estimate for a job."""
-    from kubetune_operator.reconcile import model_config_problem
+    from kubetune_operator.admission import model_config_problem
 
     model = job.spec.model
     if model.from_job:

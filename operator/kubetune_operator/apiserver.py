@@ -1,6 +1,6 @@
 """What the API server can do, from its version. Pure: no I/O.
 
-The operator reads the version once at startup (``GET /version``, ``reconcile.Kube.server``)
+The operator reads the version once at startup (``GET /version``, ``kube.Kube.server``)
 into its state (``memo.server``) and hands it to rendering: a field the server does not know is
 never rendered (a 1.20 server prunes unknown fields silently, and the object it keeps is not
 the one we meant). ``kubetune render`` has no cluster: it renders for ``CURRENT``.

@@ -15,7 +15,6 @@ from kubetune import credentials
 from kubetune.api.v1alpha1 import API_VERSION, KIND, PLURAL, FineTuneJob
 from kubetune.strategy import launcher_args
 
-from kubetune_operator.apiserver import CURRENT, ApiServer
 from kubetune_operator.settings import OperatorConfig
 
 MANAGED_BY = "kubetune"
@@ -318,17 +317,3 @@ def child_metadata(job: FineTuneJob, uid: str | None, labels: dict[str, str]
     meta = _metadata(job, child_name(job), uid, labels)
     meta["annotations"][SUSPEND_APPLIED] = str(job.spec.suspend).lower()
     return meta
-
-
-def children(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = None,
-             labels: dict[str, str] | None = None, server: ApiServer = CURRENT
-             ) -> list[dict[str, Any]]:
-    """Everything the operator creates for a job, in creation order: the trainer config,
-    what the training object needs (a headless Service), then the training object of the
-    configured backend, last. ``server``: what the API server can do (``kubetune render``,
-    with no cluster: a current one)."""
-    from kubetune_operator.backends import backend_named
-
-    backend = backend_named(config.backend)
-    return [config_map(job=job, uid=uid), *backend.companions(job=job, uid=uid),
-            backend.render(job=job, config=config, uid=uid, labels=labels, server=server)]

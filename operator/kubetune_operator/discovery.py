@@ -5,7 +5,7 @@ Kubeflow Training Operator, TrainJob with Kubeflow Trainer v2), Kueue's Workload
 queued, KServe's InferenceService when it is served that way. Without the add-on the API server
 answers 404 for that group/version; creating anything for the job then leaves half a set of
 children and a job that says nothing. ``Served`` remembers, per group/version, what the API
-server lists there (``GET /apis/<group>/<version>``, ``reconcile.Kube.served_resources``):
+server lists there (``GET /apis/<group>/<version>``, ``kube.Kube.served_resources``):
 
 - a group/version found served is trusted until ``forget`` (a create answered 404);
 - one found missing is asked again only by ``refresh`` (the operator's periodic re-check: one

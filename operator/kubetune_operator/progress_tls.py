@@ -310,7 +310,7 @@ class CertKeeper:
             fresh = renewed(bundle, self.hosts, self.now())
             version = (secret.get("metadata") or {}).get("resourceVersion")
             try:
-                self.kube.patch_builtin("Secret", self.namespace, self.name, {
+                self.kube.patch("v1", "Secret", self.namespace, self.name, {
                     "metadata": {"resourceVersion": version} if version else {},
                     "data": fresh.secret_data()})
             except Exception as err:
@@ -370,9 +370,8 @@ class CaPublisher:
                         "managed-by=kubetune): the progress CA is not written there", namespace,
                         self.name)
         elif (current.get("data") or {}).get(PROGRESS_CA_KEY) != ca:
-            self.kube.patch_builtin("ConfigMap", namespace, self.name,
-                                    {"metadata": {"labels": dict(LABELS)},
-                                     "data": {PROGRESS_CA_KEY: ca}})
+            self.kube.patch("v1", "ConfigMap", namespace, self.name,
+                            {"metadata": {"labels": dict(LABELS)}, "data": {PROGRESS_CA_KEY: ca}})
             log.info("updated the progress endpoint's CA in ConfigMap %s/%s", namespace,
                      self.name)
         with self._lock:

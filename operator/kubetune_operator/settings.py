@@ -114,9 +114,9 @@ class OperatorConfig:
                 raise ValueError(f"{name}={raw!r}: expected true or false")
             return raw == "true"
 
-        from kubetune_operator.backends import backend_named
-
-        backend = backend_named(env.get("KUBETUNE_BACKEND") or cls.backend).kind
+        # The backend's name is checked where it is looked up (backends.backend_named, at
+        # startup: a PermanentError naming the known ones), case-insensitively.
+        backend = text("KUBETUNE_BACKEND") or cls.backend
         url = text("KUBETUNE_PROGRESS_URL")
         if url and not url.lower().startswith(("http://", "https://")):
             raise ValueError(f"KUBETUNE_PROGRESS_URL={url!r}: expected https://… (or http://… "

@@ -26,7 +26,6 @@ from kubetune.api.v1alpha1.status import Restart
 from kubetune.errors import EXIT_PERMANENT, EXIT_PREEMPTED
 
 from kubetune_operator.backends import Backend
-from kubetune_operator.backends.pytorchjob import PYTORCHJOB
 
 TERMINAL = ("Succeeded", "Failed")
 REFUSED = ("InvalidSpec", "InsufficientGPUMemory")  # stalled before any child was made
@@ -57,7 +56,7 @@ class Observed:
     rejected: tuple[str, str] | None = None
     progress: dict[str, Any] | None = None  # the latest progress report from the trainer
     keep_checkpoints: int | None = None  # training.saveTotalLimit: older ones are deleted
-    backend: Backend = PYTORCHJOB  # what the child is, and how to read it
+    backend: Backend = field(kw_only=True)  # what the child is, and how to read it
     log_tail: bool = True  # put the failing rank's last output into status.failure
 
 
@@ -77,7 +76,7 @@ _PATTERNS = [
 Waiting = tuple[str, str]  # (reason, message): why the pods wait
 
 
-def diagnose_pods(pods: list[dict[str, Any]], container: str = PYTORCHJOB.container
+def diagnose_pods(pods: list[dict[str, Any]], container: str
                   ) -> tuple[Failure | None, Waiting | None]:
     """(why it failed, why it waits) from pod status alone: no pods/log rights needed.
     ``container``: the trainer container's name (each backend has its own)."""

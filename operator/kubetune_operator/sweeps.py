@@ -33,7 +33,9 @@ from typing import Any
 
 from kubetune import sweep as sw
 from kubetune.api.v1alpha1 import (
+    API_VERSION,
     GROUP,
+    KIND,
     MAX_OBSERVATIONS,
     PLURAL,
     SWEEP_KIND,
@@ -47,6 +49,8 @@ from kubetune.api.v1alpha1 import (
     gate_verdict,
 )
 from kubetune.errors import KubetuneError
+
+from kubetune_operator.kube import Kube, now, owned_by, ref
 
 log = logging.getLogger("kubetune.operator.sweeps")
 STOPPED_EARLY = "kubetune.io/stopped-early"  # annotation on a trial the median rule stopped
@@ -287,54 +291,30 @@ def name_taken(status: FineTuneSweepStatus, names: list[str], raw: dict[str, Any
 
 
 class SweepApi:
-    """The calls a sweep's converge makes (through the operator's own client)."""
+    """The calls a sweep's converge makes (through the operator's ``Kube``)."""
 
-    def __init__(self, custom: Any) -> None:
-        from kubernetes import client
-
-        self.custom = custom  # a kubernetes CustomObjectsApi
-        self._exc = client.exceptions.ApiException
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
 
     def get(self, ns: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, SWEEP_PLURAL,
-                                                            name)
-        except self._exc as err:
-            if err.status == 404:
-                return None
-            raise
+        return self.kube.get(ref(API_VERSION, SWEEP_KIND, ns, name))
 
     def trials(self, ns: str, sweep: str, uid: str | None) -> dict[str, dict[str, Any]]:
         """Its trials: FineTuneJobs with its label that it owns (never adopted otherwise)."""
-        items = self.custom.list_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, label_selector=f"{sw.SWEEP_LABEL}={sweep}")
-        return {t["metadata"]["name"]: t for t in (items or {}).get("items") or []
-                if uid is None or any(o.get("uid") == uid for o in
-                                      t["metadata"].get("ownerReferences") or [])}
+        items = self.kube.list(API_VERSION, KIND, ns, labels=f"{sw.SWEEP_LABEL}={sweep}")
+        return {t["metadata"]["name"]: t for t in items if owned_by(t, uid)}
 
     def create(self, body: dict[str, Any]) -> bool:
         """Create a trial; False when a FineTuneJob of that name is there and is not ours
         (one made by a converge before this one is)."""
-        meta = body["metadata"]
-        try:
-            self.custom.create_namespaced_custom_object(
-                GROUP, VERSION, meta["namespace"], PLURAL, body)
-            return True
-        except self._exc as err:
-            if err.status != 409:
-                raise
-        there = self.custom.get_namespaced_custom_object(GROUP, VERSION, meta["namespace"],
-                                                         PLURAL, meta["name"])
-        ours = meta["ownerReferences"][0]["uid"]
-        return any(o.get("uid") == ours for o in
-                   (there or {}).get("metadata", {}).get("ownerReferences") or [])
+        there, made = self.kube.create(body)
+        return made or owned_by(there, body["metadata"]["ownerReferences"][0]["uid"])
 
     def patch_trial(self, ns: str, name: str, patch: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, patch)
+        self.kube.patch(API_VERSION, KIND, ns, name, patch)
 
     def patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, ns, SWEEP_PLURAL, name, {"status": status})
+        self.kube.patch(API_VERSION, SWEEP_KIND, ns, name, {"status": status}, sub="status")
 
 
 # One converge at a time per sweep (its own events and its trials' come on kopf's workers).
@@ -385,12 +365,10 @@ async def _converge(memo: Any, ns: str, name: str) -> None:
     a fresh read after a pause (kopf does not retry event handlers)."""
     import asyncio
 
-    from kubetune_operator.reconcile import now
-
     loop = asyncio.get_running_loop()
     try:
-        await loop.run_in_executor(memo.get("executor"), converge,
-                                   SweepApi(memo.kube.custom), ns, name, now())
+        await loop.run_in_executor(memo.controller.executor, converge,
+                                   SweepApi(memo.controller.kube), ns, name, now())
     except Exception as err:
         log.warning("sweep %s/%s: converge failed (%s); retrying in %ss", ns, name, err,
                     RETRY_SECONDS)

@@ -13,16 +13,21 @@ failure the server cannot see (``stop_patch``), which pods are its own (``owns_p
 - ``job``: a plain ``Job`` (batch/v1), no add-on; Indexed for more than one node.
 
 The operator setting ``backend`` (chart value ``backend``) picks one; PyTorchJob is the
-default.
+default. A new backend is a new module here holding its ``Backend`` at module level (found by
+``_registry``), plus its RBAC and name in the chart (templates/rbac.yaml, values.schema.json).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kubetune_operator.apiserver import CURRENT, ApiServer
+from kubetune_operator.builders import config_map
 
 if TYPE_CHECKING:
     from kubetune.api.v1alpha1 import FineTuneJob
@@ -125,12 +130,17 @@ class Backend(ABC):
         return patch
 
 
+@functools.cache
 def _registry() -> dict[str, Backend]:
-    from kubetune_operator.backends.job import JOB
-    from kubetune_operator.backends.pytorchjob import PYTORCHJOB
-    from kubetune_operator.backends.trainjob import TRAINJOB
-
-    return {b.kind: b for b in (PYTORCHJOB, TRAINJOB, JOB)}
+    """Every backend: each module of this package holds one ``Backend`` at module level (a new
+    backend is one new module here, plus its chart RBAC)."""
+    found: dict[str, Backend] = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, Backend):
+                found.setdefault(value.kind, value)
+    return found
 
 
 def backend_named(name: str) -> Backend:
@@ -144,3 +154,15 @@ def backend_named(name: str) -> Backend:
 
 def all_backends() -> list[Backend]:
     return list(_registry().values())
+
+
+def children(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = None,
+             labels: dict[str, str] | None = None, server: ApiServer = CURRENT
+             ) -> list[dict[str, Any]]:
+    """Everything the operator creates for a job, in creation order: the trainer config,
+    what the training object needs (a headless Service), then the training object of the
+    configured backend, last. ``server``: what the API server can do (``kubetune render``,
+    with no cluster: a current one)."""
+    backend = backend_named(config.backend)
+    return [config_map(job=job, uid=uid), *backend.companions(job=job, uid=uid),
+            backend.render(job=job, config=config, uid=uid, labels=labels, server=server)]
