@@ -29,8 +29,9 @@ from kubetune.strategy import STRATEGIES, strategy_of
 
 from kubetune_trainer import evaluation, outputs, tracking
 from kubetune_trainer.config import RunContext
+from kubetune_trainer.data.prepared import Data
 from kubetune_trainer.outputs import Layout, output_root
-from kubetune_trainer.recipes import Build, Data, recipe
+from kubetune_trainer.recipes import Build, recipe
 from kubetune_trainer.sources import resolve
 from kubetune_trainer.storage import Store, uploader
 

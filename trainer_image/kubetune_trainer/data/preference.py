@@ -51,7 +51,7 @@ def preference_data(examples: list[dict[str, Any]], tokenizer: Any, template: st
     import datasets
     from kubetune.errors import KubetuneError
 
-    from kubetune_trainer.recipes import Data, split
+    from kubetune_trainer.data.prepared import Data, split
 
     if template is None:
         raise KubetuneError(f"stage {spec.stage} needs conversations with a prompt",

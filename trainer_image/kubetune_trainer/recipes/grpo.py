@@ -16,7 +16,8 @@ from kubetune.api.v1alpha1 import FineTuneJobSpec
 from kubetune.errors import KubetuneError
 
 from kubetune_trainer import rewards
-from kubetune_trainer.recipes import Build, Data, split
+from kubetune_trainer.data.prepared import Data, split
+from kubetune_trainer.recipes import Build
 
 HEAD = "causal"
 
