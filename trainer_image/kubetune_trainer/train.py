@@ -158,7 +158,7 @@ def _prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: A
     """Recipes that stream (sft, pt) read the rows as they tokenize them and write the
     prepared rows under ``workdir``; the others get every example as a list."""
     from kubetune_trainer.data.loading import Examples
-    from kubetune_trainer.data.preprocess import resolve_template
+    from kubetune_trainer.data.templates import resolve_template
 
     def rows(specs: list, at: str) -> Examples:
         return Examples(specs, spec.stage, ctx, spec.training.max_invalid_fraction, at)

@@ -40,7 +40,7 @@ BUILDING = ".tmp-"  # an entry being built: <entry>.tmp-<pid>, renamed into plac
 # file, not imported: data/ sits below the recipes).
 _CODE = [Path(__file__).parent / name for name in ("cache.py", "fastbpe.py", "formats.py",
                                                     "loading.py", "prepared.py",
-                                                    "preprocess.py")] + \
+                                                    "preprocess.py", "templates.py")] + \
     [Path(__file__).parents[1] / "recipes" / "sft.py"]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune_trainer.data.preprocess import Renderer
+from kubetune_trainer.data.templates import Renderer
 
 
 class TextPairs:

@@ -26,7 +26,7 @@ def prepare(examples: list[dict[str, Any]], tokenizer: Any, template: str | None
             spec: FineTuneJobSpec, log=print) -> Data:
     import datasets
 
-    from kubetune_trainer.data.preprocess import Renderer
+    from kubetune_trainer.data.templates import Renderer
 
     if template is None:
         raise KubetuneError("stage grpo needs prompts as conversations", field="spec.datasets")
