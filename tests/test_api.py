@@ -276,7 +276,7 @@ def test_metadata_labels_and_namespace_follow_kubernetes_rules():
 
 
 def test_templates_are_the_ones_the_trainer_ships():
-    from kubetune_trainer.data.preprocess import NAMED_TEMPLATES
+    from kubetune_trainer.data.templates import NAMED_TEMPLATES
 
     assert set(api.TEMPLATES) == {"auto", *NAMED_TEMPLATES}
 

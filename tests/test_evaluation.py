@@ -72,7 +72,7 @@ metric_list:
 def test_lm_eval_scores_the_final_model_on_a_local_task(tiny_model, tmp_path):
     """A task defined beside the job (YAML + JSONL, no download), run by lm-evaluation-harness
     on base + adapter; the scores reach result.json and what the status keeps."""
-    from kubetune_trainer.train import _final_metrics
+    from kubetune_trainer.outputs import final_metrics
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -92,7 +92,7 @@ def test_lm_eval_scores_the_final_model_on_a_local_task(tiny_model, tmp_path):
     acc = result["metrics"]["lmeval_kubetune_tiny_acc"]
     assert acc in (0.0, 1 / 3, 2 / 3, 1.0)  # 3 questions
     assert "lmeval_kubetune_tiny_acc_stderr" in result["metrics"]
-    assert _final_metrics(result["metrics"])["lmeval_kubetune_tiny_acc"] == acc
+    assert final_metrics(result["metrics"])["lmeval_kubetune_tiny_acc"] == acc
     full = json.loads((out / "lm_eval_results.json").read_text())
     assert full["results"]["kubetune_tiny"]["acc,none"] == acc
 

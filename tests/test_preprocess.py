@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 from kubetune.errors import KubetuneError
-from kubetune_trainer.data.preprocess import (
-    IGNORE,
-    Options,
-    pack,
-    resolve_template,
-    tokenize,
-)
+from kubetune_trainer.data.preprocess import IGNORE, Options, pack, tokenize
+from kubetune_trainer.data.templates import resolve_template
 
 CONV = {"messages": [
     {"role": "system", "content": "You are terse."},
@@ -189,7 +184,7 @@ def test_masks_equal_the_render_every_prefix_reference(tok, lf_data, template, o
         [ex for ex in examples if ex.get("tools")][:40]
     tmpl = resolve_template(tok, template)
     # Tools go into the system turn for templates that ignore them: render them the same way.
-    from kubetune_trainer.data.preprocess import Renderer
+    from kubetune_trainer.data.templates import Renderer
 
     r = Renderer(tok, tmpl)
     flat = [{"messages": r._with_tools(ex)[0]} for ex in examples]
@@ -226,7 +221,7 @@ def test_tiktoken_gives_the_tokenizers_own_ids_and_labels(tok, lf_data):
     that reproduces it: same ids and labels as the tokenizer itself on real conversations."""
     from kubetune.api.v1alpha1 import DatasetSpec
     from kubetune_trainer.config import RunContext
-    from kubetune_trainer.data import fastbpe, preprocess
+    from kubetune_trainer.data import fastbpe, preprocess, templates
     from kubetune_trainer.data.loading import load_examples
 
     ds = DatasetSpec(source=str(lf_data / "dataset_info.json"),
@@ -235,7 +230,7 @@ def test_tiktoken_gives_the_tokenizers_own_ids_and_labels(tok, lf_data):
     tmpl = resolve_template(tok, "auto")
     fast = fastbpe.for_tokenizer(tok)
     assert fast is not None
-    texts = [preprocess.Renderer(tok, tmpl).render(ex, "none")[0] for ex in examples]
+    texts = [templates.Renderer(tok, tmpl).render(ex, "none")[0] for ex in examples]
     assert [ids.tolist() for ids, _ in fast.encode(texts)] == \
         tok(texts, add_special_tokens=False)["input_ids"]
     opts = Options("sft", 512)
@@ -298,7 +293,7 @@ def test_streamed_rows_equal_the_in_memory_rows_and_read_ahead_is_bounded(
 def test_compiled_template_falls_back_to_transformers_when_they_differ(tok):
     """The compiled template renders without apply_chat_template's conversions; where those
     matter (apply_chat_template drops keys that are None) the renderer uses apply_chat_template."""
-    from kubetune_trainer.data.preprocess import Renderer
+    from kubetune_trainer.data.templates import Renderer
 
     template = ("{% for m in messages %}{{ m.role }}{% if m.name is defined %}({{ m.name }})"
                 "{% endif %}: {{ m.content }}\n{% endfor %}")

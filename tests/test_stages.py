@@ -182,7 +182,7 @@ def test_format_loads_and_trains_two_steps(name, tiny_model, tmp_path):
 
 def test_preference_rows_render_with_the_template_and_end_on_eos(tiny_model):
     from kubetune_trainer.data.preference import TextPairs
-    from kubetune_trainer.data.preprocess import resolve_template
+    from kubetune_trainer.data.templates import resolve_template
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)

@@ -43,9 +43,9 @@ def test_auto_precision_is_bf16_and_lora_trains_on_the_gpu(tiny_model, tmp_path)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
     assert Path(result["merged_model"], "model.safetensors").exists()
     from kubetune.jobfile import load_job
-    from kubetune_trainer.train import _precision
+    from kubetune_trainer.model import precision
 
-    assert _precision(load_job(tmp_path / "job.yaml").spec) == {"bf16": True, "fp16": False}
+    assert precision(load_job(tmp_path / "job.yaml").spec) == {"bf16": True, "fp16": False}
 
 
 def test_packed_samples_stay_apart_on_the_gpu(tiny_model):

@@ -61,7 +61,7 @@ def predict(model: Any, tokenizer: Any, template: str, examples: list[dict[str, 
     """Greedy answers to the held-out prompts (each conversation up to its last answer)."""
     import torch
 
-    from kubetune_trainer.data.preprocess import Renderer
+    from kubetune_trainer.data.templates import Renderer
 
     renderer = Renderer(tokenizer, template)
     model.eval()

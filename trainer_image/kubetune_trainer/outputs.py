@@ -6,7 +6,10 @@ the next run (and a run stopped by a full or read-only disk, before it exits) re
 such a run left: ``*.partial``, ``*.tmp`` and checkpoints without their complete marker.
 
 Pre-flight, before the model loads: the output must be a writable directory with room for one
-checkpoint of the estimated size (``model.checkpoint_bytes``).
+checkpoint of the estimated size (``model.checkpoint_bytes``). After the last step,
+``publish`` does the end of a run: final evaluation, the model (and its merge), predictions and
+lm-eval, the loss plot, the trackers, result.json, the upload to a store or the Hub, and the
+report to the operator.
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ from typing import Any
 from kubetune.api.v1alpha1 import FineTuneJobSpec
 from kubetune.errors import KubetuneError, OutputError
 
+from kubetune_trainer import evaluation
 from kubetune_trainer.config import RunContext
+from kubetune_trainer.data.prepared import Data
 from kubetune_trainer.sources import resolve, split_uri
+from kubetune_trainer.storage import Store
+from kubetune_trainer.tracking import Session
 
 RESULT_FILE = "result.json"
 PROGRESS_FILE = "progress.jsonl"
@@ -349,6 +356,110 @@ def _merge_full_precision(model: Any, head: str, saved: Path | None = None) -> A
         else:
             base = AutoModelForCausalLM.from_pretrained(base_path)
         return PeftModel.from_pretrained(base, tmp).merge_and_unload()
+
+
+def run_result(*, job: str, spec: FineTuneJobSpec, out: Layout, resumed_from: Path | None,
+               global_step: int, world_size: int, metrics: dict[str, float],
+               data_stats: dict[str, Any]) -> dict[str, Any]:
+    """What result.json says of the training itself; ``publish`` adds the rest."""
+    return {
+        "job": job,
+        "stage": spec.stage,
+        "method": spec.method.type,
+        "base_model": spec.model.source or f"fromJob {spec.model.from_job}",
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "global_step": global_step,
+        "world_size": world_size,
+        "metrics": metrics,
+        "data": data_stats,
+        "progress": str(out.progress),
+        "checkpoints": [str(p) for p in sorted(
+            out.checkpoints.glob("checkpoint-*"),
+            key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit()
+            else -1)],
+    }
+
+
+def publish(trainer: Any, result: dict[str, Any], *, spec: FineTuneJobSpec, ctx: RunContext,
+            out: Layout, data: Data, tokenizer: Any, head: str, store: Store | None,
+            trackers: Session, main: bool, started: float, log=print) -> dict[str, Any]:
+    """The end of a run, after the last step. Every rank evaluates and, for whole-model
+    methods or sharded weights, gathers the model (both collective); rank 0 (``main``) then
+    answers the held-out prompts, saves (and merges), runs lm-eval, plots the loss, closes the
+    trackers, writes result.json, uploads to the store or pushes to the Hub, and reports the
+    outputs to the operator. Returns ``result`` with all of that added."""
+    import time
+
+    from kubetune.strategy import STRATEGIES, strategy_of
+
+    from kubetune_trainer.model import method
+    from kubetune_trainer.progress import plot_loss, post_to_operator
+
+    metrics = result["metrics"]
+    if data.eval is not None:
+        metrics.update(_final_eval(trainer))
+        metrics.update(evaluation.perplexity(metrics))
+    adapter = method(spec).adapter
+    gathered = STRATEGIES[strategy_of(spec)].shard_weights  # a rank holds a shard only
+    if not adapter or gathered:
+        save_whole_model(trainer, out, adapter=adapter, max_shard_size=spec.output.max_shard_size)
+    if not main:
+        return result
+    if spec.evaluation and spec.evaluation.predict and data.eval_examples:
+        log(f"evaluation: answering up to {spec.evaluation.max_samples} held-out prompts")
+        metrics.update(evaluation.predict(
+            trainer.model, tokenizer, data.template, data.eval_examples,
+            out.root / evaluation.PREDICTIONS_FILE, max_samples=spec.evaluation.max_samples,
+            max_new_tokens=spec.evaluation.max_new_tokens))
+        result["predictions"] = str(out.root / evaluation.PREDICTIONS_FILE)
+    written = save(trainer, tokenizer, spec, out, adapter=adapter, head=head, gathered=gathered)
+    result.update(written)
+    if spec.evaluation and spec.evaluation.lm_eval:
+        metrics.update(evaluation.lm_eval(spec.evaluation.lm_eval, written, ctx, out.root,
+                                          log=log))
+    png = plot_loss(out.progress, out.root / "loss.png")
+    result["loss_plot"] = str(png) if png else None
+    status = status_outputs(spec, written)
+    if url := trackers.finish(metrics):
+        result["tracking_url"] = status["trackingUrl"] = url
+    result["output_uri"] = spec.output.uri
+    result["seconds"] = round(time.time() - started, 1)
+    write_json(out.result, result)
+    if store is not None:  # the status points at the store once all is there
+        log(f"output: uploading to {store.uri}")
+        store.upload_outputs(out, [Path(p).name for p in written.values()] + [
+            evaluation.PREDICTIONS_FILE, "loss.png", "runs", out.progress.name,
+            out.result.name])
+    elif spec.output.uri.startswith("hf://"):
+        from kubetune_trainer import hub
+
+        hub.push(hub.plan(spec, out, result, written), spec=spec, log=log)
+    post_to_operator({"outputs": {**status, "metrics": final_metrics(metrics)}})
+    return result
+
+
+def _final_eval(trainer: Any) -> dict[str, float]:
+    """The eval metrics at the last step: the ones logged there when the run evaluated at its
+    last step (no second eval point in progress.jsonl), else a fresh evaluation."""
+    for entry in reversed(trainer.state.log_history[-3:]):
+        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
+            return numbers({k: v for k, v in entry.items() if k.startswith("eval_")})
+    return numbers(trainer.evaluate())
+
+
+def final_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """What the status keeps of result.json's metrics: losses and the stage's eval metrics."""
+    import math
+
+    from kubetune.api.stages import FINAL_METRIC_PATTERN, STAGE_METRIC_PATTERN
+
+    keep = re.compile(FINAL_METRIC_PATTERN + "|" + STAGE_METRIC_PATTERN)
+    return {k: v for k, v in metrics.items() if keep.match(k) and math.isfinite(v)}
+
+
+def numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric metrics, as floats."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
 
 def status_outputs(spec: FineTuneJobSpec, written: dict[str, str]) -> dict[str, str]:

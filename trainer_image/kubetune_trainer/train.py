@@ -1,5 +1,6 @@
 """Run one FineTuneJob: pre-flight → model and data → the stage's recipe → resume → train →
-outputs → result. The same for every stage; what differs lives in ``recipes/<stage>.py``.
+``outputs.publish`` (evaluation, outputs, result). The same for every stage; what differs
+lives in ``recipes/<stage>.py``.
 
 Launched directly (one process), or by accelerate/torchrun (one per GPU): every rank runs this
 same function; only rank 0 writes progress, plots and results.
@@ -27,10 +28,11 @@ from kubetune.credentials import model_secret
 from kubetune.errors import EXIT_RETRYABLE, KubetuneError, Preempted
 from kubetune.strategy import STRATEGIES, strategy_of
 
-from kubetune_trainer import evaluation, outputs, tracking
+from kubetune_trainer import outputs, tracking
 from kubetune_trainer.config import RunContext
+from kubetune_trainer.data.prepared import Data
 from kubetune_trainer.outputs import Layout, output_root
-from kubetune_trainer.recipes import Build, Data, recipe
+from kubetune_trainer.recipes import Build, recipe
 from kubetune_trainer.sources import resolve
 from kubetune_trainer.storage import Store, uploader
 
@@ -157,7 +159,7 @@ def _prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: A
     """Recipes that stream (sft, pt) read the rows as they tokenize them and write the
     prepared rows under ``workdir``; the others get every example as a list."""
     from kubetune_trainer.data.loading import Examples
-    from kubetune_trainer.data.preprocess import resolve_template
+    from kubetune_trainer.data.templates import resolve_template
 
     def rows(specs: list, at: str) -> Examples:
         return Examples(specs, spec.stage, ctx, spec.training.max_invalid_fraction, at)
@@ -263,7 +265,6 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
         finish_setup,
         load_model,
         load_tokenizer,
-        method,
         peft_config,
     )
     from kubetune_trainer.preemption import Preemption, grace_seconds
@@ -272,10 +273,6 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
         LogLastStep,
         OperatorReport,
         ProgressLog,
-        plot_loss,
-        post_to_operator,
-        read_progress,
-        run_train_loss,
     )
 
     rec = preflight(spec)
@@ -340,73 +337,30 @@ def _run(job: FineTuneJob, ctx: RunContext, trackers: tracking.Session, *, log=p
         if preemption.stopped_at is not None:
             raise _preempted(preemption, out, progress if main else None, log)
         trainer.accelerator.wait_for_everyone()
-        metrics = _numbers(train_result.metrics)
-        resumed_step = _step_of(resume) if resume else 0
-        if resumed_step and main and "train_loss" in metrics:  # the whole run, not this part
-            metrics["train_loss_since_resume"] = metrics["train_loss"]
-            metrics["train_loss"] = run_train_loss(
-                read_progress(out.progress), metrics["train_loss"], resumed_step=resumed_step,
-                global_step=trainer.state.global_step)
+        metrics = _train_metrics(train_result, trainer, out, resume, main=main)
+        result = outputs.run_result(
+            job=job.metadata.name, spec=spec, out=out, resumed_from=resume,
+            global_step=trainer.state.global_step, world_size=state.num_processes,
+            metrics=metrics, data_stats=data.stats)
+        return outputs.publish(
+            trainer, result, spec=spec, ctx=ctx, out=out, data=data, tokenizer=tokenizer,
+            head=rec.HEAD, store=store, trackers=trackers, main=main, started=started, log=log)
 
-        result: dict[str, Any] = {
-            "job": job.metadata.name,
-            "stage": spec.stage,
-            "method": spec.method.type,
-            "base_model": spec.model.source or f"fromJob {spec.model.from_job}",
-            "resumed_from": str(resume) if resume else None,
-            "global_step": trainer.state.global_step,
-            "world_size": state.num_processes,
-            "metrics": metrics,
-            "data": data.stats,
-            "progress": str(out.progress),
-            "checkpoints": [str(p) for p in sorted(
-                out.checkpoints.glob("checkpoint-*"),
-                key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit()
-                else -1)],
-        }
-        if data.eval is not None:
-            result["metrics"].update(_final_eval(trainer))
-            result["metrics"].update(evaluation.perplexity(result["metrics"]))
-        adapter = method(spec).adapter
-        gathered = STRATEGIES[strategy_of(spec)].shard_weights  # a rank holds a shard only
-        if not adapter or gathered:
-            outputs.save_whole_model(trainer, out, adapter=adapter,
-                                     max_shard_size=spec.output.max_shard_size)
-        if main and spec.evaluation and spec.evaluation.predict and data.eval_examples:
-            log(f"evaluation: answering up to {spec.evaluation.max_samples} held-out prompts")
-            result["metrics"].update(evaluation.predict(
-                trainer.model, tokenizer, data.template, data.eval_examples,
-                out.root / evaluation.PREDICTIONS_FILE,
-                max_samples=spec.evaluation.max_samples,
-                max_new_tokens=spec.evaluation.max_new_tokens))
-            result["predictions"] = str(out.root / evaluation.PREDICTIONS_FILE)
-        if main:
-            written = outputs.save(trainer, tokenizer, spec, out, adapter=adapter,
-                                   head=rec.HEAD, gathered=gathered)
-            result.update(written)
-            if spec.evaluation and spec.evaluation.lm_eval:
-                result["metrics"].update(evaluation.lm_eval(
-                    spec.evaluation.lm_eval, written, ctx, out.root, log=log))
-            png = plot_loss(out.progress, out.root / "loss.png")
-            result["loss_plot"] = str(png) if png else None
-            status = outputs.status_outputs(spec, written)
-            if url := trackers.finish(result["metrics"]):
-                result["tracking_url"] = status["trackingUrl"] = url
-            result["output_uri"] = spec.output.uri
-            result["seconds"] = round(time.time() - started, 1)
-            outputs.write_json(out.result, result)
-            if store is not None:  # the status points at the store once all is there
-                log(f"output: uploading to {store.uri}")
-                store.upload_outputs(out, [Path(p).name for p in written.values()] + [
-                    evaluation.PREDICTIONS_FILE, "loss.png", "runs", out.progress.name,
-                    out.result.name])
-            elif spec.output.uri.startswith("hf://"):
-                from kubetune_trainer import hub
 
-                hub.push(hub.plan(spec, out, result, written), spec=spec, log=log)
-            post_to_operator({"outputs": {**status,
-                                          "metrics": _final_metrics(result["metrics"])}})
-    return result
+def _train_metrics(train_result: Any, trainer: Any, out: Layout, resume: Path | None, *,
+                   main: bool) -> dict[str, float]:
+    """transformers' training metrics; after a resume, rank 0's ``train_loss`` is the mean over
+    the whole run (``train_loss_since_resume``: the part since the resume)."""
+    from kubetune_trainer.progress import read_progress, run_train_loss
+
+    metrics = outputs.numbers(train_result.metrics)
+    resumed_step = _step_of(resume) if resume else 0
+    if resumed_step and main and "train_loss" in metrics:  # the whole run, not this part
+        metrics["train_loss_since_resume"] = metrics["train_loss"]
+        metrics["train_loss"] = run_train_loss(
+            read_progress(out.progress), metrics["train_loss"], resumed_step=resumed_step,
+            global_step=trainer.state.global_step)
+    return metrics
 
 
 def _resume_point(out: Layout, trainer: Any, progress: Any, log) -> Path | None:
@@ -485,15 +439,6 @@ def _step_of(ckpt: Path) -> int:
     return int(ckpt.name.rsplit("-", 1)[-1])
 
 
-def _final_eval(trainer: Any) -> dict[str, float]:
-    """The eval metrics at the last step: the ones logged there when the run evaluated at its
-    last step (no second eval point in progress.jsonl), else a fresh evaluation."""
-    for entry in reversed(trainer.state.log_history[-3:]):
-        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
-            return _numbers({k: v for k, v in entry.items() if k.startswith("eval_")})
-    return _numbers(trainer.evaluate())
-
-
 def _check_kept(trainer: Any, data: Data, spec: FineTuneJobSpec, log) -> None:
     """Preference trainers drop rows that do not fit cutoffLen: say how many, and refuse to
     train on nothing."""
@@ -507,21 +452,6 @@ def _check_kept(trainer: Any, data: Data, spec: FineTuneJobSpec, log) -> None:
 
         raise DataError(f"no training row fits within {spec.training.cutoff_len} tokens; raise "
                         "it", field="spec.training.cutoffLen")
-
-
-def _final_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """What the status keeps of result.json's metrics: losses and the stage's eval metrics."""
-    import math
-    import re
-
-    from kubetune.api.stages import FINAL_METRIC_PATTERN, STAGE_METRIC_PATTERN
-
-    keep = re.compile(FINAL_METRIC_PATTERN + "|" + STAGE_METRIC_PATTERN)
-    return {k: v for k, v in metrics.items() if keep.match(k) and math.isfinite(v)}
-
-
-def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
 
 def _sharded_loading(spec: FineTuneJobSpec, args: dict[str, Any]) -> Any:

@@ -36,9 +36,12 @@ CACHED_STAGES = ("sft", "pt")
 VERSION = 2  # bump when the layout on disk changes
 LIMIT_ENV, LIMIT_GB = "KUBETUNE_CACHE_PREPARED_GB", 20.0
 BUILDING = ".tmp-"  # an entry being built: <entry>.tmp-<pid>, renamed into place when done
+# The code that shapes prepared rows: this package's, and the sft recipe's prepare (read as a
+# file, not imported: data/ sits below the recipes).
 _CODE = [Path(__file__).parent / name for name in ("cache.py", "fastbpe.py", "formats.py",
-                                                    "loading.py", "preprocess.py")] + \
-    [Path(__file__).parents[1] / "recipes" / name for name in ("__init__.py", "sft.py")]
+                                                    "loading.py", "prepared.py",
+                                                    "preprocess.py", "templates.py")] + \
+    [Path(__file__).parents[1] / "recipes" / "sft.py"]
 
 
 def _file_digest(path: Path) -> str:
@@ -103,7 +106,7 @@ def load(ctx: Any, digest: str) -> tuple[Any, list[str]] | None:
     it logged, or None."""
     import datasets
 
-    from kubetune_trainer.recipes import Data
+    from kubetune_trainer.data.prepared import Data
 
     root = _dir(ctx, digest)
     meta_file = root / "meta.json"

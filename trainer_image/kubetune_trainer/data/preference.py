@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune_trainer.data.preprocess import Renderer
+from kubetune_trainer.data.templates import Renderer
 
 
 class TextPairs:
@@ -51,7 +51,7 @@ def preference_data(examples: list[dict[str, Any]], tokenizer: Any, template: st
     import datasets
     from kubetune.errors import KubetuneError
 
-    from kubetune_trainer.recipes import Data, split
+    from kubetune_trainer.data.prepared import Data, split
 
     if template is None:
         raise KubetuneError(f"stage {spec.stage} needs conversations with a prompt",

@@ -16,7 +16,8 @@ from kubetune.api.v1alpha1 import FineTuneJobSpec
 from kubetune.errors import KubetuneError
 
 from kubetune_trainer import rewards
-from kubetune_trainer.recipes import Build, Data, split
+from kubetune_trainer.data.prepared import Data, split
+from kubetune_trainer.recipes import Build
 
 HEAD = "causal"
 
@@ -25,7 +26,7 @@ def prepare(examples: list[dict[str, Any]], tokenizer: Any, template: str | None
             spec: FineTuneJobSpec, log=print) -> Data:
     import datasets
 
-    from kubetune_trainer.data.preprocess import Renderer
+    from kubetune_trainer.data.templates import Renderer
 
     if template is None:
         raise KubetuneError("stage grpo needs prompts as conversations", field="spec.datasets")

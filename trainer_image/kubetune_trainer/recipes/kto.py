@@ -8,7 +8,8 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec
 
-from kubetune_trainer.recipes import Build, Data
+from kubetune_trainer.data.prepared import Data
+from kubetune_trainer.recipes import Build
 
 HEAD = "causal"
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec
 
-from kubetune_trainer.recipes import Build, Data, split
+from kubetune_trainer.data.prepared import Data, split
+from kubetune_trainer.recipes import Build
 
 HEAD = "causal"
 

@@ -38,7 +38,7 @@ OUTPUT_PATTERN = (f"^(pvc://{_CLAIM}(/[^{_SPACE}]*)?|file://[^{_SPACE}]+|(s3|gs)
                   f"{{1,62}}(/[^{_SPACE}]*)?|hf://[A-Za-z0-9][-A-Za-z0-9_.]{{0,95}}/"
                   f"[A-Za-z0-9][-A-Za-z0-9_.]{{0,95}}|[^:{_SPACE}]+)$")
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
-# Templates the trainer ships (kubetune_trainer/data/preprocess.py NAMED_TEMPLATES), and auto.
+# Templates the trainer ships (kubetune_trainer/data/templates.py NAMED_TEMPLATES), and auto.
 TEMPLATES = ("auto", "chatml", "llama3", "alpaca")
 INT32_MAX = 2**31 - 1
 SOURCE_HELP = (
