@@ -346,7 +346,8 @@ def _operator_cmd(which: str, live: int, template: Path) -> list[str]:
 def _template(path: Path) -> Path:
     """The children kubetune makes for the bench job, for the hand-written loop to copy."""
     job = REPO / "examples" / "assistant-identity.yaml"
-    out = subprocess.run([sys.executable, "-m", "kubetune.cli", "render", str(job)],
+    out = subprocess.run([sys.executable, "-m", "kubetune.cli", "render", str(job),
+                          "--preflight", "skip"],
                          check=True, capture_output=True, text=True).stdout
     path.write_text(out)
     return path
@@ -491,6 +492,8 @@ async def run_one(which: str, n: int, args, backend_cls, template: Path) -> dict
                    "KUBETUNE_PROGRESS_PORT": str(port), "KUBETUNE_PROGRESS_HOST": "127.0.0.1",
                    "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{port}/v1",
                    "KUBETUNE_PROGRESS_FLUSH_SECONDS": "1", "KUBETUNE_RECHECK_SECONDS": "600",
+                   # Straight to the PyTorchJob, as the peers do (no pre-flight Job first).
+                   "KUBETUNE_PREFLIGHT": "skip",
                    "PYTHONWARNINGS": "ignore",
                    "MALLOC_ARENA_MAX": "2",  # as operator/Dockerfile sets it (for every peer)
                    "PYTHONPATH": os.pathsep.join(filter(None, [

@@ -421,6 +421,14 @@ def render_problems(children: list[dict], pytorchjob_schema: dict | None) -> lis
                 if _CREDENTIAL_URL.search(uri):
                     out.append(f"LEAK ConfigMap: a credential in {uri}")
             continue
+        if kind == "Job":  # the pre-flight Job (batch/v1): the API's own schema
+            try:
+                kubernetes_validate.validate(obj, "1.33.0", strict=True)
+            except kubernetes_validate.ValidationError as err:
+                out.append(f"Job: {err}")
+            out += _labels(obj["spec"]["template"]["metadata"].get("labels"), "Job pod labels")
+            out += pod_problems(obj["spec"]["template"]["spec"], "Job pod")
+            continue
         if pytorchjob_schema is not None:
             errors = list(jsonschema.Draft7Validator(pytorchjob_schema).iter_errors(obj))
             out += [f"PyTorchJob: {e.message[:200]}" for e in errors[:3]]

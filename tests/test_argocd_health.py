@@ -34,6 +34,8 @@ def job(phase=None, generation=2, observed=2, conditions=(), progress=None):
     (job("Queued", conditions=[("Ready", "False", "WaitingForAdmission",
                                 "waiting for Kueue to admit it from queue 'a'")]),
      "Progressing", "queued: waiting for Kueue"),
+    (job("Validating", conditions=[("Ready", "False", "Validating", "the pre-flight pod")]),
+     "Progressing", "validating: the pre-flight pod"),
     (job("Running", progress={"percent": 42.5}), "Progressing", "training 42.5%"),
     (job("Succeeded"), "Healthy", "training finished"),
     (job("Failed", conditions=[("Stalled", "True", "OOMKilled", "pod j-master-0 ran out")]),

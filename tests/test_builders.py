@@ -17,9 +17,11 @@ from kubetune_operator.builders import OperatorConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PYTORCHJOB_CRD = CONFORMANCE / "kubeflow" / "kubeflow.org_pytorchjobs.yaml"
+# Rendering of the training objects; the pre-flight Job has its own tests (test_preflight
+# in this file), so these leave it out.
 CONFIG = OperatorConfig(trainer_image="registry.example/kubetune/trainer:1",
                         progress_url="https://kubetune.kubetune-system.svc:8443/v1",
-                        progress_ca_configmap="kubetune-ca")
+                        progress_ca_configmap="kubetune-ca", preflight="skip")
 
 
 def _strict(schema):
@@ -271,7 +273,8 @@ def test_tolerations_render_as_the_pod_spec_writes_them(pytorchjob_schema):
 TRAINER_V2 = CONFORMANCE / "kubeflow-trainer-v2"
 TRAINJOB_CONFIG = OperatorConfig(trainer_image="registry.example/kubetune/trainer:1",
                                  progress_url="https://kubetune.kubetune-system.svc:8443/v1",
-                                 backend="TrainJob", training_runtime="kubetune")
+                                 backend="TrainJob", training_runtime="kubetune",
+                                 preflight="skip")
 
 
 @pytest.fixture(scope="module")
@@ -494,11 +497,11 @@ def test_kubetune_render_backend_prints_what_the_trainjob_operator_would_create(
     result = CliRunner().invoke(app, ["render", str(path), "--backend", "TrainJob", "-n", "a"])
     assert result.exit_code == 0, result.output
     docs = list(yaml.safe_load_all(result.stdout))
-    assert [d["kind"] for d in docs] == ["ConfigMap", "TrainJob"]
-    jsonschema.validate(docs[1], trainjob_schema)
-    assert docs[1] == children(job=load_job(path).model_copy(update={
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Job", "TrainJob"]  # Job: pre-flight
+    jsonschema.validate(docs[2], trainjob_schema)
+    assert docs[2] == children(job=load_job(path).model_copy(update={
         "metadata": load_job(path).metadata.model_copy(update={"namespace": "a"})}),
-        config=OperatorConfig(backend="TrainJob"), labels=load_job(path).metadata.labels)[1]
+        config=OperatorConfig(backend="TrainJob"), labels=load_job(path).metadata.labels)[2]
     bad = CliRunner().invoke(app, ["render", str(path), "--backend", "MPIJob"])
     assert bad.exit_code == 2 and "--backend: backend 'MPIJob' is not known" in bad.output
 
@@ -530,7 +533,7 @@ def test_the_spec_hash_ignores_defaults_and_sees_changes():
 
 JOB_CONFIG = OperatorConfig(trainer_image="registry.example/kubetune/trainer:1",
                             progress_url="https://kubetune.kubetune-system.svc:8443/v1",
-                            backend="Job")
+                            backend="Job", preflight="skip")
 QUEUED = {"kueue.x-k8s.io/queue-name": "team-a"}
 
 
@@ -793,7 +796,54 @@ def test_the_job_backend_is_picked_by_its_setting_and_rendered_by_the_cli():
     result = CliRunner().invoke(app, ["render", str(path), "--backend", "job", "-n", "a"])
     assert result.exit_code == 0, result.output
     docs = list(yaml.safe_load_all(result.stdout))
-    assert [d["kind"] for d in docs] == ["ConfigMap", "Job"]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Job", "Job"]  # pre-flight, training
     _valid_core(docs)
-    assert "podFailurePolicy" in docs[1]["spec"]  # for a current server
-    assert docs[1]["spec"]["suspend"] is True  # the example names a Kueue queue
+    assert "podFailurePolicy" in docs[2]["spec"]  # for a current server
+    assert docs[2]["spec"]["suspend"] is True  # the example names a Kueue queue
+    assert "suspend" not in docs[1]["spec"]  # the pre-flight Job is not queued
+
+
+# ------------------------------------------------------------------ the pre-flight Job
+
+
+@pytest.mark.parametrize(("default", "spec", "gpus", "wanted"), [
+    ("auto", None, 1, True), ("auto", None, 0, False),  # auto: jobs that ask for GPUs
+    ("always", None, 0, True), ("skip", None, 8, False),
+    ("skip", "always", 0, True), ("auto", "skip", 1, False),  # the job's own word wins
+])
+def test_which_jobs_get_a_pre_flight_pod(default, spec, gpus, wanted):
+    job = _job(resources={"nodes": 1, "gpusPerNode": gpus},
+               **({"preflight": spec} if spec else {}))
+    config = OperatorConfig(trainer_image="t:1", preflight=default)
+    assert builders.wants_preflight(job, config) is wanted
+    kinds = [o["kind"] for o in children(job=job, config=config)]
+    assert kinds == (["ConfigMap", "Job", "PyTorchJob"] if wanted else
+                     ["ConfigMap", "PyTorchJob"])
+
+
+def test_the_pre_flight_pod_is_the_trainer_on_cpu_with_the_jobs_volumes_and_credentials():
+    job = _job(resources={"nodes": 2, "gpusPerNode": 8, "gpuMemory": "80Gi"},
+               scheduling={"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100"}})
+    config = OperatorConfig(trainer_image="t:1", preflight="auto",
+                            progress_url="https://kubetune.kubetune-system.svc:8443/v1")
+    cm, pf, ptj = children(job=job, config=config, uid="u-1")
+    pod = pf["spec"]["template"]["spec"]
+    (main,) = pod["containers"]
+    assert main["command"] == ["kubetune-preflight"] and main["image"] == "t:1"
+    assert main["resources"] == builders.PREFLIGHT_RESOURCES  # small, and no GPU
+    assert "nodeSelector" not in pod and pod["restartPolicy"] == "Never"
+    assert pf["spec"]["backoffLimit"] == 0 and "suspend" not in pf["spec"]  # not queued
+    env = {e["name"]: e for e in main["env"]}
+    assert env["KUBETUNE_GPU_MEMORY"]["value"] == str(80 * 2**30)
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+    assert not [n for n in env if n.startswith("KUBEFLOW_TRAINER_")]
+    # Its rows are the training pods' own: the same directory on the output claim.
+    where = "/mnt/pvc/outputs/assistant-identity/.kubetune/prepared"
+    train_env = {e["name"]: e.get("value") for e in ptj["spec"]["pytorchReplicaSpecs"][
+        "Master"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBETUNE_PREPARED_DIR"]["value"] == where == train_env["KUBETUNE_PREPARED_DIR"]
+    mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
+    assert not mounts["/mnt/pvc/outputs"].get("readOnly")
+    assert pf["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert builders.is_preflight(pf) and not builders.is_preflight(ptj)
+    _valid_core([pf])

@@ -236,6 +236,7 @@ NAMESPACED = {
     ("kubetune.io", "finetunesweeps/status"): {"get", "patch"},
     ("kubetune.io", "finetunesweeps/finalizers"): {"update"},  # the trials' owner references
     ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch"},
+    ("batch", "jobs"): {"get", "list", "watch", "create"},  # the pre-flight Job
     # patch: the progress CA's ConfigMap only (resourceNames), when its CA changes
     ("", "configmaps"): {"get", "create", "patch"},
     ("apps", "deployments"): {"get", "create", "delete"},  # spec.serve

@@ -78,9 +78,12 @@ def test_render_prints_the_children_the_operator_would_create():
                               "-n", "ml", "--image", "reg/trainer:1"])
     assert res.exit_code == 0, res.output
     docs = list(yaml.safe_load_all(res.stdout))  # the objects; notes go to stderr
-    assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob"]
+    # The pre-flight Job (a GPU job: checked on CPU first), then the training object.
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Job", "PyTorchJob"]
     assert all(d["metadata"]["namespace"] == "ml" for d in docs)
-    master = docs[1]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert docs[1]["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "kubetune-preflight"]
+    master = docs[2]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert master["containers"][0]["image"] == "reg/trainer:1"
 
 

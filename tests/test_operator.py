@@ -146,9 +146,11 @@ class Operator:
         settings = kopf.OperatorSettings()
         settings.posting.enabled = False  # kmock refuses a second Event (generateName)
         # Plain HTTP named in the URL, unless a test names its own (https: the operator's CA).
+        # No pre-flight pod unless a test asks (its own tests below): the rest play the
+        # training object's controller and would have to play the pre-flight Job's too.
         config = OperatorConfig(**{"trainer_image": "reg/trainer:1",
                                    "progress_url": f"http://127.0.0.1:{self.port}/v1",
-                                   **self.config})
+                                   "preflight": "skip", **self.config})
         memo = kopf.Memo(kube=Kube(self.operator_api), store=ProgressStore(),
                          progress_port=self.port, config=config, **self.memo)
         # Each operator its own registry: it watches its own backend's kind only.
@@ -1590,3 +1592,110 @@ async def test_pods_refused_by_admission_say_so_in_the_condition(cluster):
     denied = {c for c in calls if c[2] not in allowed.get((c[0], c[1]), set())}
     assert not denied, f"the chart's RBAC would refuse {sorted(denied)}"
     assert ("", "events", "list") in calls
+
+
+# ------------------------------------------------------------------ the pre-flight pod
+
+
+def _preflight_pod(report=None, exit_code=0, message=None):
+    """The pre-flight Job's pod as the Job controller makes it, ended (its report in the
+    termination message, as kubetune-preflight writes it)."""
+    text = message if message is not None else json.dumps({"preflight": report})
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "ident-preflight-x7k2p", "namespace": NS,
+                         "resourceVersion": "1", "uid": "pf-pod",
+                         "creationTimestamp": "2026-12-07T10:00:00Z",
+                         "labels": {"kubetune.io/job": "ident", "kubetune.io/role": "preflight",
+                                    "job-name": "ident-preflight"}},
+            "status": {"phase": "Succeeded" if exit_code == 0 else "Failed",
+                       "containerStatuses": [{
+                           "name": "preflight", "image": "reg/trainer:1", "imageID": "",
+                           "ready": False, "restartCount": 0, "state": {"terminated": {
+                               "exitCode": exit_code, "reason": "Completed" if exit_code == 0
+                               else "Error", "message": text}}}]}}
+
+
+GOOD = {"passed": True, "rows": 1000, "badRows": 3, "badReasons": ["'output' is empty"],
+        "sequences": 997, "tokens": 120000, "trainedTokens": 60000, "truncated": 4,
+        "rowLengthPercentiles": {"p50": 110, "p90": 230, "p99": 500, "max": 1024},
+        "prepared": True, "memoryPerGpu": "21.4 GiB", "gpuMemory": "80.0 GiB",
+        "estimatedSeconds": 3900.0, "assumptions": "1 × NVIDIA-H100 at 989 TFLOP/s bf16"}
+
+
+async def _preflight_operator(cluster, **config):
+    op = Operator(cluster, preflight="auto", recheck_seconds=0.5, **config)
+    await op.start()
+    return op
+
+
+async def test_a_gpu_job_is_validated_on_cpu_before_its_training_object_is_made(cluster):
+    op = await _preflight_operator(cluster)
+    try:
+        await op.create(_job(resources={"nodes": 1, "gpusPerNode": 1, "gpuMemory": "80Gi"}))
+        pf = await eventually(lambda: cluster.objects[JOB, NS, "ident-preflight"])
+        assert exists(cluster, (CM, NS, "ident-config"))
+        pod = pf["spec"]["template"]["spec"]
+        main = pod["containers"][0]
+        assert main["command"] == ["kubetune-preflight"]
+        assert "nvidia.com/gpu" not in json.dumps(main["resources"])  # CPU only
+        assert {"name": "KUBETUNE_GPU_MEMORY", "value": str(80 * 2**30)} in main["env"]
+        assert pf["metadata"]["ownerReferences"][0]["uid"] == "uid-ident"
+        await eventually(lambda: _assert(_phase(cluster) == "Validating"))
+        conds = {c["type"]: c for c in _status(cluster)["conditions"]}
+        assert conds["Reconciling"]["status"] == "True"
+        assert conds["Reconciling"]["reason"] == "Validating"
+        assert conds["Stalled"]["status"] == "False" and conds["Ready"]["status"] == "False"
+        assert not exists(cluster, (PTJ, NS, "ident"))  # no GPU asked for yet
+
+        cluster.objects["v1/pods", NS, "ident-preflight-x7k2p"] = _preflight_pod(GOOD)
+        await _patch_job(op, "ident-preflight", {"status": {"succeeded": 1}}, status=True)
+        await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+        await eventually(lambda: _assert(_status(cluster).get("preflight")))
+        report = _status(cluster)["preflight"]
+        assert report["passed"] is True and report["rows"] == 1000
+        assert report["memoryPerGpu"] == "21.4 GiB" and report["estimatedTime"] == "1h05m"
+        assert _phase(cluster) == "Queued"  # the example names a Kueue queue: now Kueue's turn
+    finally:
+        await op.stop()
+
+
+@pytest.mark.parametrize(("pod", "reason", "words"), [
+    (_preflight_pod({"passed": False, "reason": "DataError", "field": None, "rows": 10,
+                     "message": "no usable rows in any data set"}, exit_code=2),
+     "DataError", "pre-flight: no usable rows in any data set"),
+    (_preflight_pod({"passed": False, "reason": "KubetuneError", "field": "spec.resources",
+                     "message": "about 90.1 GiB per GPU, more than 80.0 GiB"}, exit_code=2),
+     "InsufficientGPUMemory", "pre-flight: spec.resources: about 90.1 GiB per GPU"),
+    (_preflight_pod(exit_code=200, message="Traceback ...\nMemoryError"),
+     "PreflightFailed", "the pod ended without a report: exit 200 (Error)"),
+])
+async def test_a_job_its_pre_flight_stops_never_asks_for_a_gpu(cluster, pod, reason, words):
+    op = await _preflight_operator(cluster)
+    try:
+        await op.create(_job())
+        await eventually(lambda: cluster.objects[JOB, NS, "ident-preflight"])
+        cluster.objects["v1/pods", NS, "ident-preflight-x7k2p"] = pod
+        await _patch_job(op, "ident-preflight", {"status": {"failed": 1}}, status=True)
+        await eventually(lambda: _assert(_phase(cluster) == "Failed"))
+        status = _status(cluster)
+        conds = {c["type"]: c for c in status["conditions"]}
+        assert conds["Stalled"]["status"] == "True" and conds["Stalled"]["reason"] == reason
+        assert words in conds["Failed"]["message"]
+        assert status["failure"]["reason"] == reason
+        await asyncio.sleep(1.5)  # re-checked: still nothing for the GPUs
+        assert not exists(cluster, (PTJ, NS, "ident"))
+    finally:
+        await op.stop()
+
+
+async def test_spec_preflight_skip_and_a_cpu_job_go_straight_to_training(cluster):
+    op = await _preflight_operator(cluster)
+    try:
+        await op.create(_job(preflight="skip"))
+        await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+        await op.create(_job("cpu", resources={"nodes": 1, "gpusPerNode": 0}))
+        await eventually(lambda: cluster.objects[PTJ, NS, "cpu"])
+        assert not exists(cluster, (JOB, NS, "ident-preflight"))
+        assert not exists(cluster, (JOB, NS, "cpu-preflight"))
+    finally:
+        await op.stop()

@@ -260,11 +260,13 @@ def test_builders_render_the_output_secret_as_references_only():
         "metadata": {"name": "j", "namespace": "ns"},
         "spec": {"model": {"source": "m"}, "datasets": [{"source": "d.json"}],
                  "output": {"uri": "s3://bkt/out", "secretRef": {"name": "team-b"}}}})
-    cm, pj = children(job=job, config=OperatorConfig())
-    env = pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
-    refs = {e["name"] for e in env if "valueFrom" in e}
-    assert {"KUBETUNE_OUTPUT_AWS_ACCESS_KEY_ID", "KUBETUNE_OUTPUT_AWS_SECRET_ACCESS_KEY"} <= refs
-    assert not any("value" in e for e in env if e["name"].startswith("KUBETUNE_OUTPUT_"))
+    cm, pf, pj = children(job=job, config=OperatorConfig(preflight="always"))
+    for env in (pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
+            "env"], pf["spec"]["template"]["spec"]["containers"][0]["env"]):  # + pre-flight
+        refs = {e["name"] for e in env if "valueFrom" in e}
+        assert {"KUBETUNE_OUTPUT_AWS_ACCESS_KEY_ID", "KUBETUNE_OUTPUT_AWS_SECRET_ACCESS_KEY"} \
+            <= refs
+        assert not any("value" in e for e in env if e["name"].startswith("KUBETUNE_OUTPUT_"))
     assert "team-b" in cm["data"]["job.yaml"] and "AWS_SECRET" not in cm["data"]["job.yaml"]
 
 

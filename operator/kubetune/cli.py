@@ -330,6 +330,9 @@ def render(
         "(batch/v1, rendered for a current Kubernetes).")
     ] = "PyTorchJob",
     gpu_memory: GpuMemory = None,
+    preflight: Annotated[str, typer.Option(
+        help="The operator's default for a job whose spec.preflight is unset (the chart's "
+        "preflight.default): auto, always or skip.")] = "auto",
 ) -> None:
     """Print the exact objects the operator would create for a job (for review, GitOps diffs);
     none when it would refuse the job (an invalid spec, or more memory than its GPUs have)."""
@@ -351,7 +354,10 @@ def render(
         problem = cluster_problem(job, chosen)
         if problem:  # the operator would create nothing and say this in a condition
             raise KubetuneError(problem)
-        config = OperatorConfig(backend=chosen.kind, **{k: v for k, v in {
+        if preflight not in ("auto", "always", "skip"):
+            raise KubetuneError(f"{preflight!r}: expected auto, always or skip",
+                                field="--preflight")
+        config = OperatorConfig(backend=chosen.kind, preflight=preflight, **{k: v for k, v in {
             "trainer_image": image, "progress_url": progress_url,
             "gpu_memory": (("default", f"{_gpu_memory(gpu_memory) or 0:.0f}"),)
             if gpu_memory else None}.items() if v})

@@ -19,6 +19,7 @@ What the trainer holds on each GPU:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -329,3 +330,40 @@ def fits(config: dict[str, Any], spec: Any, gpu_memory: float | None) -> Verdict
     if verdict.fits is False:
         verdict.fixes = fixes(spec, config, gpu_memory)
     return verdict
+
+
+# Dense bf16 peak TFLOP/s by GPU product (the nvidia.com/gpu.product label holds the name):
+# vendor data sheets, without sparsity. The first name found in the label wins.
+PEAK_TFLOPS = (("B200", 2250.0), ("H200", 989.0), ("H100", 989.0), ("GH200", 989.0),
+               ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("A10G", 125.0),
+               ("A10", 125.0), ("L4", 121.0), ("V100", 125.0), ("T4", 65.0))
+MFU = 0.4  # model FLOPs utilisation assumed: what well-tuned fine-tuning reaches on these
+
+
+def gpu_product(spec: Any) -> str | None:
+    selector = (spec.scheduling.node_selector or {}) if spec.scheduling else {}
+    return selector.get(GPU_PRODUCT_LABEL)
+
+
+def training_time(params: int, tokens_per_epoch: int, sequences: int, spec: Any
+                  ) -> tuple[float | None, str]:
+    """(seconds, what it assumes) for the whole run: 6 FLOPs per parameter and token for full
+    training, 4 when the base is frozen (lora, qlora, freeze: no weight gradients), on
+    world_size GPUs at MFU of the product's peak. None when the GPU's peak is unknown."""
+    product = gpu_product(spec) or ""
+    peak = next((tf for name, tf in PEAK_TFLOPS if name.lower() in product.lower()), None)
+    if peak is None or not spec.resources.gpus_per_node:
+        return None, ("not estimated: the GPU type is unknown (scheduling.nodeSelector "
+                      f"{GPU_PRODUCT_LABEL} names it)")
+    t = spec.training
+    n = world_size(spec)
+    per_step = max(t.batch_size_per_device * t.gradient_accumulation * n, 1)
+    steps_per_epoch = max(math.ceil(sequences / per_step), 1)
+    steps = t.max_steps if t.max_steps else math.ceil(t.epochs * steps_per_epoch)
+    tokens = tokens_per_epoch * steps / steps_per_epoch
+    method = getattr(spec.method.type, "value", spec.method.type)
+    flops_per_token = (6 if method == "full" else 4) * params
+    seconds = flops_per_token * tokens / (n * peak * 1e12 * MFU)
+    return round(seconds, 1), (f"{n} × {product} at {peak:g} TFLOP/s bf16, MFU {MFU:.0%}, "
+                               f"{flops_per_token // params} FLOPs per parameter and token, "
+                               f"{steps} steps")

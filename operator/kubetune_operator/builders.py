@@ -128,6 +128,8 @@ def _env(job: FineTuneJob, config: OperatorConfig, progress: bool = True
     env: list[dict[str, Any]] = [
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "KUBETUNE_CACHE", "value": "/tmp/kubetune"},  # on the scratch volume
+        *([{"name": "KUBETUNE_PREPARED_DIR", "value": where}]  # shared: pre-flight, restarts
+          if (where := prepared_dir(job)) else []),
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
         {"name": "KUBETUNE_JOB", "value": job.metadata.name},
         {"name": "KUBETUNE_GRACE_SECONDS",  # the save's budget after SIGTERM
@@ -317,3 +319,64 @@ def child_metadata(job: FineTuneJob, uid: str | None, labels: dict[str, str]
     meta = _metadata(job, child_name(job), uid, labels)
     meta["annotations"][SUSPEND_APPLIED] = str(job.spec.suspend).lower()
     return meta
+
+
+# ----------------------------------------------------------------------- pre-flight
+
+PREFLIGHT_ROLE = "preflight"
+ROLE_LABEL = "kubetune.io/role"
+# The pre-flight pod is CPU only and small: it reads, tokenizes and estimates, streaming rows.
+PREFLIGHT_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
+
+
+def preflight_mode(job: FineTuneJob, config: OperatorConfig) -> str:
+    """spec.preflight, else the operator's default: auto, always or skip."""
+    return job.spec.preflight or config.preflight
+
+
+def wants_preflight(job: FineTuneJob, config: OperatorConfig) -> bool:
+    """Whether a pre-flight pod runs before the training object: always, or (auto) when the
+    job asks for GPUs (a CPU job's own pod is as cheap as a pre-flight one)."""
+    mode = preflight_mode(job, config)
+    return mode == "always" or (mode == "auto" and job.spec.resources.gpus_per_node > 0)
+
+
+def preflight_name(job: FineTuneJob) -> str:
+    return f"{child_name(job)}-preflight"
+
+
+def is_preflight(obj: dict[str, Any]) -> bool:
+    return (obj.get("metadata", {}).get("labels") or {}).get(ROLE_LABEL) == PREFLIGHT_ROLE
+
+
+def prepared_dir(job: FineTuneJob) -> str | None:
+    """Where the prepared rows live for a pvc:// output: on that volume, beside the outputs,
+    so the pre-flight pod's are the training pods' (and a restarted pod's)."""
+    uri = job.spec.output.uri
+    if not uri.startswith("pvc://"):
+        return None
+    return f"{PVC_ROOT}/{uri[len('pvc://'):].strip('/')}/.kubetune/prepared"
+
+
+def preflight_job(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = None,
+                  gpu_memory: float | None = None) -> dict[str, Any]:
+    """The pre-flight Job (batch/v1): the trainer image on CPU with the job's own volumes,
+    credentials and settings, no GPU, no node selection of the job's (those pick GPU nodes),
+    not queued (Kueue admits the training object). ``gpu_memory``: bytes of one of the job's
+    GPUs, for the memory verdict."""
+    pod = pod_template(job=job, config=config, role=PREFLIGHT_ROLE, container=PREFLIGHT_ROLE)
+    spec = pod["spec"]
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
+        spec.pop(key, None)
+    spec["restartPolicy"] = "Never"
+    spec["terminationGracePeriodSeconds"] = 30
+    main = spec["containers"][0]
+    main["command"] = ["kubetune-preflight"]
+    main["args"] = [f"{CONFIG_DIR}/{CONFIG_KEY}", "--pvc-root", PVC_ROOT]
+    main["resources"] = {k: dict(v) for k, v in PREFLIGHT_RESOURCES.items()}
+    main["env"] = [e for e in main["env"] if not e["name"].startswith("KUBEFLOW_TRAINER_")]
+    if gpu_memory:
+        main["env"].append({"name": "KUBETUNE_GPU_MEMORY", "value": str(int(gpu_memory))})
+    meta = _metadata(job, preflight_name(job), uid, {ROLE_LABEL: PREFLIGHT_ROLE})
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+            "spec": {"backoffLimit": 0, "template": pod}}

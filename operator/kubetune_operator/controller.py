@@ -79,6 +79,19 @@ class Controller:
     # through context variables it sets for its watchers only.
     kopf_context: contextvars.Context | None = None
     retries: set[asyncio.Task[None]] = field(default_factory=set)
+    # What the startup handlers started (re-checks, the certificate's renewal, the flusher),
+    # and what closes the progress endpoint: the cleanup handler stops them.
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    closers: list[Any] = field(default_factory=list)  # callables, maybe async
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for close in self.closers:
+            done = close()
+            if asyncio.iscoroutine(done):
+                await done
+        await self.kube.close_async()
 
     def lock(self, key: Key) -> threading.Lock:
         return self.locks.setdefault(key, threading.Lock())

@@ -23,10 +23,10 @@ from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION
 
 from kubetune_operator import metrics, sweeps
 from kubetune_operator.backends import Backend, backend_named
-from kubetune_operator.builders import JOB_LABEL
+from kubetune_operator.builders import JOB_LABEL, PREFLIGHT_ROLE, ROLE_LABEL
 from kubetune_operator.controller import Controller
 from kubetune_operator.discovery import Served, backend_need
-from kubetune_operator.kube import Kube
+from kubetune_operator.kube import Kube, api_client
 from kubetune_operator.progress_tls import CHECK_SECONDS, ProgressTls
 from kubetune_operator.reconcile import KUEUE_API
 from kubetune_operator.reporting.auth import TokenChecker
@@ -36,22 +36,6 @@ from kubetune_operator.reporting.store import ProgressStore
 from kubetune_operator.settings import OperatorConfig
 
 log = logging.getLogger("kubetune.operator")
-
-
-def api_client() -> Any:
-    """In a pod: its service account; elsewhere: the current kubeconfig context."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    conf = client.Configuration.get_default_copy()
-    # One pooled connection per thread that may call at once (kopf's workers and asyncio's
-    # executor): with fewer, urllib3 drops connections and every new one costs a TLS
-    # handshake that loads the CA store (measured: 40 % of the operator's CPU at 200 jobs).
-    conf.connection_pool_maxsize = max(conf.connection_pool_maxsize or 0, 64)
-    return client.ApiClient(conf)
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -138,7 +122,7 @@ async def start_progress_tls(memo: kopf.Memo, **_: Any) -> None:
                 log.warning("progress endpoint: its certificate was not re-checked (%s)",
                             getattr(err, "status", None) or type(err).__name__)
 
-    memo.tls_task = asyncio.create_task(renew())
+    ctl.tasks.append(asyncio.create_task(renew()))
 
 
 async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
@@ -147,7 +131,6 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
     ctl: Controller = memo.controller
     port = _progress_port(memo)
     if not port:
-        memo.progress_runner = None
         return
     ctl.writer = StatusWriter(ctl.kube, ctl.lock)
     app = make_app(ctl.store, TokenChecker(ctl.kube.token_review_async),
@@ -156,24 +139,17 @@ async def start_progress_server(memo: kopf.Memo, **_: Any) -> None:
     runner = await start_runner(app)
     tls: ProgressTls | None = memo.get("progress_tls")
     ssl_ctx = tls.context if tls is not None else None
-    memo.progress_listener = await listen(runner, ctl.config.progress_host, port, ssl_ctx)
-    memo.flusher_task = asyncio.create_task(
+    listener = await listen(runner, ctl.config.progress_host, port, ssl_ctx)
+    ctl.closers += [listener.close, runner.cleanup]  # the socket first, then the app
+    ctl.tasks.append(asyncio.create_task(
         Flusher(ctl.store, ctl.writer, interval=ctl.config.progress_flush_seconds,
-                concurrency=32).run())
-    memo.progress_runner = runner
+                concurrency=32).run()))
     log.info("progress endpoint on port %s (%s)", port, "https" if ssl_ctx else "http")
 
 
-async def stop_progress_server(memo: kopf.Memo, **_: Any) -> None:
-    for task in ("recheck_task", "tls_task", "flusher_task"):
-        if memo.get(task):
-            memo[task].cancel()
-    if memo.get("progress_listener"):
-        memo.progress_listener.close()
-    if memo.get("progress_runner"):
-        await memo.progress_runner.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
     if memo.get("controller") is not None:
-        await memo.controller.kube.close_async()
+        await memo.controller.stop()
 
 
 GC_THRESHOLDS = (10_000, 20, 50)  # Python's default: (700, 10, 10)
@@ -192,7 +168,7 @@ def tune_gc(**_: Any) -> None:
 
 async def start_rechecks(memo: kopf.Memo, **_: Any) -> None:
     """One task re-checks jobs in flight (``Controller.recheck_forever``)."""
-    memo.recheck_task = asyncio.create_task(memo.controller.recheck_forever())
+    memo.controller.tasks.append(asyncio.create_task(memo.controller.recheck_forever()))
 
 
 async def job_event(event: dict[str, Any], memo: kopf.Memo, type: str | None, **_: Any
@@ -203,7 +179,8 @@ async def job_event(event: dict[str, Any], memo: kopf.Memo, type: str | None, **
 
 
 async def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
-    """The training object changed (its operator, Kueue): bring its FineTuneJob's status."""
+    """The training object changed (its operator, Kueue), or the pre-flight Job: bring its
+    FineTuneJob's status."""
     if type != "MODIFIED" or not body.get("status"):
         return  # the listing (resume covers it), our own creation, or nothing to report yet
     meta = body["metadata"]
@@ -235,13 +212,17 @@ def register(registry: kopf.OperatorRegistry, backend: Backend) -> kopf.Operator
     kopf.on.startup(registry=registry)(start_progress_server)
     kopf.on.startup(registry=registry)(start_rechecks)
     kopf.on.startup(registry=registry)(tune_gc)  # last: after the other startup handlers
-    kopf.on.cleanup(registry=registry)(stop_progress_server)
+    kopf.on.cleanup(registry=registry)(stop)
     # Only an event handler on FineTuneJobs: no kopf state in annotations, no finalizer (a
     # job can be deleted while the operator is down).
     kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(job_event)
     kopf.on.event(backend.group, backend.version, backend.plural, registry=registry,
                   id=f"child_changed/{backend.kind}",
                   labels={JOB_LABEL: kopf.PRESENT})(child_changed)
+    if backend.kind != "Job":  # the job backend's watch above sees pre-flight Jobs too
+        kopf.on.event("batch", "v1", "jobs", registry=registry, id="preflight_changed",
+                      labels={JOB_LABEL: kopf.PRESENT, ROLE_LABEL: PREFLIGHT_ROLE}
+                      )(child_changed)
     sweeps.register(registry)  # FineTuneSweeps and their trials (kubetune_operator.sweeps)
     return registry
 

@@ -54,6 +54,23 @@ def owned_by(obj: dict[str, Any], uid: str | None) -> bool:
     return uid is None or any(r.get("uid") == uid for r in refs)
 
 
+def api_client() -> Any:
+    """The kubernetes client's ApiClient: in a pod its service account, elsewhere the current
+    kubeconfig context."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    conf = client.Configuration.get_default_copy()
+    # One pooled connection per thread that may call at once (kopf's workers and asyncio's
+    # executor): with fewer, urllib3 drops connections and every new one costs a TLS
+    # handshake that loads the CA store (measured: 40 % of the operator's CPU at 200 jobs).
+    conf.connection_pool_maxsize = max(conf.connection_pool_maxsize or 0, 64)
+    return client.ApiClient(conf)
+
+
 class ApiError(Exception):
     """An API server's refusal on the asyncio path (``status`` as ApiException has it; 0 when
     the server could not be reached)."""

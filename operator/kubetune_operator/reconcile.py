@@ -11,6 +11,7 @@ status, and ``serving_reconcile`` adds spec.serve's. Every API call goes through
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,10 +70,14 @@ class Seen:
     blocked: str | None = None  # a child's name is taken by someone else's object
     drift: str | None = None
     created: list[str] = field(default_factory=list)
+    made: list[dict[str, Any] | None] = field(default_factory=list)  # the last objects made
     child: dict[str, Any] | None = None
     workload: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None
+    preflight: dict[str, Any] | None = None  # the pre-flight pod's report, when it ended
+    validating: str | None = None  # the pre-flight pod is running
+    preflight_failed: tuple[str, str] | None = None  # (reason, message): it stopped the job
 
 
 def needs(backend: Backend, labels: dict[str, str], config: OperatorConfig, *,
@@ -157,6 +162,28 @@ def _make_children(body: dict[str, Any], kube: Kube, config: OperatorConfig, bac
         seen.unfit = None
     if ca is not None and objs and not finished:
         ca.ensure(ns)  # the CA the pods mount, there before their child (and kept there)
+    passed = bool((old.get("preflight") or {}).get("passed"))
+    if any(builders.is_preflight(o) for o in objs):
+        if passed or finished:  # (its Job may be gone by now): the training objects
+            objs = [o for o in objs if not builders.is_preflight(o)]
+        else:  # the config and the pre-flight Job first; the rest once it passed
+            cut = next(i for i, o in enumerate(objs) if builders.is_preflight(o)) + 1
+            if not _create_or_adopt(kube, objs[:cut], meta, fresh, finished, served, seen):
+                return
+            if not _preflight_passed(kube, ns, name, objs[cut - 1], seen):
+                return
+            objs, fresh = objs[cut:], True  # (the rest were never made: nothing to read)
+    if _create_or_adopt(kube, objs, meta, fresh, finished, served, seen):
+        seen.child = next((c for o, c in zip(objs, seen.made, strict=True)
+                           if o["kind"] == backend.kind), None)
+
+
+def _create_or_adopt(kube: Kube, objs: list[dict[str, Any]], meta: dict[str, Any],
+                     fresh: bool, finished: bool, served: Served | None, seen: Seen) -> bool:
+    """Each object made, or read back if it is there (``seen.made``: what is there, in order);
+    False when one of them is someone else's (``seen.blocked`` says whose name)."""
+    name = meta["name"]
+    seen.made = []
     for obj in objs:
         current = None if fresh else kube.get(obj)
         if current is None and not finished:  # a finished job's cleaned-up child stays gone
@@ -175,9 +202,61 @@ def _make_children(body: dict[str, Any], kube: Kube, config: OperatorConfig, bac
             seen.blocked = (f"a {obj['kind']} named {obj['metadata']['name']!r} already "
                             "exists and belongs to another object; waiting for it to go")
             seen.child = None
-            return
-        if obj["kind"] == backend.kind:
-            seen.child = current
+            return False
+        seen.made.append(current)
+    return True
+
+
+def _preflight_passed(kube: Kube, ns: str, name: str, job_obj: dict[str, Any], seen: Seen
+                      ) -> bool:
+    """The pre-flight Job's verdict: its pod's report (the termination message) once it
+    ended. False while it runs (``seen.validating``) or when it stopped the job
+    (``seen.preflight_failed``)."""
+    current = kube.get(job_obj) or {}
+    state = current.get("status") or {}
+    if not state.get("succeeded") and not state.get("failed") and not any(
+            c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+            for c in state.get("conditions") or []):
+        seen.validating = ("the pre-flight pod checks every row, prepares the data and "
+                           "estimates memory and time, before any GPU is asked for")
+        return False
+    pods = [p for p in kube.list("v1", "Pod", ns, labels=f"{JOB_LABEL}={name}")
+            if builders.is_preflight(p)]
+    report, crash = _preflight_report(pods)
+    if report is not None:
+        seen.preflight = report
+    if report is not None and report.get("passed"):
+        return True
+    if report is not None:
+        field = report.get("field")
+        reason = ("DataError" if report.get("reason") == "DataError" else
+                  "InsufficientGPUMemory" if field == "spec.resources" else "PreflightFailed")
+        seen.preflight_failed = (reason, f"pre-flight: {field + ': ' if field else ''}"
+                                 f"{report.get('message') or 'failed'}")
+    else:
+        seen.preflight_failed = ("PreflightFailed", f"pre-flight: the pod ended without a "
+                                 f"report{': ' + crash if crash else ''}")
+    return False
+
+
+def _preflight_report(pods: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
+    """(the report in the newest pod's termination message, else what ended that pod)."""
+    crash = None
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "",
+                      reverse=True):
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or {}
+            text = term.get("message") or ""
+            try:
+                report = json.loads(text).get("preflight")
+            except (ValueError, AttributeError):
+                report = None
+            if isinstance(report, dict):
+                return report, None
+            if term:
+                crash = crash or (f"exit {term.get('exitCode')} ({term.get('reason')}): "
+                                  f"{text[-500:]}")
+    return None, crash
 
 
 def _follow_child(body: dict[str, Any], kube: Kube, config: OperatorConfig, backend: Backend,
@@ -230,7 +309,8 @@ async def reconcile_new(body: dict[str, Any], kube: Kube, config: OperatorConfig
         return None
     backend = backend_named(config.backend)
     job, _ = validate(body, backend, server, _queued(meta.get("labels") or {}, config))
-    if job is None or job.spec.suspend or needs_upstream(job):
+    if job is None or job.spec.suspend or needs_upstream(job) \
+            or builders.wants_preflight(job, config):
         return None
     if job.spec.resources.gpus_per_node and (job.spec.resources.gpu_memory
                                              or config.gpu_memory):
@@ -277,6 +357,9 @@ def _conclude(kube: Kube, config: OperatorConfig, body: dict[str, Any], backend:
         workload=seen.workload,
         log_tail=config.failure_log_tail,
         pods=seen.pods,
+        preflight=seen.preflight,
+        validating=seen.validating,
+        preflight_failed=seen.preflight_failed,
         rejected=_pods_refused(kube, backend, meta["namespace"], seen.child, seen.pods),
         progress=seen.progress,
     )
@@ -303,7 +386,7 @@ def _pods(kube: Kube, ns: str, job: str) -> list[dict[str, Any]]:
     items = kube.list("v1", "Pod", ns, labels=f"{JOB_LABEL}={job}")
     # Filter here too: selectors are the API server's job, but cheap to double-check.
     return [p for p in items if (p.get("metadata", {}).get("labels") or {}).get(
-        JOB_LABEL) == job]
+        JOB_LABEL) == job and not builders.is_preflight(p)]  # the training pods only
 
 
 def _warnings(kube: Kube, ns: str) -> list[dict[str, Any]]:

@@ -44,6 +44,9 @@ class OperatorConfig:
     # (Kubeflow Trainer v2) or "Job" (batch/v1, no add-on); case-insensitive in the variable.
     backend: str = "PyTorchJob"
     training_runtime: str = "kubetune"  # TrainJob: the ClusterTrainingRuntime it refers to
+    # The pre-flight pod for jobs whose spec.preflight is unset: auto (jobs that ask for
+    # GPUs), always or skip.
+    preflight: str = "auto"
     # TrainJob: Kubeflow's TrainJobStatus gate is on, so Trainer v2 gives the pods its own
     # progress endpoint (KEP-2779) and kubetune mirrors status.trainerStatus instead.
     trainer_status: bool = False
@@ -117,6 +120,9 @@ class OperatorConfig:
         # The backend's name is checked where it is looked up (backends.backend_named, at
         # startup: a PermanentError naming the known ones), case-insensitively.
         backend = text("KUBETUNE_BACKEND") or cls.backend
+        preflight = text("KUBETUNE_PREFLIGHT") or cls.preflight
+        if preflight not in ("auto", "always", "skip"):
+            raise ValueError(f"KUBETUNE_PREFLIGHT={preflight!r}: expected auto, always or skip")
         url = text("KUBETUNE_PROGRESS_URL")
         if url and not url.lower().startswith(("http://", "https://")):
             raise ValueError(f"KUBETUNE_PROGRESS_URL={url!r}: expected https://… (or http://… "
@@ -140,6 +146,7 @@ class OperatorConfig:
             pod_run_as_group=uid("KUBETUNE_POD_RUN_AS_GROUP", cls.pod_run_as_group, 0),
             gpu_memory=gpu_memory_table(env.get("KUBETUNE_GPU_MEMORY")),
             backend=backend,
+            preflight=preflight,
             training_runtime=text("KUBETUNE_TRAINING_RUNTIME") or cls.training_runtime,
             trainer_status=flag("KUBETUNE_TRAINER_STATUS", False),
             serve_enabled=flag("KUBETUNE_SERVE_ENABLED", True),

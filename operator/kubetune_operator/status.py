@@ -19,6 +19,7 @@ from kubetune.api.v1alpha1 import (
     Failure,
     FineTuneJobStatus,
     Outputs,
+    Preflight,
     Progress,
     Serving,
 )
@@ -57,6 +58,9 @@ class Observed:
     progress: dict[str, Any] | None = None  # the latest progress report from the trainer
     keep_checkpoints: int | None = None  # training.saveTotalLimit: older ones are deleted
     backend: Backend = field(kw_only=True)  # what the child is, and how to read it
+    preflight: dict[str, Any] | None = None  # the pre-flight pod's report, when it ended
+    validating: str | None = None  # the pre-flight pod is running
+    preflight_failed: tuple[str, str] | None = None  # (reason, message): it stopped the job
     log_tail: bool = True  # put the failing rank's last output into status.failure
 
 
@@ -287,7 +291,7 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
     stalled = phase == "Failed" or obs.invalid is not None or obs.missing is not None
     conds.append(_condition("Stalled", stalled, reason if stalled else "Progressing",
                             message if stalled else "", gen))
-    waits = phase in ("Pending", "Queued")
+    waits = phase in ("Pending", "Validating", "Queued")
     reconciling = waits and not stalled  # kstatus reads Reconciling before Stalled
     conds.append(_condition("Reconciling", reconciling, reason if waits else "Done",
                             message if waits else "", gen))
@@ -318,6 +322,8 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
         outputs.update(obs.progress["outputs"])
     if phase != "Failed":
         failure = None
+    elif obs.preflight_failed:  # it stopped the job before any training pod
+        failure = Failure(reason=reason, message=message)
     elif failure is None and old.get("failure"):
         failure = Failure.model_validate(old["failure"])  # the pods are gone; keep what they said
     seen = old.get("lastRestarts") or []
@@ -341,7 +347,20 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
         checkpoints=[Checkpoint.model_validate(c) for c in merge_checkpoints(
             obs.progress, old.get("checkpoints") or [], keep=obs.keep_checkpoints)],
         outputs=Outputs.model_validate(outputs) if outputs else None,
-        failure=failure)
+        failure=failure,
+        preflight=_preflight(obs.preflight or old.get("preflight")))
+
+
+def _preflight(report: dict[str, Any] | None) -> Preflight | None:
+    """The pre-flight report as status.preflight (the trainer's fields, the time for people)."""
+    if not report:
+        return None
+    fields = {k: v for k, v in report.items() if k in Preflight.model_fields
+              or k in {f.alias for f in Preflight.model_fields.values()}}
+    model = Preflight.model_validate(fields)
+    if model.estimated_seconds is not None and model.estimated_time is None:
+        model.estimated_time = duration_text(model.estimated_seconds)
+    return model
 
 
 def _phase(obs: Observed) -> tuple[str, str, str]:
@@ -355,6 +374,10 @@ def _phase(obs: Observed) -> tuple[str, str, str]:
         return "Pending", "Conflict", obs.blocked
     if obs.waiting:
         return "Pending", "WaitingForJob", obs.waiting
+    if obs.preflight_failed:
+        return "Failed", *obs.preflight_failed
+    if obs.validating:
+        return "Validating", "Validating", obs.validating
     child, b = obs.child, obs.backend
     if child is None:
         if obs.spec_suspend:

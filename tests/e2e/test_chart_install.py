@@ -129,7 +129,17 @@ def chart_operator(kube, release, namespace):
 def test_the_operator_works_with_only_the_charts_rbac(kube, namespace, chart_operator):
     custom, core = kube.CustomObjectsApi(), kube.CoreV1Api()
     doc = yaml.safe_load((REPO / "examples" / "assistant-identity.yaml").read_text())
+    # A GPU job gets its pre-flight Job (the chart's default, auto) with only the chart's
+    # RBAC; the rest of this test follows one that goes straight to its PyTorchJob.
+    doc["metadata"] = {"name": "rbac-pf", "namespace": namespace}
+    custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs",
+                                           doc)
+    pf = wait(lambda: kube.BatchV1Api().read_namespaced_job("rbac-pf-preflight", namespace))
+    assert pf.spec.template.spec.containers[0].command == ["kubetune-preflight"]
+    custom.delete_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs",
+                                           "rbac-pf")
     doc["metadata"] = {"name": "rbac", "namespace": namespace}
+    doc["spec"]["preflight"] = "skip"
     custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs",
                                            doc)
 

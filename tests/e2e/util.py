@@ -182,7 +182,9 @@ def run_operator(namespace: str, backend: str, env: dict[str, str] | None = None
     from kubetune_operator.handlers import register
 
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"KUBETUNE_BACKEND": backend, **(env or {})}.items():
+        # No pre-flight pod unless a test names one (KUBETUNE_PREFLIGHT or spec.preflight).
+        for k, v in {"KUBETUNE_BACKEND": backend, "KUBETUNE_PREFLIGHT": "skip",
+                     **(env or {})}.items():
             mp.setenv(k, v)
         registry = register(kopf.OperatorRegistry(), backend_named(backend))
         # A new registry has none of kopf's default login handlers: the kubeconfig's here.

@@ -37,8 +37,9 @@ from kubetune_trainer.sources import resolve
 from kubetune_trainer.storage import Store, uploader
 
 
-def preflight(spec: FineTuneJobSpec) -> Any:
-    """Checks that need no data or model. Returns the stage's recipe."""
+def preflight(spec: FineTuneJobSpec, *, on_gpu: bool = True) -> Any:
+    """Checks that need no data or model. Returns the stage's recipe. ``on_gpu``: False in
+    the pre-flight pod, which has none (what needs one is checked by the training pods)."""
     import importlib.util
 
     rec = recipe(spec.stage)
@@ -50,7 +51,8 @@ def preflight(spec: FineTuneJobSpec) -> Any:
             raise KubetuneError(f"{what} needs the {module} package in the trainer (pip "
                                 "install 'kubetune[trackers,lmeval]', or the trainer image)",
                                 field=field)
-    _needs_gpu(spec)
+    if on_gpu:
+        _needs_gpu(spec)
     for needed, package, field in _needs(spec):
         if needed and importlib.util.find_spec(package) is None:
             raise KubetuneError(f"{field} needs the {package} package in the trainer image "
@@ -180,7 +182,8 @@ def _prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: A
         data = rec.prepare(source, tokenizer, template, spec, log)
     report = examples.report
     log(f"data: {report.summary()}")
-    data.stats.update(bad_rows=report.bad, rows=report.total)
+    data.stats.update(bad_rows=report.bad, rows=report.total,
+                      bad_reasons=[r for r, _ in report.reasons.most_common(5)])
     if spec.eval_datasets:  # held out by the job, not by evalSplit: prepared the same way
         held_rows = rows(spec.eval_datasets, "spec.evalDatasets")
         held = list(held_rows)

@@ -46,7 +46,8 @@ elseif condition("Stalled") ~= nil and condition("Stalled").status == "True" the
 elseif phase == "Suspended" then
   hs.status = "Suspended"
   hs.message = "suspended" .. why
-elseif phase == "Pending" or phase == "Queued" or phase == "Running" then
+elseif phase == "Pending" or phase == "Validating" or phase == "Queued"
+    or phase == "Running" then
   hs.status = "Progressing"
   local progress = status.progress
   if phase == "Running" and progress ~= nil and progress.percent ~= nil then

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kubetune_operator.apiserver import CURRENT, ApiServer
-from kubetune_operator.builders import config_map
+from kubetune_operator.builders import config_map, preflight_job, wants_preflight
 
 if TYPE_CHECKING:
     from kubetune.api.v1alpha1 import FineTuneJob
@@ -160,9 +160,16 @@ def children(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = None
              labels: dict[str, str] | None = None, server: ApiServer = CURRENT
              ) -> list[dict[str, Any]]:
     """Everything the operator creates for a job, in creation order: the trainer config,
-    what the training object needs (a headless Service), then the training object of the
+    the pre-flight Job when it has one (``builders.wants_preflight``), what the training
+    object needs (a headless Service), then the training object of the
     configured backend, last. ``server``: what the API server can do (``kubetune render``,
     with no cluster: a current one)."""
     backend = backend_named(config.backend)
-    return [config_map(job=job, uid=uid), *backend.companions(job=job, uid=uid),
+    preflight = []
+    if wants_preflight(job, config):  # before the training objects (reconcile waits for it)
+        from kubetune.estimate import gpu_memory_for
+
+        preflight = [preflight_job(job=job, config=config, uid=uid, gpu_memory=gpu_memory_for(
+            job.spec, dict(config.gpu_memory)))]
+    return [config_map(job=job, uid=uid), *preflight, *backend.companions(job=job, uid=uid),
             backend.render(job=job, config=config, uid=uid, labels=labels, server=server)]

@@ -97,8 +97,14 @@ def key(spec: FineTuneJobSpec, ctx: Any, tokenizer: Any, limit: int | None) -> s
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _top(ctx: Any) -> Path:
+    """Where prepared rows live: ``ctx.prepared_dir`` (the job's pvc:// output in a cluster),
+    else the cache directory's ``prepared``."""
+    return Path(getattr(ctx, "prepared_dir", None) or Path(ctx.cache_dir) / "prepared")
+
+
 def _dir(ctx: Any, digest: str) -> Path:
-    return Path(ctx.cache_dir) / "prepared" / digest[:32]
+    return _top(ctx) / digest[:32]
 
 
 def load(ctx: Any, digest: str) -> tuple[Any, list[str]] | None:
@@ -159,7 +165,7 @@ def prune(ctx: Any, current: str, limit: int) -> list[str]:
     locked while loaded or built) stay. Returns the names removed."""
     from filelock import FileLock, Timeout
 
-    top = Path(ctx.cache_dir) / "prepared"
+    top = _top(ctx)
     keep = _dir(ctx, current)
     entries, total, removed = [], 0, []
     for entry in top.iterdir():
@@ -232,7 +238,7 @@ def scratch(ctx: Any) -> Any:
     """A temporary directory beside the cache for prepared rows that are not cached."""
     import tempfile
 
-    root = Path(ctx.cache_dir) / "prepared"
+    root = _top(ctx)
     root.mkdir(parents=True, exist_ok=True)
     return tempfile.TemporaryDirectory(dir=root, prefix="scratch-")
 

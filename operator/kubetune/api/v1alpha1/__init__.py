@@ -97,6 +97,7 @@ from kubetune.api.v1alpha1.status import (
     Failure,
     FineTuneJobStatus,
     Outputs,
+    Preflight,
     Progress,
     Serving,
 )
@@ -175,6 +176,7 @@ __all__ = [
     "GateVerdict",
     "ServeCheck",
     "ServeSpec",
+    "Preflight",
     "Serving",
     "CPO_LOSSES",
     "DatasetFormat",

@@ -114,6 +114,15 @@ class FineTuneJobSpec(_Spec):
         Field(description="After success: serve the trained model (OpenAI-compatible) and "
               "check it; unset to remove the server."),
     ] = None
+    preflight: Annotated[
+        Literal["auto", "always", "skip"] | None,
+        Field(description="Before any GPU is asked for, a CPU pod (phase Validating) reads "
+              "every row, prepares the data where the training pods find it (a pvc:// "
+              "output), and estimates memory and time from the model's real config "
+              "(status.preflight); a job whose data or memory fails stops there. auto: for "
+              "jobs that ask for GPUs; always; skip. Unset: the operator's default (the "
+              "chart's preflight.default, auto)."),
+    ] = None
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Any:

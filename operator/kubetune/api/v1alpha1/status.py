@@ -147,12 +147,46 @@ class Serving(_Model):
     checks: Annotated[list[CheckResult], _d("spec.serve.checks as answered, once ready.")] = []
 
 
+class Preflight(_Model):
+    """What the pre-flight pod found, before any GPU was asked for (spec.preflight)."""
+
+    passed: Annotated[bool, _d("The data and the memory estimate passed: training starts.")]
+    message: Annotated[str | None, _d("Why it did not pass (naming the field), or a summary."
+                                      )] = None
+    rows: Annotated[int | None, _count("Rows read from spec.datasets.")] = None
+    bad_rows: Annotated[int | None, _count("Rows skipped as unusable.")] = None
+    bad_reasons: Annotated[list[str], Field(max_length=5, description=(
+        "The first reasons rows were skipped."))] = []
+    sequences: Annotated[int | None, _count("Training sequences after templating.")] = None
+    tokens: Annotated[int | None, _count("Tokens in the training sequences.")] = None
+    trained_tokens: Annotated[int | None, _count("Tokens the loss is computed on (not masked)."
+                                             )] = None
+    truncated: Annotated[int | None, _count("Sequences cut at training.cutoffLen.")] = None
+    row_length_percentiles: Annotated[
+        dict[str, Annotated[int, Field(ge=0)]],
+        _d("Tokens per prepared training row (packed rows when packing): p50, p90, p99, max."),
+    ] = {}
+    prepared: Annotated[bool, _d("The prepared rows were saved where the training pods read "
+                                 "them (a pvc:// output), so they do not prepare them again."
+                                 )] = False
+    memory_per_gpu: Annotated[str | None, _d("Estimated peak memory per GPU, e.g. 21.4 GiB.")
+                              ] = None
+    gpu_memory: Annotated[str | None, _d("Memory of one GPU it was compared with.")] = None
+    estimated_seconds: Annotated[float | None, _d("Estimated training time (all epochs).")
+                                 ] = None
+    estimated_time: Annotated[str | None, _d('The same, for people, e.g. "2h10m".')] = None
+    assumptions: Annotated[str | None, _d("What the time estimate assumes (GPU peak, MFU).")
+                           ] = None
+
+
 class FineTuneJobStatus(_Model):
     """What the operator observed; written only by the operator."""
 
     phase: Annotated[
-        Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"] | None,
-        _d("Pending, Queued, Running, Succeeded, Failed or Suspended; the conditions say why."),
+        Literal["Pending", "Validating", "Queued", "Running", "Succeeded", "Failed",
+                "Suspended"] | None,
+        _d("Pending, Validating (the pre-flight pod), Queued, Running, Succeeded, Failed or "
+           "Suspended; the conditions say why."),
     ] = None
     observed_generation: Annotated[int | None, _count("The metadata.generation the status is "
                                                   "for.")] = None
@@ -171,3 +205,5 @@ class FineTuneJobStatus(_Model):
         "The last few restarts, oldest first."))] = []
     serving: Annotated[Serving | None, _d("The server on the trained model (spec.serve).")
                        ] = None
+    preflight: Annotated[Preflight | None, _d("What the pre-flight pod found (spec.preflight)."
+                                              )] = None
