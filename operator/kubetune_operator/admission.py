@@ -2,7 +2,9 @@
 
 - the memory check: the estimate against the GPUs' memory, with the model's config.json
   fetched alone from the Hub for an hf:// model (cached; nothing else is read here);
-- fromJob: spec.model.fromJob and rewards[].fromJob resolved to the upstream jobs' models.
+- fromJob: spec.model.fromJob and rewards[].fromJob resolved to the upstream jobs' models;
+- the pre-flight pod's verdict (spec.preflight): its report, read from the pod's
+  termination message once its Job ended.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
 
+from kubetune_operator.builders import JOB_LABEL, is_preflight
 from kubetune_operator.kube import Kube, ref
 from kubetune_operator.settings import OperatorConfig
 
@@ -142,3 +145,50 @@ def resolve_from_job(kube: Kube, ns: str, name: str, job: FineTuneJob
     if spec.rewards:
         spec = spec.model_copy(update={"rewards": rewards})
     return job.model_copy(update={"spec": spec}), None, None
+
+
+def preflight_verdict(kube: Kube, ns: str, name: str, job_obj: dict[str, Any]
+                      ) -> tuple[dict[str, Any] | None, str | None, tuple[str, str] | None]:
+    """The pre-flight Job's verdict: (its pod's report, from the termination message once it
+    ended; why the job waits, while it runs; (reason, message) when it stopped the job).
+    Training may start when the last two are None."""
+    current = kube.get(job_obj) or {}
+    state = current.get("status") or {}
+    if not state.get("succeeded") and not state.get("failed") and not any(
+            c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+            for c in state.get("conditions") or []):
+        return None, ("the pre-flight pod checks every row, prepares the data and estimates "
+                      "memory and time, before any GPU is asked for"), None
+    pods = [p for p in kube.list("v1", "Pod", ns, labels=f"{JOB_LABEL}={name}")
+            if is_preflight(p)]
+    report, crash = _preflight_report(pods)
+    if report is not None and report.get("passed"):
+        return report, None, None
+    if report is not None:
+        field = report.get("field")
+        reason = ("DataError" if report.get("reason") == "DataError" else
+                  "InsufficientGPUMemory" if field == "spec.resources" else "PreflightFailed")
+        return report, None, (reason, f"pre-flight: {field + ': ' if field else ''}"
+                                      f"{report.get('message') or 'failed'}")
+    return None, None, ("PreflightFailed", "pre-flight: the pod ended without a report"
+                        + (f": {crash}" if crash else ""))
+
+
+def _preflight_report(pods: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
+    """(the report in the newest pod's termination message, else what ended that pod)."""
+    crash = None
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "",
+                      reverse=True):
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or {}
+            text = term.get("message") or ""
+            try:
+                report = json.loads(text).get("preflight")
+            except (ValueError, AttributeError):
+                report = None
+            if isinstance(report, dict):
+                return report, None
+            if term:
+                crash = crash or (f"exit {term.get('exitCode')} ({term.get('reason')}): "
+                                  f"{text[-500:]}")
+    return None, crash

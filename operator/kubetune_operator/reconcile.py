@@ -11,7 +11,6 @@ status, and ``serving_reconcile`` adds spec.serve's. Every API call goes through
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,12 @@ from typing import Any
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobStatus
 
 from kubetune_operator import builders, serving_reconcile
-from kubetune_operator.admission import memory_refusal, needs_upstream, resolve_from_job
+from kubetune_operator.admission import (
+    memory_refusal,
+    needs_upstream,
+    preflight_verdict,
+    resolve_from_job,
+)
 from kubetune_operator.apiserver import ApiServer
 from kubetune_operator.backends import Backend, backend_named, children
 from kubetune_operator.builders import (
@@ -170,7 +174,9 @@ def _make_children(body: dict[str, Any], kube: Kube, config: OperatorConfig, bac
             cut = next(i for i, o in enumerate(objs) if builders.is_preflight(o)) + 1
             if not _create_or_adopt(kube, objs[:cut], meta, fresh, finished, served, seen):
                 return
-            if not _preflight_passed(kube, ns, name, objs[cut - 1], seen):
+            seen.preflight, seen.validating, seen.preflight_failed = preflight_verdict(
+                kube, ns, name, objs[cut - 1])
+            if seen.validating or seen.preflight_failed:
                 return
             objs, fresh = objs[cut:], True  # (the rest were never made: nothing to read)
     if _create_or_adopt(kube, objs, meta, fresh, finished, served, seen):
@@ -205,58 +211,6 @@ def _create_or_adopt(kube: Kube, objs: list[dict[str, Any]], meta: dict[str, Any
             return False
         seen.made.append(current)
     return True
-
-
-def _preflight_passed(kube: Kube, ns: str, name: str, job_obj: dict[str, Any], seen: Seen
-                      ) -> bool:
-    """The pre-flight Job's verdict: its pod's report (the termination message) once it
-    ended. False while it runs (``seen.validating``) or when it stopped the job
-    (``seen.preflight_failed``)."""
-    current = kube.get(job_obj) or {}
-    state = current.get("status") or {}
-    if not state.get("succeeded") and not state.get("failed") and not any(
-            c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-            for c in state.get("conditions") or []):
-        seen.validating = ("the pre-flight pod checks every row, prepares the data and "
-                           "estimates memory and time, before any GPU is asked for")
-        return False
-    pods = [p for p in kube.list("v1", "Pod", ns, labels=f"{JOB_LABEL}={name}")
-            if builders.is_preflight(p)]
-    report, crash = _preflight_report(pods)
-    if report is not None:
-        seen.preflight = report
-    if report is not None and report.get("passed"):
-        return True
-    if report is not None:
-        field = report.get("field")
-        reason = ("DataError" if report.get("reason") == "DataError" else
-                  "InsufficientGPUMemory" if field == "spec.resources" else "PreflightFailed")
-        seen.preflight_failed = (reason, f"pre-flight: {field + ': ' if field else ''}"
-                                 f"{report.get('message') or 'failed'}")
-    else:
-        seen.preflight_failed = ("PreflightFailed", f"pre-flight: the pod ended without a "
-                                 f"report{': ' + crash if crash else ''}")
-    return False
-
-
-def _preflight_report(pods: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
-    """(the report in the newest pod's termination message, else what ended that pod)."""
-    crash = None
-    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "",
-                      reverse=True):
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            term = (cs.get("state") or {}).get("terminated") or {}
-            text = term.get("message") or ""
-            try:
-                report = json.loads(text).get("preflight")
-            except (ValueError, AttributeError):
-                report = None
-            if isinstance(report, dict):
-                return report, None
-            if term:
-                crash = crash or (f"exit {term.get('exitCode')} ({term.get('reason')}): "
-                                  f"{text[-500:]}")
-    return None, crash
 
 
 def _follow_child(body: dict[str, Any], kube: Kube, config: OperatorConfig, backend: Backend,
