@@ -429,6 +429,10 @@ async def _progress(driver: Driver, n: int, every: float, seconds: float, port: 
     lags: list[tuple[int, float]] = []
     sent: list[tuple[str, int, float]] = []
 
+    # Every report comes from this one address: at most the endpoint's connections per peer
+    # (reporting.server.MAX_CONNECTIONS_PER_PEER, 8; a real pod holds one), kept alive.
+    reports = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8))
+
     async def report(name: str, offset: float) -> None:
         await asyncio.sleep(offset)
         step = 0
@@ -436,7 +440,7 @@ async def _progress(driver: Driver, n: int, every: float, seconds: float, port: 
         while time.monotonic() < end:
             step += 1
             t = time.monotonic()
-            async with http.post(
+            async with reports.post(
                     f"http://127.0.0.1:{port}/v1/namespaces/{NS}/finetunejobs/{name}/status",
                     headers={"Authorization": f"Bearer {tokens[name]}"},
                     json={"trainerStatus": {"metrics": [
@@ -464,7 +468,8 @@ async def _progress(driver: Driver, n: int, every: float, seconds: float, port: 
 
     watcher = asyncio.create_task(observe())
     cpu0, t0 = cpu(), time.monotonic()
-    await asyncio.gather(*(report(f"job-{i:05d}", every * i / n) for i in range(n)))
+    async with reports:
+        await asyncio.gather(*(report(f"job-{i:05d}", every * i / n) for i in range(n)))
     cores = (cpu() - cpu0) / (time.monotonic() - t0)
     deadline = time.monotonic() + 30
     while len(lags) < len(sent) and time.monotonic() < deadline:
