@@ -354,13 +354,16 @@ def test_an_s3_output_is_written_to_the_store_and_a_fresh_pod_resumes_from_it(
     assert not (claims["outputs"] / name).exists()  # nothing went to the claim
 
 
+ROWS = 40_000  # about 6 M tokens: preparing them takes seconds, loading them a fraction
+
+
 def _large_data(claims) -> str:
     """Enough rows that preparing them takes a while (the measurement below); made once."""
     path = claims["inputs"] / "data" / "large.json"
     if not path.exists():
         rows = [{"instruction": f"Write a short note number {i} about kubetune's pods.",
                  "output": " ".join(f"Line {j} of note {i}: pods start, train and save."
-                                    for j in range(8))} for i in range(6000)]
+                                    for j in range(12))} for i in range(ROWS)]
         path.write_text(json.dumps(rows))
     return "pvc://inputs/data/large.json"
 
@@ -411,7 +414,7 @@ def test_preflight_stops_bad_data_on_cpu_and_training_starts_from_its_prepared_r
         if mode == "always":
             assert "Validating" in [s["phase"] for s in seen], seen
             report = status["preflight"]
-            assert report["passed"] and report["rows"] == 6000 and report["prepared"], report
+            assert report["passed"] and report["rows"] == ROWS and report["prepared"], report
             assert report["tokens"] > report["trainedTokens"] > 0
             assert report["memoryPerGpu"].endswith("GiB"), report
             assert "data: prepared rows loaded from the cache" in log, log[-3000:]
