@@ -267,6 +267,9 @@ def test_builders_render_the_output_secret_as_references_only():
         assert {"KUBETUNE_OUTPUT_AWS_ACCESS_KEY_ID", "KUBETUNE_OUTPUT_AWS_SECRET_ACCESS_KEY"} \
             <= refs
         assert not any("value" in e for e in env if e["name"].startswith("KUBETUNE_OUTPUT_"))
+    # No claim to share the prepared rows through: the pre-flight pod puts them in the store.
+    assert {"name": "KUBETUNE_SHARE_PREPARED", "value": "1"} in pf["spec"]["template"]["spec"][
+        "containers"][0]["env"]
     assert "team-b" in cm["data"]["job.yaml"] and "AWS_SECRET" not in cm["data"]["job.yaml"]
 
 
@@ -358,3 +361,36 @@ def test_two_nodes_zero2_upload_every_nodes_part_and_resume_from_the_store(tiny_
         got = next((tmp_path / f"second-node{rank}").rglob("checkpoint-2"))
         assert len(list(got.rglob("*optim_states*"))) == 2
     assert "checkpoint-4/kubetune-complete.json" in _keys(s3, "jobs/nodes/checkpoints/")
+
+
+def test_the_pre_flight_pod_shares_its_prepared_rows_through_an_object_store_output(
+        tiny_model, tmp_path, s3, secrets, monkeypatch):
+    """No claim to share: the pre-flight pod puts the rows in the output's store (meta.json
+    last), and a training pod with an empty cache fetches them instead of tokenizing."""
+    from kubetune_trainer import preflight
+    from kubetune_trainer.data import preprocess
+    from kubetune_trainer.recipes import recipe
+    from kubetune_trainer.train import prepare_data
+    from transformers import AutoTokenizer
+
+    spec = tiny_spec(tiny_model, [{"source": str(LF_DATA / "identity.json")}], tmp_path / "x",
+                     output={"uri": f"s3://{BUCKET}/jobs/pf", "secretRef": {"name": "s3-creds"}})
+    path = write_job(tmp_path / "job.yaml", spec)
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path / "preflight-pod"))
+    monkeypatch.setenv("KUBETUNE_SHARE_PREPARED", "1")
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    assert preflight.main([str(path)]) == 0
+    report = json.loads((tmp_path / "termination-log").read_text())["preflight"]
+    assert report["passed"] and report["prepared"], report
+    shared = _keys(s3, "jobs/pf/.kubetune/prepared/")
+    assert any(k.endswith("/meta.json") for k in shared) and len(shared) >= 2, shared
+
+    monkeypatch.delenv("KUBETUNE_SHARE_PREPARED")
+    calls, lines = [], []
+    monkeypatch.setattr(preprocess, "tokenize_to_files", lambda *a, **k: calls.append(1))
+    ctx = RunContext(base_dir=tmp_path, cache_dir=tmp_path / "training-pod")
+    data = prepare_data(load_job(path).spec, ctx, AutoTokenizer.from_pretrained(tiny_model),
+                        recipe("sft"), log=lines.append)
+    assert not calls and len(data.train) > 0
+    assert any(line.startswith(f"data: prepared rows fetched from s3://{BUCKET}/jobs/pf/")
+               for line in lines), lines

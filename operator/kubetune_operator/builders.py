@@ -377,6 +377,8 @@ def preflight_job(*, job: FineTuneJob, config: OperatorConfig, uid: str | None =
     main["env"] = [e for e in main["env"] if not e["name"].startswith("KUBEFLOW_TRAINER_")]
     if gpu_memory:
         main["env"].append({"name": "KUBETUNE_GPU_MEMORY", "value": str(int(gpu_memory))})
+    if job.spec.output.uri.startswith(("s3://", "gs://")):  # no claim: the rows go there
+        main["env"].append({"name": "KUBETUNE_SHARE_PREPARED", "value": "1"})
     meta = _metadata(job, preflight_name(job), uid, {ROLE_LABEL: PREFLIGHT_ROLE})
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
             "spec": {"backoffLimit": 0, "template": pod}}

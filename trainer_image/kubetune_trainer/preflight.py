@@ -3,7 +3,8 @@
 It runs what a training pod runs first, on every row: the recipe's checks, the model's config
 and tokenizer (an hf:// model's weights stay on the Hub), every row read, templated, tokenized,
 masked and packed into the prepared-rows cache (``KUBETUNE_PREPARED_DIR``: on the job's
-pvc:// output, where the training pods find them), then the memory estimate from the real
+pvc:// output, where the training pods find them; with an object-store output, also put in
+the store, which training pods read first), then the memory estimate from the real
 config against ``KUBETUNE_GPU_MEMORY`` bytes and the training time. The report goes to
 /dev/termination-log as ``{"preflight": {...}}`` (the operator reads it into
 status.preflight); exit 0 when it passed, 2 when the data or the memory did not.
@@ -50,7 +51,7 @@ def check(job: FineTuneJob, ctx: RunContext, *, gpu_memory: float | None = None,
         "tokens": stats.get("tokens"), "trainedTokens": stats.get("trained_tokens"),
         "truncated": stats.get("truncated"),
         "prepared": cache.key(spec, ctx, tokenizer, None) is not None
-        and ctx.prepared_dir is not None}
+        and (ctx.prepared_dir is not None or bool(stats.get("shared")))}
     if "input_ids" in data.train.column_names:
         lengths = np.array([len(ids) for ids in data.train["input_ids"]])
         if len(lengths):

@@ -287,6 +287,9 @@ class Store:
         shutil.rmtree(local, ignore_errors=True)
         tmp.rename(local)
 
+    def has(self, rel: str) -> bool:
+        return bool(self._call("listing", self.fs.exists, f"{self.root}/{rel}"))
+
     def get_file(self, rel: str, local: Path) -> bool:
         remote = f"{self.root}/{rel}"
         if not self._call("listing", self.fs.exists, remote):

@@ -127,11 +127,18 @@ def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: An
     limit_bytes = cache.limit_bytes()  # a bad setting is said before any work
     with cache.lock(ctx, digest):
         hit = cache.load(ctx, digest)
+        store = _prepared_store(spec, digest)  # (an object-store output: shared there)
+        if hit is None and store is not None and store[0].has(f"{store[1]}/meta.json"):
+            with cache.building(ctx, digest) as work:
+                store[0].get_dir(store[1], work)
+            log(f"data: prepared rows fetched from {store[0].uri}/{store[1]}")
+            hit = cache.load(ctx, digest)
         if hit is not None:
             data, lines = hit
             for line in lines:
                 log(line)
             log(f"data: prepared rows loaded from the cache ({digest[:12]})")
+            _share(store, ctx, digest, data, log)
             return data
         lines = []
 
@@ -145,6 +152,7 @@ def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: An
             cache.save(work, data, lines)
         data = cache.load(ctx, digest)[0]  # memory-mapped, as every other rank's
         data.stats["cached"] = False
+        _share(store, ctx, digest, data, log)
     removed = cache.prune(ctx, digest, limit_bytes)
     unfinished = sum(cache.BUILDING in name for name in removed)
     if len(removed) > unfinished:
@@ -154,6 +162,31 @@ def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: An
         log(f"data: {unfinished} unfinished prepared data sets of stopped runs removed from "
             "the cache")
     return data
+
+
+SHARE_ENV = "KUBETUNE_SHARE_PREPARED"  # set in the pre-flight pod of an object-store output
+PREPARED_IN_STORE = ".kubetune/prepared"
+
+
+def _prepared_store(spec: FineTuneJobSpec, digest: str) -> tuple[Store, str] | None:
+    """(the output's store, where this key's prepared rows go in it), or None."""
+    store = Store.for_output(spec)
+    return (store, f"{PREPARED_IN_STORE}/{digest[:32]}") if store is not None else None
+
+
+def _share(store: tuple[Store, str] | None, ctx: RunContext, digest: str, data: Data,
+           log) -> None:
+    """In the pre-flight pod (SHARE_ENV): the prepared rows into the output's store, their
+    meta.json last, for the training pods (``data.stats["shared"]`` says where)."""
+    from kubetune_trainer.data import cache
+
+    if store is None or not os.environ.get(SHARE_ENV):
+        return
+    where = f"{store[0].uri}/{store[1]}"
+    if not store[0].has(f"{store[1]}/meta.json"):
+        store[0].put_dir(cache.entry(ctx, digest), store[1], last="meta.json")
+        log(f"data: prepared rows shared in {where}")
+    data.stats["shared"] = where
 
 
 def _prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: Any, *,

@@ -103,6 +103,11 @@ def _top(ctx: Any) -> Path:
     return Path(getattr(ctx, "prepared_dir", None) or Path(ctx.cache_dir) / "prepared")
 
 
+def entry(ctx: Any, digest: str) -> Path:
+    """The directory of this key's prepared rows (there once built or fetched)."""
+    return _dir(ctx, digest)
+
+
 def _dir(ctx: Any, digest: str) -> Path:
     return _top(ctx) / digest[:32]
 
