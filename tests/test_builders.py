@@ -832,6 +832,7 @@ def test_the_pre_flight_pod_is_the_trainer_on_cpu_with_the_jobs_volumes_and_cred
     assert main["command"] == ["kubetune-preflight"] and main["image"] == "t:1"
     assert main["resources"] == builders.PREFLIGHT_RESOURCES  # small, and no GPU
     assert "nodeSelector" not in pod and pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is False  # no API access: none needed
     assert pf["spec"]["backoffLimit"] == 0 and "suspend" not in pf["spec"]  # not queued
     env = {e["name"]: e for e in main["env"]}
     assert env["KUBETUNE_GPU_MEMORY"]["value"] == str(80 * 2**30)

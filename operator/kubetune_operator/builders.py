@@ -370,6 +370,7 @@ def preflight_job(*, job: FineTuneJob, config: OperatorConfig, uid: str | None =
         spec.pop(key, None)
     spec["restartPolicy"] = "Never"
     spec["terminationGracePeriodSeconds"] = 30
+    spec["automountServiceAccountToken"] = False  # it calls no Kubernetes API
     main = spec["containers"][0]
     main["command"] = ["kubetune-preflight"]
     main["args"] = [f"{CONFIG_DIR}/{CONFIG_KEY}", "--pvc-root", PVC_ROOT]
