@@ -141,7 +141,7 @@ def test_two_nodes_run_zero3_from_the_pods_command(tiny_model, tmp_path):
     on_gpus = load_job(job)
     on_gpus.spec.resources = on_gpus.spec.resources.model_copy(
         update={"nodes": 2, "gpus_per_node": 1})
-    pod = children(job=on_gpus, config=OperatorConfig())[1]["spec"][
+    pod = children(job=on_gpus, config=OperatorConfig())[-1]["spec"][
         "pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     args = [str(job) if a.endswith("job.yaml") else str(tmp_path / "pvc") if a == "/mnt/pvc"
             else a for a in pod["args"]]
