@@ -1646,6 +1646,15 @@ async def test_a_gpu_job_is_validated_on_cpu_before_its_training_object_is_made(
         assert conds["Reconciling"]["reason"] == "Validating"
         assert conds["Stalled"]["status"] == "False" and conds["Ready"]["status"] == "False"
         assert not exists(cluster, (PTJ, NS, "ident"))  # no GPU asked for yet
+        # Its pod cannot be scheduled: the wait says why.
+        pending = _preflight_pod(GOOD)
+        pending["status"] = {"phase": "Pending", "conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient cpu."}]}
+        cluster.objects["v1/pods", NS, "ident-preflight-x7k2p"] = pending
+        await eventually(lambda: _assert("3 Insufficient cpu" in {
+            c["type"]: c for c in _status(cluster)["conditions"]}["Reconciling"]["message"]))
+        assert _phase(cluster) == "Validating"
 
         cluster.objects["v1/pods", NS, "ident-preflight-x7k2p"] = _preflight_pod(GOOD)
         await _patch_job(op, "ident-preflight", {"status": {"succeeded": 1}}, status=True)

@@ -17,9 +17,10 @@ from typing import Any
 
 from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
 
-from kubetune_operator.builders import JOB_LABEL, is_preflight
+from kubetune_operator.builders import JOB_LABEL, PREFLIGHT_ROLE, is_preflight
 from kubetune_operator.kube import Kube, ref
 from kubetune_operator.settings import OperatorConfig
+from kubetune_operator.status import diagnose_pods
 
 log = logging.getLogger("kubetune.admission")
 
@@ -154,13 +155,15 @@ def preflight_verdict(kube: Kube, ns: str, name: str, job_obj: dict[str, Any]
     Training may start when the last two are None."""
     current = kube.get(job_obj) or {}
     state = current.get("status") or {}
+    pods = [p for p in kube.list("v1", "Pod", ns, labels=f"{JOB_LABEL}={name}")
+            if is_preflight(p)]
     if not state.get("succeeded") and not state.get("failed") and not any(
             c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
             for c in state.get("conditions") or []):
+        _, stuck = diagnose_pods(pods, PREFLIGHT_ROLE)  # unschedulable, its image not pulled
         return None, ("the pre-flight pod checks every row, prepares the data and estimates "
-                      "memory and time, before any GPU is asked for"), None
-    pods = [p for p in kube.list("v1", "Pod", ns, labels=f"{JOB_LABEL}={name}")
-            if is_preflight(p)]
+                      "memory and time, before any GPU is asked for"
+                      + (f"; {stuck[1]}" if stuck else "")), None
     report, crash = _preflight_report(pods)
     if report is not None and report.get("passed"):
         return report, None, None
