@@ -104,14 +104,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _termination_message(report: dict[str, Any]) -> None:
-    path = Path(os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log"))
-    if not (path.parent.is_dir() and os.access(path if path.exists() else path.parent,
-                                                os.W_OK)):
-        return
+    from kubetune_trainer.train import termination_log
+
     report = dict(report)
     report["message"] = (report.get("message") or "")[:MAX_MESSAGE]
     report["badReasons"] = [r[:200] for r in report.get("badReasons") or []]
-    path.write_text(json.dumps({"preflight": report}, separators=(",", ":")))
+    termination_log({"preflight": report})
 
 
 if __name__ == "__main__":

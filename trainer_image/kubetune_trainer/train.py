@@ -652,11 +652,16 @@ def _exit_file(code: int) -> None:
 
 def _termination_message(err: KubetuneError | Preempted) -> None:
     """A short structured reason the operator reads from the pod status."""
+    termination_log({"reason": err.reason, "field": getattr(err, "field", None),
+                     "message": err.message[:1500]})
+
+
+def termination_log(payload: dict[str, Any]) -> None:
+    """``payload`` as JSON in the pod's termination message (KUBETUNE_TERMINATION_LOG, else
+    /dev/termination-log; nothing where it cannot be written, as outside a pod)."""
     path = Path(os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log"))
     if path.parent.is_dir() and os.access(path if path.exists() else path.parent, os.W_OK):
-        path.write_text(json.dumps({"reason": err.reason,
-                                    "field": getattr(err, "field", None),
-                                    "message": err.message[:1500]}))
+        path.write_text(json.dumps(payload, separators=(",", ":")))
 
 
 if __name__ == "__main__":
