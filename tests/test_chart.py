@@ -242,7 +242,7 @@ NAMESPACED = {
     ("apps", "deployments"): {"get", "create", "delete"},  # spec.serve
     # patch: spec.serve.endpoint's shared Service, moved to the newer job it serves
     ("", "services"): {"get", "create", "patch", "delete"},
-    ("", "pods"): {"get", "list"},
+    ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create", "list"},
     ("kueue.x-k8s.io", "workloads"): {"list", "patch"},
 }

@@ -277,6 +277,37 @@ async def test_failure_is_explained_from_the_pods(cluster, operator):
     assert status["failure"]["exitCode"] == 137
 
 
+async def test_a_pod_deleted_before_any_listing_still_counts_as_a_restart(cluster, operator):
+    """`kubectl delete pod` mid-run: the trainer saves and exits 143, and the pod is gone a
+    moment later, before any converge lists pods. The pod watch saw it end."""
+    body = _job()
+    del body["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]  # not queued: it runs
+    await operator.create(body)
+    await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+    await operator.patch_child_status("ident", "Created", "Running")
+    await eventually(lambda: _assert(_phase(cluster) == "Running"))
+    core = kubernetes.client.CoreV1Api(operator.api)
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "ident-master-0", "namespace": NS,
+                        "labels": {"kubetune.io/job": "ident"}},
+           "spec": {"containers": [{"name": "pytorch", "image": "reg/trainer:1"}]},
+           "status": {"phase": "Failed", "containerStatuses": [{
+               "name": "pytorch", "image": "reg/trainer:1", "imageID": "", "ready": False,
+               "restartCount": 0, "state": {"terminated": {
+                   "exitCode": 143, "finishedAt": "2026-12-07T10:00:00Z",
+                   "message": '{"reason": "Preempted", "message": "saved at step 3"}'}}}]}}
+    await asyncio.to_thread(core.create_namespaced_pod, NS, pod)
+    await asyncio.to_thread(core.delete_namespaced_pod, "ident-master-0", NS)
+    await eventually(lambda: _assert(_status(cluster).get("restarts") == 1), timeout=10)
+    restart = _status(cluster)["lastRestarts"][0]
+    assert (restart["pod"], restart["reason"], restart["exitCode"], restart["message"]) == (
+        "ident-master-0", "Preempted", 143, "saved at step 3")
+    # Seen again (the listing after an operator restart, another converge): still one.
+    await operator.patch_child_status("ident", "Created", "Running", "Restarting")
+    await asyncio.sleep(1)
+    assert _status(cluster)["restarts"] == 1
+
+
 async def test_invalid_spec_becomes_a_condition_and_no_children(cluster, operator):
     await operator.create(_job(stage="ppo"))
     await eventually(lambda: _assert(_phase(cluster) == "Failed"))
@@ -1655,6 +1686,11 @@ async def test_a_gpu_job_is_validated_on_cpu_before_its_training_object_is_made(
         await eventually(lambda: _assert("3 Insufficient cpu" in {
             c["type"]: c for c in _status(cluster)["conditions"]}["Reconciling"]["message"]))
         assert _phase(cluster) == "Validating"
+        # Something suspended it (Kueue taking in Jobs without a queue): said, with the way out.
+        await _patch_job(op, "ident-preflight", {"spec": {"suspend": True}})
+        await eventually(lambda: _assert("ident-preflight is suspended" in {
+            c["type"]: c for c in _status(cluster)["conditions"]}["Reconciling"]["message"]))
+        await _patch_job(op, "ident-preflight", {"spec": {"suspend": False}})
 
         cluster.objects["v1/pods", NS, "ident-preflight-x7k2p"] = _preflight_pod(GOOD)
         await _patch_job(op, "ident-preflight", {"status": {"succeeded": 1}}, status=True)

@@ -161,9 +161,14 @@ def preflight_verdict(kube: Kube, ns: str, name: str, job_obj: dict[str, Any]
             c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
             for c in state.get("conditions") or []):
         _, stuck = diagnose_pods(pods, PREFLIGHT_ROLE)  # unschedulable, its image not pulled
+        why = stuck[1] if stuck else None
+        if (current.get("spec") or {}).get("suspend"):  # made unsuspended: someone else did
+            why = (f"its Job {job_obj['metadata']['name']} is suspended (Kueue suspends Jobs "
+                   "without a queue when its manageJobsWithoutQueueName is on): admit it, "
+                   "or set spec.preflight: skip")
         return None, ("the pre-flight pod checks every row, prepares the data and estimates "
                       "memory and time, before any GPU is asked for"
-                      + (f"; {stuck[1]}" if stuck else "")), None
+                      + (f"; {why}" if why else "")), None
     report, crash = _preflight_report(pods)
     if report is not None and report.get("passed"):
         return report, None, None

@@ -47,7 +47,13 @@ from kubetune_operator.discovery import Served
 from kubetune_operator.kube import Kube
 from kubetune_operator.reporting.store import ProgressStore
 from kubetune_operator.settings import OperatorConfig
-from kubetune_operator.status import TERMINAL, dump, restart_event
+from kubetune_operator.status import (
+    MAX_RESTARTS,
+    TERMINAL,
+    dump,
+    ended_early,
+    restart_event,
+)
 
 log = logging.getLogger("kubetune.operator")
 RETRY_SECONDS = 10  # after a transient API error
@@ -77,6 +83,10 @@ class Controller:
     dependents: dict[Key, set[str]] = field(default_factory=dict)  # job -> jobs from it
     upstreams: dict[Key, frozenset[str]] = field(default_factory=dict)  # job -> its sources
     uids: dict[Key, str | None] = field(default_factory=dict)  # for Events about a job
+    # Training pods whose trainer ended early, by pod name, as the pod watch saw them last
+    # (status.ended_early): kept until the job settles, so a pod deleted before any converge
+    # listed it still counts as a restart.
+    ended: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)
     # The context of kopf's handlers, kept from the first job event: kopf posts Events
     # through context variables it sets for its watchers only.
     kopf_context: contextvars.Context | None = None
@@ -121,6 +131,27 @@ class Controller:
             for dependent in sorted(self.dependents.get(key, ())):
                 await self.converge_named(key[0], dependent)
 
+    async def on_pod(self, pod: dict[str, Any], job: str) -> None:
+        """A training pod of ``job`` changed or went: one whose trainer ended early (deleted,
+        preempted, evicted, crashed) is kept, and its job converged while the pod can still
+        be seen."""
+        meta = pod.get("metadata") or {}
+        if not ended_early(pod, self.backend.container):
+            return
+        key = (meta["namespace"], job)
+        if key not in self.uids:  # no such job (yet): its own listing finds the pods
+            return
+        status = pod.get("status") or {}
+        kept = {k: v for k, v in self.ended.get(key, {}).items() if k != meta["name"]}
+        kept[meta["name"]] = {  # what restart_reason and observe_restarts read
+            "metadata": {"name": meta["name"]},
+            "status": {k: status[k] for k in ("conditions", "reason", "containerStatuses")
+                       if k in status}}
+        while len(kept) > MAX_RESTARTS:
+            kept.pop(next(iter(kept)))
+        self.ended[key] = kept  # replaced, not changed: converges read it from their threads
+        await self.converge_named(*key)
+
     def forget(self, ns: str, name: str) -> None:
         """Deleted: children go by owner references; outputs on volumes stay. Drop what is
         kept in memory of the job."""
@@ -133,6 +164,7 @@ class Controller:
         self.locks.pop(key, None)
         self.converged.pop(key, None)
         self.uids.pop(key, None)
+        self.ended.pop(key, None)
         self._track_upstreams(key, frozenset())
         metrics.observe_phase(ns, name, None)
 
@@ -210,7 +242,9 @@ class Controller:
                 try:
                     outcome = rc.reconcile(parent, self.kube, self.config,
                                            self.store.get(ns, name), server=self.server,
-                                           served=self.served, ca=self.ca)
+                                           served=self.served, ca=self.ca,
+                                           gone_pods=list(
+                                               self.ended.get((ns, name), {}).values()))
                 except Exception:
                     metrics.RECONCILES.labels("error").inc()
                     raise
@@ -284,6 +318,7 @@ class Controller:
         # and so do finished jobs whose server is not ready or not checked yet.
         if outcome.settled:
             self.active.discard((ns, name))
+            self.ended.pop((ns, name), None)
         else:
             self.active.add((ns, name))
         for other in outcome.wake:  # e.g. the job a shared endpoint moved from

@@ -74,6 +74,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Watching exact namespaces (the chart's watchNamespaces): no cluster-wide namespace and
     # CRD scanning, so the operator needs no cluster-scope read of namespaces.
     settings.scanning.disabled = not config.scanning
+    # Children and pods: the API server sends ours only (kopf's label filters are its own).
+    for kind in ((backend.group, backend.version, backend.plural), ("batch", "v1", "jobs"),
+                 ("v1", "pods")):
+        settings.watching.label_selectors[kind] = JOB_LABEL
     if memo.get("controller") is not None:
         return
     kube: Kube = memo.get("kube") or Kube(api_client())
@@ -187,6 +191,14 @@ async def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_:
     await memo.controller.converge_named(meta["namespace"], meta["labels"][JOB_LABEL])
 
 
+async def pod_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A training pod changed or went (``Controller.on_pod``); pre-flight pods have their
+    Job."""
+    labels = body.get("metadata", {}).get("labels") or {}
+    if labels.get(ROLE_LABEL) != PREFLIGHT_ROLE:
+        await memo.controller.on_pod(dict(body), labels[JOB_LABEL])
+
+
 # ------------------------------------------------------------------------ registration
 
 
@@ -219,6 +231,8 @@ def register(registry: kopf.OperatorRegistry, backend: Backend) -> kopf.Operator
     kopf.on.event(backend.group, backend.version, backend.plural, registry=registry,
                   id=f"child_changed/{backend.kind}",
                   labels={JOB_LABEL: kopf.PRESENT})(child_changed)
+    kopf.on.event("v1", "pods", registry=registry, id="pod_changed",
+                  labels={JOB_LABEL: kopf.PRESENT})(pod_changed)
     if backend.kind != "Job":  # the job backend's watch above sees pre-flight Jobs too
         kopf.on.event("batch", "v1", "jobs", registry=registry, id="preflight_changed",
                       labels={JOB_LABEL: kopf.PRESENT, ROLE_LABEL: PREFLIGHT_ROLE}

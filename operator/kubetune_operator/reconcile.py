@@ -78,6 +78,7 @@ class Seen:
     child: dict[str, Any] | None = None
     workload: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
+    gone_pods: list[dict[str, Any]] = field(default_factory=list)  # ended early, since gone
     progress: dict[str, Any] | None = None
     preflight: dict[str, Any] | None = None  # the pre-flight pod's report, when it ended
     validating: str | None = None  # the pre-flight pod is running
@@ -97,13 +98,15 @@ def needs(backend: Backend, labels: dict[str, str], config: OperatorConfig, *,
 
 def reconcile(body: dict[str, Any], kube: Kube, config: OperatorConfig,
               progress: dict[str, Any] | None = None, *, server: ApiServer,
-              served: Served | None = None, ca: Any = None) -> Outcome:
+              served: Served | None = None, ca: Any = None,
+              gone_pods: list[dict[str, Any]] | None = None) -> Outcome:
     """Converge one FineTuneJob; returns the status it should have (patch only if changed).
     ``server``: what the API server can do (read once at startup); ``served``: which kinds
     it serves (None: not checked); ``ca``: the progress CA's publisher
-    (``progress_tls.CaPublisher``; None: pods need none from the operator)."""
+    (``progress_tls.CaPublisher``; None: pods need none from the operator); ``gone_pods``:
+    training pods whose trainer ended early, as the pod watch saw them last."""
     backend = backend_named(config.backend)
-    seen = Seen(progress=progress)
+    seen = Seen(progress=progress, gone_pods=gone_pods or [])
     _admit(body, kube, config, backend, server, served, seen)
     if seen.job is not None and seen.missing is None:
         _make_children(body, kube, config, backend, server, served, ca, seen)
@@ -311,6 +314,7 @@ def _conclude(kube: Kube, config: OperatorConfig, body: dict[str, Any], backend:
         workload=seen.workload,
         log_tail=config.failure_log_tail,
         pods=seen.pods,
+        gone_pods=seen.gone_pods,
         preflight=seen.preflight,
         validating=seen.validating,
         preflight_failed=seen.preflight_failed,

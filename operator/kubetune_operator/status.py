@@ -52,6 +52,9 @@ class Observed:
     child: dict[str, Any] | None = None  # the backend's training object as read back
     workload: dict[str, Any] | None = None  # its Kueue Workload, read while it waits
     pods: list[dict[str, Any]] = field(default_factory=list)
+    # Pods whose trainer ended early, as the pod watch last saw them: a deleted pod is gone
+    # moments after, often before any listing; their restarts count all the same.
+    gone_pods: list[dict[str, Any]] = field(default_factory=list)
     # (reason, message): the API server refused the child's pods (admission: Pod Security, a
     # webhook such as Kyverno or Gatekeeper, a quota), from its controller's Events
     rejected: tuple[str, str] | None = None
@@ -136,33 +139,41 @@ def restart_reason(pod: dict[str, Any], term: dict[str, Any]) -> str:
 
 def observe_restarts(pods: list[dict[str, Any]], container: str, seen: list[dict[str, Any]],
                      *, from_step: int | None, to_step: int | None) -> list[Restart]:
-    """The restarts the pods show that ``seen`` (status.lastRestarts) does not list yet:
-    a trainer that ended with a retryable code (not 0, not the permanent 2), in place
-    (``lastState``) or with its pod (``state``). A restart counts once: it is newer than the
-    newest one seen, by the time it ended."""
+    """The restarts the pods show (``ended_early``) that ``seen`` (status.lastRestarts) does
+    not list yet. A restart counts once: it is newer than the newest one seen, by the time it
+    ended."""
     known = {(r.get("pod"), r.get("at")) for r in seen}
     newest = max((r.get("at") or "" for r in seen), default="")
     found: list[Restart] = []
     for pod in pods:
         name = (pod.get("metadata") or {}).get("name")
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            if cs.get("name") != container:
+        for term in ended_early(pod, container):
+            at = term["finishedAt"]
+            if at < newest or (name, at) in known:
                 continue
-            for state in (cs.get("lastState") or {}, cs.get("state") or {}):
-                term = state.get("terminated") or {}
-                code, at = term.get("exitCode"), term.get("finishedAt")
-                if not at or code in (None, 0, EXIT_PERMANENT) or at < newest \
-                        or (name, at) in known:
-                    continue
-                known.add((name, at))
-                lost = from_step - to_step if from_step is not None and to_step is not None \
-                    else None
-                found.append(Restart(
-                    at=at, reason=restart_reason(pod, term), pod=name, exit_code=code,
-                    from_step=from_step, to_step=to_step,
-                    lost_steps=max(lost, 0) if lost is not None else None,
-                    message=_restart_message(term)))
+            known.add((name, at))
+            lost = from_step - to_step if from_step is not None and to_step is not None \
+                else None
+            found.append(Restart(
+                at=at, reason=restart_reason(pod, term), pod=name, exit_code=term["exitCode"],
+                from_step=from_step, to_step=to_step,
+                lost_steps=max(lost, 0) if lost is not None else None,
+                message=_restart_message(term)))
     return sorted(found, key=lambda r: r.at)
+
+
+def ended_early(pod: dict[str, Any], container: str) -> list[dict[str, Any]]:
+    """The pod's ``container`` terminations that a restart follows: a retryable exit code
+    (not 0, not the permanent 2), in place (``lastState``) or with the pod (``state``)."""
+    out = []
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") != container:
+            continue
+        for state in (cs.get("lastState") or {}, cs.get("state") or {}):
+            term = state.get("terminated") or {}
+            if term.get("finishedAt") and term.get("exitCode") not in (None, 0, EXIT_PERMANENT):
+                out.append(term)
+    return out
 
 
 def _restart_message(term: dict[str, Any]) -> str | None:
@@ -333,7 +344,10 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
     kept = [c.get("step") for c in [*(old.get("checkpoints") or []),
                                     *((obs.progress or {}).get("checkpoints") or [])]
             if c.get("step") is not None]
-    new = observe_restarts(obs.pods, obs.backend.container, seen, from_step=reached,
+    listed = {(p.get("metadata") or {}).get("name") for p in obs.pods}
+    pods = [*obs.pods, *(p for p in obs.gone_pods
+                         if (p.get("metadata") or {}).get("name") not in listed)]
+    new = observe_restarts(pods, obs.backend.container, seen, from_step=reached,
                            to_step=max(kept) if kept else (0 if reached is not None else None))
     if phase == "Failed" and failure is not None:  # its last pod failed the run: no restart
         new = [r for r in new if r.pod != failure.pod]
