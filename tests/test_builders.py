@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import jsonschema
@@ -830,7 +831,12 @@ def test_the_pre_flight_pod_is_the_trainer_on_cpu_with_the_jobs_volumes_and_cred
     pod = pf["spec"]["template"]["spec"]
     (main,) = pod["containers"]
     assert main["command"] == ["kubetune-preflight"] and main["image"] == "t:1"
-    assert main["resources"] == builders.PREFLIGHT_RESOURCES  # small, and no GPU
+    assert main["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"},  # small, no GPU
+                                 "limits": {"memory": "8Gi"}}
+    bigger = dataclasses.replace(config, preflight_resources=(("requests", "memory", "16Gi"),))
+    _, pf_big, _ = children(job=job, config=bigger, uid="u-1")  # the chart's preflight.resources
+    assert pf_big["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"memory": "16Gi"}}
     assert "nodeSelector" not in pod and pod["restartPolicy"] == "Never"
     assert pod["automountServiceAccountToken"] is False  # no API access: none needed
     assert pf["spec"]["backoffLimit"] == 0 and "suspend" not in pf["spec"]  # not queued

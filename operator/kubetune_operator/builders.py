@@ -325,8 +325,6 @@ def child_metadata(job: FineTuneJob, uid: str | None, labels: dict[str, str]
 
 PREFLIGHT_ROLE = "preflight"
 ROLE_LABEL = "kubetune.io/role"
-# The pre-flight pod is CPU only and small: it reads, tokenizes and estimates, streaming rows.
-PREFLIGHT_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
 
 
 def preflight_mode(job: FineTuneJob, config: OperatorConfig) -> str:
@@ -374,7 +372,9 @@ def preflight_job(*, job: FineTuneJob, config: OperatorConfig, uid: str | None =
     main = spec["containers"][0]
     main["command"] = ["kubetune-preflight"]
     main["args"] = [f"{CONFIG_DIR}/{CONFIG_KEY}", "--pvc-root", PVC_ROOT]
-    main["resources"] = {k: dict(v) for k, v in PREFLIGHT_RESOURCES.items()}
+    main["resources"] = {}
+    for section, resource, quantity in config.preflight_resources:
+        main["resources"].setdefault(section, {})[resource] = quantity
     main["env"] = [e for e in main["env"] if not e["name"].startswith("KUBEFLOW_TRAINER_")]
     if gpu_memory:
         main["env"].append({"name": "KUBETUNE_GPU_MEMORY", "value": str(int(gpu_memory))})

@@ -47,6 +47,10 @@ class OperatorConfig:
     # The pre-flight pod for jobs whose spec.preflight is unset: auto (jobs that ask for
     # GPUs), always or skip.
     preflight: str = "auto"
+    # The pre-flight pod's resources, (requests|limits, resource, quantity): CPU only and
+    # small, it reads, tokenizes and estimates, streaming rows.
+    preflight_resources: tuple[tuple[str, str, str], ...] = (
+        ("requests", "cpu", "1"), ("requests", "memory", "2Gi"), ("limits", "memory", "8Gi"))
     # TrainJob: Kubeflow's TrainJobStatus gate is on, so Trainer v2 gives the pods its own
     # progress endpoint (KEP-2779) and kubetune mirrors status.trainerStatus instead.
     trainer_status: bool = False
@@ -147,6 +151,8 @@ class OperatorConfig:
             gpu_memory=gpu_memory_table(env.get("KUBETUNE_GPU_MEMORY")),
             backend=backend,
             preflight=preflight,
+            preflight_resources=preflight_resources(env.get("KUBETUNE_PREFLIGHT_RESOURCES"))
+            or cls.preflight_resources,
             training_runtime=text("KUBETUNE_TRAINING_RUNTIME") or cls.training_runtime,
             trainer_status=flag("KUBETUNE_TRAINER_STATUS", False),
             serve_enabled=flag("KUBETUNE_SERVE_ENABLED", True),
@@ -183,6 +189,46 @@ def _own_namespace() -> str | None:
             return f.read().strip() or None
     except OSError:
         return None
+
+
+PREFLIGHT_RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage")
+
+
+def preflight_resources(raw: str | None) -> tuple[tuple[str, str, str], ...]:
+    """The chart's preflight.resources (JSON, a container's ``resources``); empty: the
+    defaults. A bad one fails startup naming what is wrong."""
+    import json
+
+    from kubernetes.utils import parse_quantity
+
+    name = "KUBETUNE_PREFLIGHT_RESOURCES"
+    try:
+        doc = json.loads(raw or "{}") or {}
+    except ValueError:
+        raise ValueError(f"{name}: not JSON ({raw!r})") from None
+    if not isinstance(doc, dict) or set(doc) - {"requests", "limits"}:
+        raise ValueError(f"{name}: expected an object with requests and/or limits")
+    out, parsed = [], {}
+    for section in ("requests", "limits"):
+        quantities = doc.get(section) or {}
+        if not isinstance(quantities, dict):
+            raise ValueError(f"{name}: {section} must map a resource to a quantity")
+        for resource, quantity in sorted(quantities.items()):
+            if resource not in PREFLIGHT_RESOURCE_NAMES:  # no GPU: it runs on CPU
+                raise ValueError(f"{name}: {section}.{resource}: expected one of "
+                                 f"{', '.join(PREFLIGHT_RESOURCE_NAMES)}")
+            try:
+                parsed[section, resource] = parse_quantity(str(quantity))
+            except ValueError:
+                raise ValueError(f"{name}: {section}.{resource}={quantity!r}: not a "
+                                 "quantity (e.g. 2, 500m, 8Gi)") from None
+            out.append((section, resource, str(quantity)))
+    for (section, resource), value in parsed.items():
+        limit = parsed.get(("limits", resource))
+        if section == "requests" and limit is not None and value > limit:
+            raise ValueError(f"{name}: requests.{resource} is above limits.{resource}: the "
+                             "API server would refuse the pod")
+    return tuple(out)
 
 
 def gpu_memory_table(raw: str | None) -> tuple[tuple[str, str], ...]:
