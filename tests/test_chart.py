@@ -149,7 +149,7 @@ def test_the_job_backend_needs_no_add_on_and_gets_its_rbac_only(helm_bin):
     assert not [d for d in docs if d["kind"] == "ClusterTrainingRuntime"]
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     job_rules = {k: v for k, v in NAMESPACED.items() if k != ("kubeflow.org", "pytorchjobs")}
-    job_rules[("batch", "jobs")] = {"get", "list", "watch", "create", "patch"}
+    job_rules[("batch", "jobs")] = {"get", "list", "watch", "create", "patch", "delete"}
     assert _rules(role) == {**job_rules,
                             ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch",
                                                                  "patch"},
@@ -163,7 +163,7 @@ def test_the_job_backend_needs_no_add_on_and_gets_its_rbac_only(helm_bin):
     # Namespaced, no serving: the multi-node Job's headless Service still (get, create).
     (role,) = _watched_roles(render(helm_bin, *VALUE_SETS["job-namespaced-no-serve"]))
     rules = _rules(role)
-    assert rules[("batch", "jobs")] == {"get", "list", "watch", "create", "patch"}
+    assert rules[("batch", "jobs")] == {"get", "list", "watch", "create", "patch", "delete"}
     assert rules[("", "services")] == {"get", "create"}
     assert not [k for k in rules if k[1] in ("pytorchjobs", "trainjobs", "deployments")]
     out = subprocess.run([helm_bin, "install", "rel", str(CHART), "--dry-run=client",
@@ -236,8 +236,9 @@ NAMESPACED = {
     ("kubetune.io", "finetunesweeps/status"): {"get", "patch"},
     ("kubetune.io", "finetunesweeps/finalizers"): {"update"},  # the trials' owner references
     ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch"},
-    ("batch", "jobs"): {"get", "list", "watch", "create"},  # the pre-flight Job
-    # patch: the progress CA's ConfigMap only (resourceNames), when its CA changes
+    # the pre-flight Job; delete: one of an older spec, replaced before training starts
+    ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+    # patch: the progress CA when it changes; a job's config changed before training starts
     ("", "configmaps"): {"get", "create", "patch"},
     ("apps", "deployments"): {"get", "create", "delete"},  # spec.serve
     # patch: spec.serve.endpoint's shared Service, moved to the newer job it serves
@@ -266,10 +267,6 @@ def test_rbac_cluster_wide_is_exactly_what_the_operator_calls(helm_bin):
          "resourceNames": ["rel-kubetune-progress-tls"], "verbs": ["get", "patch"]}]
     (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    patch = [r for r in next(d for d in docs if d["kind"] == "ClusterRole")["rules"]
-             if r["resources"] == ["configmaps"] and "patch" in r["verbs"]]
-    assert patch == [{"apiGroups": [""], "resources": ["configmaps"],
-                      "resourceNames": ["kubetune-progress-ca"], "verbs": ["patch"]}]
 
 
 def test_progress_https_by_default_plain_http_only_by_name(helm_bin):
@@ -279,24 +276,20 @@ def test_progress_https_by_default_plain_http_only_by_name(helm_bin):
             "containers"][0]["env"]
         secrets = [d for d in docs if d["kind"] == "Role"
                    and d["rules"][0]["resources"] == ["secrets"]]
-        role = next(d for d in docs if d["kind"] == "ClusterRole")
-        return {e["name"]: e.get("value") for e in env}, secrets, \
-            _rules(role)[("", "configmaps")]
+        return {e["name"]: e.get("value") for e in env}, secrets
 
-    env, secrets, configmaps = operator()
+    env, secrets = operator()
     assert env["KUBETUNE_PROGRESS_URL"] == "https://rel-kubetune.kubetune-system.svc:8443/v1"
     assert env["KUBETUNE_PROGRESS_CERT_SECRET"] == "rel-kubetune-progress-tls"
     assert env["KUBETUNE_OPERATOR_NAMESPACE"] == "kubetune-system"
-    assert secrets and "patch" in configmaps
-    env, secrets, configmaps = operator("--set", "progress.plainHTTP=true")
+    assert secrets
+    env, secrets = operator("--set", "progress.plainHTTP=true")
     assert env["KUBETUNE_PROGRESS_URL"].startswith("http://")
     assert "KUBETUNE_PROGRESS_CERT_SECRET" not in env and not secrets
-    assert "patch" not in configmaps
-    env, secrets, configmaps = operator(*VALUE_SETS["tls-and-defaults"])  # the user's wins
+    env, secrets = operator(*VALUE_SETS["tls-and-defaults"])  # the user's wins
     assert env["KUBETUNE_PROGRESS_URL"].startswith("https://")
     assert env["KUBETUNE_PROGRESS_TLS_CA"] == "/etc/kubetune/tls/ca.crt"
     assert "KUBETUNE_PROGRESS_CERT_SECRET" not in env and not secrets
-    assert "patch" not in configmaps  # their CA ConfigMap: the operator writes none
     out = subprocess.run([helm_bin, "template", "rel", str(CHART), "--set",
                           "progress.plainHTTP=true", "--set", "progress.tlsSecretName=x"],
                          capture_output=True, text=True)

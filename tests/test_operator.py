@@ -1733,6 +1733,61 @@ async def test_a_job_its_pre_flight_stops_never_asks_for_a_gpu(cluster, pod, rea
         await op.stop()
 
 
+async def test_a_job_its_pre_flight_stopped_is_checked_again_after_a_fix(cluster):
+    """A changed spec (`kubectl apply`, a GitOps sync) runs a new pre-flight from the new
+    spec; fixed data with the same spec: deleting the pre-flight Job runs it again."""
+    from kubetune_operator.builders import SPEC_HASH
+
+    bad = _preflight_pod({"passed": False, "reason": "DataError", "field": None, "rows": 10,
+                          "message": "7 of 10 rows are invalid"}, exit_code=2)
+
+    def preflight_hash():
+        return cluster.objects[JOB, NS, "ident-preflight"]["metadata"]["annotations"][SPEC_HASH]
+
+    async def stopped():
+        cluster.objects["v1/pods", NS, "ident-preflight-x7k2p"] = bad
+        await _patch_job(op, "ident-preflight", {"status": {"failed": 1}}, status=True)
+        await eventually(lambda: _assert(_phase(cluster) == "Failed"))
+
+    op = await _preflight_operator(cluster)
+    try:
+        await op.create(_job())
+        await eventually(lambda: cluster.objects[JOB, NS, "ident-preflight"])
+        first = preflight_hash()
+        await stopped()
+        # The spec changes: a new pre-flight Job, from a config that says the new spec.
+        await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                                "v1alpha1", NS, "finetunejobs", "ident",
+                                {"spec": {"training": {"maxInvalidFraction": 0.8}}})
+        await eventually(lambda: _assert(preflight_hash() != first))
+        await eventually(lambda: _assert(_phase(cluster) == "Validating"))
+        assert "maxInvalidFraction: 0.8" in cluster.objects[CM, NS, "ident-config"]["data"][
+            "job.yaml"]
+        assert "preflight" not in _status(cluster)  # the old spec's report is gone
+        assert not exists(cluster, (PTJ, NS, "ident"))
+        await stopped()  # stopped again: the same spec stays stopped
+        await asyncio.sleep(1.5)
+        assert _phase(cluster) == "Failed" and not exists(cluster, (PTJ, NS, "ident"))
+        # The data is fixed on its volume (the spec is not): the pre-flight Job is deleted.
+        await asyncio.to_thread(kubernetes.client.BatchV1Api(op.api).delete_namespaced_job,
+                                "ident-preflight", NS)
+        await eventually(lambda: _assert(_phase(cluster) == "Validating"))
+        cluster.objects["v1/pods", NS, "ident-preflight-x7k2p"] = _preflight_pod(GOOD)
+        await _patch_job(op, "ident-preflight", {"status": {"succeeded": 1}}, status=True)
+        await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+        assert _status(cluster)["preflight"]["passed"] is True
+    finally:
+        await op.stop()
+    from test_chart import _rules, render
+    from tools import helm
+
+    calls = _operator_calls(cluster)
+    allowed = _rules(next(d for d in render(str(helm())) if d["kind"] == "ClusterRole"))
+    denied = {c for c in calls if c[2] not in allowed.get((c[0], c[1]), set())}
+    assert not denied, f"the chart's RBAC would refuse {sorted(denied)}"
+    assert {("batch", "jobs", "delete"), ("", "configmaps", "patch")} <= calls
+
+
 async def test_spec_preflight_skip_and_a_cpu_job_go_straight_to_training(cluster):
     op = await _preflight_operator(cluster)
     try:

@@ -18,7 +18,7 @@ from typing import Any
 from kubetune.api.v1alpha1 import API_VERSION, KIND, FineTuneJob
 
 from kubetune_operator.builders import JOB_LABEL, PREFLIGHT_ROLE, is_preflight
-from kubetune_operator.kube import Kube, ref
+from kubetune_operator.kube import Kube, owned_by, ref
 from kubetune_operator.settings import OperatorConfig
 from kubetune_operator.status import diagnose_pods
 
@@ -155,8 +155,10 @@ def preflight_verdict(kube: Kube, ns: str, name: str, job_obj: dict[str, Any]
     Training may start when the last two are None."""
     current = kube.get(job_obj) or {}
     state = current.get("status") or {}
+    uid = (current.get("metadata") or {}).get("uid")
     pods = [p for p in kube.list("v1", "Pod", ns, labels=f"{JOB_LABEL}={name}")
-            if is_preflight(p)]
+            if is_preflight(p) and (owned_by(p, uid)  # not an earlier pre-flight Job's
+                                    or not p["metadata"].get("ownerReferences"))]
     if not state.get("succeeded") and not state.get("failed") and not any(
             c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
             for c in state.get("conditions") or []):

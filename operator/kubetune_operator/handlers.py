@@ -185,7 +185,9 @@ async def job_event(event: dict[str, Any], memo: kopf.Memo, type: str | None, **
 async def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     """The training object changed (its operator, Kueue), or the pre-flight Job: bring its
     FineTuneJob's status."""
-    if type != "MODIFIED" or not body.get("status"):
+    preflight_gone = type == "DELETED" and body["metadata"].get("labels", {}).get(
+        ROLE_LABEL) == PREFLIGHT_ROLE  # deleted to check fixed data again, or replaced
+    if not preflight_gone and (type != "MODIFIED" or not body.get("status")):
         return  # the listing (resume covers it), our own creation, or nothing to report yet
     meta = body["metadata"]
     await memo.controller.converge_named(meta["namespace"], meta["labels"][JOB_LABEL])

@@ -171,10 +171,13 @@ class Kube:
                     return existing, False
             raise
 
-    def delete(self, api_version: str, kind: str, ns: str, name: str) -> bool:
-        """False if it was not there (or its kind is not served here)."""
+    def delete(self, api_version: str, kind: str, ns: str, name: str, *,
+               propagation: str | None = None) -> bool:
+        """False if it was not there (or its kind is not served here). ``propagation``:
+        Background or Foreground (a batch/v1 Job's own default orphans its pods)."""
+        body = {"propagationPolicy": propagation} if propagation else None
         try:
-            self.request("DELETE", path(api_version, kind, ns, name))
+            self.request("DELETE", path(api_version, kind, ns, name), body=body)
         except self._exc as err:
             if self.missing(err):
                 return False

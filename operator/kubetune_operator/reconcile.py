@@ -44,6 +44,7 @@ from kubetune_operator.status import (
     pod_rejection,
     reduce,
     serving_settled,
+    stopped_by_preflight,
     was_invalid,
 )
 from kubetune_operator.validation import validate
@@ -153,8 +154,10 @@ def _make_children(body: dict[str, Any], kube: Kube, config: OperatorConfig, bac
     objs = children(job=job, config=config, uid=meta.get("uid"), labels=meta.get("labels") or {},
                     server=server)
     # A finished run's cleaned-up child stays gone; a spec that was invalid and is now
-    # fixed never had children, so it gets them.
-    finished = old.get("phase") in TERMINAL and not was_invalid(old)
+    # fixed never had children, so it gets them; so does one its pre-flight stopped, once
+    # its spec changed (or its pre-flight Job was deleted, to check fixed data again).
+    finished = old.get("phase") in TERMINAL and not was_invalid(old) \
+        and not _retry_preflight(kube, job, old, ns)
     fresh = not old  # never reconciled: create first (one call) instead of get first
     for obj in objs:
         obj["metadata"]["namespace"] = ns
@@ -175,7 +178,8 @@ def _make_children(body: dict[str, Any], kube: Kube, config: OperatorConfig, bac
             objs = [o for o in objs if not builders.is_preflight(o)]
         else:  # the config and the pre-flight Job first; the rest once it passed
             cut = next(i for i, o in enumerate(objs) if builders.is_preflight(o)) + 1
-            if not _create_or_adopt(kube, objs[:cut], meta, fresh, finished, served, seen):
+            if not _create_or_adopt(kube, objs[:cut], meta, fresh, finished, served, seen) \
+                    or not _renew(kube, objs[:cut], seen):
                 return
             seen.preflight, seen.validating, seen.preflight_failed = preflight_verdict(
                 kube, ns, name, objs[cut - 1])
@@ -185,6 +189,44 @@ def _make_children(body: dict[str, Any], kube: Kube, config: OperatorConfig, bac
     if _create_or_adopt(kube, objs, meta, fresh, finished, served, seen):
         seen.child = next((c for o, c in zip(objs, seen.made, strict=True)
                            if o["kind"] == backend.kind), None)
+
+
+def _retry_preflight(kube: Kube, job: FineTuneJob, old: dict[str, Any], ns: str) -> bool:
+    """A job its pre-flight stopped, asked to try again: its spec changed since its
+    pre-flight Job was made, or that Job was deleted (to check fixed data again)."""
+    if not stopped_by_preflight(old):
+        return False
+    current = kube.get({"apiVersion": "batch/v1", "kind": "Job",
+                        "metadata": {"namespace": ns, "name": builders.preflight_name(job)}})
+    return current is None or _hash(current) != builders.spec_hash(job)
+
+
+def _renew(kube: Kube, wanted: list[dict[str, Any]], seen: Seen) -> bool:
+    """Before any training object: the config and the pre-flight Job follow the spec. One
+    made from an older spec is brought to this one (the ConfigMap patched; the Job, whose
+    pod would check the old spec, replaced). False while an old Job is still going."""
+    for i, (obj, current) in enumerate(zip(wanted, seen.made, strict=True)):
+        if current is None or _hash(current) == _hash(obj):
+            continue
+        meta = obj["metadata"]
+        if obj["kind"] == "ConfigMap":
+            seen.made[i] = kube.patch("v1", "ConfigMap", meta["namespace"], meta["name"],
+                                      {"metadata": {"annotations": meta["annotations"]},
+                                       "data": obj["data"]})
+            continue
+        log.info("%s/%s: the spec changed: a new pre-flight", meta["namespace"], meta["name"])
+        kube.delete("batch/v1", "Job", meta["namespace"], meta["name"],
+                    propagation="Background")  # its pod with it
+        seen.made[i], made = kube.create(obj)
+        if not made:  # the old one is not gone yet: the re-check makes it
+            seen.validating = "the spec changed: the previous pre-flight Job is going"
+            return False
+        seen.created.append(f"Job/{meta['name']}")
+    return True
+
+
+def _hash(obj: dict[str, Any]) -> str | None:
+    return (obj.get("metadata", {}).get("annotations") or {}).get(SPEC_HASH)
 
 
 def _create_or_adopt(kube: Kube, objs: list[dict[str, Any]], meta: dict[str, Any],

@@ -261,6 +261,17 @@ def was_invalid(status: dict[str, Any]) -> bool:
                for c in status.get("conditions") or [])
 
 
+def stopped_by_preflight(status: dict[str, Any]) -> bool:
+    """The job's pre-flight stopped it (its report failed, or its pod ended without one):
+    no training object was ever made."""
+    stalled = next((c.get("reason") for c in status.get("conditions") or []
+                    if c.get("type") == "Stalled" and c.get("status") == "True"), None)
+    report = status.get("preflight")
+    return stalled == "PreflightFailed" or (
+        stalled in ("DataError", "InsufficientGPUMemory") and bool(report)
+        and not report.get("passed"))
+
+
 def _condition(type_: str, status: bool, reason: str, message: str,
                generation: int | None) -> Condition:
     return Condition(type=type_, status="True" if status else "False", reason=reason,
@@ -290,8 +301,9 @@ def reduce(obs: Observed, old: dict[str, Any] | None, now: str) -> FineTuneJobSt
 def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
     gen = obs.generation
     if obs.child is None and obs.invalid is None and old.get("phase") in TERMINAL \
-            and not was_invalid(old):
+            and not was_invalid(old) and not obs.validating:
         # Finished, and the training object is gone (ttlSecondsAfterFinished): the record stays.
+        # (Validating: its pre-flight stopped it, and runs again for a changed spec.)
         return FineTuneJobStatus.model_validate({**old, "observedGeneration": gen})
     phase, reason, message = _phase(obs)
     failure, waiting = diagnose_pods(obs.pods, obs.backend.container)
@@ -362,7 +374,9 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
             obs.progress, old.get("checkpoints") or [], keep=obs.keep_checkpoints)],
         outputs=Outputs.model_validate(outputs) if outputs else None,
         failure=failure,
-        preflight=_preflight(obs.preflight or old.get("preflight")))
+        # (while a pre-flight runs, an earlier one's report is not shown: it was of another spec)
+        preflight=_preflight(obs.preflight or (None if obs.validating
+                                               else old.get("preflight"))))
 
 
 def _preflight(report: dict[str, Any] | None) -> Preflight | None:
