@@ -380,9 +380,10 @@ def _start_to_first_step(kube, namespace, name, out: Path) -> float:
 def test_preflight_stops_bad_data_on_cpu_and_training_starts_from_its_prepared_rows(
         kube, namespace, operator, claims):
     """spec.preflight: always on the real node. Bad data: Validating, then Failed naming the
-    data, no training pod ever made. Good data: the report in the status, and the training pod
-    loads the rows the pre-flight pod prepared (its log says so) instead of tokenizing them;
-    start-to-first-step measured against the same job without pre-flight."""
+    data, no training pod ever made. The spec fixed (good data): a new pre-flight, its report
+    in the status, and the training pod loads the rows the pre-flight pod prepared (its log
+    says so) instead of tokenizing them; start-to-first-step measured against the same job
+    without pre-flight."""
     core = kube.CoreV1Api()
     bad = f"pfbad-{uuid.uuid4().hex[:4]}"
     body = _job(namespace, bad, steps=2, preflight="always")
@@ -400,12 +401,22 @@ def test_preflight_stops_bad_data_on_cpu_and_training_starts_from_its_prepared_r
     data = _large_data(claims)
     timings = {}
     for mode in ("skip", "always"):
-        name = f"pf{mode[:2]}-{uuid.uuid4().hex[:4]}"
-        body = _job(namespace, name, steps=2, preflight=mode)
-        body["spec"]["datasets"] = [{"source": data, "format": "alpaca"}]
-        _create(kube, body)
-        seen = _follow(kube, namespace, name, lambda s: s.get("phase") in ("Succeeded",
-                                                                            "Failed"))
+        fixed = [{"source": data, "format": "alpaca"}]
+        if mode == "always":  # the failed job, its spec fixed (kubectl apply)
+            name = bad
+            kube.CustomObjectsApi().patch_namespaced_custom_object(
+                "kubetune.io", "v1alpha1", namespace, "finetunejobs", name,
+                {"spec": {"datasets": fixed}})
+            seen = _follow(kube, namespace, name, lambda s: s.get("phase") != "Failed",
+                           timeout=60)
+        else:
+            name = f"pf{mode[:2]}-{uuid.uuid4().hex[:4]}"
+            body = _job(namespace, name, steps=2, preflight=mode)
+            body["spec"]["datasets"] = fixed
+            _create(kube, body)
+            seen = []
+        seen += _follow(kube, namespace, name, lambda s: s.get("phase") in ("Succeeded",
+                                                                             "Failed"))
         status = _status(kube, namespace, name)
         assert status["phase"] == "Succeeded", (status, operator.output[-3000:])
         (pod,) = _pods(kube, namespace, name)
@@ -426,3 +437,38 @@ def test_preflight_stops_bad_data_on_cpu_and_training_starts_from_its_prepared_r
     record = os.environ.get("KUBETUNE_E2E_TIMINGS")  # measured, not asserted (bench's job)
     if record:
         Path(record).write_text(json.dumps(timings))
+
+
+def test_a_gated_serve_serves_the_run_that_meets_its_gate_and_not_the_one_that_misses(
+        kube, namespace, operator, claims):
+    """spec.serve.gate on real runs' final metrics (reported by the trainer from the pod):
+    the run whose train_loss misses its gate succeeds but gets no server, saying by how
+    much; the one that meets it gets its server (whose vLLM image cannot be pulled here:
+    its Deployment, for the merged model, is what is checked)."""
+    gates = {"missed": 0.0001, "met": 1000.0}
+    names = {k: f"gate{k}-{uuid.uuid4().hex[:4]}" for k in gates}
+    for key, below in gates.items():
+        _create(kube, _job(namespace, names[key], steps=2,
+                           serve={"gate": [{"metric": "train_loss", "below": below}]}))
+    apps = kube.AppsV1Api()
+    for key, name in names.items():
+        _follow(kube, namespace, name, lambda s: s.get("phase") in ("Succeeded", "Failed"))
+        status = _status(kube, namespace, name)
+        assert status["phase"] == "Succeeded", (status, operator.output[-3000:])
+        loss = status["outputs"]["metrics"]["train_loss"]
+        serving = wait(lambda n=name: {c["type"]: c for c in _status(
+            kube, namespace, n)["conditions"]}.get("Serving"), timeout=30)
+        if key == "missed":
+            assert (serving["status"], serving["reason"]) == ("False", "GateNotMet"), serving
+            assert serving["message"].startswith(
+                f"spec.serve.gate: train_loss is {loss:.6g}, not below 0.0001 (misses by"), \
+                serving
+            time.sleep(3)  # a server, if one were coming, would have been made by now
+            with pytest.raises(Exception, match="Not Found"):
+                apps.read_namespaced_deployment(f"{name}-serve", namespace)
+        else:
+            assert serving["reason"] != "GateNotMet", serving
+            dep = wait(lambda n=name: apps.read_namespaced_deployment(f"{n}-serve", namespace),
+                       timeout=30)
+            args = dep.spec.template.spec.containers[0].args
+            assert any(a.endswith(f"/outputs/{name}/merged") for a in args), args
