@@ -348,12 +348,14 @@ def is_preflight(obj: dict[str, Any]) -> bool:
 
 
 def prepared_dir(job: FineTuneJob) -> str | None:
-    """Where the prepared rows live for a pvc:// output: on that volume, beside the outputs,
-    so the pre-flight pod's are the training pods' (and a restarted pod's)."""
+    """Where the prepared rows live for a pvc:// output: at the root of that claim, so the
+    pre-flight pod's are the training pods' (and a restarted pod's), and jobs writing to the
+    same claim share them (a sweep's trials: the cache is keyed by content, and locked)."""
     uri = job.spec.output.uri
     if not uri.startswith("pvc://"):
         return None
-    return f"{PVC_ROOT}/{uri[len('pvc://'):].strip('/')}/.kubetune/prepared"
+    claim = uri[len("pvc://"):].strip("/").split("/")[0]
+    return f"{PVC_ROOT}/{claim}/.kubetune/prepared"
 
 
 def preflight_job(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = None,
