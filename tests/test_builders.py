@@ -850,6 +850,8 @@ def test_the_pre_flight_pod_is_the_trainer_on_cpu_with_the_jobs_volumes_and_cred
     train_env = {e["name"]: e.get("value") for e in ptj["spec"]["pytorchReplicaSpecs"][
         "Master"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBETUNE_PREPARED_DIR"]["value"] == where == train_env["KUBETUNE_PREPARED_DIR"]
+    trial = _job(output={"uri": "pvc://outputs/sweeps/lr/trial-3"})
+    assert builders.prepared_dir(trial) == where
     mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
     assert not mounts["/mnt/pvc/outputs"].get("readOnly")
     assert pf["metadata"]["ownerReferences"][0]["uid"] == "u-1"
