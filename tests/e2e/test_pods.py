@@ -448,8 +448,10 @@ def test_a_gated_serve_serves_the_run_that_meets_its_gate_and_not_the_one_that_m
     gates = {"missed": 0.0001, "met": 1000.0}
     names = {k: f"gate{k}-{uuid.uuid4().hex[:4]}" for k in gates}
     for key, below in gates.items():
-        _create(kube, _job(namespace, names[key], steps=2,
-                           serve={"gate": [{"metric": "train_loss", "below": below}]}))
+        body = _job(namespace, names[key], steps=2,
+                    serve={"gate": [{"metric": "train_loss", "below": below}]})
+        body["spec"]["output"]["merge"] = True  # vLLM serves a whole model
+        _create(kube, body)
     apps = kube.AppsV1Api()
     for key, name in names.items():
         _follow(kube, namespace, name, lambda s: s.get("phase") in ("Succeeded", "Failed"))
