@@ -7,6 +7,8 @@ import gc
 import json
 import os
 import threading
+import time
+from pathlib import Path
 
 import pytest
 from conftest import tiny_spec
@@ -139,6 +141,24 @@ def test_what_a_stopped_run_half_built_goes_and_a_build_in_progress_stays(tmp_pa
         assert cache.prune(ctx, "d" * 64, 2**30) == ["e" * 32 + ".tmp-4242"]
     assert sorted(p.name for p in (tmp_path / "prepared").iterdir() if p.is_dir()) == [
         "d" * 32, "f" * 32 + ".tmp-4242"]
+
+
+def test_a_killed_runs_scratch_goes_and_a_live_or_new_one_stays(tmp_path):
+    ctx = RunContext(cache_dir=tmp_path)
+    _entry(tmp_path, "d" * 64, 10, 50)
+    live = cache.scratch(ctx)  # this run's, held
+    new, dead = (tmp_path / "prepared" / f"{cache.SCRATCH}{n}" for n in ("new", "dead"))
+    for d in (new, dead):
+        (d / "rows").mkdir(parents=True)
+    old = time.time() - 2 * cache.SCRATCH_GRACE_SECONDS
+    for d in (dead, Path(live.name)):
+        os.utime(d, (old, old))
+    assert cache.prune(ctx, "d" * 64, 2**30) == [dead.name]
+    assert Path(live.name).is_dir() and new.is_dir()
+    name = live.name
+    live.cleanup()
+    del live
+    assert not Path(name).exists()
 
 
 def test_a_run_over_the_limit_keeps_the_entries_runs_still_read(tiny_model, tmp_path, tok,

@@ -154,7 +154,8 @@ def prepare_data(spec: FineTuneJobSpec, ctx: RunContext, tokenizer: Any, rec: An
         data.stats["cached"] = False
         _share(store, ctx, digest, data, log)
     removed = cache.prune(ctx, digest, limit_bytes)
-    unfinished = sum(cache.BUILDING in name for name in removed)
+    unfinished = sum(cache.BUILDING in name or name.startswith(cache.SCRATCH)
+                     for name in removed)
     if len(removed) > unfinished:
         log(f"data: {len(removed) - unfinished} least recently used prepared data sets removed "
             f"from the cache (over {cache.LIMIT_ENV})")

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,11 @@ from kubetune.api.v1alpha1 import FineTuneJobSpec
 CACHED_STAGES = ("sft", "pt")
 VERSION = 2  # bump when the layout on disk changes
 LIMIT_ENV, LIMIT_GB = "KUBETUNE_CACHE_PREPARED_GB", 20.0
-BUILDING = ".tmp-"  # an entry being built: <entry>.tmp-<pid>, renamed into place when done
+# An entry being built: <entry>.tmp-<host>-<pid> (pods sharing a claim may share pids),
+# renamed into place when done.
+BUILDING = ".tmp-"
+SCRATCH = "scratch-"  # a run's uncached rows (streamed stages), held while it runs
+SCRATCH_GRACE_SECONDS = 600  # a scratch directory this new is never taken for a dead run's
 # The code that shapes prepared rows: this package's, and the sft recipe's prepare (read as a
 # file, not imported: data/ sits below the recipes).
 _CODE = [Path(__file__).parent / name for name in ("cache.py", "fastbpe.py", "formats.py",
@@ -175,6 +180,10 @@ def prune(ctx: Any, current: str, limit: int) -> list[str]:
     entries, total, removed = [], 0, []
     for entry in top.iterdir():
         meta = entry / "meta.json"
+        if entry.name.startswith(SCRATCH) and entry.is_dir():
+            if _dead_scratch(entry):
+                removed.append(entry.name)
+            continue
         if BUILDING in entry.name and entry.is_dir():
             # A build holds its key's lock from start to rename: free, this one's builder died.
             try:
@@ -184,7 +193,7 @@ def prune(ctx: Any, current: str, limit: int) -> list[str]:
             except Timeout:
                 pass
             continue
-        if not entry.is_dir() or not meta.exists():  # a run's uncached scratch: not ours
+        if not entry.is_dir() or not meta.exists():
             continue
         size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
         total += size
@@ -209,12 +218,28 @@ def prune(ctx: Any, current: str, limit: int) -> list[str]:
     return removed
 
 
+def _dead_scratch(entry: Path) -> bool:
+    """Remove a scratch directory whose run is gone (its lock free: a killed pod's), unless
+    it is new (made, not yet locked). True when removed."""
+    import time
+
+    if time.time() - entry.stat().st_mtime < SCRATCH_GRACE_SECONDS:
+        return False
+    held = _hold(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if held is None:
+        return False
+    with held:
+        shutil.rmtree(entry, ignore_errors=True)
+        _beside(entry, ".use").unlink(missing_ok=True)
+    return True
+
+
 @contextlib.contextmanager
 def building(ctx: Any, digest: str) -> Iterator[Path]:
     """A scratch directory for this key's files, put in its place when the block ends
     (atomically: a crash leaves no half-written entry, and no scratch)."""
     root = _dir(ctx, digest)
-    tmp = _beside(root, f"{BUILDING}{os.getpid()}")
+    tmp = _beside(root, f"{BUILDING}{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -240,12 +265,22 @@ def save(work: Path, data: Any, lines: list[str]) -> None:
 
 
 def scratch(ctx: Any) -> Any:
-    """A temporary directory beside the cache for prepared rows that are not cached."""
+    """A temporary directory beside the cache for prepared rows that are not cached, locked
+    while this run holds it (a killed run's is removed by the next ``prune``)."""
     import tempfile
+    import weakref
 
     root = _top(ctx)
     root.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(dir=root, prefix="scratch-")
+    work = tempfile.TemporaryDirectory(dir=root, prefix=SCRATCH)
+    use = _hold(Path(work.name), fcntl.LOCK_EX)
+    weakref.finalize(work, _release, use, _beside(Path(work.name), ".use"))
+    return work
+
+
+def _release(use: Any, path: Path) -> None:
+    path.unlink(missing_ok=True)
+    use.close()
 
 
 def lock(ctx: Any, digest: str) -> Any:
