@@ -282,6 +282,7 @@ async def test_a_pod_deleted_before_any_listing_still_counts_as_a_restart(cluste
     moment later, before any converge lists pods. The pod watch saw it end."""
     body = _job()
     del body["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]  # not queued: it runs
+    body["metadata"]["creationTimestamp"] = "2026-12-07T09:30:00Z"
     await operator.create(body)
     await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
     await operator.patch_child_status("ident", "Created", "Running")
@@ -289,6 +290,7 @@ async def test_a_pod_deleted_before_any_listing_still_counts_as_a_restart(cluste
     core = kubernetes.client.CoreV1Api(operator.api)
     pod = {"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": "ident-master-0", "namespace": NS,
+                        "creationTimestamp": "2026-12-07T09:31:00Z",
                         "labels": {"kubetune.io/job": "ident"}},
            "spec": {"containers": [{"name": "pytorch", "image": "reg/trainer:1"}]},
            "status": {"phase": "Failed", "containerStatuses": [{
@@ -296,13 +298,18 @@ async def test_a_pod_deleted_before_any_listing_still_counts_as_a_restart(cluste
                "restartCount": 0, "state": {"terminated": {
                    "exitCode": 143, "finishedAt": "2026-12-07T10:00:00Z",
                    "message": '{"reason": "Preempted", "message": "saved at step 3"}'}}}]}}
+    # A pod of an earlier job of that name (deleted, applied again) ends: not this job's.
+    earlier = copy.deepcopy(pod)
+    earlier["metadata"].update(name="ident-master-old", creationTimestamp="2026-12-07T09:00:00Z")
+    await asyncio.to_thread(core.create_namespaced_pod, NS, earlier)
     await asyncio.to_thread(core.create_namespaced_pod, NS, pod)
+    await asyncio.to_thread(core.delete_namespaced_pod, "ident-master-old", NS)
     await asyncio.to_thread(core.delete_namespaced_pod, "ident-master-0", NS)
     await eventually(lambda: _assert(_status(cluster).get("restarts") == 1), timeout=10)
     restart = _status(cluster)["lastRestarts"][0]
     assert (restart["pod"], restart["reason"], restart["exitCode"], restart["message"]) == (
         "ident-master-0", "Preempted", 143, "saved at step 3")
-    # Seen again (the listing after an operator restart, another converge): still one.
+    # Seen again (another converge): still one.
     await operator.patch_child_status("ident", "Created", "Running", "Restarting")
     await asyncio.sleep(1)
     assert _status(cluster)["restarts"] == 1
@@ -1786,6 +1793,51 @@ async def test_a_job_its_pre_flight_stopped_is_checked_again_after_a_fix(cluster
     denied = {c for c in calls if c[2] not in allowed.get((c[0], c[1]), set())}
     assert not denied, f"the chart's RBAC would refuse {sorted(denied)}"
     assert {("batch", "jobs", "delete"), ("", "configmaps", "patch")} <= calls
+
+
+async def test_a_stopped_job_told_to_skip_its_pre_flight_trains_from_its_new_spec(cluster):
+    op = await _preflight_operator(cluster)
+    try:
+        await op.create(_job())
+        await eventually(lambda: cluster.objects[JOB, NS, "ident-preflight"])
+        cluster.objects["v1/pods", NS, "ident-preflight-x7k2p"] = _preflight_pod(
+            {"passed": False, "reason": "DataError", "field": None, "rows": 10,
+             "message": "7 of 10 rows are invalid"}, exit_code=2)
+        await _patch_job(op, "ident-preflight", {"status": {"failed": 1}}, status=True)
+        await eventually(lambda: _assert(_phase(cluster) == "Failed"))
+        await asyncio.to_thread(op.custom.patch_namespaced_custom_object, "kubetune.io",
+                                "v1alpha1", NS, "finetunejobs", "ident",
+                                {"spec": {"preflight": "skip",
+                                          "training": {"maxInvalidFraction": 0.8}}})
+        await eventually(lambda: cluster.objects[PTJ, NS, "ident"])
+        # Its pods read the new spec, and the old spec's report is not shown as this one's.
+        assert "maxInvalidFraction: 0.8" in cluster.objects[CM, NS, "ident-config"]["data"][
+            "job.yaml"]
+        await eventually(lambda: _assert(_phase(cluster) == "Queued"))
+        assert "preflight" not in _status(cluster) and "failure" not in _status(cluster)
+    finally:
+        await op.stop()
+
+
+async def test_a_job_being_deleted_gets_no_child_made_again(cluster):
+    """Foreground deletion (Argo CD's prune): the job stays until its children are gone;
+    their going makes nothing again."""
+    op = await _preflight_operator(cluster)
+    try:
+        body = _job()
+        body["metadata"]["finalizers"] = ["e2e.kubetune.io/hold"]  # it stays, being deleted
+        await op.create(body)
+        await eventually(lambda: cluster.objects[JOB, NS, "ident-preflight"])
+        await asyncio.to_thread(op.custom.delete_namespaced_custom_object, "kubetune.io",
+                                "v1alpha1", NS, "finetunejobs", "ident")
+        await eventually(lambda: cluster.objects[FTJ, NS, "ident"]["metadata"][
+            "deletionTimestamp"])
+        batch = kubernetes.client.BatchV1Api(op.api)  # the garbage collector's part
+        await asyncio.to_thread(batch.delete_namespaced_job, "ident-preflight", NS)
+        await asyncio.sleep(1.5)  # re-checked by now
+        assert not exists(cluster, (JOB, NS, "ident-preflight"))
+    finally:
+        await op.stop()
 
 
 async def test_spec_preflight_skip_and_a_cpu_job_go_straight_to_training(cluster):

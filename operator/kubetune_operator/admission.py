@@ -157,8 +157,7 @@ def preflight_verdict(kube: Kube, ns: str, name: str, job_obj: dict[str, Any]
     state = current.get("status") or {}
     uid = (current.get("metadata") or {}).get("uid")
     pods = [p for p in kube.list("v1", "Pod", ns, labels=f"{JOB_LABEL}={name}")
-            if is_preflight(p) and (owned_by(p, uid)  # not an earlier pre-flight Job's
-                                    or not p["metadata"].get("ownerReferences"))]
+            if is_preflight(p) and _of_job(p, uid)]
     if not state.get("succeeded") and not state.get("failed") and not any(
             c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
             for c in state.get("conditions") or []):
@@ -182,6 +181,17 @@ def preflight_verdict(kube: Kube, ns: str, name: str, job_obj: dict[str, Any]
                                       f"{report.get('message') or 'failed'}")
     return None, None, ("PreflightFailed", "pre-flight: the pod ended without a report"
                         + (f": {crash}" if crash else ""))
+
+
+def _of_job(pod: dict[str, Any], uid: str | None) -> bool:
+    """The pod is this Job's (uid), not an earlier pre-flight Job's: by its owner, or by the
+    Job controller's label once orphaned."""
+    meta = pod.get("metadata") or {}
+    if meta.get("ownerReferences"):
+        return owned_by(pod, uid)
+    labels = meta.get("labels") or {}
+    made_by = labels.get("batch.kubernetes.io/controller-uid") or labels.get("controller-uid")
+    return uid is None or made_by in (None, uid)
 
 
 def _preflight_report(pods: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:

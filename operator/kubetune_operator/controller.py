@@ -83,6 +83,7 @@ class Controller:
     dependents: dict[Key, set[str]] = field(default_factory=dict)  # job -> jobs from it
     upstreams: dict[Key, frozenset[str]] = field(default_factory=dict)  # job -> its sources
     uids: dict[Key, str | None] = field(default_factory=dict)  # for Events about a job
+    created: dict[Key, str] = field(default_factory=dict)  # its creationTimestamp
     # Training pods whose trainer ended early, by pod name, as the pod watch saw them last
     # (status.ended_early): kept until the job settles, so a pod deleted before any converge
     # listed it still counts as a restart.
@@ -123,6 +124,7 @@ class Controller:
             return
         self._track_upstreams(key, _upstreams(raw.get("spec")))
         self.uids[key] = meta.get("uid")
+        self.created[key] = meta.get("creationTimestamp") or ""
         version = spec_version(raw)
         if self.converged.get(key) != version:
             await self._converge_event(raw, version)
@@ -139,14 +141,20 @@ class Controller:
         if not ended_early(pod, self.backend.container):
             return
         key = (meta["namespace"], job)
-        if key not in self.uids:  # no such job (yet): its own listing finds the pods
+        # No such job (yet: its own listing finds the pods), or the pod is of an earlier job
+        # of that name (deleted and applied again while its pods were going).
+        if key not in self.uids or (meta.get("creationTimestamp") or "") < self.created[key]:
             return
         status = pod.get("status") or {}
-        kept = {k: v for k, v in self.ended.get(key, {}).items() if k != meta["name"]}
-        kept[meta["name"]] = {  # what restart_reason and observe_restarts read
+        seen = {  # what restart_reason and observe_restarts read
             "metadata": {"name": meta["name"]},
             "status": {k: status[k] for k in ("conditions", "reason", "containerStatuses")
                        if k in status}}
+        before = self.ended.get(key, {})
+        if before.get(meta["name"]) == seen:
+            return  # nothing new (a repeated update, its deletion): converged already
+        kept = {k: v for k, v in before.items() if k != meta["name"]}
+        kept[meta["name"]] = seen
         while len(kept) > MAX_RESTARTS:
             kept.pop(next(iter(kept)))
         self.ended[key] = kept  # replaced, not changed: converges read it from their threads
@@ -164,6 +172,7 @@ class Controller:
         self.locks.pop(key, None)
         self.converged.pop(key, None)
         self.uids.pop(key, None)
+        self.created.pop(key, None)
         self.ended.pop(key, None)
         self._track_upstreams(key, frozenset())
         metrics.observe_phase(ns, name, None)
@@ -231,31 +240,41 @@ class Controller:
         converge works from a status another one has already replaced (transition times,
         the suspend annotation and the Workload's spec.active stay consistent). Returns the
         job as read (None: it is gone)."""
-        with self.lock((ns, name)):
+        key = (ns, name)
+        with self.lock(key):
             parent = self.kube.get_finetunejob(ns, name)
-            if parent is None:
-                self.active.discard((ns, name))
-                return None
-            self.store.remember_checkpoints(
-                ns, name, (parent.get("status") or {}).get("checkpoints") or [])
-            with metrics.RECONCILE_SECONDS.time():
-                try:
-                    outcome = rc.reconcile(parent, self.kube, self.config,
-                                           self.store.get(ns, name), server=self.server,
-                                           served=self.served, ca=self.ca,
-                                           gone_pods=list(
-                                               self.ended.get((ns, name), {}).values()))
-                except Exception:
-                    metrics.RECONCILES.labels("error").inc()
-                    raise
-            self._account(parent, outcome)
-            before = parent.get("status") or {}
-            status = dump(outcome.status)  # the one place the typed status becomes JSON
-            if status != before:
-                # A merge patch: a field the new status no longer has (serving) goes by null.
-                gone = {k: None for k in before if k not in status}
-                self.kube.patch_status(ns, name, {**gone, **status})
-            return parent
+            if parent is not None and parent["metadata"].get("deletionTimestamp"):
+                # Being deleted (foreground, as Argo CD prunes): its children go with it, and
+                # nothing is made again for it while they go.
+                self.active.discard(key)
+                return parent
+            if parent is not None:
+                self._converge(parent)
+                return parent
+            self.active.discard(key)
+        self.locks.pop(key, None)  # gone: a late event about a child leaves no lock behind
+        return None
+
+    def _converge(self, parent: dict[str, Any]) -> None:
+        meta = parent["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        self.store.remember_checkpoints(
+            ns, name, (parent.get("status") or {}).get("checkpoints") or [])
+        with metrics.RECONCILE_SECONDS.time():
+            try:
+                outcome = rc.reconcile(parent, self.kube, self.config, self.store.get(ns, name),
+                                       server=self.server, served=self.served, ca=self.ca,
+                                       gone_pods=list(self.ended.get((ns, name), {}).values()))
+            except Exception:
+                metrics.RECONCILES.labels("error").inc()
+                raise
+        self._account(parent, outcome)
+        before = parent.get("status") or {}
+        status = dump(outcome.status)  # the one place the typed status becomes JSON
+        if status != before:
+            # A merge patch: a field the new status no longer has (serving) goes by null.
+            gone = {k: None for k in before if k not in status}
+            self.kube.patch_status(ns, name, {**gone, **status})
 
     def _retry_later(self, key: Key, err: Exception, version: str | None) -> None:
         """Retry intent, stated: what the API server refused stays refused (until the spec

@@ -185,12 +185,14 @@ async def job_event(event: dict[str, Any], memo: kopf.Memo, type: str | None, **
 async def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     """The training object changed (its operator, Kueue), or the pre-flight Job: bring its
     FineTuneJob's status."""
-    preflight_gone = type == "DELETED" and body["metadata"].get("labels", {}).get(
-        ROLE_LABEL) == PREFLIGHT_ROLE  # deleted to check fixed data again, or replaced
+    meta = body["metadata"]
+    key = (meta["namespace"], meta["labels"][JOB_LABEL])
+    # A pre-flight Job deleted: to check fixed data again, or replaced (not with its job).
+    preflight_gone = type == "DELETED" and meta["labels"].get(ROLE_LABEL) == PREFLIGHT_ROLE \
+        and key in memo.controller.uids
     if not preflight_gone and (type != "MODIFIED" or not body.get("status")):
         return  # the listing (resume covers it), our own creation, or nothing to report yet
-    meta = body["metadata"]
-    await memo.controller.converge_named(meta["namespace"], meta["labels"][JOB_LABEL])
+    await memo.controller.converge_named(*key)
 
 
 async def pod_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

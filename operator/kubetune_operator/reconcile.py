@@ -84,6 +84,7 @@ class Seen:
     preflight: dict[str, Any] | None = None  # the pre-flight pod's report, when it ended
     validating: str | None = None  # the pre-flight pod is running
     preflight_failed: tuple[str, str] | None = None  # (reason, message): it stopped the job
+    retried: bool = False  # its pre-flight had stopped it; the spec changed since
 
 
 def needs(backend: Backend, labels: dict[str, str], config: OperatorConfig, *,
@@ -156,8 +157,9 @@ def _make_children(body: dict[str, Any], kube: Kube, config: OperatorConfig, bac
     # A finished run's cleaned-up child stays gone; a spec that was invalid and is now
     # fixed never had children, so it gets them; so does one its pre-flight stopped, once
     # its spec changed (or its pre-flight Job was deleted, to check fixed data again).
-    finished = old.get("phase") in TERMINAL and not was_invalid(old) \
-        and not _retry_preflight(kube, job, old, ns)
+    retry = _retry_preflight(kube, job, old, ns)
+    finished = old.get("phase") in TERMINAL and not was_invalid(old) and not retry
+    seen.retried = retry  # the stopped run's report is not this spec's
     fresh = not old  # never reconciled: create first (one call) instead of get first
     for obj in objs:
         obj["metadata"]["namespace"] = ns
@@ -186,6 +188,11 @@ def _make_children(body: dict[str, Any], kube: Kube, config: OperatorConfig, bac
             if seen.validating or seen.preflight_failed:
                 return
             objs, fresh = objs[cut:], True  # (the rest were never made: nothing to read)
+    elif retry:  # tried again with no pre-flight now (skip, or no GPUs): the config follows
+        config = [o for o in objs if o["kind"] == "ConfigMap"]
+        if not _create_or_adopt(kube, config, meta, fresh, finished, served, seen) \
+                or not _renew(kube, config, seen):
+            return
     if _create_or_adopt(kube, objs, meta, fresh, finished, served, seen):
         seen.child = next((c for o, c in zip(objs, seen.made, strict=True)
                            if o["kind"] == backend.kind), None)
@@ -358,6 +365,7 @@ def _conclude(kube: Kube, config: OperatorConfig, body: dict[str, Any], backend:
         pods=seen.pods,
         gone_pods=seen.gone_pods,
         preflight=seen.preflight,
+        preflight_reset=seen.retried,
         validating=seen.validating,
         preflight_failed=seen.preflight_failed,
         rejected=_pods_refused(kube, backend, meta["namespace"], seen.child, seen.pods),

@@ -62,6 +62,7 @@ class Observed:
     keep_checkpoints: int | None = None  # training.saveTotalLimit: older ones are deleted
     backend: Backend = field(kw_only=True)  # what the child is, and how to read it
     preflight: dict[str, Any] | None = None  # the pre-flight pod's report, when it ended
+    preflight_reset: bool = False  # an earlier report is of an older spec: not shown
     validating: str | None = None  # the pre-flight pod is running
     preflight_failed: tuple[str, str] | None = None  # (reason, message): it stopped the job
     log_tail: bool = True  # put the failing rank's last output into status.failure
@@ -375,7 +376,7 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
         outputs=Outputs.model_validate(outputs) if outputs else None,
         failure=failure,
         # (while a pre-flight runs, an earlier one's report is not shown: it was of another spec)
-        preflight=_preflight(obs.preflight or (None if obs.validating
+        preflight=_preflight(obs.preflight or (None if obs.validating or obs.preflight_reset
                                                else old.get("preflight"))))
 
 
