@@ -440,13 +440,13 @@ class _FakeApi:
 def test_a_trial_name_taken_by_another_job_stalls_the_sweep_until_it_is_gone():
     foreign = {"metadata": {"name": "lr-0", "ownerReferences": []}, "spec": {}}
     api = _FakeApi(_sweep(), {"lr-0": foreign})
-    sweeps.converge(api, NS, "lr", NOW)
+    sweeps.SweepController(api).converge(NS, "lr", NOW)
     conds = {c["type"]: c for c in api.sweep["status"]["conditions"]}
     assert conds["Stalled"]["status"] == "True" and conds["Stalled"]["reason"] == "NameTaken"
     assert "FineTuneJob lr-0 exists" in conds["Stalled"]["message"]
     assert [t["name"] for t in api.sweep["status"]["trials"]] == ["lr-1"]
     del api.jobs["lr-0"]  # gone: the next converge makes it and goes on
-    sweeps.converge(api, NS, "lr", NOW)
+    sweeps.SweepController(api).converge(NS, "lr", NOW)
     conds = {c["type"]: c for c in api.sweep["status"]["conditions"]}
     assert conds["Stalled"]["status"] == "False" and "lr-0" in api.jobs
     assert api.jobs["lr-0"]["metadata"]["ownerReferences"][0]["uid"] == "uid-lr"
@@ -454,11 +454,11 @@ def test_a_trial_name_taken_by_another_job_stalls_the_sweep_until_it_is_gone():
 
 def test_a_converge_writes_the_status_only_when_it_changed():
     api = _FakeApi(_sweep())
-    sweeps.converge(api, NS, "lr", NOW)
+    sweeps.SweepController(api).converge(NS, "lr", NOW)
     first = copy.deepcopy(api.sweep["status"])
     writes = []
     api.patch_status = lambda ns, name, status: writes.append(status)
-    sweeps.converge(api, NS, "lr", "2026-12-07T13:00:00Z")
+    sweeps.SweepController(api).converge(NS, "lr", "2026-12-07T13:00:00Z")
     assert api.sweep["status"] == first and not writes
 
 

@@ -54,6 +54,7 @@ from kubetune_operator.status import (
     ended_early,
     restart_event,
 )
+from kubetune_operator.sweeps import SweepApi, SweepController
 
 log = logging.getLogger("kubetune.operator")
 RETRY_SECONDS = 10  # after a transient API error
@@ -96,6 +97,10 @@ class Controller:
     # and what closes the progress endpoint: the cleanup handler stops them.
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closers: list[Any] = field(default_factory=list)  # callables, maybe async
+    sweeps: SweepController = field(init=False)  # FineTuneSweeps (kubetune_operator.sweeps)
+
+    def __post_init__(self) -> None:
+        self.sweeps = SweepController(SweepApi(self.kube), self.executor)
 
     async def stop(self) -> None:
         for task in self.tasks:

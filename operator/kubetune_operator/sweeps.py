@@ -26,8 +26,10 @@ trial's progress is what the median rule reads).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -317,30 +319,74 @@ class SweepApi:
         self.kube.patch(API_VERSION, SWEEP_KIND, ns, name, {"status": status}, sub="status")
 
 
-# One converge at a time per sweep (its own events and its trials' come on kopf's workers).
-_locks: dict[tuple[str, str], threading.Lock] = {}
+Key = tuple[str, str]  # (namespace, name)
+RETRY_SECONDS = 10
 
 
-def converge(api: SweepApi, ns: str, name: str, now: str) -> FineTuneSweepStatus | None:
-    """Observe, decide, act, write the status if it changed; one at a time per sweep."""
-    with _locks.setdefault((ns, name), threading.Lock()):
-        raw = api.get(ns, name)
-        if raw is None:
-            _locks.pop((ns, name), None)
-            return None
-        trials = api.trials(ns, name, raw["metadata"].get("uid"))
-        decision = decide(raw, trials, now)
-        taken = [body["metadata"]["name"] for body in decision.create if not api.create(body)]
-        if taken:
-            name_taken(decision.status, taken, raw, now)
-        for trial, patch in decision.patch.items():
-            api.patch_trial(ns, trial, patch)
-        status = decision.status.model_dump(mode="json", by_alias=True, exclude_none=True)
-        before = raw.get("status") or {}
-        if status != before:
-            api.patch_status(ns, name, {**{k: None for k in before if k not in status},
-                                        **status})
-        return decision.status
+@dataclass
+class SweepController:
+    """The sweeps' part of the operator: one converge at a time per sweep (its own events
+    and its trials' come on kopf's workers), each from a fresh read; a failure (a conflict,
+    the API server away) retried from a fresh read after a pause (kopf does not retry event
+    handlers). The operator's ``Controller`` holds one."""
+
+    api: SweepApi
+    executor: Executor | None = None  # converges run in its threads (None: the loop's own)
+    locks: dict[Key, threading.Lock] = field(default_factory=dict)
+    retries: set[asyncio.Task[None]] = field(default_factory=set)  # kept until done
+
+    def converge(self, ns: str, name: str, now: str) -> FineTuneSweepStatus | None:
+        """Observe, decide, act, write the status if it changed."""
+        api = self.api
+        with self.locks.setdefault((ns, name), threading.Lock()):
+            raw = api.get(ns, name)
+            if raw is None:
+                self.locks.pop((ns, name), None)
+                return None
+            trials = api.trials(ns, name, raw["metadata"].get("uid"))
+            decision = decide(raw, trials, now)
+            taken = [body["metadata"]["name"] for body in decision.create
+                     if not api.create(body)]
+            if taken:
+                name_taken(decision.status, taken, raw, now)
+            for trial, patch in decision.patch.items():
+                api.patch_trial(ns, trial, patch)
+            status = decision.status.model_dump(mode="json", by_alias=True, exclude_none=True)
+            before = raw.get("status") or {}
+            if status != before:
+                api.patch_status(ns, name, {**{k: None for k in before if k not in status},
+                                            **status})
+            return decision.status
+
+    async def converge_soon(self, ns: str, name: str) -> None:
+        """``converge`` in a thread; retried after RETRY_SECONDS when it fails."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.executor, self.converge, ns, name, now())
+        except Exception as err:
+            log.warning("sweep %s/%s: converge failed (%s); retrying in %ss", ns, name, err,
+                        RETRY_SECONDS)
+
+            def retry() -> None:
+                task = loop.create_task(self.converge_soon(ns, name))
+                self.retries.add(task)
+                task.add_done_callback(self.retries.discard)
+
+            loop.call_later(RETRY_SECONDS, retry)
+
+    async def on_sweep(self, raw: dict[str, Any], type: str | None) -> None:
+        meta = raw["metadata"]
+        if type == "DELETED":  # its trials go by their owner references
+            self.locks.pop((meta["namespace"], meta["name"]), None)
+            return
+        await self.converge_soon(meta["namespace"], meta["name"])
+
+    async def on_trial(self, raw: dict[str, Any]) -> None:
+        meta = raw["metadata"]
+        owner = next((o for o in meta.get("ownerReferences") or []
+                      if o.get("kind") == SWEEP_KIND and o.get("controller")), None)
+        if owner is not None:
+            await self.converge_soon(meta["namespace"], owner["name"])
 
 
 # ------------------------------------------------------------------------ kopf
@@ -357,44 +403,9 @@ def register(registry: Any) -> None:
                   labels={sw.SWEEP_LABEL: kopf.PRESENT})(trial_event)
 
 
-RETRY_SECONDS = 10
-
-
-async def _converge(memo: Any, ns: str, name: str) -> None:
-    """``converge`` in a thread; a failure (a conflict, the API server away) is retried from
-    a fresh read after a pause (kopf does not retry event handlers)."""
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    try:
-        await loop.run_in_executor(memo.controller.executor, converge,
-                                   SweepApi(memo.controller.kube), ns, name, now())
-    except Exception as err:
-        log.warning("sweep %s/%s: converge failed (%s); retrying in %ss", ns, name, err,
-                    RETRY_SECONDS)
-
-        def retry() -> None:
-            task = loop.create_task(_converge(memo, ns, name))
-            _retries.add(task)
-            task.add_done_callback(_retries.discard)
-
-        loop.call_later(RETRY_SECONDS, retry)
-
-
-_retries: set[Any] = set()  # the retry tasks, kept until done
-
-
 async def sweep_event(event: dict[str, Any], memo: Any, type: str | None, **_: Any) -> None:
-    meta = event["object"]["metadata"]
-    if type == "DELETED":  # its trials go by their owner references
-        _locks.pop((meta["namespace"], meta["name"]), None)
-        return
-    await _converge(memo, meta["namespace"], meta["name"])
+    await memo.controller.sweeps.on_sweep(event["object"], type)
 
 
-async def trial_event(event: dict[str, Any], memo: Any, type: str | None, **_: Any) -> None:
-    meta = event["object"]["metadata"]
-    owner = next((o for o in meta.get("ownerReferences") or []
-                  if o.get("kind") == SWEEP_KIND and o.get("controller")), None)
-    if owner is not None:
-        await _converge(memo, meta["namespace"], owner["name"])
+async def trial_event(event: dict[str, Any], memo: Any, **_: Any) -> None:
+    await memo.controller.sweeps.on_trial(event["object"])
