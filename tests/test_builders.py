@@ -844,14 +844,11 @@ def test_the_pre_flight_pod_is_the_trainer_on_cpu_with_the_jobs_volumes_and_cred
     assert env["KUBETUNE_GPU_MEMORY"]["value"] == str(80 * 2**30)
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
     assert not [n for n in env if n.startswith("KUBEFLOW_TRAINER_")]
-    # Its rows are the training pods' own: the same directory, at the output claim's root
-    # (shared by every job writing there: a sweep's trials prepare their rows once).
-    where = "/mnt/pvc/outputs/.kubetune/prepared"
+    # Its rows are the training pods' own: the same directory, beside the outputs.
+    where = "/mnt/pvc/outputs/assistant-identity/.kubetune/prepared"
     train_env = {e["name"]: e.get("value") for e in ptj["spec"]["pytorchReplicaSpecs"][
         "Master"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBETUNE_PREPARED_DIR"]["value"] == where == train_env["KUBETUNE_PREPARED_DIR"]
-    trial = _job(output={"uri": "pvc://outputs/sweeps/lr/trial-3"})
-    assert builders.prepared_dir(trial) == where
     mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
     assert not mounts["/mnt/pvc/outputs"].get("readOnly")
     assert pf["metadata"]["ownerReferences"][0]["uid"] == "u-1"

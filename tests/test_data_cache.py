@@ -143,6 +143,20 @@ def test_what_a_stopped_run_half_built_goes_and_a_build_in_progress_stays(tmp_pa
         "d" * 32, "f" * 32 + ".tmp-4242"]
 
 
+def test_a_shared_directory_this_pod_cannot_write_falls_back_to_its_own_cache(
+        tiny_model, tmp_path, tok, capfd):
+    (tmp_path / "claim").write_text("")  # not a directory: nothing can be made under it
+    ctx = RunContext(base_dir=tmp_path, cache_dir=tmp_path / "own",
+                     prepared_dir=tmp_path / "claim" / "prepared")
+    assert cache.shared_dir(ctx) is None
+    assert "is not writable here" in capfd.readouterr().err
+    spec = _spec(tiny_model, tmp_path)
+    (tmp_path / "d.json").write_text(json.dumps(ROWS))
+    data = prepare_data(spec, ctx, tok, recipe("sft"), log=lambda _: None)
+    assert data.stats["cached"] is False and len(data.train) > 0
+    assert any((tmp_path / "own" / "prepared").iterdir())  # the pod's own cache has them
+
+
 def test_a_killed_runs_scratch_goes_and_a_live_or_new_one_stays(tmp_path):
     ctx = RunContext(cache_dir=tmp_path)
     _entry(tmp_path, "d" * 64, 10, 50)

@@ -348,14 +348,13 @@ def is_preflight(obj: dict[str, Any]) -> bool:
 
 
 def prepared_dir(job: FineTuneJob) -> str | None:
-    """Where the prepared rows live for a pvc:// output: at the root of that claim, so the
-    pre-flight pod's are the training pods' (and a restarted pod's), and jobs writing to the
-    same claim share them (a sweep's trials: the cache is keyed by content, and locked)."""
+    """Where the prepared rows live for a pvc:// output: on that volume, beside the outputs
+    (the one place there the job is sure to be able to write: a claim's root may be another
+    owner's), so the pre-flight pod's are the training pods' (and a restarted pod's)."""
     uri = job.spec.output.uri
     if not uri.startswith("pvc://"):
         return None
-    claim = uri[len("pvc://"):].strip("/").split("/")[0]
-    return f"{PVC_ROOT}/{claim}/.kubetune/prepared"
+    return f"{PVC_ROOT}/{uri[len('pvc://'):].strip('/')}/.kubetune/prepared"
 
 
 def preflight_job(*, job: FineTuneJob, config: OperatorConfig, uid: str | None = None,

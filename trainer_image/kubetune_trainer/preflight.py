@@ -51,7 +51,7 @@ def check(job: FineTuneJob, ctx: RunContext, *, gpu_memory: float | None = None,
         "tokens": stats.get("tokens"), "trainedTokens": stats.get("trained_tokens"),
         "truncated": stats.get("truncated"),
         "prepared": cache.key(spec, ctx, tokenizer, None) is not None
-        and (ctx.prepared_dir is not None or bool(stats.get("shared")))}
+        and (cache.shared_dir(ctx) is not None or bool(stats.get("shared")))}
     if "input_ids" in data.train.column_names:
         lengths = np.array([len(ids) for ids in data.train["input_ids"]])
         if len(lengths):

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,31 @@ def key(spec: FineTuneJobSpec, ctx: Any, tokenizer: Any, limit: int | None) -> s
 
 
 def _top(ctx: Any) -> Path:
-    """Where prepared rows live: ``ctx.prepared_dir`` (the job's pvc:// output in a cluster),
-    else the cache directory's ``prepared``."""
-    return Path(getattr(ctx, "prepared_dir", None) or Path(ctx.cache_dir) / "prepared")
+    """Where prepared rows live: ``ctx.prepared_dir`` (the job's pvc:// output in a cluster)
+    when this process can write there, else the cache directory's ``prepared``."""
+    return shared_dir(ctx) or Path(ctx.cache_dir) / "prepared"
+
+
+def shared_dir(ctx: Any) -> Path | None:
+    """``ctx.prepared_dir``, where the pre-flight pod and every training pod meet, if this
+    process can write there; None (said once) when it cannot: rows are then prepared in the
+    pod's own cache, not shared."""
+    where = getattr(ctx, "prepared_dir", None)
+    return Path(where) if where is not None and _writable(Path(where)) else None
+
+
+@functools.cache
+def _writable(where: Path) -> bool:
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        probe = where / f".probe-{socket.gethostname()}-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+        return True
+    except OSError as err:
+        print(f"data: {where} is not writable here ({err.strerror or err}): the prepared rows "
+              "are kept in this pod only", file=sys.stderr, flush=True)
+        return False
 
 
 def entry(ctx: Any, digest: str) -> Path:
