@@ -309,10 +309,29 @@ async def test_a_pod_deleted_before_any_listing_still_counts_as_a_restart(cluste
     restart = _status(cluster)["lastRestarts"][0]
     assert (restart["pod"], restart["reason"], restart["exitCode"], restart["message"]) == (
         "ident-master-0", "Preempted", 143, "saved at step 3")
-    # Seen again (another converge): still one.
+    # The kubelet of some versions writes an empty end for a deleted pod and removes it: a
+    # pod deleted while its trainer ran, gone with no exit code, counts too (no code given).
+    unreported = copy.deepcopy(pod)
+    unreported["metadata"].update(name="ident-master-1", creationTimestamp="2026-12-07T09:40:00Z")
+    unreported["status"] = {"phase": "Running", "containerStatuses": [{
+        "name": "pytorch", "image": "reg/trainer:1", "imageID": "", "ready": True,
+        "restartCount": 0, "state": {"running": {"startedAt": "2026-12-07T09:40:05Z"}}}]}
+    unreported["metadata"]["finalizers"] = ["e2e.kubetune.io/hold"]  # deleted, still there
+    await asyncio.to_thread(core.create_namespaced_pod, NS, unreported)
+    await asyncio.to_thread(core.delete_namespaced_pod, "ident-master-1", NS)
+    await asyncio.to_thread(core.patch_namespaced_pod, "ident-master-1", NS,
+                            {"metadata": {"finalizers": []}, "status": {"containerStatuses": [{
+                                "name": "pytorch", "image": "reg/trainer:1", "imageID": "",
+                                "ready": False, "restartCount": 0,
+                                "state": {"terminated": {"exitCode": 0}}}]}})
+    await eventually(lambda: _assert(_status(cluster).get("restarts") == 2), timeout=10)
+    second = _status(cluster)["lastRestarts"][1]
+    assert (second["pod"], second["reason"], second.get("exitCode")) == (
+        "ident-master-1", "Preempted", None), second
+    # Seen again (another converge): still two.
     await operator.patch_child_status("ident", "Created", "Running", "Restarting")
     await asyncio.sleep(1)
-    assert _status(cluster)["restarts"] == 1
+    assert _status(cluster)["restarts"] == 2
 
 
 async def test_invalid_spec_becomes_a_condition_and_no_children(cluster, operator):

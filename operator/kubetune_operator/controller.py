@@ -44,12 +44,13 @@ from kubetune_operator import reconcile as rc
 from kubetune_operator.apiserver import ApiServer
 from kubetune_operator.backends import Backend
 from kubetune_operator.discovery import Served
-from kubetune_operator.kube import Kube
+from kubetune_operator.kube import Kube, now
 from kubetune_operator.reporting.store import ProgressStore
 from kubetune_operator.settings import OperatorConfig
 from kubetune_operator.status import (
     MAX_RESTARTS,
     TERMINAL,
+    deleted_unreported,
     dump,
     ended_early,
     restart_event,
@@ -138,14 +139,20 @@ class Controller:
             for dependent in sorted(self.dependents.get(key, ())):
                 await self.converge_named(key[0], dependent)
 
-    async def on_pod(self, pod: dict[str, Any], job: str) -> None:
+    async def on_pod(self, pod: dict[str, Any], job: str, type: str | None = None) -> None:
         """A training pod of ``job`` changed or went: one whose trainer ended early (deleted,
         preempted, evicted, crashed) is kept, and its job converged while the pod can still
-        be seen."""
+        be seen. One deleted while its trainer ran and gone with no exit code reported (the
+        kubelet may write an empty end for a deleted pod) is kept as such."""
         meta = pod.get("metadata") or {}
-        if not ended_early(pod, self.backend.container):
-            return
         key = (meta["namespace"], job)
+        container = self.backend.container
+        before = self.ended.get(key, {})
+        unreported = None
+        if type == "DELETED" and meta.get("name") not in before:
+            unreported = deleted_unreported(pod, container, now())
+        if not unreported and not ended_early(pod, container):
+            return
         # No such job (yet: its own listing finds the pods), or the pod is of an earlier job
         # of that name (deleted and applied again while its pods were going).
         if key not in self.uids or (meta.get("creationTimestamp") or "") < self.created[key]:
@@ -155,7 +162,9 @@ class Controller:
             "metadata": {"name": meta["name"]},
             "status": {k: status[k] for k in ("conditions", "reason", "containerStatuses")
                        if k in status}}
-        before = self.ended.get(key, {})
+        if unreported:
+            seen["status"]["containerStatuses"] = [
+                {"name": container, "state": {"terminated": unreported}}]
         if before.get(meta["name"]) == seen:
             return  # nothing new (a repeated update, its deletion): converged already
         kept = {k: v for k, v in before.items() if k != meta["name"]}

@@ -195,12 +195,12 @@ async def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_:
     await memo.controller.converge_named(*key)
 
 
-async def pod_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def pod_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     """A training pod changed or went (``Controller.on_pod``); pre-flight pods have their
     Job."""
     labels = body.get("metadata", {}).get("labels") or {}
     if labels.get(ROLE_LABEL) != PREFLIGHT_ROLE:
-        await memo.controller.on_pod(dict(body), labels[JOB_LABEL])
+        await memo.controller.on_pod(dict(body), labels[JOB_LABEL], type)
 
 
 # ------------------------------------------------------------------------ registration

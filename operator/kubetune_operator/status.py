@@ -133,8 +133,8 @@ def restart_reason(pod: dict[str, Any], term: dict[str, Any]) -> str:
         return "OOMKilled"
     if status.get("reason") in ("Evicted", "NodeLost", "NodeShutdown", "Terminated"):
         return "Evicted" if status["reason"] == "Evicted" else "NodeLost"
-    if term.get("exitCode") == EXIT_PREEMPTED:  # SIGTERM with no condition: a deleted pod
-        return "Preempted"
+    if term.get("exitCode") == EXIT_PREEMPTED or term.get("reason") == UNREPORTED:
+        return "Preempted"  # SIGTERM with no condition: a deleted pod
     return "Error"
 
 
@@ -156,7 +156,7 @@ def observe_restarts(pods: list[dict[str, Any]], container: str, seen: list[dict
             lost = from_step - to_step if from_step is not None and to_step is not None \
                 else None
             found.append(Restart(
-                at=at, reason=restart_reason(pod, term), pod=name, exit_code=term["exitCode"],
+                at=at, reason=restart_reason(pod, term), pod=name, exit_code=term.get("exitCode"),
                 from_step=from_step, to_step=to_step,
                 lost_steps=max(lost, 0) if lost is not None else None,
                 message=_restart_message(term)))
@@ -165,16 +165,39 @@ def observe_restarts(pods: list[dict[str, Any]], container: str, seen: list[dict
 
 def ended_early(pod: dict[str, Any], container: str) -> list[dict[str, Any]]:
     """The pod's ``container`` terminations that a restart follows: a retryable exit code
-    (not 0, not the permanent 2), in place (``lastState``) or with the pod (``state``)."""
+    (not 0, not the permanent 2), in place (``lastState``) or with the pod (``state``); or
+    one ``deleted_unreported`` made up for."""
     out = []
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         if cs.get("name") != container:
             continue
         for state in (cs.get("lastState") or {}, cs.get("state") or {}):
             term = state.get("terminated") or {}
-            if term.get("finishedAt") and term.get("exitCode") not in (None, 0, EXIT_PERMANENT):
+            if term.get("finishedAt") and (
+                    term.get("exitCode") not in (None, 0, EXIT_PERMANENT)
+                    or term.get("reason") == UNREPORTED):
                 out.append(term)
     return out
+
+
+UNREPORTED = "DeletedWhileRunning"  # the kubelet removed the pod before saying how it ended
+UNREPORTED_MESSAGE = "the pod was deleted while its trainer ran (no exit code reported)"
+
+
+def deleted_unreported(pod: dict[str, Any], container: str, at: str) -> dict[str, Any] | None:
+    """A pod deleted while its trainer ran, gone with no exit code reported (the kubelet
+    may write an empty or unknown end for a deleted pod before it removes it): its end, as
+    a termination ended ``at`` (when it went), with no exit code. None when its end was
+    reported, or it never ran."""
+    if not (pod.get("metadata") or {}).get("deletionTimestamp") or ended_early(pod, container):
+        return None
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        term = state.get("terminated")
+        if cs.get("name") == container and (state.get("running") or (
+                term is not None and not term.get("finishedAt"))):
+            return {"reason": UNREPORTED, "finishedAt": at, "message": UNREPORTED_MESSAGE}
+    return None
 
 
 def _restart_message(term: dict[str, Any]) -> str | None:
@@ -195,7 +218,8 @@ def restart_event(r: Restart) -> str:
         steps = (f" at step {r.from_step}; resumes from "
                  + (f"step {r.to_step}" if r.to_step else "the start")
                  + (f" ({r.lost_steps} steps lost)" if r.lost_steps is not None else ""))
-    return f"pod {r.pod} ended ({r.reason}, exit {r.exit_code}){steps}"
+    code = f"exit {r.exit_code}" if r.exit_code is not None else "no exit code reported"
+    return f"pod {r.pod} ended ({r.reason}, {code}){steps}"
 
 
 # What controllers record when the API server refuses a pod they create: the Kubernetes
@@ -364,6 +388,8 @@ def _reduce(obs: Observed, old: dict[str, Any], now: str) -> FineTuneJobStatus:
                            to_step=max(kept) if kept else (0 if reached is not None else None))
     if phase == "Failed" and failure is not None:  # its last pod failed the run: no restart
         new = [r for r in new if r.pod != failure.pod]
+    if phase in TERMINAL:  # pods deleted as a finished run is torn down: not restarts
+        new = [r for r in new if r.message != UNREPORTED_MESSAGE]
     restarts = [Restart.model_validate(r) for r in seen] + new
     return FineTuneJobStatus(
         restarts=(old.get("restarts") or 0) + len(new) if restarts else None,
