@@ -36,7 +36,7 @@ from kubetune_operator.builders import (
     SUSPEND_APPLIED,
 )
 from kubetune_operator.discovery import Need, Served, backend_need, kueue_need
-from kubetune_operator.kube import Kube, now, owned_by
+from kubetune_operator.kube import Kube, now, owned_by, ref
 from kubetune_operator.settings import OperatorConfig
 from kubetune_operator.status import (
     TERMINAL,
@@ -203,8 +203,7 @@ def _retry_preflight(kube: Kube, job: FineTuneJob, old: dict[str, Any], ns: str)
     pre-flight Job was made, or that Job was deleted (to check fixed data again)."""
     if not stopped_by_preflight(old):
         return False
-    current = kube.get({"apiVersion": "batch/v1", "kind": "Job",
-                        "metadata": {"namespace": ns, "name": builders.preflight_name(job)}})
+    current = kube.get(ref("batch/v1", "Job", ns, builders.preflight_name(job)))
     return current is None or _hash(current) != builders.spec_hash(job)
 
 
@@ -274,7 +273,7 @@ def _follow_child(body: dict[str, Any], kube: Kube, config: OperatorConfig, back
     job, child = seen.job, seen.child
     assert job is not None and child is not None
     annotations = child.get("metadata", {}).get("annotations") or {}
-    rendered = annotations.get(SPEC_HASH)
+    rendered = _hash(child)
     if rendered and rendered != builders.spec_hash(job):
         seen.drift = (f"the spec changed after the {backend.kind} was made; only suspend "
                       "applies to a job in flight: create a new FineTuneJob for other changes")
